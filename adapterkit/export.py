@@ -1,0 +1,67 @@
+"""Export one domain as a plain timm model: adapters folded into the conv/linear weights, the
+domain's norms and head in place, no adapter module left (zero inference overhead)."""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .layers import DomainLayer, not_foldable_reason
+
+if TYPE_CHECKING:
+    from .model import AdapterModel
+
+
+def export_domain(model: AdapterModel, domain: str) -> nn.Module:
+    """Fold `domain` into a copy of the backbone and return it as a plain timm model.
+
+    Raises:
+        ValueError: a layer cannot be folded exactly (Conv2dSame, StdConv2d, ScaledStdConv2d, ...);
+            the message names the layer and why. Nothing is modified.
+    """
+    info = model.domain_info(domain)
+    layers = model.layers()
+    refused = []
+    for name, layer in layers.items():
+        reason = None if layer.rule == "norm" else not_foldable_reason(layer.base_layer)
+        if reason:
+            refused.append(f"{name}: {reason}")
+    if refused:
+        raise ValueError(
+            f"cannot export domain {domain!r} as a plain model: folding would not be exact for "
+            + "; ".join(refused[:3])
+            + (f" (and {len(refused) - 3} more)" if len(refused) > 3 else "")
+            + ". Serve it unfolded with AdapterModel, or attach adapters with an override that skips these layers."
+        )
+    # Copy the backbone but not the other domains' tensors (they are only referenced, then dropped),
+    # without touching the live model, which may be serving other threads.
+    memo: dict[int, object] = {id(model.router): model.router}
+    for layer in layers.values():
+        for d, adapter in layer.adapters.items():
+            if d != domain:
+                memo[id(adapter)] = adapter
+    exported = copy.deepcopy(model.backbone, memo)
+    for name, layer in list(exported.named_modules()):
+        if isinstance(layer, DomainLayer):
+            parent_name, _, child = name.rpartition(".")
+            parent = exported.get_submodule(parent_name) if parent_name else exported
+            setattr(parent, child, layer.fold(domain))
+    head = model.heads[domain]
+    exported.reset_classifier(info.num_classes)
+    classifier = exported.get_classifier()
+    with torch.no_grad():
+        classifier.weight.copy_(head.weight)
+        classifier.bias.copy_(head.bias)
+    cfg = dict(getattr(exported, "pretrained_cfg", {}) or {})
+    cfg["num_classes"] = info.num_classes
+    if info.labels:
+        cfg["label_names"] = list(info.labels)
+    if info.data_config:
+        cfg.update({k: v for k, v in info.data_config.items() if k in ("mean", "std", "input_size", "crop_pct")})
+    exported.pretrained_cfg = cfg
+    exported.default_cfg = cfg
+    exported.requires_grad_(True)
+    return exported.eval()

@@ -1,0 +1,321 @@
+"""The on-disk format of a family: a backbone's fingerprint, the adapter rules, a shared basis and
+one safetensors file per domain. See docs/format.md.
+
+    adapterkit.json              format version, backbone name + fingerprint, rules, domain table
+    basis.safetensors            shared `beta` per layer (only when a basis exists)
+    domains/<name>.safetensors   everything one domain owns; metadata holds its DomainInfo
+    README.md                    model card (written by the Hub mixin)
+
+Only safetensors and JSON are read; nothing is unpickled. A fetch function maps a path inside the
+family to a local file, so the same loader reads a folder or a Hub repo (one file at a time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+from torch import nn
+
+from .config import AdapterConfig
+from .model import DomainInfo, check_domain_name, create_backbone
+
+if TYPE_CHECKING:
+    from .model import AdapterModel
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "adapterkit.json"
+BASIS_FILE = "basis.safetensors"
+Fetch = Callable[[str], Path]
+
+
+def domain_file(name: str) -> str:
+    """Path of a domain's file inside a family (the name is validated first)."""
+    return f"domains/{check_domain_name(name)}.safetensors"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file and a rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    if not (path.is_file() and path.read_bytes() == data):
+        atomic_write(path, data)
+
+
+# ---------------------------------------------------------------------- encode
+def domain_bytes(model: AdapterModel, name: str) -> bytes:
+    """The safetensors bytes of one domain (deterministic: same tensors, same bytes)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.domain_state_dict(name).items()}
+    meta = {"format": "pt", "adapterkit.format_version": str(FORMAT_VERSION)}
+    meta["adapterkit.domain"] = json.dumps(model.domain_info(name).to_dict(), sort_keys=True)
+    return save(state, metadata=meta)
+
+
+def basis_bytes(model: AdapterModel) -> bytes | None:
+    """The shared basis of every layer that has one, or None."""
+    state = {f"{n}.beta": m.beta.detach().cpu().contiguous() for n, m in model.layers().items() if _width(m)}
+    if not state:
+        return None
+    return save(state, metadata={"format": "pt", "adapterkit.format_version": str(FORMAT_VERSION)})
+
+
+def _width(layer: nn.Module) -> int:
+    beta = getattr(layer, "beta", None)
+    return 0 if beta is None else beta.shape[1]
+
+
+def family_config(model: AdapterModel, domains: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    from . import __version__
+
+    basis = {n: _width(m) for n, m in model.layers().items() if _width(m)}
+    return {
+        "format_version": FORMAT_VERSION,
+        "library": "adapterkit",
+        "library_version": __version__,
+        "backbone": {
+            "name": model.backbone_name,
+            "fingerprint": model.fingerprint,
+            "num_features": model.num_features,
+            "in_chans": model.in_chans,
+        },
+        "adapter_config": model.config.to_dict(),
+        "layers": {t.name: {"rule": t.rule, "kind": t.kind} for t in model.targets},
+        "basis": {"file": BASIS_FILE, "ranks": basis} if basis else None,
+        "domains": domains,
+    }
+
+
+def domain_entry(model: AdapterModel, name: str, data: bytes) -> dict[str, Any]:
+    info = model.domain_info(name).to_dict()
+    cost = model.domain_cost(name)
+    return {
+        "file": domain_file(name),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "num_classes": info["num_classes"],
+        "labels": info["labels"],
+        "metrics": info["metrics"],
+        "parameters": cost["parameters"],
+        "bytes": cost["bytes"],
+    }
+
+
+def save_family(model: AdapterModel, directory: str | Path, domains: Iterable[str] | None = None) -> Path:
+    """Write a family folder. Domains already in the folder's table (same backbone) are kept, and
+    a domain file is rewritten only when its bytes change, so adding a domain writes one new file."""
+    directory = Path(directory)
+    names = list(model.domains if domains is None else domains)
+    for name in names:
+        model.domain_info(name)  # KeyError for unknown domains before anything is written
+    table: dict[str, dict[str, Any]] = {}
+    config_path = directory / CONFIG_FILE
+    if config_path.is_file():
+        old = json.loads(config_path.read_text())
+        if old.get("backbone", {}).get("fingerprint") == model.fingerprint:
+            table = {n: e for n, e in old.get("domains", {}).items() if (directory / domain_file(n)).is_file()}
+    for name in names:
+        data = domain_bytes(model, name)
+        _write_if_changed(directory / domain_file(name), data)
+        table[name] = domain_entry(model, name, data)
+    basis = basis_bytes(model)
+    if basis is not None:
+        _write_if_changed(directory / BASIS_FILE, basis)
+    config = family_config(model, dict(sorted(table.items())))
+    atomic_write(config_path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    return directory
+
+
+# ---------------------------------------------------------------------- decode
+def read_config(fetch: Fetch) -> dict[str, Any]:
+    path = fetch(CONFIG_FILE)
+    try:
+        config = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{CONFIG_FILE} at {path} is not valid JSON ({e}); re-download or re-save the family") from e
+    version = config.get("format_version") if isinstance(config, dict) else None
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format_version {version!r}; this adapterkit reads version {FORMAT_VERSION}. "
+            "Upgrade adapterkit (newer files) or re-save the family."
+        )
+    for name in config.get("domains", {}):
+        check_domain_name(name)
+    return config
+
+
+def read_safetensors(path: Path, what: str, sha256: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and metadata of a safetensors file, with a clear error if it is corrupt or truncated."""
+    data = Path(path).read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(
+            f"{what} at {path} does not match the checksum in {CONFIG_FILE}: the file is corrupt or truncated; "
+            "re-download it (force_download=True) or re-save the domain"
+        )
+    try:
+        tensors = load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {}) or {}
+    except (SafetensorError, ValueError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"{what} at {path} is not a valid safetensors file ({e}): it is corrupt or truncated; "
+            "re-download it (force_download=True) or re-save the domain"
+        ) from e
+    return tensors, metadata
+
+
+def check_backbone(model: AdapterModel, config: dict[str, Any], source: str, force: bool) -> None:
+    """Refuse a backbone whose weights or adapter plan differ from the family's, unless forced."""
+    expected = config["backbone"]["fingerprint"]
+    if model.fingerprint != expected and not force:
+        raise ValueError(
+            f"the backbone's weights differ from the ones {source} was trained on "
+            f"(fingerprint {model.fingerprint[:19]}... vs {expected[:19]}...; backbone "
+            f"{config['backbone'].get('name')!r}). Load the exact backbone weights, or pass force=True to attach "
+            "the adapters anyway (outputs will not match the published ones)."
+        )
+    layers = {t.name: {"rule": t.rule, "kind": t.kind} for t in model.targets}
+    if layers != config["layers"]:
+        diff = sorted(set(layers).symmetric_difference(config["layers"]))[:5]
+        raise ValueError(
+            f"the adapter layout of this backbone does not match {source} (differing layers: {diff or 'rules'}); "
+            "use the backbone architecture and AdapterConfig the family was built with"
+        )
+
+
+def load_basis(model: AdapterModel, fetch: Fetch, config: dict[str, Any]) -> None:
+    """Install the family's basis; the model's current basis must be a prefix of it (append-only)."""
+    if not config.get("basis"):
+        return
+    tensors, _ = read_safetensors(fetch(BASIS_FILE), BASIS_FILE)
+    layers = model.layers()
+    for key, beta in tensors.items():
+        name = key.removesuffix(".beta")
+        layer = layers.get(name)
+        if layer is None or not hasattr(layer, "beta") or beta.shape[0] != layer.beta.shape[0]:
+            raise ValueError(f"{BASIS_FILE}: {key} {tuple(beta.shape)} does not fit this backbone")
+        old = layer.beta
+        if old.shape[1] > beta.shape[1] or not torch.equal(beta[:, : old.shape[1]].to(old), old):
+            raise ValueError(
+                f"{BASIS_FILE}: the basis of {name} does not extend the one this model already uses; "
+                "it was re-factorised. Load the family into a fresh AdapterModel instead."
+            )
+    for key, beta in tensors.items():
+        layer = layers[key.removesuffix(".beta")]
+        layer.beta = beta.to(device=layer.beta.device, dtype=layer.beta.dtype)
+
+
+def build_domain(model: AdapterModel, name: str, path: Path, sha256: str | None = None) -> tuple:
+    """Read one domain file and build (info, adapters, head) without touching the model."""
+    what = f"domain file for {name!r}"
+    tensors, metadata = read_safetensors(path, what, sha256)
+    try:
+        info = DomainInfo(**json.loads(metadata["adapterkit.domain"]))
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{what} at {path} has no valid adapterkit metadata; it was not written by adapterkit") from e
+    if info.name != name:
+        raise ValueError(f"{what} at {path} holds domain {info.name!r}; the file was renamed or misplaced")
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    layers = model.layers()
+    for key, t in tensors.items():
+        prefix = "head" if key.startswith("head.") else next((n for n in layers if key.startswith(n + ".")), None)
+        if prefix is None:
+            raise ValueError(f"{what}: tensor {key!r} belongs to no adapted layer of this backbone")
+        grouped.setdefault(prefix, {})[key[len(prefix) + 1 :]] = t
+    ref = next(model.backbone.parameters())
+    adapters = {}
+    for layer_name, layer in layers.items():
+        if layer_name not in grouped:
+            raise ValueError(f"{what}: no tensors for layer {layer_name!r}; the file does not fit this backbone")
+        try:
+            adapters[layer_name] = layer.adapter_from_state(grouped[layer_name]).to(ref.device)
+        except ValueError as e:
+            raise ValueError(f"{what}: layer {layer_name!r}: {e}") from e
+    head_state = grouped.get("head", {})
+    if set(head_state) != {"weight", "bias"} or head_state["weight"].shape != (info.num_classes, model.num_features):
+        raise ValueError(f"{what}: head tensors do not fit {info.num_classes} classes x {model.num_features} features")
+    head = nn.Linear(model.num_features, info.num_classes, device=ref.device, dtype=ref.dtype)
+    head.load_state_dict(head_state)
+    return info, adapters, head
+
+
+def local_fetch(directory: Path) -> Fetch:
+    def fetch(path: str) -> Path:
+        full = directory / path
+        if not full.is_file():
+            raise FileNotFoundError(f"{full} does not exist; is {directory} an adapterkit family folder?")
+        return full
+
+    return fetch
+
+
+def load_family(
+    cls: type[AdapterModel],
+    source: str,
+    *,
+    domains: Iterable[str] | None = None,
+    backbone: str | nn.Module | None = None,
+    force: bool = False,
+    **hub_kwargs: Any,
+) -> AdapterModel:
+    """Load a family from a folder or a Hub repo id (`hub_kwargs`: revision, token, cache_dir, ...).
+
+    Args:
+        domains: load only these domains (only their files are read or downloaded).
+        backbone: the backbone to attach to (timm name or module); default: the recorded name,
+            created with pretrained weights.
+        force: attach even if the backbone's fingerprint differs.
+    """
+    if Path(source).is_dir():
+        if hub_kwargs.get("revision"):
+            raise ValueError(f"revision= applies to Hub repos; {source} is a local folder")
+        fetch = local_fetch(Path(source))
+    else:
+        from .hub import hub_fetch
+
+        fetch = hub_fetch(source, **hub_kwargs)
+    config = read_config(fetch)
+    names = list(config["domains"]) if domains is None else list(domains)
+    missing = [n for n in names if n not in config["domains"]]
+    if missing:
+        raise KeyError(f"domains {missing} are not in {source} (it has: {', '.join(config['domains']) or 'none'})")
+    if backbone is None or isinstance(backbone, str):
+        name = backbone or config["backbone"]["name"]
+        if name is None:
+            raise ValueError(f"{source} was built on an nn.Module backbone with no name; pass backbone=<module>")
+        try:
+            backbone = create_backbone(name, pretrained=True)
+        except Exception as e:  # noqa: BLE001  (re-raised with the fix)
+            raise ValueError(
+                f"could not create backbone {name!r} with pretrained weights ({e}); pass backbone= with the "
+                "timm module the family was trained on"
+            ) from e
+        backbone_name = name
+    else:
+        backbone_name = config["backbone"]["name"]
+    model = cls(backbone, AdapterConfig.from_dict(config["adapter_config"]), backbone_name=backbone_name)
+    check_backbone(model, config, source, force)
+    load_basis(model, fetch, config)
+    for name in names:
+        entry = config["domains"][name]
+        info, adapters, head = build_domain(model, name, fetch(domain_file(name)), entry.get("sha256"))
+        model._publish(info, adapters, head)
+    return model

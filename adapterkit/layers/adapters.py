@@ -1,0 +1,126 @@
+"""Per-domain adapter tensors: a full 1x1 `alpha`, or low-rank factors `beta gamma^T`.
+
+These modules hold one domain's weights for one adapted layer and compute that domain's
+contribution. They know nothing of timm or of domain routing (see `wrappers.py`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FullAdapter(nn.Module):
+    """A full 1x1 adapter `alpha` of shape (out, in / groups), zero-initialised.
+
+    Used for dense k x k convs (parallel or series topology) and, with `groups > 1`, as the
+    per-channel (depthwise) or grouped adapter.
+
+    Example:
+        >>> a = FullAdapter(8, 16, groups=1, stride=2, conv=True)
+        >>> a(torch.randn(1, 8, 4, 4)).shape
+        torch.Size([1, 16, 2, 2])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        groups: int = 1,
+        stride: tuple[int, int] | int = 1,
+        conv: bool = True,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.groups = groups
+        self.stride = stride
+        self.conv = conv
+        self.alpha = nn.Parameter(torch.zeros(out_features, in_features // groups, device=device, dtype=dtype))
+
+    def weight(self, beta: torch.Tensor | None = None) -> torch.Tensor:
+        """The adapter as an (out, in / groups) matrix."""
+        return self.alpha
+
+    def forward(self, x: torch.Tensor, beta: torch.Tensor | None = None) -> torch.Tensor:
+        if self.conv:
+            return F.conv2d(x, self.alpha[:, :, None, None], stride=self.stride, groups=self.groups)
+        return F.linear(x, self.alpha)
+
+
+class LowRankAdapter(nn.Module):
+    """A factored adapter `[beta[:, :k], beta_own] @ gamma^T`.
+
+    `beta` is the layer's shared, append-only basis (out x K). This domain was built on its first
+    `prefix_rank` columns and may own `beta_own` (out x m) columns that no other domain reads; it owns
+    `gamma` (in x (prefix_rank + m)). Columns appended to the shared basis later are never read, so
+    the domain's output does not change when other domains arrive.
+
+    At creation `beta_own` is zero and the part of `gamma` facing `beta_own` is random (as in LoRA), so
+    the adapter starts as the identity map of the layer and still receives gradients.
+
+    Example:
+        >>> a = LowRankAdapter(16, 32, rank=4, conv=False)
+        >>> a(torch.randn(2, 16), beta=torch.zeros(32, 0)).abs().sum().item()
+        0.0
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        rank: int,
+        prefix_rank: int = 0,
+        stride: tuple[int, int] | int = 1,
+        conv: bool = True,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.prefix_rank = prefix_rank
+        self.stride = stride
+        self.conv = conv
+        self.beta_own = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=dtype))
+        self.gamma = nn.Parameter(torch.zeros(in_features, prefix_rank + rank, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Zero `beta_own` and the shared part of `gamma`; Kaiming-uniform for the own part of `gamma`."""
+        nn.init.zeros_(self.beta_own)
+        nn.init.zeros_(self.gamma)
+        own = self.gamma[:, self.prefix_rank :]
+        if own.numel():
+            bound = 1.0 / math.sqrt(self.gamma.shape[0])
+            with torch.no_grad():
+                own.uniform_(-bound, bound)
+
+    @property
+    def rank(self) -> int:
+        return self.gamma.shape[1]
+
+    def basis(self, beta: torch.Tensor) -> torch.Tensor:
+        """This domain's columns: the shared prefix it was built on, then its own."""
+        if self.prefix_rank > beta.shape[1]:
+            raise RuntimeError(
+                f"domain was built on {self.prefix_rank} basis columns but the layer holds {beta.shape[1]}; "
+                "load the basis.safetensors that belongs to this family"
+            )
+        # .contiguous(): the same bytes in the same layout whatever the total width of `beta`,
+        # so old domains stay bit-identical when columns are appended.
+        return torch.cat([beta[:, : self.prefix_rank].contiguous(), self.beta_own], dim=1)
+
+    def weight(self, beta: torch.Tensor) -> torch.Tensor:
+        """The adapter as an (out, in) matrix."""
+        return self.basis(beta) @ self.gamma.T
+
+    def forward(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        basis = self.basis(beta)
+        if self.conv:
+            h = F.conv2d(x, self.gamma.T[:, :, None, None], stride=self.stride)
+            return F.conv2d(h, basis[:, :, None, None])
+        return F.linear(F.linear(x, self.gamma.T), basis)
