@@ -51,10 +51,17 @@ def export_domain(model: AdapterModel, domain: str) -> nn.Module:
             setattr(parent, child, layer.fold(domain))
     head = model.heads[domain]
     exported.reset_classifier(info.num_classes)
-    classifier = exported.get_classifier()
-    with torch.no_grad():
-        classifier.weight.copy_(head.weight)
-        classifier.bias.copy_(head.bias)
+    classifiers = exported.get_classifier()
+    # distilled models (DeiT, LeViT) average two heads: give both the domain's head
+    for classifier in classifiers if isinstance(classifiers, tuple) else (classifiers,):
+        if not isinstance(classifier, (nn.Linear, nn.Conv2d)):
+            raise ValueError(
+                f"cannot export domain {domain!r}: the backbone's classifier is a {type(classifier).__name__}, "
+                "not a linear layer, so the domain's linear head has no exact place in a plain timm model"
+            )
+        with torch.no_grad():
+            classifier.weight.copy_(head.weight.view_as(classifier.weight))  # Linear or 1x1 conv head
+            classifier.bias.copy_(head.bias)
     cfg = dict(getattr(exported, "pretrained_cfg", {}) or {})
     cfg["num_classes"] = info.num_classes
     if info.labels:

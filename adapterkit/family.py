@@ -235,10 +235,16 @@ def build_domain(model: AdapterModel, name: str, path: Path, sha256: str | None 
         raise ValueError(f"{what} at {path} holds domain {info.name!r}; the file was renamed or misplaced")
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     layers = model.layers()
+    by_length = sorted(layers, key=len, reverse=True)
     for key, t in tensors.items():
-        prefix = "head" if key.startswith("head.") else next((n for n in layers if key.startswith(n + ".")), None)
-        if prefix is None:
-            raise ValueError(f"{what}: tensor {key!r} belongs to no adapted layer of this backbone")
+        if key.startswith("head."):
+            prefix = "head"
+        else:
+            rest = key.removeprefix("layers.")
+            prefix = next((n for n in by_length if rest.startswith(n + ".")), None) if rest != key else None
+            if prefix is None:
+                raise ValueError(f"{what}: tensor {key!r} belongs to no adapted layer of this backbone")
+            key = rest
         grouped.setdefault(prefix, {})[key[len(prefix) + 1 :]] = t
     ref = next(model.backbone.parameters())
     adapters = {}

@@ -294,12 +294,12 @@ class AdapterModel(
         return params + list(self.heads[domain].parameters())
 
     def domain_state_dict(self, domain: str) -> dict[str, torch.Tensor]:
-        """All of a domain's tensors (parameters and norm statistics) keyed `<layer>.<tensor>`."""
+        """All of a domain's tensors (parameters and norm statistics): `layers.<layer>.<tensor>`, `head.<tensor>`."""
         self._check_known(domain)
         state = {}
         for layer_name, layer in self.layers().items():
             for key, t in layer.adapters[domain].state_dict().items():
-                state[f"{layer_name}.{key}"] = t
+                state[f"layers.{layer_name}.{key}"] = t
         for key, t in self.heads[domain].state_dict().items():
             state[f"head.{key}"] = t
         return state
@@ -347,7 +347,8 @@ class AdapterModel(
     def _forward_one(self, x: torch.Tensor, domain: str) -> torch.Tensor:
         head = self.heads[self._check_known(domain)]
         with self.router.use(domain):
-            return head(self.backbone(x))
+            features = self.backbone(x)
+        return head(features.flatten(1))  # conv classifiers (DLA, ...) leave (N, C, 1, 1)
 
     def train(self, mode: bool = True) -> AdapterModel:
         super().train(mode)

@@ -108,11 +108,14 @@ def not_foldable_reason(conv: nn.Module) -> str | None:
     if type(conv) is nn.Linear:
         return None
     if type(conv) is not nn.Conv2d:
-        return (
-            f"{type(conv).__name__} is not a plain nn.Conv2d: it pads asymmetrically at run time "
-            "(Conv2dSame) or standardises its weights (StdConv2d, ScaledStdConv2d), so a weight "
-            "added to its kernel does not add the adapter's output"
-        )
+        name = type(conv).__name__
+        if "Same" in name:
+            why = "it pads asymmetrically depending on the input size, so no single kernel tap matches the adapter"
+        elif "Std" in name:
+            why = "it standardises its weight before use, so a weight added to its kernel is rescaled"
+        else:
+            why = "it is not a plain nn.Conv2d, so adding to its weight is not known to add the adapter's output"
+        return f"{name}: {why}"
     if conv.padding_mode != "zeros":
         _, offset = conv_tap(conv)
         if min(offset) < 0:

@@ -1,0 +1,103 @@
+"""AdapterModel invariants on timm's tiny test models and on each adapter option."""
+
+import pytest
+import timm
+import torch
+from checks import check_all, input_for, perturb
+
+from adapterkit import AdapterConfig, AdapterModel
+
+TEST_MODELS = [m for m in timm.list_models("test_*") if m not in ("test_mambaout",)]
+
+CONFIG_CASES = [
+    AdapterConfig(),
+    AdapterConfig(topology="series"),
+    AdapterConfig(placement="half"),
+    AdapterConfig(placement=["late"]),
+    AdapterConfig(placement=["early", "mid"], norm_policy="frozen", dropout=0.1),
+    AdapterConfig(rank=2, linear=False),
+]
+
+
+@pytest.mark.parametrize("name", TEST_MODELS)
+def test_invariants_on_test_models(name, tmp_path):
+    torch.manual_seed(0)
+    backbone = timm.create_model(name)
+    refuse = "ScaledStdConv2d" if name == "test_nfnet" else None
+    check_all(backbone, None, input_for(backbone), tmp_path, refuse=refuse)
+
+
+@pytest.mark.parametrize("config", CONFIG_CASES, ids=lambda c: f"{c.topology}-{c.placement}-{c.norm_policy}")
+@pytest.mark.parametrize("name", ["test_resnet", "test_efficientnet", "test_vit"])
+def test_invariants_per_config(name, config, tmp_path):
+    torch.manual_seed(0)
+    backbone = timm.create_model(name)
+    check_all(backbone, config, input_for(backbone), tmp_path)
+
+
+def test_placement_selects_stages():
+    full = AdapterModel.from_backbone("test_resnet")
+    late = AdapterModel.from_backbone("test_resnet", AdapterConfig(placement=["late"]))
+    half = AdapterModel.from_backbone("test_resnet", AdapterConfig(placement="half"))
+    adapted = {t.name for t in late.targets if t.rule != "norm"}
+    assert adapted and all(n.startswith("layer4") for n in adapted)
+    assert len([t for t in half.targets if t.rule == "parallel"]) < len(
+        [t for t in full.targets if t.rule == "parallel"]
+    )
+    # half: the second 3x3 conv of each basic block only
+    assert all(not t.name.endswith("conv1") for t in half.targets if t.rule == "parallel")
+
+
+def test_overrides_and_strict():
+    model = AdapterModel.from_backbone(
+        "test_resnet", AdapterConfig(overrides={"layer1.*": "skip", "conv1.0": "series"})
+    )
+    rules = {t.name: t.rule for t in model.targets}
+    assert rules["conv1.0"] == "series"
+    assert not any(n.startswith("layer1.") for n in rules)
+    with pytest.raises(ValueError, match="does not apply"):
+        AdapterModel.from_backbone("test_resnet", AdapterConfig(overrides={"layer1.0.bn1": "parallel"}))
+    with pytest.raises(ValueError, match="strict=True"):
+        AdapterModel.from_backbone("test_vit", AdapterConfig(strict=True))  # pos_embed, cls_token stay frozen
+
+
+def test_export_refuses_std_conv_with_reason():
+    model = AdapterModel.from_backbone("test_nfnet")
+    model.add_domain("a", num_classes=3)
+    with pytest.raises(ValueError, match="ScaledStdConv2d: it standardises"):
+        model.export_domain("a")
+
+
+def test_exported_model_is_plain_timm(tmp_path):
+    model = AdapterModel.from_backbone("test_resnet")
+    model.add_domain("d", num_classes=4, labels=list("wxyz"))
+    perturb(model, "d")
+    exported = model.export_domain("d")
+    timm.models.save_for_hf(exported, tmp_path / "export")
+    again = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
+    x = input_for(exported)
+    with torch.no_grad():
+        assert torch.equal(again(x), exported(x))
+    assert again.pretrained_cfg["label_names"] == list("wxyz")
+
+
+def test_accounting():
+    model = AdapterModel.from_backbone("test_resnet")
+    model.add_domain("d", num_classes=10)
+    cost = model.domain_cost("d")
+    assert cost["parameters"] == sum(p.numel() for p in model.trainable_parameters("d"))
+    assert 0 < cost["fraction_of_backbone"] < 1
+    assert cost["bytes"] >= 4 * cost["parameters"]
+
+
+def test_remove_and_set_domain():
+    model = AdapterModel.from_backbone("test_resnet").eval()
+    model.add_domain("a", num_classes=3)
+    model.add_domain("b", num_classes=3)
+    x = input_for(model.backbone)
+    model.set_domain("b")
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x, domain="b"))
+    model.remove_domain("b")
+    assert model.domains == ["a"] and model.default_domain is None
+    assert all("b" not in layer.adapters for layer in model.layers().values())
