@@ -53,14 +53,18 @@ class AdapterConfig:
         stages = [self.placement] if isinstance(self.placement, str) else list(self.placement)
         bad = [p for p in stages if p not in PLACEMENTS]
         if bad or not stages:
-            raise ValueError(f"placement={self.placement!r} is not supported; use one or more of {PLACEMENTS}")
+            raise ValueError(
+                f"placement={self.placement!r} is not supported; use one or more of {PLACEMENTS}"
+            )
         if "all" in stages and len(stages) > 1:
             raise ValueError("placement 'all' cannot be combined with other placements; pass 'all' alone")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"rank={self.rank!r} must be a positive int (for example 8)")
         if self.norm_policy not in NORM_POLICIES:
             raise ValueError(f"norm_policy={self.norm_policy!r} is not supported; use one of {NORM_POLICIES}")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0) or math.isnan(self.dropout):
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0) or math.isnan(
+            self.dropout
+        ):
             raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
         for pattern, rule in self.overrides.items():
             if rule not in OVERRIDE_RULES:
@@ -81,5 +85,7 @@ class AdapterConfig:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown AdapterConfig fields {unknown}; this file may come from a newer adapterkit")
+            raise ValueError(
+                f"unknown AdapterConfig fields {unknown}; this file may come from a newer adapterkit"
+            )
         return cls(**data)

@@ -67,7 +67,9 @@ def export_domain(model: AdapterModel, domain: str) -> nn.Module:
     if info.labels:
         cfg["label_names"] = list(info.labels)
     if info.data_config:
-        cfg.update({k: v for k, v in info.data_config.items() if k in ("mean", "std", "input_size", "crop_pct")})
+        cfg.update(
+            {k: v for k, v in info.data_config.items() if k in ("mean", "std", "input_size", "crop_pct")}
+        )
     exported.pretrained_cfg = cfg
     exported.default_cfg = cfg
     exported.requires_grad_(True)

@@ -26,7 +26,7 @@ from safetensors.torch import load, save
 from torch import nn
 
 from .config import AdapterConfig
-from .model import DomainInfo, check_domain_name, create_backbone
+from .model import DomainInfo, _reparameterize, check_domain_name, create_backbone, fingerprint
 
 if TYPE_CHECKING:
     from .model import AdapterModel
@@ -63,12 +63,22 @@ def _write_if_changed(path: Path, data: bytes) -> None:
 
 
 # ---------------------------------------------------------------------- encode
+def save_canonical(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes with a sorted header: the library's metadata order varies between calls,
+    and equal content must give equal bytes (old domain files stay byte-identical, uploads no-op)."""
+    data = save(tensors, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data[8 + n :]
+
+
 def domain_bytes(model: AdapterModel, name: str) -> bytes:
     """The safetensors bytes of one domain (deterministic: same tensors, same bytes)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.domain_state_dict(name).items()}
     meta = {"format": "pt", "adapterkit.format_version": str(FORMAT_VERSION)}
     meta["adapterkit.domain"] = json.dumps(model.domain_info(name).to_dict(), sort_keys=True)
-    return save(state, metadata=meta)
+    return save_canonical(state, meta)
 
 
 def basis_bytes(model: AdapterModel) -> bytes | None:
@@ -76,7 +86,7 @@ def basis_bytes(model: AdapterModel) -> bytes | None:
     state = {f"{n}.beta": m.beta.detach().cpu().contiguous() for n, m in model.layers().items() if _width(m)}
     if not state:
         return None
-    return save(state, metadata={"format": "pt", "adapterkit.format_version": str(FORMAT_VERSION)})
+    return save_canonical(state, {"format": "pt", "adapterkit.format_version": str(FORMAT_VERSION)})
 
 
 def _width(layer: nn.Module) -> int:
@@ -131,7 +141,9 @@ def save_family(model: AdapterModel, directory: str | Path, domains: Iterable[st
     if config_path.is_file():
         old = json.loads(config_path.read_text())
         if old.get("backbone", {}).get("fingerprint") == model.fingerprint:
-            table = {n: e for n, e in old.get("domains", {}).items() if (directory / domain_file(n)).is_file()}
+            table = {
+                n: e for n, e in old.get("domains", {}).items() if (directory / domain_file(n)).is_file()
+            }
     for name in names:
         data = domain_bytes(model, name)
         _write_if_changed(directory / domain_file(name), data)
@@ -150,7 +162,9 @@ def read_config(fetch: Fetch) -> dict[str, Any]:
     try:
         config = json.loads(Path(path).read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{CONFIG_FILE} at {path} is not valid JSON ({e}); re-download or re-save the family") from e
+        raise ValueError(
+            f"{CONFIG_FILE} at {path} is not valid JSON ({e}); re-download or re-save the family"
+        ) from e
     version = config.get("format_version") if isinstance(config, dict) else None
     if version != FORMAT_VERSION:
         raise ValueError(
@@ -162,7 +176,9 @@ def read_config(fetch: Fetch) -> dict[str, Any]:
     return config
 
 
-def read_safetensors(path: Path, what: str, sha256: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+def read_safetensors(
+    path: Path, what: str, sha256: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and metadata of a safetensors file, with a clear error if it is corrupt or truncated."""
     data = Path(path).read_bytes()
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
@@ -182,16 +198,21 @@ def read_safetensors(path: Path, what: str, sha256: str | None = None) -> tuple[
     return tensors, metadata
 
 
-def check_backbone(model: AdapterModel, config: dict[str, Any], source: str, force: bool) -> None:
-    """Refuse a backbone whose weights or adapter plan differ from the family's, unless forced."""
+def check_fingerprint(actual: str, config: dict[str, Any], source: str, force: bool) -> None:
+    """Refuse a backbone whose weights differ from the family's, unless forced."""
     expected = config["backbone"]["fingerprint"]
-    if model.fingerprint != expected and not force:
+    if actual != expected and not force:
         raise ValueError(
             f"the backbone's weights differ from the ones {source} was trained on "
-            f"(fingerprint {model.fingerprint[:19]}... vs {expected[:19]}...; backbone "
+            f"(fingerprint {actual[:19]}... vs {expected[:19]}...; backbone "
             f"{config['backbone'].get('name')!r}). Load the exact backbone weights, or pass force=True to attach "
             "the adapters anyway (outputs will not match the published ones)."
         )
+
+
+def check_backbone(model: AdapterModel, config: dict[str, Any], source: str, force: bool) -> None:
+    """Refuse a backbone whose weights or adapter plan differ from the family's."""
+    check_fingerprint(model.fingerprint, config, source, force)
     layers = {t.name: {"rule": t.rule, "kind": t.kind} for t in model.targets}
     if layers != config["layers"]:
         diff = sorted(set(layers).symmetric_difference(config["layers"]))[:5]
@@ -201,16 +222,22 @@ def check_backbone(model: AdapterModel, config: dict[str, Any], source: str, for
         )
 
 
-def load_basis(model: AdapterModel, fetch: Fetch, config: dict[str, Any]) -> None:
-    """Install the family's basis; the model's current basis must be a prefix of it (append-only)."""
+def read_basis(model: AdapterModel, fetch: Fetch, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The family's basis per layer, checked to extend the model's current one (append-only)."""
     if not config.get("basis"):
-        return
+        return {}
     tensors, _ = read_safetensors(fetch(BASIS_FILE), BASIS_FILE)
     layers = model.layers()
+    basis = {}
     for key, beta in tensors.items():
         name = key.removesuffix(".beta")
         layer = layers.get(name)
-        if layer is None or not hasattr(layer, "beta") or beta.shape[0] != layer.beta.shape[0]:
+        if (
+            layer is None
+            or not hasattr(layer, "beta")
+            or beta.dim() != 2
+            or beta.shape[0] != layer.beta.shape[0]
+        ):
             raise ValueError(f"{BASIS_FILE}: {key} {tuple(beta.shape)} does not fit this backbone")
         old = layer.beta
         if old.shape[1] > beta.shape[1] or not torch.equal(beta[:, : old.shape[1]].to(old), old):
@@ -218,9 +245,15 @@ def load_basis(model: AdapterModel, fetch: Fetch, config: dict[str, Any]) -> Non
                 f"{BASIS_FILE}: the basis of {name} does not extend the one this model already uses; "
                 "it was re-factorised. Load the family into a fresh AdapterModel instead."
             )
-    for key, beta in tensors.items():
-        layer = layers[key.removesuffix(".beta")]
-        layer.beta = beta.to(device=layer.beta.device, dtype=layer.beta.dtype)
+        basis[name] = beta.to(device=old.device, dtype=old.dtype)
+    return basis
+
+
+def install_basis(model: AdapterModel, basis: dict[str, torch.Tensor]) -> None:
+    """Swap in longer bases; old domains read the same prefix, so their outputs do not change."""
+    layers = model.layers()
+    for name, beta in basis.items():
+        layers[name].beta = beta
 
 
 def build_domain(model: AdapterModel, name: str, path: Path, sha256: str | None = None) -> tuple:
@@ -230,7 +263,9 @@ def build_domain(model: AdapterModel, name: str, path: Path, sha256: str | None 
     try:
         info = DomainInfo(**json.loads(metadata["adapterkit.domain"]))
     except (KeyError, TypeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{what} at {path} has no valid adapterkit metadata; it was not written by adapterkit") from e
+        raise ValueError(
+            f"{what} at {path} has no valid adapterkit metadata; it was not written by adapterkit"
+        ) from e
     if info.name != name:
         raise ValueError(f"{what} at {path} holds domain {info.name!r}; the file was renamed or misplaced")
     grouped: dict[str, dict[str, torch.Tensor]] = {}
@@ -250,14 +285,21 @@ def build_domain(model: AdapterModel, name: str, path: Path, sha256: str | None 
     adapters = {}
     for layer_name, layer in layers.items():
         if layer_name not in grouped:
-            raise ValueError(f"{what}: no tensors for layer {layer_name!r}; the file does not fit this backbone")
+            raise ValueError(
+                f"{what}: no tensors for layer {layer_name!r}; the file does not fit this backbone"
+            )
         try:
             adapters[layer_name] = layer.adapter_from_state(grouped[layer_name]).to(ref.device)
         except ValueError as e:
             raise ValueError(f"{what}: layer {layer_name!r}: {e}") from e
     head_state = grouped.get("head", {})
-    if set(head_state) != {"weight", "bias"} or head_state["weight"].shape != (info.num_classes, model.num_features):
-        raise ValueError(f"{what}: head tensors do not fit {info.num_classes} classes x {model.num_features} features")
+    if set(head_state) != {"weight", "bias"} or head_state["weight"].shape != (
+        info.num_classes,
+        model.num_features,
+    ):
+        raise ValueError(
+            f"{what}: head tensors do not fit {info.num_classes} classes x {model.num_features} features"
+        )
     head = nn.Linear(model.num_features, info.num_classes, device=ref.device, dtype=ref.dtype)
     head.load_state_dict(head_state)
     return info, adapters, head
@@ -290,23 +332,20 @@ def load_family(
             created with pretrained weights.
         force: attach even if the backbone's fingerprint differs.
     """
-    if Path(source).is_dir():
-        if hub_kwargs.get("revision"):
-            raise ValueError(f"revision= applies to Hub repos; {source} is a local folder")
-        fetch = local_fetch(Path(source))
-    else:
-        from .hub import hub_fetch
-
-        fetch = hub_fetch(source, **hub_kwargs)
+    fetch = source_fetch(source, **hub_kwargs)
     config = read_config(fetch)
     names = list(config["domains"]) if domains is None else list(domains)
     missing = [n for n in names if n not in config["domains"]]
     if missing:
-        raise KeyError(f"domains {missing} are not in {source} (it has: {', '.join(config['domains']) or 'none'})")
+        raise KeyError(
+            f"domains {missing} are not in {source} (it has: {', '.join(config['domains']) or 'none'})"
+        )
     if backbone is None or isinstance(backbone, str):
         name = backbone or config["backbone"]["name"]
         if name is None:
-            raise ValueError(f"{source} was built on an nn.Module backbone with no name; pass backbone=<module>")
+            raise ValueError(
+                f"{source} was built on an nn.Module backbone with no name; pass backbone=<module>"
+            )
         try:
             backbone = create_backbone(name, pretrained=True)
         except Exception as e:  # noqa: BLE001  (re-raised with the fix)
@@ -317,11 +356,49 @@ def load_family(
         backbone_name = name
     else:
         backbone_name = config["backbone"]["name"]
+    backbone = _reparameterize(backbone)
+    check_fingerprint(fingerprint(backbone), config, source, force)  # before the backbone is wrapped
     model = cls(backbone, AdapterConfig.from_dict(config["adapter_config"]), backbone_name=backbone_name)
     check_backbone(model, config, source, force)
-    load_basis(model, fetch, config)
+    install_basis(model, read_basis(model, fetch, config))
     for name in names:
-        entry = config["domains"][name]
-        info, adapters, head = build_domain(model, name, fetch(domain_file(name)), entry.get("sha256"))
-        model._publish(info, adapters, head)
+        model._publish(
+            *build_domain(model, name, fetch(domain_file(name)), config["domains"][name].get("sha256"))
+        )
     return model
+
+
+def source_fetch(source: str, **hub_kwargs: Any) -> Fetch:
+    """A fetch function for a local family folder or a Hub repo id."""
+    if Path(source).is_dir():
+        if hub_kwargs.get("revision"):
+            raise ValueError(f"revision= applies to Hub repos; {source} is a local folder")
+        return local_fetch(Path(source))
+    from .hub import hub_fetch
+
+    return hub_fetch(source, **hub_kwargs)
+
+
+def load_domain(
+    model: AdapterModel, source: str, name: str, *, force: bool = False, **hub_kwargs: Any
+) -> None:
+    """Add one domain of a family (folder or Hub repo) to a live model, reading only what it needs.
+
+    Everything is read and checked before the model is touched; the domain becomes visible to
+    forward calls in one step, and the outputs of the domains already loaded do not change.
+    """
+    check_domain_name(name)
+    if name in model.domains:
+        raise ValueError(f"domain {name!r} is already loaded; unload_domain({name!r}) first to replace it")
+    fetch = source_fetch(source, **hub_kwargs)
+    config = read_config(fetch)
+    if name not in config["domains"]:
+        raise KeyError(
+            f"domain {name!r} is not in {source} (it has: {', '.join(config['domains']) or 'none'})"
+        )
+    check_backbone(model, config, source, force)
+    basis = read_basis(model, fetch, config)
+    built = build_domain(model, name, fetch(domain_file(name)), config["domains"][name].get("sha256"))
+    with model._lock:
+        install_basis(model, basis)
+        model._publish(*built)

@@ -65,7 +65,9 @@ def create_backbone(name: str, pretrained: bool | str | Path = False, **kwargs: 
     if isinstance(pretrained, (str, Path)):
         path = Path(pretrained)
         if not path.is_file():
-            raise FileNotFoundError(f"pretrained weights file {path} does not exist; pass a .safetensors path")
+            raise FileNotFoundError(
+                f"pretrained weights file {path} does not exist; pass a .safetensors path"
+            )
         kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(path)}
         pretrained = True
     try:
@@ -202,7 +204,9 @@ class AdapterModel(
     def _check_known(self, name: str) -> str:
         if name not in self._domains:
             known = ", ".join(self._domains) or "none yet"
-            raise KeyError(f"unknown domain {name!r} (known: {known}); add it with add_domain() or load_domain()")
+            raise KeyError(
+                f"unknown domain {name!r} (known: {known}); add it with add_domain() or load_domain()"
+            )
         return name
 
     def add_domain(
@@ -251,7 +255,9 @@ class AdapterModel(
         else:
             ref = next(self.backbone.parameters())
             new_head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
-        info = DomainInfo(name, num_classes, list(labels) if labels else None, data_config, {}, dict(metadata or {}))
+        info = DomainInfo(
+            name, num_classes, list(labels) if labels else None, data_config, {}, dict(metadata or {})
+        )
         adapters = {layer_name: layer.new_adapter() for layer_name, layer in self.layers().items()}
         self._publish(info, adapters, new_head)
         return info
@@ -260,9 +266,13 @@ class AdapterModel(
         """Insert a fully built domain; it becomes visible to forward calls only at the very end."""
         with self._lock:
             if info.name in self._domains:
-                raise ValueError(f"domain {info.name!r} already exists; remove_domain() it first or pick a new name")
+                raise ValueError(
+                    f"domain {info.name!r} already exists; remove_domain() it first or pick a new name"
+                )
             if any(d.lower() == info.name.lower() for d in self._domains):
-                raise ValueError(f"domain {info.name!r} differs from an existing one only by case; pick a new name")
+                raise ValueError(
+                    f"domain {info.name!r} differs from an existing one only by case; pick a new name"
+                )
             layers = self.layers()
             missing = set(layers) - set(adapters)
             if missing:
@@ -282,6 +292,30 @@ class AdapterModel(
             del self.heads[name]
             if self.default_domain == name:
                 self.default_domain = None
+
+    def unload_domain(self, name: str) -> None:
+        """Drop a domain from a running model (same as `remove_domain`; the family files stay)."""
+        self.remove_domain(name)
+
+    def load_domain(
+        self,
+        source: str | Path,
+        name: str,
+        *,
+        revision: str | None = None,
+        force: bool = False,
+        **hub_kwargs: Any,
+    ) -> None:
+        """Hot-add one domain from a family folder or Hub repo while other threads keep calling the model.
+
+        Only the family's `adapterkit.json`, its basis (if any) and this domain's file are read. The
+        domain becomes visible in one step once fully built; existing domains' outputs do not change.
+        """
+        from .family import load_domain
+
+        if revision is not None:
+            hub_kwargs["revision"] = revision
+        load_domain(self, str(source), name, force=force, **hub_kwargs)
 
     def set_domain(self, name: str) -> None:
         """The domain `forward` uses when none is given."""
@@ -321,7 +355,9 @@ class AdapterModel(
             )
         domain = self.default_domain if domain is None else domain
         if domain is None:
-            raise ValueError("no domain given: pass domain='name' (or a list, one per sample) or call set_domain()")
+            raise ValueError(
+                "no domain given: pass domain='name' (or a list, one per sample) or call set_domain()"
+            )
         if isinstance(domain, str):
             return self._forward_one(x, domain)
         domain = list(domain)

@@ -39,7 +39,9 @@ class Target:
 def _is_norm(module: nn.Module) -> bool:
     if isinstance(module, (_BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
         return True
-    has_own = any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
+    has_own = any(True for _ in module.parameters(recurse=False)) or any(
+        True for _ in module.buffers(recurse=False)
+    )
     return has_own and "Norm" in type(module).__name__
 
 

@@ -40,7 +40,9 @@ class FullAdapter(nn.Module):
         self.groups = groups
         self.stride = stride
         self.conv = conv
-        self.alpha = nn.Parameter(torch.zeros(out_features, in_features // groups, device=device, dtype=dtype))
+        self.alpha = nn.Parameter(
+            torch.zeros(out_features, in_features // groups, device=device, dtype=dtype)
+        )
 
     def weight(self, beta: torch.Tensor | None = None) -> torch.Tensor:
         """The adapter as an (out, in / groups) matrix."""

@@ -31,6 +31,9 @@ class DomainRouter:
     def domain(self) -> str | None:
         return getattr(self._local, "domain", None)
 
+    def __deepcopy__(self, memo: dict) -> DomainRouter:
+        return DomainRouter()  # a copied model routes its own calls
+
     @contextmanager
     def use(self, domain: str | None) -> Iterator[None]:
         previous = self.domain
@@ -72,7 +75,9 @@ class DomainLayer(nn.Module):
             raise ValueError(f"expected tensors {sorted(expected)}, found {sorted(state)}")
         for key, t in state.items():
             if tuple(t.shape) != tuple(expected[key].shape):
-                raise ValueError(f"{key}: shape {tuple(t.shape)} does not fit this layer ({tuple(expected[key].shape)})")
+                raise ValueError(
+                    f"{key}: shape {tuple(t.shape)} does not fit this layer ({tuple(expected[key].shape)})"
+                )
         adapter.load_state_dict(state)
         return adapter
 
@@ -95,7 +100,11 @@ def conv_tap(conv: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int]]:
     """
     k, d = _pair(conv.kernel_size), _pair(conv.dilation)
     if isinstance(conv.padding, str):
-        pad = (0, 0) if conv.padding == "valid" else tuple(di * (ki - 1) // 2 for ki, di in zip(k, d))
+        pad = (
+            (0, 0)
+            if conv.padding == "valid"
+            else tuple(di * (ki - 1) // 2 for ki, di in zip(k, d, strict=True))
+        )
     else:
         pad = _pair(conv.padding)
     tap = ((k[0] - 1) // 2, (k[1] - 1) // 2)
@@ -149,9 +158,13 @@ class AdaptedConv2d(DomainLayer):
         self.rank = min(rank, base_layer.in_channels, base_layer.out_channels)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.tap, self.offset = conv_tap(base_layer)
-        self.register_buffer("beta", base_layer.weight.new_zeros(base_layer.out_channels, 0), persistent=False)
+        self.register_buffer(
+            "beta", base_layer.weight.new_zeros(base_layer.out_channels, 0), persistent=False
+        )
 
-    def new_adapter(self, *, factored: bool | None = None, rank: int | None = None, prefix_rank: int = 0) -> nn.Module:
+    def new_adapter(
+        self, *, factored: bool | None = None, rank: int | None = None, prefix_rank: int = 0
+    ) -> nn.Module:
         """A fresh adapter for a new domain: full `alpha`, or `LowRankAdapter` when factored.
 
         Args:
@@ -223,14 +236,20 @@ class AdaptedConv2d(DomainLayer):
 class AdaptedLinear(DomainLayer):
     """An `nn.Linear` with a per-domain low-rank parallel adapter `beta gamma^T`."""
 
-    def __init__(self, base_layer: nn.Linear, router: DomainRouter, *, rank: int = 8, dropout: float = 0.0) -> None:
+    def __init__(
+        self, base_layer: nn.Linear, router: DomainRouter, *, rank: int = 8, dropout: float = 0.0
+    ) -> None:
         super().__init__(base_layer, router)
         self.rule = "lowrank"
         self.rank = min(rank, base_layer.in_features, base_layer.out_features)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.register_buffer("beta", base_layer.weight.new_zeros(base_layer.out_features, 0), persistent=False)
+        self.register_buffer(
+            "beta", base_layer.weight.new_zeros(base_layer.out_features, 0), persistent=False
+        )
 
-    def new_adapter(self, *, factored: bool | None = None, rank: int | None = None, prefix_rank: int = 0) -> nn.Module:
+    def new_adapter(
+        self, *, factored: bool | None = None, rank: int | None = None, prefix_rank: int = 0
+    ) -> nn.Module:
         lin = self.base_layer
         kw = dict(device=lin.weight.device, dtype=lin.weight.dtype)
         if factored is False:
