@@ -256,8 +256,12 @@ def install_basis(model: AdapterModel, basis: dict[str, torch.Tensor]) -> None:
         layers[name].beta = beta
 
 
-def build_domain(model: AdapterModel, name: str, path: Path, sha256: str | None = None) -> tuple:
-    """Read one domain file and build (info, adapters, head) without touching the model."""
+def build_domain(
+    model: AdapterModel, name: str, path: Path, sha256: str | None = None, basis: dict | None = None
+) -> tuple:
+    """Read one domain file and build (info, adapters, head) without touching the model.
+
+    `basis` holds the per-layer bases about to be installed; a domain may not read past them."""
     what = f"domain file for {name!r}"
     tensors, metadata = read_safetensors(path, what, sha256)
     try:
@@ -292,6 +296,13 @@ def build_domain(model: AdapterModel, name: str, path: Path, sha256: str | None 
             adapters[layer_name] = layer.adapter_from_state(grouped[layer_name]).to(ref.device)
         except ValueError as e:
             raise ValueError(f"{what}: layer {layer_name!r}: {e}") from e
+        needed = getattr(adapters[layer_name], "prefix_rank", 0)
+        width = (basis or {}).get(layer_name, getattr(layer, "beta", None))
+        if needed and (width is None or width.shape[1] < needed):
+            raise ValueError(
+                f"{what}: layer {layer_name!r} reads {needed} shared basis columns but the basis has "
+                f"{0 if width is None else width.shape[1]}; the family's basis.safetensors is missing or older"
+            )
     head_state = grouped.get("head", {})
     if set(head_state) != {"weight", "bias"} or head_state["weight"].shape != (
         info.num_classes,
@@ -360,11 +371,11 @@ def load_family(
     check_fingerprint(fingerprint(backbone), config, source, force)  # before the backbone is wrapped
     model = cls(backbone, AdapterConfig.from_dict(config["adapter_config"]), backbone_name=backbone_name)
     check_backbone(model, config, source, force)
-    install_basis(model, read_basis(model, fetch, config))
+    basis = read_basis(model, fetch, config)
+    install_basis(model, basis)
     for name in names:
-        model._publish(
-            *build_domain(model, name, fetch(domain_file(name)), config["domains"][name].get("sha256"))
-        )
+        entry = config["domains"][name]
+        model._publish(*build_domain(model, name, fetch(domain_file(name)), entry.get("sha256"), basis))
     return model
 
 
@@ -398,7 +409,7 @@ def load_domain(
         )
     check_backbone(model, config, source, force)
     basis = read_basis(model, fetch, config)
-    built = build_domain(model, name, fetch(domain_file(name)), config["domains"][name].get("sha256"))
+    built = build_domain(model, name, fetch(domain_file(name)), config["domains"][name].get("sha256"), basis)
     with model._lock:
         install_basis(model, basis)
         model._publish(*built)

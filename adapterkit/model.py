@@ -90,6 +90,22 @@ def _reparameterize(model: nn.Module) -> nn.Module:
     return model
 
 
+class _Lock:
+    """A re-entrant lock that a deep-copied model replaces with its own."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def __deepcopy__(self, memo: dict) -> _Lock:
+        return _Lock()
+
+
 class AdapterModel(
     nn.Module,
     ModelHubMixin,
@@ -140,7 +156,7 @@ class AdapterModel(
         self._inject()
         self.heads = nn.ModuleDict()
         self._domains: dict[str, DomainInfo] = {}
-        self._lock = threading.RLock()
+        self._lock = _Lock()
         self.default_domain: str | None = None
 
     # ----------------------------------------------------------------- construction
@@ -218,6 +234,8 @@ class AdapterModel(
         head: str = "new",
         data_config: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        factored: bool = False,
+        new_columns: int | None = None,
     ) -> DomainInfo:
         """Add a domain: fresh zero-initialised adapters, copies of the backbone's norms, a new head.
 
@@ -230,6 +248,10 @@ class AdapterModel(
                 classifier; then the model's output equals the backbone's until training).
             data_config: preprocessing (timm data config) stored with the domain.
             metadata: any JSON-serialisable extra information.
+            factored: build every dense adapter on the layer's current shared basis `beta` (frozen)
+                plus `new_columns` columns of its own (`adapterkit.compress.append_domain` shares them
+                afterwards); default: full `alpha` for k x k convs, own low-rank factors for 1x1/linear.
+            new_columns: own basis columns per layer for a factored domain (default: the config's rank).
         """
         check_domain_name(name)
         if head not in ("new", "backbone"):
@@ -258,7 +280,14 @@ class AdapterModel(
         info = DomainInfo(
             name, num_classes, list(labels) if labels else None, data_config, {}, dict(metadata or {})
         )
-        adapters = {layer_name: layer.new_adapter() for layer_name, layer in self.layers().items()}
+        adapters = {}
+        for layer_name, layer in self.layers().items():
+            if factored and layer.rule in ("parallel", "series", "lowrank"):
+                adapters[layer_name] = layer.new_adapter(
+                    factored=True, rank=new_columns, prefix_rank=layer.beta.shape[1]
+                )
+            else:
+                adapters[layer_name] = layer.new_adapter()
         self._publish(info, adapters, new_head)
         return info
 
