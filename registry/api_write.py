@@ -1,0 +1,277 @@
+"""Write endpoints: repos, README validation, preupload, NDJSON commits, tags and branches."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from starlette.responses import Response
+
+from .cards import parse_front_matter
+from .context import MB, Ctx, json_response
+from .errors import HubError, bad_request, revision_not_found, too_large
+from .routing import Router
+from .storage import RepoKey, file_entry
+from .validation import check_path, check_ref_name, check_repo_id, is_hex
+
+REPO = "/api/{types}/{ns}/{name}"
+_TRUE = ("1", "true", "True")
+
+
+def register(router: Router) -> None:
+    """Add the write routes."""
+    router.add("POST", "/api/repos/create", create_repo)
+    router.add("DELETE", "/api/repos/delete", delete_repo)
+    router.add("POST", "/api/validate-yaml", validate_yaml)
+    router.add("PUT", REPO + "/settings", settings)
+    router.add("POST", REPO + "/preupload/{*rev}", preupload)
+    router.add("POST", REPO + "/commit/{*rev}", commit)
+    router.add("POST DELETE", REPO + "/tag/{*rev}", tag)
+    router.add("POST DELETE", REPO + "/branch/{*branch}", branch)
+
+
+def _repo_from_body(ctx: Ctx, body: dict[str, Any]) -> RepoKey:
+    """Repo of a create/delete request; the namespace defaults to the token's user."""
+    rtype = body.get("type") or "model"
+    if rtype not in ("model", "dataset"):
+        raise bad_request(f"Repo type {rtype!r} is not supported by this registry: use model or dataset.")
+    p = ctx.require_write(str(body.get("organization") or (ctx.principal.user if ctx.principal else "")))
+    name, ns = str(body.get("name") or ""), str(body.get("organization") or p.user)
+    check_repo_id(ns, name)
+    return RepoKey(rtype, ns, name)
+
+
+async def create_repo(ctx: Ctx) -> Response:
+    """`POST /api/repos/create`: 200 or 409, both with the repo `url`."""
+    body = await ctx.json_body()
+    key = _repo_from_body(ctx, body)
+    private = body.get("visibility") == "private" or body.get("private") is True
+    url = ctx.repo_url(key)
+    try:
+        await ctx.run(ctx.storage.create_repo, key, ctx.principal.user, private)
+    except HubError as e:
+        if e.status != 409:
+            raise
+        return json_response(
+            {"error": e.message, "url": url}, 409, {"X-Error-Code": e.code, "X-Error-Message": e.message}
+        )
+    return json_response({"url": url, "name": key.id, "id": key.id})
+
+
+async def delete_repo(ctx: Ctx) -> Response:
+    """`DELETE /api/repos/delete`."""
+    key = _repo_from_body(ctx, await ctx.json_body())
+    await ctx.run(ctx.storage.delete_repo, key)
+    return json_response({})
+
+
+async def settings(ctx: Ctx) -> Response:
+    """`PUT .../settings` (`update_repo_settings`): only the visibility (`private` / `visibility`)."""
+    key, _ = ctx.open_repo(write=True)
+    body = await ctx.json_body()
+    if body.get("gated") not in (None, False):
+        raise bad_request("Gated repos are not supported by this registry; use private repos and tokens.")
+    visibility = body.get("visibility")
+    if visibility not in (None, "public", "private"):
+        raise bad_request(f"Visibility {visibility!r} is not supported: use 'public' or 'private'.")
+    private = visibility == "private" if visibility is not None else body.get("private")
+    if private is not None:
+        await ctx.run(ctx.storage.set_private, key, bool(private))
+    return json_response({})
+
+
+async def validate_yaml(ctx: Ctx) -> Response:
+    """`POST /api/validate-yaml`: always answers JSON (the client parses it before checking the status)."""
+    try:
+        body = await ctx.json_body()
+        parse_front_matter(str(body.get("content") or ""))
+    except (ValueError, yaml.YAMLError, HubError) as e:
+        msg = e.message if isinstance(e, HubError) else str(e)
+        return json_response(
+            {"errors": [{"message": f"Invalid YAML front matter: {msg}"}], "warnings": []},
+            400,
+            {"X-Error-Code": "InvalidYaml", "X-Error-Message": "Invalid YAML front matter in README.md"},
+        )
+    return json_response({"errors": [], "warnings": []})
+
+
+def _branch_for_write(ctx: Ctx, key: RepoKey) -> str:
+    """The branch a preupload/commit targets (404 `RevisionNotFound` if it does not exist)."""
+    if ctx.request.query_params.get("create_pr") in _TRUE:
+        raise HubError(
+            501, "PullRequestsNotSupported", "Pull requests are not supported; commit to a branch."
+        )
+    rev = check_ref_name(ctx.params["rev"] or "main")
+    name = rev[len("refs/heads/") :] if rev.startswith("refs/heads/") else rev
+    if name not in ctx.storage.refs(key)["branches"]:
+        raise revision_not_found(rev, "Commits go to existing branches; create it first with create_branch.")
+    return name
+
+
+async def preupload(ctx: Ctx) -> Response:
+    """`POST .../preupload/{rev}`: upload mode per file, and the remote oid so unchanged files are skipped."""
+    key, _ = ctx.open_repo(write=True)
+    branch = _branch_for_write(ctx, key)
+    body = await ctx.json_body()
+    files = body.get("files")
+    if not isinstance(files, list):
+        raise bad_request("The preupload body must be {'files': [{'path', 'size', 'sample'}, ...]}.")
+    cfg = ctx.hub.config
+    head = ctx.storage.refs(key)["branches"][branch]
+    tree = (await ctx.run(ctx.storage.get_commit, key, head))["tree"]
+    out = []
+    for f in files:
+        if not isinstance(f, dict):
+            raise bad_request("Each preupload entry must be {'path', 'size', 'sample'}.")
+        path, size = check_path(str(f.get("path", ""))), f.get("size")
+        if not isinstance(size, int) or size < 0:
+            raise bad_request(f"Invalid size for {path!r}: expected a non-negative integer.")
+        if size > cfg.max_upload_bytes:
+            raise too_large(size, cfg.max_upload_bytes)
+        mode = "lfs" if size > cfg.lfs_threshold_bytes else "regular"
+        existing = tree.get(path)
+        oid = None if existing is None else existing["sha256"] if mode == "lfs" else existing["sha1"]
+        out.append({"path": path, "uploadMode": mode, "shouldIgnore": False, "oid": oid})
+    return json_response({"files": out, "commitOid": head})
+
+
+async def _spool(ctx: Ctx, limit: int) -> Path:
+    """Stream the request body into a temporary file; 413 (after draining, nothing kept) above `limit`."""
+    f, tmp = ctx.storage.blobs.new_temp()
+    total = 0
+    try:
+        with f:
+            async for chunk in ctx.request.stream():
+                total += len(chunk)
+                if total <= limit:
+                    f.write(chunk)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if total > limit:
+        tmp.unlink(missing_ok=True)
+        raise too_large(total, limit)
+    return tmp
+
+
+def _parse_commit(
+    ctx: Ctx, key: RepoKey, spool: Path
+) -> tuple[dict[str, Any], list[tuple[str, str, dict | None]]]:
+    """Header and operations of an NDJSON commit; stores inline files as blobs on the way."""
+    header: dict[str, Any] | None = None
+    ops: list[tuple[str, str, dict | None]] = []
+    with open(spool, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                item = json.loads(raw)
+                kind, value = item["key"], item["value"]
+                if not isinstance(value, dict):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                raise bad_request(
+                    f"Commit line {n} is not a {{'key': ..., 'value': {{...}}}} JSON object."
+                ) from None
+            if header is None:
+                if kind != "header":
+                    raise bad_request("The first commit line must be the header ({'key': 'header', ...}).")
+                header = value
+            elif kind == "file":
+                path = check_path(str(value.get("path", "")))
+                if value.get("encoding", "base64") != "base64":
+                    raise bad_request(f"File {path!r}: only base64 encoding is supported.")
+                try:
+                    data = base64.b64decode(value.get("content") or "", validate=True)
+                except (binascii.Error, ValueError):
+                    raise bad_request(f"File {path!r}: content is not valid base64.") from None
+                info = ctx.storage.blobs.put_bytes(data)
+                ops.append(("add", path, file_entry(info.sha256, info.sha1, info.size, False)))
+            elif kind == "lfsFile":
+                path, oid = check_path(str(value.get("path", ""))), str(value.get("oid", ""))
+                if value.get("algo", "sha256") != "sha256" or not is_hex(oid, 64, 64):
+                    raise bad_request(f"LFS file {path!r}: expected algo 'sha256' and a 64-hex oid.")
+                lfs = ctx.storage.lfs_object(key, oid)
+                if lfs is None:
+                    raise bad_request(
+                        f"LFS object {oid} for {path!r} was not uploaded to this repo; upload it through the "
+                        "LFS batch API first (clients: set HF_HUB_DISABLE_XET=1).",
+                        "LfsObjectMissing",
+                    )
+                if value.get("size") is not None and value["size"] != lfs["size"]:
+                    raise bad_request(
+                        f"LFS file {path!r}: size {value['size']} does not match the uploaded object."
+                    )
+                ops.append(("add", path, file_entry(oid, lfs["sha1"], lfs["size"], True)))
+            elif kind in ("deletedFile", "deletedFolder"):
+                path = check_path(str(value.get("path", "")).rstrip("/"))
+                ops.append(("delete" if kind == "deletedFile" else "delete_folder", path, None))
+            else:
+                raise bad_request(f"Commit line {n}: unsupported key {kind!r}.")
+    if header is None:
+        raise bad_request("Empty commit: send a header line and operations as NDJSON.")
+    parent = header.get("parentCommit")
+    if parent is not None and not is_hex(str(parent), 40, 40):
+        raise bad_request(f"parentCommit must be a 40-hex commit id, got {parent!r}.", "InvalidRevision")
+    return header, ops
+
+
+async def commit(ctx: Ctx) -> Response:
+    """`POST .../commit/{rev}` with an NDJSON body (`create_commit`, `upload_file`, `upload_folder`)."""
+    key, _ = ctx.open_repo(write=True)
+    branch = _branch_for_write(ctx, key)
+    if "json" not in ctx.request.headers.get("content-type", "application/x-ndjson"):
+        raise bad_request("Send the commit as application/x-ndjson.")
+    spool = await _spool(ctx, ctx.hub.config.max_upload_bytes * 4 // 3 + MB)
+    try:
+        header, ops = await ctx.run(_parse_commit, ctx, key, spool)
+    finally:
+        spool.unlink(missing_ok=True)
+    title = str(header.get("summary") or "Commit").strip().splitlines()[0][:1000] or "Commit"
+    cid = await ctx.run(
+        ctx.storage.commit,
+        key,
+        branch,
+        ops,
+        ctx.principal.user,
+        title,
+        str(header.get("description") or ""),
+        header.get("parentCommit"),
+    )
+    url = f"{ctx.repo_url(key)}/commit/{cid}"
+    return json_response(
+        {"success": True, "commitOid": cid, "commitUrl": url, "hookOutput": "", "pullRequestUrl": None}
+    )
+
+
+async def tag(ctx: Ctx) -> Response:
+    """`POST .../tag/{rev}` `{"tag", "message"}` creates a tag; `DELETE .../tag/{tag}` deletes it."""
+    key, _ = ctx.open_repo(write=True)
+    if ctx.request.method == "DELETE":
+        await ctx.run(ctx.storage.set_tag, key, ctx.params["rev"], None, None, False)
+        return json_response({})
+    body = await ctx.json_body()
+    name = body.get("tag")
+    if not isinstance(name, str):
+        raise bad_request("The tag body must be {'tag': 'v1', 'message': '...'}.")
+    await ctx.run(ctx.storage.set_tag, key, name, ctx.params["rev"] or "main", body.get("message"), True)
+    return json_response({})
+
+
+async def branch(ctx: Ctx) -> Response:
+    """`POST .../branch/{name}` `{"startingPoint"?}` creates a branch; `DELETE` deletes it."""
+    key, _ = ctx.open_repo(write=True)
+    name = ctx.params["branch"]
+    if ctx.request.method == "DELETE":
+        await ctx.run(ctx.storage.set_branch, key, name, None, False)
+        return json_response({})
+    body = await ctx.json_body()
+    start = body.get("startingPoint")
+    if start is not None:
+        start = check_ref_name(str(start))
+    await ctx.run(ctx.storage.set_branch, key, name, start, True)
+    return json_response({})

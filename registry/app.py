@@ -1,0 +1,105 @@
+"""The ASGI application: authentication, dispatch and Hub-style error responses."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from . import api_lfs, api_read, api_write, web
+from .context import Ctx, Hub, RegistryConfig, json_response
+from .errors import HubError
+from .routing import Router, split_raw_path
+
+logger = logging.getLogger(__name__)
+
+INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
+"""Exact message `huggingface_hub` recognises: a bad token is not reported as a missing repo."""
+
+
+def error_response(err: HubError, method: str) -> Response:
+    """JSON error with `X-Error-Code` and a single-line ASCII `X-Error-Message`."""
+    header_msg = " ".join((err.header_message or err.message).split()).encode("ascii", "replace").decode()
+    headers = {"X-Error-Code": err.code, "X-Error-Message": header_msg, **err.headers}
+    if method == "HEAD":
+        return Response(status_code=err.status, headers=headers)
+    return json_response({"error": err.message}, err.status, headers)
+
+
+async def _drain(request: Request) -> None:
+    """Read and drop an unread request body, so the client gets the error instead of a broken pipe."""
+    try:
+        async for _ in request.stream():
+            pass
+    except Exception:  # already consumed or the client went away
+        pass
+
+
+def build_router() -> Router:
+    """All routes, in matching order."""
+    router = Router()
+    web.register(router)
+    api_write.register(router)
+    api_lfs.register(router)
+    api_read.register(router)
+    return router
+
+
+def create_app(config: RegistryConfig | str | Path) -> Starlette:
+    """Build the registry ASGI app.
+
+    Example:
+        >>> app = create_app(RegistryConfig(root="/srv/registry"))  # doctest: +SKIP
+        >>> # uvicorn.run(app, host="127.0.0.1", port=8000)
+
+    Args:
+        config: Settings, or just the root folder.
+
+    Returns:
+        A Starlette application; `app.state.hub` holds the storage and token store, and
+        `app.state.hub.close()` releases the root for another server.
+
+    Raises:
+        RuntimeError: If another server already uses this root.
+    """
+    if not isinstance(config, RegistryConfig):
+        config = RegistryConfig(root=Path(config))
+    hub = Hub(config)
+    router = build_router()
+
+    async def dispatch(request: Request) -> Response:
+        method = request.method
+        try:
+            principal = None
+            auth = request.headers.get("authorization")
+            if auth:
+                scheme, _, token = auth.partition(" ")
+                principal = hub.tokens.authenticate(token.strip()) if scheme.lower() == "bearer" else None
+                if principal is None:
+                    raise HubError(
+                        401,
+                        "InvalidCredentials",
+                        f"{INVALID_CREDENTIALS}: the token is unknown or was revoked. Create one with "
+                        "`adapterkit-registry token create --root DIR --user NAME --scope write`, "
+                        "or unset HF_TOKEN for anonymous read access.",
+                        header_message=INVALID_CREDENTIALS,
+                    )
+            handler, params = router.match(method, split_raw_path(request.scope.get("raw_path") or b"/"))
+            return await handler(Ctx(hub, request, params, principal))
+        except HubError as err:
+            await _drain(request)
+            return error_response(err, method)
+        except Exception:
+            logger.exception("internal error on %s %s", method, request.url.path)
+            return error_response(
+                HubError(500, "InternalError", "Internal server error; see the server log."), method
+            )
+
+    methods = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]
+    app = Starlette(routes=[Route("/{path:path}", dispatch, methods=methods)])
+    app.state.hub = hub
+    return app

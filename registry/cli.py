@@ -1,0 +1,114 @@
+"""`adapterkit-registry`: serve a registry, manage its tokens, check its integrity.
+
+Examples::
+
+    adapterkit-registry token create --root /srv/reg --user alice --scope write
+    adapterkit-registry serve --root /srv/reg --port 8000
+    HF_ENDPOINT=http://127.0.0.1:8000 HF_TOKEN=akr_... hf upload alice/my-family ./family
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .auth import SCOPES, TokenStore
+from .context import MB
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adapterkit-registry", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve the registry over HTTP")
+    s.add_argument("--root", type=Path, required=True, help="folder holding the registry state")
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    s.add_argument(
+        "--lfs-threshold-mb", type=float, default=10, help="files above go through LFS (default: 10)"
+    )
+    s.add_argument(
+        "--max-upload-mb", type=float, default=1024, help="largest file / commit content (default: 1024)"
+    )
+    s.add_argument("--public-url", default=None, help="base URL clients use, when behind a reverse proxy")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    t = sub.add_parser("token", help="create, list or revoke tokens")
+    tsub = t.add_subparsers(dest="token_command", required=True)
+    c = tsub.add_parser("create", help="create a token and print it")
+    c.add_argument("--root", type=Path, required=True)
+    c.add_argument("--user", required=True, help="user name; the token may write to this namespace")
+    c.add_argument("--scope", choices=SCOPES, default="write")
+    c.add_argument(
+        "--org", action="append", default=[], help="extra namespace the token may use (repeatable)"
+    )
+    c.add_argument("--name", default="", help="free-form label")
+    ls = tsub.add_parser("list", help="list tokens (ids, users, scopes; never the secrets)")
+    ls.add_argument("--root", type=Path, required=True)
+    r = tsub.add_parser("revoke", help="revoke a token by id")
+    r.add_argument("--root", type=Path, required=True)
+    r.add_argument("--id", required=True, help="token id as shown by `token list`")
+
+    f = sub.add_parser("fsck", help="check that every revision is complete and every blob intact")
+    f.add_argument("--root", type=Path, required=True)
+    f.add_argument("--quick", action="store_true", help="skip re-hashing blobs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `adapterkit-registry` command."""
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        import uvicorn
+
+        from .app import create_app
+        from .context import RegistryConfig
+
+        logging.basicConfig(
+            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        config = RegistryConfig(
+            root=args.root,
+            lfs_threshold_bytes=int(args.lfs_threshold_mb * MB),
+            max_upload_bytes=int(args.max_upload_mb * MB),
+            public_url=args.public_url,
+        )
+        app = create_app(config)
+        if not app.state.hub.tokens.list():
+            logging.getLogger("adapterkit_registry").warning(
+                "no tokens yet: anonymous users can read public repos but nobody can push. Create one with "
+                "`adapterkit-registry token create --root %s --user NAME`.",
+                args.root,
+            )
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=30)
+        return 0
+    if args.command == "token":
+        store = TokenStore(args.root)
+        if args.token_command == "create":
+            try:
+                print(store.create(args.user, args.scope, args.name, tuple(args.org)))
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+        elif args.token_command == "list":
+            for t in store.list():
+                orgs = f" orgs={','.join(t['orgs'])}" if t.get("orgs") else ""
+                print(f"{t['id']}  {t['user']:<16} {t['scope']:<5} {t['created']}  {t['name']}{orgs}")
+        else:
+            if not store.revoke(args.id):
+                print(
+                    f"error: no token with id {args.id!r}; see `adapterkit-registry token list`.",
+                    file=sys.stderr,
+                )
+                return 1
+        return 0
+    from .fsck import fsck
+    from .storage import Storage
+
+    problems = fsck(Storage(args.root), deep=not args.quick)
+    for line in problems:
+        print(line)
+    print("ok" if not problems else f"{len(problems)} problem(s)")
+    return 1 if problems else 0

@@ -1,0 +1,402 @@
+"""Repositories, commits and refs on disk.
+
+Layout under the root (see `docs/registry.md`)::
+
+    objects/ab/<sha256>                  content-addressed blobs (BlobStore)
+    repos/<type>s/<ns>/<name>/repo.json  id, type, private, owner, createdAt
+    repos/<type>s/<ns>/<name>/refs.json  branches, tags and the list of acknowledged commits
+    repos/<type>s/<ns>/<name>/commits/<id>.json   immutable commit: parents, full file table, message
+    repos/<type>s/<ns>/<name>/lfs/<sha256>        LFS objects uploaded to this repo
+
+A commit writes its blobs, then its commit file, then replaces `refs.json` (under a per-repo lock).
+`refs.json` is the single commit point: a crash before it leaves the previous state intact, and a
+commit file that no ref lists is invisible and removed at the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import shutil
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .blobs import BlobInfo, BlobStore, atomic_write_json, fsync_dir, read_json
+from .errors import HubError, bad_request, repo_not_found, revision_not_found
+from .trees import apply_operations
+from .validation import check_ref_name, is_hex
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+Commit = dict[str, Any]
+"""A commit object: `id`, `parents`, `tree` (path -> file entry), `title`, `message`, `author`, `date`."""
+
+
+def now_iso() -> str:
+    """Current UTC time in the Hub's format (`2024-01-31T12:00:00.000Z`)."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+@dataclass(frozen=True)
+class RepoKey:
+    """Identifies a repository.
+
+    Attributes:
+        type: `"model"` or `"dataset"`.
+        namespace: Owner (user or organisation).
+        name: Repo name.
+    """
+
+    type: str
+    namespace: str
+    name: str
+
+    @property
+    def id(self) -> str:
+        """`namespace/name`."""
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A revision resolved to a commit.
+
+    Attributes:
+        commit: 40-hex commit id.
+        branch: Branch name when the revision named a branch, else None.
+    """
+
+    commit: str
+    branch: str | None
+
+
+def file_entry(sha256: str, sha1: str, size: int, lfs: bool) -> dict[str, Any]:
+    """A file of a commit's tree."""
+    return {"sha256": sha256, "sha1": sha1, "size": size, "lfs": lfs}
+
+
+def commit_id(body: dict[str, Any]) -> str:
+    """Commit id: SHA-1 of the canonical JSON of the commit (which includes a random nonce)."""
+    return hashlib.sha1(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class Storage:
+    """All persistent state of a registry root.
+
+    Args:
+        root: Folder holding the registry (created if missing).
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.blobs = BlobStore(self.root)
+        self.tmp = self.blobs.tmp
+        self.repos = self.root / "repos"
+        self.repos.mkdir(exist_ok=True)
+        marker = self.root / "registry.json"
+        if not marker.exists():
+            atomic_write_json(marker, {"format_version": FORMAT_VERSION}, self.tmp)
+        elif read_json(marker).get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{marker} has an unsupported format_version; expected {FORMAT_VERSION}.")
+        self._locks: dict[RepoKey, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._commit_cache: dict[tuple[RepoKey, str], Commit] = {}
+
+    # ----------------------------------------------------------------- housekeeping
+    def recover(self) -> None:
+        """Drop leftovers of interrupted work: temporary files and commits that no ref lists."""
+        removed = self.blobs.clean_tmp()
+        shutil.rmtree(self.root / "trash", ignore_errors=True)
+        for key, _ in self.list_repos():
+            known = set(self.refs(key)["commits"])
+            for p in (self.repo_dir(key) / "commits").glob("*.json"):
+                if p.stem not in known:
+                    p.unlink()
+                    removed += 1
+        if removed:
+            logger.info("recovery removed %d leftover file(s) of interrupted uploads", removed)
+
+    @contextlib.contextmanager
+    def lock(self, key: RepoKey) -> Iterator[None]:
+        """Serialise writers of one repo, across threads and across processes (flock)."""
+        with self._locks_guard:
+            tlock = self._locks.setdefault(key, threading.Lock())
+        with tlock:
+            lock_path = self.repos / f"{key.type}s" / key.namespace / f".{key.name}.lock"
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(lock_path, "a+b") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+
+    # ----------------------------------------------------------------- repos
+    def repo_dir(self, key: RepoKey) -> Path:
+        """Folder of a repo (it may not exist)."""
+        return self.repos / f"{key.type}s" / key.namespace / key.name
+
+    def get_repo(self, key: RepoKey) -> dict[str, Any] | None:
+        """`repo.json` of a repo, or None if it does not exist."""
+        try:
+            return read_json(self.repo_dir(key) / "repo.json")
+        except FileNotFoundError:
+            return None
+
+    def list_repos(self, repo_type: str | None = None) -> list[tuple[RepoKey, dict[str, Any]]]:
+        """All repos (optionally of one type), sorted by id."""
+        out = []
+        for tdir in sorted(self.repos.iterdir()):
+            rtype = tdir.name[:-1]
+            if not tdir.is_dir() or (repo_type and rtype != repo_type):
+                continue
+            for meta_path in sorted(tdir.glob("*/*/repo.json")):
+                key = RepoKey(rtype, meta_path.parent.parent.name, meta_path.parent.name)
+                try:
+                    out.append((key, read_json(meta_path)))
+                except FileNotFoundError:  # deleted meanwhile
+                    continue
+        return out
+
+    def create_repo(self, key: RepoKey, owner: str, private: bool) -> dict[str, Any]:
+        """Create a repo with an empty initial commit on `main`.
+
+        Raises:
+            HubError: 409 `RepoExists` if it already exists.
+        """
+        with self.lock(key):
+            final = self.repo_dir(key)
+            if (final / "repo.json").exists():
+                raise HubError(409, "RepoExists", f"You already created this repo: {key.id}.")
+            staging = self.tmp / f"repo-{uuid.uuid4().hex}"
+            (staging / "commits").mkdir(parents=True)
+            (staging / "lfs").mkdir()
+            created = now_iso()
+            meta = {"id": key.id, "type": key.type, "private": private, "owner": owner, "createdAt": created}
+            cid = self._write_commit(staging, [], {}, owner, "initial commit", "", created)
+            atomic_write_json(
+                staging / "refs.json", {"branches": {"main": cid}, "tags": {}, "commits": [cid]}, self.tmp
+            )
+            atomic_write_json(staging / "repo.json", meta, self.tmp)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():  # leftover of a delete interrupted by a crash
+                shutil.rmtree(final)
+            staging.rename(final)
+            fsync_dir(final.parent)
+        return meta
+
+    def delete_repo(self, key: RepoKey) -> None:
+        """Delete a repo (its blobs stay in the shared store)."""
+        with self.lock(key):
+            src = self.repo_dir(key)
+            if not (src / "repo.json").exists():
+                raise repo_not_found(key.id)
+            trash = self.root / "trash"
+            trash.mkdir(exist_ok=True)
+            dest = trash / uuid.uuid4().hex
+            src.rename(dest)
+            fsync_dir(src.parent)
+            self._commit_cache.clear()
+        shutil.rmtree(dest, ignore_errors=True)
+
+    def set_private(self, key: RepoKey, private: bool) -> None:
+        """Change the visibility of a repo."""
+        with self.lock(key):
+            meta = self.get_repo(key)
+            if meta is None:
+                raise repo_not_found(key.id)
+            meta["private"] = private
+            atomic_write_json(self.repo_dir(key) / "repo.json", meta, self.tmp)
+
+    # ----------------------------------------------------------------- refs and commits
+    def refs(self, key: RepoKey) -> dict[str, Any]:
+        """`refs.json`: `branches` (name -> id), `tags` (name -> {target, message}), `commits` (ids)."""
+        try:
+            return read_json(self.repo_dir(key) / "refs.json")
+        except FileNotFoundError:
+            raise repo_not_found(key.id) from None
+
+    def get_commit(self, key: RepoKey, cid: str) -> Commit:
+        """Load an (immutable, hence cached) commit."""
+        cached = self._commit_cache.get((key, cid))
+        if cached is None:
+            cached = read_json(self.repo_dir(key) / "commits" / f"{cid}.json")
+            if len(self._commit_cache) > 4096:
+                self._commit_cache.clear()
+            self._commit_cache[(key, cid)] = cached
+        return cached
+
+    def resolve(self, key: RepoKey, revision: str) -> Resolved:
+        """Resolve a branch, tag, `refs/heads/x`, `refs/tags/x`, full sha or unique short sha (7-40 hex).
+
+        Raises:
+            HubError: 400 `InvalidRevision` or 404 `RevisionNotFound`.
+        """
+        check_ref_name(revision)
+        refs = self.refs(key)
+        branches, tags = refs["branches"], refs["tags"]
+        if is_hex(revision, 40, 40) and revision in refs["commits"]:
+            return Resolved(revision, None)
+        if revision.startswith("refs/heads/"):
+            name = revision[len("refs/heads/") :]
+            if name in branches:
+                return Resolved(branches[name], name)
+            raise revision_not_found(revision)
+        if revision.startswith("refs/tags/"):
+            name = revision[len("refs/tags/") :]
+            if name in tags:
+                return Resolved(tags[name]["target"], None)
+            raise revision_not_found(revision)
+        if revision in branches:
+            return Resolved(branches[revision], revision)
+        if revision in tags:
+            return Resolved(tags[revision]["target"], None)
+        if is_hex(revision, 7, 40):
+            matches = [c for c in refs["commits"] if c.startswith(revision)]
+            if len(matches) == 1:
+                return Resolved(matches[0], None)
+            if len(matches) > 1:
+                raise revision_not_found(revision, "This short sha is ambiguous; use more characters.")
+        raise revision_not_found(revision)
+
+    def history(self, key: RepoKey, cid: str) -> Iterator[Commit]:
+        """Commits from `cid` back to the initial commit (first parents)."""
+        current: str | None = cid
+        while current:
+            commit = self.get_commit(key, current)
+            yield commit
+            current = commit["parents"][0] if commit["parents"] else None
+
+    def set_branch(self, key: RepoKey, name: str, revision: str | None, create: bool) -> str:
+        """Create (`create=True`, from `revision` or main's head) or delete (`create=False`) a branch."""
+        check_ref_name(name, "branch name")
+        if name.startswith("refs/"):
+            raise bad_request(f"Invalid branch name {name!r}: do not start with 'refs/'.", "InvalidRevision")
+        with self.lock(key):
+            refs = self.refs(key)
+            if not create:
+                if name not in refs["branches"]:
+                    raise revision_not_found(name)
+                if name == "main":
+                    raise bad_request("The main branch cannot be deleted.")
+                del refs["branches"][name]
+                target = ""
+            else:
+                if name in refs["branches"] or name in refs["tags"]:
+                    raise HubError(409, "RefExists", f"A branch or tag named {name!r} already exists.")
+                target = self.resolve(key, revision).commit if revision else refs["branches"]["main"]
+                refs["branches"][name] = target
+            atomic_write_json(self.repo_dir(key) / "refs.json", refs, self.tmp)
+        return target
+
+    def set_tag(
+        self, key: RepoKey, name: str, revision: str | None, message: str | None, create: bool
+    ) -> None:
+        """Create a tag on `revision` (`create=True`) or delete it."""
+        check_ref_name(name, "tag name")
+        if name.startswith("refs/"):
+            raise bad_request(f"Invalid tag name {name!r}: do not start with 'refs/'.", "InvalidRevision")
+        with self.lock(key):
+            refs = self.refs(key)
+            if not create:
+                if name not in refs["tags"]:
+                    raise revision_not_found(name)
+                del refs["tags"][name]
+            else:
+                if name in refs["tags"] or name in refs["branches"]:
+                    raise HubError(409, "RefExists", f"A tag or branch named {name!r} already exists.")
+                target = self.resolve(key, revision or "main").commit
+                refs["tags"][name] = {"target": target, "message": message or ""}
+            atomic_write_json(self.repo_dir(key) / "refs.json", refs, self.tmp)
+
+    def register_lfs(self, key: RepoKey, info: BlobInfo) -> None:
+        """Record that LFS object `info.sha256` was uploaded to this repo and verified."""
+        marker = self.repo_dir(key) / "lfs" / info.sha256
+        if not marker.exists():
+            atomic_write_json(marker, {"sha1": info.sha1, "size": info.size}, self.tmp)
+
+    def lfs_object(self, key: RepoKey, sha256: str) -> dict[str, Any] | None:
+        """`{"sha1", "size"}` of an LFS object this repo may reference in a commit, else None."""
+        try:
+            info = read_json(self.repo_dir(key) / "lfs" / sha256)
+        except (FileNotFoundError, ValueError):
+            return None
+        return info if self.blobs.exists(sha256, info["size"]) else None
+
+    def _write_commit(
+        self, repo_dir: Path, parents: list[str], tree: dict, author: str, title: str, message: str, date: str
+    ) -> str:
+        body = {
+            "format_version": FORMAT_VERSION,
+            "parents": parents,
+            "tree": tree,
+            "author": author,
+            "title": title,
+            "message": message,
+            "date": date,
+            "nonce": uuid.uuid4().hex,
+        }
+        cid = commit_id(body)
+        atomic_write_json(repo_dir / "commits" / f"{cid}.json", {**body, "id": cid}, self.tmp)
+        return cid
+
+    def commit(
+        self,
+        key: RepoKey,
+        branch: str,
+        operations: list[tuple[str, str, dict | None]],
+        author: str,
+        title: str,
+        message: str,
+        parent_commit: str | None = None,
+    ) -> str:
+        """Apply operations on top of a branch head and move the branch; blobs must already be stored.
+
+        Args:
+            key: The repo.
+            branch: Branch to commit to (must exist).
+            operations: `("add", path, file_entry)`, `("delete", path, None)` or `("delete_folder", path, None)`.
+            author: User name.
+            title: Commit summary.
+            message: Commit description.
+            parent_commit: If given, the branch head must be this commit.
+
+        Returns:
+            The new commit id.
+
+        Raises:
+            HubError: 404 `RevisionNotFound` (missing branch), 412 `ParentCommitMismatch`, 404
+                `EntryNotFound` (deleting a missing file) or 400 `InvalidPath` (file/folder clash).
+        """
+        with self.lock(key):
+            if self.get_repo(key) is None:
+                raise repo_not_found(key.id)
+            refs = self.refs(key)
+            head = refs["branches"].get(branch)
+            if head is None:
+                raise revision_not_found(
+                    branch, "Commits go to existing branches; create it with create_branch."
+                )
+            if parent_commit is not None and parent_commit != head:
+                raise HubError(
+                    412,
+                    "ParentCommitMismatch",
+                    f"Conflict: parent commit {parent_commit} is not the head of {branch!r} ({head}); "
+                    "another commit landed first. Fetch the new head and retry.",
+                )
+            tree = apply_operations(dict(self.get_commit(key, head)["tree"]), operations, head)
+            cid = self._write_commit(self.repo_dir(key), [head], tree, author, title, message, now_iso())
+            refs["branches"][branch] = cid
+            refs["commits"].append(cid)
+            atomic_write_json(self.repo_dir(key) / "refs.json", refs, self.tmp)
+            return cid
