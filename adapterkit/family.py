@@ -129,30 +129,50 @@ def domain_entry(model: AdapterModel, name: str, data: bytes) -> dict[str, Any]:
     }
 
 
-def save_family(model: AdapterModel, directory: str | Path, domains: Iterable[str] | None = None) -> Path:
-    """Write a family folder. Domains already in the folder's table (same backbone) are kept, and
-    a domain file is rewritten only when its bytes change, so adding a domain writes one new file."""
-    directory = Path(directory)
+def family_files(
+    model: AdapterModel, domains: Iterable[str] | None = None, previous: dict[str, Any] | None = None
+) -> dict[str, bytes]:
+    """Every file of a family as bytes: the given domains, the basis, `adapterkit.json`, `README.md`.
+
+    `previous` is an existing `adapterkit.json`; its domain entries are kept when it was built on the
+    same backbone, so a family grows one domain at a time.
+    """
+    from .card import model_card
+
     names = list(model.domains if domains is None else domains)
     for name in names:
-        model.domain_info(name)  # KeyError for unknown domains before anything is written
+        model.domain_info(name)  # KeyError for unknown domains before anything is built
     table: dict[str, dict[str, Any]] = {}
-    config_path = directory / CONFIG_FILE
-    if config_path.is_file():
-        old = json.loads(config_path.read_text())
-        if old.get("backbone", {}).get("fingerprint") == model.fingerprint:
-            table = {
-                n: e for n, e in old.get("domains", {}).items() if (directory / domain_file(n)).is_file()
-            }
+    if previous and previous.get("backbone", {}).get("fingerprint") == model.fingerprint:
+        table = dict(previous.get("domains", {}))
+    files = {}
     for name in names:
-        data = domain_bytes(model, name)
-        _write_if_changed(directory / domain_file(name), data)
+        files[domain_file(name)] = data = domain_bytes(model, name)
         table[name] = domain_entry(model, name, data)
     basis = basis_bytes(model)
     if basis is not None:
-        _write_if_changed(directory / BASIS_FILE, basis)
+        files[BASIS_FILE] = basis
     config = family_config(model, dict(sorted(table.items())))
-    atomic_write(config_path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    files[CONFIG_FILE] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    files["README.md"] = model_card(config).encode()
+    return files
+
+
+def save_family(model: AdapterModel, directory: str | Path, domains: Iterable[str] | None = None) -> Path:
+    """Write a family folder. Domains already in the folder (same backbone) are kept, and a file is
+    rewritten only when its bytes change, so adding a domain writes one new domain file."""
+    directory = Path(directory)
+    previous = None
+    if (directory / CONFIG_FILE).is_file():
+        previous = json.loads((directory / CONFIG_FILE).read_text())
+        previous["domains"] = {
+            n: e for n, e in previous.get("domains", {}).items() if (directory / domain_file(n)).is_file()
+        }
+    files = family_files(model, domains, previous)
+    config = files.pop(CONFIG_FILE)
+    for path, data in files.items():
+        _write_if_changed(directory / path, data)
+    atomic_write(directory / CONFIG_FILE, config)  # last: the folder is complete once it names a domain
     return directory
 
 

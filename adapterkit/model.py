@@ -448,11 +448,55 @@ class AdapterModel(
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> AdapterModel:  # type: ignore[override]
-        """Load a family from a local folder or a Hub repo (see `family.load_family` / `hub.py`).
+        """Load a family from a local folder or a Hub repo.
 
-        ModelHubMixin.from_pretrained would first probe for a config.json we do not write, so we go
+        Args:
+            pretrained_model_name_or_path: a family folder or a Hub repo id.
+            **kwargs: `domains` (load only these; only their files are downloaded), `backbone` (timm
+                name or module; default: the recorded name with pretrained weights), `force`, and the Hub's
+                `revision`, `token`, `cache_dir`, `local_files_only`, `force_download`.
+
+        ModelHubMixin.from_pretrained would first probe for a config.json we do not write, so this goes
         straight to `_from_pretrained`.
         """
+        return cls._from_pretrained(model_id=str(pretrained_model_name_or_path), **kwargs)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, **kwargs: Any) -> AdapterModel:  # type: ignore[override]
         from .family import load_family
 
-        return load_family(cls, str(pretrained_model_name_or_path), **kwargs)
+        hub_keys = ("revision", "token", "cache_dir", "local_files_only", "force_download")
+        hub_kwargs = {k: kwargs.pop(k) for k in hub_keys if kwargs.get(k) not in (None, False)}
+        return load_family(cls, model_id, **hub_kwargs, **kwargs)
+
+    def push_to_hub(  # type: ignore[override]
+        self,
+        repo_id: str,
+        *,
+        domains: list[str] | None = None,
+        private: bool | None = None,
+        branch: str | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        token: str | None = None,
+        force: bool = False,
+    ) -> str:
+        """Publish domains (default: all) to a Hub repo, keeping the domains already there.
+
+        Only the pushed domains' files, the basis, `adapterkit.json` and the model card are written;
+        the backbone is never uploaded. `revision` is another name for `branch`, as in `upload_folder`.
+        """
+        from .hub import push_to_hub
+
+        if branch is not None and revision is not None and branch != revision:
+            raise ValueError(f"branch={branch!r} and revision={revision!r} disagree; pass one of them")
+        return push_to_hub(
+            self,
+            repo_id,
+            domains=domains,
+            private=private,
+            branch=branch or revision,
+            commit_message=commit_message,
+            token=token,
+            force=force,
+        )
