@@ -56,7 +56,12 @@ class DomainLayer(nn.Module):
 
     def active(self) -> nn.Module | None:
         domain = self.router.domain
-        return None if domain is None else self.adapters[domain]
+        if domain is None:
+            return None
+        adapter = self.adapters._modules.get(domain)
+        if adapter is None:
+            raise KeyError(f"domain {domain!r} was unloaded while this call was running; call again")
+        return adapter
 
     def new_adapter(self, **kwargs) -> nn.Module:
         raise NotImplementedError
