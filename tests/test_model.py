@@ -7,7 +7,7 @@ from checks import check_all, input_for, perturb
 
 from adapterkit import AdapterConfig, AdapterModel
 
-TEST_MODELS = [m for m in timm.list_models("test_*") if m not in ("test_mambaout",)]
+TEST_MODELS = timm.list_models("test_*")
 
 CONFIG_CASES = [
     AdapterConfig(),
