@@ -22,6 +22,7 @@ __all__ = [
     "decathlon_score",
     "forgetting",
     "format_matrix",
+    "format_table",
 ]
 
 MatrixLike = Sequence[Sequence[float]] | np.ndarray
@@ -167,6 +168,34 @@ def format_matrix(r: MatrixLike, names: Sequence[str] | None = None, *, digits: 
     lines = [head.ljust(w0) + "".join(f"  {n:>{w}}" for n in names)]
     lines += [n.ljust(w0) + "".join(f"  {c:>{w}}" for c in row) for n, row in zip(names, cells, strict=True)]
     return "\n".join(lines)
+
+
+def format_table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
+    """Plain-text table: text columns left-aligned, numbers right-aligned (floats below 10 with 4
+    decimals, larger ones with 1).
+
+    Example:
+        >>> print(format_table([["gtsrb", 0.9712, 43]], ["domain", "accuracy", "classes"]))
+        domain  accuracy  classes
+        gtsrb     0.9712       43
+    """
+    cells = [[_cell(v) for v in row] for row in rows]
+    if any(len(row) != len(headers) for row in cells):
+        raise ValueError(f"every row needs {len(headers)} cells, one per header")
+    numeric = [bool(rows) and all(isinstance(row[i], Real) for row in rows) for i in range(len(headers))]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join([line(list(headers)), *(line(row) for row in cells)])
+
+
+def _cell(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
 
 
 @dataclass(frozen=True)

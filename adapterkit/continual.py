@@ -1,0 +1,260 @@
+"""Domains one after another: the accuracy matrix, ACC/BWT/forgetting, costs, and two baselines.
+
+`train_sequence` trains each domain of a list in order on one `AdapterModel` and, after each, evaluates
+every domain trained so far: row i of `R` (accuracy on domain j after training domain i). With
+adapterkit's invariant the columns never change, so BWT and forgetting are exactly 0.
+
+Baselines, for the Visual Decathlon score and the paper's comparison table:
+
+* `finetune_baseline`: a separate copy of the backbone per domain, every weight fine-tuned (the
+  paper's "10x" row: T backbones for T domains); its errors are the Decathlon score's `E_base`.
+* `linear_probe_baseline`: the frozen backbone's features with one linear head per domain.
+
+Separate models per domain cannot forget, so the baselines' matrices are filled from their diagonals.
+
+Example:
+    >>> tasks = [DomainTask("gtsrb", gtsrb_train, gtsrb_test, config=TrainConfig(flip=False)), ...]
+    >>> result = train_sequence(model, tasks)
+    >>> print(result.report)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import AdapterConfig
+from .metrics import ContinualReport, decathlon_score, format_table
+from .model import AdapterModel, create_backbone
+from .train import TrainConfig, evaluate, make_accelerator, train_domain, train_model
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DomainTask:
+    """One domain of a sequence: its data, classes and options.
+
+    Args:
+        name: the domain's name.
+        train: training data (any kind `train_domain` accepts).
+        test: test data, evaluated after this and every later domain.
+        num_classes: default: from the data.
+        labels: class names (default: the data's).
+        config: per-domain training options (epochs, flip, weight decay, ...).
+        data_config: per-domain overrides of timm's data config (e.g. `{"input_size": 64}`).
+    """
+
+    name: str
+    train: Any
+    test: Any
+    num_classes: int | None = None
+    labels: list[str] | None = None
+    config: TrainConfig | None = None
+    data_config: dict[str, Any] | None = None
+
+
+@dataclass
+class SequenceResult:
+    """The accuracy matrix of one method over a sequence, with costs and training metrics.
+
+    Attributes:
+        method: a label (`adapters (parallel)`, `fine-tuning`, `linear probe`).
+        report: ACC, BWT, forgetting and the matrix.
+        costs: per domain `parameters`, `bytes` and `fraction_of_backbone` it adds.
+        metrics: per domain, what training returned.
+        backbone_parameters: parameters of one backbone (the unit of "#par").
+    """
+
+    method: str
+    report: ContinualReport
+    costs: dict[str, dict[str, float]]
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    backbone_parameters: int = 0
+
+    @property
+    def accuracies(self) -> dict[str, float]:
+        """Accuracy per domain after the last domain was trained."""
+        return dict(zip(self.report.names, map(float, self.report.matrix[-1]), strict=True))
+
+    def errors(self) -> dict[str, float]:
+        return {name: 1.0 - acc for name, acc in self.accuracies.items()}
+
+    def total_parameters(self) -> float:
+        """Parameters of the whole system in backbones (the paper's "#par": 1 + what the domains add)."""
+        shared = 0.0 if self.method == "fine-tuning" else 1.0
+        return shared + sum(c["fraction_of_backbone"] for c in self.costs.values())
+
+    def decathlon(
+        self, baseline_errors: dict[str, float], floor: float = 0.0
+    ) -> tuple[float, dict[str, float]]:
+        """Visual Decathlon score against a baseline's errors (`floor` keeps a perfect baseline's error
+        above 0, where the score is undefined; e.g. half an image: 0.5 / test images)."""
+        base = {name: max(err, floor) for name, err in baseline_errors.items()}
+        return decathlon_score(self.errors(), base)
+
+    def cost_table(self) -> str:
+        rows = [
+            [
+                name,
+                c["parameters"],
+                f"{100 * c['fraction_of_backbone']:.2f}%",
+                c["bytes"],
+                self.accuracies[name],
+            ]
+            for name, c in self.costs.items()
+        ]
+        return format_table(rows, ["domain", "parameters", "of backbone", "bytes", "accuracy"])
+
+
+def train_sequence(
+    model: AdapterModel,
+    tasks: Sequence[DomainTask],
+    *,
+    config: TrainConfig | None = None,
+    accelerator: Accelerator | None = None,
+    evaluate_all: bool = True,
+    method: str | None = None,
+) -> SequenceResult:
+    """Train `tasks` in order on `model`; after each, evaluate every domain trained so far.
+
+    Args:
+        config: the default `TrainConfig` for tasks without their own.
+        accelerator: one `Accelerator` for the whole sequence (default: made from the first config).
+        evaluate_all: re-evaluate earlier domains after each new one (the full matrix); False fills
+            the matrix from the diagonal (only valid because nothing can change an old domain).
+    """
+    _check_names(tasks)
+    default = config or TrainConfig()
+    acc = accelerator or make_accelerator(tasks[0].config or default)
+    rows: list[list[float]] = []
+    metrics: dict[str, dict[str, float]] = {}
+    for i, task in enumerate(tasks):
+        cfg = task.config or default
+        logger.info("domain %d/%d: %s", i + 1, len(tasks), task.name)
+        metrics[task.name] = train_domain(
+            model,
+            task.name,
+            task.train,
+            task.test,
+            cfg,
+            num_classes=task.num_classes,
+            labels=task.labels,
+            data_config=task.data_config,
+            accelerator=acc,
+        )
+        row = []
+        for j, old in enumerate(tasks[: i + 1]):
+            if j == i:
+                row.append(metrics[task.name]["accuracy"])
+            elif evaluate_all:
+                row.append(evaluate(model, old.test, old.name, config=old.config or default, accelerator=acc))
+            else:
+                row.append(rows[j][j])
+        rows.append(row)
+        logger.info(
+            "after %s: %s",
+            task.name,
+            ", ".join(f"{t.name} {a:.4f}" for t, a in zip(tasks, row, strict=False)),
+        )
+    names = [t.name for t in tasks]
+    costs = {name: model.domain_cost(name) for name in names}
+    label = method or f"adapters ({model.config.topology})"
+    return SequenceResult(
+        label, ContinualReport.from_matrix(rows, names), costs, metrics, model.backbone_parameter_count()
+    )
+
+
+def linear_probe_baseline(
+    backbone: str,
+    tasks: Sequence[DomainTask],
+    *,
+    pretrained: bool | str | Path = False,
+    overrides: dict[str, Any] | None = None,
+    accelerator: Accelerator | None = None,
+) -> SequenceResult:
+    """One linear head per domain on the frozen backbone's features (nothing else is trained).
+
+    `overrides` replace fields of every task's `TrainConfig` (for example `{"lr": 0.01}`).
+    """
+    model = AdapterModel.from_backbone(
+        backbone, AdapterConfig(overrides={"*": "frozen"}), pretrained=pretrained
+    )
+    tasks = [replace(t, config=replace(t.config or TrainConfig(), **(overrides or {}))) for t in tasks]
+    return train_sequence(model, tasks, accelerator=accelerator, evaluate_all=False, method="linear probe")
+
+
+def finetune_baseline(
+    backbone: str,
+    tasks: Sequence[DomainTask],
+    *,
+    pretrained: bool | str | Path = False,
+    overrides: dict[str, Any] | None = None,
+    accelerator: Accelerator | None = None,
+) -> SequenceResult:
+    """A fresh copy of the backbone per domain with every weight (BatchNorm statistics included)
+    fine-tuned: the paper's full fine-tuning baseline. `overrides` as in `linear_probe_baseline`."""
+    _check_names(tasks)
+    rows: list[list[float]] = []
+    costs: dict[str, dict[str, float]] = {}
+    metrics: dict[str, dict[str, float]] = {}
+    acc = accelerator
+    unit = 0
+    for i, task in enumerate(tasks):
+        cfg = replace(task.config or TrainConfig(), **(overrides or {}))
+        acc = acc or make_accelerator(cfg)
+        net = create_backbone(backbone, pretrained)
+        unit = sum(p.numel() for p in net.parameters()) - sum(
+            p.numel() for p in net.get_classifier().parameters()
+        )
+        num_classes = task.num_classes or _classes(task, cfg)
+        net.reset_classifier(num_classes)
+        logger.info("fine-tuning %d/%d: %s", i + 1, len(tasks), task.name)
+        metrics[task.name] = train_model(
+            net, task.train, task.test, cfg, name=task.name, data_config=task.data_config, accelerator=acc
+        )
+        rows.append([rows[j][j] for j in range(i)] + [metrics[task.name]["accuracy"]])
+        params = sum(p.numel() for p in net.parameters())
+        nbytes = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+        costs[task.name] = {"parameters": params, "bytes": nbytes, "fraction_of_backbone": params / unit}
+    names = [t.name for t in tasks]
+    return SequenceResult("fine-tuning", ContinualReport.from_matrix(rows, names), costs, metrics, unit)
+
+
+def comparison_table(results: Sequence[SequenceResult], baseline: SequenceResult, floor: float = 0.0) -> str:
+    """One row per method: ACC, BWT, forgetting, #par (in backbones) and the Decathlon score against
+    `baseline`'s errors (normally the fine-tuning baseline)."""
+    base = baseline.errors()
+    rows = []
+    for r in results:
+        score, _ = r.decathlon(base, floor)
+        rows.append(
+            [
+                r.method,
+                r.report.acc,
+                r.report.bwt,
+                r.report.forgetting,
+                f"{r.total_parameters():.3f}x",
+                round(score, 1),
+            ]
+        )
+    return format_table(rows, ["method", "ACC", "BWT", "forgetting", "#par", "Decathlon"])
+
+
+def _check_names(tasks: Sequence[DomainTask]) -> None:
+    names = [t.name for t in tasks]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"tasks need distinct names, at least one: got {names}")
+
+
+def _classes(task: DomainTask, cfg: TrainConfig) -> int:
+    from .data import open_data
+
+    source = open_data(task.train, cfg.image_column, cfg.label_column)
+    return len(source.class_names) if source.class_names else int(source.labels().max()) + 1

@@ -1,0 +1,312 @@
+"""Training data for one domain: sources, checks before training, datasets and batches.
+
+A *source* is what the user passes, normalised: a `datasets.Dataset` (image + label columns), an image
+folder (`root/<class>/<image>`), a folder written by `Dataset.save_to_disk`, or a torch `Dataset`
+yielding `(image, label)`. `DomainDataset` turns its items into tensors with `transforms.Preprocess`.
+
+Augmentation is a pure function of `(seed, epoch, index)` (one numpy generator per sample), so the
+same sample gets the same crop whatever the number of processes or DataLoader workers, and a run
+resumed in the middle of an epoch reproduces the uninterrupted one. Nothing here imports accelerate.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, Sampler
+
+from .transforms import GRAYSCALE_MODES, Preprocess, to_pil
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+
+
+# ---------------------------------------------------------------------- sources
+class Source:
+    """Indexable images and labels; `labels()` reads every label without decoding images if it can."""
+
+    class_names: list[str] | None = None
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def labels(self) -> np.ndarray:
+        return np.asarray([self.item(i)[1] for i in range(len(self))])
+
+    def item(self, i: int) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def describe(self, i: int) -> str:
+        return f"item {i}"
+
+
+class HFSource(Source):
+    """A `datasets.Dataset`; `Image` columns are decoded here so that errors name the file."""
+
+    def __init__(self, ds: Any, image_column: str = "image", label_column: str = "label") -> None:
+        import datasets
+
+        missing = [c for c in (image_column, label_column) if c not in ds.column_names]
+        if missing:
+            raise ValueError(
+                f"the dataset has no column {missing[0]!r} (columns: {ds.column_names}); set "
+                "TrainConfig(image_column=..., label_column=...) to the right names"
+            )
+        ds = ds.select_columns([image_column, label_column])
+        feature = ds.features[image_column]
+        if isinstance(feature, datasets.Image):
+            ds = ds.cast_column(image_column, datasets.Image(decode=False))
+        label = ds.features[label_column]
+        self.class_names = list(label.names) if isinstance(label, datasets.ClassLabel) else None
+        self.ds, self.image_column, self.label_column = ds, image_column, label_column
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def labels(self) -> np.ndarray:
+        return np.asarray(list(self.ds[self.label_column]))
+
+    def item(self, i: int) -> tuple[Any, Any]:
+        row = self.ds[int(i)]
+        image = row[self.image_column]
+        if isinstance(image, dict) and ("bytes" in image or "path" in image):
+            data = image.get("bytes")
+            image = _open_image(io.BytesIO(data) if data is not None else image["path"])
+        return image, row[self.label_column]
+
+    def describe(self, i: int) -> str:
+        image = self.ds[int(i)][self.image_column]
+        path = image.get("path") if isinstance(image, dict) else None
+        return f"row {i}" + (f" ({path})" if path else "")
+
+
+class FolderSource(Source):
+    """An image folder: `root/<class>/.../<image>`, classes in sorted order of their folder names."""
+
+    def __init__(self, root: str | Path) -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root} is not a folder; pass an image folder (root/<class>/<image>)")
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        self.paths: list[Path] = []
+        targets: list[int] = []
+        for label, name in enumerate(classes):
+            files = sorted(
+                p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+            )
+            self.paths += files
+            targets += [label] * len(files)
+        self.root, self.class_names, self.targets = root, classes, np.asarray(targets, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def labels(self) -> np.ndarray:
+        return self.targets
+
+    def item(self, i: int) -> tuple[Any, Any]:
+        return _open_image(self.paths[i]), int(self.targets[i])
+
+    def describe(self, i: int) -> str:
+        return f"image {i} ({self.paths[i]})"
+
+
+class TorchSource(Source):
+    """A torch `Dataset` yielding `(image, label)`; labels come from `.targets` if it has them, else
+    from reading every item once (which decodes every image)."""
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+        self.class_names = list(ds.classes) if isinstance(getattr(ds, "classes", None), Sequence) else None
+
+    def __len__(self) -> int:
+        return len(self.ds)  # type: ignore[arg-type]
+
+    def labels(self) -> np.ndarray:
+        targets = getattr(self.ds, "targets", None)
+        if targets is not None and len(targets) == len(self):
+            return np.asarray(targets)
+        return super().labels()
+
+    def item(self, i: int) -> tuple[Any, Any]:
+        item = self.ds[i]
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise ValueError(
+                f"item {i} of the torch dataset is not an (image, label) pair; return (image, label)"
+            )
+        return item[0], item[1]
+
+
+def _open_image(fp: Any) -> Image.Image:
+    image = Image.open(fp)
+    image.load()  # decode now: a truncated file must fail here, not later in a transform
+    return image
+
+
+def open_data(data: Any, image_column: str = "image", label_column: str = "label") -> Source:
+    """Normalise training or evaluation data to a `Source`.
+
+    Args:
+        data: a `datasets.Dataset`, an image folder or `save_to_disk` folder (str or Path), a torch
+            `Dataset` of `(image, label)`, or a `Source`.
+        image_column: image column of a `datasets.Dataset`.
+        label_column: integer label column of a `datasets.Dataset`.
+    """
+    import datasets
+
+    if isinstance(data, Source):
+        return data
+    if isinstance(data, datasets.DatasetDict):
+        raise ValueError(f"got a DatasetDict with splits {list(data)}; pass one split, e.g. data['train']")
+    if isinstance(data, datasets.Dataset):
+        return HFSource(data, image_column, label_column)
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+            return open_data(datasets.load_from_disk(str(path)), image_column, label_column)
+        return FolderSource(path)
+    if isinstance(data, Dataset):
+        return TorchSource(data)
+    raise TypeError(
+        f"cannot read training data of type {type(data).__name__}: pass a datasets.Dataset, an image folder "
+        "path, or a torch Dataset yielding (image, label)"
+    )
+
+
+def open_splits(path: str | Path) -> dict[str, Source]:
+    """Splits of a folder: `train/` and `test/` (or `val/`, `validation/`) image folders, a saved
+    `DatasetDict`, or, for a folder with neither, the whole folder as `train`."""
+    import datasets
+
+    path = Path(path)
+    if (path / "dataset_dict.json").is_file():
+        return {name: open_data(ds) for name, ds in datasets.load_from_disk(str(path)).items()}
+    splits = {s: path / s for s in ("train", "test", "val", "validation") if (path / s).is_dir()}
+    if "train" in splits or "test" in splits:
+        return {s: open_data(p) for s, p in splits.items()}
+    return {"train": open_data(path)}
+
+
+class DomainDataset(Dataset):
+    """`(tensor, label)` pairs of a source. Keys are indices, or `(epoch, index)` for training, whose
+    augmentation draws from `np.random.default_rng([seed, epoch, index])`."""
+
+    def __init__(self, source: Source, preprocess: Preprocess, seed: int = 0) -> None:
+        self.source, self.preprocess, self.seed = source, preprocess, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, i = key if isinstance(key, tuple) else (None, key)
+        rng = None if epoch is None else np.random.default_rng([self.seed, epoch, i])
+        try:
+            image, label = self.source.item(i)
+            x = self.preprocess(image, rng)
+        except (OSError, UnidentifiedImageError, ValueError, TypeError) as e:
+            raise ValueError(
+                f"{self.source.describe(i)} cannot be used: {e}. Remove or replace it; training stopped "
+                "before saving anything of this run (a checkpoint written earlier can be resumed)"
+            ) from e
+        return x, int(label)
+
+
+class EpochBatches(Sampler[list[tuple[int, int]]]):
+    """This process's training batches of one epoch, as `(epoch, index)` keys.
+
+    The epoch's order is `np.random.default_rng([seed, epoch]).permutation(n)`; global batch `b` of
+    `batch_size * world_size` samples is split into one contiguous slice per rank, so the union over
+    the ranks is the single-process batch of that size. Incomplete global batches are dropped.
+    `start`/`stop` select micro-batches (used to resume in the middle of an epoch).
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        *,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> None:
+        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
+        self.rank, self.world_size = rank, world_size
+        full = n // (batch_size * world_size)
+        self.start, self.stop = start, full if stop is None else min(stop, full)
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        size = self.batch_size * self.world_size
+        for b in range(self.start, self.stop):
+            chunk = order[b * size : (b + 1) * size][
+                self.rank * self.batch_size : (self.rank + 1) * self.batch_size
+            ]
+            yield [(self.epoch, int(i)) for i in chunk]
+
+
+# ---------------------------------------------------------------------- validation
+def check_data(
+    source: Source,
+    num_classes: int,
+    preprocess: Preprocess,
+    *,
+    check_images: int | None = 1000,
+    what: str = "data",
+) -> np.ndarray:
+    """Check every label and (a sample of) the images before anything is trained or written.
+
+    Args:
+        check_images: decode all images when there are at most this many, else a fixed random sample of
+            this many (None: all). An image outside the sample that fails later stops training with
+            the same error.
+
+    Returns:
+        The labels.
+
+    Raises:
+        ValueError: an empty dataset, a label outside `0..num_classes-1` or not an integer, an image
+            that cannot be decoded, or a grey image where RGB is required; the message says how to fix it.
+    """
+    n = len(source)
+    if n == 0:
+        raise ValueError(f"the {what} is empty: point it at a folder or dataset with images")
+    labels = source.labels()
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"the {what}'s labels are {labels.dtype}, not integers: map class names to 0..C-1")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(
+            f"{len(bad)} label(s) of the {what} are outside 0..{num_classes - 1}: {source.describe(i)} has label "
+            f"{int(labels[i])}. Fix the labels, or add the domain with num_classes={int(labels.max()) + 1}"
+        )
+    if check_images is None or n <= check_images:
+        sample = range(n)
+    else:
+        sample = np.sort(np.random.default_rng(0).choice(n, size=check_images, replace=False))
+    converted = 0
+    for i in sample:
+        where = f"{source.describe(int(i))} of the {what}"
+        try:
+            image = to_pil(source.item(int(i))[0])
+        except (OSError, UnidentifiedImageError, ValueError, TypeError) as e:
+            raise ValueError(f"{where} cannot be decoded ({e}); remove or replace it") from e
+        converted += image.mode in GRAYSCALE_MODES
+        preprocess.mode(image, where)
+    if converted and preprocess.data_config["input_size"][0] == 3:
+        logger.info("%s: %d checked grey images are converted to RGB (3 equal channels)", what, converted)
+    return labels

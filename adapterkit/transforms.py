@@ -1,0 +1,183 @@
+"""Preprocessing: timm's data config, the eval transform and the paper's training augmentation.
+
+Eval: resize (shorter side to `size / crop_pct`) and centre crop, as timm's eval transform; then
+normalise with the config's mean and std. Train: resize to the input size, then a random crop (zero
+padding around the image, CIFAR style, or a random-resized crop of a range of the image's area) and an
+optional horizontal flip. Randomness comes from a numpy generator passed per call (see `data.py`).
+Grey images become RGB (three equal channels) when the backbone takes 3 channels, unless refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+GRAYSCALE_MODES = ("1", "L", "LA", "I;16", "I;16B", "I;16L", "I", "F")
+DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+def resolve_data_config(
+    pretrained_cfg: dict[str, Any], overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """timm's data config for a backbone (`input_size`, `interpolation`, `mean`, `std`, `crop_pct`,
+    `crop_mode`) with per-domain overrides; lists instead of tuples, so it survives JSON unchanged.
+
+    Example:
+        >>> resolve_data_config(model.pretrained_cfg, {"input_size": 32})["input_size"]
+        [3, 32, 32]
+    """
+    from timm.data import resolve_data_config as timm_resolve
+
+    config = dict(timm_resolve(pretrained_cfg=dict(pretrained_cfg or {})))
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(DATA_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"unknown data config keys {unknown}; use {list(DATA_CONFIG_KEYS)}")
+    size = overrides.pop("input_size", None)
+    if isinstance(size, int):
+        size = (config["input_size"][0], size, size)
+    if size is not None:
+        config["input_size"] = tuple(size)
+    config.update(overrides)
+    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if k in DATA_CONFIG_KEYS}
+    c = len(out["input_size"])
+    if c != 3 or len(out["mean"]) != out["input_size"][0] or len(out["std"]) != out["input_size"][0]:
+        raise ValueError(f"data config {out} is inconsistent: input_size is (C, H, W) with C means and stds")
+    if out["interpolation"] not in RESAMPLE:
+        raise ValueError(f"interpolation={out['interpolation']!r}; use one of {sorted(RESAMPLE)}")
+    return out
+
+
+def to_pil(image: Any) -> Image.Image:
+    """A PIL image from a PIL image, an (H, W[, C]) array or a (C, H, W) tensor (uint8, or float in [0, 1])."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        image = (t.permute(1, 2, 0) if t.dim() == 3 else t).numpy()
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            image = (np.clip(image.astype(np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[:, :, 0]
+        return Image.fromarray(image)
+    raise TypeError(f"cannot read an image of type {type(image).__name__}; use PIL images, arrays or tensors")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Image -> normalised (C, H, W) tensor; with `train=True` also the random crop and flip.
+
+    Args:
+        data_config: from `resolve_data_config`.
+        train: apply augmentation (needs a numpy generator per call).
+        flip: random horizontal flip (off for glyphs, signs, digits).
+        crop_padding: pixels of zero padding around the image before a random crop of the input size
+            (CIFAR style; None: an eighth of the input size, 0: no crop).
+        crop_scale: instead of padding, a random-resized crop covering this range of the image's area.
+        grayscale: `convert` grey images to RGB when the backbone takes 3 channels, or `error`.
+    """
+
+    data_config: dict[str, Any]
+    train: bool = False
+    flip: bool = True
+    crop_padding: int | None = None
+    crop_scale: tuple[float, float] | None = None
+    grayscale: str = "convert"
+
+    def mode(self, image: Image.Image, what: str = "an image") -> Image.Image:
+        """The image in the backbone's mode (RGB or L), or a ValueError saying how to fix it."""
+        channels = self.data_config["input_size"][0]
+        if image.mode.startswith("I;16"):
+            image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).round().astype(np.uint8))
+        if channels == 1:
+            if image.mode not in GRAYSCALE_MODES:
+                raise ValueError(
+                    f"{what} is {image.mode}, but the backbone takes 1 channel: convert the images to grey "
+                    "(image.convert('L'))"
+                )
+            return image.convert("L")
+        if channels != 3:
+            raise ValueError(
+                f"the backbone takes {channels} input channels; adapterkit reads RGB or grey images"
+            )
+        if image.mode in GRAYSCALE_MODES and self.grayscale == "error":
+            raise ValueError(
+                f"{what} is grey ({image.mode}) but the backbone expects RGB: convert the images "
+                "(image.convert('RGB')) or set TrainConfig(grayscale='convert')"
+            )
+        return image if image.mode == "RGB" else image.convert("RGB")
+
+    def __call__(self, image: Any, rng: np.random.Generator | None = None) -> torch.Tensor:
+        cfg = self.data_config
+        _, h, w = cfg["input_size"]
+        resample = RESAMPLE[cfg["interpolation"]]
+        image = self.mode(to_pil(image))
+        if self.train and self.crop_scale is not None:
+            image = _random_resized_crop(image, (h, w), self.crop_scale, rng, resample)
+        else:
+            crop_pct = 1.0 if self.train else cfg["crop_pct"]
+            image = _resize_crop(image, (h, w), crop_pct, cfg.get("crop_mode") == "squash", resample)
+        x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).reshape(h, w, -1).permute(2, 0, 1)
+        x = x.float().div_(255.0)
+        if self.train:
+            if rng is None:
+                raise ValueError("training preprocessing needs a random generator")
+            pad = max(h, w) // 8 if self.crop_padding is None else self.crop_padding
+            if pad > 0 and self.crop_scale is None:
+                x = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+                top, left = rng.integers(0, 2 * pad + 1, size=2)
+                x = x[:, top : top + h, left : left + w]
+            if self.flip and rng.random() < 0.5:
+                x = x.flip(-1)
+        mean = torch.tensor(cfg["mean"]).view(-1, 1, 1)
+        std = torch.tensor(cfg["std"]).view(-1, 1, 1)
+        return ((x - mean) / std).contiguous()
+
+
+def _resize_crop(
+    image: Image.Image, size: tuple[int, int], crop_pct: float, squash: bool, resample: int
+) -> Image.Image:
+    """timm's eval transform: resize (shorter side to size / crop_pct, or both sides with `squash`),
+    then a centre crop of `size`."""
+    h, w = size
+    sh, sw = math.floor(h / crop_pct), math.floor(w / crop_pct)
+    if squash:
+        image = image.resize((sw, sh), resample)
+    else:
+        scale = max(sh / image.height, sw / image.width)
+        new = (max(sw, round(image.width * scale)), max(sh, round(image.height * scale)))
+        if new != image.size:
+            image = image.resize(new, resample)
+    left, top = (image.width - w) // 2, (image.height - h) // 2
+    return image.crop((left, top, left + w, top + h))
+
+
+def _random_resized_crop(
+    image: Image.Image, size: tuple[int, int], scale: tuple[float, float], rng: Any, resample: int
+) -> Image.Image:
+    area = image.width * image.height
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < cw <= image.width and 0 < ch <= image.height:
+            left, top = (
+                int(rng.integers(0, image.width - cw + 1)),
+                int(rng.integers(0, image.height - ch + 1)),
+            )
+            return image.resize((size[1], size[0]), resample, box=(left, top, left + cw, top + ch))
+    return _resize_crop(image, size, 1.0, False, resample)
