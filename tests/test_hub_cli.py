@@ -1,0 +1,60 @@
+"""`adapterkit push / pull / list / info` against the registry (real client, real HTTP)."""
+
+import subprocess
+import sys
+import uuid
+
+import pytest
+import timm
+import torch
+from checks import input_for, perturb
+
+from adapterkit import AdapterModel
+from adapterkit.cli import main
+from adapterkit.family import save_family
+
+
+@pytest.fixture
+def family_dir(tmp_path):
+    torch.manual_seed(0)  # the CLI rebuilds a backbone without --pretrained with seed 0
+    model = AdapterModel.from_backbone("test_resnet").eval()
+    for i, name in enumerate(["a", "b"]):
+        model.add_domain(name, num_classes=3 + i)
+        model.domain_info(name).metrics["accuracy"] = 0.9 - i / 10
+        perturb(model, name, seed=i)
+    save_family(model, tmp_path / "fam")
+    return model, tmp_path / "fam"
+
+
+def test_push_info_list_pull(registry, family_dir, tmp_path, capsys):
+    model, fam = family_dir
+    repo = f"alice/cli-{uuid.uuid4().hex[:8]}"
+    token = registry.tokens["alice"]
+    assert main(["push", str(fam), repo, "--token", token]) == 0
+    assert main(["info", repo, "--token", token]) == 0
+    out = capsys.readouterr().out
+    assert "| a | 3 |" in out and "| b | 4 |" in out and "accuracy" in out
+    assert main(["list", "--domain", "b", "--token", token]) == 0
+    assert repo in capsys.readouterr().out
+    assert main(["pull", repo, str(tmp_path / "pulled"), "--domain", "b", "--token", token]) == 0
+    files = sorted(p.name for p in (tmp_path / "pulled" / "domains").iterdir())
+    assert files == ["b.safetensors"]
+    torch.manual_seed(0)
+    pulled = AdapterModel.from_pretrained(tmp_path / "pulled", backbone=timm.create_model("test_resnet")).eval()
+    x = input_for(model.backbone)
+    with torch.no_grad():
+        assert torch.equal(pulled(x, domain="b"), model(x, domain="b"))
+
+
+def test_errors_are_one_line(registry, capsys, tmp_path):
+    assert main(["info", "alice/does-not-exist", "--token", registry.tokens["alice"]]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["pull", "alice/does-not-exist", str(tmp_path / "x")]) == 2
+
+
+def test_console_script_lists_hub_commands():
+    code = "import sys; from adapterkit.cli import main; sys.exit(main())"
+    out = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for command in ("train", "eval", "export", "push", "pull", "list", "info"):
+        assert command in out.stdout
