@@ -72,7 +72,8 @@ def _backbone(name: str, pretrained: str | None):
 
 
 def _family_config(family: Path) -> dict[str, Any] | None:
-    from .family import CONFIG_FILE, local_fetch, read_config
+    from .family import CONFIG_FILE
+    from .load import local_fetch, read_config
 
     return read_config(local_fetch(family)) if (family / CONFIG_FILE).is_file() else None
 
@@ -136,7 +137,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from .config import AdapterConfig
-    from .family import check_backbone, install_basis, local_fetch, read_basis, save_family
+    from .family import save_family
+    from .load import check_backbone, install_basis, local_fetch, read_basis
     from .metrics import format_table
     from .model import AdapterModel
     from .train import TrainConfig, make_accelerator, train_domain

@@ -22,7 +22,8 @@ from huggingface_hub.errors import (
 )
 
 from .card import base_model_id, domain_tag
-from .family import BASIS_FILE, CONFIG_FILE, Fetch, family_files, read_config, read_safetensors
+from .family import BASIS_FILE, CONFIG_FILE, Fetch, family_files
+from .load import read_config, read_safetensors
 
 if TYPE_CHECKING:
     from huggingface_hub.hf_api import ModelInfo
@@ -97,7 +98,11 @@ def _check_basis_extends(model: AdapterModel, api: HfApi, repo_id: str, sha: str
     layers = model.layers()
     for key, remote in tensors.items():
         local = getattr(layers.get(key.removesuffix(".beta")), "beta", None)
-        if local is None or local.shape[1] < remote.shape[1] or not torch.equal(local[:, : remote.shape[1]].cpu(), remote):
+        if (
+            local is None
+            or local.shape[1] < remote.shape[1]
+            or not torch.equal(local[:, : remote.shape[1]].cpu(), remote)
+        ):
             if force:
                 return
             raise ValueError(
@@ -182,7 +187,9 @@ def list_families(
     return list(HfApi(token=token).list_models(filter=tags, author=author, search=search, cardData=True))
 
 
-def list_domains(repo_id: str, *, revision: str | None = None, token: str | bool | None = None, **kwargs: Any) -> dict:
+def list_domains(
+    repo_id: str, *, revision: str | None = None, token: str | bool | None = None, **kwargs: Any
+) -> dict:
     """The domain table of a family (names, classes, metrics, sizes), reading only `adapterkit.json`."""
     return read_config(hub_fetch(repo_id, revision=revision, token=token, **kwargs))["domains"]
 

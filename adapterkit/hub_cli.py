@@ -59,8 +59,9 @@ def add_pull_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_pull(args: argparse.Namespace) -> int:
-    from .family import BASIS_FILE, CONFIG_FILE, atomic_write, domain_file, read_config
+    from .family import BASIS_FILE, CONFIG_FILE, atomic_write, domain_file
     from .hub import hub_fetch
+    from .load import read_config
 
     fetch = hub_fetch(args.repo_id, revision=args.revision, token=args.token)
     config = read_config(fetch)
@@ -110,7 +111,7 @@ def add_info_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from .family import read_config, source_fetch
+    from .load import read_config, source_fetch
 
     kwargs = {"revision": args.revision, "token": args.token} if not Path(args.source).is_dir() else {}
     config = read_config(source_fetch(args.source, **kwargs))
@@ -119,10 +120,14 @@ def run_info(args: argparse.Namespace) -> int:
         return 0
     backbone, rules = config["backbone"], config["adapter_config"]
     print(f"backbone: {backbone['name']} ({backbone['fingerprint'][:23]}...)")
-    print(f"adapters: {rules['topology']}, placement {rules['placement']}, rank {rules['rank']}, "
-          f"{len(config['layers'])} adapted layers")
+    print(
+        f"adapters: {rules['topology']}, placement {rules['placement']}, rank {rules['rank']}, "
+        f"{len(config['layers'])} adapted layers"
+    )
     if config.get("basis"):
-        print(f"shared basis: {sum(config['basis']['ranks'].values())} columns over {len(config['basis']['ranks'])} layers")
+        print(
+            f"shared basis: {sum(config['basis']['ranks'].values())} columns over {len(config['basis']['ranks'])} layers"
+        )
     metrics = sorted({k for e in config["domains"].values() for k in (e.get("metrics") or {})})
     print("\n| domain | classes | parameters | bytes | " + " | ".join(metrics) + " |")
     print("|---|---|---|---|" + "---|" * len(metrics))

@@ -340,7 +340,7 @@ class AdapterModel(
         Only the family's `adapterkit.json`, its basis (if any) and this domain's file are read. The
         domain becomes visible in one step once fully built; existing domains' outputs do not change.
         """
-        from .family import load_domain
+        from .load import load_domain
 
         if revision is not None:
             hub_kwargs["revision"] = revision
@@ -463,7 +463,7 @@ class AdapterModel(
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, **kwargs: Any) -> AdapterModel:  # type: ignore[override]
-        from .family import load_family
+        from .load import load_family
 
         hub_keys = ("revision", "token", "cache_dir", "local_files_only", "force_download")
         hub_kwargs = {k: kwargs.pop(k) for k in hub_keys if kwargs.get(k) not in (None, False)}

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from adapterkit import AdapterConfig, AdapterModel
-from adapterkit.family import load_family, save_family
+from adapterkit.family import save_family
 from adapterkit.layers import DomainLayer
+from adapterkit.load import load_family
 from adapterkit.model import _reparameterize
 
 

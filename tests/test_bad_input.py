@@ -9,7 +9,8 @@ import torch
 from checks import input_for, perturb
 
 from adapterkit import AdapterModel
-from adapterkit.family import load_family, save_family
+from adapterkit.family import save_family
+from adapterkit.load import load_family
 
 
 def snapshot(model):

@@ -10,7 +10,8 @@ from checks import input_for, perturb
 
 from adapterkit import AdapterModel
 from adapterkit.compress import append_domain, compress, factorable_layers, parameter_report, refactorize
-from adapterkit.family import load_family, save_family
+from adapterkit.family import save_family
+from adapterkit.load import load_family
 
 
 def make_model(names=("a", "b", "c"), backbone="test_resnet"):
