@@ -7,7 +7,7 @@
 4. pushes the family, pulls one domain into a fresh model, hot-adds the other while a thread serves,
 5. exports a domain as a plain timm model with the adapters folded in, and prints a results table.
 
-Run: python examples/quickstart.py [--data-root ../shared/data] [--images 1500] [--epochs 2]
+Run: python examples/quickstart.py [--data-root ../shared/data] [--images 1500] [--epochs 3]
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def main() -> None:
     )
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--images", type=int, default=1500, help="training images per domain")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="adapterkit-quickstart-"))
@@ -134,7 +134,7 @@ def main() -> None:
 
         model = AdapterModel.from_backbone("hf-hub:demo/cifar-resnet20", pretrained=True)
         source, domains = load_domains(args.data_root, args.images)
-        config = TrainConfig(epochs=args.epochs, batch_size=64, lr=0.1, progress=False)
+        config = TrainConfig(epochs=args.epochs, batch_size=32, lr=0.1, progress=False)
         results, probe = {}, {}
         for i, (name, train, test, flip) in enumerate(domains):
             cfg = TrainConfig(**{**config.to_dict(), "flip": flip})
