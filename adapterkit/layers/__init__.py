@@ -1,6 +1,7 @@
 """Adapter layers: per-domain adapter tensors and the wrappers that attach them to a layer."""
 
 from .adapters import FullAdapter, LowRankAdapter
+from .fused import FusedWeights, configure_fusion
 from .wrappers import AdaptedConv2d, AdaptedLinear, DomainLayer, DomainNorm, DomainRouter, not_foldable_reason
 
 __all__ = [
@@ -10,6 +11,8 @@ __all__ = [
     "DomainNorm",
     "DomainRouter",
     "FullAdapter",
+    "FusedWeights",
     "LowRankAdapter",
+    "configure_fusion",
     "not_foldable_reason",
 ]

@@ -112,9 +112,14 @@ class LowRankAdapter(nn.Module):
                 f"domain was built on {self.prefix_rank} basis columns but the layer holds {beta.shape[1]}; "
                 "load the basis.safetensors that belongs to this family"
             )
-        # .contiguous(): the same bytes in the same layout whatever the total width of `beta`,
-        # so old domains stay bit-identical when columns are appended.
-        return torch.cat([beta[:, : self.prefix_rank].contiguous(), self.beta_own], dim=1)
+        # Always a contiguous (out, k + m) tensor with the same bytes whatever the total width of
+        # `beta`, so old domains stay bit-identical when columns are appended; no copy when one
+        # part is empty (a fresh domain, or one fully expressed on the shared basis).
+        if self.prefix_rank == 0:
+            return self.beta_own
+        if self.beta_own.shape[1] == 0:
+            return beta[:, : self.prefix_rank].contiguous()
+        return torch.cat([beta[:, : self.prefix_rank], self.beta_own], dim=1)
 
     def weight(self, beta: torch.Tensor) -> torch.Tensor:
         """The adapter as an (out, in) matrix."""

@@ -3,6 +3,10 @@
 The domain a forward call runs is read from a `DomainRouter` that the owning model passes in; it
 is thread-local, so threads serving different domains never see each other's choice, and there
 is no global state. With no domain set a wrapper computes exactly its `base_layer`.
+
+In eval mode a parallel adapter is fused into its layer's weight (see `fused.py`): one conv or matmul
+per layer instead of two or three. Training mode keeps the adapter as a separate op: it is cheaper
+to differentiate (a 1x1 weight gradient instead of a k x k one) and it is where dropout applies.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import FullAdapter, LowRankAdapter
+from .fused import FusedWeights, merge_conv, merge_linear
 
 RULES = ("parallel", "series", "lowrank", "grouped")
 
@@ -47,6 +52,8 @@ class DomainRouter:
 class DomainLayer(nn.Module):
     """Base for wrappers: a frozen `base_layer` plus `adapters[domain]` modules."""
 
+    fused: FusedWeights | None = None  # eval-mode fused weights, for layers that can fuse
+
     def __init__(self, base_layer: nn.Module, router: DomainRouter) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -54,14 +61,18 @@ class DomainLayer(nn.Module):
         object.__setattr__(self, "router", router)  # shared with the model, not a submodule
         base_layer.requires_grad_(False)
 
-    def active(self) -> nn.Module | None:
+    def route(self) -> tuple[str | None, nn.Module | None]:
+        """The domain of this call and its adapter, or (None, None) for the plain backbone."""
         domain = self.router.domain
         if domain is None:
-            return None
-        adapter = self.adapters._modules.get(domain)
+            return None, None
+        adapter = self._modules["adapters"]._modules.get(domain)
         if adapter is None:
             raise KeyError(f"domain {domain!r} was unloaded while this call was running; call again")
-        return adapter
+        return domain, adapter
+
+    def active(self) -> nn.Module | None:
+        return self.route()[1]
 
     def new_adapter(self, **kwargs) -> nn.Module:
         raise NotImplementedError
@@ -89,6 +100,8 @@ class DomainLayer(nn.Module):
     def train(self, mode: bool = True) -> DomainLayer:
         super().train(mode)
         self.base_layer.train(False)  # the shared backbone never updates (BN statistics included)
+        if self.fused is not None:
+            self.fused.clear()  # also catches weights edited through `.data` (no version bump)
         return self
 
 
@@ -161,8 +174,11 @@ class AdaptedConv2d(DomainLayer):
             rule = "grouped"
         self.rule = rule
         self.rank = min(rank, base_layer.in_channels, base_layer.out_channels)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.tap, self.offset = conv_tap(base_layer)
+        # series adapters act on the conv's output, and non-plain convs do not fold exactly
+        self.fusable = rule != "series" and not_foldable_reason(base_layer) is None
+        self.fused = FusedWeights()
         self.register_buffer(
             "beta", base_layer.weight.new_zeros(base_layer.out_channels, 0), persistent=False
         )
@@ -202,13 +218,23 @@ class AdaptedConv2d(DomainLayer):
         return x[..., max(oh, 0) :, max(ow, 0) :] if (oh > 0 or ow > 0) else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        adapter = self.active()
+        domain, adapter = self.route()
+        conv = self.base_layer
         if adapter is None:
-            return y
+            return conv(x)
+        if not self.training and self.fusable and self.fused.enabled:
+            beta = self._buffers["beta"]  # dict lookups: this runs for every layer of every call
+            weight = self.fused.weight(
+                domain,
+                (conv.weight, beta, *adapter._parameters.values()),
+                lambda: merge_conv(conv.weight, adapter.weight(beta), self.tap),
+            )
+            return conv._conv_forward(x, weight, conv.bias)
+        y = conv(x)
         if self.rule == "series":
-            return y + adapter(self.dropout(y), self.beta)
-        delta = adapter(self.dropout(self._align(x)), self.beta)
+            return y + adapter(y if self.dropout is None else self.dropout(y), self.beta)
+        x = self._align(x)
+        delta = adapter(x if self.dropout is None else self.dropout(x), self.beta)
         if delta.shape[-2:] != y.shape[-2:]:
             delta = delta[..., : y.shape[-2], : y.shape[-1]]
         return y + delta
@@ -247,7 +273,10 @@ class AdaptedLinear(DomainLayer):
         super().__init__(base_layer, router)
         self.rule = "lowrank"
         self.rank = min(rank, base_layer.in_features, base_layer.out_features)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        # a subclass with its own forward might not compute x @ weight.T + bias
+        self.fusable = type(base_layer).forward is nn.Linear.forward
+        self.fused = FusedWeights()
         self.register_buffer(
             "beta", base_layer.weight.new_zeros(base_layer.out_features, 0), persistent=False
         )
@@ -265,11 +294,19 @@ class AdaptedLinear(DomainLayer):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        adapter = self.active()
+        domain, adapter = self.route()
+        lin = self.base_layer
         if adapter is None:
-            return y
-        return y + adapter(self.dropout(x), self.beta)
+            return lin(x)
+        if not self.training and self.fusable and self.fused.enabled:
+            beta = self._buffers["beta"]
+            weight = self.fused.weight(
+                domain,
+                (lin.weight, beta, *adapter._parameters.values()),
+                lambda: merge_linear(lin.weight, adapter.weight(beta)),
+            )
+            return F.linear(x, weight, lin.bias)
+        return lin(x) + adapter(x if self.dropout is None else self.dropout(x), self.beta)
 
     @torch.no_grad()
     def fold(self, domain: str) -> nn.Linear:
@@ -294,7 +331,7 @@ class DomainNorm(DomainLayer):
         return norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        norm = self.active()
+        norm = self.route()[1]
         return self.base_layer(x) if norm is None else norm(x)
 
     def fold(self, domain: str) -> nn.Module:

@@ -1,0 +1,216 @@
+"""Eval-mode fusion: adapters added into the layer weights, cached per domain, never stale."""
+
+import copy
+import threading
+
+import pytest
+import timm
+import torch
+from checks import input_for, perturb, train_steps
+
+from adapterkit import AdapterConfig, AdapterModel
+from adapterkit.compress import append_domain
+from adapterkit.layers import AdaptedConv2d, AdaptedLinear, FusedWeights, LowRankAdapter, configure_fusion
+
+
+def make(backbone="test_resnet", names=("a", "b"), config=None):
+    torch.manual_seed(0)
+    model = AdapterModel(timm.create_model(backbone), config).eval()
+    for i, name in enumerate(names):
+        model.add_domain(name, num_classes=3 + i)
+        perturb(model, name, seed=i)
+    return model
+
+
+def fused_layers(model):
+    return [m for m in model.layers().values() if isinstance(m, (AdaptedConv2d, AdaptedLinear)) and m.fusable]
+
+
+def run(model, x, domain):
+    with torch.no_grad():
+        return model(x, domain=domain)
+
+
+def fresh(model, x, domain):
+    """The same model with empty caches (a deep copy) gives the reference bits."""
+    return run(copy.deepcopy(model).eval(), x, domain)
+
+
+@pytest.mark.parametrize("backbone", ["test_resnet", "test_efficientnet", "test_vit", "test_convnext"])
+def test_fused_matches_unfused_and_export(backbone):
+    model = make(backbone)
+    x = input_for(model.backbone)
+    unfused = copy.deepcopy(model)
+    configure_fusion(unfused, enabled=False)
+    assert fused_layers(model)
+    for d in model.domains:
+        y = run(model, x, d)
+        torch.testing.assert_close(y, run(unfused, x, d), rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(model.export_domain(d)(x), y, rtol=1e-5, atol=1e-5)
+    assert all(len(m.fused) == 2 for m in fused_layers(model))  # one entry per domain served
+    assert all(len(m.fused) == 0 for m in fused_layers(unfused))
+
+
+def test_same_bits_cached_rebuilt_and_with_grad():
+    model = make()
+    x = input_for(model.backbone)
+    first = run(model, x, "a")
+    assert torch.equal(run(model, x, "a"), first)  # from the cache
+    assert torch.equal(fresh(model, x, "a"), first)  # rebuilt
+    configure_fusion(model, capacity=0)  # rebuilt on every call
+    assert torch.equal(run(model, x, "a"), first)
+    assert all(len(m.fused) == 0 for m in fused_layers(model))
+    with torch.inference_mode():
+        assert torch.equal(model(x, domain="a"), first)
+    assert torch.equal(model(x, domain="a").detach(), first)  # eval with autograd recording
+
+
+def test_eval_mode_gradients_reach_only_the_active_domain():
+    model = make()
+    x = input_for(model.backbone)
+    unfused = copy.deepcopy(model)
+    configure_fusion(unfused, enabled=False)
+    for m in (model, unfused):
+        m.zero_grad(set_to_none=True)
+        m(x, domain="b").logsumexp(1).sum().backward()
+    trainable = {id(p) for p in model.trainable_parameters("b")}
+    for name, p in model.named_parameters():
+        if id(p) not in trainable:
+            assert p.grad is None, name
+    for p, q in zip(model.trainable_parameters("b"), unfused.trainable_parameters("b"), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+    assert all(len(m.fused) == 0 for m in fused_layers(model))  # differentiable weights are not cached
+
+
+def test_cache_follows_training_and_in_place_edits():
+    model = make()
+    x = input_for(model.backbone)
+    ref_a = run(model, x, "a")
+    before_b = run(model, x, "b")
+    train_steps(model, "b", x)  # optimiser steps bump the versions; train()/eval() clear the cache
+    after_b = run(model, x, "b")
+    assert not torch.equal(after_b, before_b)
+    assert torch.equal(after_b, fresh(model, x, "b"))
+    assert torch.equal(run(model, x, "a"), ref_a)
+    # in-place edits in eval mode, without a mode switch: the version counter catches them
+    layer = fused_layers(model)[0]
+    with torch.no_grad():
+        next(iter(layer.adapters["b"].parameters())).add_(0.5)
+    edited = run(model, x, "b")
+    assert not torch.equal(edited, after_b)
+    assert torch.equal(edited, fresh(model, x, "b"))
+    # load_state_dict copies in place (a version bump too)
+    saved = {k: v.clone() for k, v in layer.adapters["b"].state_dict().items()}
+    with torch.no_grad():
+        next(iter(layer.adapters["b"].parameters())).add_(1.0)
+    run(model, x, "b")
+    layer.adapters["b"].load_state_dict(saved)
+    assert torch.equal(run(model, x, "b"), edited)
+
+
+def test_data_edits_are_caught_by_eval():
+    model = make()
+    x = input_for(model.backbone)
+    run(model, x, "a")
+    layer = fused_layers(model)[0]
+    next(iter(layer.adapters["a"].parameters())).data.add_(0.5)  # bypasses the version counter
+    model.eval()
+    assert torch.equal(run(model, x, "a"), fresh(model, x, "a"))
+
+
+def test_reloaded_domain_of_the_same_name_is_not_stale(tmp_path):
+    model = make()
+    x = input_for(model.backbone)
+    old = run(model, x, "b")
+    model.remove_domain("b")
+    model.add_domain("b", num_classes=4)
+    perturb(model, "b", seed=7)
+    new = run(model, x, "b")
+    assert not torch.equal(new, old)
+    assert torch.equal(new, fresh(model, x, "b"))
+
+
+def test_appending_basis_columns_rebuilds_and_keeps_bits():
+    model = make(names=("a",))
+    x = input_for(model.backbone)
+    append_domain(model, "a", rank=4)
+    ref = run(model, x, "a")
+    model.add_domain("b", num_classes=4, factored=True, new_columns=2)
+    perturb(model, "b", seed=5)
+    before_b = run(model, x, "b")
+    append_domain(model, "b")  # replaces every factorable layer's beta with a wider one
+    assert torch.equal(run(model, x, "a"), ref)
+    assert torch.equal(run(model, x, "b"), before_b)
+
+
+def test_capacity_bounds_the_cache_and_not_the_bits():
+    names = [f"d{i}" for i in range(5)]
+    model = make(names=names)
+    x = input_for(model.backbone)
+    ref = {d: fresh(model, x, d) for d in names}
+    configure_fusion(model, capacity=2)
+    for _ in range(2):
+        for d in names:
+            assert torch.equal(run(model, x, d), ref[d])
+    assert all(len(m.fused) == 2 for m in fused_layers(model))
+    mixed = names * 2
+    with torch.no_grad():
+        out = model(torch.cat([x[:1]] * len(mixed)), domain=mixed)
+    for i, d in enumerate(mixed):
+        torch.testing.assert_close(out[i, : ref[d].shape[1]], ref[d][0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="capacity"):
+        configure_fusion(model, capacity=-1)
+
+
+def test_concurrent_readers_with_a_thrashing_cache():
+    names = ["a", "b", "c"]
+    model = make(names=names)
+    configure_fusion(model, capacity=1)  # every switch of domain evicts and rebuilds
+    x = input_for(model.backbone)
+    ref = {d: fresh(model, x, d) for d in names}
+    problems = []
+
+    def serve(d):
+        for _ in range(15):
+            if not torch.equal(run(model, x, d), ref[d]):
+                problems.append(d)
+
+    threads = [threading.Thread(target=serve, args=(d,)) for d in names * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not problems
+
+
+def test_series_and_std_convs_stay_unfused():
+    series = make(config=AdapterConfig(topology="series"))
+    convs = [m for m in series.layers().values() if isinstance(m, AdaptedConv2d)]
+    assert any(m.rule == "series" and not m.fusable for m in convs)
+    nf = make("test_nfnet")
+    std = [m for m in nf.layers().values() if "Std" in type(m.base_layer).__name__]
+    assert std and not any(m.fusable for m in std)
+    x = input_for(nf.backbone)
+    assert torch.equal(run(nf, x, "a"), fresh(nf, x, "a"))
+
+
+def test_deepcopy_starts_empty():
+    model = make()
+    run(model, input_for(model.backbone), "a")
+    copied = copy.deepcopy(model)
+    assert all(len(m.fused) == 0 for m in fused_layers(copied))
+    assert all(len(m.fused) == 1 for m in fused_layers(model))
+    assert isinstance(fused_layers(copied)[0].fused, FusedWeights)
+
+
+@pytest.mark.parametrize("prefix,own", [(0, 3), (4, 0), (4, 3)])
+def test_low_rank_basis_is_the_concatenation(prefix, own):
+    beta = torch.randn(8, 6)
+    a = LowRankAdapter(5, 8, rank=own, prefix_rank=prefix, conv=False)
+    with torch.no_grad():
+        a.beta_own.normal_()
+    reference = torch.cat([beta[:, :prefix].contiguous(), a.beta_own], dim=1)
+    basis = a.basis(beta)
+    assert basis.is_contiguous() and torch.equal(basis, reference)
+    assert torch.equal(a.weight(beta), reference @ a.gamma.T)
