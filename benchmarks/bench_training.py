@@ -14,8 +14,10 @@ Conv2d) is chosen so that PEFT trains about as many parameters as adapterkit; bo
      temporaries (torch has no CPU allocator statistics, and tracemalloc does not see its
      allocations). Exact and repeatable. Also reported above the weights (what training adds).
   2. RSS: peak RSS (`VmHWM`) over the first two steps minus the RSS of the built model, after
-     `malloc_trim` and a reset of the kernel's peak mark (`/proc/self/clear_refs` = 5). Includes
-     allocator slack and oneDNN scratch space; noisy between processes, so the median of several.
+     `malloc_trim` and a reset of the kernel's peak mark (`/proc/self/clear_refs` = 5), with glibc's
+     mmap threshold fixed at 128 KiB (`MALLOC_MMAP_THRESHOLD_`; `--default-malloc` keeps glibc's
+     adaptive one, whose heap fragmentation made this figure vary by +-15 % between processes).
+     Includes allocator slack and oneDNN scratch space; the median of several processes.
 - Shared BatchNorm statistics: after the timed steps, how many of the backbone's BatchNorm buffers
   each method changed, and whether the untouched model (PEFT with its adapter disabled; adapterkit's
   other domain) still gives the same logits (PEFT issue #1732).
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -264,8 +267,9 @@ def _status(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_memory(name: str, size: int, batch: int, rank: int, repeats: int) -> dict:
+def peak_memory(name: str, size: int, batch: int, rank: int, repeats: int, malloc_env: dict) -> dict:
     out = {}
+    env = {**os.environ, **malloc_env}
     for variant in VARIANTS:
         runs = []
         for _ in range(repeats):
@@ -279,12 +283,35 @@ def peak_memory(name: str, size: int, batch: int, rank: int, repeats: int) -> di
                 str(batch),
                 str(rank),
             ]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
             runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         out[variant] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         rss = [r["rss_peak_above_model_mib"] for r in runs]
         out[variant]["rss_peak_above_model_mib_range"] = [min(rss), max(rss)]
     return out
+
+
+def write_report(out: Path, rows: list[dict], malloc_env: dict, start: float) -> None:
+    """Write the JSON report (after every backbone: a run stopped half-way keeps what it measured)."""
+    report = {
+        "benchmark": "one training step: adapterkit vs full fine-tuning vs PEFT LoRA (matched trainable count)",
+        "machine": machine(),
+        "config": {
+            "models": BACKBONES,
+            "optimizer": "SGD lr 0.01 momentum 0.9",
+            "statistic": "median over interleaved repeats; memory: median over fresh processes",
+            "memory_child_env": malloc_env,
+            "memory_method": (
+                "fresh process per variant: peak live tensor bytes of the third step (TorchDispatchMode + "
+                "storage finalizers; weights, gradients and optimiser state included), and VmHWM over the "
+                "first two steps minus VmRSS of the built model (malloc_trim, clear_refs=5)"
+            ),
+        },
+        "results": rows,
+        "total_wall_s": time.perf_counter() - start,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def main() -> None:
@@ -294,6 +321,7 @@ def main() -> None:
     p.add_argument("--memory-repeats", type=int, default=3, help="fresh processes per variant (median)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/training.json"))
+    p.add_argument("--default-malloc", action="store_true", help="RSS with glibc's adaptive mmap threshold")
     p.add_argument("--memory-child", nargs=5, metavar=("MODEL", "VARIANT", "SIZE", "BATCH", "RANK"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -301,18 +329,23 @@ def main() -> None:
         name, variant, size, batch, rank = args.memory_child
         print(json.dumps(peak_memory_child(name, variant, int(size), int(batch), int(rank))))
         return
+    # A fixed mmap threshold returns every freed tensor of 128 KiB or more to the OS, so RSS follows the
+    # live memory; with glibc's adaptive threshold freed tensors stay in its heap, and the peak RSS of
+    # one and the same configuration varied by +-15 % between processes.
+    malloc_env = {} if args.default_malloc else {"MALLOC_MMAP_THRESHOLD_": "131072"}
     start = time.perf_counter()
     rows = []
     for name in args.models:
         size, batch = BACKBONES[name]
         row = throughput(name, size, batch, args.repeats)
-        row["memory"] = peak_memory(name, size, batch, row["lora_rank"], args.memory_repeats)
+        row["memory"] = peak_memory(name, size, batch, row["lora_rank"], args.memory_repeats, malloc_env)
         mem = row["memory"]
         row["memory_ratio_vs_full"] = {
             key: {v: mem[v][key] / mem["full"][key] for v in VARIANTS}
             for key in ("tensor_peak_mib", "tensor_peak_above_weights_mib", "rss_peak_above_model_mib")
         }
         rows.append(row)
+        write_report(args.out, rows, malloc_env, start)
         c, ips, bn = row["trainable_parameters"], row["images_per_s"], row["batchnorm"]
         print(f"{name} {size}px batch {batch}: trainable {c} (LoRA rank {row['lora_rank']})")
         for v in VARIANTS:
@@ -332,25 +365,7 @@ def main() -> None:
             f"{bn['peft_disabled_adapter_max_abs_feature_change']:.3g}",
             flush=True,
         )
-    report = {
-        "benchmark": "one training step: adapterkit vs full fine-tuning vs PEFT LoRA (matched trainable count)",
-        "machine": machine(),
-        "config": {
-            "models": BACKBONES,
-            "optimizer": "SGD lr 0.01 momentum 0.9",
-            "statistic": "median over interleaved repeats; memory: median over fresh processes",
-            "memory_method": (
-                "fresh process per variant: peak live tensor bytes of the third step (TorchDispatchMode + "
-                "storage finalizers; weights, gradients and optimiser state included), and VmHWM over the "
-                "first two steps minus VmRSS of the built model (malloc_trim, clear_refs=5)"
-            ),
-        },
-        "results": rows,
-        "total_wall_s": time.perf_counter() - start,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out} ({report['total_wall_s']:.0f} s)")
+    print(f"wrote {args.out} ({time.perf_counter() - start:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -237,7 +237,9 @@ class AdaptedConv2d(DomainLayer):
         delta = adapter(x if self.dropout is None else self.dropout(x), self.beta)
         if delta.shape[-2:] != y.shape[-2:]:
             delta = delta[..., : y.shape[-2], : y.shape[-1]]
-        return y + delta
+        # In place: the conv's output is fresh and autograd does not save it, so training holds one
+        # activation-sized temporary less per adapted layer.
+        return y.add_(delta)
 
     @torch.no_grad()
     def fold(self, domain: str) -> nn.Conv2d:
@@ -306,7 +308,7 @@ class AdaptedLinear(DomainLayer):
                 lambda: merge_linear(lin.weight, adapter.weight(beta)),
             )
             return F.linear(x, weight, lin.bias)
-        return lin(x) + adapter(x if self.dropout is None else self.dropout(x), self.beta)
+        return lin(x).add_(adapter(x if self.dropout is None else self.dropout(x), self.beta))
 
     @torch.no_grad()
     def fold(self, domain: str) -> nn.Linear:
