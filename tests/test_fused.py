@@ -83,6 +83,27 @@ def test_eval_mode_gradients_reach_only_the_active_domain():
     assert all(len(m.fused) == 0 for m in fused_layers(model))  # differentiable weights are not cached
 
 
+@pytest.mark.parametrize("backbone", ["test_efficientnet", "test_resnet"])
+def test_training_fuses_1x1_convs_with_the_same_outputs_and_gradients(backbone):
+    model = make(backbone).train()
+    convs = [m for m in model.layers().values() if isinstance(m, AdaptedConv2d)]
+    assert any(m.train_fused for m in convs)
+    assert all(m.train_fused == (m.fusable and m.base_layer.kernel_size == (1, 1)) for m in convs)
+    unfused = copy.deepcopy(model)
+    configure_fusion(unfused, enabled=False)
+    x = input_for(model.backbone, batch=4)
+    for m in (model, unfused):
+        m(x, domain="a").logsumexp(1).sum().backward()
+    torch.testing.assert_close(model(x, domain="a"), unfused(x, domain="a"), rtol=1e-4, atol=1e-5)
+    for p, q in zip(model.trainable_parameters("a"), unfused.trainable_parameters("a"), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5)
+    assert all(p.grad is None for p in model.trainable_parameters("b"))
+    assert all(len(m.fused) == 0 for m in convs)  # training never caches (the weights are about to change)
+    # dropout applies to the adapter's input alone, so with dropout every adapter trains unfused
+    with_dropout = make(backbone, config=AdapterConfig(dropout=0.1))
+    assert not any(m.train_fused for m in with_dropout.layers().values() if isinstance(m, AdaptedConv2d))
+
+
 def test_cache_follows_training_and_in_place_edits():
     model = make()
     x = input_for(model.backbone)
@@ -117,6 +138,21 @@ def test_data_edits_are_caught_by_eval():
     next(iter(layer.adapters["a"].parameters())).data.add_(0.5)  # bypasses the version counter
     model.eval()
     assert torch.equal(run(model, x, "a"), fresh(model, x, "a"))
+
+
+def test_model_built_in_inference_mode_is_served_and_never_stale():
+    # inference tensors have no version counter: their fused weights are rebuilt on every call
+    with torch.inference_mode():
+        model = make()
+        x = input_for(model.backbone)
+        ref = fresh(model, x, "a")
+        assert torch.equal(model(x, domain="a"), ref)
+        layer = fused_layers(model)[0]
+        assert len(layer.fused) == 0
+        next(iter(layer.adapters["a"].parameters())).add_(0.5)  # in place, invisible to a version check
+        edited = model(x, domain="a")
+    assert not torch.equal(edited, ref)
+    assert torch.equal(edited, fresh(model, x, "a"))
 
 
 def test_reloaded_domain_of_the_same_name_is_not_stale(tmp_path):

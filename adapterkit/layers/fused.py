@@ -9,7 +9,9 @@ A cached weight is served only while every tensor it was built from is the same 
 autograd version (`Tensor._version`, bumped by every in-place write: optimiser steps,
 `load_state_dict`, `copy_` under `no_grad`) and at the same storage address (`module.to(...)`,
 `p.data = ...`). Writes through `p.data.<op>_()` bypass the version counter; every `train()` /
-`eval()` call clears the cache, so call `model.eval()` after editing weights that way.
+`eval()` call clears the cache, so call `model.eval()` after editing weights that way. Inference
+tensors (weights created under `torch.inference_mode()`) have no version counter: their fused weight
+is rebuilt on every call (correct, but slower at small batches); create models outside inference mode.
 
 The cache is bounded (least recently used domains are dropped) and safe under concurrent readers:
 entries are immutable tuples, replaced whole under a lock, and two threads that miss at once build
@@ -117,7 +119,11 @@ class FusedWeights:
         """
         if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
             return build()
-        key = _key(sources)
+        try:
+            key = _key(sources)
+        except RuntimeError:  # an inference tensor: no version counter, so a cached weight could go stale
+            with torch.no_grad():
+                return build()
         entry = self._entries.get(domain)
         if entry is not None and entry.key == key:
             try:

@@ -5,8 +5,10 @@ is thread-local, so threads serving different domains never see each other's cho
 is no global state. With no domain set a wrapper computes exactly its `base_layer`.
 
 In eval mode a parallel adapter is fused into its layer's weight (see `fused.py`): one conv or matmul
-per layer instead of two or three. Training mode keeps the adapter as a separate op: it is cheaper
-to differentiate (a 1x1 weight gradient instead of a k x k one) and it is where dropout applies.
+per layer instead of two or three. In training, 1x1 convs stay fused too (the merged weight's gradient
+costs what the adapter's would, and the adapter's own thin convs are saved); k x k convs and linears keep
+the adapter as a separate op, cheaper to differentiate (a 1x1 or low-rank weight gradient instead of the
+layer's full one); with dropout every adapter stays separate, since dropout applies to its input alone.
 """
 
 from __future__ import annotations
@@ -178,6 +180,10 @@ class AdaptedConv2d(DomainLayer):
         self.tap, self.offset = conv_tap(base_layer)
         # series adapters act on the conv's output, and non-plain convs do not fold exactly
         self.fusable = rule != "series" and not_foldable_reason(base_layer) is None
+        # A 1x1 conv also trains fused: its merged weight's gradient costs what the adapter's own would,
+        # and the adapter's separate convs (two thin ones when low-rank) are saved. A k x k conv trains
+        # unfused: a fused weight would need the k x k weight gradient, 9x a 1x1 one for 3x3.
+        self.train_fused = self.fusable and _pair(base_layer.kernel_size) == (1, 1) and self.dropout is None
         self.fused = FusedWeights()
         self.register_buffer(
             "beta", base_layer.weight.new_zeros(base_layer.out_channels, 0), persistent=False
@@ -222,7 +228,7 @@ class AdaptedConv2d(DomainLayer):
         conv = self.base_layer
         if adapter is None:
             return conv(x)
-        if not self.training and self.fusable and self.fused.enabled:
+        if (self.train_fused if self.training else self.fusable) and self.fused.enabled:
             beta = self._buffers["beta"]  # dict lookups: this runs for every layer of every call
             weight = self.fused.weight(
                 domain,
