@@ -38,8 +38,14 @@ def model_card(config: dict[str, Any]) -> str:
     rows = []
     for name, e in domains.items():
         metrics = e.get("metrics") or {}
-        cells = [f"{metrics[m]:.4g}" if isinstance(metrics.get(m), (int, float)) else "" for m in metric_names]
-        rows.append(f"| {name} | {e['num_classes']} | {e['parameters']:,} | {e['bytes']:,} | " + " | ".join(cells) + " |")
+        cells = [
+            f"{metrics[m]:.4g}" if isinstance(metrics.get(m), (int, float)) else "" for m in metric_names
+        ]
+        rows.append(
+            f"| {name} | {e['num_classes']} | {e['parameters']:,} | {e['bytes']:,} | "
+            + " | ".join(cells)
+            + " |"
+        )
     header = "| domain | classes | added parameters | bytes | " + " | ".join(metric_names) + " |"
     rule = "|---|---|---|---|" + "---|" * len(metric_names)
     rules = config["adapter_config"]
@@ -53,9 +59,9 @@ def model_card(config: dict[str, Any]) -> str:
         + "Each domain owns its adapters, norms and head; the backbone is not stored here.\n\n"
         + (header + "\n" + rule + "\n" + "\n".join(rows) + "\n\n" if rows else "")
         + "## Usage\n\n```python\nfrom adapterkit import AdapterModel\n\n"
-        + "model = AdapterModel.from_pretrained(\"<repo_id>\", domains=[\""
+        + 'model = AdapterModel.from_pretrained("<repo_id>", domains=["'
         + (next(iter(domains), "<domain>"))
-        + "\"])\nlogits = model(images, domain=\""
+        + '"])\nlogits = model(images, domain="'
         + (next(iter(domains), "<domain>"))
-        + "\")\n```\n"
+        + '")\n```\n'
     )

@@ -62,7 +62,7 @@ def _backbone(name: str, pretrained: str | None):
     """The backbone module; without weights, seeded so that every command rebuilds the same one."""
     import torch
 
-    from .model import create_backbone
+    from .inject import create_backbone
 
     if pretrained is None:
         with torch.random.fork_rng(devices=[]):

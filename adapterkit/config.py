@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -89,3 +90,31 @@ class AdapterConfig:
                 f"unknown AdapterConfig fields {unknown}; this file may come from a newer adapterkit"
             )
         return cls(**data)
+
+
+DOMAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def check_domain_name(name: object) -> str:
+    """Return `name` if it is a safe domain name (it becomes a file name), else raise ValueError."""
+    if not isinstance(name, str) or not DOMAIN_NAME.match(name):
+        raise ValueError(
+            f"domain name {name!r} is not a safe file name: use 1-64 letters, digits, '_' or '-', "
+            "starting with a letter or digit (for example 'gtsrb' or 'flowers-90')"
+        )
+    return name
+
+
+@dataclass
+class DomainInfo:
+    """What the model knows about a domain besides its tensors."""
+
+    name: str
+    num_classes: int
+    labels: list[str] | None = None
+    data_config: dict[str, Any] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import AdapterConfig
+from .inject import create_backbone
 from .metrics import ContinualReport, decathlon_score, format_table
-from .model import AdapterModel, create_backbone
+from .model import AdapterModel
 from .train import TrainConfig, evaluate, make_accelerator, train_domain, train_model
 
 if TYPE_CHECKING:

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
-from .model import check_domain_name
+from .config import check_domain_name
 
 if TYPE_CHECKING:
     from .model import AdapterModel

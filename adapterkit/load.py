@@ -17,9 +17,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load
 from torch import nn
 
-from .config import AdapterConfig
+from .config import AdapterConfig, DomainInfo, check_domain_name
 from .family import BASIS_FILE, CONFIG_FILE, FORMAT_VERSION, Fetch, domain_file
-from .model import DomainInfo, _reparameterize, check_domain_name, create_backbone, fingerprint
+from .inject import create_backbone, fingerprint, reparameterize
 
 if TYPE_CHECKING:
     from .model import AdapterModel
@@ -235,7 +235,7 @@ def load_family(
         backbone_name = name
     else:
         backbone_name = config["backbone"]["name"]
-    backbone = _reparameterize(backbone)
+    backbone = reparameterize(backbone)
     check_fingerprint(fingerprint(backbone), config, source, force)  # before the backbone is wrapped
     model = cls(backbone, AdapterConfig.from_dict(config["adapter_config"]), backbone_name=backbone_name)
     check_backbone(model, config, source, force)

@@ -3,91 +3,20 @@
 from __future__ import annotations
 
 import copy
-import hashlib
-import re
 import threading
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from huggingface_hub import ModelHubMixin
 from torch import nn
 
-from . import backbones as _backbones  # noqa: F401  (registers the paper's backbones with timm)
-from .config import AdapterConfig
-from .layers import AdaptedConv2d, AdaptedLinear, DomainLayer, DomainNorm, DomainRouter
-from .targets import plan
+from .config import AdapterConfig, DomainInfo, check_domain_name
+from .inject import create_backbone, fingerprint, inject, input_channels, reparameterize
+from .layers import DomainLayer, DomainRouter
 
-DOMAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-
-
-def check_domain_name(name: object) -> str:
-    """Return `name` if it is a safe domain name (it becomes a file name), else raise ValueError."""
-    if not isinstance(name, str) or not DOMAIN_NAME.match(name):
-        raise ValueError(
-            f"domain name {name!r} is not a safe file name: use 1-64 letters, digits, '_' or '-', "
-            "starting with a letter or digit (for example 'gtsrb' or 'flowers-90')"
-        )
-    return name
-
-
-@dataclass
-class DomainInfo:
-    """What the model knows about a domain besides its tensors."""
-
-    name: str
-    num_classes: int
-    labels: list[str] | None = None
-    data_config: dict[str, Any] | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def fingerprint(module: nn.Module) -> str:
-    """A sha256 over the names, dtypes, shapes and bytes of a module's state dict."""
-    h = hashlib.sha256()
-    for key, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return "sha256:" + h.hexdigest()
-
-
-def create_backbone(name: str, pretrained: bool | str | Path = False, **kwargs: Any) -> nn.Module:
-    """`timm.create_model` for a timm name, `hf-hub:` or `local-dir:` name; a str/Path `pretrained` is a
-    weights file (safetensors)."""
-    if isinstance(pretrained, (str, Path)):
-        path = Path(pretrained)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"pretrained weights file {path} does not exist; pass a .safetensors path"
-            )
-        kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(path)}
-        pretrained = True
-    try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise ValueError(
-                f"{name!r} is not a timm model; check timm.list_models(), or use 'hf-hub:org/name' or "
-                "'local-dir:/path' for a timm-format checkpoint"
-            ) from e
-        raise
-
-
-def _reparameterize(model: nn.Module) -> nn.Module:
-    """Fuse re-parameterisable branches (RepVGG, MobileOne, FastViT) before adapters are attached."""
-    if any(hasattr(m, "reparameterize") or hasattr(m, "switch_to_deploy") for m in model.modules()):
-        from timm.utils.model import reparameterize_model
-
-        model = reparameterize_model(model.eval(), inplace=True)
-    return model
+__all__ = ["AdapterModel", "DomainInfo", "check_domain_name", "create_backbone", "fingerprint"]
 
 
 class _Lock:
@@ -136,7 +65,7 @@ class AdapterModel(
         self._hub_mixin_config = None  # we write adapterkit.json ourselves; no config.json
         self.config = config or AdapterConfig()
         self.backbone_name = backbone_name
-        backbone = _reparameterize(backbone)
+        backbone = reparameterize(backbone)
         backbone.eval().requires_grad_(False)
         self.fingerprint = fingerprint(backbone)
         self.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", {}) or {})
@@ -149,11 +78,10 @@ class AdapterModel(
             )
         backbone.reset_classifier(0)
         self.num_features = getattr(backbone, "head_hidden_size", None) or backbone.num_features
-        self.in_chans = self._in_chans(backbone)
+        self.in_chans = input_channels(backbone)
         self.backbone = backbone
         self.router = DomainRouter()
-        self.targets = plan(backbone, self.config)
-        self._inject()
+        self.targets = inject(backbone, self.config, self.router)
         self.heads = nn.ModuleDict()
         self._domains: dict[str, DomainInfo] = {}
         self._lock = _Lock()
@@ -181,29 +109,6 @@ class AdapterModel(
         if isinstance(backbone, nn.Module):
             return cls(backbone, config)
         return cls(create_backbone(backbone, pretrained, **timm_kwargs), config, backbone_name=backbone)
-
-    @staticmethod
-    def _in_chans(backbone: nn.Module) -> int | None:
-        size = (getattr(backbone, "pretrained_cfg", None) or {}).get("input_size")
-        if size:
-            return int(size[0])
-        first = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
-        return first.in_channels if first is not None else None
-
-    def _inject(self) -> None:
-        for target in self.targets:
-            parent_name, _, child = target.name.rpartition(".")
-            parent = self.backbone.get_submodule(parent_name) if parent_name else self.backbone
-            base = getattr(parent, child)
-            if target.rule == "norm":
-                wrapper: DomainLayer = DomainNorm(base, self.router)
-            elif isinstance(base, nn.Linear):
-                wrapper = AdaptedLinear(base, self.router, rank=self.config.rank, dropout=self.config.dropout)
-            else:
-                wrapper = AdaptedConv2d(
-                    base, self.router, target.rule, rank=self.config.rank, dropout=self.config.dropout
-                )
-            setattr(parent, child, wrapper)
 
     def layers(self) -> dict[str, DomainLayer]:
         """Adapted layers by their module name in the backbone (as in the unwrapped backbone)."""

@@ -26,9 +26,10 @@ from accelerate import Accelerator
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .config import check_domain_name
 from .data import DomainDataset, Source, check_data, open_data
 from .loop import AUTO_WEIGHT_DECAY, Job, auto_weight_decay, evaluate_dataset, fit, learning_rate
-from .model import AdapterModel, check_domain_name
+from .model import AdapterModel
 from .transforms import Preprocess, resolve_data_config
 
 __all__ = [

@@ -33,7 +33,7 @@ from data import DEFAULT_DATA_ROOT, DOMAINS  # noqa: E402
 
 from adapterkit import AdapterModel, __version__  # noqa: E402
 from adapterkit.compress import append_domain, compress, parameter_report  # noqa: E402
-from adapterkit.model import create_backbone  # noqa: E402
+from adapterkit.inject import create_backbone  # noqa: E402
 from adapterkit.train import TrainConfig, evaluate, train_domain  # noqa: E402
 
 SEQUENCE = ["omniglot", "gtsrb", "mnist", "dtd10", "flowers90"]

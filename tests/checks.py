@@ -10,9 +10,9 @@ from torch import nn
 
 from adapterkit import AdapterConfig, AdapterModel
 from adapterkit.family import save_family
+from adapterkit.inject import reparameterize
 from adapterkit.layers import DomainLayer
 from adapterkit.load import load_family
-from adapterkit.model import _reparameterize
 
 
 def perturb(model: AdapterModel, domain: str, scale: float = 0.05, seed: int = 0) -> None:
@@ -48,7 +48,7 @@ def check_all(
     """Identity at attach, gradients only on the active domain, mixed batch == per sample,
     export == unfolded (or refused with a message matching `refuse`), save -> load bit-identical, old
     domain bit-identical after training a new one."""
-    backbone = _reparameterize(backbone.eval())  # what AdapterModel attaches to (RepVGG: fused branches)
+    backbone = reparameterize(backbone.eval())  # what AdapterModel attaches to (RepVGG: fused branches)
     pristine = copy.deepcopy(backbone)
     with torch.no_grad():
         reference = backbone(x)

@@ -46,7 +46,9 @@ def run_python(code: str, tmp_path, **env) -> subprocess.CompletedProcess:
     script = tmp_path / f"{uuid.uuid4().hex}.py"
     script.write_text(textwrap.dedent(code))
     full_env = {**os.environ, **env}
-    return subprocess.run([sys.executable, str(script)], env=full_env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(script)], env=full_env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_round_trip_into_a_fresh_process_is_bit_identical(registry, published_backbone, tmp_path):
@@ -63,9 +65,9 @@ def test_round_trip_into_a_fresh_process_is_bit_identical(registry, published_ba
         import torch
         from adapterkit import AdapterModel
         model = AdapterModel.from_pretrained("{repo}").eval()
-        x = load_file("{tmp_path / 'x.safetensors'}")["x"]
+        x = load_file("{tmp_path / "x.safetensors"}")["x"]
         with torch.no_grad():
-            save_file({{d: model(x, domain=d) for d in model.domains}}, "{tmp_path / 'out.safetensors'}")
+            save_file({{d: model(x, domain=d) for d in model.domains}}, "{tmp_path / "out.safetensors"}")
         """,
         tmp_path,
     )
@@ -97,14 +99,18 @@ def test_push_keeps_remote_domains_and_old_files(registry, published_backbone):
     first = family(published_backbone, ["a"])
     first.push_to_hub(repo, token=token)
     api = HfApi(token=token)
-    blob_a = {f.path: f.blob_id for f in api.list_repo_tree(repo, recursive=True) if f.path.startswith("domains/")}
+    blob_a = {
+        f.path: f.blob_id for f in api.list_repo_tree(repo, recursive=True) if f.path.startswith("domains/")
+    }
     HfApi(token=token).create_tag(repo, tag="v1")
     second = AdapterModel.from_pretrained(repo, token=token)  # a service pulls, adds a domain, pushes only it
     second.add_domain("b", num_classes=2)
     perturb(second, "b", seed=9)
     second.push_to_hub(repo, domains=["b"], token=token)
     assert set(list_domains(repo, token=token)) == {"a", "b"}
-    after = {f.path: f.blob_id for f in api.list_repo_tree(repo, recursive=True) if f.path.startswith("domains/")}
+    after = {
+        f.path: f.blob_id for f in api.list_repo_tree(repo, recursive=True) if f.path.startswith("domains/")
+    }
     assert after["domains/a.safetensors"] == blob_a["domains/a.safetensors"]
     assert AdapterModel.from_pretrained(repo, revision="v1", token=token).domains == ["a"]
     card = api.model_info(repo).card_data
@@ -203,5 +209,9 @@ def test_pinned_files_come_from_one_commit(registry, published_backbone, tmp_pat
     model.push_to_hub(repo, token=token)
     old = AdapterModel.from_pretrained(repo, revision=sha, token=token, cache_dir=tmp_path / "c")
     assert old.domains == ["a"]
-    config = json.loads((tmp_path / "c").joinpath(f"models--alice--{repo.split('/')[1]}", "snapshots", sha, "adapterkit.json").read_text())
+    config = json.loads(
+        (tmp_path / "c")
+        .joinpath(f"models--alice--{repo.split('/')[1]}", "snapshots", sha, "adapterkit.json")
+        .read_text()
+    )
     assert list(config["domains"]) == ["a"]

@@ -40,7 +40,9 @@ def test_push_info_list_pull(registry, family_dir, tmp_path, capsys):
     files = sorted(p.name for p in (tmp_path / "pulled" / "domains").iterdir())
     assert files == ["b.safetensors"]
     torch.manual_seed(0)
-    pulled = AdapterModel.from_pretrained(tmp_path / "pulled", backbone=timm.create_model("test_resnet")).eval()
+    pulled = AdapterModel.from_pretrained(
+        tmp_path / "pulled", backbone=timm.create_model("test_resnet")
+    ).eval()
     x = input_for(model.backbone)
     with torch.no_grad():
         assert torch.equal(pulled(x, domain="b"), model(x, domain="b"))

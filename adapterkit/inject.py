@@ -1,0 +1,89 @@
+"""Inject: a timm backbone made ready for domains, with every targeted layer wrapped in place.
+
+`create_backbone` builds the timm model, `reparameterize` fuses re-parameterisable branches first (so
+adapters sit next to the convs that run at inference), `inject` wraps each layer that `targets.plan`
+selects (rules in docs/layer-rules.md), and `fingerprint` identifies the backbone's weights in saved
+families.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from . import backbones as _backbones  # noqa: F401  (registers the paper's backbones with timm)
+from .config import AdapterConfig
+from .layers import AdaptedConv2d, AdaptedLinear, DomainLayer, DomainNorm, DomainRouter
+from .targets import Target, plan
+
+
+def fingerprint(module: nn.Module) -> str:
+    """A sha256 over the names, dtypes, shapes and bytes of a module's state dict."""
+    h = hashlib.sha256()
+    for key, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def create_backbone(name: str, pretrained: bool | str | Path = False, **kwargs: Any) -> nn.Module:
+    """`timm.create_model` for a timm name, `hf-hub:` or `local-dir:` name; a str/Path `pretrained` is a
+    weights file (safetensors)."""
+    if isinstance(pretrained, (str, Path)):
+        path = Path(pretrained)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"pretrained weights file {path} does not exist; pass a .safetensors path"
+            )
+        kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(path)}
+        pretrained = True
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ValueError(
+                f"{name!r} is not a timm model; check timm.list_models(), or use 'hf-hub:org/name' or "
+                "'local-dir:/path' for a timm-format checkpoint"
+            ) from e
+        raise
+
+
+def reparameterize(model: nn.Module) -> nn.Module:
+    """Fuse re-parameterisable branches (RepVGG, MobileOne, FastViT) before adapters are attached."""
+    if any(hasattr(m, "reparameterize") or hasattr(m, "switch_to_deploy") for m in model.modules()):
+        from timm.utils.model import reparameterize_model
+
+        model = reparameterize_model(model.eval(), inplace=True)
+    return model
+
+
+def input_channels(backbone: nn.Module) -> int | None:
+    """Image channels the backbone expects (from its pretrained config, else its first conv)."""
+    size = (getattr(backbone, "pretrained_cfg", None) or {}).get("input_size")
+    if size:
+        return int(size[0])
+    first = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
+    return first.in_channels if first is not None else None
+
+
+def inject(backbone: nn.Module, config: AdapterConfig, router: DomainRouter) -> list[Target]:
+    """Replace every layer `plan(backbone, config)` selects with its wrapper; return the plan."""
+    targets = plan(backbone, config)
+    for target in targets:
+        parent_name, _, child = target.name.rpartition(".")
+        parent = backbone.get_submodule(parent_name) if parent_name else backbone
+        base = getattr(parent, child)
+        if target.rule == "norm":
+            wrapper: DomainLayer = DomainNorm(base, router)
+        elif isinstance(base, nn.Linear):
+            wrapper = AdaptedLinear(base, router, rank=config.rank, dropout=config.dropout)
+        else:
+            wrapper = AdaptedConv2d(base, router, target.rule, rank=config.rank, dropout=config.dropout)
+        setattr(parent, child, wrapper)
+    return targets
