@@ -9,6 +9,7 @@ shared machine hits baseline and candidate alike.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import statistics
@@ -119,3 +120,20 @@ def interleaved(
 def paired_ratio(res: dict[str, dict], num: str, den: str) -> float:
     """Median over repeats of time(num) / time(den) in the same repeat."""
     return statistics.median(a / b for a, b in zip(res[num]["times_ms"], res[den]["times_ms"], strict=True))
+
+
+def write_report(
+    out: Path, benchmark: str, config: dict, results: object, start: float, **extra: object
+) -> dict:
+    """Write the JSON report of a benchmark (machine and library versions included); return it."""
+    report = {
+        "benchmark": benchmark,
+        "machine": machine(),
+        "config": config,
+        "results": results,
+        **extra,
+        "total_wall_s": time.perf_counter() - start,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    return report

@@ -13,14 +13,12 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from _common import write_report
 
 from adapterkit.basis import extend_basis, joint_compress
 
@@ -87,16 +85,6 @@ def bench_arch(name: str, shapes: list[tuple[int, int]], domains: list[int], new
     return rows
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--domains", type=int, nargs="+", default=[5, 20, 50, 100])
@@ -113,17 +101,10 @@ def main() -> None:
         for a in args.archs
         for r in bench_arch(a, ARCHS[a], sorted(args.domains), args.new_columns, args.repeats)
     ]
-    report = {
-        "benchmark": "incremental extend_basis step vs full joint_compress (K = C/2), summed over adapted layers",
-        "machine": {
-            "platform": platform.platform(),
-            "cpu": cpu_model(),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-        },
-        "config": {
+    report = write_report(
+        args.out,
+        "incremental extend_basis step vs full joint_compress (K = C/2), summed over adapted layers",
+        {
             "domains": sorted(args.domains),
             "new_columns_per_domain": args.new_columns,
             "full_rank": "K = C/2 (rank=0.5)",
@@ -132,11 +113,9 @@ def main() -> None:
             "dtype": "float32",
             "layers": {a: ARCHS[a] for a in args.archs},
         },
-        "results": rows,
-        "total_wall_s": time.perf_counter() - start,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+        rows,
+        start,
+    )
     print(f"wrote {args.out} ({report['total_wall_s']:.0f} s)")
 
 

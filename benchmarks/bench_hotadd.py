@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import json
 import os
 import shutil
 import socket
@@ -50,7 +49,7 @@ import copy  # noqa: E402
 
 import timm  # noqa: E402
 import torch  # noqa: E402
-from _common import machine, perturb  # noqa: E402
+from _common import perturb, write_report  # noqa: E402
 from adapterkit_registry import RegistryServer  # noqa: E402
 from huggingface_hub import hf_hub_download  # noqa: E402
 
@@ -118,10 +117,10 @@ def main() -> None:
                 f"vs family of {args.families[0]}: x{row['load_over_smallest_family']:.2f}",
                 flush=True,
             )
-    report = {
-        "benchmark": "hot-add latency of load_domain from a local registry vs family size",
-        "machine": machine(),
-        "config": {
+    report = write_report(
+        args.out,
+        "hot-add latency of load_domain from a local registry vs family size",
+        {
             "backbone": args.backbone,
             "families": args.families,
             "repeats": args.repeats,
@@ -129,11 +128,9 @@ def main() -> None:
             "cache": "fresh Hub cache per load (cold: adapterkit.json + the domain file are downloaded)",
             "registry": "adapterkit_registry.RegistryServer in the same process, loopback HTTP",
         },
-        "results": rows,
-        "total_wall_s": time.perf_counter() - start,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+        rows,
+        start,
+    )
     print(f"wrote {args.out} ({report['total_wall_s']:.0f} s)")
 
 

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
 import torch
-from _common import calibrated_backbone, interleaved, machine, paired_ratio, perturb
+from _common import calibrated_backbone, interleaved, paired_ratio, perturb, write_report
 
 from adapterkit import AdapterModel
 
@@ -117,21 +116,19 @@ def main() -> None:
     rows = []
     for name in args.models:
         rows += bench_model(name, MODELS[name], args.batches, repeats, args.mixed_batches)
-    report = {
-        "benchmark": "CPU inference: ratios against the bare timm backbone; mixed vs single-domain batches",
-        "machine": machine(),
-        "config": {
+    report = write_report(
+        args.out,
+        "CPU inference: ratios against the bare timm backbone; mixed vs single-domain batches",
+        {
             "models": {m: MODELS[m] for m in args.models},
             "domains": DOMAINS,
             "fusion_available": configure_fusion is not None,
             "statistic": "median over interleaved repeats of (variant time / bare time in the same repeat)",
             "weights": "random; BatchNorm gamma 1 and running statistics estimated on noise",
         },
-        "results": rows,
-        "total_wall_s": time.perf_counter() - start,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+        rows,
+        start,
+    )
     print(f"wrote {args.out} ({report['total_wall_s']:.0f} s)")
 
 

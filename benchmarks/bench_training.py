@@ -41,7 +41,7 @@ import weakref
 from pathlib import Path
 
 import torch
-from _common import calibrated_backbone, interleaved, machine, paired_ratio, perturb
+from _common import calibrated_backbone, interleaved, paired_ratio, perturb, write_report
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -291,12 +291,12 @@ def peak_memory(name: str, size: int, batch: int, rank: int, repeats: int, mallo
     return out
 
 
-def write_report(out: Path, rows: list[dict], malloc_env: dict, start: float) -> None:
+def report(out: Path, rows: list[dict], malloc_env: dict, start: float) -> None:
     """Write the JSON report (after every backbone: a run stopped half-way keeps what it measured)."""
-    report = {
-        "benchmark": "one training step: adapterkit vs full fine-tuning vs PEFT LoRA (matched trainable count)",
-        "machine": machine(),
-        "config": {
+    write_report(
+        out,
+        "one training step: adapterkit vs full fine-tuning vs PEFT LoRA (matched trainable count)",
+        {
             "models": BACKBONES,
             "optimizer": "SGD lr 0.01 momentum 0.9",
             "statistic": "median over interleaved repeats; memory: median over fresh processes",
@@ -307,11 +307,9 @@ def write_report(out: Path, rows: list[dict], malloc_env: dict, start: float) ->
                 "first two steps minus VmRSS of the built model (malloc_trim, clear_refs=5)"
             ),
         },
-        "results": rows,
-        "total_wall_s": time.perf_counter() - start,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+        rows,
+        start,
+    )
 
 
 def main() -> None:
@@ -345,7 +343,7 @@ def main() -> None:
             for key in ("tensor_peak_mib", "tensor_peak_above_weights_mib", "rss_peak_above_model_mib")
         }
         rows.append(row)
-        write_report(args.out, rows, malloc_env, start)
+        report(args.out, rows, malloc_env, start)
         c, ips, bn = row["trainable_parameters"], row["images_per_s"], row["batchnorm"]
         print(f"{name} {size}px batch {batch}: trainable {c} (LoRA rank {row['lora_rank']})")
         for v in VARIANTS:
