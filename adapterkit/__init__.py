@@ -9,10 +9,7 @@ Example:
 __version__ = "0.1.0"
 
 from . import backbones  # noqa: F401,E402  (registers the paper's backbones with timm)
-from .config import (
-    AdapterConfig,  # noqa: E402
-    DomainInfo,  # noqa: E402
-)
+from .config import AdapterConfig, DomainInfo  # noqa: E402
 from .model import AdapterModel  # noqa: E402
 
 __all__ = ["AdapterConfig", "AdapterModel", "DomainInfo", "__version__"]

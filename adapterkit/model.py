@@ -16,8 +16,6 @@ from .config import AdapterConfig, DomainInfo, check_domain_name
 from .inject import create_backbone, fingerprint, inject, input_channels, reparameterize
 from .layers import DomainLayer, DomainRouter
 
-__all__ = ["AdapterModel", "DomainInfo", "check_domain_name", "create_backbone", "fingerprint"]
-
 
 class _Lock:
     """A re-entrant lock that a deep-copied model replaces with its own."""
