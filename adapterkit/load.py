@@ -236,8 +236,10 @@ def load_family(
     else:
         backbone_name = config["backbone"]["name"]
     backbone = reparameterize(backbone)
-    check_fingerprint(fingerprint(backbone), config, source, force)  # before the backbone is wrapped
-    model = cls(backbone, AdapterConfig.from_dict(config["adapter_config"]), backbone_name=backbone_name)
+    digest = fingerprint(backbone)
+    check_fingerprint(digest, config, source, force)  # before the backbone is wrapped
+    adapter_config = AdapterConfig.from_dict(config["adapter_config"])
+    model = cls(backbone, adapter_config, backbone_name=backbone_name, _fingerprint=digest)
     check_backbone(model, config, source, force)
     basis = read_basis(model, fetch, config)
     install_basis(model, basis)

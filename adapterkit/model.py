@@ -58,14 +58,17 @@ class AdapterModel(
         config: AdapterConfig | None = None,
         *,
         backbone_name: str | None = None,
+        _fingerprint: str | None = None,
     ) -> None:
+        # _fingerprint: the backbone's, when the caller already hashed it (load_family checks it before
+        # wrapping); hashing a large backbone's weights again would cost as long.
         super().__init__()
         self._hub_mixin_config = None  # we write adapterkit.json ourselves; no config.json
         self.config = config or AdapterConfig()
         self.backbone_name = backbone_name
         backbone = reparameterize(backbone)
         backbone.eval().requires_grad_(False)
-        self.fingerprint = fingerprint(backbone)
+        self.fingerprint = _fingerprint or fingerprint(backbone)
         self.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", {}) or {})
         classifier = backbone.get_classifier() if hasattr(backbone, "get_classifier") else None
         self.backbone_head = copy.deepcopy(classifier) if isinstance(classifier, nn.Linear) else None

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import time
 from pathlib import Path
 
 import torch
-from _common import interleaved, machine, paired_ratio
+from _common import interleaved, paired_ratio, write_report
 from bench_inference import DOMAINS, MODELS
 from bench_inference import build as build_inference
 from bench_training import NUM_CLASSES, build, matched_rank
@@ -201,31 +200,30 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU (torch.cuda.is_available() is False); --device cpu runs a smoke test")
     torch.backends.cudnn.benchmark = True
-    report = {
-        "benchmark": "GPU, bf16 autocast: training throughput vs the bare backbone's forward+backward; inference",
-        "machine": {
-            **machine(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version(),
-        },
-        "config": vars(args) | {"out": str(args.out)},
-        "training": [],
-        "inference": [],
+    results: dict[str, list[dict]] = {"training": [], "inference": []}
+    gpu = {
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
     }
     start = time.perf_counter()
 
-    def write() -> None:
-        report["total_wall_s"] = time.perf_counter() - start
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    def write() -> dict:  # after every stage: a run stopped half-way keeps what it measured
+        return write_report(
+            args.out,
+            "GPU, bf16 autocast: training throughput vs the bare backbone's forward+backward; inference",
+            vars(args) | {"out": str(args.out)},
+            results,
+            start,
+            accelerator=gpu,
+        )
 
     for batch in args.train_batches:
         for channels_last in (False, True):
             row = training(
                 args.train_model, args.train_size, batch, args.steps, args.repeats, device, channels_last
             )
-            report["training"].append(row)
+            results["training"].append(row)
             write()
             r = row["throughput_vs_bare_fwd_bwd"]
             print(
@@ -238,12 +236,11 @@ def main() -> None:
             )
     if not args.skip_inference:
         for name in args.models:
-            report["inference"] += inference(name, MODELS[name], args.batches, args.repeats, device)
+            results["inference"] += inference(name, MODELS[name], args.batches, args.repeats, device)
             write()
             gc.collect()
             torch.cuda.empty_cache()
-    write()
-    print(f"wrote {args.out} ({report['total_wall_s']:.0f} s)")
+    print(f"wrote {args.out} ({write()['total_wall_s']:.0f} s)")
 
 
 if __name__ == "__main__":
