@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from .storage import RepoKey
 from .trees import add_last_commits, list_tree, paths_info, sibling
 from .validation import REPO_TYPES, check_path
 
+logger = logging.getLogger(__name__)
 REPO = "/api/{types}/{ns}/{name}"
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _TRUE = ("1", "true", "True")
@@ -77,6 +79,12 @@ async def no_xet(ctx: Ctx) -> Response:
         "This registry does not support Xet storage. Files above the LFS threshold must be uploaded with "
         "the classic LFS API: set HF_HUB_DISABLE_XET=1 in the client environment.",
     )
+
+
+def _bare_info(key: RepoKey, meta: dict[str, Any]) -> dict:
+    """The listing entry of a repo whose revision or metadata cannot be read: id and visibility only."""
+    info = {"_id": key.id, "id": key.id, "author": key.namespace, "private": bool(meta.get("private"))}
+    return {**info, "tags": [], "createdAt": str(meta.get("createdAt", "")), "lastModified": ""}
 
 
 def _info(ctx: Ctx, key: RepoKey, meta: dict[str, Any], cid: str, blobs: bool, full: bool = True) -> dict:
@@ -139,8 +147,11 @@ async def list_repos(ctx: Ctx) -> Response:
             try:
                 head = ctx.storage.refs(key)["branches"]["main"]
                 info = _info(ctx, key, meta, head, blobs=False, full=full)
-            except (HubError, OSError):  # deleted meanwhile
+            except (HubError, FileNotFoundError):  # deleted meanwhile
                 continue
+            except Exception:  # one damaged repo must not break the listing for everyone
+                logger.exception("listing %s: skipping its metadata", key.id)
+                info = _bare_info(key, meta)
             tags = {t.lower() for t in info["tags"]}
             if all(f in tags for f in filters):
                 if not card:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from .auth import Principal, TokenStore, UrlSigner
-from .cards import card_metadata, family_summary
 from .errors import HubError, repo_not_found, too_large
 from .storage import RepoKey, Storage
 from .validation import REPO_TYPES, URL_PREFIXES, check_repo_id
@@ -76,8 +74,6 @@ class Hub:
         self.storage.recover()  # safe: no other server can be writing to this root
         self.tokens = TokenStore(config.root)
         self.signer = UrlSigner(config.root)
-        self._meta_cache: dict[tuple[RepoKey, str], dict[str, Any]] = {}
-        self._meta_lock = threading.Lock()
 
     @property
     def closed(self) -> bool:
@@ -90,30 +86,9 @@ class Hub:
             fcntl.flock(self._server_lock, fcntl.LOCK_UN)
             self._server_lock.close()
 
-    def read_file(self, key: RepoKey, commit: str, path: str) -> bytes | None:
-        """Content of `path` at `commit`, or None."""
-        entry = self.storage.get_commit(key, commit)["tree"].get(path)
-        if entry is None:
-            return None
-        return self.storage.blobs.path(entry["sha256"]).read_bytes()
-
     def metadata(self, key: RepoKey, commit: str) -> dict[str, Any]:
-        """Card metadata and adapterkit family summary of a commit (cached: commits are immutable)."""
-        with self._meta_lock:
-            cached = self._meta_cache.get((key, commit))
-        if cached is None:
-            tree = self.storage.get_commit(key, commit)["tree"]
-            small = {p: self.read_file(key, commit, p) for p in ("README.md", "adapterkit.json") if p in tree}
-            small = {p: b if tree[p]["size"] <= MB else None for p, b in small.items()}
-            cached = {
-                **card_metadata(small.get("README.md")),
-                "family": family_summary(small.get("adapterkit.json")),
-            }
-            with self._meta_lock:
-                if len(self._meta_cache) > 4096:
-                    self._meta_cache.clear()
-                self._meta_cache[(key, commit)] = cached
-        return cached
+        """Card metadata and adapterkit family summary of a commit (parsed when the commit was made)."""
+        return self.storage.commit_meta(key, commit)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .blobs import BlobInfo, BlobStore, atomic_write_json, fsync_dir, read_json
+from .cards import MAX_METADATA_BYTES, card_from_readme, card_metadata, family_summary
 from .errors import HubError, bad_request, repo_not_found, revision_not_found
 from .trees import apply_operations
 from .validation import check_ref_name, is_hex
@@ -111,6 +112,7 @@ class Storage:
         self._locks: dict[RepoKey, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._commit_cache: dict[tuple[RepoKey, str], Commit] = {}
+        self._parsed: dict[tuple[str, str], Any] = {}  # (kind, blob sha256) -> parsed metadata
 
     # ----------------------------------------------------------------- housekeeping
     def recover(self) -> None:
@@ -333,13 +335,65 @@ class Storage:
             return None
         return info if self.blobs.exists(sha256, info["size"]) else None
 
+    def _parse_blob(self, kind: str, entry: dict | None, strict: bool) -> Any:
+        """Card metadata (`kind="card"`) or family summary of a stored file, cached by content hash."""
+        if entry is None or entry["size"] > MAX_METADATA_BYTES:
+            return card_metadata(None) if kind == "card" else None
+        cached = self._parsed.get((kind, entry["sha256"]))
+        if cached is None or strict:
+            data = self.blobs.path(entry["sha256"]).read_bytes()
+            if kind == "family":
+                cached = family_summary(data)
+            elif strict:
+                cached = card_from_readme(data)
+            else:
+                cached = card_metadata(data)
+            if len(self._parsed) > 4096:
+                self._parsed.clear()
+            self._parsed[(kind, entry["sha256"])] = cached
+        return cached
+
+    def derive_meta(self, files: dict[str, dict], strict_card: bool = False) -> dict[str, Any]:
+        """Metadata of a file table: card fields of README.md plus `family` from adapterkit.json.
+
+        Args:
+            files: The file table.
+            strict_card: Raise for an invalid README front matter instead of ignoring it.
+
+        Raises:
+            HubError: 400 `InvalidMetadata` with `strict_card` when README.md's metadata is invalid.
+        """
+        try:
+            card = self._parse_blob("card", files.get("README.md"), strict_card)
+        except ValueError as e:
+            raise bad_request(
+                f"Invalid metadata in README.md: {e} Fix the YAML front matter between the '---' lines.",
+                "InvalidMetadata",
+            ) from None
+        return {**card, "family": self._parse_blob("family", files.get("adapterkit.json"), False)}
+
+    def commit_meta(self, key: RepoKey, cid: str) -> dict[str, Any]:
+        """Metadata stored with a commit (computed, leniently, for commits made before it was stored)."""
+        commit = self.get_commit(key, cid)
+        meta = commit.get("meta")
+        return meta if meta is not None else self.derive_meta(commit["tree"])
+
     def _write_commit(
-        self, repo_dir: Path, parents: list[str], tree: dict, author: str, title: str, message: str, date: str
+        self,
+        repo_dir: Path,
+        parents: list[str],
+        tree: dict,
+        author: str,
+        title: str,
+        message: str,
+        date: str,
+        meta: dict | None = None,
     ) -> str:
         body = {
             "format_version": FORMAT_VERSION,
             "parents": parents,
             "tree": tree,
+            "meta": meta if meta is not None else self.derive_meta(tree),
             "author": author,
             "title": title,
             "message": message,
@@ -395,7 +449,11 @@ class Storage:
                     "another commit landed first. Fetch the new head and retry.",
                 )
             tree = apply_operations(dict(self.get_commit(key, head)["tree"]), operations, head)
-            cid = self._write_commit(self.repo_dir(key), [head], tree, author, title, message, now_iso())
+            touched = any(op == "add" and path == "README.md" for op, path, _ in operations)
+            meta = self.derive_meta(tree, strict_card=touched)
+            cid = self._write_commit(
+                self.repo_dir(key), [head], tree, author, title, message, now_iso(), meta
+            )
             refs["branches"][branch] = cid
             refs["commits"].append(cid)
             atomic_write_json(self.repo_dir(key) / "refs.json", refs, self.tmp)

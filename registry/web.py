@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import logging
 from importlib import resources
 from string import Template
 from typing import Any
@@ -14,6 +15,7 @@ from .errors import HubError
 from .routing import Router
 from .validation import URL_PREFIXES
 
+logger = logging.getLogger(__name__)
 _TEMPLATE = Template(
     resources.files(__package__).joinpath("templates/index.html").read_text(encoding="utf-8")
 )
@@ -68,8 +70,11 @@ async def index(ctx: Ctx) -> Response:
             try:
                 head = ctx.storage.refs(key)["branches"]["main"]
                 md, date = ctx.hub.metadata(key, head), ctx.storage.get_commit(key, head)["date"]
-            except (HubError, OSError):  # deleted meanwhile
+            except (HubError, FileNotFoundError):  # deleted meanwhile
                 continue
+            except Exception:  # one damaged repo must not break the page for everyone
+                logger.exception("web page: skipping the metadata of %s", key.id)
+                md, date = {"tags": [], "family": None}, ""
             out.append(
                 {
                     "id": f"{URL_PREFIXES[key.type]}{key.id}",
