@@ -54,21 +54,22 @@ class BasisExtension:
     projection_error: float
 
 
-def _check_budget(rank: int | float | None, energy: float | None) -> None:
+def _check_budget(rank: int | float | None, energy: float | None, name: str = "rank") -> None:
+    """`rank` is the budget under the caller's own name (`basis_rank`, `new_columns`)."""
     if (rank is None) == (energy is None):
         raise ValueError(
-            f"pass exactly one of rank= or energy=, got rank={rank!r}, energy={energy!r}; "
-            "e.g. rank=32 (absolute), rank=0.5 (share of C) or energy=0.95 (share of squared singular values)"
+            f"pass exactly one of {name}= or energy=, got {name}={rank!r}, energy={energy!r}; "
+            f"e.g. {name}=32 (absolute), {name}=0.5 (share of C) or energy=0.95 (share of squared singular values)"
         )
     if rank is not None:
         if isinstance(rank, bool) or not isinstance(rank, Real):
-            raise ValueError(f"rank={rank!r} is not a number; pass an int (absolute) or a float in (0, 1]")
+            raise ValueError(f"{name}={rank!r} is not a number; pass an int (absolute) or a float in (0, 1]")
         if isinstance(rank, Integral):
             if rank < 0:
-                raise ValueError(f"rank={rank} is negative; pass rank >= 1 (extend_basis also takes 0)")
+                raise ValueError(f"{name}={rank} is negative; pass {name} >= 1 (new_columns also takes 0)")
         elif not (math.isfinite(rank) and 0.0 < rank <= 1.0):
             raise ValueError(
-                f"float rank={rank!r} must be a share of C in (0, 1]; for an absolute rank pass an int"
+                f"float {name}={rank!r} must be a share of C in (0, 1]; for an absolute count pass an int"
             )
     if energy is not None:
         if isinstance(energy, bool) or not isinstance(energy, Real):
@@ -173,7 +174,7 @@ def reconstruction_error(alpha: Tensor, beta: Tensor, gamma: Tensor) -> float:
 
 
 def joint_compress(
-    alphas: Sequence[Tensor], *, rank: int | float | None = None, energy: float | None = None
+    alphas: Sequence[Tensor], *, basis_rank: int | float | None = None, energy: float | None = None
 ) -> JointBasis:
     """The paper's joint compression: SVD of ``[alpha_1 ... alpha_T]``, truncated to rank K.
 
@@ -183,18 +184,19 @@ def joint_compress(
 
     Args:
         alphas: Per-domain adapters, each C_out x C_in_t, same dtype and device.
-        rank: Absolute K (int) or share of C (float in (0, 1]).
+        basis_rank: Absolute K (int) or share of C (float in (0, 1]).
         energy: Share of the stacked adapters' squared singular values to keep, in (0, 1].
 
     Example:
         >>> alphas = [torch.randn(64, 64) for _ in range(10)]
-        >>> jb = joint_compress(alphas, rank=0.5)
+        >>> jb = joint_compress(alphas, basis_rank=0.5)
         >>> jb.beta.shape, jb.gammas[0].shape
         (torch.Size([64, 32]), torch.Size([64, 32]))
     """
     alphas = list(alphas)
     if not alphas:
         raise ValueError("joint_compress needs at least one adapter; got an empty sequence")
+    _check_budget(basis_rank, energy, "basis_rank")
     for t, a in enumerate(alphas):
         _check_matrix(f"alphas[{t}]", a)
     c_out, dtype, device = alphas[0].shape[0], alphas[0].dtype, alphas[0].device
@@ -204,7 +206,7 @@ def joint_compress(
                 f"alphas[{t}] is {tuple(a.shape)} {a.dtype} on {a.device} but alphas[0] is "
                 f"{tuple(alphas[0].shape)} {dtype} on {device}; all domains of a layer share C_out, dtype, device"
             )
-    widths = [a.shape[1] for a in alphas]
+    widths, rank = [a.shape[1] for a in alphas], basis_rank
     with torch.no_grad():
         stacked = torch.cat([a.detach().to(_work_dtype(dtype)) for a in alphas], dim=1)
         if stacked.shape[1] > 2 * c_out:
@@ -225,7 +227,7 @@ def joint_compress(
 
 
 def extend_basis(
-    beta: Tensor, alpha: Tensor, *, rank: int | float | None = None, energy: float | None = None
+    beta: Tensor, alpha: Tensor, *, new_columns: int | float | None = None, energy: float | None = None
 ) -> BasisExtension:
     """Expresses a new domain's adapter on the basis, appending what the basis cannot express.
 
@@ -237,20 +239,21 @@ def extend_basis(
     Args:
         beta: Current basis, C_out x K (K may be 0), same dtype as ``alpha``.
         alpha: The new domain's trained adapter, C_out x C_in.
-        rank: Most new columns to append: an int (0 = project only) or a share of ``min(C_out, C_in)``.
+        new_columns: Most columns to append: an int (0 = project only) or a share of ``min(C_out, C_in)``.
         energy: Share of the residual's energy the new columns must capture, in (0, 1].
 
     Example:
         >>> beta = torch.zeros(64, 0)
         >>> for _ in range(3):
-        ...     ext = extend_basis(beta, torch.randn(64, 64), rank=8)
+        ...     ext = extend_basis(beta, torch.randn(64, 64), new_columns=8)
         ...     beta = torch.cat([beta, ext.new_columns], dim=1)
         >>> beta.shape, ext.gamma.shape
         (torch.Size([64, 24]), torch.Size([64, 24]))
     """
     _check_matrix("beta", beta)
     _check_matrix("alpha", alpha)
-    _check_budget(rank, energy)
+    rank = new_columns
+    _check_budget(rank, energy, "new_columns")
     (c_out, c_in), k = alpha.shape, beta.shape[1]
     if beta.shape[0] != c_out or beta.dtype != alpha.dtype or beta.device != alpha.device:
         raise ValueError(
@@ -287,98 +290,35 @@ def extend_basis(
         else:
             budget = resolve_rank(rs[:meaningful], rank=rank, energy=energy, max_rank=min(c_out, c_in))
             m = min(budget, useful)
-        new_columns = ru[:, :m]
+        appended = ru[:, :m]
         gamma = torch.cat([coef.T, rvh[:m].T * rs[:m]], dim=1)
         projection_error = _relative(residual, a)
-        new_columns, gamma = new_columns.contiguous().to(alpha.dtype), gamma.contiguous().to(alpha.dtype)
-    error = reconstruction_error(alpha, torch.cat([beta.detach(), new_columns], dim=1), gamma)
-    return BasisExtension(
-        new_columns=new_columns, gamma=gamma, error=error, projection_error=projection_error
-    )
+        appended, gamma = appended.contiguous().to(alpha.dtype), gamma.contiguous().to(alpha.dtype)
+    error = reconstruction_error(alpha, torch.cat([beta.detach(), appended], dim=1), gamma)
+    return BasisExtension(new_columns=appended, gamma=gamma, error=error, projection_error=projection_error)
 
 
-def refactorize(
-    beta: Tensor, gammas: Sequence[Tensor], *, rank: int | float | None = None, energy: float | None = None
-) -> JointBasis:
-    """Explicit global re-factorisation: :func:`joint_compress` of every domain's current adapter.
+def check_extends(old: dict[str, Tensor], new: dict[str, Tensor], what: str) -> None:
+    """Raise unless every layer's `new` basis starts with its `old` columns, bit for bit (append-only).
 
-    Each domain's current adapter is ``beta[:, :k_t] @ gamma_t.T``; the returned ``errors`` measure how far
-    the new factors are from it. Nothing is replaced: the caller decides whether to adopt the new basis
-    (which changes old domains' outputs, unlike :func:`extend_basis`). For raw adapters use
-    :func:`joint_compress` directly.
+    The one check behind every basis change that must not move published domains: installing a
+    family's basis in a model, hot-adding a domain, pushing to a repo that already has a basis.
 
     Example:
-        >>> jb = joint_compress([torch.randn(32, 32) for _ in range(4)], rank=32)
-        >>> new = refactorize(jb.beta, jb.gammas, rank=16)
-        >>> new.beta.shape, len(new.errors)
-        (torch.Size([32, 16]), 4)
+        >>> b = torch.randn(8, 2)
+        >>> check_extends({"conv": b}, {"conv": torch.cat([b, torch.randn(8, 1)], 1)}, "the basis")
     """
-    _check_matrix("beta", beta)
-    with torch.no_grad():
-        current = [effective_adapter(beta.detach(), g.detach()) for g in gammas]
-    return joint_compress(current, rank=rank, energy=energy)
-
-
-@dataclass(frozen=True)
-class ParameterCount:
-    """Adapter parameters of T domains, full (one alpha each) vs factorised (shared beta + gammas).
-
-    Attributes:
-        full: ``T * sum_l C_out_l * C_in_l``.
-        beta: ``sum_l C_out_l * K_l``, stored once.
-        gammas: ``sum_t sum_l C_in_l * k_{t,l}`` over all domains.
-    """
-
-    full: int
-    beta: int
-    gammas: int
-
-    @property
-    def compressed(self) -> int:
-        return self.beta + self.gammas
-
-    def relative(self, backbone_params: int) -> tuple[float, float]:
-        """Totals relative to one backbone, as the paper reports them: (backbone + full, backbone + compressed)."""
-        if backbone_params <= 0:
+    for name, beta in old.items():
+        if beta.shape[1] == 0:
+            continue
+        longer = new.get(name)
+        if (
+            longer is None
+            or longer.shape[1] < beta.shape[1]
+            or not torch.equal(longer[:, : beta.shape[1]].to(device=beta.device, dtype=beta.dtype), beta)
+        ):
             raise ValueError(
-                f"backbone_params={backbone_params} must be positive (count the frozen backbone)"
+                f"{what} for layer {name} does not extend the current one: it was re-factorised, which would "
+                "change the domains already built on it. Load the family into a fresh AdapterModel, or push "
+                "to a new repo (or re-push every domain with force=True)."
             )
-        b = backbone_params
-        return (b + self.full) / b, (b + self.compressed) / b
-
-
-def count_parameters(
-    shapes: Sequence[tuple[int, int]],
-    ranks: Sequence[int],
-    num_domains: int,
-    *,
-    domain_ranks: Sequence[Sequence[int]] | None = None,
-) -> ParameterCount:
-    """Counts full vs factorised adapter parameters over all adapted layers.
-
-    Args:
-        shapes: Per layer ``(C_out, C_in)``.
-        ranks: Per layer basis width K_l.
-        num_domains: T.
-        domain_ranks: Optional per-domain, per-layer prefix ranks ``k_{t,l}`` (incremental basis);
-            defaults to K_l for every domain (joint compression).
-
-    Example:
-        >>> pc = count_parameters([(64, 64)] * 2, [32, 32], num_domains=10)
-        >>> pc.full, pc.compressed
-        (81920, 45056)
-    """
-    if len(ranks) != len(shapes):
-        raise ValueError(f"got {len(ranks)} ranks for {len(shapes)} layer shapes; pass one rank per layer")
-    if domain_ranks is None:
-        domain_ranks = [list(ranks)] * num_domains
-    if len(domain_ranks) != num_domains or any(len(r) != len(shapes) for r in domain_ranks):
-        raise ValueError(f"domain_ranks must be {num_domains} domains x {len(shapes)} layers")
-    for t, row in enumerate(domain_ranks):
-        for layer, (k_t, k) in enumerate(zip(row, ranks, strict=True)):
-            if not 0 <= k_t <= k:
-                raise ValueError(f"domain {t}, layer {layer}: prefix rank {k_t} must lie in [0, K={k}]")
-    full = num_domains * sum(o * i for o, i in shapes)
-    beta = sum(o * k for (o, _), k in zip(shapes, ranks, strict=True))
-    gammas = sum(i * k_t for row in domain_ranks for (_, i), k_t in zip(shapes, row, strict=True))
-    return ParameterCount(full=full, beta=beta, gammas=gammas)

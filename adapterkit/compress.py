@@ -37,7 +37,7 @@ def factorable_layers(model: AdapterModel) -> dict[str, DomainLayer]:
 
 def _prefix_adapter(layer: DomainLayer, gamma: torch.Tensor) -> LowRankAdapter:
     """A domain adapter that reads the first `gamma.shape[1]` columns of the shared basis only."""
-    adapter = layer.new_adapter(factored=True, rank=0, prefix_rank=gamma.shape[1])
+    adapter = layer.new_adapter(factored=True, own_columns=0, shared_columns=gamma.shape[1])
     with torch.no_grad():
         adapter.gamma.copy_(gamma)
     return adapter
@@ -74,24 +74,25 @@ def _domain_means(errors: dict[str, dict[str, float]]) -> dict[str, float]:
 
 @torch.no_grad()
 def append_domain(
-    model: AdapterModel, domain: str, *, rank: int | float | None = None, energy: float | None = None
+    model: AdapterModel, domain: str, *, new_columns: int | float | None = None, energy: float | None = None
 ) -> BasisReport:
     """Share a trained domain's adapters through the basis, appending columns; old domains unchanged.
 
     A domain trained in factored form on the whole current basis (`add_domain(factored=True)`) hands
     its own columns over exactly when no budget is given. Otherwise (a full adapter, or a budget)
     its adapter is projected on the basis and the residual's leading directions are appended under the
-    `rank` (most new columns per layer) or `energy` (share of the residual) budget; default energy 0.95.
+    `new_columns` (most columns appended per layer: an int, or a share of C) or `energy` (share of the
+    residual) budget; default energy 0.95.
 
     Returns:
         per-layer basis width and the domain's reconstruction error per layer.
     """
     model.domain_info(domain)
-    if rank is None and energy is None:
-        exact_ok, energy = True, 0.95
-    else:
-        exact_ok = False
-    updates: dict[str, tuple[torch.Tensor, LowRankAdapter]] = {}
+    exact_ok = new_columns is None and energy is None
+    if exact_ok:
+        energy = 0.95
+    basis: dict[str, torch.Tensor] = {}
+    adapters: dict[str, LowRankAdapter] = {}
     errors: dict[str, dict[str, float]] = {}
     for name, layer in factorable_layers(model).items():
         adapter, beta = layer.adapters[domain], layer.beta
@@ -99,52 +100,47 @@ def append_domain(
         own = adapter.beta_own if isinstance(adapter, LowRankAdapter) else None
         if own is not None and own.shape[1] == 0:
             continue  # already expressed on the shared basis
-        if exact_ok and own is not None and adapter.prefix_rank == width and width + own.shape[1] <= c_out:
-            new_beta = torch.cat([beta, own.detach()], dim=1)
+        if exact_ok and own is not None and adapter.shared_columns == width and width + own.shape[1] <= c_out:
+            basis[name] = torch.cat([beta, own.detach()], dim=1)
             gamma, err = adapter.gamma.detach().clone(), 0.0
         else:
-            ext = extend_basis(beta, adapter.weight(beta).detach(), rank=rank, energy=energy)
-            new_beta = torch.cat([beta, ext.new_columns], dim=1)
+            ext = extend_basis(beta, adapter.weight(beta).detach(), new_columns=new_columns, energy=energy)
+            basis[name] = torch.cat([beta, ext.new_columns], dim=1)
             gamma, err = ext.gamma, ext.error
-        updates[name] = (new_beta, _prefix_adapter(layer, gamma))
+        adapters[name] = _prefix_adapter(layer, gamma)
         errors[name] = {domain: err}
-    layers = model.layers()
-    with model._lock:
-        for name, (new_beta, adapter) in updates.items():
-            layers[name].beta = new_beta  # appended: every old prefix is unchanged
-            layers[name].adapters[domain] = adapter.train(model.training)
+    record = {"op": "append", "domain": domain, "new_columns": new_columns, "energy": energy}
+    model.extend_basis(basis, adapters={domain: adapters}, history=model.basis_history + [record])
     ranks = {n: m.beta.shape[1] for n, m in factorable_layers(model).items()}
     return BasisReport(ranks, errors, _domain_means(errors), parameters=parameter_report(model), applied=True)
 
 
 @torch.no_grad()
-def _joint_factors(model: AdapterModel, domains: list[str], rank, energy) -> tuple[dict, dict, dict]:
+def _joint_factors(model: AdapterModel, domains: list[str], basis_rank, energy) -> tuple[dict, dict, dict]:
     """Per layer: the new basis, each domain's gamma, each domain's error."""
     bases, gammas, errors = {}, {}, {}
     for name, layer in factorable_layers(model).items():
         alphas = [layer.adapters[d].weight(layer.beta).detach() for d in domains]
-        jb = joint_compress(alphas, rank=rank, energy=energy)
+        jb = joint_compress(alphas, basis_rank=basis_rank, energy=energy)
         bases[name] = jb.beta
         gammas[name] = dict(zip(domains, jb.gammas, strict=True))
         errors[name] = dict(zip(domains, jb.errors, strict=True))
     return bases, gammas, errors
 
 
-def _install(model: AdapterModel, bases: dict, gammas: dict) -> None:
+def _install(model: AdapterModel, bases: dict, gammas: dict, record: dict[str, Any]) -> None:
     layers = model.layers()
-    with model._lock:
-        for name, beta in bases.items():
-            layer = layers[name]
-            new = {d: _prefix_adapter(layer, g) for d, g in gammas[name].items()}
-            layer.beta = beta
-            for d, adapter in new.items():
-                layer.adapters[d] = adapter.train(model.training)
+    adapters: dict[str, dict[str, LowRankAdapter]] = {}
+    for name, per_domain in gammas.items():
+        for d, g in per_domain.items():
+            adapters.setdefault(d, {})[name] = _prefix_adapter(layers[name], g)
+    model.replace_basis(bases, adapters, history=[record])
 
 
 def refactorize(
     model: AdapterModel,
     *,
-    rank: int | float | None = None,
+    basis_rank: int | float | None = None,
     energy: float | None = None,
     evaluate: Evaluate | None = None,
     apply: bool = False,
@@ -152,7 +148,7 @@ def refactorize(
     """Joint SVD of every domain's adapters per layer (the paper's compression, §3.4).
 
     Args:
-        rank: basis width K per layer: an int, or a float share of C (0.5 gives the paper's K = C/2).
+        basis_rank: basis width K per layer: an int, or a float share of C (0.5 gives the paper's K = C/2).
         energy: keep this share of the stacked adapters' energy instead.
         evaluate: `evaluate(model, domain) -> accuracy`; when given, each domain's accuracy is measured
             before and after (on a copy when `apply=False`).
@@ -162,20 +158,27 @@ def refactorize(
     domains = model.domains
     if not domains:
         raise ValueError("the model has no domains to factorise; add and train some first")
-    bases, gammas, errors = _joint_factors(model, domains, rank, energy)
+    bases, gammas, errors = _joint_factors(model, domains, basis_rank, energy)
     before = {d: evaluate(model, d) for d in domains} if evaluate else {}
     target = model if apply else copy.deepcopy(model) if evaluate else None
     if target is not None:
-        _install(target, bases, gammas)
+        _install(target, bases, gammas, {"op": "refactorize", "basis_rank": basis_rank, "energy": energy})
     after = {d: evaluate(target, d) for d in domains} if evaluate else {}
     ranks = {n: b.shape[1] for n, b in bases.items()}
     params = parameter_report(target) if target is not None else {}
     return BasisReport(ranks, errors, _domain_means(errors), before, after, params, applied=apply)
 
 
-def compress(model: AdapterModel, **kwargs: Any) -> BasisReport:
-    """`refactorize(..., apply=True)`: compress all domains onto a shared basis of rank K."""
-    return refactorize(model, apply=True, **kwargs)
+def compress(
+    model: AdapterModel,
+    *,
+    basis_rank: int | float | None = None,
+    energy: float | None = None,
+    evaluate: Evaluate | None = None,
+) -> BasisReport:
+    """`refactorize(..., apply=True)`: compress all domains onto a shared basis of rank K (the paper's
+    joint compression; `basis_rank=0.5` gives K = C/2)."""
+    return refactorize(model, basis_rank=basis_rank, energy=energy, evaluate=evaluate, apply=True)
 
 
 def parameter_report(model: AdapterModel) -> dict[str, Any]:
@@ -185,7 +188,7 @@ def parameter_report(model: AdapterModel) -> dict[str, Any]:
     domains with full adapters, lower once compressed.
     """
     backbone = model.backbone_parameter_count()
-    basis = sum(m.beta.numel() for m in factorable_layers(model).values())
+    basis = sum(b.numel() for b in model.basis().values())
     domains = {d: model.domain_cost(d)["parameters"] for d in model.domains}
     total = backbone + basis + sum(domains.values())
     return {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -78,9 +77,6 @@ class AdapterConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
         known = set(cls.__dataclass_fields__)
@@ -118,3 +114,25 @@ class DomainInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def resolve_num_classes(
+    name: str, num_classes: int | None, labels: Any, head: str, backbone_classes: int | None
+) -> int:
+    """A new domain's head size from what `add_domain` was given, checked."""
+    if num_classes is None:
+        if labels is not None:
+            num_classes = len(labels)
+        elif head == "backbone" and backbone_classes is not None:
+            num_classes = backbone_classes
+        else:
+            raise ValueError(f"add_domain({name!r}) needs num_classes (or labels, or head='backbone')")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes={num_classes!r} must be a positive int")
+    if labels is not None and len(labels) != num_classes:
+        raise ValueError(f"{len(labels)} labels given for num_classes={num_classes}; they must match")
+    if head == "backbone" and backbone_classes != num_classes:
+        raise ValueError(
+            f"head='backbone' needs the backbone's linear classifier with {num_classes} classes; use head='new'"
+        )
+    return num_classes

@@ -1,115 +1,148 @@
 """Push and pull families on the Hugging Face Hub, or on any server speaking its API (our registry:
-set `HF_ENDPOINT`). Pulling reads one file at a time, so a subset of domains downloads only theirs.
+set `HF_ENDPOINT`). Files only: pushing a folder and pulling never build the backbone.
 
-A push reads the remote `adapterkit.json`, merges its domain table with the pushed domains, and
-commits only the files that change, against the commit it read (a concurrent push gets a clear
-conflict instead of silently dropping a domain). The backbone is never uploaded with the adapters.
+A push reads the remote family at its current commit, refuses other backbone weights and a basis that
+does not extend the remote one, then commits the pushed domains' files (and the basis, the family JSON
+and the model card) against that commit: a concurrent push gets a clear conflict. A domain's files are
+only ever added or replaced, so no push or pull can drop another domain.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    HfHubHTTPError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
+from .card import base_model_id, domain_tag, model_card
+from .format import (
+    BASIS_FILE,
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    atomic_write,
+    domain_entry_file,
+    domain_file,
+    json_bytes,
+    read_config,
+    read_safetensors,
 )
-
-from .card import base_model_id, domain_tag
-from .family import BASIS_FILE, CONFIG_FILE, Fetch, family_files
-from .load import read_config, read_safetensors
+from .sources import Source, endpoint, hub_source, is_connection_error, local_source, unreachable
 
 if TYPE_CHECKING:
+    from huggingface_hub import HfApi
     from huggingface_hub.hf_api import ModelInfo
 
     from .model import AdapterModel
 
 
-def hub_fetch(
+@dataclass
+class PushResult:
+    """What a push did: the full repo id (with the namespace the Hub chose), the commit, the domains."""
+
+    repo_id: str
+    commit_url: str
+    domains: list[str]
+
+
+def family_json(config: dict[str, Any]) -> bytes:
+    """`adapterkit.json` in the current format from a config read in any format."""
+    return json_bytes(
+        {k: v for k, v in config.items() if k != "domains"} | {"format_version": FORMAT_VERSION}
+    )
+
+
+def _basis(source: Source, config: dict[str, Any]) -> dict:
+    if not config.get("basis"):
+        return {}
+    tensors, _ = read_safetensors(source.fetch(BASIS_FILE), BASIS_FILE)
+    return {k.removesuffix(".beta"): t for k, t in tensors.items()}
+
+
+def _check_compatible(local: dict[str, Any], remote: dict[str, Any], where: str, force: bool) -> None:
+    if remote["backbone"]["fingerprint"] != local["backbone"]["fingerprint"] and not force:
+        raise ValueError(
+            f"{where} holds a family trained on other backbone weights ({remote['backbone'].get('name')!r}); "
+            "use a new repo or folder, or pass force=True (--force) to publish there anyway"
+        )
+
+
+def _hub_error(error: Exception, repo_id: str) -> Exception:
+    """A clear error for what the Hub answered (auth, conflicts, Xet), or the error itself."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if is_connection_error(error):
+        return unreachable(error)
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if not isinstance(error, HfHubHTTPError) or status is None:
+        return error
+    if status == 412:
+        return RuntimeError(f"{repo_id} changed while pushing (someone else committed); pull and push again")
+    if status == 401:
+        return PermissionError(
+            f"{endpoint()} refused the request: no valid token. Pass token= or set HF_TOKEN (or `hf auth login`)"
+        )
+    if status == 403:
+        return PermissionError(
+            f"{endpoint()} refused to write {repo_id}: the token is read-only or the namespace is not yours. "
+            "Use a write token for that namespace, or push to your own (e.g. yourname/family)"
+        )
+    if "xet-write-token" in str(error):
+        return RuntimeError(f"{endpoint()} does not speak Xet; set HF_HUB_DISABLE_XET=1 and retry")
+    return error
+
+
+def _remote(api: HfApi, repo_id: str, branch: str | None) -> tuple[dict | None, Source]:
+    source = hub_source(repo_id, revision=branch, token=api.token)
+    if CONFIG_FILE not in source.files:
+        return None, source
+    return read_config(source.fetch, source.files), source
+
+
+def _commit(
+    local: dict[str, Any],
+    local_basis: dict,
+    files: dict[str, bytes],
     repo_id: str,
     *,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    cache_dir: str | Path | None = None,
-    local_files_only: bool = False,
-    force_download: bool = False,
-) -> Fetch:
-    """A fetch function over a Hub repo. The first file pins the commit; later files come from it,
-    so a push in between never mixes two versions of a family."""
-    pinned: dict[str, str] = {}
+    private: bool | None,
+    branch: str | None,
+    message: str,
+    token: str | None,
+    force: bool,
+) -> PushResult:
+    """Check against the remote family, add what keeps its other domains whole, and commit once."""
+    from huggingface_hub import CommitOperationAdd, HfApi
 
-    def fetch(path: str) -> Path:
-        try:
-            local = hf_hub_download(
-                repo_id,
-                path,
-                revision=pinned.get("sha", revision),
-                token=token,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-                force_download=force_download,
-            )
-        except EntryNotFoundError as e:
-            hint = " it is not an adapterkit family" if path == CONFIG_FILE else " the family is incomplete"
-            raise FileNotFoundError(f"{repo_id}@{revision or 'main'} has no {path}:{hint}") from e
-        except RepositoryNotFoundError as e:
-            raise FileNotFoundError(
-                f"repo {repo_id!r} not found on {_endpoint()} (or it is private: pass token=)"
-            ) from e
-        except RevisionNotFoundError as e:
-            raise FileNotFoundError(f"revision {revision!r} does not exist in {repo_id}") from e
-        local = Path(local)
-        if "sha" not in pinned:
-            snapshot = local.parents[len(Path(path).parts) - 1]  # <cache>/snapshots/<commit>/<path>
-            if len(snapshot.name) == 40:
-                pinned["sha"] = snapshot.name
-        return local
+    from .basis import check_extends
 
-    return fetch
-
-
-def _endpoint() -> str:
-    from huggingface_hub import constants
-
-    return constants.ENDPOINT
-
-
-def remote_config(api: HfApi, repo_id: str, revision: str | None) -> tuple[dict[str, Any] | None, str | None]:
-    """The family config at a revision and that revision's commit, or (None, commit) if there is none."""
+    api = HfApi(token=token)
     try:
-        info = api.model_info(repo_id, revision=revision)
-    except RevisionNotFoundError:
-        return None, None
-    if not any(s.rfilename == CONFIG_FILE for s in info.siblings or []):
-        return None, info.sha
-    fetch = hub_fetch(repo_id, revision=info.sha, token=api.token)
-    return read_config(fetch), info.sha
-
-
-def _check_basis_extends(model: AdapterModel, api: HfApi, repo_id: str, sha: str, force: bool) -> None:
-    """The pushed basis must extend the remote one, or old domains on the Hub would change."""
-    tensors, _ = read_safetensors(hub_fetch(repo_id, revision=sha, token=api.token)(BASIS_FILE), BASIS_FILE)
-    layers = model.layers()
-    for key, remote in tensors.items():
-        local = getattr(layers.get(key.removesuffix(".beta")), "beta", None)
-        if (
-            local is None
-            or local.shape[1] < remote.shape[1]
-            or not torch.equal(local[:, : remote.shape[1]].cpu(), remote)
-        ):
-            if force:
-                return
-            raise ValueError(
-                f"the model's basis for {key.removesuffix('.beta')} does not extend the one in {repo_id}: it was "
-                "re-factorised, which would change the domains already published. Push to a new repo, or pass "
-                "force=True and re-push every domain."
-            )
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if branch is not None:
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        remote, source = _remote(api, repo_id, branch)
+        table = dict(local["domains"])
+        if remote is not None:
+            _check_compatible(local, remote, repo_id, force)
+            if not force:
+                check_extends(_basis(source, remote), local_basis, f"the pushed basis (against {repo_id})")
+            for name, entry in remote["domains"].items():
+                table.setdefault(name, entry)
+                if remote["format_version"] == 1 and domain_entry_file(name) not in files:
+                    files[domain_entry_file(name)] = json_bytes(
+                        entry | {"name": name}
+                    )  # keep version-1 domains
+        files["README.md"] = model_card(local | {"domains": dict(sorted(table.items()))}).encode()
+        operations = [CommitOperationAdd(path, data) for path, data in files.items()]
+        info = api.create_commit(
+            repo_id, operations, commit_message=message, revision=branch, parent_commit=source.revision
+        )
+    except Exception as e:
+        error = _hub_error(e, repo_id)
+        if error is e:
+            raise
+        raise error from e
+    return PushResult(repo_id, info.commit_url, sorted(local["domains"]))
 
 
 def push_to_hub(
@@ -123,10 +156,9 @@ def push_to_hub(
     token: str | None = None,
     force: bool = False,
 ) -> str:
-    """Publish domains of `model` to a Hub repo; other domains already there are kept untouched.
+    """Publish domains of `model` (default: all) to a Hub repo; other domains there stay as they are.
 
     Args:
-        domains: the domains to push (default: all loaded ones).
         private: create the repo private (only when it does not exist yet).
         branch: push to this branch (created from the default branch when missing).
         force: push even if the remote family was built on other backbone weights or another basis.
@@ -134,36 +166,113 @@ def push_to_hub(
     Returns:
         the commit URL.
     """
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if branch is not None:
-        api.create_branch(repo_id, branch=branch, exist_ok=True)
-    previous, parent = remote_config(api, repo_id, branch)
-    if previous is not None:
-        if previous["backbone"]["fingerprint"] != model.fingerprint and not force:
-            raise ValueError(
-                f"{repo_id} holds a family trained on other backbone weights ({previous['backbone'].get('name')!r}); "
-                "push to a new repo, or pass force=True to replace its domain table"
-            )
-        if previous.get("basis"):
-            _check_basis_extends(model, api, repo_id, parent, force)
+    from .family import family_files
+
     names = model.domains if domains is None else list(domains)
-    files = family_files(model, names, previous)
-    operations = [CommitOperationAdd(path, data) for path, data in files.items()]
+    files = family_files(model, names)
+    local = json.loads(files[CONFIG_FILE]) | {
+        "domains": {n: json.loads(files[domain_entry_file(n)]) for n in names}
+    }
     message = commit_message or f"adapterkit: push {', '.join(names)}"
-    try:
-        info = api.create_commit(
-            repo_id, operations, commit_message=message, revision=branch, parent_commit=parent
-        )
-    except HfHubHTTPError as e:
-        if e.response is not None and e.response.status_code == 412:
-            raise RuntimeError(
-                f"{repo_id} changed while pushing (someone else committed); pull the new family and push again"
-            ) from e
-        if "xet-write-token" in str(e):
-            raise RuntimeError(f"{_endpoint()} does not speak Xet; set HF_HUB_DISABLE_XET=1 and retry") from e
-        raise
-    return info.commit_url
+    result = _commit(
+        local,
+        model.basis(),
+        files,
+        repo_id,
+        private=private,
+        branch=branch,
+        message=message,
+        token=token,
+        force=force,
+    )
+    return result.commit_url
+
+
+def push_folder(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    domains: list[str] | None = None,
+    private: bool | None = None,
+    branch: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    force: bool = False,
+) -> PushResult:
+    """Publish a family folder's domains (default: all) without building the backbone."""
+    source = local_source(Path(folder))
+    if CONFIG_FILE not in source.files:
+        raise FileNotFoundError(f"{folder} is not an adapterkit family folder (no {CONFIG_FILE})")
+    config = read_config(source.fetch, source.files, domains, where=str(folder))
+    names = list(config["domains"])
+    files = {}
+    for name in names:
+        files[domain_file(name)] = source.fetch(domain_file(name)).read_bytes()
+        files[domain_entry_file(name)] = json_bytes(config["domains"][name] | {"name": name})
+    if config.get("basis"):
+        files[BASIS_FILE] = source.fetch(BASIS_FILE).read_bytes()
+    files[CONFIG_FILE] = family_json(config)
+    basis = _basis(source, config) if config.get("basis") else {}
+    message = commit_message or f"adapterkit: push {', '.join(names)}"
+    return _commit(
+        config,
+        basis,
+        files,
+        repo_id,
+        private=private,
+        branch=branch,
+        message=message,
+        token=token,
+        force=force,
+    )
+
+
+def pull_family(
+    repo_id: str,
+    folder: str | Path,
+    *,
+    domains: list[str] | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    force: bool = False,
+) -> list[str]:
+    """Download domains (default: all) of a Hub family into a folder, merging with what it holds.
+
+    Domains already in the folder stay; a folder holding a family on other backbone weights, or a basis
+    that neither extends nor is extended by the remote one, is refused before anything is written.
+
+    Returns:
+        the pulled domain names.
+    """
+    from .basis import check_extends
+
+    source = hub_source(repo_id, revision=revision, token=token)
+    remote = read_config(source.fetch, source.files, domains, where=repo_id)
+    names = list(remote["domains"])
+    out = Path(folder)
+    here = local_source(out) if (out / CONFIG_FILE).is_file() else None
+    local = read_config(here.fetch, here.files) if here else None
+    keep_local_basis = False
+    if local is not None:
+        _check_compatible(remote, local, str(out), force)
+        if local.get("basis") and remote.get("basis"):
+            ours, theirs = _basis(here, local), _basis(source, remote)
+            keep_local_basis = any(ours[n].shape[1] > theirs.get(n, ours[n][:, :0]).shape[1] for n in ours)
+            if keep_local_basis:
+                check_extends(theirs, ours, f"the basis of {repo_id} (against {out})")
+            else:
+                check_extends(ours, theirs, f"the basis of {repo_id} (against {out})")
+        keep_local_basis = keep_local_basis or (bool(local.get("basis")) and not remote.get("basis"))
+    for name in names:
+        atomic_write(out / domain_file(name), source.fetch(domain_file(name)).read_bytes())
+        atomic_write(out / domain_entry_file(name), json_bytes(remote["domains"][name] | {"name": name}))
+    config = local if keep_local_basis else remote
+    if remote.get("basis") and not keep_local_basis:
+        atomic_write(out / BASIS_FILE, source.fetch(BASIS_FILE).read_bytes())
+    table = (local or {}).get("domains", {}) | {n: remote["domains"][n] for n in names}
+    atomic_write(out / "README.md", model_card(config | {"domains": dict(sorted(table.items()))}).encode())
+    atomic_write(out / CONFIG_FILE, family_json(config))
+    return names
 
 
 def list_families(
@@ -179,21 +288,24 @@ def list_families(
     Uses only `HfApi.list_models` tag filters (`adapterkit`, `base_model:<id>`, `domain:<name>`), so it
     works the same on the public Hub and on a self-hosted registry.
     """
+    from huggingface_hub import HfApi
+
     tags = ["adapterkit"]
     if backbone:
         tags.append(f"base_model:{base_model_id(backbone)}")
     if domain:
         tags.append(domain_tag(domain))
-    return list(HfApi(token=token).list_models(filter=tags, author=author, search=search, cardData=True))
+    try:
+        return list(HfApi(token=token).list_models(filter=tags, author=author, search=search, cardData=True))
+    except Exception as e:
+        if is_connection_error(e):
+            raise unreachable(e) from e
+        raise
 
 
 def list_domains(
     repo_id: str, *, revision: str | None = None, token: str | bool | None = None, **kwargs: Any
 ) -> dict:
-    """The domain table of a family (names, classes, metrics, sizes), reading only `adapterkit.json`."""
-    return read_config(hub_fetch(repo_id, revision=revision, token=token, **kwargs))["domains"]
-
-
-def family_info(repo_id: str, *, revision: str | None = None, token: str | bool | None = None) -> dict:
-    """The whole `adapterkit.json` of a family, as JSON."""
-    return json.loads(json.dumps(read_config(hub_fetch(repo_id, revision=revision, token=token))))
+    """The domain table of a family (names, classes, metrics, sizes), reading only JSON files."""
+    source = hub_source(repo_id, revision=revision, token=token, **kwargs)
+    return read_config(source.fetch, source.files)["domains"]

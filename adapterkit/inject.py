@@ -32,9 +32,12 @@ def fingerprint(module: nn.Module) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def create_backbone(name: str, pretrained: bool | str | Path = False, **kwargs: Any) -> nn.Module:
+def create_backbone(
+    name: str, pretrained: bool | str | Path = False, *, seed: int = 0, **kwargs: Any
+) -> nn.Module:
     """`timm.create_model` for a timm name, `hf-hub:` or `local-dir:` name; a str/Path `pretrained` is a
-    weights file (safetensors)."""
+    weights file (safetensors). Random weights come from `seed`, without touching the global RNG, so
+    the same call always builds the same backbone."""
     if isinstance(pretrained, (str, Path)):
         path = Path(pretrained)
         if not path.is_file():
@@ -44,7 +47,9 @@ def create_backbone(name: str, pretrained: bool | str | Path = False, **kwargs: 
         kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(path)}
         pretrained = True
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise ValueError(
@@ -52,6 +57,45 @@ def create_backbone(name: str, pretrained: bool | str | Path = False, **kwargs: 
                 "'local-dir:/path' for a timm-format checkpoint"
             ) from e
         raise
+
+
+def weights_record(name: str, pretrained: bool | str | Path, seed: int = 0) -> dict[str, Any]:
+    """Where a backbone's weights come from, as a family records it (see docs/format.md)."""
+    if isinstance(pretrained, (str, Path)):
+        path = Path(pretrained).resolve()
+        return {"kind": "file", "path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    if not pretrained:
+        return {"kind": "random", "seed": seed}
+    if name.startswith("hf-hub:"):
+        return {"kind": "hf-hub", "repo": name.removeprefix("hf-hub:")}
+    return {"kind": "local-dir" if name.startswith("local-dir:") else "timm"}
+
+
+def rebuild_backbone(
+    name: str, record: dict[str, Any] | None, weights_file: str | Path | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The backbone a family recorded (`record`), with its weights; `weights_file` replaces a recorded
+    local file that has moved. Families that recorded nothing (format 1) used pretrained weights."""
+    record = dict(record or {"kind": "timm"})
+    if weights_file is not None:
+        record = weights_record(name, weights_file)
+    kind = record.get("kind")
+    if kind == "random":
+        return create_backbone(name, False, seed=int(record.get("seed", 0))), record
+    if kind == "file":
+        if not Path(record["path"]).is_file():
+            raise FileNotFoundError(
+                f"the family's backbone weights were {record['path']}, which does not exist here: pass "
+                "backbone_weights=PATH (CLI: --backbone-weights PATH) with the same file"
+            )
+        return create_backbone(name, record["path"]), record
+    try:
+        return create_backbone(name, True), record
+    except (OSError, RuntimeError) as e:
+        raise ValueError(
+            f"could not load the pretrained weights of backbone {name!r} ({e}); go online once so they are "
+            "cached, or pass backbone= with the timm module the family was trained on"
+        ) from e
 
 
 def reparameterize(model: nn.Module) -> nn.Module:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +14,12 @@ import torch
 from huggingface_hub import ModelHubMixin
 from torch import nn
 
-from .config import AdapterConfig, DomainInfo, check_domain_name
-from .inject import create_backbone, fingerprint, inject, input_channels, reparameterize
+from .basis import check_extends
+from .config import AdapterConfig, DomainInfo, check_domain_name, resolve_num_classes
+from .inject import create_backbone, fingerprint, inject, input_channels, reparameterize, weights_record
 from .layers import DomainLayer, DomainRouter
+
+logger = logging.getLogger(__name__)
 
 
 class _Lock:
@@ -58,6 +63,7 @@ class AdapterModel(
         config: AdapterConfig | None = None,
         *,
         backbone_name: str | None = None,
+        backbone_weights: dict[str, Any] | None = None,
         _fingerprint: str | None = None,
     ) -> None:
         # _fingerprint: the backbone's, when the caller already hashed it (load_family checks it before
@@ -66,6 +72,7 @@ class AdapterModel(
         self._hub_mixin_config = None  # we write adapterkit.json ourselves; no config.json
         self.config = config or AdapterConfig()
         self.backbone_name = backbone_name
+        self.backbone_weights = backbone_weights  # where the weights come from (docs/format.md)
         backbone = reparameterize(backbone)
         backbone.eval().requires_grad_(False)
         self.fingerprint = _fingerprint or fingerprint(backbone)
@@ -85,8 +92,10 @@ class AdapterModel(
         self.targets = inject(backbone, self.config, self.router)
         self.heads = nn.ModuleDict()
         self._domains: dict[str, DomainInfo] = {}
+        self._frozen: set[str] = set()  # domains whose tensors never change (published ones)
         self._lock = _Lock()
         self.default_domain: str | None = None
+        self.basis_history: list[dict[str, Any]] = []  # the basis operations that built `basis()`
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -96,6 +105,7 @@ class AdapterModel(
         config: AdapterConfig | None = None,
         *,
         pretrained: bool | str | Path = False,
+        seed: int = 0,
         **timm_kwargs: Any,
     ) -> AdapterModel:
         """Attach adapters to a timm backbone.
@@ -105,11 +115,21 @@ class AdapterModel(
                 `nn.Module` created by timm.
             config: the adapter rules (default `AdapterConfig()`).
             pretrained: load the backbone's pretrained weights (True), or from this safetensors file.
+                False builds random weights from `seed` (logged as a warning: adapters on a random
+                backbone are rarely what you want).
             **timm_kwargs: passed to `timm.create_model` (for example `drop_path_rate`).
+
+        The family records where the weights came from, so `from_pretrained` rebuilds the same backbone.
         """
         if isinstance(backbone, nn.Module):
             return cls(backbone, config)
-        return cls(create_backbone(backbone, pretrained, **timm_kwargs), config, backbone_name=backbone)
+        if pretrained is False:
+            logger.warning(
+                "%s: random backbone weights (seed %d); pass pretrained=True for trained ones", backbone, seed
+            )
+        module = create_backbone(backbone, pretrained, seed=seed, **timm_kwargs)
+        weights = weights_record(backbone, pretrained, seed)
+        return cls(module, config, backbone_name=backbone, backbone_weights=weights)
 
     def layers(self) -> dict[str, DomainLayer]:
         """Adapted layers by their module name in the backbone (as in the unwrapped backbone)."""
@@ -143,7 +163,7 @@ class AdapterModel(
         factored: bool = False,
         new_columns: int | None = None,
     ) -> DomainInfo:
-        """Add a domain: fresh zero-initialised adapters, copies of the backbone's norms, a new head.
+        """Add a trainable domain: fresh zero-initialised adapters, copies of the backbone's norms, a new head.
 
         Args:
             name: a safe file name (letters, digits, `_`, `-`).
@@ -162,23 +182,9 @@ class AdapterModel(
         check_domain_name(name)
         if head not in ("new", "backbone"):
             raise ValueError(f"head={head!r}: use 'new' or 'backbone'")
-        if num_classes is None:
-            if labels is not None:
-                num_classes = len(labels)
-            elif head == "backbone" and self.backbone_head is not None:
-                num_classes = self.backbone_head.out_features
-            else:
-                raise ValueError(f"add_domain({name!r}) needs num_classes (or labels, or head='backbone')")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes={num_classes!r} must be a positive int")
-        if labels is not None and len(labels) != num_classes:
-            raise ValueError(f"{len(labels)} labels given for num_classes={num_classes}; they must match")
+        backbone_classes = self.backbone_head.out_features if self.backbone_head is not None else None
+        num_classes = resolve_num_classes(name, num_classes, labels, head, backbone_classes)
         if head == "backbone":
-            if self.backbone_head is None or self.backbone_head.out_features != num_classes:
-                raise ValueError(
-                    f"head='backbone' needs the backbone's linear classifier with {num_classes} classes; "
-                    "use head='new'"
-                )
             new_head = copy.deepcopy(self.backbone_head).requires_grad_(True)
         else:
             ref = next(self.backbone.parameters())
@@ -190,41 +196,62 @@ class AdapterModel(
         for layer_name, layer in self.layers().items():
             if factored and layer.rule in ("parallel", "series", "lowrank"):
                 adapters[layer_name] = layer.new_adapter(
-                    factored=True, rank=new_columns, prefix_rank=layer.beta.shape[1]
+                    factored=True, own_columns=new_columns, shared_columns=layer.beta.shape[1]
                 )
             else:
                 adapters[layer_name] = layer.new_adapter()
-        self._publish(info, adapters, new_head)
+        self.publish_domain(info, adapters, new_head, trainable=True)
         return info
 
-    def _publish(self, info: DomainInfo, adapters: dict[str, nn.Module], head: nn.Module) -> None:
-        """Insert a fully built domain; it becomes visible to forward calls only at the very end."""
+    def publish_domain(
+        self,
+        info: DomainInfo,
+        adapters: dict[str, nn.Module],
+        head: nn.Module,
+        *,
+        basis: dict[str, torch.Tensor] | None = None,
+        history: list[dict[str, Any]] | None = None,
+        trainable: bool = False,
+    ) -> None:
+        """Insert a fully built domain (with the longer `basis` it needs, if any) in one step.
+
+        Forward calls see the domain only once everything is in place. A published domain is frozen
+        (`trainable=False`): its tensors, norm statistics included, never change until
+        `set_trainable(name)`.
+        """
         with self._lock:
-            if info.name in self._domains:
+            name = info.name
+            if name in self._domains:
                 raise ValueError(
-                    f"domain {info.name!r} already exists; remove_domain() it first or pick a new name"
+                    f"domain {name!r} already exists; remove_domain() it first or pick a new name"
                 )
-            if any(d.lower() == info.name.lower() for d in self._domains):
+            if any(d.lower() == name.lower() for d in self._domains):
                 raise ValueError(
-                    f"domain {info.name!r} differs from an existing one only by case; pick a new name"
+                    f"domain {name!r} differs from an existing one only by case; pick a new name"
                 )
             layers = self.layers()
             missing = set(layers) - set(adapters)
             if missing:
-                raise ValueError(f"domain {info.name!r} has no adapter for layers {sorted(missing)[:5]}")
+                raise ValueError(f"domain {name!r} has no adapter for layers {sorted(missing)[:5]}")
+            if basis:
+                self.extend_basis(basis, history=history)
             for layer_name, module in adapters.items():
-                layers[layer_name].adapters[info.name] = module.train(self.training)
-            self.heads[info.name] = head.train(self.training)
-            self._domains[info.name] = info
+                layers[layer_name].adapters[name] = module
+            self.heads[name] = head
+            self._domains[name] = info
+            self.set_trainable(name, trainable)
 
     def remove_domain(self, name: str) -> None:
-        """Remove a domain and all its tensors; other domains are untouched."""
+        """Remove a domain, its tensors and its cached fused weights; other domains are untouched."""
         with self._lock:
             self._check_known(name)
             del self._domains[name]  # unpublish first: no new call can select it
             for layer in self.layers().values():
                 del layer.adapters[name]
+                if layer.fused is not None:
+                    layer.fused.evict(name)
             del self.heads[name]
+            self._frozen.discard(name)
             if self.default_domain == name:
                 self.default_domain = None
 
@@ -237,20 +264,126 @@ class AdapterModel(
         source: str | Path,
         name: str,
         *,
+        as_name: str | None = None,
         revision: str | None = None,
         force: bool = False,
         **hub_kwargs: Any,
     ) -> None:
         """Hot-add one domain from a family folder or Hub repo while other threads keep calling the model.
 
-        Only the family's `adapterkit.json`, its basis (if any) and this domain's file are read. The
+        Only the family's `adapterkit.json`, its basis (if any) and this domain's files are read. The
         domain becomes visible in one step once fully built; existing domains' outputs do not change.
+        `as_name` loads it under another name.
         """
         from .load import load_domain
 
         if revision is not None:
             hub_kwargs["revision"] = revision
-        load_domain(self, str(source), name, force=force, **hub_kwargs)
+        load_domain(self, str(source), name, as_name=as_name, force=force, **hub_kwargs)
+
+    def set_trainable(self, name: str, trainable: bool = True) -> None:
+        """Let a domain's tensors train (gradients, norm statistics in train mode), or freeze them.
+
+        A frozen domain's norms run on their stored statistics whatever `model.training` says, so no
+        call pattern can make a published domain drift. `add_domain` makes trainable domains,
+        loading makes frozen ones.
+        """
+        with self._lock:
+            self._check_known(name)
+            (self._frozen.discard if trainable else self._frozen.add)(name)
+            for module in self._domain_modules(name):
+                module.requires_grad_(trainable).train(self.training and trainable)
+
+    def is_trainable(self, name: str) -> bool:
+        return self._check_known(name) not in self._frozen
+
+    def _domain_modules(self, name: str) -> list[nn.Module]:
+        return [layer.adapters[name] for layer in self.layers().values()] + [self.heads[name]]
+
+    @contextmanager
+    def use_domain(self, name: str) -> Iterator[None]:
+        """Route calls of the backbone made inside the block through `name`, e.g. for features:
+        `with model.use_domain("gtsrb"): feats = model.backbone.forward_features(x)`."""
+        with self.router.use(self._check_known(name)):
+            yield
+
+    # ----------------------------------------------------------------- shared basis
+    def basis(self) -> dict[str, torch.Tensor]:
+        """The shared basis `beta` of every layer that has one (C_out x K)."""
+        return {
+            n: m.beta
+            for n, m in self.layers().items()
+            if getattr(m, "beta", None) is not None and m.beta.shape[1]
+        }
+
+    def extend_basis(
+        self,
+        basis: dict[str, torch.Tensor],
+        *,
+        adapters: dict[str, dict[str, nn.Module]] | None = None,
+        history: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """Install a basis that extends the current one (append-only), and optionally new adapters.
+
+        Old domains read only the prefix they were built on, so their outputs do not change; a basis
+        that is not an extension is refused. `adapters` maps domain -> layer -> adapter (a domain
+        re-expressed on the longer basis); `history` is the basis operations that built `basis`.
+        """
+        with self._lock:
+            current = self.basis()
+            merged = dict(current)
+            for name, beta in basis.items():
+                if name in current and current[name].shape[1] > beta.shape[1]:
+                    check_extends({name: beta}, current, "the new basis")  # a prefix of ours: keep ours
+                else:
+                    merged[name] = beta
+            check_extends(current, merged, "the new basis")
+            self._install_basis({n: b for n, b in merged.items() if b is not current.get(n)}, adapters or {})
+            if history is not None:
+                self.basis_history = list(history)
+
+    def replace_basis(
+        self,
+        basis: dict[str, torch.Tensor],
+        adapters: dict[str, dict[str, nn.Module]],
+        *,
+        history: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """Install a re-factorised basis with every domain re-expressed on it (changes old domains'
+        outputs by their reconstruction error; see `compress.refactorize`)."""
+        with self._lock:
+            missing = sorted(set(self._domains) - set(adapters))
+            if missing:
+                raise ValueError(f"replace_basis needs new adapters for every domain; missing {missing}")
+            self._install_basis(basis, adapters)
+            if history is not None:
+                self.basis_history = list(history)
+
+    def _install_basis(
+        self, basis: dict[str, torch.Tensor], adapters: dict[str, dict[str, nn.Module]]
+    ) -> None:
+        layers = self.layers()
+        unknown = sorted(n for n in basis if getattr(layers.get(n), "beta", None) is None)
+        if unknown:
+            raise ValueError(f"layers {unknown[:5]} have no shared basis in this model")
+        for name, beta in basis.items():
+            if beta.dim() != 2 or beta.shape[0] != layers[name].beta.shape[0]:
+                raise ValueError(f"basis of {name}: shape {tuple(beta.shape)} does not fit the layer")
+        for domain, by_layer in adapters.items():
+            self._check_known(domain)
+            for name in by_layer:
+                if name not in layers:
+                    raise ValueError(f"adapter for {name!r}, which is not an adapted layer")
+        for name, beta in basis.items():
+            layers[name].beta = beta
+            if layers[name].fused is not None:
+                layers[name].fused.clear()  # weights keyed on the old basis tensor are never served again
+        for domain, by_layer in adapters.items():
+            trainable = domain not in self._frozen
+            for name, module in by_layer.items():
+                layers[name].adapters[domain] = module.requires_grad_(trainable).train(
+                    self.training and trainable
+                )
 
     def set_domain(self, name: str) -> None:
         """The domain `forward` uses when none is given."""
@@ -288,23 +421,12 @@ class AdapterModel(
                 f"the backbone expects {self.in_chans} input channels, got {x.shape[1]}: convert images "
                 f"(for example PIL's image.convert('RGB') or x.expand(-1, {self.in_chans}, -1, -1))"
             )
-        domain = self.default_domain if domain is None else domain
-        if domain is None:
-            raise ValueError(
-                "no domain given: pass domain='name' (or a list, one per sample) or call set_domain()"
-            )
-        if isinstance(domain, str):
-            return self._forward_one(x, domain)
-        domain = list(domain)
-        if len(domain) != x.shape[0]:
-            raise ValueError(f"got {len(domain)} domains for a batch of {x.shape[0]}; pass one per sample")
-        for d in dict.fromkeys(domain):
-            self._check_known(d)
+        domains = self._resolve_domains(domain, x.shape[0])
+        if isinstance(domains, str):
+            return self._forward_one(x, domains)
         groups: dict[str, list[int]] = {}
-        for i, d in enumerate(domain):
+        for i, d in enumerate(domains):
             groups.setdefault(d, []).append(i)
-        if len(groups) == 1:
-            return self._forward_one(x, domain[0])
         width = max(self._domains[d].num_classes for d in groups)
         out = None
         for d, idx in groups.items():
@@ -315,16 +437,39 @@ class AdapterModel(
             out[index, : logits.shape[1]] = logits
         return out
 
+    def _resolve_domains(self, domain: str | Sequence[str] | None, batch: int) -> str | list[str]:
+        """The call's domain (one name) or one per sample, each checked once."""
+        domain = self.default_domain if domain is None else domain
+        if domain is None:
+            raise ValueError(
+                "no domain given: pass domain='name' (or a list, one per sample) or call set_domain()"
+            )
+        if isinstance(domain, str):
+            return self._check_known(domain)
+        domain = list(domain)
+        if len(domain) != batch:
+            raise ValueError(f"got {len(domain)} domains for a batch of {batch}; pass one per sample")
+        unique = list(dict.fromkeys(domain))
+        for d in unique:
+            self._check_known(d)
+        return unique[0] if len(unique) == 1 else domain
+
     def _forward_one(self, x: torch.Tensor, domain: str) -> torch.Tensor:
-        head = self.heads[self._check_known(domain)]
+        head = self.heads[domain]
         with self.router.use(domain):
             features = self.backbone(x)
         return head(features.flatten(1))  # conv classifiers (DLA, ...) leave (N, C, 1, 1)
 
     def train(self, mode: bool = True) -> AdapterModel:
+        """Train or eval mode. Frozen domains (see `set_trainable`) stay in eval behaviour either way,
+        and so do the shared backbone's own layers."""
         super().train(mode)
         if self.backbone_head is not None:
             self.backbone_head.train(False)
+        if mode:
+            for name in self._frozen:
+                for module in self._domain_modules(name):
+                    module.train(False)
         return self
 
     # ----------------------------------------------------------------- accounting
@@ -358,9 +503,12 @@ class AdapterModel(
 
         Args:
             pretrained_model_name_or_path: a family folder or a Hub repo id.
-            **kwargs: `domains` (load only these; only their files are downloaded), `backbone` (timm
-                name or module; default: the recorded name with pretrained weights), `force`, and the Hub's
-                `revision`, `token`, `cache_dir`, `local_files_only`, `force_download`.
+            **kwargs: `domains` (load only these; only their files are downloaded; `[]` for none),
+                `backbone` (timm name or module; default: the recorded backbone with its recorded
+                weights), `backbone_weights` (a local file replacing a recorded one that moved), `force`,
+                and the Hub's `revision`, `token`, `cache_dir`, `local_files_only`, `force_download`.
+
+        Returns the model in eval mode with every loaded domain frozen (see `set_trainable`).
 
         ModelHubMixin.from_pretrained would first probe for a config.json we do not write, so this goes
         straight to `_from_pretrained`.

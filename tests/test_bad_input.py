@@ -148,12 +148,21 @@ def test_unknown_domain_in_family(family):
         load_family(AdapterModel, str(path), domains=["zzz"], backbone=backbone)
 
 
-def test_tampered_domain_name_in_table(family):
+def test_tampered_domain_name_in_version_1_table(family):
     _, backbone, path = family
     config = json.loads((path / "adapterkit.json").read_text())
-    config["domains"]["../../etc"] = config["domains"]["a"]
+    config["format_version"] = 1
+    config["domains"] = {"../../etc": json.loads((path / "domains" / "a.json").read_text())}
     (path / "adapterkit.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="not a safe file name"):
+        load_family(AdapterModel, str(path), backbone=backbone)
+
+
+def test_tampered_domain_entry(family):
+    _, backbone, path = family
+    entry = json.loads((path / "domains" / "a.json").read_text())
+    (path / "domains" / "a.json").write_text(json.dumps(entry | {"name": "../../etc"}))
+    with pytest.raises(ValueError, match="describes domain '../../etc'"):
         load_family(AdapterModel, str(path), backbone=backbone)
 
 
@@ -172,5 +181,5 @@ def test_adding_a_domain_keeps_old_files_byte_identical(family):
     model.add_domain("c", num_classes=2)
     save_family(model, path)
     new = {p.name: p.read_bytes() for p in (path / "domains").iterdir()}
-    assert set(new) == set(old) | {"c.safetensors"}
+    assert set(new) == set(old) | {"c.safetensors", "c.json"}
     assert all(new[k] == v for k, v in old.items())

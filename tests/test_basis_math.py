@@ -6,11 +6,9 @@ import pytest
 import torch
 
 from adapterkit.basis import (
-    count_parameters,
     effective_adapter,
     extend_basis,
     joint_compress,
-    refactorize,
     resolve_rank,
 )
 
@@ -25,7 +23,7 @@ def _alphas(n: int, c_out: int = 32, c_in: int = 32, seed: int = 0) -> list[torc
 @pytest.mark.parametrize("rank", [32, 1.0])
 def test_full_rank_reconstructs_exactly(rank):
     alphas = _alphas(5)
-    jb = joint_compress(alphas, rank=rank)
+    jb = joint_compress(alphas, basis_rank=rank)
     assert jb.beta.shape == (32, 32) and all(g.shape == (32, 32) for g in jb.gammas)
     assert max(jb.errors) < TOL
     for a, g in zip(alphas, jb.gammas, strict=True):
@@ -34,25 +32,25 @@ def test_full_rank_reconstructs_exactly(rank):
 
 def test_domains_may_differ_in_c_in():
     alphas = [torch.randn(32, 16), torch.randn(32, 48), torch.randn(32, 8)]
-    jb = joint_compress(alphas, rank=32)
+    jb = joint_compress(alphas, basis_rank=32)
     assert [g.shape for g in jb.gammas] == [(16, 32), (48, 32), (8, 32)]
     assert max(jb.errors) < TOL
     with pytest.raises(ValueError, match="share C_out"):
-        joint_compress([torch.randn(32, 8), torch.randn(16, 8)], rank=4)
+        joint_compress([torch.randn(32, 8), torch.randn(16, 8)], basis_rank=4)
 
 
 def test_truncation_is_optimal_eckart_young():
     alphas = _alphas(8, 16, 16)  # wide stack: exercises the QR route
     s = torch.linalg.svdvals(torch.cat(alphas, dim=1).double())
     for k in (3, 8, 16):
-        jb = joint_compress(alphas, rank=k)
+        jb = joint_compress(alphas, basis_rank=k)
         residual = sum((e * float(a.double().norm())) ** 2 for e, a in zip(jb.errors, alphas, strict=True))
         assert residual == pytest.approx(float((s[k:] ** 2).sum()), rel=1e-3, abs=1e-6)
         torch.testing.assert_close(jb.singular_values.double(), s, rtol=1e-4, atol=1e-4)
 
 
 def test_float_rank_is_a_share_of_c():
-    assert joint_compress(_alphas(4, 64, 64), rank=0.5).rank == 32
+    assert joint_compress(_alphas(4, 64, 64), basis_rank=0.5).rank == 32
     assert resolve_rank(torch.ones(64), rank=0.5, max_rank=64) == 32
     assert resolve_rank(torch.ones(3), rank=0.5, max_rank=3) == 2  # rounded up, never 0
 
@@ -61,7 +59,7 @@ def test_error_falls_monotonically_with_rank():
     alphas = _alphas(6)
     previous = [math.inf] * len(alphas)
     for k in range(1, 33):
-        errors = joint_compress(alphas, rank=k).errors
+        errors = joint_compress(alphas, basis_rank=k).errors
         assert all(e <= p + 1e-6 for e, p in zip(errors, previous, strict=True)), k
         previous = errors
     assert max(previous) < TOL
@@ -108,12 +106,12 @@ def test_bad_budgets_raise_helpful_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         resolve_rank(torch.ones(32), max_rank=32, **kwargs)
     with pytest.raises(ValueError, match=match):
-        joint_compress(_alphas(1), **kwargs)
+        joint_compress(_alphas(1), **{"basis_rank" if k == "rank" else k: v for k, v in kwargs.items()})
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(rank=-1), "negative"), (dict(energy=float("nan")), "energy=nan"), (dict(), "exactly one")],
+    [(dict(new_columns=-1), "negative"), (dict(energy=float("nan")), "energy=nan"), (dict(), "exactly one")],
 )
 def test_extend_basis_rejects_bad_budgets(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -122,31 +120,31 @@ def test_extend_basis_rejects_bad_budgets(kwargs, match):
 
 def test_bad_shapes_raise():
     with pytest.raises(ValueError, match="at least one"):
-        joint_compress([], rank=1)
+        joint_compress([], basis_rank=1)
     with pytest.raises(ValueError, match="2-D"):
-        joint_compress([torch.randn(8, 8, 1, 1)], rank=1)
+        joint_compress([torch.randn(8, 8, 1, 1)], basis_rank=1)
     with pytest.raises(ValueError, match="share C_out"):
-        extend_basis(torch.randn(16, 4), torch.randn(32, 32), rank=1)
+        extend_basis(torch.randn(16, 4), torch.randn(32, 32), new_columns=1)
     with pytest.raises(ValueError, match="never exceeds C_out"):
-        extend_basis(torch.randn(8, 9), torch.randn(8, 8), rank=1)
+        extend_basis(torch.randn(8, 9), torch.randn(8, 8), new_columns=1)
 
 
 def test_outputs_keep_dtype_and_carry_no_grad():
     a64 = [torch.randn(16, 16, dtype=torch.float64) for _ in range(2)]
-    jb = joint_compress(a64, rank=16)
+    jb = joint_compress(a64, basis_rank=16)
     assert jb.beta.dtype == torch.float64 and max(jb.errors) < 1e-12
     a = [torch.randn(16, 16, requires_grad=True)]
-    jb = joint_compress([x.to(torch.bfloat16) for x in a], rank=8)
+    jb = joint_compress([x.to(torch.bfloat16) for x in a], basis_rank=8)
     assert jb.beta.dtype == torch.bfloat16 and not jb.beta.requires_grad
-    ext = extend_basis(torch.zeros(16, 0), a[0], rank=4)
+    ext = extend_basis(torch.zeros(16, 0), a[0], new_columns=4)
     assert not ext.gamma.requires_grad and not ext.new_columns.requires_grad
 
 
 def test_extend_keeps_old_domains_bit_identical():
-    joint = joint_compress(_alphas(3, 64, 64), rank=16)
+    joint = joint_compress(_alphas(3, 64, 64), basis_rank=16)
     beta, gammas = joint.beta, list(joint.gammas)
     for alpha in _alphas(2, 64, 64, seed=1):  # two incremental domains on top of the joint basis
-        ext = extend_basis(beta, alpha, rank=8)
+        ext = extend_basis(beta, alpha, new_columns=8)
         beta = torch.cat([beta, ext.new_columns], dim=1)
         gammas.append(ext.gamma)
     before_beta = beta.clone()
@@ -165,7 +163,7 @@ def test_extend_keeps_old_domains_bit_identical():
 def test_extend_reconstructs_with_the_new_columns():
     beta = torch.zeros(32, 0)
     for alpha in _alphas(3):
-        ext = extend_basis(beta, alpha, rank=32)
+        ext = extend_basis(beta, alpha, new_columns=32)
         beta = torch.cat([beta, ext.new_columns], dim=1)
         assert ext.error < TOL
         torch.testing.assert_close(effective_adapter(beta, ext.gamma), alpha, rtol=1e-4, atol=1e-4)
@@ -179,14 +177,14 @@ def test_alpha_inside_the_span_appends_nothing():
     assert ext.new_columns.shape == (64, 0) and ext.gamma.shape == (48, 20)
     assert ext.projection_error < TOL and ext.error < TOL
     # A rank-deficient basis (duplicated columns) is handled by the least-squares projection too.
-    ext = extend_basis(torch.cat([beta, beta[:, :5]], dim=1), alpha, rank=8)
+    ext = extend_basis(torch.cat([beta, beta[:, :5]], dim=1), alpha, new_columns=8)
     assert ext.new_columns.shape[1] == 0 and ext.error < TOL
 
 
 def test_project_only_and_energy_budget():
     g = torch.Generator().manual_seed(4)
     beta, alpha = torch.randn(64, 16, generator=g), torch.randn(64, 64, generator=g)
-    ext = extend_basis(beta, alpha, rank=0)
+    ext = extend_basis(beta, alpha, new_columns=0)
     assert ext.new_columns.shape[1] == 0 and ext.gamma.shape == (64, 16)
     assert ext.error == pytest.approx(ext.projection_error, rel=1e-4)
     ext = extend_basis(beta, alpha, energy=0.8)
@@ -198,46 +196,11 @@ def test_project_only_and_energy_budget():
 def test_basis_never_exceeds_c_out():
     beta = torch.zeros(32, 0)
     for alpha in _alphas(8, 32, 16):
-        ext = extend_basis(beta, alpha, rank=8)
+        ext = extend_basis(beta, alpha, new_columns=8)
         beta = torch.cat([beta, ext.new_columns], dim=1)
         assert beta.shape[1] <= 32
     assert beta.shape[1] == 32
-    ext = extend_basis(beta, torch.randn(32, 16), rank=8)
+    ext = extend_basis(beta, torch.randn(32, 16), new_columns=8)
     assert ext.new_columns.shape[1] == 0 and ext.error < TOL  # a saturated basis expresses anything
 
 
-def test_refactorize_reports_errors_against_current_adapters():
-    beta = torch.zeros(32, 0)
-    gammas = []
-    for alpha in _alphas(4):
-        ext = extend_basis(beta, alpha, rank=6)
-        beta = torch.cat([beta, ext.new_columns], dim=1)
-        gammas.append(ext.gamma)
-    exact = refactorize(beta, gammas, rank=24)  # the current adapters span at most 24 dimensions
-    assert max(exact.errors) < TOL
-    lossy = refactorize(beta, gammas, rank=8)
-    assert lossy.rank == 8 and all(0 < e < 1 for e in lossy.errors)
-    current = effective_adapter(beta, gammas[0])
-    assert lossy.errors[0] == pytest.approx(
-        float(
-            torch.linalg.matrix_norm(current - lossy.beta @ lossy.gammas[0].T)
-            / torch.linalg.matrix_norm(current)
-        ),
-        rel=1e-4,
-    )
-
-
-def test_count_parameters_the_paper_way():
-    shapes = [(64, 64), (128, 64)]
-    pc = count_parameters(shapes, ranks=[32, 64], num_domains=10)
-    assert pc.full == 10 * (64 * 64 + 128 * 64)
-    assert pc.beta == 64 * 32 + 128 * 64
-    assert pc.gammas == 10 * (64 * 32 + 64 * 64)
-    full, compressed = pc.relative(backbone_params=pc.full // 10 * 10)
-    assert full == pytest.approx(2.0) and compressed < full
-    inc = count_parameters(shapes, ranks=[32, 64], num_domains=2, domain_ranks=[[8, 8], [16, 24]])
-    assert inc.gammas == 64 * (8 + 8 + 16 + 24)
-    with pytest.raises(ValueError, match="prefix rank"):
-        count_parameters(shapes, ranks=[32, 64], num_domains=1, domain_ranks=[[40, 8]])
-    with pytest.raises(ValueError, match="one rank per layer"):
-        count_parameters(shapes, ranks=[32], num_domains=1)

@@ -42,7 +42,7 @@ def test_energy_one_loses_nothing(backbone):
 
 def test_error_falls_as_rank_rises():
     model, _ = make_model()
-    errors = [sum(refactorize(model, rank=r).domain_errors.values()) for r in (0.125, 0.25, 0.5, 1.0)]
+    errors = [sum(refactorize(model, basis_rank=r).domain_errors.values()) for r in (0.125, 0.25, 0.5, 1.0)]
     assert all(e1 >= e2 - 1e-7 for e1, e2 in zip(errors, errors[1:], strict=False))
     assert errors[0] > errors[-1]
 
@@ -57,7 +57,7 @@ def test_refactorize_reports_without_applying():
         with torch.no_grad():
             return (m(x, domain=d).argmax(1) == before[d].argmax(1)).float().mean().item()
 
-    report = refactorize(model, rank=0.5, evaluate=agreement)
+    report = refactorize(model, basis_rank=0.5, evaluate=agreement)
     assert not report.applied
     assert set(report.accuracy_change) == {"a", "b", "c"}
     assert all(v == 1.0 for v in report.accuracy_before.values())
@@ -68,7 +68,7 @@ def test_refactorize_reports_without_applying():
 def test_compress_half_rank_shrinks_the_family():
     model, _ = make_model(names=[f"d{i}" for i in range(6)])
     before = parameter_report(model)
-    report = compress(model, rank=0.5)
+    report = compress(model, basis_rank=0.5)
     after = parameter_report(model)
     assert after["total"] < before["total"]
     conv = model.layers()["layer2.0.conv2"]  # a dense 3x3 conv
@@ -81,7 +81,7 @@ def test_compress_half_rank_shrinks_the_family():
 def test_old_domains_bit_identical_after_three_incremental_additions(tmp_path):
     model, bb = make_model(names=["a"])
     x = input_for(bb)
-    append_domain(model, "a", rank=4)  # project the full adapters of a onto an empty basis
+    append_domain(model, "a", new_columns=4)  # project the full adapters of a onto an empty basis
     ref = logits(model, x)["a"]
     save_family(model, tmp_path / "fam")
     file_a = (tmp_path / "fam" / "domains" / "a.safetensors").read_bytes()
@@ -126,9 +126,9 @@ def test_basis_never_exceeds_c_out():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"rank": 0}, "rank"),
-        ({"rank": -1}, "rank"),
-        ({"rank": 10_000}, "rank"),
+        ({"basis_rank": 0}, "rank"),
+        ({"basis_rank": -1}, "rank"),
+        ({"basis_rank": 10_000}, "rank"),
         ({"energy": float("nan")}, "energy"),
         ({"energy": 1.5}, "energy"),
         ({}, "rank|energy"),

@@ -170,7 +170,7 @@ def test_reloaded_domain_of_the_same_name_is_not_stale(tmp_path):
 def test_appending_basis_columns_rebuilds_and_keeps_bits():
     model = make(names=("a",))
     x = input_for(model.backbone)
-    append_domain(model, "a", rank=4)
+    append_domain(model, "a", new_columns=4)
     ref = run(model, x, "a")
     model.add_domain("b", num_classes=4, factored=True, new_columns=2)
     perturb(model, "b", seed=5)
@@ -243,7 +243,7 @@ def test_deepcopy_starts_empty():
 @pytest.mark.parametrize("prefix,own", [(0, 3), (4, 0), (4, 3)])
 def test_low_rank_basis_is_the_concatenation(prefix, own):
     beta = torch.randn(8, 6)
-    a = LowRankAdapter(5, 8, rank=own, prefix_rank=prefix, conv=False)
+    a = LowRankAdapter(5, 8, own_columns=own, shared_columns=prefix, conv=False)
     with torch.no_grad():
         a.beta_own.normal_()
     reference = torch.cat([beta[:, :prefix].contiguous(), a.beta_own], dim=1)

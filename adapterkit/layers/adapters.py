@@ -58,15 +58,15 @@ class LowRankAdapter(nn.Module):
     """A factored adapter `[beta[:, :k], beta_own] @ gamma^T`.
 
     `beta` is the layer's shared, append-only basis (out x K). This domain was built on its first
-    `prefix_rank` columns and may own `beta_own` (out x m) columns that no other domain reads; it owns
-    `gamma` (in x (prefix_rank + m)). Columns appended to the shared basis later are never read, so
-    the domain's output does not change when other domains arrive.
+    k = `shared_columns` columns and owns `beta_own` (out x `own_columns`) columns that no other domain
+    reads, and `gamma` (in x `width`, width = shared + own columns). Columns appended to the shared basis
+    later are never read, so the domain's output does not change when other domains arrive.
 
     At creation `beta_own` is zero and the part of `gamma` facing `beta_own` is random (as in LoRA), so
     the adapter starts as the identity map of the layer and still receives gradients.
 
     Example:
-        >>> a = LowRankAdapter(16, 32, rank=4, conv=False)
+        >>> a = LowRankAdapter(16, 32, own_columns=4, conv=False)
         >>> a(torch.randn(2, 16), beta=torch.zeros(32, 0)).abs().sum().item()
         0.0
     """
@@ -76,50 +76,53 @@ class LowRankAdapter(nn.Module):
         in_features: int,
         out_features: int,
         *,
-        rank: int,
-        prefix_rank: int = 0,
+        own_columns: int,
+        shared_columns: int = 0,
         stride: tuple[int, int] | int = 1,
         conv: bool = True,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.prefix_rank = prefix_rank
+        self.shared_columns = shared_columns
         self.stride = stride
         self.conv = conv
-        self.beta_own = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=dtype))
-        self.gamma = nn.Parameter(torch.zeros(in_features, prefix_rank + rank, device=device, dtype=dtype))
+        self.beta_own = nn.Parameter(torch.zeros(out_features, own_columns, device=device, dtype=dtype))
+        self.gamma = nn.Parameter(
+            torch.zeros(in_features, shared_columns + own_columns, device=device, dtype=dtype)
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Zero `beta_own` and the shared part of `gamma`; Kaiming-uniform for the own part of `gamma`."""
         nn.init.zeros_(self.beta_own)
         nn.init.zeros_(self.gamma)
-        own = self.gamma[:, self.prefix_rank :]
+        own = self.gamma[:, self.shared_columns :]
         if own.numel():
             bound = 1.0 / math.sqrt(self.gamma.shape[0])
             with torch.no_grad():
                 own.uniform_(-bound, bound)
 
     @property
-    def rank(self) -> int:
+    def width(self) -> int:
+        """Basis columns this domain reads: shared ones, then its own."""
         return self.gamma.shape[1]
 
     def basis(self, beta: torch.Tensor) -> torch.Tensor:
         """This domain's columns: the shared prefix it was built on, then its own."""
-        if self.prefix_rank > beta.shape[1]:
+        if self.shared_columns > beta.shape[1]:
             raise RuntimeError(
-                f"domain was built on {self.prefix_rank} basis columns but the layer holds {beta.shape[1]}; "
+                f"domain was built on {self.shared_columns} basis columns but the layer holds {beta.shape[1]}; "
                 "load the basis.safetensors that belongs to this family"
             )
         # Always a contiguous (out, k + m) tensor with the same bytes whatever the total width of
         # `beta`, so old domains stay bit-identical when columns are appended; no copy when one
         # part is empty (a fresh domain, or one fully expressed on the shared basis).
-        if self.prefix_rank == 0:
+        if self.shared_columns == 0:
             return self.beta_own
         if self.beta_own.shape[1] == 0:
-            return beta[:, : self.prefix_rank].contiguous()
-        return torch.cat([beta[:, : self.prefix_rank], self.beta_own], dim=1)
+            return beta[:, : self.shared_columns].contiguous()
+        return torch.cat([beta[:, : self.shared_columns], self.beta_own], dim=1)
 
     def weight(self, beta: torch.Tensor) -> torch.Tensor:
         """The adapter as an (out, in) matrix."""

@@ -105,6 +105,11 @@ class FusedWeights:
         with self._lock:
             self._entries.clear()
 
+    def evict(self, domain: str) -> None:
+        """Drop one domain's fused weight (its domain was removed)."""
+        with self._lock:
+            self._entries.pop(domain, None)
+
     def weight(
         self,
         domain: str,

@@ -73,17 +73,16 @@ class DomainLayer(nn.Module):
             raise KeyError(f"domain {domain!r} was unloaded while this call was running; call again")
         return domain, adapter
 
-    def active(self) -> nn.Module | None:
-        return self.route()[1]
-
     def new_adapter(self, **kwargs) -> nn.Module:
         raise NotImplementedError
 
     def adapter_from_state(self, state: dict[str, torch.Tensor]) -> nn.Module:
         """Build a domain's adapter whose form and shapes match `state`, and load it (strict)."""
         if "gamma" in state and "beta_own" in state:
-            rank = state["beta_own"].shape[1]
-            adapter = self.new_adapter(factored=True, rank=rank, prefix_rank=state["gamma"].shape[1] - rank)
+            own = state["beta_own"].shape[1]
+            adapter = self.new_adapter(
+                factored=True, own_columns=own, shared_columns=state["gamma"].shape[1] - own
+            )
         elif "alpha" in state:
             adapter = self.new_adapter(factored=False)
         else:
@@ -190,14 +189,14 @@ class AdaptedConv2d(DomainLayer):
         )
 
     def new_adapter(
-        self, *, factored: bool | None = None, rank: int | None = None, prefix_rank: int = 0
+        self, *, factored: bool | None = None, own_columns: int | None = None, shared_columns: int = 0
     ) -> nn.Module:
         """A fresh adapter for a new domain: full `alpha`, or `LowRankAdapter` when factored.
 
         Args:
             factored: low-rank form (default: only for the `lowrank` rule).
-            rank: number of own basis columns (default: the layer's rank).
-            prefix_rank: leading columns of the shared `beta` the domain builds on.
+            own_columns: basis columns of its own (default: the layer's adapter rank).
+            shared_columns: leading columns of the shared `beta` the domain builds on.
         """
         conv = self.base_layer
         kw = dict(device=conv.weight.device, dtype=conv.weight.dtype)
@@ -208,9 +207,15 @@ class AdaptedConv2d(DomainLayer):
         if factored:
             if self.rule == "grouped":
                 raise ValueError("grouped/depthwise adapters have no low-rank form; keep them full")
-            rank = self.rank if rank is None else rank
+            own = self.rank if own_columns is None else own_columns
             return LowRankAdapter(
-                c_in, conv.out_channels, rank=rank, prefix_rank=prefix_rank, stride=stride, conv=True, **kw
+                c_in,
+                conv.out_channels,
+                own_columns=own,
+                shared_columns=shared_columns,
+                stride=stride,
+                conv=True,
+                **kw,
             )
         return FullAdapter(c_in, conv.out_channels, groups=conv.groups, stride=stride, conv=True, **kw)
 
@@ -290,15 +295,20 @@ class AdaptedLinear(DomainLayer):
         )
 
     def new_adapter(
-        self, *, factored: bool | None = None, rank: int | None = None, prefix_rank: int = 0
+        self, *, factored: bool | None = None, own_columns: int | None = None, shared_columns: int = 0
     ) -> nn.Module:
         lin = self.base_layer
         kw = dict(device=lin.weight.device, dtype=lin.weight.dtype)
         if factored is False:
             return FullAdapter(lin.in_features, lin.out_features, conv=False, **kw)
-        rank = self.rank if rank is None else rank
+        own = self.rank if own_columns is None else own_columns
         return LowRankAdapter(
-            lin.in_features, lin.out_features, rank=rank, prefix_rank=prefix_rank, conv=False, **kw
+            lin.in_features,
+            lin.out_features,
+            own_columns=own,
+            shared_columns=shared_columns,
+            conv=False,
+            **kw,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,142 @@
+"""Where a family is read from: a local folder, or a Hub / registry repo pinned to one commit.
+
+A `Source` lists the family's files and maps each path to a local file (`fetch`), so the readers in
+`format.py` and `load.py` work the same on both. A Hub source asks for the repo once (its commit and
+file list), then downloads single files from that commit only: a push in between never mixes two
+versions of a family, and a subset of domains downloads only theirs. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .format import CONFIG_FILE, Fetch
+
+
+@dataclass
+class Source:
+    """A family's files: `label` for messages, `files` (paths inside the family), `fetch(path)`."""
+
+    label: str
+    files: list[str]
+    fetch: Fetch
+    revision: str | None = None  # the commit a Hub source is pinned to
+    repo_id: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # Hub options, for reading again
+
+
+def endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def is_connection_error(error: BaseException) -> bool:
+    """True for a network failure of the HTTP client (whichever client huggingface_hub uses)."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return bool(names & {"TransportError", "ConnectionError", "ConnectError", "Timeout", "TimeoutException"})
+
+
+def unreachable(error: BaseException) -> ConnectionError:
+    return ConnectionError(
+        f"cannot reach {endpoint()} ({error}): is the Hub or registry running? Point HF_ENDPOINT at your "
+        "registry (export HF_ENDPOINT=http://127.0.0.1:PORT) before starting Python, or use a local folder"
+    )
+
+
+def local_source(directory: Path) -> Source:
+    directory = Path(directory)
+    files = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+
+    def fetch(path: str) -> Path:
+        full = directory / path
+        if not full.is_file():
+            raise FileNotFoundError(f"{full} does not exist; is {directory} an adapterkit family folder?")
+        return full
+
+    return Source(str(directory), files, fetch)
+
+
+def hub_source(
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+) -> Source:
+    """A Hub repo at one commit. Offline (`local_files_only`), the cached snapshot is used."""
+    from huggingface_hub import HfApi, constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    label = f"{repo_id}@{revision or 'main'}"
+    local_files_only = local_files_only or constants.HF_HUB_OFFLINE
+    options = dict(token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+    try:
+        if local_files_only:
+            sha, files = _cached(repo_id, revision, options)
+        else:
+            try:
+                info = HfApi(token=token).model_info(repo_id, revision=revision, files_metadata=False)
+            except Exception as e:
+                if not is_connection_error(e):
+                    raise
+                options["local_files_only"] = (
+                    True  # unreachable: what the cache holds, as hf_hub_download does
+                )
+                try:
+                    sha, files = _cached(repo_id, revision, options)
+                except EntryNotFoundError:
+                    raise unreachable(e) from e
+            else:
+                sha, files = info.sha, sorted(s.rfilename for s in info.siblings or [])
+                if CONFIG_FILE in files:  # by branch name once, so the cache knows the branch offline
+                    hf_hub_download(repo_id, CONFIG_FILE, revision=revision, **options)
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(
+            f"repo {repo_id!r} not found on {endpoint()} (or it is private: pass a token with access)"
+        ) from e
+    except RevisionNotFoundError as e:
+        raise FileNotFoundError(f"revision {revision!r} does not exist in {repo_id}") from e
+    except EntryNotFoundError as e:  # offline and not cached
+        raise FileNotFoundError(f"{label} is not in the local cache; download it once online") from e
+
+    def fetch(path: str) -> Path:
+        if path not in files:
+            hint = "it is not an adapterkit family" if path == CONFIG_FILE else "the family is incomplete"
+            raise FileNotFoundError(f"{repo_id}@{sha} has no {path}: {hint}")
+        try:
+            return Path(
+                hf_hub_download(repo_id, path, revision=sha, force_download=force_download, **options)
+            )
+        except Exception as e:
+            if is_connection_error(e):
+                raise unreachable(e) from e
+            raise
+
+    return Source(label, files, fetch, revision=sha, repo_id=repo_id, options=options)
+
+
+def _cached(repo_id: str, revision: str | None, options: dict[str, Any]) -> tuple[str, list[str]]:
+    """The commit and files of the snapshot the local cache holds (only files downloaded before)."""
+    from huggingface_hub import hf_hub_download
+
+    snapshot = Path(hf_hub_download(repo_id, CONFIG_FILE, revision=revision, **options)).parent
+    return snapshot.name, sorted(
+        p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()
+    )
+
+
+def open_source(source: str | Path, **hub_kwargs: Any) -> Source:
+    """A local family folder, or a Hub repo id (`hub_kwargs`: revision, token, cache_dir, ...)."""
+    if Path(source).is_dir():
+        if hub_kwargs.get("revision"):
+            raise ValueError(f"revision= applies to Hub repos; {source} is a local folder")
+        return local_source(Path(source))
+    if os.sep in str(source) and not Path(source).exists() and str(source).startswith((".", "/")):
+        raise FileNotFoundError(f"{source} does not exist: give a family folder or a Hub repo id (org/name)")
+    return hub_source(str(source), **hub_kwargs)
