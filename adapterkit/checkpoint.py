@@ -11,19 +11,31 @@ under its path in the structure (`optimizer/state/3/momentum_buffer`) and replac
 `{"__tensor__": path}`; dicts with non-string keys (an optimizer's parameter indices) and tuples are
 tagged so they come back as they went in. The tensors file is written first and the JSON last (both
 atomically), so a crash leaves the previous checkpoint readable; older tensors files are then removed.
+
+`save_training` / `restore_training` / `restore_rng` are what the training loop keeps in one: the
+step, the trained tensors, the optimizer, every process's RNG, the loss scaler, the running loss, and
+the settings that must match for an exact resume.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load, save
 
-from .family import atomic_write
+from .format import atomic_write
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from .train_config import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 INDEX = "checkpoint.json"
@@ -114,3 +126,99 @@ def load_checkpoint(directory: str | Path) -> dict[str, Any] | None:
     if hashlib.sha256(data).hexdigest() != index.get("sha256"):
         raise ValueError(f"{index['tensors']} in {directory} does not match its checksum: delete the folder")
     return _decode(index["state"], load(data))
+
+
+# ---------------------------------------------------------------------- the training state
+def checkpoint_folder(config: TrainConfig, name: str, resume: bool | str | Path) -> Path | None:
+    """Where `name`'s checkpoints live: the `resume` folder, else `output_dir/checkpoints/<name>`."""
+    if resume not in (False, True):
+        return Path(resume)
+    if resume and not config.output_dir:
+        raise ValueError(
+            "resume=True needs TrainConfig(output_dir=...) (checkpoints live in output_dir/checkpoints)"
+        )
+    return Path(config.output_dir) / "checkpoints" / name if config.output_dir else None
+
+
+def save_training(
+    folder: Path,
+    acc: Accelerator,
+    name: str,
+    tensors: dict[str, torch.Tensor],
+    optimizer: Any,
+    config: TrainConfig,
+    step: int,
+    n: int,
+    loss: list,
+) -> None:
+    """Write the state of `name`'s training after optimizer step `step` (every process's RNG
+    gathered, written by the main process)."""
+    rng = {"torch": acc.gather(torch.get_rng_state().to(acc.device)[None]).cpu()}
+    if acc.device.type == "cuda":
+        rng["cuda"] = acc.gather(torch.cuda.get_rng_state().to(acc.device)[None]).cpu()
+    if acc.is_main_process:
+        state = {
+            "domain": name,
+            "step": step,
+            "loss": loss,
+            "num_images": n,
+            "world_size": acc.num_processes,
+            "config": config.trajectory(),
+            "tensors": tensors,
+            "optimizer": optimizer.state_dict(),
+            "rng": rng,
+            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+        }
+        save_checkpoint(folder, state, step)
+    acc.wait_for_everyone()
+
+
+def restore_training(
+    folder: Path | None,
+    name: str,
+    tensors: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    n: int,
+    world: int,
+) -> dict[str, Any] | None:
+    """Load the checkpoint of `name` into `tensors` and `optimizer`; the state, or None when there is none.
+
+    Raises:
+        ValueError: it was written with other settings, another training-set size or number of
+            processes, or for other tensors.
+    """
+    state = load_checkpoint(folder) if folder is not None else None
+    if state is None:
+        logger.info("no checkpoint in %s: %s starts from step 0", folder, name)
+        return None
+    fix = f"resume with the settings it was written with, or delete {folder} to start afresh"
+    ours = config.trajectory()
+    diff = sorted(k for k in ours if ours[k] != state["config"].get(k))
+    if state["domain"] != name or diff:
+        raise ValueError(
+            f"the checkpoint in {folder} ({state['domain']!r}) differs in {diff or 'domain'}: {fix}"
+        )
+    if (state["num_images"], state["world_size"]) != (n, world):
+        raise ValueError(
+            f"the checkpoint in {folder} was written for {state['num_images']} training images on "
+            f"{state['world_size']} processes (now {n} on {world}): {fix}"
+        )
+    if set(tensors) != set(state["tensors"]):
+        raise ValueError(f"the checkpoint in {folder} holds other tensors than {name!r} has: {fix}")
+    with torch.no_grad():
+        for key, t in tensors.items():
+            t.copy_(state["tensors"][key])
+    optimizer.load_state_dict(state["optimizer"])
+    logger.info("%s resumes at step %d from %s", name, state["step"], folder)
+    return state
+
+
+def restore_rng(state: dict[str, Any], acc: Accelerator) -> None:
+    """This process's RNG (CPU, and its GPU) and the fp16 loss scaler as the checkpoint holds them."""
+    rank = acc.process_index
+    torch.set_rng_state(state["rng"]["torch"][rank])
+    if state["rng"].get("cuda") is not None and acc.device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng"]["cuda"][rank])
+    if state.get("scaler") and acc.scaler is not None:
+        acc.scaler.load_state_dict(state["scaler"])

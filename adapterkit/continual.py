@@ -7,14 +7,14 @@ adapterkit's invariant the columns never change, so BWT and forgetting are exact
 Baselines, for the Visual Decathlon score and the paper's comparison table:
 
 * `finetune_baseline`: a separate copy of the backbone per domain, every weight fine-tuned (the
-  paper's "10x" row: T backbones for T domains); its errors are the Decathlon score's `E_base`.
+  paper's "10x" row: ten backbones for ten domains); its errors are the Decathlon score's `E_base`.
 * `linear_probe_baseline`: the frozen backbone's features with one linear head per domain.
 
 Separate models per domain cannot forget, so the baselines' matrices are filled from their diagonals.
 
 Example:
-    >>> tasks = [DomainTask("gtsrb", gtsrb_train, gtsrb_test, config=TrainConfig(flip=False)), ...]
-    >>> result = train_sequence(model, tasks)
+    >>> domains = [DomainSpec("gtsrb", gtsrb_train, gtsrb_test, config=TrainConfig(flip=False)), ...]
+    >>> result = train_sequence(model, domains)
     >>> print(result.report)
 """
 
@@ -39,8 +39,8 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class DomainTask:
-    """One domain of a sequence: its data, classes and options.
+class DomainSpec:
+    """One domain of a sequence: its name, data, classes and training options.
 
     Args:
         name: the domain's name.
@@ -116,44 +116,44 @@ class SequenceResult:
 
 def train_sequence(
     model: AdapterModel,
-    tasks: Sequence[DomainTask],
+    domains: Sequence[DomainSpec],
     *,
     config: TrainConfig | None = None,
     accelerator: Accelerator | None = None,
     evaluate_all: bool = True,
     method: str | None = None,
 ) -> SequenceResult:
-    """Train `tasks` in order on `model`; after each, evaluate every domain trained so far.
+    """Train `domains` in order on `model`; after each, evaluate every domain trained so far.
 
     Args:
-        config: the default `TrainConfig` for tasks without their own.
+        config: the default `TrainConfig` for domains without their own.
         accelerator: one `Accelerator` for the whole sequence (default: made from the first config).
         evaluate_all: re-evaluate earlier domains after each new one (the full matrix); False fills
             the matrix from the diagonal (only valid because nothing can change an old domain).
     """
-    _check_names(tasks)
+    _check_names(domains)
     default = config or TrainConfig()
-    acc = accelerator or make_accelerator(tasks[0].config or default)
+    acc = accelerator or make_accelerator(domains[0].config or default)
     rows: list[list[float]] = []
     metrics: dict[str, dict[str, float]] = {}
-    for i, task in enumerate(tasks):
-        cfg = task.config or default
-        logger.info("domain %d/%d: %s", i + 1, len(tasks), task.name)
-        metrics[task.name] = train_domain(
+    for i, spec in enumerate(domains):
+        cfg = spec.config or default
+        logger.info("domain %d/%d: %s", i + 1, len(domains), spec.name)
+        metrics[spec.name] = train_domain(
             model,
-            task.name,
-            task.train,
-            task.test,
+            spec.name,
+            spec.train,
+            spec.test,
             cfg,
-            num_classes=task.num_classes,
-            labels=task.labels,
-            data_config=task.data_config,
+            num_classes=spec.num_classes,
+            labels=spec.labels,
+            data_config=spec.data_config,
             accelerator=acc,
         )
         row = []
-        for j, old in enumerate(tasks[: i + 1]):
+        for j, old in enumerate(domains[: i + 1]):
             if j == i:
-                row.append(metrics[task.name]["accuracy"])
+                row.append(metrics[spec.name]["accuracy"])
             elif evaluate_all:
                 row.append(evaluate(model, old.test, old.name, config=old.config or default, accelerator=acc))
             else:
@@ -161,10 +161,10 @@ def train_sequence(
         rows.append(row)
         logger.info(
             "after %s: %s",
-            task.name,
-            ", ".join(f"{t.name} {a:.4f}" for t, a in zip(tasks, row, strict=False)),
+            spec.name,
+            ", ".join(f"{d.name} {a:.4f}" for d, a in zip(domains, row, strict=False)),
         )
-    names = [t.name for t in tasks]
+    names = [d.name for d in domains]
     costs = {name: model.domain_cost(name) for name in names}
     label = method or f"adapters ({model.config.topology})"
     return SequenceResult(
@@ -174,7 +174,7 @@ def train_sequence(
 
 def linear_probe_baseline(
     backbone: str,
-    tasks: Sequence[DomainTask],
+    domains: Sequence[DomainSpec],
     *,
     pretrained: bool | str | Path = False,
     overrides: dict[str, Any] | None = None,
@@ -182,18 +182,18 @@ def linear_probe_baseline(
 ) -> SequenceResult:
     """One linear head per domain on the frozen backbone's features (nothing else is trained).
 
-    `overrides` replace fields of every task's `TrainConfig` (for example `{"lr": 0.01}`).
+    `overrides` replace fields of every domain's `TrainConfig` (for example `{"lr": 0.01}`).
     """
     model = AdapterModel.from_backbone(
         backbone, AdapterConfig(overrides={"*": "frozen"}), pretrained=pretrained
     )
-    tasks = [replace(t, config=replace(t.config or TrainConfig(), **(overrides or {}))) for t in tasks]
-    return train_sequence(model, tasks, accelerator=accelerator, evaluate_all=False, method="linear probe")
+    domains = [replace(d, config=replace(d.config or TrainConfig(), **(overrides or {}))) for d in domains]
+    return train_sequence(model, domains, accelerator=accelerator, evaluate_all=False, method="linear probe")
 
 
 def finetune_baseline(
     backbone: str,
-    tasks: Sequence[DomainTask],
+    domains: Sequence[DomainSpec],
     *,
     pretrained: bool | str | Path = False,
     overrides: dict[str, Any] | None = None,
@@ -201,30 +201,30 @@ def finetune_baseline(
 ) -> SequenceResult:
     """A fresh copy of the backbone per domain with every weight (BatchNorm statistics included)
     fine-tuned: the paper's full fine-tuning baseline. `overrides` as in `linear_probe_baseline`."""
-    _check_names(tasks)
+    _check_names(domains)
     rows: list[list[float]] = []
     costs: dict[str, dict[str, float]] = {}
     metrics: dict[str, dict[str, float]] = {}
     acc = accelerator
     unit = 0
-    for i, task in enumerate(tasks):
-        cfg = replace(task.config or TrainConfig(), **(overrides or {}))
+    for i, spec in enumerate(domains):
+        cfg = replace(spec.config or TrainConfig(), **(overrides or {}))
         acc = acc or make_accelerator(cfg)
         net = create_backbone(backbone, pretrained)
         unit = sum(p.numel() for p in net.parameters()) - sum(
             p.numel() for p in net.get_classifier().parameters()
         )
-        num_classes = task.num_classes or _classes(task, cfg)
+        num_classes = spec.num_classes or _classes(spec, cfg)
         net.reset_classifier(num_classes)
-        logger.info("fine-tuning %d/%d: %s", i + 1, len(tasks), task.name)
-        metrics[task.name] = train_model(
-            net, task.train, task.test, cfg, name=task.name, data_config=task.data_config, accelerator=acc
+        logger.info("fine-tuning %d/%d: %s", i + 1, len(domains), spec.name)
+        metrics[spec.name] = train_model(
+            net, spec.train, spec.test, cfg, name=spec.name, data_config=spec.data_config, accelerator=acc
         )
-        rows.append([rows[j][j] for j in range(i)] + [metrics[task.name]["accuracy"]])
+        rows.append([rows[j][j] for j in range(i)] + [metrics[spec.name]["accuracy"]])
         params = sum(p.numel() for p in net.parameters())
         nbytes = sum(t.numel() * t.element_size() for t in net.state_dict().values())
-        costs[task.name] = {"parameters": params, "bytes": nbytes, "fraction_of_backbone": params / unit}
-    names = [t.name for t in tasks]
+        costs[spec.name] = {"parameters": params, "bytes": nbytes, "fraction_of_backbone": params / unit}
+    names = [d.name for d in domains]
     return SequenceResult("fine-tuning", ContinualReport.from_matrix(rows, names), costs, metrics, unit)
 
 
@@ -248,14 +248,14 @@ def comparison_table(results: Sequence[SequenceResult], baseline: SequenceResult
     return format_table(rows, ["method", "ACC", "BWT", "forgetting", "#par", "Decathlon"])
 
 
-def _check_names(tasks: Sequence[DomainTask]) -> None:
-    names = [t.name for t in tasks]
+def _check_names(domains: Sequence[DomainSpec]) -> None:
+    names = [d.name for d in domains]
     if not names or len(set(names)) != len(names):
-        raise ValueError(f"tasks need distinct names, at least one: got {names}")
+        raise ValueError(f"domains need distinct names, at least one: got {names}")
 
 
-def _classes(task: DomainTask, cfg: TrainConfig) -> int:
+def _classes(spec: DomainSpec, cfg: TrainConfig) -> int:
     from .data import open_data
 
-    source = open_data(task.train, cfg.image_column, cfg.label_column)
+    source = open_data(spec.train, cfg.image_column, cfg.label_column)
     return len(source.class_names) if source.class_names else int(source.labels().max()) + 1

@@ -26,6 +26,7 @@ from .transforms import GRAYSCALE_MODES, Preprocess, to_pil
 
 logger = logging.getLogger(__name__)
 
+SHOW_FAILURES = 20  # undecodable images named in one error (all are counted)
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 
@@ -105,6 +106,15 @@ class FolderSource(Source):
             self.paths += files
             targets += [label] * len(files)
         self.root, self.class_names, self.targets = root, classes, np.asarray(targets, dtype=np.int64)
+        loose = sorted(p.name for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if loose and not self.paths:
+            raise ValueError(
+                f"{root} holds {len(loose)} images but no class subfolders: the class of an image is the "
+                f"name of its subfolder. Move the images into one subfolder per class:\n"
+                f"    {root}/<first class>/{loose[0]}\n    {root}/<second class>/...\n"
+            )
+        if loose:
+            logger.warning("%s: %d images outside the class subfolders are ignored", root, len(loose))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -266,6 +276,7 @@ def check_data(
     *,
     check_images: int | None = 1000,
     what: str = "data",
+    min_classes: int = 1,
 ) -> np.ndarray:
     """Check every label and (a sample of) the images before anything is trained or written.
 
@@ -273,13 +284,16 @@ def check_data(
         check_images: decode all images when there are at most this many, else a fixed random sample of
             this many (None: all). An image outside the sample that fails later stops training with
             the same error.
+        min_classes: how many distinct labels the data must have (2 for training data: one class
+            trains nothing).
 
     Returns:
         The labels.
 
     Raises:
-        ValueError: an empty dataset, a label outside `0..num_classes-1` or not an integer, an image
-            that cannot be decoded, or a grey image where RGB is required; the message says how to fix it.
+        ValueError: an empty dataset, a label outside `0..num_classes-1` or not an integer, fewer than
+            `min_classes` classes, images that cannot be decoded (up to `SHOW_FAILURES` of them named,
+            and their count), or a grey image where RGB is required; the message says how to fix it.
     """
     n = len(source)
     if n == 0:
@@ -294,19 +308,48 @@ def check_data(
             f"{len(bad)} label(s) of the {what} are outside 0..{num_classes - 1}: {source.describe(i)} has label "
             f"{int(labels[i])}. Fix the labels, or add the domain with num_classes={int(labels.max()) + 1}"
         )
+    _check_classes(source, labels, min_classes, what)
     if check_images is None or n <= check_images:
         sample = range(n)
     else:
         sample = np.sort(np.random.default_rng(0).choice(n, size=check_images, replace=False))
-    converted = 0
-    for i in sample:
-        where = f"{source.describe(int(i))} of the {what}"
+    converted, failed = 0, []
+    for i in map(int, sample):
         try:
-            image = to_pil(source.item(int(i))[0])
+            image = to_pil(source.item(i)[0])
         except (OSError, UnidentifiedImageError, ValueError, TypeError) as e:
-            raise ValueError(f"{where} cannot be decoded ({e}); remove or replace it") from e
+            failed.append((i, e))
+            continue
         converted += image.mode in GRAYSCALE_MODES
-        preprocess.mode(image, where)
+        preprocess.mode(image, f"{source.describe(i)} of the {what}")
+    if failed:
+        raise ValueError(_undecodable(source, failed, what, len(sample), n)) from failed[0][1]
     if converted and preprocess.data_config["input_size"][0] == 3:
         logger.info("%s: %d checked grey images are converted to RGB (3 equal channels)", what, converted)
     return labels
+
+
+def _check_classes(source: Source, labels: np.ndarray, min_classes: int, what: str) -> None:
+    present = np.unique(labels)
+    if len(present) >= min_classes:
+        return
+    names = source.class_names
+    found = ", ".join(repr(names[c]) if names and c < len(names) else str(c) for c in present)
+    raise ValueError(
+        f"the {what} has images of {len(present)} class ({found}); a classifier needs at least "
+        f"{min_classes}: add images of the other classes (an image folder needs one subfolder per class, "
+        "root/<class>/<image>)"
+    )
+
+
+def _undecodable(source: Source, failed: list[tuple[int, Exception]], what: str, checked: int, n: int) -> str:
+    """One line per image that cannot be decoded, the first `SHOW_FAILURES` of them, and their count."""
+    if len(failed) == 1:
+        i, e = failed[0]
+        return f"{source.describe(i)} of the {what} cannot be decoded ({e}); remove or replace it"
+    scope = f"of the {checked} checked (check_images=None checks all {n}) " if checked < n else ""
+    lines = [f"    {source.describe(i)}: {e}" for i, e in failed[:SHOW_FAILURES]]
+    if len(failed) > SHOW_FAILURES:
+        lines.append(f"    ... and {len(failed) - SHOW_FAILURES} more")
+    head = f"{len(failed)} images {scope}of the {what} cannot be decoded; remove or replace them:"
+    return "\n".join([head, *lines])

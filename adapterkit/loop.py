@@ -1,17 +1,18 @@
 """The training loop behind `adapterkit.train`: a plain loop on an `Accelerator` handed to it.
 
-`prepare`, `accumulate`, `backward`, `gather_for_metrics` as in Accelerate's examples, plus what
-the examples leave out: exact mid-epoch resume from a safetensors + JSON checkpoint (`checkpoint.py`),
-and BatchNorm statistics averaged over processes at the end. This module never imports accelerate
-(`train.py` creates the Accelerator); it only calls the object it is given.
+`fit` reads as Accelerate's examples do (`prepare`, `accumulate`, `backward`), with each added
+feature in a named step: exact mid-epoch resume from a safetensors + JSON checkpoint
+(`checkpoint.py`), a private RNG (training never reseeds the caller's), CPU threads, and BatchNorm
+statistics averaged over processes at the end. Only Accelerate's public API is used, and this module
+never imports accelerate (`train.py` creates the Accelerator); it only calls the object it is given.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,41 +23,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_folder, restore_rng, restore_training, save_training
 from .data import DomainDataset, EpochBatches
+from .train_config import TrainConfig, auto_weight_decay, learning_rate
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from .train import TrainConfig
-
 logger = logging.getLogger(__name__)
-
-# The paper's weight decay by training-set size: (images below, decay); the last applies above all.
-AUTO_WEIGHT_DECAY = ((10_000, 0.002), (100_000, 0.0005), (None, 0.0001))
-
-
-def auto_weight_decay(num_images: int) -> float:
-    """The paper's weight decay for a training set of `num_images`: 0.002 below 10,000 images,
-    0.0005 below 100,000, else 0.0001.
-
-    Example:
-        >>> auto_weight_decay(5_000), auto_weight_decay(50_000), auto_weight_decay(500_000)
-        (0.002, 0.0005, 0.0001)
-    """
-    return next(wd for limit, wd in AUTO_WEIGHT_DECAY if limit is None or num_images < limit)
-
-
-def learning_rate(config: TrainConfig, step: int, total: int) -> float:
-    """The learning rate of optimizer step `step` (0-based) of `total`: linear warmup, then the schedule."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
-    if config.schedule == "cosine":
-        return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if config.schedule == "step":
-        return config.lr * config.gamma ** sum(progress >= m for m in config.milestones)
-    return config.lr
 
 
 @dataclass
@@ -71,10 +45,37 @@ class Job:
     norms: list[nn.Module] = field(default_factory=list)
 
 
-def _optimizer(config: TrainConfig, params: list[nn.Parameter], weight_decay: float) -> torch.optim.Optimizer:
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=weight_decay)
+@dataclass
+class Plan:
+    """How long a job trains (optimizer steps), its weight decay and where its checkpoints go."""
+
+    per_epoch: int
+    total: int
+    weight_decay: float
+    folder: Path | None
+
+    @classmethod
+    def of(cls, job: Job, n: int, config: TrainConfig, world: int, resume: bool | str | Path) -> Plan:
+        per_epoch = n // (config.batch_size * world) // config.grad_accum
+        wd = auto_weight_decay(n) if config.weight_decay == "auto" else float(config.weight_decay)
+        folder = checkpoint_folder(config, job.name, resume)
+        return cls(per_epoch, config.steps or config.epochs * per_epoch, wd, folder)
+
+    def checkpoint_due(self, step: int, every: int | None) -> bool:
+        """Whether a checkpoint is written after optimizer step `step` (never after the last one)."""
+        return self.folder is not None and bool(every) and step % every == 0 and step < self.total
+
+
+class Call(nn.Module):
+    """What `prepare` wraps (DDP, mixed precision's autocast) in place of the caller's model, which
+    accelerate then never patches or marks: every `fit` prepares afresh, and nothing is left to undo."""
+
+    def __init__(self, module: nn.Module, forward: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.module, self.call = module, forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.call(self.module, x)
 
 
 def fit(
@@ -86,89 +87,70 @@ def fit(
     resume: bool | str | Path,
     callback: Callable[[dict[str, Any]], None] | None,
 ) -> dict[str, float]:
-    world, rank = acc.num_processes, acc.process_index
-    per_epoch = len(train_set) // (config.batch_size * world) // config.grad_accum  # optimizer steps
-    total = config.steps or config.epochs * per_epoch
-    wd = auto_weight_decay(len(train_set)) if config.weight_decay == "auto" else float(config.weight_decay)
-    folder = Path(config.output_dir) / "checkpoints" / job.name if config.output_dir else None
-    if resume not in (False, True):
-        folder = Path(resume)
-    elif resume and folder is None:
-        raise ValueError(
-            "resume=True needs TrainConfig(output_dir=...) (checkpoints live in output_dir/checkpoints)"
-        )
+    """Train `job` for the config's steps, average its BatchNorm statistics, evaluate it on `eval_set`.
 
-    module, was_training = job.module.to(acc.device), job.module.training
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    module.requires_grad_(False)  # DDP then only syncs (and the optimizer only sees) the job's tensors
-    for p in job.params:
-        p.requires_grad_(True)
-    optimizer = _optimizer(config, job.params, wd)
-    state = _restore(folder, job, optimizer, config, len(train_set), world) if resume else None
-    step, loss_sum = (state["step"], state["loss"]) if state else (0, [0.0, 0])
-    patched = {k: module.__dict__[k] for k in ("forward", "_original_forward") if k in module.__dict__}
-    wrapped, optimizer = acc.prepare(module, optimizer)
-    if state:
-        torch.set_rng_state(state["rng"]["torch"][rank])
-        if state["rng"].get("cuda") is not None and acc.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"][rank])
-        if state.get("scaler") and acc.scaler is not None:
-            acc.scaler.load_state_dict(state["scaler"])
-    else:
-        torch.manual_seed(config.seed + rank)  # dropout; different per process
-    own_trackers = bool(config.log_with) and not acc.trackers
+    The caller's RNG state, torch's thread count and the module's `requires_grad` flags and training
+    mode are as before when it returns (or raises).
+    """
+    plan = Plan.of(job, len(train_set), config, acc.num_processes, resume)
+    with threads(config.threads), private_rng(acc.device), _only_job_trains(job, acc.device):
+        optimizer = _optimizer(config, job.params, plan.weight_decay)
+        state = None
+        if resume:  # before prepare, so that DDP starts from rank 0's copy
+            tensors, world = job.tensors(), acc.num_processes
+            state = restore_training(plan.folder, job.name, tensors, optimizer, config, len(train_set), world)
+        acc.free_memory()  # between two trainings, as accelerate advises: this also restarts accumulation
+        model, optimizer = acc.prepare(Call(job.module, job.forward), optimizer)
+        try:
+            step, loss_sum = _continue(state, config, acc)
+            own_trackers = _start_trackers(job.name, config, plan, acc)
+            start = time.perf_counter()
+            step, loss_sum = _train(
+                job, plan, model, optimizer, train_set, config, acc, step, loss_sum, callback
+            )
+            seconds = time.perf_counter() - start
+        finally:
+            acc.free_memory()  # the accelerator forgets this job's model and optimizer
+        metrics = _finish(job, plan, eval_set, config, acc, step, loss_sum) | {"seconds": seconds}
     if own_trackers:
-        flat = {
-            k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()
-        }
-        acc.init_trackers(f"adapterkit-{job.name}", config=flat | {"weight_decay_used": wd})
-    acc.step = 0  # accumulation counter; checkpoints sit on optimizer-step boundaries
+        for tracker in acc.trackers:
+            tracker.finish()
+    if plan.folder is not None and acc.is_main_process:
+        for f in (*plan.folder.glob("step-*.safetensors"), plan.folder / "checkpoint.json"):
+            f.unlink(missing_ok=True)  # the domain is complete: its checkpoint is not needed any more
+    return metrics
+
+
+def _train(
+    job: Job,
+    plan: Plan,
+    model: nn.Module,
+    optimizer: Any,
+    train_set: DomainDataset,
+    config: TrainConfig,
+    acc: Accelerator,
+    step: int,
+    loss_sum: list,
+    callback: Callable[[dict[str, Any]], None] | None,
+) -> tuple[int, list]:
+    """The loop: micro-batches until `plan.total` optimizer steps, with logging and checkpoints."""
+    desc = f"{job.name} ({torch.get_num_threads()} threads)"
     bar = tqdm(
-        total=total,
+        total=plan.total,
         initial=step,
-        desc=job.name,
+        desc=desc,
         unit="step",
         disable=not (config.progress and acc.is_main_process),
     )
-    start, window = time.perf_counter(), []
-    module.train()
+    window: list[torch.Tensor] = []  # the micro-batch losses of the current optimizer step
     try:
-        while step < total:
-            epoch, done = divmod(step, per_epoch)
+        while step < plan.total:
+            epoch, done = divmod(step, plan.per_epoch)
             if done == 0:
                 loss_sum = [0.0, 0]
-            sampler = EpochBatches(
-                len(train_set),
-                config.batch_size,
-                seed=config.seed,
-                epoch=epoch,
-                rank=rank,
-                world_size=world,
-                start=done * config.grad_accum,
-                stop=per_epoch * config.grad_accum,
-            )
-            # own generator: creating a DataLoader iterator must not draw from the global RNG (resume)
-            loader = DataLoader(
-                train_set,
-                batch_sampler=sampler,
-                num_workers=config.num_workers,
-                generator=torch.Generator(),
-                pin_memory=acc.device.type == "cuda",
-            )
-            for x, y in loader:
-                x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
-                with acc.accumulate(wrapped):
-                    loss = F.cross_entropy(job.forward(wrapped, x), y, label_smoothing=config.label_smoothing)
-                    acc.backward(loss)
-                    if acc.sync_gradients:
-                        lr = learning_rate(config, step, total)
-                        for group in optimizer.param_groups:
-                            group["lr"] = lr
-                        if config.max_grad_norm:
-                            acc.clip_grad_norm_(job.params, config.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                window.append(loss.detach().float())
+            for x, y in _epoch_batches(train_set, config, acc, epoch, done, plan.per_epoch):
+                lr = learning_rate(config, step, plan.total)
+                window.append(_micro_step(model, optimizer, job.params, x, y, lr, config, acc))
                 if not acc.sync_gradients:
                     continue
                 step += 1
@@ -176,43 +158,89 @@ def fit(
                 window.clear()
                 loss_sum = [loss_sum[0] + step_loss, loss_sum[1] + 1]
                 bar.update(1)
-                if step % config.log_every == 0 or step == total:
+                if step % config.log_every == 0 or step == plan.total:
                     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.3g}")
                     acc.log({f"{job.name}/loss": step_loss, f"{job.name}/lr": lr}, step=step)
-                if (
-                    folder is not None
-                    and config.checkpoint_every
-                    and step % config.checkpoint_every == 0
-                    and step < total
-                ):
-                    _save(folder, acc, job, optimizer, config, step, len(train_set), loss_sum)
+                if plan.checkpoint_due(step, config.checkpoint_every):
+                    n, tensors = len(train_set), job.tensors()
+                    save_training(plan.folder, acc, job.name, tensors, optimizer, config, step, n, loss_sum)
                 if callback is not None:
                     callback({"step": step, "epoch": epoch, "loss": step_loss, "lr": lr})
-                if step >= total:
+                if step >= plan.total:
                     break
     finally:
         bar.close()
-        for key in ("forward", "_original_forward"):  # prepare() wraps forward in autocast: undo it
-            module.__dict__.pop(key, None)
-        module.__dict__.update(patched)
-        _forget(acc, wrapped, optimizer)
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        module.train(was_training)
-    seconds = time.perf_counter() - start
+    return step, loss_sum
+
+
+def _micro_step(
+    model: nn.Module,
+    optimizer: Any,
+    params: list[nn.Parameter],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr: float,
+    config: TrainConfig,
+    acc: Accelerator,
+) -> torch.Tensor:
+    """One micro-batch: forward and backward; the optimizer steps when the accumulation is complete."""
+    x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
+    with acc.accumulate(model):
+        loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
+        acc.backward(loss)
+        if acc.sync_gradients:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if config.max_grad_norm:
+                acc.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()  # accelerate's optimizer skips the step until the accumulation is complete
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach().float()
+
+
+def _epoch_batches(
+    train_set: DomainDataset, config: TrainConfig, acc: Accelerator, epoch: int, done: int, per_epoch: int
+) -> DataLoader:
+    """This process's batches of `epoch` from optimizer step `done` on (mid-epoch resume)."""
+    sampler = EpochBatches(
+        len(train_set),
+        config.batch_size,
+        seed=config.seed,
+        epoch=epoch,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+        start=done * config.grad_accum,
+        stop=per_epoch * config.grad_accum,
+    )
+    # own generator: creating a DataLoader iterator must not draw from the RNG (exact resume)
+    return DataLoader(
+        train_set,
+        batch_sampler=sampler,
+        num_workers=config.num_workers,
+        generator=torch.Generator(),
+        pin_memory=acc.device.type == "cuda",
+    )
+
+
+def _finish(
+    job: Job,
+    plan: Plan,
+    eval_set: DomainDataset | None,
+    config: TrainConfig,
+    acc: Accelerator,
+    step: int,
+    loss_sum: list,
+) -> dict[str, float]:
+    """Average the BatchNorm statistics over processes, sum the losses, evaluate."""
     _average_norms(acc, job.norms)
     totals = acc.reduce(torch.tensor(loss_sum, dtype=torch.float64, device=acc.device), "sum")
-    metrics = {"steps": float(step), "epochs": step / per_epoch, "weight_decay": wd, "seconds": seconds}
+    metrics = {"steps": float(step), "epochs": step / plan.per_epoch, "weight_decay": plan.weight_decay}
     metrics["train_loss"] = float(totals[0] / max(totals[1], 1))
     if eval_set is not None:
-        metrics["accuracy"] = evaluate_dataset(module, job.forward, eval_set, config, acc, f"{job.name} eval")
+        metrics["accuracy"] = evaluate_dataset(
+            job.module, job.forward, eval_set, config, acc, f"{job.name} eval"
+        )
         acc.log({f"{job.name}/accuracy": metrics["accuracy"]}, step=step)
-    if own_trackers:
-        for tracker in acc.trackers:
-            tracker.finish()
-    if folder is not None and acc.is_main_process:
-        for f in (*folder.glob("step-*.safetensors"), folder / "checkpoint.json"):
-            f.unlink(missing_ok=True)  # the domain is complete: its checkpoint is not needed any more
     return metrics
 
 
@@ -224,30 +252,109 @@ def evaluate_dataset(
     acc: Accelerator,
     desc: str | None,
 ) -> float:
+    """Top-1 accuracy over all processes: each evaluates every `num_processes`-th image and the counts
+    are summed (no padding, so nothing to drop, and nothing registered with the accelerator)."""
     loader = DataLoader(
         dataset,
         batch_size=config.eval_batch_size or 2 * config.batch_size,
+        sampler=range(acc.process_index, len(dataset), acc.num_processes),
         num_workers=config.num_workers,
         generator=torch.Generator(),
+        pin_memory=acc.device.type == "cuda",
     )
-    loader = acc.prepare_data_loader(loader)
     was_training = module.training
     module.eval()
-    correct = total = 0
+    counts = torch.zeros(2, dtype=torch.int64, device=acc.device)  # correct, seen
     try:
         with torch.no_grad():
-            for x, y in tqdm(
-                loader, desc=desc, leave=False, disable=not (config.progress and acc.is_main_process)
-            ):
+            bar = not (config.progress and acc.is_main_process)
+            for x, y in tqdm(loader, desc=desc, leave=False, disable=bar):
+                x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
                 with acc.autocast():
                     pred = forward(module, x).argmax(-1)
-                pred, y = acc.gather_for_metrics((pred, y))
-                correct += int((pred == y).sum())
-                total += y.numel()
+                counts[0] += (pred == y).sum()
+                counts[1] += y.numel()
     finally:
         module.train(was_training)
-        _forget(acc, loader)
+    correct, total = acc.reduce(counts, "sum").tolist()
     return correct / max(total, 1)
+
+
+# ---------------------------------------------------------------------- the steps' context
+@contextlib.contextmanager
+def threads(n: int | None) -> Iterator[None]:
+    """torch's CPU threads set to `n` for the block (None: unchanged), restored afterwards."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def private_rng(device: torch.device) -> Iterator[None]:
+    """Run the block on a fork of torch's RNG (the CPU's, and `device`'s when it is a GPU): whatever
+    the block seeds or draws (initialisation, dropout), the caller's RNG is unchanged afterwards."""
+    gpus = []
+    if device.type == "cuda":
+        gpus = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=gpus):
+        yield
+
+
+def seed_rng(seed: int, device: torch.device) -> None:
+    """Seed the CPU's RNG and `device`'s (this process's GPU only: `private_rng` restores just that one)."""
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the block on a private RNG seeded with `seed`; the caller's RNG is unchanged afterwards.
+
+    Example:
+        >>> with seeded(0, torch.device("cpu")):
+        ...     head = nn.Linear(8, 3)  # the same weights for seed 0, whatever the caller drew before
+    """
+    with private_rng(device):
+        seed_rng(seed, device)
+        yield
+
+
+@contextlib.contextmanager
+def _only_job_trains(job: Job, device: torch.device) -> Iterator[None]:
+    """Only the job's parameters require gradients (so DDP syncs, and the optimizer sees, only them),
+    in training mode; the flags and the mode are restored afterwards."""
+    module = job.module.to(device)
+    flags, was_training = [(p, p.requires_grad) for p in module.parameters()], module.training
+    module.requires_grad_(False)
+    for p in job.params:
+        p.requires_grad_(True)
+    module.train()
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        module.train(was_training)
+
+
+def _optimizer(config: TrainConfig, params: list[nn.Parameter], weight_decay: float) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=weight_decay)
+
+
+def _start_trackers(name: str, config: TrainConfig, plan: Plan, acc: Accelerator) -> bool:
+    """Start the config's trackers unless the accelerator already has some (the caller's run)."""
+    if not config.log_with or acc.trackers:
+        return False
+    flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
+    acc.init_trackers(f"adapterkit-{name}", config=flat | {"weight_decay_used": plan.weight_decay})
+    return True
 
 
 def _average_norms(acc: Accelerator, norms: list[nn.Module]) -> None:
@@ -261,71 +368,10 @@ def _average_norms(acc: Accelerator, norms: list[nn.Module]) -> None:
                     t.copy_(acc.reduce(t.clone(), "mean"))
 
 
-def _forget(acc: Accelerator, *objects: Any) -> None:
-    """Drop the accelerator's references to what this call prepared (it may train many domains)."""
-    for registry in (
-        getattr(acc, "_models", []),
-        getattr(acc, "_optimizers", []),
-        getattr(acc, "_dataloaders", []),
-    ):
-        registry[:] = [o for o in registry if not any(o is obj for obj in objects)]
-
-
-def _save(
-    folder: Path,
-    acc: Accelerator,
-    job: Job,
-    optimizer: Any,
-    config: TrainConfig,
-    step: int,
-    n: int,
-    loss: list,
-) -> None:
-    rng = {"torch": acc.gather(torch.get_rng_state().to(acc.device)[None]).cpu()}
-    if acc.device.type == "cuda":
-        rng["cuda"] = acc.gather(torch.cuda.get_rng_state().to(acc.device)[None]).cpu()
-    if acc.is_main_process:
-        state = {
-            "domain": job.name,
-            "step": step,
-            "loss": loss,
-            "num_images": n,
-            "world_size": acc.num_processes,
-            "config": config.trajectory(),
-            "tensors": job.tensors(),
-            "optimizer": optimizer.state_dict(),
-            "rng": rng,
-            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-        }
-        save_checkpoint(folder, state, step)
-    acc.wait_for_everyone()
-
-
-def _restore(
-    folder: Path | None, job: Job, optimizer: torch.optim.Optimizer, config: TrainConfig, n: int, world: int
-) -> dict[str, Any] | None:
-    state = load_checkpoint(folder) if folder is not None else None
+def _continue(state: dict[str, Any] | None, config: TrainConfig, acc: Accelerator) -> tuple[int, list]:
+    """The step and loss sums to start from; the RNG is the checkpoint's, or seeded from the config."""
     if state is None:
-        logger.info("no checkpoint in %s: %s starts from step 0", folder, job.name)
-        return None
-    fix = f"resume with the settings it was written with, or delete {folder} to start afresh"
-    ours = config.trajectory()
-    diff = sorted(k for k in ours if ours[k] != state["config"].get(k))
-    if state["domain"] != job.name or diff:
-        raise ValueError(
-            f"the checkpoint in {folder} ({state['domain']!r}) differs in {diff or 'domain'}: {fix}"
-        )
-    if (state["num_images"], state["world_size"]) != (n, world):
-        raise ValueError(
-            f"the checkpoint in {folder} was written for {state['num_images']} training images on "
-            f"{state['world_size']} processes (now {n} on {world}): {fix}"
-        )
-    live = job.tensors()
-    if set(live) != set(state["tensors"]):
-        raise ValueError(f"the checkpoint in {folder} holds other tensors than {job.name!r} has: {fix}")
-    with torch.no_grad():
-        for key, t in live.items():
-            t.copy_(state["tensors"][key])
-    optimizer.load_state_dict(state["optimizer"])
-    logger.info("%s resumes at step %d from %s", job.name, state["step"], folder)
-    return state
+        seed_rng(config.seed + acc.process_index, acc.device)  # dropout; different per process
+        return 0, [0.0, 0]
+    restore_rng(state, acc)
+    return state["step"], state["loss"]

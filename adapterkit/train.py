@@ -15,9 +15,8 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .config import check_domain_name
 from .data import DomainDataset, Source, check_data, open_data
-from .loop import AUTO_WEIGHT_DECAY, Job, auto_weight_decay, evaluate_dataset, fit, learning_rate
+from .loop import Job, checkpoint_folder, evaluate_dataset, fit, seeded
 from .model import AdapterModel
+from .train_config import AUTO_WEIGHT_DECAY, TrainConfig, auto_weight_decay, learning_rate
 from .transforms import Preprocess, resolve_data_config
 
 __all__ = [
@@ -45,105 +45,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
-PRECISIONS = ("no", "bf16", "fp16")
-# Fields that do not change the trained numbers (a resumed run may change them).
-_NOT_TRAJECTORY = {"eval_batch_size", "num_workers", "check_images", "checkpoint_every", "output_dir"}
-_NOT_TRAJECTORY |= {"log_with", "log_every", "progress", "cpu", "image_column", "label_column"}
-
-
-@dataclass
-class TrainConfig:
-    """How one domain is trained. Give `epochs` or `steps` (optimizer steps); default 1 epoch.
-
-    `batch_size` is per process: one optimizer step sees `batch_size * processes * grad_accum` images.
-    `weight_decay="auto"` picks the paper's value by training-set size (see `auto_weight_decay`).
-    `crop_padding`/`crop_scale`/`flip` set the augmentation (the paper's random crop + flip; set
-    `flip=False` for glyphs, signs and digits). `grayscale="convert"` turns grey images into RGB when
-    the backbone takes 3 channels; `"error"` refuses them. `checkpoint_every` (optimizer steps) writes
-    a resumable checkpoint to `output_dir/checkpoints/<domain>/`.
-    """
-
-    epochs: int | None = None
-    steps: int | None = None
-    batch_size: int = 32
-    eval_batch_size: int | None = None
-    lr: float = 0.1
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    betas: tuple[float, float] = (0.9, 0.999)
-    schedule: str = "cosine"
-    warmup_steps: int = 0
-    milestones: tuple[float, ...] = (0.5, 0.75)
-    gamma: float = 0.1
-    weight_decay: float | str = "auto"
-    label_smoothing: float = 0.0
-    max_grad_norm: float | None = None
-    mixed_precision: str = "no"
-    grad_accum: int = 1
-    seed: int = 0
-    num_workers: int = 0
-    flip: bool = True
-    crop_padding: int | None = None
-    crop_scale: tuple[float, float] | None = None
-    grayscale: str = "convert"
-    image_column: str = "image"
-    label_column: str = "label"
-    check_images: int | None = 1000
-    checkpoint_every: int | None = None
-    output_dir: str | None = None
-    log_with: str | list[str] | None = None
-    log_every: int = 10
-    progress: bool = True
-    cpu: bool = False
-
-    def __post_init__(self) -> None:
-        if self.epochs is not None and self.steps is not None:
-            raise ValueError("give epochs or steps, not both")
-        if self.epochs is None and self.steps is None:
-            self.epochs = 1
-        positive = {k: getattr(self, k) for k in ("epochs", "steps", "batch_size", "grad_accum", "log_every")}
-        positive |= {k: getattr(self, k) for k in ("eval_batch_size", "checkpoint_every") if getattr(self, k)}
-        for name, value in positive.items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r} must be a positive int")
-        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "mixed_precision": PRECISIONS}
-        choices["grayscale"] = ("convert", "error")
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}: use one of {allowed}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr={self.lr!r} must be a positive number")
-        wd = self.weight_decay
-        if wd != "auto" and not (isinstance(wd, (int, float)) and not isinstance(wd, bool) and wd >= 0):
-            raise ValueError(f"weight_decay={wd!r}: use a number >= 0 or 'auto' (by training-set size)")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing={self.label_smoothing!r} must be in [0, 1)")
-        if self.warmup_steps < 0 or self.num_workers < 0 or (self.crop_padding or 0) < 0:
-            raise ValueError("warmup_steps, num_workers and crop_padding must be >= 0")
-        if self.crop_scale is not None:
-            self.crop_scale = tuple(self.crop_scale)
-            if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-                raise ValueError(f"crop_scale={self.crop_scale!r}: use (min, max) area fractions in (0, 1]")
-        self.milestones, self.betas = tuple(self.milestones), tuple(self.betas)
-        if any(not 0 < m < 1 for m in self.milestones):
-            raise ValueError(f"milestones={self.milestones!r} are fractions of training in (0, 1)")
-        if self.checkpoint_every and not self.output_dir:
-            raise ValueError(
-                "checkpoint_every needs output_dir (checkpoints go to output_dir/checkpoints/<domain>)"
-            )
-        if self.log_with and not self.output_dir:
-            raise ValueError(
-                f"log_with={self.log_with!r} needs output_dir (where the tracker writes its logs)"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    def trajectory(self) -> dict[str, Any]:
-        """The fields that change the trained numbers (a resumed run must keep them)."""
-        return {k: v for k, v in self.to_dict().items() if k not in _NOT_TRAJECTORY}
+# What to install for a tracker accelerate cannot find (others: the tracker's own package).
+TRACKER_INSTALL = {"tensorboard": 'pip install "adapterkit[track]"'}
 
 
 # ---------------------------------------------------------------------- public entry points
@@ -159,13 +62,15 @@ def train_domain(
     data_config: dict[str, Any] | None = None,
     accelerator: Accelerator | None = None,
     resume: bool | str | Path = False,
+    overwrite: bool = False,
     callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, float]:
     """Train one domain (adding it first if the model does not have it) and evaluate it.
 
-    The data are checked before anything is trained, added or written (labels, emptiness, a sample of
-    images; see `check_data`). The domain's data config (the backbone's timm config with
+    The data are checked before anything is trained, added or written (labels, at least 2 classes,
+    a sample of images; see `check_data`). The domain's data config (the backbone's timm config with
     `data_config` overrides) is stored with the domain; its accuracy goes into `domain_info().metrics`.
+    A new domain's head is initialised from `config.seed`; the caller's RNG state is never changed.
 
     Args:
         train_data: a `datasets.Dataset`, an image folder, a `save_to_disk` folder or a torch Dataset
@@ -174,27 +79,46 @@ def train_domain(
         num_classes: for a new domain (default: the data's class names, else the largest label + 1).
         labels: class names for a new domain (default: the data's, if any).
         data_config: per-domain overrides of timm's data config (`input_size`, `mean`, `std`, ...).
-        accelerator: an existing `Accelerator` (its mixed precision must match the config's).
-        resume: continue from `output_dir/checkpoints/<domain>` if it exists (True) or from this folder.
+        accelerator: an existing `Accelerator` (its mixed precision must match the config's). Training
+            calls its `free_memory()` before and after, as accelerate advises between trainings: it
+            then no longer tracks what you prepared on it yourself.
+        resume: continue from the checkpoint in `output_dir/checkpoints/<domain>` if there is one
+            (True) or in this folder; when the model already has `domain`, resuming is required to
+            train it again: it continues from its current tensors unless a checkpoint is found.
+        overwrite: when the model already has `domain`, replace it with a fresh one (new head, new
+            adapters; the classes come from the data or `num_classes`).
         callback: called after every optimizer step with {"step", "epoch", "loss", "lr"}.
 
     Returns:
         `steps`, `epochs`, `train_loss` (mean over the last epoch), `weight_decay`, `seconds`, and
         `accuracy` when `eval_data` is given.
+
+    Raises:
+        ValueError: the model has `domain` and neither `resume` nor `overwrite` is given, the data
+            fail their checks, or the checkpoint was written with other settings.
     """
     config = config or TrainConfig()
     acc = make_accelerator(config, accelerator)
-    exists = domain in model.domains
+    continuing = domain in model.domains and not overwrite
+    if continuing and resume is False:
+        raise ValueError(
+            f"the model already has domain {domain!r}: pass resume=True to continue training it, "
+            "overwrite=True to train a fresh one in its place, or pick another name"
+        )
     stored: dict[str, Any] = {}
-    if exists:
+    if continuing:
         info = model.domain_info(domain)
         if num_classes not in (None, info.num_classes):
             raise ValueError(
-                f"domain {domain!r} has {info.num_classes} classes, not num_classes={num_classes}"
+                f"domain {domain!r} has {info.num_classes} classes, not num_classes={num_classes}: "
+                "pass overwrite=True to replace it with a fresh domain of that size"
             )
         num_classes, stored = info.num_classes, info.data_config or {}
+        if resume is True and not config.output_dir:
+            resume = False  # no checkpoint to look for: continue from the domain's tensors
     else:
         check_domain_name(domain)
+        checkpoint_folder(config, domain, resume)  # resume=True without output_dir fails before any change
     source = open_data(train_data, config.image_column, config.label_column)
     if num_classes is None:
         num_classes = (
@@ -202,21 +126,11 @@ def train_domain(
         )
     dcfg = resolve_data_config(model.pretrained_cfg, {**stored, **(data_config or {})})
     train_set, eval_set = _datasets(source, eval_data, num_classes, dcfg, config, acc.num_processes)
-    torch.manual_seed(config.seed)  # the new head's initialisation
-    if not exists:
+    if not continuing:
         names = labels or (source.class_names if len(source.class_names or ()) == num_classes else None)
-        model.add_domain(domain, num_classes, labels=names, data_config=dcfg)
+        _add_fresh(model, domain, num_classes, names, dcfg, config.seed)
     model.domain_info(domain).data_config = dcfg
-    norms = [layer.adapters[domain] for layer in model.layers().values() if layer.rule == "norm"]
-    job = Job(
-        domain,
-        model,
-        model.trainable_parameters(domain),
-        lambda m, x: m(x, domain=domain),
-        lambda: model.domain_state_dict(domain),
-        [m for m in norms if isinstance(m, _BatchNorm)],
-    )
-    metrics = fit(job, train_set, eval_set, config, acc, resume, callback)
+    metrics = fit(_domain_job(model, domain), train_set, eval_set, config, acc, resume, callback)
     if "accuracy" in metrics:
         model.domain_info(domain).metrics["accuracy"] = metrics["accuracy"]
     return metrics
@@ -246,8 +160,7 @@ def train_model(
     dcfg = resolve_data_config(getattr(model, "pretrained_cfg", {}), data_config)
     train_set, eval_set = _datasets(source, eval_data, num_classes, dcfg, config, acc.num_processes)
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-    params = [p for p in model.parameters()]
-    job = Job(name, model, params, lambda m, x: m(x), model.state_dict, norms)
+    job = Job(name, model, list(model.parameters()), lambda m, x: m(x), model.state_dict, norms)
     return fit(job, train_set, eval_set, config, acc, resume, callback)
 
 
@@ -296,6 +209,8 @@ def make_accelerator(
 ) -> Accelerator:
     """`accelerator` checked against `config`, or a new `Accelerator` for it (CPU when no GPU exists,
     so that `torchrun` on CPU machines uses gloo)."""
+    if not eval_only:
+        _check_trackers(config.log_with)
     if accelerator is not None:
         if accelerator.mixed_precision != config.mixed_precision:
             raise ValueError(
@@ -326,6 +241,55 @@ def make_accelerator(
 
 
 # ---------------------------------------------------------------------- helpers
+def _add_fresh(
+    model: AdapterModel, domain: str, num_classes: int, labels: list[str] | None, dcfg: dict, seed: int
+) -> None:
+    """Add `domain` (replacing one of that name), its head initialised from `seed` on a private RNG."""
+    was_default = model.default_domain == domain
+    if domain in model.domains:
+        model.remove_domain(domain)
+    device = next(model.parameters()).device
+    with seeded(seed, device):
+        model.add_domain(domain, num_classes, labels=labels, data_config=dcfg)
+    if was_default:
+        model.set_domain(domain)
+
+
+def _domain_job(model: AdapterModel, domain: str) -> Job:
+    norms = [layer.adapters[domain] for layer in model.layers().values() if layer.rule == "norm"]
+    return Job(
+        domain,
+        model,
+        model.trainable_parameters(domain),
+        lambda m, x: m(x, domain=domain),
+        lambda: model.domain_state_dict(domain),
+        [m for m in norms if isinstance(m, _BatchNorm)],
+    )
+
+
+def _check_trackers(log_with: str | list[str] | None) -> None:
+    """Refuse trackers whose package is missing before training (accelerate would log nothing)."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    names = [log_with] if isinstance(log_with, str) else [n for n in log_with or [] if isinstance(n, str)]
+    available = {str(t) for t in get_available_trackers()}
+    if "all" in names:
+        names = [] if available else ["tensorboard"]
+    unknown = [n for n in names if n not in LoggerType.list()]
+    if unknown:
+        raise ValueError(
+            f"log_with={log_with!r}: {unknown[0]!r} is not a tracker; use one of {LoggerType.list()}"
+        )
+    missing = [n for n in names if n not in available]
+    if missing:
+        install = "; ".join(TRACKER_INSTALL.get(n, f"pip install {n}") for n in missing)
+        raise ValueError(
+            f"log_with={log_with!r} needs {', '.join(missing)}, which is not installed, so nothing would be "
+            f"logged: {install} (or drop it from log_with)"
+        )
+
+
 def _num_classes(model: nn.Module) -> int:
     n = getattr(model, "num_classes", None)
     if not isinstance(n, int) or n < 1:
@@ -338,7 +302,9 @@ def _datasets(
 ) -> tuple[DomainDataset, DomainDataset | None]:
     """Check both splits and wrap them; raises before anything is trained or written."""
     pre = Preprocess(dcfg, True, config.flip, config.crop_padding, config.crop_scale, config.grayscale)
-    check_data(source, num_classes, pre, check_images=config.check_images, what="training data")
+    check_data(
+        source, num_classes, pre, check_images=config.check_images, what="training data", min_classes=2
+    )
     per_step = config.batch_size * world * config.grad_accum
     if len(source) < per_step:
         raise ValueError(

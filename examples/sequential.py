@@ -28,7 +28,7 @@ from data import DEFAULT_DATA_ROOT, DOMAINS
 
 from adapterkit import AdapterConfig, AdapterModel
 from adapterkit.continual import (
-    DomainTask,
+    DomainSpec,
     comparison_table,
     finetune_baseline,
     linear_probe_baseline,
@@ -70,8 +70,8 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def load_tasks(args: argparse.Namespace) -> list[DomainTask]:
-    tasks = []
+def load_domains(args: argparse.Namespace) -> list[DomainSpec]:
+    domains = []
     for name in ORDER:
         kw = {"num_classes": args.omniglot_classes} if name == "omniglot" else {}
         train = DOMAINS[name](args.data_root, "train", limit=args.train_limit, **kw)
@@ -86,11 +86,11 @@ def load_tasks(args: argparse.Namespace) -> list[DomainTask]:
             num_workers=args.workers,
             eval_batch_size=250,
         )
-        tasks.append(
-            DomainTask(name, train, test, len(labels), labels, config, {"input_size": args.image_size})
+        domains.append(
+            DomainSpec(name, train, test, len(labels), labels, config, {"input_size": args.image_size})
         )
         print(f"{name}: {len(train)} train / {len(test)} test images, {len(labels)} classes")
-    return tasks
+    return domains
 
 
 def main() -> None:
@@ -103,15 +103,15 @@ def main() -> None:
     if not weights.is_file():
         raise SystemExit(f"No weights at {weights}: pass --data-root pointing at the shared data.")
     start = time.perf_counter()
-    tasks = load_tasks(args)
-    acc = make_accelerator(tasks[0].config)
+    domains = load_domains(args)
+    acc = make_accelerator(domains[0].config)
     timings = {"data": time.perf_counter() - start}
 
     t = time.perf_counter()
     model = AdapterModel.from_backbone(
         "cifar_resnet56", AdapterConfig(topology=args.topology), pretrained=weights
     )
-    adapters = train_sequence(model, tasks, accelerator=acc)
+    adapters = train_sequence(model, domains, accelerator=acc)
     timings["adapters"] = time.perf_counter() - t
     print(f"\n== adapters ({args.topology}), accuracy matrix R[after i, on j]\n{adapters.report}")
     print(f"\n== what each domain adds (backbone: {adapters.backbone_parameters:,} parameters)")
@@ -125,21 +125,21 @@ def main() -> None:
         t = time.perf_counter()
         overrides = {"lr": args.finetune_lr, "weight_decay": 0.0005}
         results["fine-tuning"] = finetune_baseline(
-            "cifar_resnet56", tasks, pretrained=weights, overrides=overrides, accelerator=acc
+            "cifar_resnet56", domains, pretrained=weights, overrides=overrides, accelerator=acc
         )
         timings["fine-tuning"] = time.perf_counter() - t
         t = time.perf_counter()
         results["linear probe"] = linear_probe_baseline(
-            "cifar_resnet56", tasks, pretrained=weights, overrides={"weight_decay": 0.0}, accelerator=acc
+            "cifar_resnet56", domains, pretrained=weights, overrides={"weight_decay": 0.0}, accelerator=acc
         )
         timings["linear probe"] = time.perf_counter() - t
         rows = [[name] + [r.accuracies[name] for r in results.values()] for name in ORDER]
         print("\n== test accuracy per domain\n" + format_table(rows, ["domain", *results]))
         # a perfect baseline has error 0, where the Decathlon score is undefined: floor it at half an image
-        floor = 0.5 / min(len(task.test) for task in tasks)
+        floor = 0.5 / min(len(spec.test) for spec in domains)
         table = comparison_table(list(results.values()), results["fine-tuning"], floor=floor)
         print(
-            f"\n== comparison (Decathlon score against fine-tuning's errors, max {250 * len(tasks)} at par)"
+            f"\n== comparison (Decathlon score against fine-tuning's errors, max {250 * len(domains)} at par)"
         )
         print(table)
     timings["total"] = time.perf_counter() - start

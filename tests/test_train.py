@@ -167,6 +167,13 @@ def _hf(labels):
     return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
 
 
+def _flat_folder(root):
+    root.mkdir()
+    for i in range(4):
+        Image.new("RGB", (20, 20), (10 * i, 50, 200)).save(root / f"{i}.png")
+    return root
+
+
 def _bad_folder(tmp_path, kind):
     root = _image_folder(tmp_path / "data", modes=("L",) if kind == "grey" else ("RGB",))
     if kind == "undecodable":
@@ -184,6 +191,18 @@ def _bad_folder(tmp_path, kind):
             r"outside 0\.\.2.*num_classes=6",
         ),
         ("empty", lambda p: Toy(0, 3), dict(num_classes=3), "is empty"),
+        (
+            "one class",
+            lambda p: _image_folder(p / "data", classes=("a",)),
+            {},
+            r"1 class \('a'\).*at least 2",
+        ),
+        (
+            "no class folders",
+            lambda p: _flat_folder(p / "data"),
+            {},
+            r"holds 4 images but no class subfolders",
+        ),
         ("undecodable", lambda p: _bad_folder(p, "undecodable"), {}, r"broken\.png.*cannot be decoded"),
         ("grey", lambda p: _bad_folder(p, "grey"), {}, r"grey \(L\).*expects RGB.*convert"),
     ],

@@ -7,7 +7,7 @@ import torch
 from test_train import SIZE, Toy, cfg, fresh_accelerate_state, make_model  # noqa: F401  (autouse fixture)
 
 from adapterkit.continual import (
-    DomainTask,
+    DomainSpec,
     comparison_table,
     finetune_baseline,
     linear_probe_baseline,
@@ -15,23 +15,23 @@ from adapterkit.continual import (
 )
 
 
-def tasks():
+def domains():
     return [
-        DomainTask("first", Toy(24, 3), Toy(10, 3, seed=1), config=cfg(epochs=2), data_config=SIZE),
-        DomainTask(
+        DomainSpec("first", Toy(24, 3), Toy(10, 3, seed=1), config=cfg(epochs=2), data_config=SIZE),
+        DomainSpec(
             "second",
             Toy(24, 5, seed=2),
             Toy(10, 5, seed=3),
             config=cfg(epochs=2, flip=False),
             data_config=SIZE,
         ),
-        DomainTask("third", Toy(16, 2, seed=4), Toy(9, 2, seed=5), config=cfg(steps=3), data_config=SIZE),
+        DomainSpec("third", Toy(16, 2, seed=4), Toy(9, 2, seed=5), config=cfg(steps=3), data_config=SIZE),
     ]
 
 
 def test_sequence_never_forgets_and_reports_costs():
     model = make_model()
-    result = train_sequence(model, tasks())
+    result = train_sequence(model, domains())
     r = result.report.matrix
     for j in range(3):
         assert all(r[i, j] == r[j, j] for i in range(j, 3)), f"column {j} changed: {r[:, j]}"
@@ -48,8 +48,8 @@ def test_sequence_never_forgets_and_reports_costs():
 
 
 def test_baselines_and_comparison():
-    finetune = finetune_baseline("test_resnet", tasks(), overrides={"lr": 0.01})
-    probe = linear_probe_baseline("test_resnet", tasks())
+    finetune = finetune_baseline("test_resnet", domains(), overrides={"lr": 0.01})
+    probe = linear_probe_baseline("test_resnet", domains())
     assert finetune.total_parameters() == pytest.approx(3.0, rel=0.05)  # one backbone per domain
     assert probe.total_parameters() < 1.01  # heads only
     assert finetune.report.bwt == probe.report.bwt == 0.0
