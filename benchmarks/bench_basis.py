@@ -3,7 +3,7 @@
 For each backbone's adapter shapes, domains arrive one at a time; per layer a basis is kept between steps
 exactly as an incremental run would (``extend_basis`` with a fixed budget of new columns, appended).
 At T in ``--domains`` we time the update for domain T (summed over all layers) and, separately, the
-paper's joint compression of all T domains at K = C/2 (``joint_compress(rank=0.5)``, summed over layers).
+paper's joint compression of all T domains at K = C/2 (``joint_compress(basis_rank=0.5)``, summed over layers).
 Medians of ``--repeats``; adapters are synthetic Gaussian matrices (worst case: full-rank residuals).
 
 Run from the repository root:
@@ -54,7 +54,7 @@ def bench_arch(name: str, shapes: list[tuple[int, int]], domains: list[int], new
         step = [0.0] * reps
         for layer, shape in enumerate(shapes):
             alpha = adapter(t, layer, shape)
-            times, ext = timed(lambda b=betas[layer], a=alpha: extend_basis(b, a, rank=new_cols), reps)
+            times, ext = timed(lambda b=betas[layer], a=alpha: extend_basis(b, a, new_columns=new_cols), reps)
             step = [s + x for s, x in zip(step, times, strict=True)]
             betas[layer] = torch.cat([betas[layer], ext.new_columns], dim=1)  # commit, as a real run would
         if t not in domains:
@@ -62,7 +62,7 @@ def bench_arch(name: str, shapes: list[tuple[int, int]], domains: list[int], new
         full = [0.0] * repeats
         for layer, shape in enumerate(shapes):
             alphas = [adapter(d, layer, shape) for d in range(1, t + 1)]
-            times, _ = timed(lambda a=alphas: joint_compress(a, rank=0.5), repeats)
+            times, _ = timed(lambda a=alphas: joint_compress(a, basis_rank=0.5), repeats)
             full = [f + x for f, x in zip(full, times, strict=True)]
         inc_s, full_s = statistics.median(step), statistics.median(full)
         rows.append(
@@ -107,7 +107,7 @@ def main() -> None:
         {
             "domains": sorted(args.domains),
             "new_columns_per_domain": args.new_columns,
-            "full_rank": "K = C/2 (rank=0.5)",
+            "full_rank": "K = C/2 (basis_rank=0.5)",
             "repeats": args.repeats,
             "statistic": "median",
             "dtype": "float32",

@@ -71,7 +71,7 @@ def run_full(backbone, data, epochs):
 
 def run_joint(full: AdapterModel, data, epochs, finetune_epochs):
     model = copy.deepcopy(full)
-    report = compress(model, rank=0.5)
+    report = compress(model, basis_rank=0.5)
     before_finetune = accuracies(model, data, SEQUENCE)
     for name in SEQUENCE if finetune_epochs else []:
         train_domain(model, name, data[name][0], config=train_config(name, finetune_epochs))

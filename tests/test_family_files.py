@@ -1,0 +1,160 @@
+"""The family on disk and on the Hub: format version 2 (each domain's entry beside its tensors), the
+version-1 reader, the recorded backbone weights, file permissions, and pushes and pulls that can never
+drop a domain (the real client over real HTTP against the registry fixture)."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import pytest
+import torch
+from checks import input_for, perturb
+from huggingface_hub import HfApi
+from safetensors.torch import save_file
+
+from adapterkit import AdapterModel
+from adapterkit.family import save_family
+from adapterkit.hub import list_domains, pull_family, push_folder
+from adapterkit.inject import create_backbone
+
+
+def make(names=("a", "b"), **kwargs) -> AdapterModel:
+    model = AdapterModel.from_backbone("test_resnet", **kwargs)
+    for i, name in enumerate(names):
+        model.add_domain(name, num_classes=3 + i)
+        perturb(model, name, seed=i)
+    return model.eval()
+
+
+def logits(model: AdapterModel, domain: str) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_for(model.backbone), domain=domain)
+
+
+def test_version_2_layout_and_readable_files(tmp_path):
+    old = os.umask(0o022)
+    try:
+        make().save_pretrained(tmp_path / "fam")
+    finally:
+        os.umask(old)
+    files = sorted(p.relative_to(tmp_path / "fam").as_posix() for p in (tmp_path / "fam").rglob("*"))
+    assert files == [
+        "README.md",
+        "adapterkit.json",
+        "domains",
+        "domains/a.json",
+        "domains/a.safetensors",
+        "domains/b.json",
+        "domains/b.safetensors",
+    ]
+    config = json.loads((tmp_path / "fam" / "adapterkit.json").read_text())
+    assert config["format_version"] == 2 and "domains" not in config
+    entry = json.loads((tmp_path / "fam" / "domains" / "a.json").read_text())
+    assert entry["name"] == "a" and entry["num_classes"] == 3 and len(entry["sha256"]) == 64
+    modes = {oct((tmp_path / "fam" / f).stat().st_mode & 0o777) for f in files if "." in f}
+    assert modes == {"0o644"}  # a web server or another user can read a published family
+
+
+def test_version_1_family_still_loads_and_upgrades_on_save(tmp_path):
+    model = make()
+    path = tmp_path / "fam"
+    model.save_pretrained(path)
+    config = json.loads((path / "adapterkit.json").read_text())
+    table = {}
+    for name in ("a", "b"):
+        entry = json.loads((path / "domains" / f"{name}.json").read_text())
+        table[name] = {
+            k: entry[k] for k in ("file", "sha256", "num_classes", "labels", "metrics", "parameters", "bytes")
+        }
+        (path / "domains" / f"{name}.json").unlink()
+    config |= {"format_version": 1, "domains": table}
+    config["backbone"].pop("weights")
+    (path / "adapterkit.json").write_text(json.dumps(config))
+    # version 1 recorded no weights: the caller gives them
+    loaded = AdapterModel.from_pretrained(path, backbone=create_backbone("test_resnet", False))
+    assert loaded.domains == ["a", "b"]
+    assert torch.equal(logits(loaded, "b"), logits(model, "b"))
+    loaded.add_domain("c", num_classes=2)
+    loaded.save_pretrained(path)  # upgrades: a and b get their own entries, nothing is lost
+    again = AdapterModel.from_pretrained(path, backbone=create_backbone("test_resnet", False))
+    assert again.domains == ["a", "b", "c"]
+
+
+def test_random_backbone_is_recorded_and_rebuilt_without_arguments(tmp_path):
+    model = make(seed=7)
+    model.save_pretrained(tmp_path / "fam")
+    assert json.loads((tmp_path / "fam" / "adapterkit.json").read_text())["backbone"]["weights"] == {
+        "kind": "random",
+        "seed": 7,
+    }
+    loaded = AdapterModel.from_pretrained(tmp_path / "fam")  # no backbone=, no force=
+    assert loaded.fingerprint == model.fingerprint
+    assert torch.equal(logits(loaded, "a"), logits(model, "a"))
+
+
+def test_weights_file_is_recorded_and_a_moved_file_is_named(tmp_path):
+    import timm
+
+    weights = tmp_path / "w.safetensors"
+    save_file(timm.create_model("test_resnet").state_dict(), weights)
+    model = make(pretrained=weights)
+    model.save_pretrained(tmp_path / "fam")
+    recorded = json.loads((tmp_path / "fam" / "adapterkit.json").read_text())["backbone"]["weights"]
+    assert (
+        recorded["kind"] == "file"
+        and recorded["path"] == str(weights.resolve())
+        and len(recorded["sha256"]) == 64
+    )
+    assert torch.equal(logits(AdapterModel.from_pretrained(tmp_path / "fam"), "a"), logits(model, "a"))
+    moved = weights.rename(tmp_path / "moved.safetensors")
+    with pytest.raises(FileNotFoundError, match="backbone_weights=PATH"):
+        AdapterModel.from_pretrained(tmp_path / "fam")
+    loaded = AdapterModel.from_pretrained(tmp_path / "fam", backbone_weights=moved)
+    assert torch.equal(logits(loaded, "a"), logits(model, "a"))
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def test_pull_merges_into_a_folder_and_keeps_its_domains(registry, tmp_path):
+    token = registry.tokens["alice"]
+    model = make(("gtsrb", "mnist"))
+    repo = f"alice/{unique('merge')}"
+    model.push_to_hub(repo, domains=["mnist"], token=token)
+    save_family(model, tmp_path / "local", domains=["gtsrb"])
+    assert pull_family(repo, tmp_path / "local", domains=["mnist"], token=token) == ["mnist"]
+    merged = AdapterModel.from_pretrained(tmp_path / "local")
+    assert merged.domains == ["gtsrb", "mnist"]
+    assert torch.equal(logits(merged, "gtsrb"), logits(model, "gtsrb"))
+    assert torch.equal(logits(merged, "mnist"), logits(model, "mnist"))
+
+
+def test_pushing_or_uploading_a_subset_never_shrinks_the_remote_family(registry, tmp_path):
+    token = registry.tokens["alice"]
+    model = make(("a", "b", "c"))
+    repo = f"alice/{unique('grow')}"
+    model.push_to_hub(repo, domains=["a", "b"], token=token)
+    pull_family(repo, tmp_path / "subset", domains=["a"], token=token)
+    HfApi(token=token).upload_folder(
+        repo_id=repo, folder_path=tmp_path / "subset"
+    )  # as docs/registry.md shows
+    assert sorted(list_domains(repo, token=token)) == ["a", "b"]
+    save_family(model, tmp_path / "only-c", domains=["c"])
+    result = push_folder(tmp_path / "only-c", repo.split("/")[1], token=token)
+    assert result.repo_id == repo and result.domains == ["c"]  # the namespace the Hub chose
+    assert sorted(list_domains(repo, token=token)) == ["a", "b", "c"]
+    readme = HfApi(token=token).hf_hub_download(repo, "README.md", cache_dir=tmp_path / "cache")
+    assert all(f"domain:{d}" in open(readme).read() for d in ("a", "b", "c"))
+
+
+def test_push_refuses_a_family_on_other_weights(registry, tmp_path):
+    token = registry.tokens["alice"]
+    repo = f"alice/{unique('other')}"
+    make(("a",)).push_to_hub(repo, token=token)
+    other = make(("b",), seed=1)
+    with pytest.raises(ValueError, match="other backbone weights"):
+        other.push_to_hub(repo, token=token)
+    assert sorted(list_domains(repo, token=token)) == ["a"]
