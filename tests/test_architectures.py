@@ -1,9 +1,7 @@
 """The invariants on real timm architectures across families (random weights, small inputs)."""
 
 import pytest
-import timm
-import torch
-from checks import check_all, input_for
+from checks import INVARIANTS, Case, CaseSpec, build_case
 
 # (timm name, create kwargs, input size, export refusal message or None)
 ARCHITECTURES = [
@@ -28,14 +26,22 @@ ARCHITECTURES = [
     ("dla34", {}, 64, None),  # 1x1 conv classifier
     ("cspresnet50", {}, 64, None),
 ]
+CASES = [
+    CaseSpec(name, kwargs=tuple(kwargs.items()), size=size, refuse=refuse)
+    for name, kwargs, size, refuse in ARCHITECTURES
+]
+
+
+# Module scope: each architecture is built once; pytest runs all its invariants, then drops it.
+@pytest.fixture(scope="module", params=CASES, ids=str)
+def architecture(request) -> Case:
+    return build_case(request.param)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,kwargs,size,refuse", ARCHITECTURES, ids=[a[0] for a in ARCHITECTURES])
-def test_invariants_on_real_architectures(name, kwargs, size, refuse, tmp_path):
-    torch.manual_seed(0)
-    backbone = timm.create_model(name, **kwargs)
-    check_all(backbone, None, input_for(backbone, size=size), tmp_path, refuse=refuse)
+@pytest.mark.parametrize("invariant", INVARIANTS)
+def test_invariant_on_real_architectures(architecture, invariant, tmp_path):
+    INVARIANTS[invariant](architecture, tmp_path)
 
 
 def test_repvgg_is_reparameterised_before_attaching():

@@ -3,13 +3,16 @@
 import pytest
 import timm
 import torch
-from checks import check_all, input_for, perturb
+from checks import INVARIANTS, Case, CaseSpec, build_case, input_for, perturb
 
 from adapterkit import AdapterConfig, AdapterModel
 
-TEST_MODELS = timm.list_models("test_*")
+TEST_MODEL_CASES = [
+    CaseSpec(name, refuse="ScaledStdConv2d" if name == "test_nfnet" else None)
+    for name in timm.list_models("test_*")
+]
 
-CONFIG_CASES = [
+CONFIGS = [
     AdapterConfig(),
     AdapterConfig(topology="series"),
     AdapterConfig(placement="half"),
@@ -17,22 +20,32 @@ CONFIG_CASES = [
     AdapterConfig(placement=["early", "mid"], norm_policy="frozen", dropout=0.1),
     AdapterConfig(rank=2, linear=False),
 ]
+CONFIG_CASES = [
+    CaseSpec(name, config, id=f"{name}-{config.topology}-{config.placement}-{config.norm_policy}")
+    for name in ["test_resnet", "test_efficientnet", "test_vit"]
+    for config in CONFIGS
+]
 
 
-@pytest.mark.parametrize("name", TEST_MODELS)
-def test_invariants_on_test_models(name, tmp_path):
-    torch.manual_seed(0)
-    backbone = timm.create_model(name)
-    refuse = "ScaledStdConv2d" if name == "test_nfnet" else None
-    check_all(backbone, None, input_for(backbone), tmp_path, refuse=refuse)
+# Module scope: each case is built once; pytest runs all its invariants, then drops it.
+@pytest.fixture(scope="module", params=TEST_MODEL_CASES, ids=str)
+def test_model_case(request) -> Case:
+    return build_case(request.param)
 
 
-@pytest.mark.parametrize("config", CONFIG_CASES, ids=lambda c: f"{c.topology}-{c.placement}-{c.norm_policy}")
-@pytest.mark.parametrize("name", ["test_resnet", "test_efficientnet", "test_vit"])
-def test_invariants_per_config(name, config, tmp_path):
-    torch.manual_seed(0)
-    backbone = timm.create_model(name)
-    check_all(backbone, config, input_for(backbone), tmp_path)
+@pytest.fixture(scope="module", params=CONFIG_CASES, ids=str)
+def config_case(request) -> Case:
+    return build_case(request.param)
+
+
+@pytest.mark.parametrize("invariant", INVARIANTS)
+def test_invariant_on_test_models(test_model_case, invariant, tmp_path):
+    INVARIANTS[invariant](test_model_case, tmp_path)
+
+
+@pytest.mark.parametrize("invariant", INVARIANTS)
+def test_invariant_per_config(config_case, invariant, tmp_path):
+    INVARIANTS[invariant](config_case, tmp_path)
 
 
 def test_placement_selects_stages():
