@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .card import base_model_id, domain_tag, model_card
+from .card import backbone_tag, domain_tag, model_card
 from .format import (
     BASIS_FILE,
     CONFIG_FILE,
@@ -132,7 +132,7 @@ def _commit(
                     files[domain_entry_file(name)] = json_bytes(
                         entry | {"name": name}
                     )  # keep version-1 domains
-        files["README.md"] = model_card(local | {"domains": dict(sorted(table.items()))}).encode()
+        files["README.md"] = model_card(local | {"domains": dict(sorted(table.items()))}, repo_id).encode()
         operations = [CommitOperationAdd(path, data) for path, data in files.items()]
         info = api.create_commit(
             repo_id, operations, commit_message=message, revision=branch, parent_commit=source.revision
@@ -270,7 +270,8 @@ def pull_family(
     if remote.get("basis") and not keep_local_basis:
         atomic_write(out / BASIS_FILE, source.fetch(BASIS_FILE).read_bytes())
     table = (local or {}).get("domains", {}) | {n: remote["domains"][n] for n in names}
-    atomic_write(out / "README.md", model_card(config | {"domains": dict(sorted(table.items()))}).encode())
+    card = model_card(config | {"domains": dict(sorted(table.items()))}, repo_id)
+    atomic_write(out / "README.md", card.encode())
     atomic_write(out / CONFIG_FILE, family_json(config))
     return names
 
@@ -285,14 +286,14 @@ def list_families(
 ) -> list[ModelInfo]:
     """adapterkit families on the Hub (or our registry), optionally for one backbone or domain.
 
-    Uses only `HfApi.list_models` tag filters (`adapterkit`, `base_model:<id>`, `domain:<name>`), so it
-    works the same on the public Hub and on a self-hosted registry.
+    Uses only `HfApi.list_models` tag filters (`adapterkit`, `backbone:<timm name>`, `domain:<name>`), so
+    it works the same on the public Hub and on a self-hosted registry.
     """
     from huggingface_hub import HfApi
 
     tags = ["adapterkit"]
     if backbone:
-        tags.append(f"base_model:{base_model_id(backbone)}")
+        tags.append(backbone_tag(backbone))
     if domain:
         tags.append(domain_tag(domain))
     try:

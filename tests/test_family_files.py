@@ -158,3 +158,34 @@ def test_push_refuses_a_family_on_other_weights(registry, tmp_path):
     with pytest.raises(ValueError, match="other backbone weights"):
         other.push_to_hub(repo, token=token)
     assert sorted(list_domains(repo, token=token)) == ["a"]
+
+
+def test_model_card_is_valid_hub_metadata_with_a_snippet_that_runs(registry, tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    from huggingface_hub import ModelCard
+
+    token = registry.tokens["alice"]
+    repo = f"alice/{unique('card')}"
+    model = make(("a", "b"))
+    model.domain_info("a").metrics["accuracy"] = 0.75  # b has no metrics: the table must stay whole
+    model.push_to_hub(repo, token=token)
+    text = open(HfApi(token=token).hf_hub_download(repo, "README.md", cache_dir=tmp_path / "c")).read()
+    card = ModelCard(text)
+    assert card.data.library_name == "adapterkit"
+    assert card.data.base_model is None  # test_resnet names no Hub repo
+    assert [(r.dataset_name, r.metric_type, r.metric_value) for r in card.data.eval_results] == [
+        ("a", "accuracy", 0.75)
+    ]
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1  # every row has the header's cells
+    snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    assert repo in snippet and "<repo_id>" not in snippet
+    env = {**os.environ, "HF_TOKEN": token}
+    done = subprocess.run(
+        [sys.executable, "-c", snippet + "\nprint(logits.shape)"], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "torch.Size([2, 3])" in done.stdout
