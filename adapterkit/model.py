@@ -1,4 +1,9 @@
-"""`AdapterModel`: one frozen timm backbone, many domains, each with its own adapters, norms and head."""
+"""`AdapterModel`: one frozen timm backbone, many domains, each with its own adapters, norms and head.
+
+Longer than our ~400-line rule on purpose: `AdapterModel` is the one owner of the domain table and of the
+shared basis (docs/architecture.md), so every method that changes them lives here, behind one lock and
+one set of checks; the stages it hands off to (load, save, push, export) stay in their own modules.
+"""
 
 from __future__ import annotations
 
