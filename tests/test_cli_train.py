@@ -13,13 +13,15 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 from test_train import fresh_accelerate_state  # noqa: F401  (autouse fixture)
 
 from adapterkit import AdapterModel
-from adapterkit.cli import COMMANDS, _backbone, main
+from adapterkit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ["--backbone", "test_resnet", "--batch-size", "4", "--image-size", "32", "--no-progress"]
+TRAIN = ["--batch-size", "4", "--image-size", "32", "--no-progress"]
+COMMANDS = ("train", "eval", "export", "push", "pull", "list", "info")
 
 
 def image_folder(root: Path, splits=(("train", 6), ("test", 3))) -> Path:
@@ -33,8 +35,21 @@ def image_folder(root: Path, splits=(("train", 6), ("test", 3))) -> Path:
     return root
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def weights_file(path: Path, name: str = "test_resnet", seed: int = 0) -> Path:
+    """A timm backbone's weights as a safetensors file (what `--pretrained FILE` takes)."""
+    torch.manual_seed(seed)
+    save_file(timm.create_model(name).state_dict(), path)
+    return path
+
+
+def table(text: str) -> list[list[str]]:
+    """The rows of the Markdown table in `text` (header first), cells stripped."""
+    rows = [line.strip().strip("|").split("|") for line in text.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in row] for row in rows if not set("".join(row)) <= set("-: ")]
+
+
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
     return subprocess.run(
         [sys.executable, "-m", "adapterkit.cli", *args], capture_output=True, text=True, env=env, timeout=300
     )
@@ -46,13 +61,29 @@ def digest(path: Path) -> str:
 
 def test_train_eval_export(tmp_path):
     data, family = image_folder(tmp_path / "data"), tmp_path / "family"
+    weights = weights_file(tmp_path / "backbone.safetensors")
+    new = ["--backbone", "test_resnet", "--pretrained", str(weights)]
+    again: list[str] = []  # later commands rebuild the backbone the family recorded, without flags
     first = cli(
-        "train", "--family", str(family), "--domain", "pets", "--data", str(data), "--epochs", "2", *TRAIN
+        "train",
+        "--family",
+        str(family),
+        "--domain",
+        "pets",
+        "--data",
+        str(data),
+        "--epochs",
+        "2",
+        *new,
+        *TRAIN,
     )
     assert first.returncode == 0, first.stderr
-    assert "pets" in first.stdout and "accuracy" in first.stdout
+    assert table(first.stdout)[0][:5] == ["domain", "classes", "steps", "train loss", "accuracy"]
+    assert table(first.stdout)[1][:2] == ["pets", "3"]
+    assert "1 thread" in first.stderr  # the default, shown while training
     pets = family / "domains" / "pets.safetensors"
     before = digest(pets)
+    more = ["--steps", "2", "--optimizer", "adamw", "--lr", "0.001", "--no-flip", "--threads", "2"]
     second = cli(
         "train",
         "--family",
@@ -61,30 +92,32 @@ def test_train_eval_export(tmp_path):
         "more",
         "--data",
         str(data / "train"),
-        "--steps",
-        "2",
-        "--optimizer",
-        "adamw",
-        "--lr",
-        "0.001",
-        "--no-flip",
-        *TRAIN[2:],
+        *more,
+        *again,
+        *TRAIN,
     )
     assert second.returncode == 0, second.stderr
+    assert "2 threads" in second.stderr
     assert digest(pets) == before  # adding a domain never rewrites an old domain's file
-    again = cli("train", "--family", str(family), "--domain", "pets", "--data", str(data), *TRAIN[2:])
-    assert again.returncode == 2 and "--overwrite" in again.stderr
+    again_pets = cli(
+        "train", "--family", str(family), "--domain", "pets", "--data", str(data), *again, *TRAIN
+    )
+    assert (
+        again_pets.returncode == 2 and "--overwrite" in again_pets.stderr and "--resume" in again_pets.stderr
+    )
 
-    result = cli("eval", "--family", str(family), "--data", f"pets={data}", "--data", f"more={data / 'test'}")
+    result = cli(
+        "eval", "--family", str(family), "--data", f"pets={data}", "--data", f"more={data / 'test'}", *again
+    )
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
-    assert lines[0].split()[:4] == ["domain", "data", "images", "accuracy"]
-    assert [line.split()[0] for line in lines[1:]] == ["pets", "more"]
+    rows = table(result.stdout)
+    assert rows[0][:4] == ["domain", "data", "images", "accuracy"]
+    assert [row[0] for row in rows[1:]] == ["pets", "more"]
 
     out = tmp_path / "export"
-    assert main(["export", "--family", str(family), "--domain", "pets", "--output", str(out)]) == 0
+    assert main(["export", "--family", str(family), "--domain", "pets", "--output", str(out), *again]) == 0
     exported = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
-    model = AdapterModel.from_pretrained(family, backbone=_backbone("test_resnet", None)).eval()
+    model = AdapterModel.from_pretrained(family).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(exported(x), model(x, domain="pets"), rtol=1e-4, atol=1e-5)
@@ -94,14 +127,42 @@ def test_train_eval_export(tmp_path):
 def test_bad_data_leaves_the_family_untouched(tmp_path, capsys):
     data, family = image_folder(tmp_path / "data", splits=(("train", 2),)), tmp_path / "family"
     (data / "train" / "dog" / "broken.png").write_bytes(b"not an image")
-    code = main(["train", "--family", str(family), "--domain", "pets", "--data", str(data), *TRAIN])
+    args = ["--backbone", "test_resnet", "--random-init", *TRAIN]
+    code = main(["train", "--family", str(family), "--domain", "pets", "--data", str(data), *args])
     assert code == 2 and "broken.png" in capsys.readouterr().err
     assert not family.exists()
     assert main(["eval", "--family", str(family), "--data", str(data)]) == 2
     assert "not an adapterkit family" in capsys.readouterr().err
 
 
-def test_commands_are_registered_in_one_tree():
-    assert {"train", "eval", "export"} <= set(COMMANDS)
-    with pytest.raises(SystemExit):
-        main(["--help"])
+def test_help_lists_every_command_with_defaults(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in COMMANDS:
+        assert command in out
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "[default: 32]" in out and "--random-init" in out and "--threads" in out
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"adapterkit {__import__('adapterkit').__version__}"
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "export"])
+def test_model_commands_take_threads(command, capsys):
+    assert main([command, "--help"]) == 0
+    assert "--threads" in capsys.readouterr().out
+    assert main([command, "--threads", "0"]) == 2  # a usage error: at least one thread
+
+
+def test_a_moved_weights_file_is_named_by_backbone_weights(tmp_path, capsys):
+    data, family = image_folder(tmp_path / "data"), tmp_path / "family"
+    weights = weights_file(tmp_path / "backbone.safetensors")
+    new = ["--backbone", "test_resnet", "--pretrained", str(weights), "--steps", "1", *TRAIN]
+    assert main(["train", "--family", str(family), "--domain", "pets", "--data", str(data), *new]) == 0
+    moved = weights.rename(tmp_path / "moved.safetensors")
+    capsys.readouterr()
+    assert main(["export", "--family", str(family), "--domain", "pets", "--output", str(tmp_path / "x")]) == 2
+    assert "--backbone-weights" in capsys.readouterr().err
+    args = ["--family", str(family), "--data", f"pets={data}", "--backbone-weights", str(moved)]
+    assert main(["eval", *args, "--no-progress"]) == 0
+    assert [row[0] for row in table(capsys.readouterr().out)[1:]] == ["pets"]

@@ -5,9 +5,9 @@ import sys
 import uuid
 
 import pytest
-import timm
 import torch
 from checks import input_for, perturb
+from test_cli_train import table
 
 from adapterkit import AdapterModel
 from adapterkit.cli import main
@@ -16,8 +16,7 @@ from adapterkit.family import save_family
 
 @pytest.fixture
 def family_dir(tmp_path):
-    torch.manual_seed(0)  # the CLI rebuilds a backbone without --pretrained with seed 0
-    model = AdapterModel.from_backbone("test_resnet").eval()
+    model = AdapterModel.from_backbone("test_resnet").eval()  # random weights, seed 0 (recorded)
     for i, name in enumerate(["a", "b"]):
         model.add_domain(name, num_classes=3 + i)
         model.domain_info(name).metrics["accuracy"] = 0.9 - i / 10
@@ -31,21 +30,30 @@ def test_push_info_list_pull(registry, family_dir, tmp_path, capsys):
     repo = f"alice/cli-{uuid.uuid4().hex[:8]}"
     token = registry.tokens["alice"]
     assert main(["push", str(fam), repo, "--token", token]) == 0
+    assert f"to {repo}:" in capsys.readouterr().out
     assert main(["info", repo, "--token", token]) == 0
     out = capsys.readouterr().out
-    assert "| a | 3 |" in out and "| b | 4 |" in out and "accuracy" in out
+    rows = table(out)
+    assert rows[0][:2] == ["domain", "classes"] and "accuracy" in rows[0]
+    assert [row[:2] for row in rows[1:]] == [["a", "3"], ["b", "4"]]
     assert main(["list", "--domain", "b", "--token", token]) == 0
-    assert repo in capsys.readouterr().out
+    assert repo in [row[0] for row in table(capsys.readouterr().out)[1:]]
     assert main(["pull", repo, str(tmp_path / "pulled"), "--domain", "b", "--token", token]) == 0
     files = sorted(p.name for p in (tmp_path / "pulled" / "domains").iterdir())
-    assert files == ["b.safetensors"]
-    torch.manual_seed(0)
-    pulled = AdapterModel.from_pretrained(
-        tmp_path / "pulled", backbone=timm.create_model("test_resnet")
-    ).eval()
+    assert [f for f in files if f.endswith(".safetensors")] == ["b.safetensors"]
+    pulled = AdapterModel.from_pretrained(tmp_path / "pulled").eval()  # rebuilds the recorded backbone
     x = input_for(model.backbone)
     with torch.no_grad():
         assert torch.equal(pulled(x, domain="b"), model(x, domain="b"))
+
+
+def test_push_prints_the_namespace_it_created(registry, family_dir, capsys):
+    _, fam = family_dir
+    name = f"bare-{uuid.uuid4().hex[:8]}"
+    assert main(["push", str(fam), name, "--domain", "a", "--token", registry.tokens["bob"]]) == 0
+    assert f"pushed a to bob/{name}:" in capsys.readouterr().out
+    assert main(["info", f"bob/{name}"]) == 0
+    assert [row[0] for row in table(capsys.readouterr().out)[1:]] == ["a"]
 
 
 def test_errors_are_one_line(registry, capsys, tmp_path):

@@ -1,0 +1,173 @@
+"""Expected failures of the command line, each said in one line naming the problem and the fix.
+
+`explain` turns an exception into that line (or None for a bug, which main reports as unexpected).
+`check_endpoint` fails fast when the Hub or registry cannot be reached: huggingface_hub retries a
+refused connection five times with back-off (1+2+4+8+8 s) before falling back to its cache, and
+`hf_hub_download` then reports a missing file, so without the check `pull`/`info` waited 27 s and
+blamed the family. `check_push_token` asks the endpoint who the token belongs to before anything is
+built, so a missing, read-only or foreign token fails in a second. Imports no torch.
+"""
+
+from __future__ import annotations
+
+# Class names of the HTTP clients' network failures (requests, httpx, urllib3, socket).
+_NETWORK = {"ConnectionError", "ConnectError", "ConnectTimeout", "TransportError", "Timeout"}
+_NETWORK |= {
+    "TimeoutException",
+    "ReadTimeout",
+    "NewConnectionError",
+    "MaxRetryError",
+    "ConnectionRefusedError",
+}
+_REGISTRY_HINT = "(self-hosted registry: adapterkit-registry token create --root DIR --user NAME)"
+
+
+class CliError(Exception):
+    """An expected failure; its message names the problem and the fix."""
+
+
+def endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def unreachable_message(reason: object) -> str:
+    return (
+        f"cannot reach {endpoint()} ({reason}); start the registry or fix the address: "
+        "export HF_ENDPOINT=http://HOST:PORT (unset it for huggingface.co), or HF_HUB_OFFLINE=1 to use the cache"
+    )
+
+
+def check_endpoint(timeout: float = 3.0) -> bool:
+    """True if the endpoint answers HTTP at all (any status) within `timeout` seconds.
+
+    Uses the Hub client's own session, so proxies and certificates are the ones downloads will use."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint(), timeout=timeout)
+    except Exception as e:  # noqa: BLE001  (any transport failure means unreachable)
+        if is_network_error(e):
+            return False
+        raise
+    return True
+
+
+def require_endpoint() -> None:
+    """Raise a one-line `CliError` unless the endpoint answers (skipped with HF_HUB_OFFLINE=1)."""
+    if not offline() and not check_endpoint():
+        raise CliError(unreachable_message("no answer within 3 s"))
+
+
+def is_network_error(error: BaseException) -> bool:
+    """True if `error`, or an exception it was raised from, is a network failure."""
+    seen: BaseException | None = error
+    for _ in range(8):
+        if seen is None:
+            return False
+        if {cls.__name__ for cls in type(seen).__mro__} & _NETWORK:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def check_push_token(repo_id: str, token: str | None) -> str:
+    """The full repo id (`user/name` for a bare `name`), after checking that the token may write there."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        me = HfApi(token=token).whoami()
+    except HfHubHTTPError as e:
+        if _status(e) == 401:
+            raise CliError(
+                f"pushing to {endpoint()} needs a write token, and none was given or it is not valid: pass "
+                f"--token TOKEN or set HF_TOKEN {_REGISTRY_HINT}"
+            ) from e
+        raise
+    except OSError as e:  # LocalTokenNotFoundError: no token at all
+        raise CliError(
+            f"pushing to {endpoint()} needs a write token and none is set: pass --token TOKEN or set HF_TOKEN "
+            f"{_REGISTRY_HINT}"
+        ) from e
+    user = me.get("name", "")
+    role = (me.get("auth", {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise CliError(
+            f"the token of {user!r} is read-only; pass a write token (--token or HF_TOKEN) {_REGISTRY_HINT}"
+        )
+    namespace, slash, name = repo_id.rpartition("/")
+    if not slash:
+        return f"{user}/{repo_id}"
+    allowed = {user} | {o.get("name") for o in me.get("orgs", []) if isinstance(o, dict)}
+    if namespace not in allowed:
+        raise CliError(
+            f"the token of {user!r} cannot write to namespace {namespace!r}; push to {user}/{name} or use a "
+            f"token of {namespace!r}"
+        )
+    return repo_id
+
+
+def _status(error: BaseException) -> int | None:
+    response = getattr(error, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def explain(error: BaseException) -> str | None:
+    """The one-line message for an expected failure, or None for an unexpected one (a bug)."""
+    if isinstance(error, CliError):
+        return str(error)
+    if is_network_error(error):
+        return unreachable_message(type(error).__name__)
+    http = _http_message(error)
+    if http is not None:
+        return http
+    if isinstance(error, KeyError) and error.args:
+        return str(error.args[0])
+    if isinstance(error, (ValueError, TypeError, OSError, ConnectionError)):
+        return str(error)
+    if isinstance(error, RuntimeError) and _raised_by_adapterkit(error):
+        return str(error)  # deliberate (a push conflict, say); torch's own RuntimeErrors are bugs
+    return None
+
+
+def _raised_by_adapterkit(error: BaseException) -> bool:
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("adapterkit")
+
+
+def _http_message(error: BaseException) -> str | None:
+    try:
+        from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(error, RepositoryNotFoundError):
+        return f"repo not found on {endpoint()} ({_first_line(error)}); check the name, or pass --token if it is private"
+    if not isinstance(error, HfHubHTTPError):
+        return None
+    status, detail = _status(error), _first_line(error)
+    if status == 401:
+        return f"{endpoint()} needs a valid token ({detail}); pass --token TOKEN or set HF_TOKEN {_REGISTRY_HINT}"
+    if status == 403:
+        return f"the token may not do this ({detail}); use a write token of the repo's namespace"
+    return f"{endpoint()} answered {status} ({detail}); retry, or check the server's log"
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def short_reason(error: BaseException, limit: int = 160) -> str:
+    """`Type: first words of the message`, to quote a cause inside a one-line message."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"

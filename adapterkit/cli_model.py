@@ -1,0 +1,225 @@
+"""`adapterkit eval / export`, and what every command that runs a model shares (`train` is in
+`cli_train.py`): reading a family's config without torch, opening it on the backbone it recorded,
+and `--threads`.
+
+Every command after `train` created a family rebuilds the backbone the family recorded, without
+backbone flags (`--backbone-weights FILE` when a recorded weights file moved). torch, timm and the
+training stack are imported inside the functions, after the arguments are parsed.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .cli_errors import CliError, short_reason
+from .cli_output import print_table, status
+
+# Measured on the shared 2-core machine (README, "Command line"): training a domain (2 epochs, 64 px)
+# took 1.9 s with one thread vs 13.5-14.6 s with torch's default of one per core (test_resnet), and
+# 7.5-8.4 s vs 13.1-50.4 s (resnet18): threads that wait on cores other processes hold stall every
+# parallel op. One thread is also deterministic. On a machine of your own, pass --threads.
+DEFAULT_THREADS = 1
+
+Threads = Annotated[int, typer.Option(min=1, help="torch CPU threads (intra-op)")]
+Progress = Annotated[bool, typer.Option("--no-progress", help="no progress bars")]
+Family = Annotated[Path, typer.Option(help="family folder")]
+BackboneWeights = Annotated[
+    Path | None,
+    typer.Option(
+        help="the backbone weights file the family was trained on, if it moved since", show_default=False
+    ),
+]
+
+
+# ---------------------------------------------------------------------- shared helpers
+@contextmanager
+def torch_threads(n: int):
+    """torch's CPU threads set to `n` for the command (restored after, for callers of `main`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
+def cache_if_unreachable(needs_hub: bool):
+    """Backbone weights from the cache alone when the Hub cannot be reached (instead of five retries).
+
+    huggingface_hub reads its offline flag at each request, so setting it for the command (and
+    restoring it after) makes a download fail at once or come from the cache."""
+    from huggingface_hub import constants
+
+    from .cli_errors import check_endpoint, endpoint, offline
+
+    if not needs_hub or offline() or check_endpoint():
+        yield
+        return
+    status(f"warning: cannot reach {endpoint()}: using cached weights only (is HF_ENDPOINT right?)")
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def family_config(family: Path) -> dict[str, Any] | None:
+    """The family's config (torch-free), or None if `family` holds no adapterkit.json."""
+    from .format import CONFIG_FILE, read_config
+    from .sources import local_source
+
+    if not (family / CONFIG_FILE).is_file():
+        return None
+    source = local_source(family)
+    return read_config(source.fetch, source.files)
+
+
+def require_family(family: Path) -> dict[str, Any]:
+    config = family_config(family)
+    if config is None:
+        what = "does not exist" if not family.exists() else "has no adapterkit.json"
+        raise CliError(
+            f"{family} is not an adapterkit family ({what}); create one with `adapterkit train --family "
+            f"{family} --backbone NAME ...`, or `adapterkit pull REPO_ID {family}`"
+        )
+    return config
+
+
+def check_domains(family: Path, config: dict[str, Any], names: list[str]) -> None:
+    known = list(config["domains"])
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise CliError(
+            f"{family} has no domain {', '.join(map(repr, unknown))}; it has: {', '.join(known) or 'none'} "
+            "(name one of them, or train it first with `adapterkit train`)"
+        )
+
+
+def open_family(family: Path, config: dict[str, Any], domains: list[str], weights: Path | None):
+    """The family's model with `domains` loaded, on the backbone it recorded."""
+    from .model import AdapterModel
+
+    kind = (config["backbone"].get("weights") or {}).get("kind", "timm")
+    name = str(config["backbone"]["name"])
+    needs_hub = weights is None and kind not in ("random", "file") and not name.startswith("local-dir:")
+    try:
+        with cache_if_unreachable(needs_hub):
+            return AdapterModel.from_pretrained(str(family), domains=domains, backbone_weights=weights)
+    except ValueError as e:  # the library's advice names Python arguments (force=, backbone=)
+        if "fingerprint" in str(e):
+            raise CliError(
+                f"the backbone rebuilt for {family} ({name}) has other weights than the ones it was trained on; "
+                "pass --backbone-weights FILE with the weights file the family was trained on"
+            ) from e
+        if "pretrained weights" in str(e):
+            raise CliError(
+                f"could not load the pretrained weights of {name!r}, which {family} was trained on "
+                f"({short_reason(e.__cause__ or e)}); go online once so they are cached, or pass "
+                "--backbone-weights FILE"
+            ) from e
+        raise
+
+
+def data_split(path: Path, preferred: tuple[str, ...]):
+    from .data import open_splits
+
+    splits = open_splits(path)
+    name = next((s for s in preferred if s in splits), None)
+    return (name, splits[name]) if name else (None, None)
+
+
+# ---------------------------------------------------------------------- eval
+def _eval_jobs(
+    family: Path, config: dict[str, Any], data: list[str], domain: str | None
+) -> list[tuple[str, Path]]:
+    known = list(config["domains"])
+    jobs = []
+    for item in data:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = domain or (known[0] if len(known) == 1 else None), item
+            if name is None:
+                raise CliError(
+                    f"{family} has domains {', '.join(known)}: pass --domain NAME or --data DOMAIN=DIR"
+                )
+        jobs.append((name, Path(path)))
+    check_domains(family, config, [n for n, _ in jobs])
+    return jobs
+
+
+def evaluate(
+    family: Family,
+    data: Annotated[
+        list[str], typer.Option(help="[DOMAIN=]DIR, repeatable; DIR's test/ or val/ split if it has one")
+    ],
+    domain: Annotated[
+        str | None,
+        typer.Option(
+            help="domain of a --data without DOMAIN= \\[default: the family's only one]", show_default=False
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes")] = 0,
+    backbone_weights: BackboneWeights = None,
+    no_progress: Progress = False,
+    threads: Threads = DEFAULT_THREADS,
+) -> None:
+    """Evaluate domains of a family on image folders (top-1 accuracy)."""
+    from .train import TrainConfig
+    from .train import evaluate as accuracy_of
+
+    config = require_family(family)
+    jobs = _eval_jobs(family, config, data, domain)
+    cfg = TrainConfig(eval_batch_size=batch_size, num_workers=workers, progress=not no_progress)
+    with torch_threads(threads) as n:
+        model = open_family(family, config, list(dict.fromkeys(d for d, _ in jobs)), backbone_weights)
+        status(f"evaluating {plural(len(jobs), 'data set')} of {family} ({plural(n, 'thread')})")
+        rows = []
+        for name, path in jobs:
+            part, dataset = data_split(path, ("test", "val", "validation", "train"))
+            if dataset is None:
+                raise CliError(f"{path} has no images; give a folder with class subfolders, or test/")
+            accuracy = accuracy_of(model, dataset, name, config=cfg)
+            stored = model.domain_info(name).metrics.get("accuracy", float("nan"))
+            where = f"{path}" + (f" ({part})" if part != "train" else "")
+            rows.append([name, where, len(dataset), accuracy, 1 - accuracy, stored])
+    print_table(["domain", "data", "images", "accuracy", "error", "at training"], rows)
+
+
+# ---------------------------------------------------------------------- export
+def export(
+    family: Family,
+    domain: Annotated[str, typer.Option(help="the domain to export")],
+    output: Annotated[Path, typer.Option(help="folder for model.safetensors + config.json (timm format)")],
+    backbone_weights: BackboneWeights = None,
+    threads: Threads = DEFAULT_THREADS,
+) -> None:
+    """Export one domain as a plain timm model, its adapters folded into the backbone's weights."""
+    config = require_family(family)
+    check_domains(family, config, [domain])
+    with torch_threads(threads) as n:
+        from timm.models import save_for_hf
+
+        model = open_family(family, config, [domain], backbone_weights)
+        status(f"exporting {domain!r} of {family} ({plural(n, 'thread')})")
+        info = model.domain_info(domain)
+        exported = model.export_domain(domain)
+        keys = ("input_size", "mean", "std", "crop_pct", "interpolation")
+        items = (info.data_config or {}).items()
+        data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in items if k in keys}
+        model_config = {"label_names": list(info.labels)} if info.labels else None
+        save_for_hf(
+            exported, output, model_config=model_config, safe_serialization=True, data_config=data_config
+        )
+    print(f"exported {domain!r} to {output}: timm.create_model('local-dir:{output}', pretrained=True)")

@@ -1,0 +1,379 @@
+"""`adapterkit train`: one domain from an image folder into a family (created by its first domain).
+
+A new family takes `--backbone NAME` and timm's pretrained weights, or `--pretrained FILE.safetensors`;
+random weights only with `--random-init`, which warns. Training into an existing family rebuilds the
+backbone it recorded, and training a domain it already has needs `--overwrite` (from scratch) or
+`--resume` (continue its checkpoint), as `train_domain(..., overwrite=, resume=)` does in Python.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .cli_errors import CliError, short_reason
+from .cli_model import (
+    DEFAULT_THREADS,
+    Progress,
+    Threads,
+    cache_if_unreachable,
+    data_split,
+    family_config,
+    open_family,
+    plural,
+    torch_threads,
+)
+from .cli_output import print_table, status
+
+
+class Topology(str, Enum):
+    parallel = "parallel"
+    series = "series"
+
+
+class Optimizer(str, Enum):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class Schedule(str, Enum):
+    cosine = "cosine"
+    step = "step"
+    constant = "constant"
+
+
+class Precision(str, Enum):
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Grayscale(str, Enum):
+    convert = "convert"
+    error = "error"
+
+
+def new_model(name: str, adapter_config: Any, pretrained: str | None, random_init: bool):
+    """A new family's model: timm's pretrained weights, a weights file, or (explicitly) random ones."""
+    from .model import AdapterModel
+
+    if random_init and pretrained is not None:
+        raise CliError("--random-init and --pretrained contradict each other; pass one of them")
+    if random_init:  # seed 0, recorded: every later command rebuilds the same weights
+        status(f"warning: {name} starts from random weights (--random-init), not pretrained ones")
+        return AdapterModel.from_backbone(name, adapter_config, pretrained=False)
+    weights: bool | Path = True if pretrained in (None, "timm") else Path(pretrained)
+    if weights is not True:
+        return AdapterModel.from_backbone(name, adapter_config, pretrained=weights)
+    try:
+        with cache_if_unreachable(not name.startswith("local-dir:")):
+            return AdapterModel.from_backbone(name, adapter_config, pretrained=True)
+    except Exception as e:
+        if not _known_architecture(name):
+            raise
+        raise CliError(
+            f"no pretrained weights for backbone {name!r} ({short_reason(e)}); go online (or set "
+            "HF_ENDPOINT) so timm can download them, pass --pretrained FILE.safetensors, or --random-init"
+        ) from e
+
+
+def _known_architecture(name: str) -> bool:
+    import timm
+
+    return name.startswith(("hf-hub:", "local-dir:")) or timm.is_model(name)
+
+
+# ---------------------------------------------------------------------- train
+def _adapter_config(family: Path, existing: dict[str, Any] | None, options: dict[str, Any]):
+    from .config import AdapterConfig
+
+    if existing is None:
+        return AdapterConfig(**options)
+    config = AdapterConfig.from_dict(existing["adapter_config"])
+    clash = {k: v for k, v in options.items() if getattr(config, k) != v}
+    if clash:
+        raise CliError(f"{family} was built with other adapter options than {clash}; drop them")
+    return config
+
+
+def _existing_flags(
+    family: Path, existing: dict[str, Any], backbone: str | None, pretrained: str | None, random_init: bool
+) -> None:
+    recorded = existing["backbone"]["name"]
+    if backbone is not None and backbone != recorded:
+        raise CliError(
+            f"{family} is built on {recorded!r}, not {backbone!r}; drop --backbone (it is recorded)"
+        )
+    if pretrained is not None or random_init:
+        flag = "--pretrained" if pretrained is not None else "--random-init"
+        raise CliError(
+            f"{family} records its backbone weights; drop {flag} (pass --backbone-weights FILE if the weights "
+            "file it was trained on moved)"
+        )
+
+
+def _domains_to_open(
+    family: Path, existing: dict[str, Any], domain: str, overwrite: bool, resume: bool
+) -> list[str]:
+    """Which domains of an existing family to load before training `domain` (see `train`)."""
+    if overwrite and resume:
+        raise CliError(
+            "--overwrite trains the domain from scratch and --resume continues it: pass one of them"
+        )
+    if domain not in existing["domains"]:
+        return []
+    if not (overwrite or resume):
+        raise CliError(
+            f"{family} already has domain {domain!r}: pass --overwrite to train it again from scratch, "
+            "--resume to continue it (from its checkpoint, with --output-dir), or pick a new name"
+        )
+    return [domain]  # train_domain(overwrite=True) replaces it; resume=True continues it
+
+
+def _train_config(**options: Any):
+    from .train import TrainConfig
+
+    wd = options.pop("weight_decay")
+    try:
+        options["weight_decay"] = wd if wd == "auto" else float(wd)
+    except ValueError as e:
+        raise CliError(f"--weight-decay {wd!r} is not a number; pass e.g. 0.0005, or 'auto'") from e
+    return TrainConfig(**options)
+
+
+def train(
+    family: Annotated[Path, typer.Option(help="family folder (created by the first domain)")],
+    domain: Annotated[str, typer.Option(help="name of the domain to train")],
+    data: Annotated[Path, typer.Option(help="image folder: class subfolders, or train/ and test/ splits")],
+    backbone: Annotated[
+        str | None,
+        typer.Option(
+            help="timm model name (new family only)", rich_help_panel="Backbone", show_default=False
+        ),
+    ] = None,
+    pretrained: Annotated[
+        str | None,
+        typer.Option(
+            help="new family: its weights, a .safetensors file \\[default: timm's pretrained weights]",
+            rich_help_panel="Backbone",
+            show_default=False,
+        ),
+    ] = None,
+    random_init: Annotated[
+        bool,
+        typer.Option(
+            "--random-init",
+            help="new family: random backbone weights (seed 0) instead of pretrained ones",
+            rich_help_panel="Backbone",
+        ),
+    ] = False,
+    backbone_weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="existing family: its weights file, if it moved",
+            rich_help_panel="Backbone",
+            show_default=False,
+        ),
+    ] = None,
+    eval_data: Annotated[
+        Path | None,
+        typer.Option(help="evaluation folder \\[default: test/ or val/ of --data]", show_default=False),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="train a domain the family has again, from scratch")
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue the domain's checkpoint in --output-dir")
+    ] = False,
+    topology: Annotated[
+        Topology | None,
+        typer.Option(help="new family \\[default: parallel]", rich_help_panel="Adapters", show_default=False),
+    ] = None,
+    placement: Annotated[
+        str | None,
+        typer.Option(
+            help="new family: all, early, mid, late or half \\[default: all]",
+            rich_help_panel="Adapters",
+            show_default=False,
+        ),
+    ] = None,
+    dropout: Annotated[
+        float | None,
+        typer.Option(
+            help="new family: dropout before the adapters \\[default: 0]",
+            rich_help_panel="Adapters",
+            show_default=False,
+        ),
+    ] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option(
+            help="epochs \\[default: 1 unless --steps]", rich_help_panel="Training", show_default=False
+        ),
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            help="optimizer steps instead of epochs", rich_help_panel="Training", show_default=False
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="per process", rich_help_panel="Training")] = 32,
+    lr: Annotated[float, typer.Option(rich_help_panel="Training")] = 0.1,
+    optimizer: Annotated[Optimizer, typer.Option(rich_help_panel="Training")] = Optimizer.sgd,
+    schedule: Annotated[Schedule, typer.Option(rich_help_panel="Training")] = Schedule.cosine,
+    weight_decay: Annotated[
+        str, typer.Option(help="a number, or auto (by training-set size)", rich_help_panel="Training")
+    ] = "auto",
+    label_smoothing: Annotated[float, typer.Option(rich_help_panel="Training")] = 0.0,
+    mixed_precision: Annotated[Precision, typer.Option(rich_help_panel="Training")] = Precision.no,
+    grad_accum: Annotated[int, typer.Option(min=1, rich_help_panel="Training")] = 1,
+    seed: Annotated[int, typer.Option(rich_help_panel="Training")] = 0,
+    workers: Annotated[
+        int, typer.Option(min=0, help="DataLoader worker processes", rich_help_panel="Training")
+    ] = 0,
+    no_flip: Annotated[
+        bool,
+        typer.Option(
+            "--no-flip", help="no horizontal flip (glyphs, signs, digits)", rich_help_panel="Training"
+        ),
+    ] = False,
+    crop_padding: Annotated[
+        int | None,
+        typer.Option(
+            help="random-crop padding in pixels \\[default: size / 8]",
+            rich_help_panel="Training",
+            show_default=False,
+        ),
+    ] = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            help="input size for this domain \\[default: the backbone's]",
+            rich_help_panel="Training",
+            show_default=False,
+        ),
+    ] = None,
+    grayscale: Annotated[
+        Grayscale, typer.Option(help="grey images: convert to RGB, or refuse", rich_help_panel="Training")
+    ] = Grayscale.convert,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option(help="checkpoints and tracker logs", rich_help_panel="Training", show_default=False),
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None,
+        typer.Option(
+            help="optimizer steps between checkpoints", rich_help_panel="Training", show_default=False
+        ),
+    ] = None,
+    log_with: Annotated[
+        str | None,
+        typer.Option(
+            help="tracker, e.g. tensorboard (needs --output-dir)",
+            rich_help_panel="Training",
+            show_default=False,
+        ),
+    ] = None,
+    no_progress: Progress = False,
+    threads: Threads = DEFAULT_THREADS,
+) -> None:
+    """Train one domain on an image folder and save it into a family (created by the first domain)."""
+    existing = family_config(family)
+    options = {
+        k: v
+        for k, v in (
+            ("topology", topology and topology.value),
+            ("placement", placement),
+            ("dropout", dropout),
+        )
+        if v is not None
+    }
+    adapter_config = _adapter_config(family, existing, options)
+    config = _train_config(
+        epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer.value,
+        schedule=schedule.value, weight_decay=weight_decay, label_smoothing=label_smoothing,
+        mixed_precision=mixed_precision.value, grad_accum=grad_accum, seed=seed, num_workers=workers,
+        flip=not no_flip, crop_padding=crop_padding, grayscale=grayscale.value,
+        output_dir=str(output_dir) if output_dir else None, checkpoint_every=checkpoint_every,
+        log_with=log_with, progress=not no_progress,
+    )  # fmt: skip
+    if existing is None and not backbone:
+        raise CliError(f"{family} is not a family yet: pass --backbone NAME (a timm model) to create it")
+    if existing is not None:
+        _existing_flags(family, existing, backbone, pretrained, random_init)
+        to_open = _domains_to_open(family, existing, domain, overwrite, resume)
+    part, train_set = data_split(data, ("train",))
+    if train_set is None:
+        raise CliError(f"{data} has no training images; give a folder with class subfolders, or train/")
+    eval_set = eval_data or (data_split(data, ("test", "val", "validation"))[1] if part else None)
+    with torch_threads(threads) as n:
+        if existing is None:
+            model = new_model(backbone, adapter_config, pretrained, random_init)
+        else:
+            model = open_family(family, existing, to_open, backbone_weights)
+        _fit_and_save(
+            model,
+            family,
+            domain,
+            train_set,
+            eval_set,
+            config,
+            image_size=image_size,
+            resume=resume,
+            overwrite=overwrite,
+            threads=n,
+        )
+
+
+def _fit_and_save(
+    model,
+    family: Path,
+    domain: str,
+    train_set,
+    eval_set,
+    config,
+    *,
+    image_size: int | None,
+    resume: bool,
+    overwrite: bool,
+    threads: int,
+) -> None:
+    from .family import save_family
+    from .train import make_accelerator, train_domain
+
+    acc = make_accelerator(config)
+    if acc.is_main_process:
+        status(
+            f"training {domain!r} into {family} on {model.backbone_name} ({acc.device}, {plural(threads, 'thread')})"
+        )
+    start = time.perf_counter()
+    metrics = train_domain(
+        model,
+        domain,
+        train_set,
+        eval_set,
+        config,
+        data_config={"input_size": image_size} if image_size else None,
+        accelerator=acc,
+        resume=resume,
+        overwrite=overwrite,
+    )
+    if not acc.is_main_process:
+        return
+    save_family(model, family, domains=[domain])
+    cost = model.domain_cost(domain)
+    row = [domain, model.domain_info(domain).num_classes, int(metrics["steps"]), metrics["train_loss"]]
+    row += [
+        metrics.get("accuracy", float("nan")),
+        int(cost["parameters"]),
+        f"{100 * cost['fraction_of_backbone']:.2f}%",
+    ]
+    print_table(["domain", "classes", "steps", "train loss", "accuracy", "parameters", "of backbone"], [row])
+    seconds = time.perf_counter() - start
+    status(
+        f"saved {family / 'domains' / (domain + '.safetensors')} ({seconds:.1f} s, {plural(threads, 'thread')})"
+    )
