@@ -35,8 +35,8 @@ def register(router: Router) -> None:
 def _object(obj: Any, max_size: int) -> tuple[str, int]:
     if not isinstance(obj, dict):
         raise bad_request("Each LFS object must be {'oid': <sha256 hex>, 'size': <int>}.")
-    oid, size = str(obj.get("oid", "")), obj.get("size")
-    if not is_hex(oid, 64, 64) or not isinstance(size, int) or size < 0:
+    oid, size = obj.get("oid"), obj.get("size")
+    if not isinstance(oid, str) or not is_hex(oid, 64, 64) or not isinstance(size, int) or size < 0:
         raise bad_request("Each LFS object must be {'oid': <sha256 hex>, 'size': <int>}.")
     if size > max_size:
         raise too_large(size, max_size)
@@ -62,7 +62,10 @@ async def batch(ctx: Ctx) -> Response:
     expires = int(time.time()) + cfg.signed_url_ttl_s
     base = ctx.base_url()
     out = []
-    for obj in body.get("objects") or []:
+    objects = body.get("objects")
+    if not isinstance(objects, list):
+        raise bad_request("The LFS batch body needs 'objects': [{'oid': <sha256 hex>, 'size': <int>}, ...].")
+    for obj in objects:
         oid, size = _object(obj, cfg.max_upload_bytes)
         if await ctx.run(ctx.storage.lfs_object, key, oid) is not None:
             out.append({"oid": oid, "size": size})  # already here: the client skips the upload
@@ -107,15 +110,17 @@ async def upload(ctx: Ctx) -> Response:
     size = int(size_s)
     if size > ctx.hub.config.max_upload_bytes:
         raise too_large(size, ctx.hub.config.max_upload_bytes)
+    ctx.check_length(size)  # a body declared larger than the signed size is refused unread
     f, tmp = ctx.storage.blobs.new_temp()
     h256, h1, total = hashlib.sha256(), git_blob_sha1(size), 0
     try:
         async for chunk in ctx.request.stream():
             total += len(chunk)
-            if total <= size:
-                f.write(chunk)
-                h256.update(chunk)
-                h1.update(chunk)
+            if total > size:
+                break  # more than announced: refused below, the rest is discarded unread
+            f.write(chunk)
+            h256.update(chunk)
+            h1.update(chunk)
     except BaseException:
         f.close()
         tmp.unlink(missing_ok=True)

@@ -219,18 +219,22 @@ async def get_paths_info(ctx: Ctx) -> Response:
     if ctx.request.headers.get("content-type", "").startswith("application/json"):
         try:
             data = json.loads(body or b"{}")
-        except ValueError:
-            raise HubError(400, "BadRequest", "The request body must be valid JSON.") from None
+        except (ValueError, RecursionError):
+            data = None
+        if not isinstance(data, dict):
+            raise HubError(400, "BadRequest", "The request body must be a JSON object {'paths': [...]}.")
         paths, expand = data.get("paths", []), bool(data.get("expand"))
     else:
         form = parse_qs(body.decode("utf-8", "replace"))
         paths, expand = form.get("paths", []), (form.get("expand") or ["false"])[0] in _TRUE
     if isinstance(paths, str):
         paths = [paths]
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise HubError(400, "BadRequest", "'paths' must be a list of path strings.")
 
     def info() -> list[dict]:
         head = ctx.storage.resolve(key, ctx.params["rev"]).commit
-        entries = paths_info(ctx.storage.get_commit(key, head)["tree"], [str(p) for p in paths])
+        entries = paths_info(ctx.storage.get_commit(key, head)["tree"], paths)
         if expand:
             add_last_commits(ctx.storage, key, head, entries)
         return entries

@@ -56,6 +56,8 @@ async def create_repo(ctx: Ctx) -> Response:
     except HubError as e:
         if e.status != 409:
             raise
+        existing = e.headers.get("X-Existing-Repo", key.id).split("/")
+        url = ctx.repo_url(RepoKey(key.type, *existing))
         return json_response(
             {"error": e.message, "url": url}, 409, {"X-Error-Code": e.code, "X-Error-Message": e.message}
         )
@@ -127,8 +129,11 @@ async def preupload(ctx: Ctx) -> Response:
     for f in files:
         if not isinstance(f, dict):
             raise bad_request("Each preupload entry must be {'path', 'size', 'sample'}.")
-        path, size = check_path(str(f.get("path", ""))), f.get("size")
-        if not isinstance(size, int) or size < 0:
+        path, size = f.get("path"), f.get("size")
+        if not isinstance(path, str):
+            raise bad_request("Each preupload entry needs a string 'path'.", "InvalidPath")
+        path = check_path(path)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise bad_request(f"Invalid size for {path!r}: expected a non-negative integer.")
         if size > cfg.max_upload_bytes:
             raise too_large(size, cfg.max_upload_bytes)
@@ -140,22 +145,62 @@ async def preupload(ctx: Ctx) -> Response:
 
 
 async def _spool(ctx: Ctx, limit: int) -> Path:
-    """Stream the request body into a temporary file; 413 (after draining, nothing kept) above `limit`."""
+    """Stream the request body into a temporary file; 413 (connection closed, nothing kept) above `limit`."""
+    ctx.check_length(limit)
     f, tmp = ctx.storage.blobs.new_temp()
     total = 0
     try:
         with f:
             async for chunk in ctx.request.stream():
                 total += len(chunk)
-                if total <= limit:
-                    f.write(chunk)
+                if total > limit:
+                    err = too_large(total, limit)
+                    err.headers["Connection"] = "close"
+                    raise err
+                f.write(chunk)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if total > limit:
-        tmp.unlink(missing_ok=True)
-        raise too_large(total, limit)
     return tmp
+
+
+def inline_limit(cfg: Any) -> int:
+    """Largest file accepted inline (base64 in the commit): the LFS threshold, at least 64 KiB.
+
+    Larger files are answered `lfs` by preupload; holding them in memory is what LFS avoids.
+    """
+    return min(max(cfg.lfs_threshold_bytes, 64 * 1024), cfg.max_upload_bytes)
+
+
+def too_large_inline(limit: int) -> HubError:
+    """413 for a file sent inline although preupload asked for LFS."""
+    return HubError(
+        413,
+        "PayloadTooLarge",
+        f"Files above {limit} bytes cannot travel inline in the commit: upload them through LFS "
+        "(preupload answers 'lfs' for them; clients set HF_HUB_DISABLE_XET=1).",
+    )
+
+
+def _path(value: dict[str, Any], line: int, folder: bool = False) -> str:
+    """The validated `path` of a commit line (400 `InvalidPath` unless it is a valid path string)."""
+    path = value.get("path")
+    if not isinstance(path, str):
+        raise bad_request(
+            f"Commit line {line}: 'path' must be a string such as 'dir/file.bin', got {type(path).__name__}.",
+            "InvalidPath",
+        )
+    return check_path(path.rstrip("/") if folder else path)
+
+
+def _text(header: dict[str, Any], field: str, default: str) -> str:
+    """A string field of the commit header (400 if it is not a string)."""
+    value = header.get(field)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise bad_request(f"The commit header's {field!r} must be a string.")
+    return value
 
 
 def _parse_commit(
@@ -164,16 +209,21 @@ def _parse_commit(
     """Header and operations of an NDJSON commit; stores inline files as blobs on the way."""
     header: dict[str, Any] | None = None
     ops: list[tuple[str, str, dict | None]] = []
+    per_file = inline_limit(ctx.hub.config)
+    line_limit, inline_total = per_file * 4 // 3 + 64 * 1024, 0
     with open(spool, "rb") as f:
-        for n, raw in enumerate(f, 1):
+        for n, raw in enumerate(iter(lambda: f.readline(line_limit + 1), b""), 1):
+            if len(raw) > line_limit:
+                raise too_large_inline(per_file)
             if not raw.strip():
                 continue
             try:
                 item = json.loads(raw)
+                del raw  # the line, its parsed copy and the decoded bytes are never all held
                 kind, value = item["key"], item["value"]
-                if not isinstance(value, dict):
+                if not isinstance(value, dict) or not isinstance(kind, str):
                     raise TypeError
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 raise bad_request(
                     f"Commit line {n} is not a {{'key': ..., 'value': {{...}}}} JSON object."
                 ) from None
@@ -182,17 +232,28 @@ def _parse_commit(
                     raise bad_request("The first commit line must be the header ({'key': 'header', ...}).")
                 header = value
             elif kind == "file":
-                path = check_path(str(value.get("path", "")))
+                path = _path(value, n)
                 if value.get("encoding", "base64") != "base64":
                     raise bad_request(f"File {path!r}: only base64 encoding is supported.")
+                content = value.pop("content", "")
+                if not isinstance(content, str):
+                    raise bad_request(f"File {path!r}: 'content' must be a base64 string.")
                 try:
-                    data = base64.b64decode(value.get("content") or "", validate=True)
+                    data = base64.b64decode(content, validate=True)
                 except (binascii.Error, ValueError):
                     raise bad_request(f"File {path!r}: content is not valid base64.") from None
+                del content
+                inline_total += len(data)
+                if len(data) > per_file:
+                    raise too_large_inline(per_file)
+                if inline_total > ctx.hub.config.max_upload_bytes:
+                    raise too_large(inline_total, ctx.hub.config.max_upload_bytes)
                 info = ctx.storage.blobs.put_bytes(data)
+                del data
                 ops.append(("add", path, file_entry(info.sha256, info.sha1, info.size, False)))
             elif kind == "lfsFile":
-                path, oid = check_path(str(value.get("path", ""))), str(value.get("oid", ""))
+                path, oid = _path(value, n), value.get("oid")
+                oid = oid if isinstance(oid, str) else ""
                 if value.get("algo", "sha256") != "sha256" or not is_hex(oid, 64, 64):
                     raise bad_request(f"LFS file {path!r}: expected algo 'sha256' and a 64-hex oid.")
                 lfs = ctx.storage.lfs_object(key, oid)
@@ -202,20 +263,22 @@ def _parse_commit(
                         "LFS batch API first (clients: set HF_HUB_DISABLE_XET=1).",
                         "LfsObjectMissing",
                     )
-                if value.get("size") is not None and value["size"] != lfs["size"]:
+                if value.get("size") is not None and (
+                    not isinstance(value["size"], int) or value["size"] != lfs["size"]
+                ):
                     raise bad_request(
                         f"LFS file {path!r}: size {value['size']} does not match the uploaded object."
                     )
                 ops.append(("add", path, file_entry(oid, lfs["sha1"], lfs["size"], True)))
             elif kind in ("deletedFile", "deletedFolder"):
-                path = check_path(str(value.get("path", "")).rstrip("/"))
+                path = _path(value, n, folder=kind == "deletedFolder")
                 ops.append(("delete" if kind == "deletedFile" else "delete_folder", path, None))
             else:
                 raise bad_request(f"Commit line {n}: unsupported key {kind!r}.")
     if header is None:
         raise bad_request("Empty commit: send a header line and operations as NDJSON.")
     parent = header.get("parentCommit")
-    if parent is not None and not is_hex(str(parent), 40, 40):
+    if parent is not None and not (isinstance(parent, str) and is_hex(parent, 40, 40)):
         raise bad_request(f"parentCommit must be a 40-hex commit id, got {parent!r}.", "InvalidRevision")
     return header, ops
 
@@ -231,15 +294,16 @@ async def commit(ctx: Ctx) -> Response:
         header, ops = await ctx.run(_parse_commit, ctx, key, spool)
     finally:
         spool.unlink(missing_ok=True)
-    title = str(header.get("summary") or "Commit").strip().splitlines()[0][:1000] or "Commit"
+    lines = _text(header, "summary", "").strip().splitlines()
+    title = lines[0].strip()[:1000] if lines else ""
     cid = await ctx.run(
         ctx.storage.commit,
         key,
         branch,
         ops,
         ctx.principal.user,
-        title,
-        str(header.get("description") or ""),
+        title or "Commit",
+        _text(header, "description", ""),
         header.get("parentCommit"),
     )
     url = f"{ctx.repo_url(key)}/commit/{cid}"
@@ -255,10 +319,10 @@ async def tag(ctx: Ctx) -> Response:
         await ctx.run(ctx.storage.set_tag, key, ctx.params["rev"], None, None, False)
         return json_response({})
     body = await ctx.json_body()
-    name = body.get("tag")
-    if not isinstance(name, str):
+    name, message = body.get("tag"), body.get("message")
+    if not isinstance(name, str) or not isinstance(message, (str, type(None))):
         raise bad_request("The tag body must be {'tag': 'v1', 'message': '...'}.")
-    await ctx.run(ctx.storage.set_tag, key, name, ctx.params["rev"] or "main", body.get("message"), True)
+    await ctx.run(ctx.storage.set_tag, key, name, ctx.params["rev"] or "main", message, True)
     return json_response({})
 
 

@@ -30,15 +30,6 @@ def error_response(err: HubError, method: str) -> Response:
     return json_response({"error": err.message}, err.status, headers)
 
 
-async def _drain(request: Request) -> None:
-    """Read and drop an unread request body, so the client gets the error instead of a broken pipe."""
-    try:
-        async for _ in request.stream():
-            pass
-    except Exception:  # already consumed or the client went away
-        pass
-
-
 def build_router() -> Router:
     """All routes, in matching order."""
     router = Router()
@@ -91,7 +82,8 @@ def create_app(config: RegistryConfig | str | Path) -> Starlette:
             handler, params = router.match(method, split_raw_path(request.scope.get("raw_path") or b"/"))
             return await handler(Ctx(hub, request, params, principal))
         except HubError as err:
-            await _drain(request)
+            # The unread rest of a body is discarded by the HTTP server after this answer; a body
+            # whose declared size is refused gets `Connection: close` (see Ctx.check_length).
             return error_response(err, method)
         except Exception:
             logger.exception("internal error on %s %s", method, request.url.path)

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -114,6 +115,19 @@ class BlobStore:
             return False
         return size is None or st.st_size == size
 
+    def touch(self, sha256: str) -> None:
+        """Mark a blob as just used, so a concurrent `gc` (which spares recent blobs) keeps it."""
+        try:
+            os.utime(self.path(sha256))
+        except OSError:
+            pass
+
+    def all(self) -> Iterator[Path]:
+        """Paths of all stored blobs."""
+        for sub in self.objects.iterdir():
+            if sub.is_dir():
+                yield from sub.iterdir()
+
     def new_temp(self) -> tuple[BinaryIO, Path]:
         """Open a fresh temporary file for an incoming upload (removed at restart if abandoned)."""
         fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix="upload-")
@@ -147,6 +161,7 @@ class BlobStore:
         dest = self.path(info.sha256)
         if dest.exists():
             tmp.unlink(missing_ok=True)
+            self.touch(info.sha256)
         else:
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, dest)
@@ -159,6 +174,7 @@ class BlobStore:
         h1.update(data)
         known = BlobInfo(hashlib.sha256(data).hexdigest(), h1.hexdigest(), len(data))
         if self.exists(known.sha256, known.size):
+            self.touch(known.sha256)
             return known
         f, tmp = self.new_temp()
         try:

@@ -16,13 +16,19 @@ from pathlib import Path
 
 from .auth import SCOPES, TokenStore
 from .context import MB
+from .errors import RegistryError
+from .storage import Storage
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adapterkit-registry", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
+    p = argparse.ArgumentParser(
+        prog="adapterkit-registry", description=__doc__.splitlines()[0], parents=[common]
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="serve the registry over HTTP")
+    s = sub.add_parser("serve", help="serve the registry over HTTP", parents=[common])
     s.add_argument("--root", type=Path, required=True, help="folder holding the registry state")
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
@@ -37,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("token", help="create, list or revoke tokens")
     tsub = t.add_subparsers(dest="token_command", required=True)
-    c = tsub.add_parser("create", help="create a token and print it")
+    c = tsub.add_parser("create", help="create a token and print it", parents=[common])
     c.add_argument("--root", type=Path, required=True)
     c.add_argument("--user", required=True, help="user name; the token may write to this namespace")
     c.add_argument("--scope", choices=SCOPES, default="write")
@@ -45,70 +51,107 @@ def _parser() -> argparse.ArgumentParser:
         "--org", action="append", default=[], help="extra namespace the token may use (repeatable)"
     )
     c.add_argument("--name", default="", help="free-form label")
-    ls = tsub.add_parser("list", help="list tokens (ids, users, scopes; never the secrets)")
+    ls = tsub.add_parser("list", help="list tokens (ids, users, scopes; never the secrets)", parents=[common])
     ls.add_argument("--root", type=Path, required=True)
-    r = tsub.add_parser("revoke", help="revoke a token by id")
+    r = tsub.add_parser("revoke", help="revoke a token by id", parents=[common])
     r.add_argument("--root", type=Path, required=True)
     r.add_argument("--id", required=True, help="token id as shown by `token list`")
 
-    f = sub.add_parser("fsck", help="check that every revision is complete and every blob intact")
+    f = sub.add_parser(
+        "fsck", help="check that every revision is complete and every blob intact", parents=[common]
+    )
     f.add_argument("--root", type=Path, required=True)
     f.add_argument("--quick", action="store_true", help="skip re-hashing blobs")
+    g = sub.add_parser("gc", help="remove blobs that no revision references", parents=[common])
+    g.add_argument("--root", type=Path, required=True)
+    g.add_argument(
+        "--grace-s",
+        type=float,
+        default=3600,
+        help="keep unreferenced blobs younger than this (in-flight commits of a running server; default 3600)",
+    )
+    g.add_argument("--dry-run", action="store_true", help="only count")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `adapterkit-registry` command."""
-    args = _parser().parse_args(argv)
-    if args.command == "serve":
-        import uvicorn
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
 
-        from .app import create_app
-        from .context import RegistryConfig
+    from .app import create_app
+    from .context import RegistryConfig
 
-        logging.basicConfig(
-            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = RegistryConfig(
+        root=args.root,
+        lfs_threshold_bytes=int(args.lfs_threshold_mb * MB),
+        max_upload_bytes=int(args.max_upload_mb * MB),
+        public_url=args.public_url,
+    )
+    app = create_app(config)
+    if not app.state.hub.tokens.list():
+        logging.getLogger("adapterkit_registry").warning(
+            "no tokens yet: anonymous users can read public repos but nobody can push. Create one with "
+            "`adapterkit-registry token create --root %s --user NAME`.",
+            args.root,
         )
-        config = RegistryConfig(
-            root=args.root,
-            lfs_threshold_bytes=int(args.lfs_threshold_mb * MB),
-            max_upload_bytes=int(args.max_upload_mb * MB),
-            public_url=args.public_url,
-        )
-        app = create_app(config)
-        if not app.state.hub.tokens.list():
-            logging.getLogger("adapterkit_registry").warning(
-                "no tokens yet: anonymous users can read public repos but nobody can push. Create one with "
-                "`adapterkit-registry token create --root %s --user NAME`.",
-                args.root,
-            )
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=30)
-        return 0
-    if args.command == "token":
-        store = TokenStore(args.root)
-        if args.token_command == "create":
-            try:
-                print(store.create(args.user, args.scope, args.name, tuple(args.org)))
-            except ValueError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
-        elif args.token_command == "list":
-            for t in store.list():
-                orgs = f" orgs={','.join(t['orgs'])}" if t.get("orgs") else ""
-                print(f"{t['id']}  {t['user']:<16} {t['scope']:<5} {t['created']}  {t['name']}{orgs}")
-        else:
-            if not store.revoke(args.id):
-                print(
-                    f"error: no token with id {args.id!r}; see `adapterkit-registry token list`.",
-                    file=sys.stderr,
-                )
-                return 1
-        return 0
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=30)
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    # `token create` is the first step on a new root; list/revoke on a mistyped --root must not
+    # look like an empty token list.
+    Storage(args.root, create=args.token_command == "create")
+    store = TokenStore(args.root)
+    if args.token_command == "create":
+        print(store.create(args.user, args.scope, args.name, tuple(args.org)))
+    elif args.token_command == "list":
+        for t in store.list():
+            orgs = f" orgs={','.join(t['orgs'])}" if t.get("orgs") else ""
+            print(f"{t['id']}  {t['user']:<16} {t['scope']:<5} {t['created']}  {t['name']}{orgs}")
+    elif not store.revoke(args.id):
+        print(f"error: no token with id {args.id!r}; see `adapterkit-registry token list`.", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _fsck(args: argparse.Namespace) -> int:
     from .fsck import fsck
-    from .storage import Storage
 
-    problems = fsck(Storage(args.root), deep=not args.quick)
+    storage = Storage(args.root, create=False)
+    problems = fsck(storage, deep=not args.quick)
     for line in problems:
         print(line)
     print("ok" if not problems else f"{len(problems)} problem(s)")
     return 1 if problems else 0
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from .collect import collect_garbage
+
+    report = collect_garbage(Storage(args.root, create=False), args.grace_s, args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    kept = report.unreferenced - report.removed
+    print(f"{report.unreferenced} unreferenced blob(s); {verb} {report.removed} ({report.freed_bytes} bytes)")
+    if kept and not args.dry_run:
+        print(f"kept {kept} younger than --grace-s {args.grace_s:g}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `adapterkit-registry` command.
+
+    Refusals (bad root, root already served, bad token arguments) print one line naming the problem
+    and the fix, and exit with status 2; `--verbose` shows the traceback instead.
+    """
+    args = _parser().parse_args(argv)
+    commands = {"serve": _serve, "token": _token, "fsck": _fsck, "gc": _gc}
+    try:
+        return commands[args.command](args)
+    except (RegistryError, ValueError, OSError) as e:
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from .auth import Principal, TokenStore, UrlSigner
-from .errors import HubError, repo_not_found, too_large
+from .errors import HubError, RegistryError, repo_not_found, too_large
 from .storage import RepoKey, Storage
 from .validation import REPO_TYPES, URL_PREFIXES, check_repo_id
 
@@ -68,7 +68,7 @@ class Hub:
             fcntl.flock(self._server_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._server_lock.close()
-            raise RuntimeError(
+            raise RegistryError(
                 f"Another registry server is already using {self.storage.root}; stop it or choose another --root."
             ) from None
         self.storage.recover()  # safe: no other server can be writing to this root
@@ -184,17 +184,29 @@ class Ctx:
         """Run blocking storage work in a worker thread."""
         return await anyio.to_thread.run_sync(fn, *args)
 
+    def check_length(self, limit: int) -> None:
+        """413 before reading anything when the declared `Content-Length` is above `limit`.
+
+        The answer closes the connection, so the server never reads the oversized body.
+        """
+        declared = self.request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            err = too_large(int(declared), limit)
+            err.headers["Connection"] = "close"
+            raise err
+
     async def read_body(self, limit: int = JSON_BODY_LIMIT) -> bytes:
-        """Read the whole request body, answering 413 (after draining it) above `limit`."""
-        declared = self.request.headers.get("content-length")
+        """Read the whole request body (at most `limit` bytes are ever held; 413 above it)."""
+        self.check_length(limit)
         chunks: list[bytes] = []
         total = 0
         async for chunk in self.request.stream():
             total += len(chunk)
-            if total <= limit:
-                chunks.append(chunk)
-        if total > limit:
-            raise too_large(max(total, int(declared or 0)), limit)
+            if total > limit:
+                err = too_large(total, limit)
+                err.headers["Connection"] = "close"
+                raise err
+            chunks.append(chunk)
         return b"".join(chunks)
 
     async def json_body(self) -> dict[str, Any]:
@@ -202,7 +214,7 @@ class Ctx:
         body = await self.read_body()
         try:
             data = json.loads(body or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):
             data = None
         if not isinstance(data, dict):
             raise HubError(400, "BadRequest", "The request body must be a JSON object.")

@@ -74,3 +74,7 @@ def too_large(size: int, limit: int) -> HubError:
         f"Upload of {size} bytes exceeds this registry's limit of {limit} bytes. Split the upload or "
         "ask the operator to raise --max-upload-mb.",
     )
+
+
+class RegistryError(RuntimeError):
+    """A refusal about the registry root or setup (bad root, root in use); the CLI prints it as one line."""

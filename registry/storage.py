@@ -31,9 +31,9 @@ from typing import Any
 
 from .blobs import BlobInfo, BlobStore, atomic_write_json, fsync_dir, read_json
 from .cards import MAX_METADATA_BYTES, card_from_readme, card_metadata, family_summary
-from .errors import HubError, bad_request, repo_not_found, revision_not_found
+from .errors import HubError, RegistryError, bad_request, repo_not_found, revision_not_found
 from .trees import apply_operations
-from .validation import check_ref_name, is_hex
+from .validation import check_new_ref, check_ref_name, is_hex
 
 logger = logging.getLogger(__name__)
 
@@ -94,21 +94,38 @@ class Storage:
     """All persistent state of a registry root.
 
     Args:
-        root: Folder holding the registry (created if missing).
+        root: Folder holding the registry.
+        create: Create the root if it is missing; otherwise refuse a folder that is not a registry.
+
+    Raises:
+        RegistryError: If the root cannot be used (not a registry, not writable, unknown format).
     """
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, create: bool = True):
         self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.blobs = BlobStore(self.root)
-        self.tmp = self.blobs.tmp
-        self.repos = self.root / "repos"
-        self.repos.mkdir(exist_ok=True)
         marker = self.root / "registry.json"
-        if not marker.exists():
-            atomic_write_json(marker, {"format_version": FORMAT_VERSION}, self.tmp)
-        elif read_json(marker).get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{marker} has an unsupported format_version; expected {FORMAT_VERSION}.")
+        if not create and not marker.is_file():
+            raise RegistryError(
+                f"{self.root} is not a registry root (it has no registry.json); check the --root path."
+            )
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.blobs = BlobStore(self.root)
+            self.repos = self.root / "repos"
+            self.repos.mkdir(exist_ok=True)
+            if not marker.exists():
+                atomic_write_json(marker, {"format_version": FORMAT_VERSION}, self.blobs.tmp)
+            version = read_json(marker).get("format_version")
+        except (OSError, ValueError, AttributeError) as e:
+            raise RegistryError(
+                f"Cannot use {self.root} as a registry root ({e}); pass --root a folder you can write to."
+            ) from e
+        self.tmp = self.blobs.tmp
+        if version != FORMAT_VERSION:
+            raise RegistryError(
+                f"{marker} has format_version {version!r}; this adapterkit-registry reads {FORMAT_VERSION}. "
+                "Upgrade adapterkit or use another --root."
+            )
         self._locks: dict[RepoKey, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._commit_cache: dict[tuple[RepoKey, str], Commit] = {}
@@ -170,6 +187,21 @@ class Storage:
                     continue
         return out
 
+    def find_repo_ignoring_case(self, key: RepoKey) -> RepoKey | None:
+        """The existing repo whose id equals `key.id` up to case (the Hub treats them as one), if any."""
+        if (self.repo_dir(key) / "repo.json").exists():
+            return key
+        tdir = self.repos / f"{key.type}s"
+        if not tdir.is_dir():
+            return None
+        for ns in tdir.iterdir():
+            if ns.name.lower() != key.namespace.lower() or not ns.is_dir():
+                continue
+            for repo in ns.iterdir():
+                if repo.name.lower() == key.name.lower() and (repo / "repo.json").exists():
+                    return RepoKey(key.type, ns.name, repo.name)
+        return None
+
     def create_repo(self, key: RepoKey, owner: str, private: bool) -> dict[str, Any]:
         """Create a repo with an empty initial commit on `main`.
 
@@ -178,8 +210,14 @@ class Storage:
         """
         with self.lock(key):
             final = self.repo_dir(key)
-            if (final / "repo.json").exists():
-                raise HubError(409, "RepoExists", f"You already created this repo: {key.id}.")
+            same = self.find_repo_ignoring_case(key)
+            if same is not None:
+                raise HubError(
+                    409,
+                    "RepoExists",
+                    f"You already created this repo: {same.id} (repo ids are case-insensitive).",
+                    headers={"X-Existing-Repo": same.id},
+                )
             staging = self.tmp / f"repo-{uuid.uuid4().hex}"
             (staging / "commits").mkdir(parents=True)
             (staging / "lfs").mkdir()
@@ -281,9 +319,7 @@ class Storage:
 
     def set_branch(self, key: RepoKey, name: str, revision: str | None, create: bool) -> str:
         """Create (`create=True`, from `revision` or main's head) or delete (`create=False`) a branch."""
-        check_ref_name(name, "branch name")
-        if name.startswith("refs/"):
-            raise bad_request(f"Invalid branch name {name!r}: do not start with 'refs/'.", "InvalidRevision")
+        check_new_ref(name, "branch")
         with self.lock(key):
             refs = self.refs(key)
             if not create:
@@ -305,9 +341,7 @@ class Storage:
         self, key: RepoKey, name: str, revision: str | None, message: str | None, create: bool
     ) -> None:
         """Create a tag on `revision` (`create=True`) or delete it."""
-        check_ref_name(name, "tag name")
-        if name.startswith("refs/"):
-            raise bad_request(f"Invalid tag name {name!r}: do not start with 'refs/'.", "InvalidRevision")
+        check_new_ref(name, "tag")
         with self.lock(key):
             refs = self.refs(key)
             if not create:
@@ -320,6 +354,20 @@ class Storage:
                 target = self.resolve(key, revision or "main").commit
                 refs["tags"][name] = {"target": target, "message": message or ""}
             atomic_write_json(self.repo_dir(key) / "refs.json", refs, self.tmp)
+
+    def referenced_blobs(self) -> set[str]:
+        """SHA-256 of every blob that a commit of any repo, or an uploaded LFS object, references."""
+        out: set[str] = set()
+        for key, _ in self.list_repos():
+            try:
+                for cid in self.refs(key)["commits"]:
+                    out.update(e["sha256"] for e in self.get_commit(key, cid)["tree"].values())
+            except HubError:  # deleted meanwhile
+                continue
+            lfs = self.repo_dir(key) / "lfs"
+            if lfs.is_dir():
+                out.update(p.name for p in lfs.iterdir())
+        return out
 
     def register_lfs(self, key: RepoKey, info: BlobInfo) -> None:
         """Record that LFS object `info.sha256` was uploaded to this repo and verified."""

@@ -104,6 +104,24 @@ def check_ref_name(name: str, what: str = "revision") -> str:
     return name
 
 
+def check_new_ref(name: str, kind: str) -> str:
+    """Validate the name of a new branch or tag: a valid ref that cannot be mistaken for a commit.
+
+    Raises:
+        HubError: 400 `InvalidRevision`.
+    """
+    check_ref_name(name, f"{kind} name")
+    if name.startswith("refs/"):
+        raise bad_request(f"Invalid {kind} name {name!r}: do not start with 'refs/'.", "InvalidRevision")
+    if is_hex(name.lower(), 7, 40):
+        raise bad_request(
+            f"Invalid {kind} name {name!r}: 7 to 40 hex digits read as a short commit sha; add a letter "
+            "outside a-f or a prefix such as 'v'.",
+            "InvalidRevision",
+        )
+    return name
+
+
 def is_hex(value: str, min_len: int, max_len: int) -> bool:
     """Whether `value` is lowercase hex of a length in `[min_len, max_len]`."""
     return min_len <= len(value) <= max_len and bool(_HEX_RE.match(value))
