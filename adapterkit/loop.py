@@ -134,7 +134,8 @@ def _train(
     callback: Callable[[dict[str, Any]], None] | None,
 ) -> tuple[int, list]:
     """The loop: micro-batches until `plan.total` optimizer steps, with logging and checkpoints."""
-    desc = f"{job.name} ({torch.get_num_threads()} threads)"
+    cpu = torch.get_num_threads()
+    desc = f"{job.name} ({cpu} thread{'' if cpu == 1 else 's'})"  # see TrainConfig.threads
     bar = tqdm(
         total=plan.total,
         initial=step,
