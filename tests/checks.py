@@ -9,6 +9,7 @@ other and of their order.
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,3 +211,78 @@ INVARIANTS: dict[str, Callable[[Case, Path], None]] = {
     "old_domain_kept_after_training": check_old_domain_bit_identical_after_training_another,
 }
 """The checks by the name their test ids carry, in the order the style guide lists them."""
+
+
+# ---------------------------------------------------------------------- concurrency
+HANG_GUARD_S = 120.0
+"""How long a concurrency test waits for a thread's next call before failing: a bound against a
+hang, never a speed requirement (a call takes milliseconds)."""
+
+
+class Servers:
+    """Threads that each call a function in a loop (serving), counting completed calls by outcome.
+
+    Each function returns a label for its outcome (e.g. `"ok"`, `"absent"`) or raises; anything raised
+    is recorded in `problems` and the thread keeps serving. `wait` blocks until every thread (or the
+    named ones) completed more calls, which proves that the threads ran and that their calls overlap
+    whatever the caller is doing meanwhile.
+
+    Example:
+        >>> with Servers({"a": lambda: "ok"}) as servers:
+        ...     servers.wait(2, "while nothing happens")
+        >>> servers.problems
+        []
+    """
+
+    def __init__(self, calls: dict[str, Callable[[], str]]) -> None:
+        self.calls = calls
+        self.problems: list[str] = []
+        self.counts: dict[str, dict[str, int]] = {name: {} for name in calls}
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._serve, args=(n,), daemon=True) for n in calls]
+
+    def _serve(self, name: str) -> None:
+        while not self._stop.is_set():
+            try:
+                label = self.calls[name]()
+            except Exception as e:  # noqa: BLE001  (recorded, and the test fails on it)
+                label = "error"
+                self.problems.append(f"{name}: {type(e).__name__}: {e}")
+            with self._cond:
+                self.counts[name][label] = self.counts[name].get(label, 0) + 1
+                self.counts[name]["total"] = self.counts[name].get("total", 0) + 1
+                self._cond.notify_all()
+
+    def total(self, name: str, label: str = "total") -> int:
+        with self._cond:
+            return self.counts[name].get(label, 0)
+
+    def wait(self, more: int, during: str, label: str = "total", names: list[str] | None = None) -> None:
+        """Block until each thread in `names` (default: all) completed `more` further calls with
+        outcome `label` (default: any)."""
+        names = list(self.calls) if names is None else names
+        with self._cond:
+            start = {n: self.counts[n].get(label, 0) for n in names}
+
+            def done() -> bool:
+                return all(self.counts[n].get(label, 0) >= start[n] + more for n in names)
+
+            if not self._cond.wait_for(done, timeout=HANG_GUARD_S):
+                late = [n for n in names if self.counts[n].get(label, 0) < start[n] + more]
+                raise AssertionError(
+                    f"threads {late} completed fewer than {more} {label} call(s) {during}; "
+                    f"counts {self.counts}, problems {self.problems[:5]}"
+                )
+
+    def __enter__(self) -> Servers:
+        for t in self._threads:
+            t.start()
+        self.wait(1, "after starting")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(HANG_GUARD_S)
+        assert not any(t.is_alive() for t in self._threads), "a serving thread did not stop"

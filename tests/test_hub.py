@@ -4,13 +4,12 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 import uuid
 
 import pytest
 import timm
 import torch
-from checks import input_for, perturb
+from checks import Servers, input_for, perturb
 from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
 
@@ -160,7 +159,7 @@ def test_offline_from_cache(registry, published_backbone, tmp_path):
     assert "['a']" in result.stdout
 
 
-def test_hot_add_while_serving(registry, published_backbone):
+def test_hot_add_while_serving(registry, published_backbone, monkeypatch):
     token = registry.tokens["alice"]
     repo = f"alice/{unique('hot')}"
     source = family(published_backbone, ["a", "b"])
@@ -170,42 +169,71 @@ def test_hot_add_while_serving(registry, published_backbone):
     with torch.no_grad():
         ref_a = served(x, domain="a")
         ref_b = source(x, domain="b")
-    stop = threading.Event()
-    problems = []
 
     def serve(domain, ref):
-        with torch.no_grad():
-            while not stop.is_set():
+        def call():
+            with torch.no_grad():
                 try:
                     out = served(x, domain=domain)
-                except KeyError as e:
-                    if domain != "b":  # b is loaded, unloaded and loaded again meanwhile
-                        problems.append(f"{domain}: {e}")
-                    continue
-                if not torch.equal(out, ref):
-                    problems.append(f"{domain}: wrong output")
+                except KeyError:
+                    if domain == "b":  # b is loaded, unloaded and loaded again meanwhile
+                        return "absent"
+                    raise
+            assert torch.equal(out, ref), f"{domain}: wrong output"
+            return "ok"
 
-    threads = [threading.Thread(target=serve, args=a) for a in (("a", ref_a), ("b", ref_b), ("a", ref_a))]
-    for t in threads:
-        t.start()
-    served.load_domain(repo, "b", token=token)
-    served.unload_domain("b")
-    served.load_domain(repo, "b", token=token)
-    stop.set()
-    for t in threads:
-        t.join()
-    assert not problems, problems[:5]
+        return call
+
+    servers = Servers({"a1": serve("a", ref_a), "b": serve("b", ref_b), "a2": serve("a", ref_a)})
+    publish = served.publish_domain
+
+    def publish_while_serving(*args, **kwargs):
+        # b's files are downloaded and its modules built: every thread serves before and after it appears
+        servers.wait(2, "while b was being hot-added")
+        publish(*args, **kwargs)
+        servers.wait(2, "right after b was published")
+
+    monkeypatch.setattr(served, "publish_domain", publish_while_serving)
+    with servers:
+        servers.wait(1, "before b was loaded", label="absent", names=["b"])
+        served.load_domain(repo, "b", token=token)
+        servers.wait(1, "after b was loaded", label="ok", names=["b"])
+        served.unload_domain("b")
+        servers.wait(1, "after b was unloaded", label="absent", names=["b"])
+        served.load_domain(repo, "b", token=token)
+        servers.wait(1, "after b was loaded again", label="ok", names=["b"])
+    assert not servers.problems, servers.problems[:5]
     assert served.domains == ["a", "b"]
 
 
-def test_pinned_files_come_from_one_commit(registry, published_backbone, tmp_path):
+def test_pinned_revision_reads_that_commits_files(registry, published_backbone, tmp_path):
     token = registry.tokens["alice"]
     repo = f"alice/{unique('pin')}"
     model = family(published_backbone, ["a"])
     model.push_to_hub(repo, token=token)
     sha = HfApi(token=token).model_info(repo).sha
+    x = input_for(model.backbone)
+    with torch.no_grad():
+        old_a = model(x, domain="a")
+    perturb(model, "a", seed=42)  # a is trained further and pushed again under the same name
     model.add_domain("b", num_classes=2)
     model.push_to_hub(repo, token=token)
-    old = AdapterModel.from_pretrained(repo, revision=sha, token=token, cache_dir=tmp_path / "c")
+    with torch.no_grad():
+        new_a = model(x, domain="a")
+    assert not torch.equal(new_a, old_a)
+    cache = tmp_path / "cache"
+    latest = AdapterModel.from_pretrained(
+        repo, token=token, cache_dir=cache
+    ).eval()  # newer files cached first
+    assert latest.domains == ["a", "b"]
+    with torch.no_grad():
+        assert torch.equal(latest(x, domain="a"), new_a)
+    old = AdapterModel.from_pretrained(repo, revision=sha, token=token, cache_dir=cache).eval()
     assert old.domains == ["a"]
+    with torch.no_grad():
+        assert torch.equal(old(x, domain="a"), old_a), "a pinned load read a file of a later commit"
     assert list(list_domains(repo, revision=sha, token=token)) == ["a"]
+    latest.load_domain(repo, "a", as_name="a_at_sha", revision=sha, token=token, cache_dir=cache)
+    with torch.no_grad():
+        assert torch.equal(latest(x, domain="a_at_sha"), old_a)
+        assert torch.equal(latest(x, domain="a"), new_a)
