@@ -1,16 +1,21 @@
-"""Bearer tokens with `read` or `write` scope, stored hashed in `<root>/tokens.json`.
+"""Bearer tokens with `read` or `write` scope, stored hashed in `<root>/tokens.db` (SQLite, WAL).
 
-Tokens are random (256 bits), so a plain SHA-256 is enough to store them: the file never holds a
-usable secret. The file is re-read when it changes, so tokens created with the CLI while the server
-runs work at once.
+Tokens are random (256 bits), so a plain SHA-256 is enough to store them: the database never holds
+a usable secret. Each request looks its token up in the database, so tokens created or revoked with
+the CLI while the server runs take effect at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import json
+import os
 import secrets
+import sqlite3
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,8 +56,21 @@ def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, user TEXT NOT NULL, scope TEXT NOT NULL,
+    orgs TEXT NOT NULL, name TEXT NOT NULL, created TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
 class TokenStore:
-    """Hashed tokens of a registry root.
+    """Hashed tokens of a registry root, in SQLite (`<root>/tokens.db`, WAL mode).
+
+    Every change is one transaction, serialised across threads and processes by SQLite's write lock,
+    and every request reads the database, so a token created or revoked by the CLI takes effect in
+    the running server at once. A `tokens.json` of older registries is imported once.
 
     Args:
         root: Registry root folder.
@@ -60,19 +78,60 @@ class TokenStore:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self.path = self.root / "tokens.json"
-        self._lock = threading.Lock()
-        self._cache: tuple[tuple[int, int, int], dict] | None = None
+        self.path = self.root / "tokens.db"
+        self._local = threading.local()
 
-    def _load(self) -> dict:
+    def _db(self) -> sqlite3.Connection:
+        """This thread's connection (created, with the schema and the JSON import, on first use)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))  # never world-readable
+            db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA busy_timeout = 60000")
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = FULL")
+            with self._write(db):
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                self._import_json(db)
+            self._local.db = db
+        return db
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _write(db: sqlite3.Connection) -> Iterator[None]:
+        """One write transaction, taken at once (BEGIN IMMEDIATE) so concurrent writers queue."""
+        db.execute("BEGIN IMMEDIATE")
         try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            return {"format_version": 1, "tokens": []}
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if self._cache is None or self._cache[0] != stamp:
-            self._cache = (stamp, read_json(self.path))
-        return self._cache[1]
+            yield
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _import_json(self, db: sqlite3.Connection) -> None:
+        """Import `tokens.json` (the format before SQLite) once, inside the caller's transaction."""
+        legacy = self.root / "tokens.json"
+        done = db.execute("SELECT 1 FROM settings WHERE key = 'imported_tokens_json'").fetchone()
+        if done or not legacy.exists():
+            return
+        for t in read_json(legacy).get("tokens", []):
+            db.execute(
+                "INSERT OR IGNORE INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    t["id"],
+                    t["hash"],
+                    t["user"],
+                    t["scope"],
+                    json.dumps(t.get("orgs", [])),
+                    t.get("name", ""),
+                    t["created"],
+                ),
+            )
+        db.execute("INSERT INTO settings VALUES ('imported_tokens_json', ?)", (now_iso(),))
 
     def create(self, user: str, scope: str = "write", name: str = "", orgs: tuple[str, ...] = ()) -> str:
         """Create a token and return it (the only time the plain token is available).
@@ -98,48 +157,42 @@ class TokenStore:
             raise ValueError("Tokens must be at least 16 characters long.")
         for ns in (user, *orgs):
             check_name(ns, "user/organisation name")
-        with self._lock:
-            data = dict(self._load())
-            digest = _hash(token)
-            tokens = [t for t in data.get("tokens", []) if t["hash"] != digest]
-            tokens.append(
-                {
-                    "id": digest[:12],
-                    "hash": digest,
-                    "user": user,
-                    "scope": scope,
-                    "orgs": list(orgs),
-                    "name": name,
-                    "created": now_iso(),
-                }
+        digest = _hash(token)
+        db = self._db()
+        with self._write(db):
+            db.execute("DELETE FROM tokens WHERE hash = ?", (digest,))
+            db.execute(
+                "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (digest[:12], digest, user, scope, json.dumps(list(orgs)), name, now_iso()),
             )
-            self.root.mkdir(parents=True, exist_ok=True)
-            (self.root / "tmp").mkdir(exist_ok=True)
-            atomic_write_json(self.path, {"format_version": 1, "tokens": tokens}, self.root / "tmp")
-            self.path.chmod(0o600)
         return token
 
     def revoke(self, token_id: str) -> bool:
         """Revoke the token with this id; returns whether one was removed."""
-        with self._lock:
-            data = self._load()
-            tokens = [t for t in data.get("tokens", []) if t["id"] != token_id]
-            if len(tokens) == len(data.get("tokens", [])):
-                return False
-            atomic_write_json(self.path, {"format_version": 1, "tokens": tokens}, self.root / "tmp")
-        return True
+        db = self._db()
+        with self._write(db):
+            return db.execute("DELETE FROM tokens WHERE id = ?", (token_id,)).rowcount > 0
 
     def list(self) -> list[dict]:
-        """Token records without their hashes."""
-        return [{k: v for k, v in t.items() if k != "hash"} for t in self._load().get("tokens", [])]
+        """Token records without their hashes, oldest first."""
+        rows = self._db().execute(
+            "SELECT id, user, scope, orgs, name, created FROM tokens ORDER BY created, id"
+        )
+        return [
+            {"id": i, "user": u, "scope": s, "orgs": json.loads(o), "name": n, "created": c}
+            for i, u, s, o, n, c in rows
+        ]
 
     def authenticate(self, token: str) -> Principal | None:
-        """The principal of a token, or None if it is unknown."""
-        digest = _hash(token)
-        for t in self._load().get("tokens", []):
-            if hmac.compare_digest(t["hash"], digest):
-                return Principal(t["user"], t["scope"], tuple(t.get("orgs", ())), t["id"])
-        return None
+        """The principal of a token, or None if it is unknown (or revoked, even a moment ago)."""
+        row = (
+            self._db()
+            .execute("SELECT id, user, scope, orgs FROM tokens WHERE hash = ?", (_hash(token),))
+            .fetchone()
+        )
+        if row is None:
+            return None
+        return Principal(row[1], row[2], tuple(json.loads(row[3])), row[0])
 
 
 def create_token(

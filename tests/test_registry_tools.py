@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from huggingface_hub import HfApi
 
 
 def _hf_cli() -> list[str]:
-    exe = shutil.which("hf")
+    beside = Path(sys.executable).with_name("hf")  # the venv's own, when it is not on PATH
+    exe = str(beside) if beside.exists() else shutil.which("hf")
     if exe is None:
         pytest.skip("the `hf` CLI is not installed")
     return [exe]
@@ -69,7 +71,7 @@ def test_module_entry_point_and_token_cli(tmp_path):
         text=True,
         check=True,
     ).stdout.strip()
-    assert token.startswith("akr_") and token not in (root / "tokens.json").read_text()
+    assert token.startswith("akr_") and token.encode() not in (root / "tokens.db").read_bytes()
     listing = subprocess.run(
         [*cmd, "token", "list", "--root", str(root)], capture_output=True, text=True, check=True
     )
