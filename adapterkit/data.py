@@ -111,7 +111,7 @@ class FolderSource(Source):
             raise ValueError(
                 f"{root} holds {len(loose)} images but no class subfolders: the class of an image is the "
                 f"name of its subfolder. Move the images into one subfolder per class:\n"
-                f"    {root}/<first class>/{loose[0]}\n    {root}/<second class>/...\n"
+                f"    {root}/<first class>/{loose[0]}\n    {root}/<second class>/..."
             )
         if loose:
             logger.warning("%s: %d images outside the class subfolders are ignored", root, len(loose))

@@ -24,6 +24,9 @@ def test_an_existing_domain_needs_resume_or_overwrite():
     with pytest.raises(ValueError, match=r"already has domain 'd'.*resume=True.*overwrite=True"):
         train_domain(model, "d", Toy(8, 3), config=cfg(steps=1), data_config=SIZE)
     assert all(torch.equal(v, before[k]) for k, v in model.domain_state_dict("d").items())
+    with pytest.raises(ValueError, match="at least 2"):  # checked before the old domain is removed
+        train_domain(model, "d", Toy(8, 1), config=cfg(steps=1), overwrite=True, data_config=SIZE)
+    assert all(torch.equal(v, before[k]) for k, v in model.domain_state_dict("d").items())
 
 
 def test_resume_continues_the_domain_and_overwrite_starts_afresh():
