@@ -7,13 +7,14 @@
 4. pushes the family, pulls one domain into a fresh model, hot-adds the other while a thread serves,
 5. exports a domain as a plain timm model with the adapters folded in, and prints a results table.
 
-Run: python examples/quickstart.py [--data-root ../shared/data] [--images 1500] [--epochs 3]
+Run: python examples/quickstart.py [--data-root ../shared/data] [--images 1500] [--epochs 3] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -102,9 +103,20 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--images", type=int, default=1500, help="training images per domain")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the working folder (registry, caches)")
     args = parser.parse_args()
-
     work = Path(tempfile.mkdtemp(prefix="adapterkit-quickstart-"))
+    try:
+        run(args, work)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
     port = free_port()
     # huggingface_hub and timm read these when imported: set them first.
     os.environ.update(
@@ -120,6 +132,7 @@ def main() -> None:
     from adapterkit.train import TrainConfig, evaluate, train_domain
 
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     token = create_token(work / "registry", "demo", "write")
     with RegistryServer(work / "registry", port=port):
         print(f"[1] registry serving the Hub API at {os.environ['HF_ENDPOINT']} (state in {work})")
