@@ -130,7 +130,12 @@ def train_domain(
         names = labels or (source.class_names if len(source.class_names or ()) == num_classes else None)
         _add_fresh(model, domain, num_classes, names, dcfg, config.seed)
     model.domain_info(domain).data_config = dcfg
-    metrics = fit(_domain_job(model, domain), train_set, eval_set, config, acc, resume, callback)
+    was_trainable = model.is_trainable(domain)
+    model.set_trainable(domain)  # a loaded (frozen) domain learns only while it is being trained
+    try:
+        metrics = fit(_domain_job(model, domain), train_set, eval_set, config, acc, resume, callback)
+    finally:
+        model.set_trainable(domain, was_trainable)
     if "accuracy" in metrics:
         model.domain_info(domain).metrics["accuracy"] = metrics["accuracy"]
     return metrics

@@ -74,7 +74,7 @@ def run_joint(full: AdapterModel, data, epochs, finetune_epochs):
     report = compress(model, basis_rank=0.5)
     before_finetune = accuracies(model, data, SEQUENCE)
     for name in SEQUENCE if finetune_epochs else []:
-        train_domain(model, name, data[name][0], config=train_config(name, finetune_epochs))
+        train_domain(model, name, data[name][0], config=train_config(name, finetune_epochs), resume=True)
     return model, before_finetune, accuracies(model, data, SEQUENCE), report
 
 
@@ -89,7 +89,7 @@ def run_incremental(backbone, data, epochs, new_columns):
             factored=True,
             new_columns=new_columns,
         )
-        train_domain(model, name, data[name][0], config=train_config(name, epochs))
+        train_domain(model, name, data[name][0], config=train_config(name, epochs), resume=True)
         append_domain(model, name)
         model.eval()
         with torch.no_grad():

@@ -161,3 +161,22 @@ def test_history_is_saved_and_loaded(tmp_path):
     loaded = AdapterModel.from_pretrained(tmp_path / "fam")
     assert loaded.basis_history == model.basis_history
     assert all(torch.equal(loaded.basis()[n], b) for n, b in model.basis().items())
+
+
+def test_train_domain_resumes_a_loaded_domain_and_leaves_it_frozen(saved):
+    from torch.utils.data import TensorDataset
+
+    from adapterkit.train import TrainConfig, train_domain
+
+    _, path = saved
+    model = AdapterModel.from_pretrained(path)
+    before = state(model, "b")
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.rand(8, 3, 32, 32, generator=g), torch.arange(8) % 3)
+    train_domain(model, "b", data, config=TrainConfig(steps=2, batch_size=4, progress=False), resume=True)
+    after = state(model, "b")
+    assert not same(after, before)  # trained: its tensors and statistics moved
+    assert not model.is_trainable("b")  # and frozen again, as loaded
+    with torch.no_grad():
+        model.train()(input_for(model.backbone, batch=4), domain="b")
+    assert same(state(model, "b"), after)
