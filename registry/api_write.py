@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 from starlette.responses import Response
 
+from . import lfsrules
 from .cards import parse_front_matter
 from .context import MB, Ctx, json_response
 from .errors import HubError, bad_request, revision_not_found, too_large
@@ -124,7 +125,8 @@ async def preupload(ctx: Ctx) -> Response:
         raise bad_request("The preupload body must be {'files': [{'path', 'size', 'sample'}, ...]}.")
     cfg = ctx.hub.config
     head = ctx.storage.refs(key)["branches"][branch]
-    tree = (await ctx.run(ctx.storage.get_commit, key, head))["tree"]
+    tree = await ctx.run(ctx.storage.files, key, head)
+    rules = await ctx.run(_lfs_rules, ctx, key, tree)
     out = []
     for f in files:
         if not isinstance(f, dict):
@@ -137,11 +139,22 @@ async def preupload(ctx: Ctx) -> Response:
             raise bad_request(f"Invalid size for {path!r}: expected a non-negative integer.")
         if size > cfg.max_upload_bytes:
             raise too_large(size, cfg.max_upload_bytes)
-        mode = "lfs" if size > cfg.lfs_threshold_bytes else "regular"
+        mode = "lfs" if size > cfg.lfs_threshold_bytes or lfsrules.is_lfs(path, rules) else "regular"
         existing = tree.get(path)
         oid = None if existing is None else existing["sha256"] if mode == "lfs" else existing["sha1"]
         out.append({"path": path, "uploadMode": mode, "shouldIgnore": False, "oid": oid})
     return json_response({"files": out, "commitOid": head})
+
+
+def _lfs_rules(ctx: Ctx, key: RepoKey, tree: dict[str, dict]) -> list[lfsrules.Rule]:
+    """LFS rules of the branch head: its `.gitattributes`, else the defaults of the repo type."""
+    entry = tree.get(".gitattributes")
+    if entry is None:
+        return lfsrules.default_rules(key.type)
+    if entry["size"] > lfsrules.MAX_GITATTRIBUTES_BYTES:
+        return []
+    data = ctx.storage.blobs.path(entry["sha256"]).read_bytes()
+    return lfsrules.parse_rules(data.decode("utf-8", "replace"))
 
 
 async def _spool(ctx: Ctx, limit: int) -> Path:

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import api_lfs, api_read, api_write, web
+from . import api_lfs, api_read, api_user, api_write, web
 from .context import Ctx, Hub, RegistryConfig, json_response
 from .errors import HubError
 from .routing import Router, split_raw_path
@@ -36,6 +36,7 @@ def build_router() -> Router:
     web.register(router)
     api_write.register(router)
     api_lfs.register(router)
+    api_user.register(router)
     api_read.register(router)
     return router
 

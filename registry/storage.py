@@ -276,6 +276,10 @@ class Storage:
             self._commit_cache[(key, cid)] = cached
         return cached
 
+    def files(self, key: RepoKey, cid: str) -> dict[str, dict]:
+        """The file table (path -> file entry) of a commit."""
+        return self.get_commit(key, cid)["tree"]
+
     def resolve(self, key: RepoKey, revision: str) -> Resolved:
         """Resolve a branch, tag, `refs/heads/x`, `refs/tags/x`, full sha or unique short sha (7-40 hex).
 
