@@ -1,7 +1,7 @@
 """Expected failures of the command line, each said in one line naming the problem and the fix.
 
 `explain` turns an exception into that line (or None for a bug, which main reports as unexpected).
-`check_endpoint` fails fast when the Hub or registry cannot be reached: huggingface_hub retries a
+`require_endpoint` fails fast when the Hub or registry cannot be reached: huggingface_hub retries a
 refused connection five times with back-off (1+2+4+8+8 s) before falling back to its cache, and
 `hf_hub_download` then reports a missing file, so without the check `pull`/`info` waited 27 s and
 blamed the family. `check_push_token` asks the endpoint who the token belongs to before anything is
@@ -45,8 +45,8 @@ def unreachable_message(reason: object) -> str:
     )
 
 
-def check_endpoint(timeout: float = 3.0) -> bool:
-    """True if the endpoint answers HTTP at all (any status) within `timeout` seconds.
+def endpoint_problem(timeout: float = 3.0) -> str | None:
+    """Why the endpoint does not answer HTTP within `timeout` seconds, or None if it answers (any status).
 
     Uses the Hub client's own session, so proxies and certificates are the ones downloads will use."""
     from huggingface_hub.utils import get_session
@@ -55,15 +55,16 @@ def check_endpoint(timeout: float = 3.0) -> bool:
         get_session().head(endpoint(), timeout=timeout)
     except Exception as e:  # noqa: BLE001  (any transport failure means unreachable)
         if is_network_error(e):
-            return False
+            return short_reason(e, limit=80)
         raise
-    return True
+    return None
 
 
 def require_endpoint() -> None:
     """Raise a one-line `CliError` unless the endpoint answers (skipped with HF_HUB_OFFLINE=1)."""
-    if not offline() and not check_endpoint():
-        raise CliError(unreachable_message("no answer within 3 s"))
+    problem = None if offline() else endpoint_problem()
+    if problem is not None:
+        raise CliError(unreachable_message(problem))
 
 
 def is_network_error(error: BaseException) -> bool:

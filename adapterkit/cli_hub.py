@@ -141,7 +141,9 @@ def info(
     from .sources import open_source
 
     local = Path(source).is_dir()
-    if not local:
+    if local:
+        require_family(Path(source))
+    else:
         require_endpoint()
     opened = open_source(source, **({} if local else {"revision": revision, "token": token}))
     config = read_config(opened.fetch, opened.files, where=source)

@@ -57,9 +57,9 @@ def cache_if_unreachable(needs_hub: bool):
     restoring it after) makes a download fail at once or come from the cache."""
     from huggingface_hub import constants
 
-    from .cli_errors import check_endpoint, endpoint, offline
+    from .cli_errors import endpoint, endpoint_problem, offline
 
-    if not needs_hub or offline() or check_endpoint():
+    if not needs_hub or offline() or endpoint_problem() is None:
         yield
         return
     status(f"warning: cannot reach {endpoint()}: using cached weights only (is HF_ENDPOINT right?)")
