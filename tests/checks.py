@@ -260,7 +260,7 @@ class Servers:
 
     def wait(self, more: int, during: str, label: str = "total", names: list[str] | None = None) -> None:
         """Block until each thread in `names` (default: all) completed `more` further calls with
-        outcome `label` (default: any)."""
+        outcome `label` (default: any); fail at once when a call went wrong."""
         names = list(self.calls) if names is None else names
         with self._cond:
             start = {n: self.counts[n].get(label, 0) for n in names}
@@ -268,7 +268,9 @@ class Servers:
             def done() -> bool:
                 return all(self.counts[n].get(label, 0) >= start[n] + more for n in names)
 
-            if not self._cond.wait_for(done, timeout=HANG_GUARD_S):
+            self._cond.wait_for(lambda: done() or self.problems, timeout=HANG_GUARD_S)
+            assert not self.problems, f"{during}: {self.problems[:5]}"
+            if not done():
                 late = [n for n in names if self.counts[n].get(label, 0) < start[n] + more]
                 raise AssertionError(
                     f"threads {late} completed fewer than {more} {label} call(s) {during}; "

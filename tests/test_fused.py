@@ -6,7 +6,7 @@ import threading
 import pytest
 import timm
 import torch
-from checks import input_for, perturb, train_steps
+from checks import HANG_GUARD_S, Servers, input_for, perturb, train_steps
 
 from adapterkit import AdapterConfig, AdapterModel
 from adapterkit.compress import append_domain
@@ -205,19 +205,80 @@ def test_concurrent_readers_with_a_thrashing_cache():
     configure_fusion(model, capacity=1)  # every switch of domain evicts and rebuilds
     x = input_for(model.backbone)
     ref = {d: fresh(model, x, d) for d in names}
-    problems = []
+    readers = [f"{d}{i}" for i in range(2) for d in names]
+    # Each reader's first call waits inside the first fused layer until every reader is there: six
+    # calls of three domains provably in flight at once, all using one single-entry cache.
+    together = threading.Barrier(len(readers), timeout=HANG_GUARD_S)
+    first_call = threading.local()
 
-    def serve(d):
-        for _ in range(15):
-            if not torch.equal(run(model, x, d), ref[d]):
-                problems.append(d)
+    def meet(module, args):
+        if not getattr(first_call, "done", False):
+            first_call.done = True
+            together.wait()
 
-    threads = [threading.Thread(target=serve, args=(d,)) for d in names * 2]
+    hook = fused_layers(model)[0].register_forward_pre_hook(meet)
+    problems, calls = [], dict.fromkeys(readers, 0)
+
+    def serve(reader):
+        d = reader[0]
+        try:
+            for _ in range(15):
+                if not torch.equal(run(model, x, d), ref[d]):
+                    problems.append(f"{reader}: wrong output")
+                calls[reader] += 1
+        except Exception as e:  # a failing thread must fail the test, not just print
+            problems.append(f"{reader}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=serve, args=(r,)) for r in readers]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert not problems
+    hook.remove()
+    assert not problems, problems[:5]
+    assert calls == dict.fromkeys(readers, 15)
+
+
+def test_hot_swap_while_fused_readers_serve():
+    """A domain removed and re-added under the same name with other tensors while readers serve it:
+    no reader ever gets the old fused weights once the new domain is in, nor a mix of the two."""
+    model = make(names=("a", "b"))
+    x = input_for(model.backbone)
+    ref_a, old_b = run(model, x, "a"), run(model, x, "b")
+    donor = make(names=("a", "b"))
+    perturb(donor, "b", seed=7)
+    new_b = run(donor, x, "b")
+    assert not torch.equal(new_b, old_b)
+    expected_b = {"old": old_b}
+
+    def read_a():
+        assert torch.equal(run(model, x, "a"), ref_a), "a: wrong output"
+        return "ok"
+
+    def read_b():
+        try:
+            out = run(model, x, "b")
+        except KeyError:
+            return "absent"
+        for label, ref in expected_b.items():
+            if torch.equal(out, ref):
+                return label
+        raise AssertionError(f"b: output is neither of {sorted(expected_b)}")
+
+    servers = Servers({"a": read_a, "b1": read_b, "b2": read_b})
+    with servers:
+        servers.wait(2, "with b's old weights fused", label="old", names=["b1", "b2"])
+        model.remove_domain("b")
+        servers.wait(1, "after b was removed", label="absent", names=["b1", "b2"])
+        expected_b = {"new": new_b}  # from here on the old bits would be a stale cache
+        model.publish_domain(
+            donor.domain_info("b"),
+            {n: copy.deepcopy(layer.adapters["b"]) for n, layer in donor.layers().items()},
+            copy.deepcopy(donor.heads["b"]),
+        )
+        servers.wait(2, "after b was re-added", label="new", names=["b1", "b2"])
+        servers.wait(2, "after b was re-added")
+    assert not servers.problems, servers.problems[:5]
 
 
 def test_series_and_std_convs_stay_unfused():
