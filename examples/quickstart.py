@@ -122,7 +122,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
     os.environ.update(
         HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(work / "hf"), HF_HUB_DISABLE_TELEMETRY="1"
     )
-    os.environ.pop("HF_HUB_OFFLINE", None)
+    for var in ("HF_HUB_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):  # its own registry, its own token
+        os.environ.pop(var, None)
 
     import timm
     import torch
