@@ -1,0 +1,316 @@
+"""Serve a family over HTTP: per-image domains, mixed-domain batching across requests, hot-add.
+
+    from adapterkit.serve import create_app, serve
+    app = create_app(model, admin_token="...")        # an ASGI app: uvicorn, hypercorn, Ray Serve...
+    serve("alice/decathlon-r56@v1", port=8000)        # loads the family and runs uvicorn
+
+Endpoints (docs/serve.md): `POST /v1/predict`, `GET /v1/domains`, `POST /v1/domains` and
+`DELETE /v1/domains/{name}` (admin bearer token), `GET /healthz`, `GET /readyz`, `GET /metrics`,
+and the OpenAPI schema at `/openapi.json` (`/docs` renders it).
+
+Where the work runs: the event loop only parses and answers; images are decoded and preprocessed
+(each domain's recorded data config) in a pool of `threads` threads; one worker thread runs each
+batch as ONE mixed-domain forward `model(x, domain=[...])` in eval mode under
+`torch.inference_mode()` (`serve_batching.py`); hot-adds and removals run in their own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import __version__
+from .serve_batching import Batcher, Item, QueueFull
+from .serve_domains import Domains, split_source
+from .serve_errors import (
+    BodyLimit,
+    ServeError,
+    http_error_handler,
+    internal_error_handler,
+    serve_error_handler,
+    validation_error_handler,
+)
+from .serve_images import DEFAULT_MAX_PIXELS, Preprocessors
+from .serve_metrics import Metrics
+from .serve_predict import Parsed, parse_json, parse_multipart, prediction, request_kind
+from .serve_routes import add_routes
+
+if TYPE_CHECKING:
+    from .model import AdapterModel
+
+logger = logging.getLogger(__name__)
+__all__ = ["create_app", "serve", "Service"]
+
+
+class Service:
+    """What one app serves with: the model's domains, the batcher, the worker pool and metrics."""
+
+    def __init__(
+        self,
+        model: AdapterModel,
+        *,
+        max_batch_size: int,
+        max_wait_ms: float,
+        queue_size: int,
+        admin_token: str | None,
+        threads: int,
+        max_body_bytes: int,
+        max_pixels: int,
+        max_images: int,
+        source: str | None,
+        revision: str | None,
+    ) -> None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads={threads!r} must be an int >= 1 (threads decoding images)")
+        if admin_token is not None and len(admin_token) < 8:
+            raise ValueError("admin_token is shorter than 8 characters; use a long random one")
+        self.model = model.eval()  # frozen domains stay frozen; trainable ones use their statistics
+        self.domains = Domains(model, source, revision)
+        self.preprocessors = Preprocessors(model)
+        self.metrics = Metrics(lambda: self.batcher.depth, lambda: len(model.domains))
+        self.batcher = Batcher(
+            self.domains.run,
+            max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms,
+            queue_size=queue_size,
+            on_batch=lambda items, s: self.metrics.observe_batch([i.domain for i in items], s),
+        )
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="adapterkit-decode")
+        self.admin_pool = ThreadPoolExecutor(1, thread_name_prefix="adapterkit-admin")
+        self.admin_token = admin_token
+        self.max_body_bytes, self.max_pixels = max_body_bytes, max_pixels
+        self.max_images = min(max_images, queue_size)
+
+    def close(self) -> None:
+        self.batcher.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.admin_pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ predict
+    async def predict(self, request: Request) -> dict[str, Any]:
+        start = time.perf_counter()
+        domains: list[str] = []
+        status = 500
+        try:
+            parsed = await self._read(request)
+            domains = parsed.domains
+            answer = await self._predict(parsed)
+            status = 200
+            return answer
+        except ServeError as e:
+            status = e.status
+            raise
+        finally:
+            loaded = set(self.model.domains)
+            labels = [d if d in loaded else "_other" for d in domains] or ["_none"]
+            self.metrics.observe_predictions(labels, status, time.perf_counter() - start)
+
+    async def _read(self, request: Request) -> Parsed:
+        loop = asyncio.get_running_loop()
+        if request_kind(request) == "json":
+            body = await request.body()
+            parsed = await loop.run_in_executor(self.pool, parse_json, body)
+        else:
+            parsed = await parse_multipart(request, self.max_images, self.max_body_bytes)
+        if len(parsed.images) > self.max_images:
+            raise ServeError(
+                413,
+                "too_many_images",
+                f"{len(parsed.images)} images in one request; this server takes at most {self.max_images}: "
+                "split them over several requests",
+            )
+        return parsed
+
+    async def _predict(self, parsed: Parsed) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        labels = {}
+        for d in dict.fromkeys(parsed.domains):
+            self.domains.check(d)
+            try:
+                labels[d] = self.model.domain_info(d).labels
+            except KeyError:
+                self.domains.check(d)  # removed meanwhile: 404 listing the loaded ones
+        tensors = await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    self.pool, self.preprocessors.tensor, data, d, f"image {i}", self.max_pixels
+                )
+                for i, (data, d) in enumerate(zip(parsed.images, parsed.domains, strict=True))
+            )
+        )
+        items = [Item(x, d, loop.create_future(), loop) for x, d in zip(tensors, parsed.domains, strict=True)]
+        try:
+            self.batcher.submit(items)
+        except QueueFull as e:
+            raise ServeError(
+                503,
+                "overloaded",
+                f"the server is at capacity ({e}); retry after the Retry-After seconds",
+                headers={"Retry-After": "1"},
+            ) from e
+        results = await asyncio.gather(*(item.future for item in items), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return {
+            "predictions": [
+                prediction(item.domain, row, labels[item.domain], parsed.top_k, parsed.return_logits)
+                for item, row in zip(items, results, strict=True)
+            ]
+        }
+
+    # ------------------------------------------------------------------ admin
+    def check_admin(self, request: Request) -> None:
+        """401 without a bearer token, 403 with a wrong one (or when admin endpoints are off)."""
+        if self.admin_token is None:
+            raise ServeError(
+                403,
+                "admin_disabled",
+                "this server has no admin token, so domains cannot be added or removed: start it with "
+                "--admin-token-file FILE or ADAPTERKIT_ADMIN_TOKEN",
+            )
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ServeError(
+                401,
+                "unauthorized",
+                "this endpoint needs the admin token: send 'Authorization: Bearer <token>'",
+                headers={"WWW-Authenticate": 'Bearer realm="adapterkit"'},
+            )
+        if not hmac.compare_digest(token.strip().encode(), self.admin_token.encode()):
+            raise ServeError(403, "forbidden", "wrong admin token; use the token the server was started with")
+
+    async def hot_add(self, source: str, domain: str, revision: str | None, as_name: str | None) -> dict:
+        loop = asyncio.get_running_loop()
+        start, status = time.perf_counter(), "error"
+        try:
+            out = await loop.run_in_executor(
+                self.admin_pool, self.domains.hot_add, source, domain, revision, as_name
+            )
+            status = "ok"
+            return out
+        finally:
+            self.metrics.hot_add.labels(status).observe(time.perf_counter() - start)
+
+    async def remove(self, name: str) -> None:
+        await asyncio.get_running_loop().run_in_executor(self.admin_pool, self.domains.remove, name)
+        self.preprocessors.forget(name)
+        self.metrics.removals.inc()
+
+
+def create_app(
+    model: AdapterModel,
+    *,
+    max_batch_size: int = 32,
+    max_wait_ms: float = 5.0,
+    queue_size: int = 256,
+    admin_token: str | None = None,
+    threads: int = 2,
+    max_body_bytes: int = 32 * 1024 * 1024,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_images: int = 64,
+    source: str | None = None,
+    revision: str | None = None,
+) -> FastAPI:
+    """An ASGI app (FastAPI) serving `model`'s domains; the model is put in eval mode.
+
+    Args:
+        max_batch_size: images per forward; 1 turns batching off.
+        max_wait_ms: how long the first image of a batch waits for others to join it.
+        queue_size: images that may wait for a forward; past that, requests get 503 with Retry-After.
+        admin_token: bearer token of `POST /v1/domains` and `DELETE /v1/domains/{name}`; None turns
+            them off (403).
+        threads: threads decoding and preprocessing images.
+        max_body_bytes: largest request body (413 before it is read when Content-Length says so).
+        max_pixels: largest image, in pixels, checked before decoding (decompression bombs).
+        max_images: most images in one request (at most `queue_size`).
+        source, revision: where the model's domains came from, reported by `GET /v1/domains`.
+
+    Example:
+        >>> app = create_app(AdapterModel.from_pretrained("family/"), admin_token=token)
+        >>> uvicorn.run(app, host="127.0.0.1", port=8000)
+    """
+    service = Service(
+        model,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        queue_size=queue_size,
+        admin_token=admin_token,
+        threads=threads,
+        max_body_bytes=max_body_bytes,
+        max_pixels=max_pixels,
+        max_images=max_images,
+        source=source,
+        revision=revision,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.batcher.start()
+        try:
+            yield
+        finally:
+            service.close()
+
+    app = FastAPI(
+        title="adapterkit",
+        version=__version__,
+        summary="Residual-adapter domains on one frozen timm backbone: predict, list, hot-add, remove.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_exception_handler(ServeError, serve_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(ValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_exception_handler(Exception, internal_error_handler)
+    add_routes(app, service)
+    return app
+
+
+def serve(
+    source: str,
+    *,
+    domains: list[str] | None = None,
+    revision: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "cpu",
+    torch_threads: int | None = None,
+    log_level: str = "info",
+    **app_options: Any,
+) -> None:
+    """Load a family (folder, or Hub/registry repo id with an optional `@revision`) and serve it.
+
+    Args:
+        domains: load only these (default all); more can be hot-added later.
+        device: where the model runs (`cpu`, `cuda`, `cuda:1`, `mps`).
+        torch_threads: torch's intra-op CPU threads (default: torch's choice).
+        **app_options: `create_app`'s options (max_batch_size, max_wait_ms, admin_token, threads, ...).
+    """
+    import torch
+    import uvicorn
+
+    from .model import AdapterModel
+
+    repo, at = split_source(source)
+    if at is not None and revision is not None and at != revision:
+        raise ValueError(f"{source} and revision={revision!r} disagree; give the revision once")
+    revision = revision or at
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
+    model = AdapterModel.from_pretrained(repo, domains=domains, revision=revision).to(device)
+    app = create_app(model, source=repo, revision=revision, **app_options)
+    logger.info("serving %d domains of %s on http://%s:%d", len(model.domains), repo, host, port)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)

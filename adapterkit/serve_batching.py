@@ -1,0 +1,149 @@
+"""Dynamic batching across requests: a bounded queue of images and one worker thread.
+
+Requests put their preprocessed images on the queue (`submit`, refused with `QueueFull` when it would
+hold more than `queue_size` images) and await one future per image. The worker takes the oldest image,
+waits until `max_batch_size` images are queued or `max_wait_ms` have passed since that image arrived,
+and hands the batch to `run` (one mixed-domain forward); results reach each request's event loop
+through `call_soon_threadsafe`. The event loop never runs a forward, so health checks and metrics
+answer while one is running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The queue cannot take the request's images now."""
+
+
+@dataclass
+class Item:
+    """One image waiting for the forward: its tensor, domain and the future its request awaits."""
+
+    x: torch.Tensor
+    domain: str
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+def _settle(future: asyncio.Future, value: Any) -> None:
+    if future.done():  # the request went away (client disconnected)
+        return
+    if isinstance(value, BaseException):
+        future.set_exception(value)
+    else:
+        future.set_result(value)
+
+
+class Batcher:
+    """Gathers queued images into batches for `run(items) -> list[result or exception]`.
+
+    Args:
+        run: called in the worker thread with a batch; returns one result (or exception) per item.
+        max_batch_size: images per forward (1 turns batching off).
+        max_wait_ms: how long the oldest image may wait for more to join its batch.
+        queue_size: images that may wait at once; more are refused with `QueueFull`.
+        on_batch: called with each batch's items after it ran (metrics).
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list[Item]], Sequence[Any]],
+        *,
+        max_batch_size: int,
+        max_wait_ms: float,
+        queue_size: int,
+        on_batch: Callable[[list[Item], float], None] | None = None,
+    ) -> None:
+        for name, value in (("max_batch_size", max_batch_size), ("queue_size", queue_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an int >= 1")
+        if not isinstance(max_wait_ms, (int, float)) or not 0 <= max_wait_ms <= 60_000:
+            raise ValueError(f"max_wait_ms={max_wait_ms!r} must be a number of milliseconds in [0, 60000]")
+        self.run, self.on_batch = run, on_batch
+        self.max_batch_size, self.queue_size = max_batch_size, queue_size
+        self.max_wait = max_wait_ms / 1000.0
+        self._queue: deque[Item] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="adapterkit-batcher", daemon=True)
+                self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop taking images, finish the queued ones, and stop the worker."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, items: list[Item]) -> None:
+        """Queue a request's images, all or none; `QueueFull` if they do not fit now."""
+        self.start()
+        with self._cond:
+            if self._closed:
+                raise QueueFull("the server is shutting down")
+            if len(self._queue) + len(items) > self.queue_size:
+                raise QueueFull(f"{len(self._queue)} images are waiting (queue_size={self.queue_size})")
+            self._queue.extend(items)
+            self._cond.notify()
+
+    def _next_batch(self) -> list[Item]:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if not self._queue:
+                return []
+            deadline = self._queue[0].enqueued + self.max_wait
+            while len(self._queue) < self.max_batch_size and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            n = min(self.max_batch_size, len(self._queue))
+            return [self._queue.popleft() for _ in range(n)]
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if not batch:
+                return
+            start = time.perf_counter()
+            try:
+                results = list(self.run(batch))
+            except Exception as e:  # noqa: BLE001  (every waiting request gets the error)
+                logger.exception("batch of %d images failed", len(batch))
+                results = [e] * len(batch)
+            for item, result in zip(batch, results, strict=True):
+                try:
+                    item.loop.call_soon_threadsafe(_settle, item.future, result)
+                except RuntimeError:  # that request's event loop has closed
+                    pass
+            if self.on_batch is not None:
+                self.on_batch(batch, time.perf_counter() - start)

@@ -1,0 +1,123 @@
+"""Errors of the inference service: one JSON shape for every failure, and the request body limit.
+
+Every error answers `{"error": {"code": ..., "message": ..., ...}}` with the right status; the message
+names the problem and the fix. `BodyLimit` refuses a body over the limit from its `Content-Length`
+before reading it, and stops a chunked body as soon as it passes the limit.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger(__name__)
+
+
+class ServeError(Exception):
+    """An expected failure of one request: HTTP `status`, a short `code`, a message saying the fix.
+
+    Args:
+        status: the HTTP status.
+        code: a stable machine-readable name (`unknown_domain`, `invalid_image`, ...).
+        message: what went wrong and how to fix it.
+        headers: extra response headers (`Retry-After`, `WWW-Authenticate`).
+        **extra: more JSON fields of the error (for example `loaded` domains).
+    """
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.headers = headers or {}
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, **self.extra}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def body_too_large(limit: int) -> ServeError:
+    return ServeError(
+        413,
+        "body_too_large",
+        f"the request body is over the server's limit of {limit} bytes: send fewer or smaller images "
+        "per request (or start the server with a larger max_body_bytes)",
+        limit=limit,
+    )
+
+
+async def serve_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServeError)
+    return exc.response()
+
+
+async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's request validation errors (malformed JSON, missing fields) in our error shape."""
+    errors = getattr(exc, "errors", lambda: [])()
+    details = [
+        {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": e.get("type")}
+        for e in errors
+    ]
+    first = details[0] if details else {"loc": [], "msg": "invalid request"}
+    where = ".".join(first["loc"]) or "body"
+    message = f"invalid request: {where}: {first['msg']}; see the schema at /docs"
+    return ServeError(422, "invalid_request", message, details=details).response()
+
+
+async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's HTTP errors (404 for an unknown path, 405) in our error shape."""
+    status = getattr(exc, "status_code", 500)
+    detail = getattr(exc, "detail", None) or "error"
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    message = f"{detail}: {request.method} {request.url.path}; see /docs for the API"
+    return ServeError(status, codes.get(status, "http_error"), message).response()
+
+
+async def internal_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unexpected error serving %s %s", request.method, request.url.path)
+    message = f"unexpected {type(exc).__name__}: {exc}; this is a bug, please report it with the server log"
+    return ServeError(500, "internal_error", message).response()
+
+
+class BodyLimit:
+    """ASGI middleware: at most `max_bytes` of request body.
+
+    A `Content-Length` over the limit is answered 413 at once, before a byte of the body is read; a
+    body without one (chunked) is cut off with 413 as soon as it passes the limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                error = ServeError(400, "bad_content_length", "Content-Length must be a decimal number")
+                await error.response()(scope, receive, send)
+                return
+            if int(length) > self.max_bytes:
+                await body_too_large(self.max_bytes).response()(scope, receive, send)
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise body_too_large(self.max_bytes)
+            return message
+
+        await self.app(scope, limited, send)

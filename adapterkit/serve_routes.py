@@ -1,0 +1,150 @@
+"""The inference service's routes, its OpenAPI schema, and the per-route request counter.
+
+The admin routes check the bearer token before they read the body, so a caller without the token
+learns nothing about the body's validity. Their bodies and `/v1/predict`'s (JSON or multipart) are
+read by hand, so their schemas are declared here for `/openapi.json`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .serve_errors import ServeError
+from .serve_metrics import CONTENT_TYPE
+from .serve_schema import (
+    DomainOut,
+    DomainsResponse,
+    HotAddRequest,
+    ImageIn,
+    PredictRequest,
+    PredictResponse,
+    error_responses,
+)
+
+if TYPE_CHECKING:
+    from .serve import Service
+
+REF = "#/components/schemas/{model}"
+MULTIPART_SCHEMA = {
+    "type": "object",
+    "required": ["image", "domain"],
+    "properties": {
+        "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "domain": {"type": "array", "items": {"type": "string"}, "description": "one per image, or one"},
+        "top_k": {"type": "integer", "default": 5},
+        "return_logits": {"type": "boolean", "default": False},
+    },
+}
+
+
+def _body(schema: dict[str, Any], multipart: bool = False) -> dict[str, Any]:
+    content = {"application/json": {"schema": schema}}
+    if multipart:
+        content["multipart/form-data"] = {"schema": MULTIPART_SCHEMA}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def add_routes(app: FastAPI, service: Service) -> None:
+    """The service's endpoints on `app`."""
+
+    @app.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        response_model_exclude_none=True,
+        responses=error_responses(400, 404, 413, 415, 422, 503),
+        openapi_extra=_body({"$ref": REF.format(model="PredictRequest")}, multipart=True),
+        tags=["predict"],
+    )
+    async def predict(request: Request) -> Any:
+        """Classify images, each with its own domain (JSON with base64 images, or multipart files)."""
+        return await service.predict(request)
+
+    @app.get("/v1/domains", response_model=DomainsResponse, tags=["domains"])
+    async def list_domains() -> Any:
+        """The loaded domains: classes, labels, metrics, origin, parameters and bytes."""
+        return {"domains": service.domains.describe()}
+
+    @app.post(
+        "/v1/domains",
+        status_code=201,
+        response_model=DomainOut,
+        responses=error_responses(401, 403, 404, 409, 422, 502),
+        openapi_extra=_body({"$ref": REF.format(model="HotAddRequest")}),
+        tags=["domains"],
+    )
+    async def add_domain(request: Request) -> Any:
+        """Hot-add one domain of a family (admin); answers once the domain is served."""
+        service.check_admin(request)
+        body = HotAddRequest.model_validate_json(await request.body())
+        return await service.hot_add(body.source, body.domain, body.revision, body.as_name)
+
+    @app.delete("/v1/domains/{name}", responses=error_responses(401, 403, 404), tags=["domains"])
+    async def remove_domain(name: str, request: Request) -> Any:
+        """Unload one domain (admin); answers once no new request can reach it."""
+        service.check_admin(request)
+        await service.remove(name)
+        return {"removed": name, "loaded": service.domains.names}
+
+    @app.get("/healthz", tags=["operations"])
+    async def healthz() -> Any:
+        """The process answers (never waits for inference)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses=error_responses(503), tags=["operations"])
+    async def readyz() -> Any:
+        """Ready when the batch worker runs and at least one domain is loaded."""
+        n = len(service.domains.names)
+        if n == 0 or service.batcher.closed:
+            reason = "no domain is loaded" if n == 0 else "the server is shutting down"
+            raise ServeError(503, "not_ready", f"not ready: {reason}")
+        return {"status": "ready", "domains": n, "queue_depth": service.batcher.depth}
+
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus metrics."""
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
+
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.add_middleware(CountRequests, service=service)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the hand-read request bodies."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (PredictRequest, ImageIn, HotAddRequest):
+            components[model.__name__] = model.model_json_schema(ref_template=REF)
+            components[model.__name__].pop("$defs", None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+class CountRequests:
+    """ASGI middleware counting every HTTP request by route template, method and status."""
+
+    def __init__(self, app: ASGIApp, service: Service) -> None:
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.service.metrics.http.labels(route, scope["method"], str(status)).inc()

@@ -1,0 +1,181 @@
+"""Bad input to the service: each gets a clear JSON error with the right status, and the server keeps
+serving (checked after every test)."""
+
+from __future__ import annotations
+
+import io
+import socket
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+from PIL import Image
+from test_serve_support import ADMIN, b64, build_family, image_bytes, predict_json, running
+
+from adapterkit import AdapterModel
+from adapterkit.serve import create_app
+
+MAX_BODY = 200_000
+MAX_PIXELS = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return build_family(tmp_path_factory.mktemp("serve-bad") / "fam")
+
+
+@pytest.fixture(scope="module")
+def client(family):
+    model = AdapterModel.from_pretrained(family, domains=["a", "b"])
+    app = create_app(
+        model, admin_token=ADMIN, max_body_bytes=MAX_BODY, max_pixels=MAX_PIXELS, max_images=4, max_wait_ms=1
+    )
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(autouse=True)
+def still_serving(client):
+    yield
+    r = predict_json(client, [("a", image_bytes(0))])
+    assert r.status_code == 200, f"the server stopped serving after the bad input: {r.text}"
+
+
+def error(r: httpx.Response, status: int, code: str) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()["error"]
+    assert body["code"] == code and len(body["message"]) > 20, body
+    return body
+
+
+def admin(token: str = ADMIN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_not_an_image(client):
+    error(predict_json(client, [("a", b"this is plain text, not an image")]), 400, "invalid_image")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_image(client, fmt):
+    data = image_bytes(1, size=64, fmt=fmt)
+    body = error(predict_json(client, [("a", data[: len(data) // 2])]), 400, "truncated_image")
+    assert "image 0" in body["message"]
+
+
+def test_image_over_the_pixel_limit_is_refused_before_decoding(client):
+    buffer = io.BytesIO()
+    Image.new("L", (4000, 4000)).save(buffer, format="PNG")  # 16 Mpx that compress to a few KB
+    assert len(buffer.getvalue()) < MAX_BODY // 4
+    body = error(predict_json(client, [("a", buffer.getvalue())]), 413, "image_too_large")
+    assert body["max_pixels"] == MAX_PIXELS
+
+
+def test_unsupported_content_type(client):
+    r = client.post("/v1/predict", content=b"hello", headers={"content-type": "text/plain"})
+    error(r, 415, "unsupported_media_type")
+    files = [("image", ("x.pdf", b"%PDF-1.4", "application/pdf"))]
+    error(client.post("/v1/predict", files=files, data={"domain": "a"}), 415, "unsupported_media_type")
+
+
+def test_body_over_the_limit(client):
+    big = [("a", image_bytes(i, size=160)) for i in range(4)]
+    body = error(predict_json(client, big), 413, "body_too_large")
+    assert body["limit"] == MAX_BODY
+
+
+def test_chunked_body_over_the_limit_is_cut_off(client):
+    def chunks():
+        for _ in range(40):
+            yield b"x" * 10_000
+
+    r = client.post("/v1/predict", content=chunks(), headers={"content-type": "application/json"})
+    error(r, 413, "body_too_large")
+
+
+def test_body_over_the_limit_is_refused_before_it_is_read(client):
+    """The server answers from the Content-Length alone: this request never sends its body."""
+    host, port = urlparse(str(client.base_url)).hostname, urlparse(str(client.base_url)).port
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(
+            b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000000000\r\n\r\n"
+        )
+        head = s.recv(4096)
+    assert head.startswith(b"HTTP/1.1 413"), head
+
+
+def test_unknown_domain_lists_the_loaded_ones(client):
+    body = error(
+        predict_json(client, [("a", image_bytes(2)), ("nope", image_bytes(3))]), 404, "unknown_domain"
+    )
+    assert body["loaded"] == ["a", "b"] and "'nope'" in body["message"]
+
+
+def test_malformed_json(client):
+    r = client.post("/v1/predict", content=b'{"images": [', headers={"content-type": "application/json"})
+    error(r, 422, "invalid_request")
+    error(client.post("/v1/predict", json={"images": []}), 422, "invalid_request")
+    error(client.post("/v1/predict", json={"images": [{"domain": "a"}]}), 422, "invalid_request")
+    r = client.post(
+        "/v1/domains", content=b"{not json", headers={**admin(), "content-type": "application/json"}
+    )
+    error(r, 422, "invalid_request")
+
+
+def test_invalid_base64_and_too_many_images(client):
+    r = client.post("/v1/predict", json={"images": [{"domain": "a", "data": "@@not base64@@"}]})
+    error(r, 400, "invalid_base64")
+    many = [{"domain": "a", "data": b64(image_bytes(4, size=8))}] * 5
+    error(client.post("/v1/predict", json={"images": many}), 413, "too_many_images")
+
+
+def test_admin_endpoints_need_the_token(client, family):
+    body = {"source": str(family), "domain": "c"}
+    r = client.post("/v1/domains", json=body)
+    error(r, 401, "unauthorized")
+    assert r.headers["www-authenticate"].startswith("Bearer")
+    error(client.post("/v1/domains", json=body, headers=admin("wrong-token-123")), 403, "forbidden")
+    error(client.delete("/v1/domains/a"), 401, "unauthorized")
+    error(client.delete("/v1/domains/a", headers=admin("wrong-token-123")), 403, "forbidden")
+    assert [d["name"] for d in client.get("/v1/domains").json()["domains"]] == ["a", "b"]
+
+
+def test_admin_endpoints_are_off_without_a_token(family):
+    app = create_app(AdapterModel.from_pretrained(family, domains=["a"]))
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        r = client.post("/v1/domains", json={"source": str(family), "domain": "b"}, headers=admin())
+        error(r, 403, "admin_disabled")
+
+
+def test_hot_add_from_other_backbone_weights_is_a_conflict(client, tmp_path):
+    other = build_family(tmp_path / "other", {"z": (2, 32, None)}, backbone_seed=1)
+    r = client.post("/v1/domains", json={"source": str(other), "domain": "z"}, headers=admin())
+    assert "weights differ" in error(r, 409, "backbone_mismatch")["message"]
+
+
+def test_hot_add_of_a_loaded_name_is_a_conflict(client, family):
+    r = client.post("/v1/domains", json={"source": str(family), "domain": "a"}, headers=admin())
+    error(r, 409, "domain_exists")
+
+
+def test_hot_add_from_a_missing_source_or_domain(client, family, tmp_path):
+    r = client.post("/v1/domains", json={"source": str(tmp_path / "none"), "domain": "c"}, headers=admin())
+    error(r, 404, "source_not_found")
+    r = client.post("/v1/domains", json={"source": str(family), "domain": "zzz"}, headers=admin())
+    assert "'zzz'" in error(r, 404, "domain_not_found")["message"]
+
+
+def test_hot_add_from_a_missing_hub_repo(client, registry):
+    r = client.post("/v1/domains", json={"source": "alice/no-such-family", "domain": "c"}, headers=admin())
+    error(r, 404, "source_not_found")
+
+
+def test_removing_an_unknown_domain(client):
+    error(client.delete("/v1/domains/zzz", headers=admin()), 404, "unknown_domain")
+
+
+def test_unknown_path_and_method(client):
+    error(client.get("/v2/nothing"), 404, "not_found")
+    error(client.put("/v1/predict"), 405, "method_not_allowed")
