@@ -132,7 +132,7 @@ def explain(error: BaseException) -> str | None:
         return http
     if isinstance(error, KeyError) and error.args:
         return str(error.args[0])
-    if isinstance(error, (ValueError, TypeError, OSError, ConnectionError)):
+    if isinstance(error, (ValueError, OSError)):  # OSError: missing files, permissions, Hub auth
         return str(error)
     if isinstance(error, RuntimeError) and _raised_by_adapterkit(error):
         return str(error)  # deliberate (a push conflict, say); torch's own RuntimeErrors are bugs

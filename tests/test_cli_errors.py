@@ -71,6 +71,14 @@ def test_registry_down_fails_at_once_naming_hf_endpoint(args, family, dead_endpo
     assert f"cannot reach {dead_endpoint}" in err and "HF_ENDPOINT" in err
 
 
+def test_registry_down_while_creating_a_family(dead_endpoint, tmp_path):
+    data = image_folder(tmp_path / "data")
+    args = ["--family", str(tmp_path / "fam"), "--domain", "d", "--data", str(data), "--backbone", "test_resnet"]
+    warning, error = fails("train", *args, *TRAIN, HF_ENDPOINT=dead_endpoint).strip().splitlines()
+    assert f"cannot reach {dead_endpoint}: using cached weights only" in warning
+    assert "no pretrained weights for backbone 'test_resnet'" in error and "--random-init" in error
+
+
 def test_no_pretrained_weights_offline(tmp_path):
     data = image_folder(tmp_path / "data")
     args = [
