@@ -22,6 +22,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
     from .model import AdapterModel
 
 logger = logging.getLogger(__name__)
-__all__ = ["create_app", "serve", "Service"]
+__all__ = ["create_app", "load_family", "serve", "Service"]
 
 
 class Service:
@@ -279,6 +280,28 @@ def create_app(
     return app
 
 
+def load_family(
+    source: str,
+    *,
+    domains: list[str] | None = None,
+    revision: str | None = None,
+    device: str = "cpu",
+    backbone_weights: str | Path | None = None,
+) -> tuple[AdapterModel, str, str | None]:
+    """(model, source, revision): a family from a folder or a Hub repo id with an optional `@revision`,
+    on the backbone it records, moved to `device`, in eval mode."""
+    from .model import AdapterModel
+
+    repo, at = split_source(source)
+    if at is not None and revision is not None and at != revision:
+        raise ValueError(f"{source} and revision={revision!r} disagree; give the revision once")
+    revision = revision or at
+    model = AdapterModel.from_pretrained(
+        repo, domains=domains, revision=revision, backbone_weights=backbone_weights
+    )
+    return model.to(device).eval(), repo, revision
+
+
 def serve(
     source: str,
     *,
@@ -288,29 +311,31 @@ def serve(
     port: int = 8000,
     device: str = "cpu",
     torch_threads: int | None = None,
+    backbone_weights: str | Path | None = None,
     log_level: str = "info",
     **app_options: Any,
 ) -> None:
-    """Load a family (folder, or Hub/registry repo id with an optional `@revision`) and serve it.
+    """Load a family (folder, or Hub/registry repo id with an optional `@revision`) and serve it with
+    uvicorn until interrupted.
 
     Args:
         domains: load only these (default all); more can be hot-added later.
         device: where the model runs (`cpu`, `cuda`, `cuda:1`, `mps`).
         torch_threads: torch's intra-op CPU threads (default: torch's choice).
+        backbone_weights: the backbone weights file the family was trained on, if it moved since.
         **app_options: `create_app`'s options (max_batch_size, max_wait_ms, admin_token, threads, ...).
+
+    Example:
+        >>> serve("alice/decathlon-r56@v1", port=8000, admin_token=os.environ["ADAPTERKIT_ADMIN_TOKEN"])
     """
     import torch
     import uvicorn
 
-    from .model import AdapterModel
-
-    repo, at = split_source(source)
-    if at is not None and revision is not None and at != revision:
-        raise ValueError(f"{source} and revision={revision!r} disagree; give the revision once")
-    revision = revision or at
     if torch_threads is not None:
         torch.set_num_threads(torch_threads)
-    model = AdapterModel.from_pretrained(repo, domains=domains, revision=revision).to(device)
+    model, repo, revision = load_family(
+        source, domains=domains, revision=revision, device=device, backbone_weights=backbone_weights
+    )
     app = create_app(model, source=repo, revision=revision, **app_options)
     logger.info("serving %d domains of %s on http://%s:%d", len(model.domains), repo, host, port)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)

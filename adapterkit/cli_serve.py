@@ -1,0 +1,123 @@
+"""`adapterkit serve SOURCE`: serve a family over HTTP (`adapterkit.serve`, docs/serve.md).
+
+SOURCE is a family folder or a Hub/registry repo id, optionally `@revision`; the backbone is rebuilt
+from what the family records. The admin token of the write endpoints comes from `--admin-token-file`
+or `ADAPTERKIT_ADMIN_TOKEN`, never from the command line (where `ps` and shell history would show it);
+without one, domains cannot be added or removed over HTTP. torch and the web stack are imported after
+the arguments are parsed.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .cli_errors import CliError
+from .cli_output import status
+
+TOKEN_ENV = "ADAPTERKIT_ADMIN_TOKEN"
+
+
+def admin_token(token_file: Path | None) -> str | None:
+    """The admin token from `token_file` (first line) or `ADAPTERKIT_ADMIN_TOKEN`, or None."""
+    if token_file is not None:
+        try:
+            text = token_file.read_text()
+            mode = token_file.stat().st_mode
+        except OSError as e:
+            raise CliError(
+                f"cannot read the admin token file {token_file} ({e.strerror}); check the path"
+            ) from e
+        token = text.strip().splitlines()[0].strip() if text.strip() else ""
+        if not token:
+            raise CliError(f"the admin token file {token_file} is empty; write a long random token into it")
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            status(f"warning: {token_file} is readable by other users; chmod 600 {token_file}")
+    else:
+        token = os.environ.get(TOKEN_ENV, "").strip()
+        if not token:
+            return None
+    if len(token) < 8:
+        raise CliError(
+            "the admin token is shorter than 8 characters; use a long random one (openssl rand -hex 32)"
+        )
+    return token
+
+
+def serve(
+    source: Annotated[
+        str, typer.Argument(help="family folder, or Hub/registry repo id with an optional @revision")
+    ],
+    domain: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--domain", help="load only this domain (repeatable) \\[default: all]", show_default=False
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="images per forward (1: no batching)")] = 32,
+    max_wait_ms: Annotated[
+        float, typer.Option(min=0, max=60000, help="how long a batch waits for more images")
+    ] = 5.0,
+    queue_size: Annotated[int, typer.Option(min=1, help="images that may wait; then 503")] = 256,
+    threads: Annotated[int, typer.Option(min=1, help="threads decoding and preprocessing images")] = 2,
+    torch_threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="torch CPU threads for the forward \\[default: torch's]", show_default=False
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps")] = "cpu",
+    admin_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help=f"file holding the admin token of the write endpoints \\[default: ${TOKEN_ENV}; none: read-only]",
+            show_default=False,
+        ),
+    ] = None,
+    max_body_mb: Annotated[float, typer.Option(min=0.001, help="largest request body")] = 32.0,
+    max_pixels: Annotated[int, typer.Option(min=1, help="largest image, in pixels")] = 40_000_000,
+    backbone_weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="the backbone weights file the family was trained on, if it moved", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """Serve a family over HTTP: predict with per-image domains, list, hot-add and remove domains."""
+    token = admin_token(admin_token_file)
+    import torch
+    import uvicorn
+
+    from .serve import create_app, load_family
+
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
+    model, repo, revision = load_family(
+        source, domains=domain, device=device, backbone_weights=backbone_weights
+    )
+    app = create_app(
+        model,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        queue_size=queue_size,
+        admin_token=token,
+        threads=threads,
+        max_body_bytes=int(max_body_mb * 1024 * 1024),
+        max_pixels=max_pixels,
+        source=repo,
+        revision=revision,
+    )
+    admin = (
+        "admin endpoints on" if token else f"read-only: no admin token (--admin-token-file or ${TOKEN_ENV})"
+    )
+    status(
+        f"serving {len(model.domains)} domains of {repo} on http://{host}:{port} ({admin}; "
+        f"{torch.get_num_threads()} torch threads, batches of up to {max_batch_size}); API at /docs"
+    )
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)

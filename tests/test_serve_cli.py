@@ -1,0 +1,122 @@
+"""`adapterkit serve SOURCE`: a real process serving a family folder on a free loopback port, the admin
+token from a file or the environment (never a command-line value), and `repo@revision` sources."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import typer
+from test_serve_support import ADMIN, build_family, free_port, image_bytes, predict_json
+from typer.testing import CliRunner
+
+from adapterkit import cli_serve
+from adapterkit.cli_errors import CliError
+from adapterkit.serve import load_family
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return build_family(tmp_path_factory.mktemp("serve-cli") / "fam")
+
+
+def command() -> list[str]:
+    """`adapterkit serve` as a subprocess (through the main app once it has the command)."""
+    from adapterkit.cli import app
+
+    if any(c.name == "serve" for c in app.registered_commands):
+        return [sys.executable, "-m", "adapterkit.cli", "serve"]
+    wrapper = (
+        "import typer; from adapterkit.cli_serve import serve; a = typer.Typer(); a.command()(serve); a()"
+    )
+    return [sys.executable, "-c", wrapper]
+
+
+def wait_ready(url: str, process: subprocess.Popen) -> None:
+    for _ in range(240):  # start-up imports torch and timm: at most 120 s on a busy machine
+        if process.poll() is not None:
+            raise AssertionError(f"the server exited with {process.returncode}: {process.stderr.read()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("the server did not become ready")
+
+
+def test_serve_command_serves_predicts_and_hot_adds(family, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(ADMIN + "\n")
+    token_file.chmod(0o600)
+    port = free_port()
+    args = [str(family), "--domain", "a", "--port", str(port), "--admin-token-file", str(token_file)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("ADAPTERKIT_ADMIN_TOKEN", None)
+    process = subprocess.Popen(
+        [*command(), *args, "--torch-threads", "1", "--max-wait-ms", "1"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process)
+        with httpx.Client(base_url=url, timeout=60) as client:
+            assert [d["name"] for d in client.get("/v1/domains").json()["domains"]] == ["a"]
+            assert predict_json(client, [("a", image_bytes(0))]).status_code == 200
+            body = {"source": str(family), "domain": "b"}
+            assert client.post("/v1/domains", json=body).status_code == 401
+            auth = {"Authorization": f"Bearer {ADMIN}"}
+            assert client.post("/v1/domains", json=body, headers=auth).status_code == 201
+            assert predict_json(client, [("b", image_bytes(1))]).status_code == 200
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert f"serving 1 domains of {family} on {url} (admin endpoints on" in err
+
+
+def test_admin_token_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv(cli_serve.TOKEN_ENV, raising=False)
+    assert cli_serve.admin_token(None) is None
+    monkeypatch.setenv(cli_serve.TOKEN_ENV, "  from-the-environment  ")
+    assert cli_serve.admin_token(None) == "from-the-environment"
+    path = tmp_path / "token"
+    path.write_text("from-the-file-0123\nignored\n")
+    assert cli_serve.admin_token(path) == "from-the-file-0123"  # the file wins
+    path.write_text("")
+    with pytest.raises(CliError, match="is empty"):
+        cli_serve.admin_token(path)
+    with pytest.raises(CliError, match="cannot read"):
+        cli_serve.admin_token(tmp_path / "missing")
+    monkeypatch.setenv(cli_serve.TOKEN_ENV, "short")
+    with pytest.raises(CliError, match="shorter than 8"):
+        cli_serve.admin_token(None)
+
+
+def test_the_token_is_never_a_command_line_value():
+    app = typer.Typer()
+    app.command()(cli_serve.serve)
+    result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "--admin-token-file" in result.output
+    assert "--admin-token " not in result.output
+    result = CliRunner().invoke(app, ["fam", "--admin-token", "secret-value"])
+    assert result.exit_code != 0
+
+
+def test_a_repo_source_takes_a_revision_after_an_at_sign(family, registry):
+    from adapterkit import AdapterModel
+
+    repo = "alice/serve-cli-revision"
+    model = AdapterModel.from_pretrained(family, domains=["a"])
+    model.push_to_hub(repo, token=registry.tokens["alice"], branch="v1")
+    loaded, source, revision = load_family(f"{repo}@v1")
+    assert (source, revision, loaded.domains) == (repo, "v1", ["a"])
+    with pytest.raises(FileNotFoundError):
+        load_family(f"{repo}@no-such-branch")
