@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -91,6 +92,7 @@ def _info(ctx: Ctx, key: RepoKey, meta: dict[str, Any], cid: str, blobs: bool, f
     """Repo info object as the Hub returns it."""
     commit = ctx.storage.get_commit(key, cid)
     md = ctx.hub.metadata(key, cid)
+    files = ctx.storage.files(key, cid) if full else {}
     info: dict[str, Any] = {
         "_id": key.id,
         "id": key.id,
@@ -110,9 +112,9 @@ def _info(ctx: Ctx, key: RepoKey, meta: dict[str, Any], cid: str, blobs: bool, f
     if md["cardData"] is not None:
         info["cardData"] = md["cardData"]
     if full:
-        info["siblings"] = [sibling(p, e, blobs) for p, e in sorted(commit["tree"].items())]
+        info["siblings"] = [sibling(p, e, blobs) for p, e in sorted(files.items())]
         if blobs:
-            info["usedStorage"] = sum(e["size"] for e in commit["tree"].values())
+            info["usedStorage"] = sum(e["size"] for e in files.values())
     return info
 
 
@@ -204,7 +206,8 @@ async def tree(ctx: Ctx) -> Response:
 
     def listing() -> list[dict]:
         head = ctx.storage.resolve(key, ctx.params["rev"]).commit
-        entries = list_tree(ctx.storage.get_commit(key, head)["tree"], folder, recursive, head)
+        oid = functools.partial(ctx.storage.folder_oid, key, head)
+        entries = list_tree(ctx.storage.files(key, head), folder, recursive, head, oid)
         if expand:
             add_last_commits(ctx.storage, key, head, entries)
         return entries
@@ -234,7 +237,8 @@ async def get_paths_info(ctx: Ctx) -> Response:
 
     def info() -> list[dict]:
         head = ctx.storage.resolve(key, ctx.params["rev"]).commit
-        entries = paths_info(ctx.storage.get_commit(key, head)["tree"], paths)
+        oid = functools.partial(ctx.storage.folder_oid, key, head)
+        entries = paths_info(ctx.storage.files(key, head), paths, oid)
         if expand:
             add_last_commits(ctx.storage, key, head, entries)
         return entries
@@ -294,7 +298,7 @@ async def resolve(ctx: Ctx) -> Response:
     key, _ = ctx.open_repo()
     path = check_path(ctx.params["path"])
     head = (await ctx.run(ctx.storage.resolve, key, ctx.params["rev"])).commit
-    entry = ctx.storage.get_commit(key, head)["tree"].get(path)
+    entry = await ctx.run(ctx.storage.entry, key, head, path)
     if entry is None:
         raise entry_not_found(path, head)
     size = entry["size"]

@@ -125,9 +125,8 @@ async def preupload(ctx: Ctx) -> Response:
         raise bad_request("The preupload body must be {'files': [{'path', 'size', 'sample'}, ...]}.")
     cfg = ctx.hub.config
     head = ctx.storage.refs(key)["branches"][branch]
-    tree = await ctx.run(ctx.storage.files, key, head)
-    rules = await ctx.run(_lfs_rules, ctx, key, tree)
-    out = []
+    rules = await ctx.run(_lfs_rules, ctx, key, head)
+    checked = []
     for f in files:
         if not isinstance(f, dict):
             raise bad_request("Each preupload entry must be {'path', 'size', 'sample'}.")
@@ -140,15 +139,22 @@ async def preupload(ctx: Ctx) -> Response:
         if size > cfg.max_upload_bytes:
             raise too_large(size, cfg.max_upload_bytes)
         mode = "lfs" if size > cfg.lfs_threshold_bytes or lfsrules.is_lfs(path, rules) else "regular"
-        existing = tree.get(path)
-        oid = None if existing is None else existing["sha256"] if mode == "lfs" else existing["sha1"]
-        out.append({"path": path, "uploadMode": mode, "shouldIgnore": False, "oid": oid})
-    return json_response({"files": out, "commitOid": head})
+        checked.append((path, mode))
+
+    def answer() -> list[dict[str, Any]]:
+        out = []
+        for path, mode in checked:
+            existing = ctx.storage.entry(key, head, path)
+            oid = None if existing is None else existing["sha256"] if mode == "lfs" else existing["sha1"]
+            out.append({"path": path, "uploadMode": mode, "shouldIgnore": False, "oid": oid})
+        return out
+
+    return json_response({"files": await ctx.run(answer), "commitOid": head})
 
 
-def _lfs_rules(ctx: Ctx, key: RepoKey, tree: dict[str, dict]) -> list[lfsrules.Rule]:
+def _lfs_rules(ctx: Ctx, key: RepoKey, head: str) -> list[lfsrules.Rule]:
     """LFS rules of the branch head: its `.gitattributes`, else the defaults of the repo type."""
-    entry = tree.get(".gitattributes")
+    entry = ctx.storage.entry(key, head, ".gitattributes")
     if entry is None:
         return lfsrules.default_rules(key.type)
     if entry["size"] > lfsrules.MAX_GITATTRIBUTES_BYTES:

@@ -1,13 +1,72 @@
-"""Integrity check of a registry root (`adapterkit-registry fsck`)."""
+"""Integrity check of a registry root (`adapterkit-registry fsck`).
+
+Every shared folder (tree object) and every blob is checked once, however many commits contain it,
+so the time grows with the distinct content, not with commits x files.
+"""
 
 from __future__ import annotations
 
+import hashlib
+
 from .blobs import read_json
-from .storage import Storage, commit_id
+from .objects import is_dir
+from .storage import RepoKey, Storage, commit_id
+
+
+def _check_commits(storage: Storage, key: RepoKey, problems: list[str], blobs: dict[str, dict]) -> list[str]:
+    """Check refs and commit ids of a repo; returns the root tree ids of its format-2 commits and
+    collects the blobs of its format-1 commits (which carry their whole file table)."""
+    refs = storage.refs(key)
+    known = storage.known_commits(key, refs)
+    targets = list(refs["branches"].values()) + [t["target"] for t in refs["tags"].values()]
+    problems += [f"{key.id}: ref points to unknown commit {t}" for t in targets if t not in known]
+    roots = []
+    for cid in sorted(known):
+        try:
+            commit = read_json(storage.repo_dir(key) / "commits" / f"{cid}.json")
+        except (OSError, ValueError) as e:
+            problems.append(f"{key.id}: commit {cid} unreadable: {e}")
+            continue
+        if commit_id({k: v for k, v in commit.items() if k != "id"}) != cid:
+            problems.append(f"{key.id}: commit {cid} content does not match its id")
+        if isinstance(commit["tree"], str):
+            roots.append(commit["tree"])
+        else:
+            for path, entry in commit["tree"].items():
+                blobs.setdefault(entry["sha256"], {**entry, "where": f"{key.id}@{cid[:8]}:{path}"})
+    return roots
+
+
+def _check_trees(storage: Storage, key: RepoKey, roots: list[str], problems: list[str]) -> dict[str, dict]:
+    """Check that every tree object exists and hashes to its id; returns the blobs they reference."""
+    store = storage.trees(key)
+    seen: set[str] = set()
+    stack = list(dict.fromkeys(roots))
+    blobs: dict[str, dict] = {}
+    while stack:
+        tid = stack.pop()
+        if tid in seen:
+            continue
+        seen.add(tid)
+        try:
+            data = store.path(tid).read_bytes()
+        except OSError:
+            problems.append(f"{key.id}: tree {tid[:12]} missing")
+            continue
+        if hashlib.sha256(data).hexdigest() != tid:
+            problems.append(f"{key.id}: tree {tid[:12]} is corrupted")
+            continue
+        for name, entry in store.read(tid).items():
+            if is_dir(entry):
+                stack.append(entry["tree"])
+            else:
+                blobs.setdefault(entry["sha256"], {**entry, "where": f"{key.id}:{tid[:8]}/{name}"})
+    return blobs
 
 
 def fsck(storage: Storage, deep: bool = True) -> list[str]:
-    """Check every repo: refs point to known commits, commit ids match content, blobs exist and hash right.
+    """Check every repo: refs point to known commits, commit ids match content, trees and blobs exist
+    and hash right.
 
     Args:
         storage: The registry storage.
@@ -17,27 +76,16 @@ def fsck(storage: Storage, deep: bool = True) -> list[str]:
         Problems found (empty when healthy).
     """
     problems: list[str] = []
-    checked: set[str] = set()
+    blobs: dict[str, dict] = {}
     for key, _ in storage.list_repos():
-        refs = storage.refs(key)
-        known = set(refs["commits"])
-        targets = list(refs["branches"].values()) + [t["target"] for t in refs["tags"].values()]
-        problems += [f"{key.id}: ref points to unknown commit {t}" for t in targets if t not in known]
-        for cid in refs["commits"]:
-            try:
-                commit = read_json(storage.repo_dir(key) / "commits" / f"{cid}.json")
-            except (OSError, ValueError) as e:
-                problems.append(f"{key.id}: commit {cid} unreadable: {e}")
-                continue
-            if commit_id({k: v for k, v in commit.items() if k != "id"}) != cid:
-                problems.append(f"{key.id}: commit {cid} content does not match its id")
-            for path, entry in commit["tree"].items():
-                sha = entry["sha256"]
-                if not storage.blobs.exists(sha, entry["size"]):
-                    problems.append(f"{key.id}@{cid[:8]}: blob of {path} missing or truncated")
-                elif deep and sha not in checked:
-                    info = storage.blobs.hash_file(sha)
-                    if (info.sha256, info.sha1) != (sha, entry["sha1"]):
-                        problems.append(f"{key.id}@{cid[:8]}: blob of {path} is corrupted")
-                    checked.add(sha)
+        roots = _check_commits(storage, key, problems, blobs)
+        for sha, entry in _check_trees(storage, key, roots, problems).items():
+            blobs.setdefault(sha, entry)
+    for sha, entry in sorted(blobs.items()):
+        if not storage.blobs.exists(sha, entry["size"]):
+            problems.append(f"{entry['where']}: blob missing or truncated")
+        elif deep:
+            info = storage.blobs.hash_file(sha)
+            if (info.sha256, info.sha1) != (sha, entry["sha1"]):
+                problems.append(f"{entry['where']}: blob is corrupted")
     return problems

@@ -4,13 +4,17 @@ Layout under the root (see `docs/registry.md`)::
 
     objects/ab/<sha256>                  content-addressed blobs (BlobStore)
     repos/<type>s/<ns>/<name>/repo.json  id, type, private, owner, createdAt
-    repos/<type>s/<ns>/<name>/refs.json  branches, tags and the list of acknowledged commits
-    repos/<type>s/<ns>/<name>/commits/<id>.json   immutable commit: parents, full file table, message
+    repos/<type>s/<ns>/<name>/refs.json  branches and tags
+    repos/<type>s/<ns>/<name>/commits.log         ids of all acknowledged commits (CommitLog)
+    repos/<type>s/<ns>/<name>/commits/<id>.json   immutable commit: parents, root tree id, metadata, message
+    repos/<type>s/<ns>/<name>/trees/ab/<id>       content-addressed folders shared by commits (objects.py)
     repos/<type>s/<ns>/<name>/lfs/<sha256>        LFS objects uploaded to this repo
 
-A commit writes its blobs, then its commit file, then replaces `refs.json` (under a per-repo lock).
-`refs.json` is the single commit point: a crash before it leaves the previous state intact, and a
-commit file that no ref lists is invisible and removed at the next start.
+A commit writes its blobs, its changed folders, its commit file, then replaces `refs.json` (under a
+per-repo lock), then appends its id to `commits.log`. `refs.json` is the single commit point: a crash
+before it leaves the previous state intact, and a commit file that nothing lists is invisible and
+removed at the next start. Commits of the first format (a full file table in `tree`, ids listed in
+`refs.json`) are still read.
 """
 
 from __future__ import annotations
@@ -30,16 +34,21 @@ from pathlib import Path
 from typing import Any
 
 from .blobs import BlobInfo, BlobStore, atomic_write_json, fsync_dir, read_json
-from .cards import MAX_METADATA_BYTES, card_from_readme, card_metadata, family_summary
+from .commitlog import CommitLog
 from .errors import HubError, RegistryError, bad_request, repo_not_found, revision_not_found
-from .trees import apply_operations
+from .metadata import MetadataParser
+from .objects import CACHE_ENTRIES, LRU, TreeEditor, TreeStore, build, is_dir
+from .trees import dir_oid, entry_oid
 from .validation import check_new_ref, check_ref_name, is_hex
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Root format (`registry.json`); version 1 roots are read and upgraded in place."""
+COMMIT_FORMAT = 2
 Commit = dict[str, Any]
-"""A commit object: `id`, `parents`, `tree` (path -> file entry), `title`, `message`, `author`, `date`."""
+"""A commit: `id`, `parents`, `tree` (root tree id; a path -> file entry table in format 1), `meta`,
+`title`, `message`, `author`, `date`."""
 
 
 def now_iso() -> str:
@@ -116,6 +125,9 @@ class Storage:
             if not marker.exists():
                 atomic_write_json(marker, {"format_version": FORMAT_VERSION}, self.blobs.tmp)
             version = read_json(marker).get("format_version")
+            if version == 1:  # first format: still readable; new commits are written in format 2
+                atomic_write_json(marker, {"format_version": FORMAT_VERSION}, self.blobs.tmp)
+                version = FORMAT_VERSION
         except (OSError, ValueError, AttributeError) as e:
             raise RegistryError(
                 f"Cannot use {self.root} as a registry root ({e}); pass --root a folder you can write to."
@@ -128,22 +140,43 @@ class Storage:
             )
         self._locks: dict[RepoKey, threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        self._commit_cache: dict[tuple[RepoKey, str], Commit] = {}
-        self._parsed: dict[tuple[str, str], Any] = {}  # (kind, blob sha256) -> parsed metadata
+        self._commits = LRU(CACHE_ENTRIES)  # (key, id) -> commit, weighed by its size
+        self._trees = LRU(CACHE_ENTRIES)  # (trees folder, id) -> tree object
+        self._flat = LRU(CACHE_ENTRIES)  # (key, id) -> file table
+        self.log = CommitLog()
+        self.meta = MetadataParser(self.blobs)
 
     # ----------------------------------------------------------------- housekeeping
     def recover(self) -> None:
-        """Drop leftovers of interrupted work: temporary files and commits that no ref lists."""
+        """Drop leftovers of interrupted work (temporary files, commits nothing lists) and repair logs."""
         removed = self.blobs.clean_tmp()
         shutil.rmtree(self.root / "trash", ignore_errors=True)
         for key, _ in self.list_repos():
-            known = set(self.refs(key)["commits"])
+            known = self._repair_log(key)
             for p in (self.repo_dir(key) / "commits").glob("*.json"):
                 if p.stem not in known:
                     p.unlink()
                     removed += 1
         if removed:
             logger.info("recovery removed %d leftover file(s) of interrupted uploads", removed)
+
+    def _repair_log(self, key: RepoKey) -> set[str]:
+        """Drop a torn last line of `commits.log` and add commits a ref reaches but the log lacks."""
+        path = self.repo_dir(key) / "commits.log"
+        ids = self.log.read_ordered(path)
+        refs = self.refs(key)
+        known = set(ids) | set(refs.get("commits", []))
+        missing: list[str] = []
+        heads = list(refs["branches"].values()) + [t["target"] for t in refs["tags"].values()]
+        for head in heads:
+            current: str | None = head
+            while current and current not in known and current not in missing:
+                missing.append(current)
+                parents = self.get_commit(key, current)["parents"]
+                current = parents[0] if parents else None
+        if missing or (path.exists() and path.stat().st_size != sum(41 for _ in ids)):
+            self.log.rewrite(path, ids + missing[::-1], self.tmp)
+        return known | set(missing)
 
     @contextlib.contextmanager
     def lock(self, key: RepoKey) -> Iterator[None]:
@@ -223,10 +256,12 @@ class Storage:
             (staging / "lfs").mkdir()
             created = now_iso()
             meta = {"id": key.id, "type": key.type, "private": private, "owner": owner, "createdAt": created}
-            cid = self._write_commit(staging, [], {}, owner, "initial commit", "", created)
-            atomic_write_json(
-                staging / "refs.json", {"branches": {"main": cid}, "tags": {}, "commits": [cid]}, self.tmp
+            root = TreeStore(staging, self.tmp, self._trees).write({})
+            cid = self._write_commit(
+                staging, [], root, self.meta.derive(lambda _: None), owner, "initial commit", "", created
             )
+            atomic_write_json(staging / "refs.json", {"branches": {"main": cid}, "tags": {}}, self.tmp)
+            self.log.rewrite(staging / "commits.log", [cid], self.tmp)
             atomic_write_json(staging / "repo.json", meta, self.tmp)
             final.parent.mkdir(parents=True, exist_ok=True)
             if final.exists():  # leftover of a delete interrupted by a crash
@@ -246,7 +281,8 @@ class Storage:
             dest = trash / uuid.uuid4().hex
             src.rename(dest)
             fsync_dir(src.parent)
-            self._commit_cache.clear()
+            self._commits.clear()
+            self._flat.clear()
         shutil.rmtree(dest, ignore_errors=True)
 
     def set_private(self, key: RepoKey, private: bool) -> None:
@@ -260,25 +296,66 @@ class Storage:
 
     # ----------------------------------------------------------------- refs and commits
     def refs(self, key: RepoKey) -> dict[str, Any]:
-        """`refs.json`: `branches` (name -> id), `tags` (name -> {target, message}), `commits` (ids)."""
+        """`refs.json`: `branches` (name -> id) and `tags` (name -> {target, message})."""
         try:
             return read_json(self.repo_dir(key) / "refs.json")
         except FileNotFoundError:
             raise repo_not_found(key.id) from None
 
+    def known_commits(self, key: RepoKey, refs: dict[str, Any] | None = None) -> set[str]:
+        """Ids of all acknowledged commits (do not modify the returned set)."""
+        refs = self.refs(key) if refs is None else refs
+        logged = self.log.ids(self.repo_dir(key) / "commits.log")
+        legacy = refs.get("commits")
+        return logged | set(legacy) if legacy else logged
+
     def get_commit(self, key: RepoKey, cid: str) -> Commit:
         """Load an (immutable, hence cached) commit."""
-        cached = self._commit_cache.get((key, cid))
+        cached = self._commits.get((key, cid))
         if cached is None:
             cached = read_json(self.repo_dir(key) / "commits" / f"{cid}.json")
-            if len(self._commit_cache) > 4096:
-                self._commit_cache.clear()
-            self._commit_cache[(key, cid)] = cached
+            tree = cached["tree"]
+            self._commits.put((key, cid), cached, len(tree) if isinstance(tree, dict) else 1)
         return cached
 
+    def trees(self, key: RepoKey) -> TreeStore:
+        """The tree objects of a repo."""
+        return TreeStore(self.repo_dir(key), self.tmp, self._trees)
+
     def files(self, key: RepoKey, cid: str) -> dict[str, dict]:
-        """The file table (path -> file entry) of a commit."""
-        return self.get_commit(key, cid)["tree"]
+        """The file table (path -> file entry) of a commit (do not modify it)."""
+        tree = self.get_commit(key, cid)["tree"]
+        if isinstance(tree, dict):  # format 1
+            return tree
+        flat = self._flat.get((key, cid))
+        if flat is None:
+            flat = dict(self.trees(key).walk(tree))
+            self._flat.put((key, cid), flat, len(flat))
+        return flat
+
+    def entry(self, key: RepoKey, cid: str, path: str) -> dict[str, Any] | None:
+        """The file entry at `path` in a commit, or None (O(depth), without the whole file table)."""
+        tree = self.get_commit(key, cid)["tree"]
+        if isinstance(tree, dict):
+            return tree.get(path)
+        found = self.trees(key).lookup(tree, path) if path else None
+        return None if found is None or is_dir(found) else found
+
+    def state(self, key: RepoKey, cid: str, path: str, folder: bool) -> str | None:
+        """Oid of a file or folder in a commit (None if absent): what `lastCommit` compares."""
+        tree = self.get_commit(key, cid)["tree"]
+        if isinstance(tree, dict):
+            if not folder:
+                return entry_oid(tree[path]) if path in tree else None
+            return dir_oid(tree, path)
+        found = self.trees(key).lookup(tree, path)
+        if found is None or is_dir(found) != folder:
+            return None
+        return found["tree"] if folder else entry_oid(found)
+
+    def folder_oid(self, key: RepoKey, cid: str, folder: str) -> str:
+        """Oid of a folder: its tree id (a hash of the paths below it for format-1 commits)."""
+        return self.state(key, cid, folder, True) or ""
 
     def resolve(self, key: RepoKey, revision: str) -> Resolved:
         """Resolve a branch, tag, `refs/heads/x`, `refs/tags/x`, full sha or unique short sha (7-40 hex).
@@ -289,7 +366,7 @@ class Storage:
         check_ref_name(revision)
         refs = self.refs(key)
         branches, tags = refs["branches"], refs["tags"]
-        if is_hex(revision, 40, 40) and revision in refs["commits"]:
+        if is_hex(revision, 40, 40) and revision in self.known_commits(key, refs):
             return Resolved(revision, None)
         if revision.startswith("refs/heads/"):
             name = revision[len("refs/heads/") :]
@@ -306,7 +383,7 @@ class Storage:
         if revision in tags:
             return Resolved(tags[revision]["target"], None)
         if is_hex(revision, 7, 40):
-            matches = [c for c in refs["commits"] if c.startswith(revision)]
+            matches = [c for c in self.known_commits(key, refs) if c.startswith(revision)]
             if len(matches) == 1:
                 return Resolved(matches[0], None)
             if len(matches) > 1:
@@ -359,14 +436,29 @@ class Storage:
                 refs["tags"][name] = {"target": target, "message": message or ""}
             atomic_write_json(self.repo_dir(key) / "refs.json", refs, self.tmp)
 
+    def file_entries(self, key: RepoKey) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        """`(commit id, name, file entry)` for each file of each acknowledged commit, every shared
+        folder visited once (for gc and fsck: O(distinct folders), not O(commits x files))."""
+        seen: set[str] = set()
+        store = self.trees(key)
+        for cid in sorted(self.known_commits(key)):
+            tree = self.get_commit(key, cid)["tree"]
+            if isinstance(tree, dict):
+                for path, entry in tree.items():
+                    yield cid, path, entry
+                continue
+            for tid in store.reachable(tree, seen):
+                for name, entry in store.read(tid).items():
+                    if not is_dir(entry):
+                        yield cid, name, entry
+
     def referenced_blobs(self) -> set[str]:
         """SHA-256 of every blob that a commit of any repo, or an uploaded LFS object, references."""
         out: set[str] = set()
         for key, _ in self.list_repos():
             try:
-                for cid in self.refs(key)["commits"]:
-                    out.update(e["sha256"] for e in self.get_commit(key, cid)["tree"].values())
-            except HubError:  # deleted meanwhile
+                out.update(e["sha256"] for _, _, e in self.file_entries(key))
+            except (HubError, FileNotFoundError):  # deleted meanwhile
                 continue
             lfs = self.repo_dir(key) / "lfs"
             if lfs.is_dir():
@@ -387,65 +479,27 @@ class Storage:
             return None
         return info if self.blobs.exists(sha256, info["size"]) else None
 
-    def _parse_blob(self, kind: str, entry: dict | None, strict: bool) -> Any:
-        """Card metadata (`kind="card"`) or family summary of a stored file, cached by content hash."""
-        if entry is None or entry["size"] > MAX_METADATA_BYTES:
-            return card_metadata(None) if kind == "card" else None
-        cached = self._parsed.get((kind, entry["sha256"]))
-        if cached is None or strict:
-            data = self.blobs.path(entry["sha256"]).read_bytes()
-            if kind == "family":
-                cached = family_summary(data)
-            elif strict:
-                cached = card_from_readme(data)
-            else:
-                cached = card_metadata(data)
-            if len(self._parsed) > 4096:
-                self._parsed.clear()
-            self._parsed[(kind, entry["sha256"])] = cached
-        return cached
-
-    def derive_meta(self, files: dict[str, dict], strict_card: bool = False) -> dict[str, Any]:
-        """Metadata of a file table: card fields of README.md plus `family` from adapterkit.json.
-
-        Args:
-            files: The file table.
-            strict_card: Raise for an invalid README front matter instead of ignoring it.
-
-        Raises:
-            HubError: 400 `InvalidMetadata` with `strict_card` when README.md's metadata is invalid.
-        """
-        try:
-            card = self._parse_blob("card", files.get("README.md"), strict_card)
-        except ValueError as e:
-            raise bad_request(
-                f"Invalid metadata in README.md: {e} Fix the YAML front matter between the '---' lines.",
-                "InvalidMetadata",
-            ) from None
-        return {**card, "family": self._parse_blob("family", files.get("adapterkit.json"), False)}
-
     def commit_meta(self, key: RepoKey, cid: str) -> dict[str, Any]:
-        """Metadata stored with a commit (computed, leniently, for commits made before it was stored)."""
-        commit = self.get_commit(key, cid)
-        meta = commit.get("meta")
-        return meta if meta is not None else self.derive_meta(commit["tree"])
+        """Metadata stored with a commit (computed, leniently, for format-1 commits)."""
+        meta = self.get_commit(key, cid).get("meta")
+        return meta if meta is not None else self.meta.derive(lambda p: self.entry(key, cid, p))
 
     def _write_commit(
         self,
         repo_dir: Path,
         parents: list[str],
-        tree: dict,
+        tree: str,
+        meta: dict[str, Any],
         author: str,
         title: str,
         message: str,
         date: str,
-        meta: dict | None = None,
     ) -> str:
         body = {
-            "format_version": FORMAT_VERSION,
+            "format_version": COMMIT_FORMAT,
             "parents": parents,
             "tree": tree,
-            "meta": meta if meta is not None else self.derive_meta(tree),
+            "meta": meta,
             "author": author,
             "title": title,
             "message": message,
@@ -455,6 +509,18 @@ class Storage:
         cid = commit_id(body)
         atomic_write_json(repo_dir / "commits" / f"{cid}.json", {**body, "id": cid}, self.tmp)
         return cid
+
+    def _root_tree(self, key: RepoKey, cid: str) -> str:
+        """Root tree id of a commit; a format-1 commit's file table is stored as trees first."""
+        tree = self.get_commit(key, cid)["tree"]
+        return tree if isinstance(tree, str) else build(tree, self.trees(key).write)
+
+    def _move_legacy_ids(self, key: RepoKey, refs: dict[str, Any]) -> None:
+        """Move the format-1 list of commit ids from `refs.json` into `commits.log` (once)."""
+        legacy = refs.pop("commits", None)
+        if legacy:
+            path = self.repo_dir(key) / "commits.log"
+            self.log.rewrite(path, list(dict.fromkeys(legacy + self.log.read_ordered(path))), self.tmp)
 
     def commit(
         self,
@@ -500,13 +566,26 @@ class Storage:
                     f"Conflict: parent commit {parent_commit} is not the head of {branch!r} ({head}); "
                     "another commit landed first. Fetch the new head and retry.",
                 )
-            tree = apply_operations(dict(self.get_commit(key, head)["tree"]), operations, head)
+            store = self.trees(key)
+            editor = TreeEditor(store, self._root_tree(key, head), head)
+            for op, path, entry in operations:
+                if op == "add":
+                    editor.add(path, entry)
+                else:
+                    editor.delete(path, folder_op=op == "delete_folder")
+            root = editor.write()
             touched = any(op == "add" and path == "README.md" for op, path, _ in operations)
-            meta = self.derive_meta(tree, strict_card=touched)
+            meta = self.meta.derive(lambda p: _file_at(store, root, p), strict_card=touched)
             cid = self._write_commit(
-                self.repo_dir(key), [head], tree, author, title, message, now_iso(), meta
+                self.repo_dir(key), [head], root, meta, author, title, message, now_iso()
             )
+            self._move_legacy_ids(key, refs)
             refs["branches"][branch] = cid
-            refs["commits"].append(cid)
-            atomic_write_json(self.repo_dir(key) / "refs.json", refs, self.tmp)
+            atomic_write_json(self.repo_dir(key) / "refs.json", refs, self.tmp)  # the commit point
+            self.log.append(self.repo_dir(key) / "commits.log", cid)
             return cid
+
+
+def _file_at(store: TreeStore, root: str, path: str) -> dict[str, Any] | None:
+    found = store.lookup(root, path)
+    return None if found is None or is_dir(found) else found

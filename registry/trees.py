@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .errors import bad_request, entry_not_found
+from .errors import entry_not_found
 
 if TYPE_CHECKING:
     from .storage import RepoKey, Storage
@@ -53,8 +54,10 @@ def folders(tree: dict[str, dict]) -> set[str]:
     return out
 
 
-def list_tree(tree: dict[str, dict], folder: str, recursive: bool, head: str) -> list[dict[str, Any]]:
-    """Entries under `folder` ("" for the root), sorted by path.
+def list_tree(
+    tree: dict[str, dict], folder: str, recursive: bool, head: str, oid: Callable[[str], str]
+) -> list[dict[str, Any]]:
+    """Entries under `folder` ("" for the root), sorted by path; `oid(folder)` gives folder oids.
 
     Raises:
         HubError: 404 `EntryNotFound` if `folder` is not a folder of this revision.
@@ -67,11 +70,11 @@ def list_tree(tree: dict[str, dict], folder: str, recursive: bool, head: str) ->
     files = [p for p in tree if p.startswith(prefix) and (recursive or p.count("/") == depth)]
     dirs = [d for d in all_dirs if d.startswith(prefix) and (recursive or d.count("/") == depth)]
     entries = [file_json(p, tree[p]) for p in files]
-    entries += [{"type": "directory", "path": d, "oid": dir_oid(tree, d)} for d in dirs]
+    entries += [{"type": "directory", "path": d, "oid": oid(d)} for d in dirs]
     return sorted(entries, key=lambda e: e["path"])
 
 
-def paths_info(tree: dict[str, dict], paths: list[str]) -> list[dict[str, Any]]:
+def paths_info(tree: dict[str, dict], paths: list[str], oid: Callable[[str], str]) -> list[dict[str, Any]]:
     """Entries for the given paths; missing paths are skipped, as on the Hub."""
     all_dirs = folders(tree)
     out = []
@@ -79,7 +82,7 @@ def paths_info(tree: dict[str, dict], paths: list[str]) -> list[dict[str, Any]]:
         if path in tree:
             out.append(file_json(path, tree[path]))
         elif path in all_dirs:
-            out.append({"type": "directory", "path": path, "oid": dir_oid(tree, path)})
+            out.append({"type": "directory", "path": path, "oid": oid(path)})
     return out
 
 
@@ -105,10 +108,8 @@ def commit_summary(commit: dict[str, Any]) -> dict[str, Any]:
 def add_last_commits(storage: Storage, key: RepoKey, head: str, entries: list[dict[str, Any]]) -> None:
     """Fill `lastCommit` of each entry: the newest commit that changed it (walks first parents)."""
 
-    def state(tree: dict[str, dict], e: dict[str, Any]) -> str | None:
-        if e["type"] == "file":
-            return entry_oid(tree[e["path"]]) if e["path"] in tree else None
-        return dir_oid(tree, e["path"])
+    def state(commit: dict[str, Any], e: dict[str, Any]) -> str | None:
+        return storage.state(key, commit["id"], e["path"], e["type"] == "directory")
 
     pending = {e["path"]: e for e in entries}
     commits = storage.history(key, head)
@@ -119,7 +120,7 @@ def add_last_commits(storage: Storage, key: RepoKey, head: str, entries: list[di
         parent = next(commits, None)
         for path in list(pending):
             e = pending[path]
-            if parent is None or state(parent["tree"], e) != state(current["tree"], e):
+            if parent is None or state(parent, e) != state(current, e):
                 e["lastCommit"] = commit_summary(current)
                 del pending[path]
         if parent is None:
@@ -127,38 +128,3 @@ def add_last_commits(storage: Storage, key: RepoKey, head: str, entries: list[di
         current = parent
     for e in pending.values():
         e["lastCommit"] = commit_summary(current)
-
-
-def apply_operations(
-    tree: dict[str, dict], operations: list[tuple[str, str, dict | None]], head: str
-) -> dict:
-    """Apply add/delete operations to a file table, in order.
-
-    Raises:
-        HubError: 404 `EntryNotFound` for deleting what is not there, 400 `InvalidPath` when a file
-            would shadow a folder or the other way round.
-    """
-    dirs: set[str] | None = None  # folders of `tree`, rebuilt lazily after deletions
-    for op, path, entry in operations:
-        if op == "add":
-            dirs = folders(tree) if dirs is None else dirs
-            parents = ["/".join(path.split("/")[:i]) for i in range(1, path.count("/") + 1)]
-            if path in dirs or any(p in tree for p in parents):
-                raise bad_request(
-                    f"Cannot add {path!r}: a file and a folder would have the same path.", "InvalidPath"
-                )
-            tree[path] = entry
-            dirs.update(parents)
-        elif op == "delete":
-            dirs = None
-            if tree.pop(path, None) is None:
-                raise entry_not_found(path, head)
-        else:
-            dirs = None
-            prefix = path.rstrip("/") + "/"
-            doomed = [k for k in tree if k.startswith(prefix)]
-            if not doomed:
-                raise entry_not_found(path, head)
-            for k in doomed:
-                del tree[k]
-    return tree
