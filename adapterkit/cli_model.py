@@ -96,6 +96,13 @@ def require_family(family: Path) -> dict[str, Any]:
     return config
 
 
+def require_folder(path: Path, flag: str) -> Path:
+    if not path.is_dir():
+        what = "does not exist" if not path.exists() else "is not a folder"
+        raise CliError(f"{flag} {path} {what}; give an image folder (class subfolders, or train/ and test/)")
+    return path
+
+
 def check_domains(family: Path, config: dict[str, Any], names: list[str]) -> None:
     known = list(config["domains"])
     unknown = [n for n in names if n not in known]
@@ -153,7 +160,7 @@ def _eval_jobs(
                 raise CliError(
                     f"{family} has domains {', '.join(known)}: pass --domain NAME or --data DOMAIN=DIR"
                 )
-        jobs.append((name, Path(path)))
+        jobs.append((name, require_folder(Path(path), "--data")))
     check_domains(family, config, [n for n, _ in jobs])
     return jobs
 
@@ -176,11 +183,11 @@ def evaluate(
     threads: Threads = DEFAULT_THREADS,
 ) -> None:
     """Evaluate domains of a family on image folders (top-1 accuracy)."""
+    config = require_family(family)
+    jobs = _eval_jobs(family, config, data, domain)  # checked before torch is imported
     from .train import TrainConfig
     from .train import evaluate as accuracy_of
 
-    config = require_family(family)
-    jobs = _eval_jobs(family, config, data, domain)
     cfg = TrainConfig(eval_batch_size=batch_size, num_workers=workers, progress=not no_progress)
     with torch_threads(threads) as n:
         model = open_family(family, config, list(dict.fromkeys(d for d, _ in jobs)), backbone_weights)

@@ -25,6 +25,7 @@ from .cli_model import (
     family_config,
     open_family,
     plural,
+    require_folder,
     torch_threads,
 )
 from .cli_output import print_table, status
@@ -282,7 +283,15 @@ def train(
     threads: Threads = DEFAULT_THREADS,
 ) -> None:
     """Train one domain on an image folder and save it into a family (created by the first domain)."""
-    existing = family_config(family)
+    existing = family_config(family)  # flags are checked before torch is imported: wrong ones fail at once
+    if existing is None and not backbone:
+        raise CliError(f"{family} is not a family yet: pass --backbone NAME (a timm model) to create it")
+    if existing is not None:
+        _existing_flags(family, existing, backbone, pretrained, random_init)
+        to_open = _domains_to_open(family, existing, domain, overwrite, resume)
+    require_folder(data, "--data")
+    if eval_data is not None:
+        require_folder(eval_data, "--eval-data")
     options = {
         k: v
         for k, v in (
@@ -301,11 +310,6 @@ def train(
         output_dir=str(output_dir) if output_dir else None, checkpoint_every=checkpoint_every,
         log_with=log_with, progress=not no_progress,
     )  # fmt: skip
-    if existing is None and not backbone:
-        raise CliError(f"{family} is not a family yet: pass --backbone NAME (a timm model) to create it")
-    if existing is not None:
-        _existing_flags(family, existing, backbone, pretrained, random_init)
-        to_open = _domains_to_open(family, existing, domain, overwrite, resume)
     part, train_set = data_split(data, ("train",))
     if train_set is None:
         raise CliError(f"{data} has no training images; give a folder with class subfolders, or train/")
