@@ -6,11 +6,12 @@
     adapterkit push FAMILY REPO_ID      adapterkit pull REPO_ID FAMILY
     adapterkit list [--backbone NAME]   adapterkit info REPO_ID_OR_FAMILY
 
-The commands live in `cli_model.py` (they run a model) and `cli_hub.py` (files and the Hub only); the
-table below is the whole command tree. Modules import torch, timm and the Hub client inside the
-command functions, so `--help`, `--version` and the Hub commands start without loading a model stack.
-Every expected failure prints one line naming the problem and the fix and exits with 2; `--verbose`
-adds the traceback and INFO logging.
+The commands live in `cli_train.py` (train), `cli_model.py` (eval, export: they run a model) and
+`cli_hub.py` (push, pull, list, info: files and the Hub only); the `app.command` lines below are the
+whole command tree. Those modules import torch, timm and the Hub client inside the command functions,
+so `--help`, `--version`, `list` and `info` start without loading a model stack (`cli_output.py`:
+tables and messages; `cli_errors.py`: what an expected failure says). Every expected failure prints
+one line naming the problem and the fix and exits with 2; `--verbose` adds the traceback and INFO logging.
 """
 
 from __future__ import annotations

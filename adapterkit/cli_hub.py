@@ -48,7 +48,10 @@ def push(
     ] = False,
     token: Token = None,
 ) -> None:
-    """Push a family folder's domains to a Hub repo; the domains already there stay."""
+    """Push a family folder's domains to a Hub repo; the domains already there stay.
+
+    Example: adapterkit push fam/ my-family --domain gtsrb
+    """
     from .hub import push_folder
 
     config = require_family(family)
@@ -79,7 +82,10 @@ def pull(
     ] = False,
     token: Token = None,
 ) -> None:
-    """Download domains of a Hub family into a folder (only their files; no backbone is built)."""
+    """Download domains of a Hub family into a folder (only their files; no backbone is built).
+
+    Example: adapterkit pull alice/my-family fam/ --domain gtsrb
+    """
     from .hub import pull_family
 
     require_endpoint()
@@ -104,7 +110,10 @@ def list_(
     search: Annotated[str | None, typer.Option(help="text in the repo name", show_default=False)] = None,
     token: Token = None,
 ) -> None:
-    """List adapterkit families on the Hub, by backbone, domain or author."""
+    """List adapterkit families on the Hub, by backbone, domain or author.
+
+    Example: adapterkit list --backbone resnet50.a1_in1k --domain gtsrb
+    """
     require_endpoint()
     from .hub import list_families
 
@@ -136,7 +145,10 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="print adapterkit.json as it is")] = False,
     token: Token = None,
 ) -> None:
-    """Describe a family (Hub repo or folder): backbone, adapter rules, basis, domains."""
+    """Describe a family (Hub repo or folder): backbone, adapter rules, basis, domains.
+
+    Example: adapterkit info alice/my-family
+    """
     from .format import read_config
     from .sources import open_source
 

@@ -182,7 +182,10 @@ def evaluate(
     no_progress: Progress = False,
     threads: Threads = DEFAULT_THREADS,
 ) -> None:
-    """Evaluate domains of a family on image folders (top-1 accuracy)."""
+    """Evaluate domains of a family on image folders (top-1 accuracy).
+
+    Example: adapterkit eval --family fam/ --data gtsrb=gtsrb/ --data flowers=flowers/
+    """
     config = require_family(family)
     jobs = _eval_jobs(family, config, data, domain)  # checked before torch is imported
     from .train import TrainConfig
@@ -212,7 +215,10 @@ def export(
     backbone_weights: BackboneWeights = None,
     threads: Threads = DEFAULT_THREADS,
 ) -> None:
-    """Export one domain as a plain timm model, its adapters folded into the backbone's weights."""
+    """Export one domain as a plain timm model, its adapters folded into the backbone's weights.
+
+    Example: adapterkit export --family fam/ --domain gtsrb --output gtsrb-timm/
+    """
     config = require_family(family)
     check_domains(family, config, [domain])
     with torch_threads(threads) as n:

@@ -282,7 +282,10 @@ def train(
     no_progress: Progress = False,
     threads: Threads = DEFAULT_THREADS,
 ) -> None:
-    """Train one domain on an image folder and save it into a family (created by the first domain)."""
+    """Train one domain on an image folder and save it into a family (created by the first domain).
+
+    Example: adapterkit train --family fam/ --backbone resnet50.a1_in1k --domain gtsrb --data gtsrb/ --no-flip
+    """
     existing = family_config(family)  # flags are checked before torch is imported: wrong ones fail at once
     if existing is None and not backbone:
         raise CliError(f"{family} is not a family yet: pass --backbone NAME (a timm model) to create it")
