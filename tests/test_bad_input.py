@@ -86,8 +86,13 @@ def test_domain_list_length(family):
 def test_bad_num_classes_and_labels(family):
     model, _, _ = family
     before = snapshot(model)
-    for kwargs in ({"num_classes": 0}, {"num_classes": 2, "labels": ["x"]}, {}):
-        with pytest.raises(ValueError):
+    cases = [
+        ({"num_classes": 0}, "num_classes=0 must be a positive int"),
+        ({"num_classes": 2, "labels": ["x"]}, "1 labels given for num_classes=2"),
+        ({}, "needs num_classes"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
             model.add_domain("c", **kwargs)
     assert_unchanged(model, before)
 
@@ -98,7 +103,11 @@ def test_corrupt_domain_file(family, damage):
     f = path / "domains" / "b.safetensors"
     data = f.read_bytes()
     f.write_bytes(
-        {"truncate": data[: len(data) // 2], "garbage": b"\x00" * 64, "flip": data[:-1] + b"\x01"}[damage]
+        {
+            "truncate": data[: len(data) // 2],
+            "garbage": b"\x00" * 64,
+            "flip": data[:-1] + bytes([data[-1] ^ 1]),
+        }[damage]
     )
     with pytest.raises(ValueError, match="corrupt or truncated"):
         load_family(AdapterModel, str(path), backbone=copy.deepcopy(backbone))

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from pathlib import Path
 
 import pytest
 import timm
@@ -115,8 +116,8 @@ def test_push_keeps_remote_domains_and_old_files(registry, published_backbone):
     assert card["library_name"] == "adapterkit"
     assert card["base_model"] == published_backbone.removeprefix("hf-hub:")
     assert {"domain:a", "domain:b"} <= set(card["tags"])
-    readme = (api.hf_hub_download(repo, "README.md") if hasattr(api, "hf_hub_download") else None) or ""
-    assert "| a |" in open(readme).read()
+    readme = Path(api.hf_hub_download(repo, "README.md")).read_text()
+    assert "| a |" in readme and "| b |" in readme
 
 
 def test_discovery_by_backbone_and_domain(registry, published_backbone):
