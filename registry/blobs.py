@@ -35,13 +35,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path) -> None:
+def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path, sync_dir: bool = True) -> None:
     """Write `data` to `path` atomically and durably.
 
     Args:
         path: Destination file.
         data: Full content.
         tmp_dir: Temporary folder on the same filesystem as `path`.
+        sync_dir: Fsync the folder too; callers that write many files there do it once themselves.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix="w-")
@@ -54,7 +55,8 @@ def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, obj: Any, tmp_dir: Path) -> None:

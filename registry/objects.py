@@ -5,7 +5,8 @@ A tree object is one folder: a JSON mapping of names to entries, either a file e
 so an unchanged folder is stored once however many commits contain it, and a commit writes only the
 folders on the paths it changes: O(changed paths x depth), not O(files in the repo).
 
-Objects live in `<repo>/trees/<id[:2]>/<id>`. Readers keep a bounded cache of parsed objects and of
+Objects live in `<repo>/trees/<id>` (one folder, so the new objects of a commit need a single
+directory fsync). Readers keep a bounded cache of parsed objects and of
 flattened file tables, so memory stays bounded however long the history is.
 """
 
@@ -15,11 +16,11 @@ import hashlib
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .blobs import atomic_write_bytes
+from .blobs import atomic_write_bytes, fsync_dir
 from .errors import bad_request, entry_not_found
 
 Tree = dict[str, dict[str, Any]]
@@ -92,7 +93,7 @@ class TreeStore:
         self.cache = cache
 
     def path(self, tid: str) -> Path:
-        return self.dir / tid[:2] / tid
+        return self.dir / tid
 
     def read(self, tid: str) -> Tree:
         """A tree object (do not modify the returned dict)."""
@@ -106,12 +107,21 @@ class TreeStore:
 
     def write(self, tree: Tree) -> str:
         """Store a tree object (durably, once) and return its id."""
-        data = canonical(tree)
-        tid = hashlib.sha256(data).hexdigest()
-        path = self.path(tid)
-        if not path.exists():
-            atomic_write_bytes(path, data, self.tmp)
-        return tid
+        return self.write_many([tree])[-1]
+
+    def write_many(self, trees: list[Tree]) -> list[str]:
+        """Store tree objects durably (each file fsynced, the folder fsynced once); their ids."""
+        ids, written = [], False
+        for tree in trees:
+            data = canonical(tree)
+            tid = hashlib.sha256(data).hexdigest()
+            ids.append(tid)
+            if not self.path(tid).exists():
+                atomic_write_bytes(self.path(tid), data, self.tmp, sync_dir=False)
+                written = True
+        if written:
+            fsync_dir(self.dir)
+        return ids
 
     def lookup(self, tid: str, path: str) -> dict[str, Any] | None:
         """The entry at `path` ("" is the root folder, as `{"tree": tid}`), or None."""
@@ -143,8 +153,9 @@ class TreeStore:
             stack += [e["tree"] for e in self.read(current).values() if is_dir(e)]
 
 
-def build(files: dict[str, dict[str, Any]], write: Callable[[Tree], str]) -> str:
-    """Tree objects of a flat file table (an old-format commit); returns the root id."""
+def build(files: dict[str, dict[str, Any]]) -> list[Tree]:
+    """Tree objects of a flat file table (a format-1 commit), the root last."""
+    out: list[Tree] = []
     nested: dict[str, Any] = {}
     for path, entry in files.items():
         node = nested
@@ -158,9 +169,11 @@ def build(files: dict[str, dict[str, Any]], write: Callable[[Tree], str]) -> str
             name: ({"tree": emit(child)} if "sha256" not in child else dict(child))
             for name, child in node.items()
         }
-        return write(tree)
+        out.append(tree)
+        return tree_id(tree)
 
-    return emit(nested)
+    emit(nested)
+    return out
 
 
 class TreeEditor:
@@ -235,6 +248,7 @@ class TreeEditor:
 
     def write(self) -> str:
         """Store the changed folders, deepest first (empty folders vanish, as in git); the root id."""
+        changed = []
         for folder in sorted(self.dirty, key=lambda f: (f.count("/"), len(f)), reverse=True):
             if folder == "":
                 continue
@@ -242,7 +256,8 @@ class TreeEditor:
             parent_path, _, name = folder.rpartition("/")
             parent = self.nodes[parent_path]
             if node:
-                parent[name] = {"tree": self.store.write(node)}
+                parent[name] = {"tree": tree_id(node)}
+                changed.append(node)
             else:
                 parent.pop(name, None)
-        return self.store.write(self.nodes[""])
+        return self.store.write_many([*changed, self.nodes[""]])[-1]

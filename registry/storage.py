@@ -513,7 +513,7 @@ class Storage:
     def _root_tree(self, key: RepoKey, cid: str) -> str:
         """Root tree id of a commit; a format-1 commit's file table is stored as trees first."""
         tree = self.get_commit(key, cid)["tree"]
-        return tree if isinstance(tree, str) else build(tree, self.trees(key).write)
+        return tree if isinstance(tree, str) else self.trees(key).write_many(build(tree))[-1]
 
     def _move_legacy_ids(self, key: RepoKey, refs: dict[str, Any]) -> None:
         """Move the format-1 list of commit ids from `refs.json` into `commits.log` (once)."""
