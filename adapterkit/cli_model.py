@@ -21,7 +21,8 @@ from .cli_output import print_table, status
 # Measured on the shared 2-core machine (README, "Command line"): training a domain (2 epochs, 64 px)
 # took 1.9 s with one thread vs 13.5-14.6 s with torch's default of one per core (test_resnet), and
 # 7.5-8.4 s vs 13.1-50.4 s (resnet18): threads that wait on cores other processes hold stall every
-# parallel op. One thread is also deterministic. On a machine of your own, pass --threads.
+# parallel op. The count changes the trained bytes (sums in another order): a fixed default keeps
+# re-runs bit-identical on any machine. On a machine of your own, pass --threads.
 DEFAULT_THREADS = 1
 
 Threads = Annotated[int, typer.Option(min=1, help="torch CPU threads (intra-op)")]

@@ -8,6 +8,7 @@ import json
 import uuid
 
 import timm
+import torch
 from huggingface_hub import HfApi
 from test_cli_train import TRAIN, digest, image_folder, table
 from test_train import fresh_accelerate_state  # noqa: F401  (autouse fixture)
@@ -70,3 +71,6 @@ def test_an_existing_domain_needs_overwrite_or_resume(tmp_path, capsys):
     assert resumed != first
     assert main([*args, "--overwrite"]) == 0  # a fresh domain, seeded: the first training again
     assert digest(pets) == first
+    threads = torch.get_num_threads()
+    assert main([*args, "--resume", "--threads", str(threads + 1)]) == 0
+    assert torch.get_num_threads() == threads  # --threads holds for the command only
