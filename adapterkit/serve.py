@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .serve_batching import Batcher, Item, QueueFull
-from .serve_domains import Domains, split_source
+from .serve_domains import Domains, split_source, unknown_domain
 from .serve_errors import (
     BodyLimit,
     ServeError,
@@ -136,29 +136,31 @@ class Service:
         loop = asyncio.get_running_loop()
         labels = {}
         for d in dict.fromkeys(parsed.domains):
-            self.domains.check(d)
             try:
                 labels[d] = self.model.domain_info(d).labels
             except KeyError:
-                self.domains.check(d)  # removed meanwhile: 404 listing the loaded ones
-        tensors = await asyncio.gather(
-            *(
-                loop.run_in_executor(
-                    self.pool, self.preprocessors.tensor, data, d, f"image {i}", self.max_pixels
+                raise unknown_domain(d, self.model.domains) from None
+        with self.batcher.expecting(len(parsed.images)):
+            tensors = await asyncio.gather(
+                *(
+                    loop.run_in_executor(
+                        self.pool, self.preprocessors.tensor, data, d, f"image {i}", self.max_pixels
+                    )
+                    for i, (data, d) in enumerate(zip(parsed.images, parsed.domains, strict=True))
                 )
-                for i, (data, d) in enumerate(zip(parsed.images, parsed.domains, strict=True))
             )
-        )
-        items = [Item(x, d, loop.create_future(), loop) for x, d in zip(tensors, parsed.domains, strict=True)]
-        try:
-            self.batcher.submit(items)
-        except QueueFull as e:
-            raise ServeError(
-                503,
-                "overloaded",
-                f"the server is at capacity ({e}); retry after the Retry-After seconds",
-                headers={"Retry-After": "1"},
-            ) from e
+            items = [
+                Item(x, d, loop.create_future(), loop) for x, d in zip(tensors, parsed.domains, strict=True)
+            ]
+            try:
+                self.batcher.submit(items)
+            except QueueFull as e:
+                raise ServeError(
+                    503,
+                    "overloaded",
+                    f"the server is at capacity ({e}); retry after the Retry-After seconds",
+                    headers={"Retry-After": "1"},
+                ) from e
         results = await asyncio.gather(*(item.future for item in items), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
@@ -227,7 +229,8 @@ def create_app(
 
     Args:
         max_batch_size: images per forward; 1 turns batching off.
-        max_wait_ms: how long the first image of a batch waits for others to join it.
+        max_wait_ms: how long the first image of a batch may wait for images that other requests are
+            decoding to join it (it never waits when none are).
         queue_size: images that may wait for a forward; past that, requests get 503 with Retry-After.
         admin_token: bearer token of `POST /v1/domains` and `DELETE /v1/domains/{name}`; None turns
             them off (403).

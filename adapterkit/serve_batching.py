@@ -1,10 +1,12 @@
 """Dynamic batching across requests: a bounded queue of images and one worker thread.
 
-Requests put their preprocessed images on the queue (`submit`, refused with `QueueFull` when it would
-hold more than `queue_size` images) and await one future per image. The worker takes the oldest image,
-waits until `max_batch_size` images are queued or `max_wait_ms` have passed since that image arrived,
-and hands the batch to `run` (one mixed-domain forward); results reach each request's event loop
-through `call_soon_threadsafe`. The event loop never runs a forward, so health checks and metrics
+Requests announce their images while they decode them (`expecting`), then put the preprocessed images
+on the queue (`submit`, refused with `QueueFull` when it would hold more than `queue_size` images) and
+await one future per image. The worker takes the oldest image and, while images announced by other
+requests are still being decoded, waits for them to join, until `max_batch_size` images are queued or
+`max_wait_ms` have passed since the oldest arrived; with nothing announced it runs at once, so a lone
+client never pays the wait. The batch goes to `run` (one mixed-domain forward); results reach each
+request's event loop through `call_soon_threadsafe`. The event loop never runs a forward, so health checks and metrics
 answer while one is running.
 """
 
@@ -15,7 +17,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +82,7 @@ class Batcher:
         self._queue: deque[Item] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._expected = 0  # images being decoded by requests that will submit them
         self._thread: threading.Thread | None = None
 
     @property
@@ -103,6 +107,19 @@ class Batcher:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    @contextmanager
+    def expecting(self, n: int) -> Iterator[None]:
+        """Announce `n` images a request is decoding (and will `submit` inside the block), so that a
+        batch waits for them."""
+        with self._cond:
+            self._expected += n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._expected -= n
+                self._cond.notify()
+
     def submit(self, items: list[Item]) -> None:
         """Queue a request's images, all or none; `QueueFull` if they do not fit now."""
         self.start()
@@ -121,7 +138,7 @@ class Batcher:
             if not self._queue:
                 return []
             deadline = self._queue[0].enqueued + self.max_wait
-            while len(self._queue) < self.max_batch_size and not self._closed:
+            while len(self._queue) < self.max_batch_size and self._expected > 0 and not self._closed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break

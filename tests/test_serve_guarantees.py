@@ -213,3 +213,12 @@ def test_domains_of_the_family_are_described(family):
     with running(app) as url, httpx.Client(base_url=url, timeout=60) as client:
         (b,) = client.get("/v1/domains").json()["domains"]
         assert b["name"] == "b" and b["num_classes"] == DOMAINS["b"][0]
+
+
+def test_a_lone_request_does_not_wait_for_a_batch_to_fill(family):
+    """With a 60 s max wait, a request alone is answered well before the client's 30 s timeout: the
+    batch waits only for images other requests are decoding."""
+    _, app = serve(family, ["a"], max_wait_ms=60_000)
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        for i in range(3):
+            assert predict_json(client, [("a", IMAGES[i])]).status_code == 200
