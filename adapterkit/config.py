@@ -93,6 +93,10 @@ DOMAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 def check_domain_name(name: object) -> str:
     """Return `name` if it is a safe domain name (it becomes a file name), else raise ValueError."""
+    if name == "auto":
+        raise ValueError(
+            "'auto' is reserved (model(x, domain='auto') routes each image): pick another domain name"
+        )
     if not isinstance(name, str) or not DOMAIN_NAME.match(name):
         raise ValueError(
             f"domain name {name!r} is not a safe file name: use 1-64 letters, digits, '_' or '-', "

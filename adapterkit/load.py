@@ -19,6 +19,7 @@ from torch import nn
 from .config import AdapterConfig, DomainInfo, check_domain_name
 from .format import BASIS_FILE, domain_file, read_config, read_safetensors
 from .inject import fingerprint, rebuild_backbone, reparameterize
+from .router import DomainSignature
 from .sources import Source, open_source
 
 if TYPE_CHECKING:
@@ -76,8 +77,8 @@ def _group(model: AdapterModel, tensors: dict[str, torch.Tensor], what: str) -> 
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     by_length = sorted(model.layers(), key=len, reverse=True)
     for key, t in tensors.items():
-        if key.startswith("head."):
-            prefix = "head"
+        if key.startswith(("head.", "signature.")):
+            prefix = key.partition(".")[0]
         else:
             rest = key.removeprefix("layers.")
             prefix = next((n for n in by_length if rest.startswith(n + ".")), None) if rest != key else None
@@ -90,7 +91,7 @@ def _group(model: AdapterModel, tensors: dict[str, torch.Tensor], what: str) -> 
 
 def build_domain(
     model: AdapterModel, name: str, path: Path, sha256: str | None = None, basis: dict | None = None
-) -> tuple[DomainInfo, dict[str, nn.Module], nn.Module]:
+) -> tuple[DomainInfo, dict[str, nn.Module], nn.Module, DomainSignature | None]:
     """Read one domain file and build (info, adapters, head) without touching the model.
 
     `basis` holds the per-layer bases about to be installed; a domain may not read past them."""
@@ -131,7 +132,19 @@ def build_domain(
         )
     head = nn.Linear(model.num_features, info.num_classes, device=ref.device, dtype=ref.dtype)
     head.load_state_dict(head_state)
-    return info, adapters, head
+    return info, adapters, head, _signature(grouped.get("signature"), model.num_features, what, ref.device)
+
+
+def _signature(state: dict | None, num_features: int, what: str, device) -> DomainSignature | None:
+    """The domain's routing signature, or None for a file written before signatures existed."""
+    if state is None:
+        return None
+    signature = DomainSignature(num_features, device=device)
+    try:
+        signature.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{what}: its signature does not fit {num_features} features ({e})") from e
+    return signature
 
 
 def _backbone_for(config: dict[str, Any], source: str, backbone: str | nn.Module | None, weights: Any):
@@ -184,7 +197,10 @@ def load_family(
         model.extend_basis(basis, history=history)
     for name in names:
         entry = config["domains"][name]
-        model.publish_domain(*build_domain(model, name, src.fetch(domain_file(name)), entry.get("sha256")))
+        info, adapters, head, signature = build_domain(
+            model, name, src.fetch(domain_file(name)), entry.get("sha256")
+        )
+        model.publish_domain(info, adapters, head, signature=signature)
     return model.eval()
 
 
@@ -213,9 +229,9 @@ def load_domain(
     config = read_config(src.fetch, src.files, [name], where=source)
     check_backbone(model, config, source, force)
     basis = read_basis(model, src, config)
-    info, adapters, head = build_domain(
+    info, adapters, head, signature = build_domain(
         model, name, src.fetch(domain_file(name)), config["domains"][name].get("sha256"), basis
     )
     info.name = target
     history = (config.get("basis") or {}).get("history", [])
-    model.publish_domain(info, adapters, head, basis=basis or None, history=history)
+    model.publish_domain(info, adapters, head, basis=basis or None, history=history, signature=signature)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from .basis import check_extends
 from .config import AdapterConfig, DomainInfo, check_domain_name, resolve_num_classes
 from .inject import create_backbone, fingerprint, inject, input_channels, reparameterize, weights_record
 from .layers import DomainLayer, DomainRouter
+from .router import DomainSignature, Route, collect_features, route
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class AdapterModel(
         self.router = DomainRouter()
         self.targets = inject(backbone, self.config, self.router)
         self.heads = nn.ModuleDict()
+        self.signatures = nn.ModuleDict()  # domain -> DomainSignature, for domain="auto" (router.py)
         self._domains: dict[str, DomainInfo] = {}
         self._frozen: set[str] = set()  # domains whose tensors never change (published ones)
         self._lock = _Lock()
@@ -216,6 +218,7 @@ class AdapterModel(
         *,
         basis: dict[str, torch.Tensor] | None = None,
         history: list[dict[str, Any]] | None = None,
+        signature: DomainSignature | None = None,
         trainable: bool = False,
     ) -> None:
         """Insert a fully built domain (with the longer `basis` it needs, if any) in one step.
@@ -243,6 +246,8 @@ class AdapterModel(
             for layer_name, module in adapters.items():
                 layers[layer_name].adapters[name] = module
             self.heads[name] = head
+            if signature is not None:
+                self.signatures[name] = signature
             self._domains[name] = info
             self.set_trainable(name, trainable)
 
@@ -256,6 +261,8 @@ class AdapterModel(
                 if layer.fused is not None:
                     layer.fused.evict(name)
             del self.heads[name]
+            if name in self.signatures:
+                del self.signatures[name]
             self._frozen.discard(name)
             if self.default_domain == name:
                 self.default_domain = None
@@ -311,6 +318,31 @@ class AdapterModel(
         `with model.use_domain("gtsrb"): feats = model.backbone.forward_features(x)`."""
         with self.router.use(self._check_known(name)):
             yield
+
+    # ----------------------------------------------------------------- routing (router.py)
+    def fit_signature(self, domain: str, batches: Iterable[torch.Tensor]) -> DomainSignature:
+        """Record `domain`'s signature from batches of its (preprocessed) images; other domains' stay
+        as they are. `train_domain` does this on the training images; use it for domains you train
+        yourself or loaded without one."""
+        self._check_known(domain)
+        signature = DomainSignature.fit(collect_features(self, batches))
+        with self._lock:
+            self._check_known(domain)
+            self.signatures[domain] = signature
+        return signature
+
+    def route(self, x: torch.Tensor) -> Route:
+        """The domain of each sample (None: unknown), its confidence and every domain's score."""
+        names = [d for d in self._domains if d in self.signatures]
+        missing = [d for d in self._domains if d not in self.signatures]
+        if not names or missing:
+            raise ValueError(
+                f"routing needs a signature for every domain; {missing or 'all'} have none (trained before "
+                "signatures existed, or added without training): call model.fit_signature(domain, batches)"
+            )
+        with torch.no_grad():
+            features = self.backbone(x).flatten(1)
+        return route(features, {n: self.signatures[n] for n in names})
 
     # ----------------------------------------------------------------- shared basis
     def basis(self) -> dict[str, torch.Tensor]:
@@ -409,15 +441,19 @@ class AdapterModel(
                 state[f"layers.{layer_name}.{key}"] = t
         for key, t in self.heads[domain].state_dict().items():
             state[f"head.{key}"] = t
+        if domain in self.signatures:
+            for key, t in self.signatures[domain].state_dict().items():
+                state[f"signature.{key}"] = t
         return state
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, domain: str | Sequence[str] | None = None) -> torch.Tensor:
-        """Logits of `x` for one domain, or one domain per sample.
+        """Logits of `x` for one domain, one domain per sample, or `"auto"`.
 
         With a list of domains the samples are grouped by domain; each group runs exactly as it would
         alone. Heads of different sizes are padded with `-inf`, so softmax, argmax and cross-entropy
-        stay correct per sample.
+        stay correct per sample. `"auto"` sends each sample to its best-scoring domain (`route(x)` also
+        says which samples fit no domain, and how confident each choice is).
         """
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
             raise ValueError(f"expected an image batch tensor (N, C, H, W), got {type(x).__name__}")
@@ -426,6 +462,8 @@ class AdapterModel(
                 f"the backbone expects {self.in_chans} input channels, got {x.shape[1]}: convert images "
                 f"(for example PIL's image.convert('RGB') or x.expand(-1, {self.in_chans}, -1, -1))"
             )
+        if domain == "auto":
+            domain = self.route(x).best
         domains = self._resolve_domains(domain, x.shape[0])
         if isinstance(domains, str):
             return self._forward_one(x, domains)

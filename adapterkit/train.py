@@ -24,11 +24,13 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import DataLoader, Subset
 
 from .config import check_domain_name
 from .data import DomainDataset, Source, check_data, open_data
-from .loop import Job, checkpoint_folder, evaluate_dataset, fit, seeded
+from .loop import Job, checkpoint_folder, evaluate_dataset, fit, seeded, threads
 from .model import AdapterModel
+from .router import MAX_IMAGES
 from .train_config import AUTO_WEIGHT_DECAY, TrainConfig, auto_weight_decay, learning_rate
 from .transforms import Preprocess, resolve_data_config
 
@@ -136,6 +138,7 @@ def train_domain(
         metrics = fit(_domain_job(model, domain), train_set, eval_set, config, acc, resume, callback)
     finally:
         model.set_trainable(domain, was_trainable)
+    _fit_signature(model, domain, source, dcfg, config, acc)
     if "accuracy" in metrics:
         model.domain_info(domain).metrics["accuracy"] = metrics["accuracy"]
     return metrics
@@ -246,6 +249,19 @@ def make_accelerator(
 
 
 # ---------------------------------------------------------------------- helpers
+def _fit_signature(
+    model: AdapterModel, domain: str, source: Source, dcfg: dict, config: TrainConfig, acc: Accelerator
+) -> None:
+    """The domain's routing signature from its training images, preprocessed as for evaluation (see
+    router.py); every process computes the same one."""
+    dataset = DomainDataset(source, Preprocess(dcfg, grayscale=config.grayscale))
+    batch = config.eval_batch_size or 2 * config.batch_size
+    indices = range(min(len(dataset), MAX_IMAGES))
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch, num_workers=config.num_workers)
+    with threads(config.threads):
+        model.fit_signature(domain, (x.to(acc.device) for x, _ in loader))
+
+
 def _add_fresh(
     model: AdapterModel, domain: str, num_classes: int, labels: list[str] | None, dcfg: dict, seed: int
 ) -> None:

@@ -1,0 +1,125 @@
+"""Domain signatures: route an image to its domain when nobody says which, without forgetting.
+
+A domain's signature is a diagonal Gaussian of the frozen backbone's pooled features on that domain's
+images (a mean and a log-variance per feature, 2 F numbers) plus a calibrated threshold: the score below
+which only `REJECT` of the domain's own images fall. Each signature is fitted from its own domain's images
+alone and never changes afterwards, so adding or removing a domain changes no other domain's signature,
+bit for bit: routing is incremental, with nothing shared to retrain.
+
+Routing costs one pass of the plain frozen backbone (the features every signature reads) plus O(F) per
+domain: with the domain's own forward, at most 2 forwards per image whatever the number of domains.
+The score of domain d is the mean per-feature Gaussian log-likelihood; the chosen domain is the best
+score, its confidence the posterior under equal priors, and a sample whose best score is below that
+domain's threshold is unknown (None).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .model import AdapterModel
+
+REJECT = 0.01  # share of a domain's own images the threshold may call unknown
+MAX_IMAGES = 4096  # images a signature is fitted on (the rest add nothing measurable)
+
+
+class DomainSignature(nn.Module):
+    """One domain's feature statistics (`mean`, `log_var`) and its unknown-sample `threshold`."""
+
+    def __init__(self, num_features: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(num_features, device=device))
+        self.register_buffer("log_var", torch.zeros(num_features, device=device))
+        self.register_buffer("threshold", torch.tensor(-math.inf, device=device))
+
+    def score(self, features: torch.Tensor) -> torch.Tensor:
+        """Mean per-feature log-likelihood (without the constant) of each row of `features`."""
+        z = (features.float() - self.mean) ** 2 * torch.exp(-self.log_var)
+        return -0.5 * (z + self.log_var).mean(dim=1)
+
+    @classmethod
+    @torch.no_grad()
+    def fit(cls, features: torch.Tensor, reject: float = REJECT) -> DomainSignature:
+        """The signature of `features` (N x F, N >= 4). The threshold is calibrated out of sample: the
+        `reject` quantile of the scores of every other row under statistics of the remaining rows (scores
+        of the rows a Gaussian was fitted on are optimistic when F is close to N)."""
+        if features.dim() != 2 or features.shape[0] < 4:
+            raise ValueError(
+                f"a signature needs at least 4 feature rows (N x F), got shape {tuple(features.shape)}"
+            )
+        signature = cls._statistics(features)
+        held_out = cls._statistics(features[0::2]).score(features[1::2])
+        signature.threshold.copy_(torch.quantile(held_out, reject))
+        return signature
+
+    @classmethod
+    def _statistics(cls, features: torch.Tensor) -> DomainSignature:
+        f = features.double()
+        var = f.var(dim=0, unbiased=True)
+        # A floor keeps constant features (dead ReLUs) from making every other image infinitely unlikely.
+        var = var.clamp_min(1e-3 * float(var.mean()) + 1e-12)
+        signature = cls(f.shape[1], device=features.device)
+        signature.mean.copy_(f.mean(dim=0).float())
+        signature.log_var.copy_(var.log().float())
+        return signature
+
+
+@dataclass
+class Route:
+    """Where `AdapterModel.route` sends each sample.
+
+    Attributes:
+        domains: the chosen domain per sample, or None when the sample fits no known domain.
+        best: the best-scoring domain per sample, even when it is unknown.
+        confidence: posterior of the best domain under equal priors (N,).
+        scores: per-domain scores (N x D), columns in `names` order.
+        names: the domains that have a signature.
+    """
+
+    domains: list[str | None]
+    best: list[str]
+    confidence: torch.Tensor
+    scores: torch.Tensor
+    names: list[str]
+
+
+def route(features: torch.Tensor, signatures: dict[str, DomainSignature]) -> Route:
+    """Score `features` (N x F) against every signature; see the module docstring."""
+    names = list(signatures)
+    scores = torch.stack([signatures[n].score(features) for n in names], dim=1)
+    top, index = scores.max(dim=1)
+    confidence = torch.softmax(scores * features.shape[1], dim=1).gather(1, index[:, None])[:, 0]
+    thresholds = torch.stack([signatures[n].threshold for n in names])[index]
+    best = [names[i] for i in index.tolist()]
+    known = (top >= thresholds).tolist()
+    return Route(
+        [b if k else None for b, k in zip(best, known, strict=True)], best, confidence, scores, names
+    )
+
+
+def collect_features(
+    model: AdapterModel, batches: Iterable[torch.Tensor], limit: int = MAX_IMAGES
+) -> torch.Tensor:
+    """Pooled features of the plain frozen backbone (no domain) for up to `limit` images, in eval mode."""
+    rows, seen = [], 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for x in batches:
+                rows.append(model.backbone(x[: limit - seen]).flatten(1).float())
+                seen += rows[-1].shape[0]
+                if seen >= limit:
+                    break
+    finally:
+        model.train(was_training)
+    if not rows:
+        raise ValueError("no images to fit a signature on")
+    return torch.cat(rows)

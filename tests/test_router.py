@@ -1,0 +1,116 @@
+"""Routing images whose domain nobody gives (`domain="auto"`, `model.route`): signatures are fitted per
+domain and never change when others come and go, separable domains route right, unknown images are
+flagged, and signatures travel with the domain's file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from checks import perturb
+
+from adapterkit import AdapterModel
+from adapterkit.family import save_family
+
+COLOURS = {"red": (2.0, -1.0, -1.0), "green": (-1.0, 2.0, -1.0), "blue": (-1.0, -1.0, 2.0)}
+
+
+def images(colour: str, n: int, seed: int) -> torch.Tensor:
+    """Noisy images of one dominant colour: three clearly separable domains."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.tensor(COLOURS[colour])[None, :, None, None]
+    return base + 0.5 * torch.randn(n, 3, 32, 32, generator=g)
+
+
+def unknown(n: int, seed: int) -> torch.Tensor:
+    """Images of none of the domains: a strong checkerboard."""
+    g = torch.Generator().manual_seed(seed)
+    board = (torch.arange(32)[:, None] + torch.arange(32)[None, :]) % 2 * 6.0 - 3.0
+    return board.expand(n, 3, 32, 32) + 0.1 * torch.randn(n, 3, 32, 32, generator=g)
+
+
+def batches(x: torch.Tensor, size: int = 16):
+    return (x[i : i + size] for i in range(0, len(x), size))
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = AdapterModel.from_backbone("test_resnet")
+    for i, colour in enumerate(COLOURS):
+        model.add_domain(colour, num_classes=2 + i)
+        perturb(model, colour, seed=i)
+        model.fit_signature(colour, batches(images(colour, 96, seed=i)))
+    return model.eval()
+
+
+def test_separable_domains_route_right_and_auto_uses_the_route(model):
+    x = torch.cat([images(c, 8, seed=100 + i) for i, c in enumerate(COLOURS)])
+    truth = [c for c in COLOURS for _ in range(8)]
+    routed = model.route(x)
+    assert routed.best == truth
+    flagged = sum(d is None for d in routed.domains)
+    assert all(d in (t, None) for d, t in zip(routed.domains, truth, strict=True))
+    assert flagged <= 2  # the threshold is calibrated to call ~1 % of a domain's own images unknown
+    assert routed.names == list(COLOURS) and routed.scores.shape == (24, 3)
+    assert bool((routed.confidence > 0.99).all())
+    with torch.no_grad():
+        assert torch.equal(model(x, domain="auto"), model(x, domain=truth))
+
+
+def test_unknown_images_are_flagged(model):
+    routed = model.route(unknown(16, seed=5))
+    assert routed.domains == [None] * 16
+    assert all(b in COLOURS for b in routed.best)  # the best guess is still reported
+
+
+def test_signatures_never_change_when_domains_come_and_go(model):
+    before = {k: v.clone() for k, v in model.signatures["red"].state_dict().items()}
+    model.add_domain("extra", num_classes=2)
+    model.fit_signature("extra", batches(unknown(64, seed=9)))
+    model.remove_domain("extra")
+    after = model.signatures["red"].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert "extra" not in model.signatures
+
+
+def test_signature_is_small_and_travels_with_the_domain_file(model, tmp_path):
+    cost = model.domain_cost("red")
+    signature_bytes = sum(t.numel() * t.element_size() for t in model.signatures["red"].state_dict().values())
+    assert signature_bytes <= 0.01 * cost["bytes"]
+    save_family(model, tmp_path / "fam")
+    loaded = AdapterModel.from_pretrained(tmp_path / "fam", domains=["green", "blue"])
+    loaded.load_domain(tmp_path / "fam", "red")
+    for name in COLOURS:
+        a, b = model.signatures[name].state_dict(), loaded.signatures[name].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    x = images("blue", 4, seed=7)
+    assert loaded.route(x).best == ["blue"] * 4
+
+
+def test_a_family_without_signatures_loads_and_routing_says_what_to_do(tmp_path):
+    model = AdapterModel.from_backbone("test_resnet")
+    model.add_domain("plain", num_classes=2)
+    save_family(model, tmp_path / "old")
+    loaded = AdapterModel.from_pretrained(tmp_path / "old")
+    assert loaded.domains == ["plain"]
+    with pytest.raises(ValueError, match=r"\['plain'\] have none.*fit_signature"):
+        loaded.route(images("red", 2, seed=0))
+    with pytest.raises(ValueError, match="'auto' is reserved"):
+        loaded.add_domain("auto", num_classes=2)
+
+
+def test_train_domain_records_a_signature():
+    from torch.utils.data import TensorDataset
+
+    from adapterkit.train import TrainConfig, train_domain
+
+    model = AdapterModel.from_backbone("test_resnet")
+    data = TensorDataset(images("red", 32, seed=1), torch.arange(32) % 2)
+    train_domain(
+        model,
+        "red",
+        data,
+        config=TrainConfig(steps=1, batch_size=8, progress=False),
+        data_config={"input_size": (3, 32, 32)},
+    )
+    assert "red" in model.signatures
+    assert torch.isfinite(model.signatures["red"].threshold)
