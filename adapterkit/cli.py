@@ -5,13 +5,15 @@
     adapterkit export --family DIR --domain NAME --output DIR
     adapterkit push FAMILY REPO_ID      adapterkit pull REPO_ID FAMILY
     adapterkit list [--backbone NAME]   adapterkit info REPO_ID_OR_FAMILY
+    adapterkit serve SOURCE [--domain NAME ...] [--port N]
 
-The commands live in `cli_train.py` (train), `cli_model.py` (eval, export: they run a model) and
-`cli_hub.py` (push, pull, list, info: files and the Hub only); the `app.command` lines below are the
-whole command tree. Those modules import torch, timm and the Hub client inside the command functions,
-so `--help`, `--version`, `list` and `info` start without loading a model stack (`cli_output.py`:
-tables and messages; `cli_errors.py`: what an expected failure says). Every expected failure prints
-one line naming the problem and the fix and exits with 2; `--verbose` adds the traceback and INFO logging.
+The commands live in `cli_train.py` (train), `cli_model.py` (eval, export: they run a model),
+`cli_hub.py` (push, pull, list, info: files and the Hub only) and `cli_serve.py` (serve); the
+`app.command` lines below are the whole command tree. Those modules import torch, timm and the Hub
+client inside the command functions, so `--help`, `--version`, `list` and `info` start without loading
+a model stack (`cli_output.py`: tables and messages; `cli_errors.py`: what an expected failure says).
+Every expected failure prints one line naming the problem and the fix and exits with 2; `--verbose`
+adds the traceback and INFO logging.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Annotated
 
 import typer
 
-from . import __version__, cli_hub, cli_model, cli_train
+from . import __version__, cli_hub, cli_model, cli_serve, cli_train
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 app = typer.Typer(
@@ -43,6 +45,7 @@ app.command("push", context_settings=CONTEXT)(cli_hub.push)
 app.command("pull", context_settings=CONTEXT)(cli_hub.pull)
 app.command("list", context_settings=CONTEXT)(cli_hub.list_)
 app.command("info", context_settings=CONTEXT)(cli_hub.info)
+app.command("serve", context_settings=CONTEXT)(cli_serve.serve)
 
 
 @dataclass
