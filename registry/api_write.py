@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +10,12 @@ from starlette.responses import Response
 
 from . import lfsrules
 from .cards import parse_front_matter
+from .commitbody import header_text, parse_commit
 from .context import MB, Ctx, json_response
 from .errors import HubError, bad_request, revision_not_found, too_large
 from .routing import Router
-from .storage import RepoKey, file_entry
-from .validation import check_path, check_ref_name, check_repo_id, is_hex
+from .storage import RepoKey
+from .validation import check_path, check_ref_name, check_repo_id
 
 REPO = "/api/{types}/{ns}/{name}"
 _TRUE = ("1", "true", "True")
@@ -183,125 +181,6 @@ async def _spool(ctx: Ctx, limit: int) -> Path:
     return tmp
 
 
-def inline_limit(cfg: Any) -> int:
-    """Largest file accepted inline (base64 in the commit): the LFS threshold, at least 64 KiB.
-
-    Larger files are answered `lfs` by preupload; holding them in memory is what LFS avoids.
-    """
-    return min(max(cfg.lfs_threshold_bytes, 64 * 1024), cfg.max_upload_bytes)
-
-
-def too_large_inline(limit: int) -> HubError:
-    """413 for a file sent inline although preupload asked for LFS."""
-    return HubError(
-        413,
-        "PayloadTooLarge",
-        f"Files above {limit} bytes cannot travel inline in the commit: upload them through LFS "
-        "(preupload answers 'lfs' for them; clients set HF_HUB_DISABLE_XET=1).",
-    )
-
-
-def _path(value: dict[str, Any], line: int, folder: bool = False) -> str:
-    """The validated `path` of a commit line (400 `InvalidPath` unless it is a valid path string)."""
-    path = value.get("path")
-    if not isinstance(path, str):
-        raise bad_request(
-            f"Commit line {line}: 'path' must be a string such as 'dir/file.bin', got {type(path).__name__}.",
-            "InvalidPath",
-        )
-    return check_path(path.rstrip("/") if folder else path)
-
-
-def _text(header: dict[str, Any], field: str, default: str) -> str:
-    """A string field of the commit header (400 if it is not a string)."""
-    value = header.get(field)
-    if value is None:
-        return default
-    if not isinstance(value, str):
-        raise bad_request(f"The commit header's {field!r} must be a string.")
-    return value
-
-
-def _parse_commit(
-    ctx: Ctx, key: RepoKey, spool: Path
-) -> tuple[dict[str, Any], list[tuple[str, str, dict | None]]]:
-    """Header and operations of an NDJSON commit; stores inline files as blobs on the way."""
-    header: dict[str, Any] | None = None
-    ops: list[tuple[str, str, dict | None]] = []
-    per_file = inline_limit(ctx.hub.config)
-    line_limit, inline_total = per_file * 4 // 3 + 64 * 1024, 0
-    with open(spool, "rb") as f:
-        for n, raw in enumerate(iter(lambda: f.readline(line_limit + 1), b""), 1):
-            if len(raw) > line_limit:
-                raise too_large_inline(per_file)
-            if not raw.strip():
-                continue
-            try:
-                item = json.loads(raw)
-                del raw  # the line, its parsed copy and the decoded bytes are never all held
-                kind, value = item["key"], item["value"]
-                if not isinstance(value, dict) or not isinstance(kind, str):
-                    raise TypeError
-            except (ValueError, KeyError, TypeError, RecursionError):
-                raise bad_request(
-                    f"Commit line {n} is not a {{'key': ..., 'value': {{...}}}} JSON object."
-                ) from None
-            if header is None:
-                if kind != "header":
-                    raise bad_request("The first commit line must be the header ({'key': 'header', ...}).")
-                header = value
-            elif kind == "file":
-                path = _path(value, n)
-                if value.get("encoding", "base64") != "base64":
-                    raise bad_request(f"File {path!r}: only base64 encoding is supported.")
-                content = value.pop("content", "")
-                if not isinstance(content, str):
-                    raise bad_request(f"File {path!r}: 'content' must be a base64 string.")
-                try:
-                    data = base64.b64decode(content, validate=True)
-                except (binascii.Error, ValueError):
-                    raise bad_request(f"File {path!r}: content is not valid base64.") from None
-                del content
-                inline_total += len(data)
-                if len(data) > per_file:
-                    raise too_large_inline(per_file)
-                if inline_total > ctx.hub.config.max_upload_bytes:
-                    raise too_large(inline_total, ctx.hub.config.max_upload_bytes)
-                info = ctx.storage.blobs.put_bytes(data)
-                del data
-                ops.append(("add", path, file_entry(info.sha256, info.sha1, info.size, False)))
-            elif kind == "lfsFile":
-                path, oid = _path(value, n), value.get("oid")
-                oid = oid if isinstance(oid, str) else ""
-                if value.get("algo", "sha256") != "sha256" or not is_hex(oid, 64, 64):
-                    raise bad_request(f"LFS file {path!r}: expected algo 'sha256' and a 64-hex oid.")
-                lfs = ctx.storage.lfs_object(key, oid)
-                if lfs is None:
-                    raise bad_request(
-                        f"LFS object {oid} for {path!r} was not uploaded to this repo; upload it through the "
-                        "LFS batch API first (clients: set HF_HUB_DISABLE_XET=1).",
-                        "LfsObjectMissing",
-                    )
-                if value.get("size") is not None and (
-                    not isinstance(value["size"], int) or value["size"] != lfs["size"]
-                ):
-                    raise bad_request(
-                        f"LFS file {path!r}: size {value['size']} does not match the uploaded object."
-                    )
-                ops.append(("add", path, file_entry(oid, lfs["sha1"], lfs["size"], True)))
-            elif kind in ("deletedFile", "deletedFolder"):
-                path = _path(value, n, folder=kind == "deletedFolder")
-                ops.append(("delete" if kind == "deletedFile" else "delete_folder", path, None))
-            else:
-                raise bad_request(f"Commit line {n}: unsupported key {kind!r}.")
-    if header is None:
-        raise bad_request("Empty commit: send a header line and operations as NDJSON.")
-    parent = header.get("parentCommit")
-    if parent is not None and not (isinstance(parent, str) and is_hex(parent, 40, 40)):
-        raise bad_request(f"parentCommit must be a 40-hex commit id, got {parent!r}.", "InvalidRevision")
-    return header, ops
-
-
 async def commit(ctx: Ctx) -> Response:
     """`POST .../commit/{rev}` with an NDJSON body (`create_commit`, `upload_file`, `upload_folder`)."""
     key, _ = ctx.open_repo(write=True)
@@ -310,10 +189,10 @@ async def commit(ctx: Ctx) -> Response:
         raise bad_request("Send the commit as application/x-ndjson.")
     spool = await _spool(ctx, ctx.hub.config.max_upload_bytes * 4 // 3 + MB)
     try:
-        header, ops = await ctx.run(_parse_commit, ctx, key, spool)
+        header, ops = await ctx.run(parse_commit, ctx.storage, ctx.hub.config, key, spool)
     finally:
         spool.unlink(missing_ok=True)
-    lines = _text(header, "summary", "").strip().splitlines()
+    lines = header_text(header, "summary", "").strip().splitlines()
     title = lines[0].strip()[:1000] if lines else ""
     cid = await ctx.run(
         ctx.storage.commit,
@@ -322,7 +201,7 @@ async def commit(ctx: Ctx) -> Response:
         ops,
         ctx.principal.user,
         title or "Commit",
-        _text(header, "description", ""),
+        header_text(header, "description", ""),
         header.get("parentCommit"),
     )
     url = f"{ctx.repo_url(key)}/commit/{cid}"
