@@ -10,6 +10,7 @@ only ever added or replaced, so no push or pull can drop another domain.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -100,7 +101,7 @@ def _remote(api: HfApi, repo_id: str, branch: str | None) -> tuple[dict | None, 
 
 def _commit(
     local: dict[str, Any],
-    local_basis: dict,
+    local_basis: Callable[[], dict],
     files: dict[str, bytes],
     repo_id: str,
     *,
@@ -110,10 +111,9 @@ def _commit(
     token: str | None,
     force: bool,
 ) -> PushResult:
-    """Check against the remote family, add what keeps its other domains whole, and commit once."""
+    """Check against the remote family, add what keeps its other domains whole, and commit once.
+    `local_basis` is called only when the remote family has a basis (it needs torch)."""
     from huggingface_hub import CommitOperationAdd, HfApi
-
-    from .basis import check_extends
 
     api = HfApi(token=token)
     try:
@@ -124,8 +124,10 @@ def _commit(
         table = dict(local["domains"])
         if remote is not None:
             _check_compatible(local, remote, repo_id, force)
-            if not force:
-                check_extends(_basis(source, remote), local_basis, f"the pushed basis (against {repo_id})")
+            if remote.get("basis") and not force:
+                from .basis import check_extends
+
+                check_extends(_basis(source, remote), local_basis(), f"the pushed basis (against {repo_id})")
             for name, entry in remote["domains"].items():
                 table.setdefault(name, entry)
                 if remote["format_version"] == 1 and domain_entry_file(name) not in files:
@@ -176,7 +178,7 @@ def push_to_hub(
     message = commit_message or f"adapterkit: push {', '.join(names)}"
     result = _commit(
         local,
-        model.basis(),
+        model.basis,
         files,
         repo_id,
         private=private,
@@ -212,11 +214,10 @@ def push_folder(
     if config.get("basis"):
         files[BASIS_FILE] = source.fetch(BASIS_FILE).read_bytes()
     files[CONFIG_FILE] = family_json(config)
-    basis = _basis(source, config) if config.get("basis") else {}
     message = commit_message or f"adapterkit: push {', '.join(names)}"
     return _commit(
         config,
-        basis,
+        lambda: _basis(source, config) if config.get("basis") else {},
         files,
         repo_id,
         private=private,
@@ -244,8 +245,6 @@ def pull_family(
     Returns:
         the pulled domain names.
     """
-    from .basis import check_extends
-
     source = hub_source(repo_id, revision=revision, token=token)
     remote = read_config(source.fetch, source.files, domains, where=repo_id)
     names = list(remote["domains"])
@@ -256,6 +255,8 @@ def pull_family(
     if local is not None:
         _check_compatible(remote, local, str(out), force)
         if local.get("basis") and remote.get("basis"):
+            from .basis import check_extends
+
             ours, theirs = _basis(here, local), _basis(source, remote)
             keep_local_basis = any(ours[n].shape[1] > theirs.get(n, ours[n][:, :0]).shape[1] for n in ours)
             if keep_local_basis:

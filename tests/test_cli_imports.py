@@ -21,10 +21,6 @@ from adapterkit.cli import main
 code = main(sys.argv[1:])
 print(json.dumps({{"code": code, "heavy": sorted(m for m in {HEAVY!r} if m in sys.modules)}}))
 """
-BASIS_IMPORTS_TORCH = pytest.mark.xfail(
-    strict=True,
-    reason="adapterkit.hub imports adapterkit.basis (torch) for check_extends in push_folder/pull_family",
-)
 
 
 def probe(*args: str) -> dict:
@@ -60,13 +56,11 @@ def test_info_and_list_need_no_model(published):
     assert probe("list", "--author", "alice") == {"code": 0, "heavy": []}
 
 
-@BASIS_IMPORTS_TORCH
 def test_pull_needs_no_model(published, tmp_path):
     _, repo = published
     assert probe("pull", repo, str(tmp_path / "pulled")) == {"code": 0, "heavy": []}
 
 
-@BASIS_IMPORTS_TORCH
 def test_push_of_a_folder_needs_no_model(published, registry):
     folder, _ = published
     repo = f"alice/imports-{uuid.uuid4().hex[:8]}"
