@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from .storage import Storage
+from .upkeep import referenced_blobs
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def collect_garbage(storage: Storage, grace_s: float = 3600, dry_run: bool = Fal
     Returns:
         Counts of unreferenced and removed blobs.
     """
-    referenced = storage.referenced_blobs()
+    referenced = referenced_blobs(storage)
     cutoff = time.time() - grace_s
     unreferenced = removed = freed = 0
     for path in list(storage.blobs.all()):

@@ -21,27 +21,25 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
-import json
 import logging
 import shutil
 import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .blobs import BlobInfo, BlobStore, atomic_write_json, fsync_dir, read_json
 from .commitlog import CommitLog
 from .errors import HubError, RegistryError, bad_request, repo_not_found, revision_not_found
+from .keys import RepoKey, Resolved, commit_id, file_entry, now_iso
 from .metadata import MetadataParser
 from .objects import CACHE_ENTRIES, LRU, TreeEditor, TreeStore, build, is_dir
 from .trees import dir_oid, entry_oid
 from .validation import check_new_ref, check_ref_name, is_hex
 
 logger = logging.getLogger(__name__)
+__all__ = ["RepoKey", "Resolved", "Storage", "commit_id", "file_entry", "now_iso"]
 
 FORMAT_VERSION = 2
 """Root format (`registry.json`); version 1 roots are read and upgraded in place."""
@@ -49,54 +47,6 @@ COMMIT_FORMAT = 2
 Commit = dict[str, Any]
 """A commit: `id`, `parents`, `tree` (root tree id; a path -> file entry table in format 1), `meta`,
 `title`, `message`, `author`, `date`."""
-
-
-def now_iso() -> str:
-    """Current UTC time in the Hub's format (`2024-01-31T12:00:00.000Z`)."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-@dataclass(frozen=True)
-class RepoKey:
-    """Identifies a repository.
-
-    Attributes:
-        type: `"model"` or `"dataset"`.
-        namespace: Owner (user or organisation).
-        name: Repo name.
-    """
-
-    type: str
-    namespace: str
-    name: str
-
-    @property
-    def id(self) -> str:
-        """`namespace/name`."""
-        return f"{self.namespace}/{self.name}"
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """A revision resolved to a commit.
-
-    Attributes:
-        commit: 40-hex commit id.
-        branch: Branch name when the revision named a branch, else None.
-    """
-
-    commit: str
-    branch: str | None
-
-
-def file_entry(sha256: str, sha1: str, size: int, lfs: bool) -> dict[str, Any]:
-    """A file of a commit's tree."""
-    return {"sha256": sha256, "sha1": sha1, "size": size, "lfs": lfs}
-
-
-def commit_id(body: dict[str, Any]) -> str:
-    """Commit id: SHA-1 of the canonical JSON of the commit (which includes a random nonce)."""
-    return hashlib.sha1(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 class Storage:
@@ -148,35 +98,10 @@ class Storage:
 
     # ----------------------------------------------------------------- housekeeping
     def recover(self) -> None:
-        """Drop leftovers of interrupted work (temporary files, commits nothing lists) and repair logs."""
-        removed = self.blobs.clean_tmp()
-        shutil.rmtree(self.root / "trash", ignore_errors=True)
-        for key, _ in self.list_repos():
-            known = self._repair_log(key)
-            for p in (self.repo_dir(key) / "commits").glob("*.json"):
-                if p.stem not in known:
-                    p.unlink()
-                    removed += 1
-        if removed:
-            logger.info("recovery removed %d leftover file(s) of interrupted uploads", removed)
+        """Drop leftovers of interrupted work and repair commit logs (see `upkeep.recover`)."""
+        from .upkeep import recover
 
-    def _repair_log(self, key: RepoKey) -> set[str]:
-        """Drop a torn last line of `commits.log` and add commits a ref reaches but the log lacks."""
-        path = self.repo_dir(key) / "commits.log"
-        ids = self.log.read_ordered(path)
-        refs = self.refs(key)
-        known = set(ids) | set(refs.get("commits", []))
-        missing: list[str] = []
-        heads = list(refs["branches"].values()) + [t["target"] for t in refs["tags"].values()]
-        for head in heads:
-            current: str | None = head
-            while current and current not in known and current not in missing:
-                missing.append(current)
-                parents = self.get_commit(key, current)["parents"]
-                current = parents[0] if parents else None
-        if missing or (path.exists() and path.stat().st_size != sum(41 for _ in ids)):
-            self.log.rewrite(path, ids + missing[::-1], self.tmp)
-        return known | set(missing)
+        recover(self)
 
     @contextlib.contextmanager
     def lock(self, key: RepoKey) -> Iterator[None]:
@@ -435,35 +360,6 @@ class Storage:
                 target = self.resolve(key, revision or "main").commit
                 refs["tags"][name] = {"target": target, "message": message or ""}
             atomic_write_json(self.repo_dir(key) / "refs.json", refs, self.tmp)
-
-    def file_entries(self, key: RepoKey) -> Iterator[tuple[str, str, dict[str, Any]]]:
-        """`(commit id, name, file entry)` for each file of each acknowledged commit, every shared
-        folder visited once (for gc and fsck: O(distinct folders), not O(commits x files))."""
-        seen: set[str] = set()
-        store = self.trees(key)
-        for cid in sorted(self.known_commits(key)):
-            tree = self.get_commit(key, cid)["tree"]
-            if isinstance(tree, dict):
-                for path, entry in tree.items():
-                    yield cid, path, entry
-                continue
-            for tid in store.reachable(tree, seen):
-                for name, entry in store.read(tid).items():
-                    if not is_dir(entry):
-                        yield cid, name, entry
-
-    def referenced_blobs(self) -> set[str]:
-        """SHA-256 of every blob that a commit of any repo, or an uploaded LFS object, references."""
-        out: set[str] = set()
-        for key, _ in self.list_repos():
-            try:
-                out.update(e["sha256"] for _, _, e in self.file_entries(key))
-            except (HubError, FileNotFoundError):  # deleted meanwhile
-                continue
-            lfs = self.repo_dir(key) / "lfs"
-            if lfs.is_dir():
-                out.update(p.name for p in lfs.iterdir())
-        return out
 
     def register_lfs(self, key: RepoKey, info: BlobInfo) -> None:
         """Record that LFS object `info.sha256` was uploaded to this repo and verified."""
