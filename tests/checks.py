@@ -2,7 +2,8 @@
 
 A test module builds each case once (`build_case`, from a module-scoped fixture) and runs every entry
 of `INVARIANTS` on it as its own test, so pytest's test id names the invariant and the case that
-broke. Each check works on a deep copy of the case's model, so the checks are independent of each
+broke. A check that changes a model (training, gradients) works on its own deep copy; the others
+only read the case's models in eval mode without gradients, so the checks are independent of each
 other and of their order.
 """
 
@@ -80,29 +81,25 @@ class CaseSpec:
 
 @dataclass
 class Case:
-    """A built case: the model with domains `a` (as attached) and `b`, never modified by a check.
+    """A built case: `model` with domains `a` and `b` as attached (zero adapters), and `trained`, a copy
+    with non-zero adapters on both, as if they were trained.
 
     `a` gets the backbone's own classifier when it has a linear one (then the model's output must
-    equal the backbone's), else a new 7-class head; `b` has a new 5-class head.
+    equal the backbone's), else a new 7-class head; `b` has a new 5-class head. Checks that only read
+    (eval mode, no gradients) share these two; a check that changes a model works on `private()`.
     """
 
     spec: CaseSpec
     model: AdapterModel
+    trained: AdapterModel
     pristine: nn.Module  # the reparameterised backbone before adapters were attached
     reference: torch.Tensor  # its logits on x
     x: torch.Tensor
     head: str
 
-    def attached(self) -> AdapterModel:
-        """A private copy of the model as attached (zero adapters)."""
-        return copy.deepcopy(self.model).eval()
-
-    def trained(self) -> AdapterModel:
-        """A private copy with non-zero adapters on `a` and `b`, as if both were trained."""
-        model = self.attached()
-        perturb(model, "a", seed=1)
-        perturb(model, "b", seed=2)
-        return model
+    def private(self) -> AdapterModel:
+        """A copy of `trained` that the caller may change."""
+        return copy.deepcopy(self.trained).eval()
 
 
 def build_case(spec: CaseSpec) -> Case:
@@ -117,13 +114,16 @@ def build_case(spec: CaseSpec) -> Case:
     head = "backbone" if model.backbone_head is not None else "new"
     model.add_domain("a", head=head, num_classes=None if head == "backbone" else 7)
     model.add_domain("b", num_classes=5)
-    return Case(spec, model, pristine, reference, x, head)
+    trained = copy.deepcopy(model)
+    perturb(trained, "a", seed=1)
+    perturb(trained, "b", seed=2)
+    return Case(spec, model, trained, pristine, reference, x, head)
 
 
 # ---------------------------------------------------------------------- the invariants
 def check_identity_at_attach(case: Case, tmp_path: Path) -> None:
     """Zero-initialised adapters and copied norms: the backbone computes what it did before."""
-    model, x = case.attached(), case.x
+    model, x = case.model, case.x
     assert model.targets, "no layer was adapted"
     with torch.no_grad():
         feats_plain = model.backbone(x)
@@ -135,7 +135,7 @@ def check_identity_at_attach(case: Case, tmp_path: Path) -> None:
 
 
 def check_gradients_only_on_active_domain(case: Case, tmp_path: Path) -> None:
-    model, x = case.trained(), case.x
+    model, x = case.private(), case.x
     model.train()
     model.zero_grad()
     model(x, domain="b").logsumexp(1).sum().backward()
@@ -147,7 +147,7 @@ def check_gradients_only_on_active_domain(case: Case, tmp_path: Path) -> None:
 
 
 def check_mixed_batch_equals_per_sample(case: Case, tmp_path: Path) -> None:
-    model, x = case.trained(), case.x
+    model, x = case.trained, case.x
     order = (["b", "a"] * x.shape[0])[: x.shape[0]]
     with torch.no_grad():
         mixed = model(x, domain=order)
@@ -159,7 +159,7 @@ def check_mixed_batch_equals_per_sample(case: Case, tmp_path: Path) -> None:
 
 def check_export_equals_unfolded(case: Case, tmp_path: Path) -> None:
     """The folded plain timm model gives the adapted logits (or export is refused with the reason)."""
-    model, x = case.trained(), case.x
+    model, x = case.trained, case.x
     if case.spec.refuse is not None:
         with pytest.raises(ValueError, match=case.spec.refuse):
             model.export_domain("b")
@@ -176,7 +176,7 @@ def check_export_equals_unfolded(case: Case, tmp_path: Path) -> None:
 
 
 def check_save_load_bit_identical(case: Case, tmp_path: Path) -> None:
-    model, x = case.trained(), case.x
+    model, x = case.trained, case.x
     save_family(model, tmp_path / "family")
     loaded = load_family(AdapterModel, str(tmp_path / "family"), backbone=copy.deepcopy(case.pristine)).eval()
     with torch.no_grad():
@@ -186,7 +186,7 @@ def check_save_load_bit_identical(case: Case, tmp_path: Path) -> None:
 
 def check_old_domain_bit_identical_after_training_another(case: Case, tmp_path: Path) -> None:
     """Training a new domain leaves the old ones and the backbone bit-identical (norm statistics included)."""
-    model, x = case.trained(), case.x
+    model, x = case.private(), case.x
     with torch.no_grad():
         before = model(x, domain="a")
     state_a = {k: v.clone() for k, v in model.domain_state_dict("a").items()}
