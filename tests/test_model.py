@@ -12,18 +12,20 @@ TEST_MODEL_CASES = [
     for name in timm.list_models("test_*")
 ]
 
-CONFIGS = [
-    AdapterConfig(),
-    AdapterConfig(topology="series"),
-    AdapterConfig(placement="half"),
-    AdapterConfig(placement=["late"]),
-    AdapterConfig(placement=["early", "mid"], norm_policy="frozen", dropout=0.1),
-    AdapterConfig(rank=2, linear=False),
-]
+CONFIGS = {
+    "default": AdapterConfig(),
+    "series": AdapterConfig(topology="series"),
+    "half": AdapterConfig(placement="half"),
+    "late": AdapterConfig(placement=["late"]),
+    "early-mid-frozen-norms-dropout": AdapterConfig(
+        placement=["early", "mid"], norm_policy="frozen", dropout=0.1
+    ),
+    "rank2-no-linear": AdapterConfig(rank=2, linear=False),
+}
 CONFIG_CASES = [
-    CaseSpec(name, config, id=f"{name}-{config.topology}-{config.placement}-{config.norm_policy}")
+    CaseSpec(name, config, id=f"{name}-{label}")
     for name in ["test_resnet", "test_efficientnet", "test_vit"]
-    for config in CONFIGS
+    for label, config in CONFIGS.items()
 ]
 
 
