@@ -56,6 +56,7 @@ def test_same_bits_cached_rebuilt_and_with_grad():
     model = make()
     x = input_for(model.backbone)
     first = run(model, x, "a")
+    assert all(len(m.fused) == 1 for m in fused_layers(model))
     assert torch.equal(run(model, x, "a"), first)  # from the cache
     assert torch.equal(fresh(model, x, "a"), first)  # rebuilt
     configure_fusion(model, capacity=0)  # rebuilt on every call
