@@ -186,12 +186,13 @@ def test_hot_add_while_serving(registry, published_backbone, monkeypatch):
         return call
 
     servers = Servers({"a1": serve("a", ref_a), "b": serve("b", ref_b), "a2": serve("a", ref_a)})
-    publish = served.publish_domain
+    publish, published = served.publish_domain, []
 
     def publish_while_serving(*args, **kwargs):
         # b's files are downloaded and its modules built: every thread serves before and after it appears
         servers.wait(2, "while b was being hot-added")
         publish(*args, **kwargs)
+        published.append(args[0].name)
         servers.wait(2, "right after b was published")
 
     monkeypatch.setattr(served, "publish_domain", publish_while_serving)
@@ -204,6 +205,7 @@ def test_hot_add_while_serving(registry, published_backbone, monkeypatch):
         served.load_domain(repo, "b", token=token)
         servers.wait(1, "after b was loaded again", label="ok", names=["b"])
     assert not servers.problems, servers.problems[:5]
+    assert published == ["b", "b"], "load_domain no longer goes through publish_domain: update this test"
     assert served.domains == ["a", "b"]
 
 
