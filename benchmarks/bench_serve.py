@@ -229,7 +229,12 @@ def start_servers(kind: str, family_dir: Path, threads: int) -> tuple[subprocess
     ports = [free_port() for _ in VARIANTS]
     cmd = [sys.executable, __file__, "--serve", kind, "--family", str(family_dir)]
     cmd += ["--ports", ",".join(map(str, ports)), "--threads", str(threads)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT.parent)])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONFAULTHANDLER": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT.parent)]),
+    }
     process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
     line = process.stdout.readline()
     if line.strip() != "READY":
