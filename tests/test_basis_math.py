@@ -202,5 +202,3 @@ def test_basis_never_exceeds_c_out():
     assert beta.shape[1] == 32
     ext = extend_basis(beta, torch.randn(32, 16), new_columns=8)
     assert ext.new_columns.shape[1] == 0 and ext.error < TOL  # a saturated basis expresses anything
-
-
