@@ -1,0 +1,226 @@
+"""The same HTTP API on Ray Serve (`pip install "adapterkit[serve-ray]"`): replicas, families multiplexed
+by id, and hot-adds that reach every replica.
+
+    import ray
+    from ray import serve
+    from adapterkit.serve_ray import deployment
+
+    ray.init()
+    serve.run(deployment("alice/decathlon-r56@v1", num_replicas=4, admin_token=token), route_prefix="/")
+
+Each replica holds the default family (and more, chosen per request by the
+`serve_multiplexed_model_id` header: a family folder or `repo@revision`, Ray Serve's model
+multiplexing; `MAX_FAMILIES` per replica) and serves it with `create_app`, so every replica batches mixed-domain requests as the
+embedded server does. Hot-adds and removals are recorded in order in a named Ray actor (one log per
+family id); every replica applies the log before it answers a request, a replica that loads a family
+later replays it, and after a change the replica that made it asks every live replica to catch up
+(`DeploymentHandle.broadcast`) before it answers. So once `POST /v1/domains` has answered, every
+replica serves the domain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import weakref
+from typing import Any
+
+import ray
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .serve_errors import ServeError
+
+logger = logging.getLogger(__name__)
+LOG_ACTOR = "adapterkit-domain-changes"
+NAMESPACE = "adapterkit"
+MAX_FAMILIES = 3  # families one replica keeps loaded (least recently used dropped)
+
+
+@ray.remote(num_cpus=0)
+class ChangeLog:
+    """Hot-adds and removals per family id, in the order they were made."""
+
+    def __init__(self) -> None:
+        self._changes: dict[str, list[dict[str, Any]]] = {}
+
+    def since(self, family: str, seq: int) -> list[dict[str, Any]]:
+        return self._changes.get(family, [])[seq:]
+
+    def append(self, family: str, change: dict[str, Any]) -> int:
+        """Record `change`; returns its sequence number."""
+        changes = self._changes.setdefault(family, [])
+        changes.append(change)
+        return len(changes) - 1
+
+
+def change_log() -> Any:
+    """The cluster's change log actor (created by the first replica that asks)."""
+    return ChangeLog.options(
+        name=LOG_ACTOR, namespace=NAMESPACE, get_if_exists=True, lifetime="detached"
+    ).remote()
+
+
+async def call_asgi(app: Any, request: Request) -> Response:
+    """Run `request` (already received by Ray Serve) through an ASGI app; its whole response."""
+    body = await request.body()
+    delivered = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # the client stays connected until the response is sent
+        return {"type": "http.disconnect"}
+
+    start: dict[str, Any] = {}
+    chunks: list[bytes] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            start.update(message)
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(dict(request.scope), receive, send)
+    response = Response(b"".join(chunks), status_code=start.get("status", 500))
+    response.raw_headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+    response.raw_headers.append((b"content-length", str(len(response.body)).encode()))
+    return response
+
+
+class Family:
+    """One family loaded in a replica: its model behind an embedded app, and how far it has applied
+    the change log."""
+
+    def __init__(self, family_id: str, options: dict[str, Any], domains: list[str] | None) -> None:
+        from .serve import create_app, load_family
+
+        model, repo, revision = load_family(family_id, domains=domains, device=options.get("device", "cpu"))
+        self.id = family_id
+        self.app = create_app(model, source=repo, revision=revision, **options.get("app", {}))
+        self.service = self.app.state.service
+        self.applied = 0
+        self.own: set[int] = set()  # changes this replica made itself (already applied)
+        self.lock = asyncio.Lock()
+
+    def apply(self, change: dict[str, Any]) -> None:
+        domains = self.service.domains
+        try:
+            if change["op"] == "add":
+                domains.hot_add(change["source"], change["domain"], change["revision"], change["as_name"])
+            else:
+                domains.remove(change["name"])
+                self.service.preprocessors.forget(change["name"])
+        except ServeError as e:  # the replica that made it succeeded; say why this one did not
+            logger.warning("family %s: could not apply %s: %s", self.id, change, e.message)
+
+    def __del__(self) -> None:
+        self.service.close()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+class FamilyServer:
+    """A replica: the default family, more by `serve_multiplexed_model_id`, all through `create_app`."""
+
+    def __init__(self, default_family: str, options: dict[str, Any]) -> None:
+        self.default, self.options = default_family, options
+        self.log = change_log()
+        self.loaded: weakref.WeakValueDictionary[str, Family] = weakref.WeakValueDictionary()
+
+    @serve.multiplexed(max_num_models_per_replica=MAX_FAMILIES)
+    async def family(self, family_id: str) -> Family:
+        domains = self.options.get("domains") if family_id == self.default else None
+        family = await asyncio.to_thread(Family, family_id, self.options, domains)
+        self.loaded[family_id] = family
+        return family
+
+    async def __call__(self, request: Request) -> Response:
+        family_id = serve.get_multiplexed_model_id() or self.default
+        try:
+            family = await self.family(family_id)
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            message = f"cannot load family {family_id!r}: {e.args[0] if e.args else e}"
+            return ServeError(404, "family_not_found", message).response()
+        await self.catch_up(family)
+        if request.url.path.startswith("/v1/domains") and request.method in ("POST", "DELETE"):
+            return await self.change(family, request)
+        return await call_asgi(family.app, request)
+
+    async def catch_up(self, family: Family) -> None:
+        """Apply the changes other replicas made since this one last looked."""
+        async with family.lock:
+            for change in await self.log.since.remote(family.id, family.applied):
+                if family.applied not in family.own:
+                    await asyncio.to_thread(family.apply, change)
+                family.applied += 1
+
+    async def sync(self, family_id: str) -> int:
+        """Broadcast target: catch up on `family_id` if this replica holds it."""
+        family = self.loaded.get(family_id)
+        if family is not None:
+            await self.catch_up(family)
+        return 0
+
+    async def change(self, family: Family, request: Request) -> Response:
+        """A hot-add or removal: made here through the embedded app, logged, then every replica syncs."""
+        body = await request.body()
+        async with family.lock:
+            response = await call_asgi(family.app, request)
+            if response.status_code in (200, 201):
+                change = _change_of(request, body, response)
+                family.own.add(await self.log.append.remote(family.id, change))
+        if response.status_code in (200, 201):
+            await self.catch_up(family)
+            await _broadcast_sync(family.id)
+        return response
+
+
+def _change_of(request: Request, body: bytes, response: Response) -> dict[str, Any]:
+    """The log entry of a change that succeeded here (a hot-add pinned to the commit it read)."""
+    if request.method == "DELETE":
+        return {"op": "remove", "name": request.url.path.rsplit("/", 1)[-1]}
+    asked, added = json.loads(body), json.loads(response.body)
+    return {
+        "op": "add",
+        "source": added["source"],
+        "domain": asked["domain"],
+        "revision": added["revision"],
+        "as_name": added["name"],
+    }
+
+
+async def _broadcast_sync(family_id: str) -> None:
+    context = serve.get_replica_context()
+    handle = serve.get_deployment_handle(context.deployment, app_name=context.app_name)
+    try:
+        await handle.broadcast("sync", family_id).results_async(timeout_s=60, return_exceptions=True)
+    except Exception as e:  # noqa: BLE001  (the others still catch up before their next answer)
+        logger.warning("could not broadcast a domain change of %s: %s", family_id, e)
+
+
+def deployment(
+    source: str,
+    *,
+    domains: list[str] | None = None,
+    num_replicas: int | str = 1,
+    device: str = "cpu",
+    ray_actor_options: dict[str, Any] | None = None,
+    **app_options: Any,
+) -> Any:
+    """A Ray Serve application serving `source` (folder or `repo@revision`) with `create_app`'s API.
+
+    Args:
+        domains: load only these of each family (default all).
+        num_replicas: replicas (or "auto" for Ray Serve's autoscaling).
+        ray_actor_options: resources per replica (default one CPU).
+        **app_options: `create_app`'s options (max_batch_size, max_wait_ms, admin_token, threads, ...).
+    """
+    options = {"domains": domains, "device": device, "app": app_options}
+    server = FamilyServer.options(
+        num_replicas=num_replicas, ray_actor_options=ray_actor_options or {"num_cpus": 1}
+    )
+    return server.bind(source, options)

@@ -1,0 +1,99 @@
+"""The HTTP API on Ray Serve (issue 15.6), on a local Ray instance with 2 CPUs: two replicas answer
+exactly as the embedded server does, a hot-add through one replica reaches both, and a second family is
+served by id (`serve_multiplexed_model_id`)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from test_serve_support import (
+    ADMIN,
+    b64,
+    build_family,
+    free_port,
+    image_bytes,
+    logits_of,
+    predict_json,
+    running,
+)
+
+from adapterkit import AdapterModel
+from adapterkit.serve import create_app
+
+ray = pytest.importorskip("ray", reason='Ray Serve is an extra: pip install -e ".[serve-ray]"')
+pytestmark = pytest.mark.slow
+
+IMAGES = [("a", image_bytes(0)), ("b", image_bytes(1)), ("a", image_bytes(2))]
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-ray")
+    return build_family(root / "fam"), build_family(root / "other", {"z": (2, 32, None)}, seed=7)
+
+
+@pytest.fixture(scope="module")
+def ray_url(families):
+    from ray import serve
+
+    from adapterkit.serve_ray import deployment
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = deployment(
+            str(families[0]),
+            domains=["a", "b"],
+            num_replicas=2,
+            ray_actor_options={"num_cpus": 0.5},
+            admin_token=ADMIN,
+            max_wait_ms=2,
+        )
+        serve.run(app, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_ray_serve_answers_as_the_embedded_server(families, ray_url):
+    model = AdapterModel.from_pretrained(families[0], domains=["a", "b"])
+    with running(create_app(model)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        embedded = [logits_of(predict_json(client, [pair], return_logits=True))[0] for pair in IMAGES]
+    with httpx.Client(base_url=ray_url, timeout=120) as client:
+        for _ in range(2):  # requests land on either replica
+            served = [logits_of(predict_json(client, [pair], return_logits=True))[0] for pair in IMAGES]
+            assert served == embedded
+        names = [d["name"] for d in client.get("/v1/domains").json()["domains"]]
+        assert names == ["a", "b"]
+
+
+def test_a_hot_add_reaches_every_replica(families, ray_url):
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    with httpx.Client(base_url=ray_url, timeout=120) as client:
+        assert client.post("/v1/domains", json={"source": "x", "domain": "c"}).status_code == 401
+        r = client.post("/v1/domains", json={"source": str(families[0]), "domain": "c"}, headers=auth)
+        assert r.status_code == 201, r.text
+        statuses = [predict_json(client, [("c", image_bytes(i))]).status_code for i in range(12)]
+        assert statuses == [200] * 12  # 12 requests over 2 replicas: both serve c
+        assert client.delete("/v1/domains/c", headers=auth).status_code == 200
+        statuses = [predict_json(client, [("c", image_bytes(i))]).status_code for i in range(12)]
+        assert statuses == [404] * 12
+
+
+def test_families_are_multiplexed_by_id(families, ray_url):
+    header = {"serve_multiplexed_model_id": str(families[1])}
+    with httpx.Client(base_url=ray_url, timeout=120) as client:
+        body = {"images": [{"domain": "z", "data": b64(image_bytes(3))}]}
+        r = client.post("/v1/predict", json=body, headers=header)
+        assert r.status_code == 200, r.text
+        assert [d["name"] for d in client.get("/v1/domains", headers=header).json()["domains"]] == ["z"]
+        assert predict_json(client, [("z", image_bytes(3))]).status_code == 404  # the default family
+
+
+def test_an_unknown_family_id_is_a_404(ray_url, tmp_path):
+    header = {"serve_multiplexed_model_id": str(tmp_path / "no-such-family")}
+    with httpx.Client(base_url=ray_url, timeout=120) as client:
+        r = client.get("/v1/domains", headers=header)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "family_not_found"
