@@ -82,6 +82,12 @@ def serve(
     ] = None,
     max_body_mb: Annotated[float, typer.Option(min=0.001, help="largest request body")] = 32.0,
     max_pixels: Annotated[int, typer.Option(min=1, help="largest image, in pixels")] = 40_000_000,
+    fusion_capacity: Annotated[
+        int | None,
+        typer.Option(
+            min=0, help="domains whose fused weights each layer keeps \\[default: 4]", show_default=False
+        ),
+    ] = None,
     backbone_weights: Annotated[
         Path | None,
         typer.Option(
@@ -112,6 +118,7 @@ def serve(
         max_pixels=max_pixels,
         source=repo,
         revision=revision,
+        fusion_capacity=fusion_capacity,
     )
     admin = (
         "admin endpoints on" if token else f"read-only: no admin token (--admin-token-file or ${TOKEN_ENV})"

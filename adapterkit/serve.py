@@ -70,12 +70,17 @@ class Service:
         max_images: int,
         source: str | None,
         revision: str | None,
+        fusion_capacity: int | None = None,
     ) -> None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads={threads!r} must be an int >= 1 (threads decoding images)")
         if admin_token is not None and len(admin_token) < 8:
             raise ValueError("admin_token is shorter than 8 characters; use a long random one")
         self.model = model.eval()  # frozen domains stay frozen; trainable ones use their statistics
+        if fusion_capacity is not None:
+            from .layers import configure_fusion
+
+            configure_fusion(model, capacity=fusion_capacity)
         self.domains = Domains(model, source, revision)
         self.preprocessors = Preprocessors(model)
         self.metrics = Metrics(lambda: self.batcher.depth, lambda: len(model.domains))
@@ -224,6 +229,7 @@ def create_app(
     max_images: int = 64,
     source: str | None = None,
     revision: str | None = None,
+    fusion_capacity: int | None = None,
 ) -> FastAPI:
     """An ASGI app (FastAPI) serving `model`'s domains; the model is put in eval mode.
 
@@ -239,6 +245,8 @@ def create_app(
         max_pixels: largest image, in pixels, checked before decoding (decompression bombs).
         max_images: most images in one request (at most `queue_size`).
         source, revision: where the model's domains came from, reported by `GET /v1/domains`.
+        fusion_capacity: domains whose fused eval weights each adapted layer keeps
+            (`configure_fusion`); raise it above 4 when batches mix more domains. None keeps the model's.
 
     Example:
         >>> app = create_app(AdapterModel.from_pretrained("family/"), admin_token=token)
@@ -256,6 +264,7 @@ def create_app(
         max_images=max_images,
         source=source,
         revision=revision,
+        fusion_capacity=fusion_capacity,
     )
 
     @asynccontextmanager

@@ -134,3 +134,19 @@ def test_metrics_count_requests_batches_and_domains(server):
     assert "adapterkit_prediction_seconds_bucket" in text and "adapterkit_queue_depth" in text
     route = metric(text, "adapterkit_http_requests_total", route="/v1/predict", method="POST", status="200")
     assert route >= 1
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"threads": 0}, "threads"),
+        ({"max_batch_size": 0}, "max_batch_size"),
+        ({"queue_size": 0}, "queue_size"),
+        ({"max_wait_ms": -1}, "max_wait_ms"),
+        ({"fusion_capacity": -1}, "capacity"),
+        ({"admin_token": "short"}, "admin_token"),
+    ],
+)
+def test_create_app_refuses_bad_options(family, options, match):
+    with pytest.raises(ValueError, match=match):
+        create_app(AdapterModel.from_pretrained(family, domains=["a"]), **options)
