@@ -12,7 +12,6 @@ import base64
 import json
 import os
 import platform
-import resource
 import signal
 import socket
 import statistics
@@ -85,24 +84,31 @@ def history(root: Path, depths: list[int], sample: int = 20) -> list[dict[str, A
     return out
 
 
+_READ_EVERY_REVISION = """
+import json, sys, time
+from adapterkit_registry import Storage
+def hwm():  # peak RSS of this process (ru_maxrss would include the parent's, kept across exec)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+from adapterkit_registry.storage import RepoKey
+storage = Storage(sys.argv[1], create=False)
+key = RepoKey("model", "bench", "history")
+ids = sorted(storage.known_commits(key))
+base = hwm()
+t = time.perf_counter()
+n = sum(len(storage.files(key, cid)) for cid in ids)
+peak = hwm()
+print(json.dumps({"revisions": len(ids), "file_entries_read": n, "seconds": round(time.perf_counter() - t, 1),
+                  "rss_before_mb": round(base / 1024, 1), "peak_rss_mb": round(peak / 1024, 1)}))
+"""
+
+
 def read_every_revision(root: Path) -> dict[str, Any]:
-    """Peak memory of reading each revision's file table in turn (what `model_info` per revision does)."""
-    storage = Storage(root, create=False)
-    key = RepoKey("model", "bench", "history")
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t = time.perf_counter()
-    ids = (
-        sorted(storage.known_commits(key))
-        if hasattr(storage, "known_commits")
-        else storage.refs(key)["commits"]
+    """Peak memory of a fresh process reading each revision's file table in turn (what `model_info`
+    per revision does), against its memory before reading."""
+    out = subprocess.run(
+        [sys.executable, "-c", _READ_EVERY_REVISION, str(root)], capture_output=True, text=True, check=True
     )
-    files = sum(len(storage.files(key, cid)) for cid in ids)
-    return {
-        "revisions": len(ids),
-        "file_entries_read": files,
-        "seconds": round(time.perf_counter() - t, 2),
-        "peak_rss_growth_mb": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, 1),
-    }
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _commit(client: httpx2.Client, repo_id: str, path: str, data: bytes) -> str:
@@ -267,6 +273,43 @@ def listing_with_hostile_readme(root: Path, repos: int = 200, requests: int = 20
     return {"repos": repos + 1, "list_models": _ms(times), "healthz": _ms(health)}
 
 
+_TOKEN_WORKER = """
+import json, sys
+from adapterkit_registry.auth import TokenStore
+store, n, out = TokenStore(sys.argv[1]), int(sys.argv[2]), []
+for i in range(n):
+    token = store.create("w" + sys.argv[3], "read")
+    if i % 2:
+        store.revoke(store.authenticate(token).token_id)
+    out.append([token, not i % 2])
+print(json.dumps(out))
+"""
+
+
+def tokens(root: Path, processes: int = 6, each: int = 50) -> dict[str, Any]:
+    """Token create/revoke from several processes while the server serves; every token checked."""
+    with RegistryServer(root) as srv:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _TOKEN_WORKER, str(root), str(each), str(i)], stdout=subprocess.PIPE
+            )
+            for i in range(processes)
+        ]
+        outcomes = [tuple(x) for p in procs for x in json.loads(p.communicate()[0])]
+        with httpx2.Client(base_url=srv.url, timeout=30) as c:
+            status = [
+                c.get("/api/whoami-v2", headers={"authorization": f"Bearer {t}"}).status_code
+                for t, _ in outcomes
+            ]
+    pairs = list(zip(outcomes, status, strict=True))
+    return {
+        "created": len(outcomes),
+        "revoked": sum(not live for _, live in outcomes),
+        "created_but_not_working": sum(live and s != 200 for (_, live), s in pairs),
+        "revoked_but_working": sum(not live and s != 401 for (_, live), s in pairs),
+    }
+
+
 def inline_memory(root: Path, size_mb: int = 9) -> dict[str, Any]:
     """Peak server memory growth for one commit holding a file inline (base64 in the NDJSON)."""
     tok = create_token(root, "bench")
@@ -308,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         "sigkill_bursts": lambda d: sigkill_bursts(d / "k" / "root"),
         "listing_with_hostile_readme": lambda d: listing_with_hostile_readme(d / "l"),
         "inline_memory": lambda d: inline_memory(d / "m" / "root"),
+        "tokens": lambda d: tokens(d / "t"),
     }
     figures: dict[str, Any] = {
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
