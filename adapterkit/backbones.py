@@ -225,6 +225,25 @@ class SmallResNet(nn.Module):
                 x = stage(x)
         return self.final_act(self.final_bn(x))
 
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        intermediates_only: bool = False,
+        **_: Any,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The stem's and every stage's output (timm's `forward_intermediates` convention, NCHW)."""
+        x = self.act1(self.bn1(self.conv1(x)))
+        outputs = [x]
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+            outputs.append(x)
+        keep = (
+            range(len(outputs)) if indices is None else ([indices] if isinstance(indices, int) else indices)
+        )
+        chosen = [outputs[i] for i in keep]
+        return chosen if intermediates_only else (self.final_act(self.final_bn(x)), chosen)
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
         if self.drop_rate:

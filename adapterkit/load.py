@@ -132,18 +132,19 @@ def build_domain(
         )
     head = nn.Linear(model.num_features, info.num_classes, device=ref.device, dtype=ref.dtype)
     head.load_state_dict(head_state)
-    return info, adapters, head, _signature(grouped.get("signature"), model.num_features, what, ref.device)
+    return info, adapters, head, _signature(grouped.get("signature"), what, ref.device)
 
 
-def _signature(state: dict | None, num_features: int, what: str, device) -> DomainSignature | None:
+def _signature(state: dict | None, what: str, device) -> DomainSignature | None:
     """The domain's routing signature, or None for a file written before signatures existed."""
     if state is None:
         return None
-    signature = DomainSignature(num_features, device=device)
+    mean = state.get("mean")
+    signature = DomainSignature(mean.shape[0] if mean is not None and mean.dim() == 1 else 0, device=device)
     try:
         signature.load_state_dict(state)
     except RuntimeError as e:
-        raise ValueError(f"{what}: its signature does not fit {num_features} features ({e})") from e
+        raise ValueError(f"{what}: its signature is malformed ({e}); re-save the domain") from e
     return signature
 
 

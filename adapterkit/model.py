@@ -23,7 +23,7 @@ from .basis import check_extends
 from .config import AdapterConfig, DomainInfo, check_domain_name, resolve_num_classes
 from .inject import create_backbone, fingerprint, inject, input_channels, reparameterize, weights_record
 from .layers import DomainLayer, DomainRouter
-from .router import DomainSignature, Route, collect_features, route
+from .router import DomainSignature, Route, collect_features, route, style_features
 
 logger = logging.getLogger(__name__)
 
@@ -341,7 +341,7 @@ class AdapterModel(
                 "signatures existed, or added without training): call model.fit_signature(domain, batches)"
             )
         with torch.no_grad():
-            features = self.backbone(x).flatten(1)
+            features = style_features(self.backbone, x)
         return route(features, {n: self.signatures[n] for n in names})
 
     # ----------------------------------------------------------------- shared basis

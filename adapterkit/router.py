@@ -93,6 +93,12 @@ class Route:
 def route(features: torch.Tensor, signatures: dict[str, DomainSignature]) -> Route:
     """Score `features` (N x F) against every signature; see the module docstring."""
     names = list(signatures)
+    wrong = [n for n in names if signatures[n].mean.shape[0] != features.shape[1]]
+    if wrong:
+        raise ValueError(
+            f"the signatures of {wrong} were fitted on other features ({signatures[wrong[0]].mean.shape[0]} vs "
+            f"{features.shape[1]}): another backbone or adapterkit version; refit them with model.fit_signature"
+        )
     scores = torch.stack([signatures[n].score(features) for n in names], dim=1)
     top, index = scores.max(dim=1)
     confidence = torch.softmax(scores * features.shape[1], dim=1).gather(1, index[:, None])[:, 0]
@@ -104,17 +110,31 @@ def route(features: torch.Tensor, signatures: dict[str, DomainSignature]) -> Rou
     )
 
 
+def style_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What signatures read: per channel, the spatial mean and log standard deviation of every stage's
+    output (what tells a digit from a traffic sign is mostly such image statistics; the last stage's
+    means are the pooled features). One pass of the plain backbone; backbones without timm's
+    `forward_intermediates` give their pooled features only."""
+    if not hasattr(backbone, "forward_intermediates"):
+        return backbone(x).flatten(1).float()
+    rows = []
+    for t in backbone.forward_intermediates(x, intermediates_only=True):
+        t = t.float().flatten(2) if t.dim() == 4 else t.float().transpose(1, 2)  # (N, C, positions)
+        rows += [t.mean(dim=2), (t.std(dim=2, correction=0) + 1e-5).log()]
+    return torch.cat(rows, dim=1)
+
+
 def collect_features(
     model: AdapterModel, batches: Iterable[torch.Tensor], limit: int = MAX_IMAGES
 ) -> torch.Tensor:
-    """Pooled features of the plain frozen backbone (no domain) for up to `limit` images, in eval mode."""
+    """`style_features` of the plain frozen backbone (no domain) for up to `limit` images, in eval mode."""
     rows, seen = [], 0
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for x in batches:
-                rows.append(model.backbone(x[: limit - seen]).flatten(1).float())
+                rows.append(style_features(model.backbone, x[: limit - seen]))
                 seen += rows[-1].shape[0]
                 if seen >= limit:
                     break

@@ -257,7 +257,12 @@ def _fit_signature(
     dataset = DomainDataset(source, Preprocess(dcfg, grayscale=config.grayscale))
     batch = config.eval_batch_size or 2 * config.batch_size
     indices = range(min(len(dataset), MAX_IMAGES))
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch, num_workers=config.num_workers)
+    loader = DataLoader(
+        Subset(dataset, indices),
+        batch_size=batch,
+        num_workers=config.num_workers,
+        generator=torch.Generator(),
+    )
     with threads(config.threads):
         model.fit_signature(domain, (x.to(acc.device) for x, _ in loader))
 

@@ -9,10 +9,10 @@ import uuid
 
 import timm
 import torch
+from cli_support import TRAIN, digest, image_folder, table
 from huggingface_hub import HfApi
-from test_cli_train import TRAIN, digest, image_folder, table
-from test_train import fresh_accelerate_state  # noqa: F401  (autouse fixture)
 from timm.models import save_for_hf
+from train_support import fresh_accelerate_state  # noqa: F401  (autouse fixture)
 
 from adapterkit.cli import main
 

@@ -8,7 +8,7 @@ import socket
 import uuid
 
 import pytest
-from test_cli_train import TRAIN, cli, image_folder
+from cli_support import TRAIN, cli, image_folder
 
 from adapterkit import AdapterModel
 from adapterkit.family import save_family
@@ -73,7 +73,16 @@ def test_registry_down_fails_at_once_naming_hf_endpoint(args, family, dead_endpo
 
 def test_registry_down_while_creating_a_family(dead_endpoint, tmp_path):
     data = image_folder(tmp_path / "data")
-    args = ["--family", str(tmp_path / "fam"), "--domain", "d", "--data", str(data), "--backbone", "test_resnet"]
+    args = [
+        "--family",
+        str(tmp_path / "fam"),
+        "--domain",
+        "d",
+        "--data",
+        str(data),
+        "--backbone",
+        "test_resnet",
+    ]
     warning, error = fails("train", *args, *TRAIN, HF_ENDPOINT=dead_endpoint).strip().splitlines()
     assert f"cannot reach {dead_endpoint}: using cached weights only" in warning
     assert "no pretrained weights for backbone 'test_resnet'" in error and "--random-init" in error

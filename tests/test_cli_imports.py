@@ -9,7 +9,7 @@ import sys
 import uuid
 
 import pytest
-from test_cli_train import ROOT
+from cli_support import ROOT
 
 from adapterkit import AdapterModel
 from adapterkit.family import save_family

@@ -7,7 +7,7 @@ import uuid
 import pytest
 import torch
 from checks import input_for, perturb
-from test_cli_train import table
+from cli_support import table
 
 from adapterkit import AdapterModel
 from adapterkit.cli import main

@@ -7,53 +7,17 @@ import copy
 import datasets
 import numpy as np
 import pytest
-import timm
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from accelerate.state import AcceleratorState
 from checks import perturb
 from PIL import Image
+from train_support import SIZE, Toy, cfg, fresh_accelerate_state, make_model  # noqa: F401  (autouse fixture)
+from train_support import image_folder as _image_folder
 
-from adapterkit import AdapterConfig, AdapterModel
+from adapterkit import AdapterConfig
+from adapterkit.data import DomainDataset, open_data
 from adapterkit.train import TrainConfig, auto_weight_decay, evaluate, learning_rate, train_domain
-
-SIZE = {"input_size": 32}
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps one state per process and tests use different mixed-precision settings; one
-    torch thread keeps these tiny models fast on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-class Toy(torch.utils.data.Dataset):
-    """Class-dependent noise images (C, 40, 40) in [0, 1]; `targets` lets labels be read without images."""
-
-    def __init__(self, n: int, k: int, seed: int = 0, channels: int = 3) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.targets = torch.randint(0, k, (n,), generator=g).tolist()
-        y = torch.tensor(self.targets, dtype=torch.float32).view(-1, 1, 1, 1)
-        self.x = torch.rand(n, channels, 40, 40, generator=g) * 0.4 + y / k * 0.6
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int):
-        return self.x[i], self.targets[i]
-
-
-def make_model(name: str = "test_resnet", config: AdapterConfig | None = None) -> AdapterModel:
-    torch.manual_seed(0)
-    return AdapterModel.from_backbone(timm.create_model(name), config)
-
-
-def cfg(**kw) -> TrainConfig:
-    return TrainConfig(**{"batch_size": 4, "lr": 0.05, "progress": False, **kw})
+from adapterkit.transforms import Preprocess
 
 
 def test_one_step_changes_only_the_active_domain():
@@ -66,7 +30,7 @@ def test_one_step_changes_only_the_active_domain():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train_domain(model, "new", Toy(8, 4), config=cfg(steps=1), data_config=SIZE)
     after = model.state_dict()
-    new_keys = {k for k in after if ".adapters.new." in k or k.startswith("heads.new.")}
+    new_keys = {k for k in after if ".adapters.new." in k or k.startswith(("heads.new.", "signatures.new."))}
     assert set(before) == set(after) - new_keys
     for (
         key,
@@ -75,7 +39,11 @@ def test_one_step_changes_only_the_active_domain():
         assert torch.equal(after[key], value), f"{key} changed while training domain 'new'"
     fresh = make_model()
     fresh.add_domain("new", num_classes=4)
-    changed = [k for k in new_keys if not torch.equal(after[k], fresh.state_dict()[k])]
+    changed = [
+        k
+        for k in new_keys - {k for k in new_keys if k.startswith("signatures.")}
+        if not torch.equal(after[k], fresh.state_dict()[k])
+    ]
     assert any("running_mean" in k for k in changed) and any(k.startswith("heads.new.") for k in changed)
     with torch.no_grad():
         assert torch.equal(model.eval()(x, domain="old"), old_logits)
@@ -152,15 +120,6 @@ def test_resume_refuses_changed_settings(tmp_path):
         train_domain(make_model(), "d", Toy(16, 3), config=changed, resume=True, data_config=SIZE)
 
 
-def _image_folder(root, modes=("RGB",), per_class=3, classes=("a", "b")):
-    for c in classes:
-        (root / c).mkdir(parents=True)
-        for i in range(per_class):
-            mode = modes[i % len(modes)]
-            Image.new(mode, (20, 20), 128 if mode == "L" else (10 * i, 50, 200)).save(root / c / f"{i}.png")
-    return root
-
-
 def _hf(labels):
     images = [Image.new("RGB", (16, 16), (i * 20 % 255, 0, 0)) for i in range(len(labels))]
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
@@ -231,7 +190,12 @@ def test_grey_images_are_converted_and_sources_agree(tmp_path):
     metrics = train_domain(model, "mixed", root, root, cfg(epochs=1), data_config=SIZE)
     assert 0.0 <= metrics["accuracy"] <= 1.0 and model.domain_info("mixed").labels == ["a", "b"]
     grey = Toy(8, 2, channels=1)  # (1, H, W) tensors from a torch dataset
-    assert evaluate(model, grey, "mixed") == evaluate(model, grey, "mixed")
+    rgb = Toy(8, 2, channels=1)
+    rgb.x = rgb.x.expand(-1, 3, -1, -1).clone()  # the same images with the grey channel copied to 3
+    pre = Preprocess(model.domain_info("mixed").data_config)
+    a, b = (torch.stack([x for x, _ in DomainDataset(open_data(d), pre)]) for d in (grey, rgb))
+    assert a.shape[1] == 3 and torch.equal(a, b)
+    assert evaluate(model, grey, "mixed") == evaluate(model, rgb, "mixed")
     hf = _hf([0, 1] * 4)
     assert isinstance(evaluate(model, hf, "mixed"), float)
 

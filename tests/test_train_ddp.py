@@ -26,7 +26,7 @@ STEPS, PER_RANK = 3, 4
 
 
 def _run(name: str, batch_size: int, out: Path | None = None) -> dict[str, torch.Tensor]:
-    from test_train import SIZE, Toy, cfg, make_model
+    from train_support import SIZE, Toy, cfg, make_model
 
     from adapterkit.data import DomainDataset, open_data
     from adapterkit.train import evaluate, train_domain

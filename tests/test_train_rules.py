@@ -7,7 +7,7 @@ import pytest
 import torch
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType
-from test_train import SIZE, Toy, cfg, fresh_accelerate_state, make_model  # noqa: F401  (autouse fixture)
+from train_support import SIZE, Toy, cfg, fresh_accelerate_state, make_model  # noqa: F401  (autouse fixture)
 
 from adapterkit import AdapterConfig
 from adapterkit.train import make_accelerator, train_domain
