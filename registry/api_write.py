@@ -190,6 +190,9 @@ async def commit(ctx: Ctx) -> Response:
     spool = await _spool(ctx, ctx.hub.config.max_upload_bytes * 4 // 3 + MB)
     try:
         header, ops = await ctx.run(parse_commit, ctx.storage, ctx.hub.config, key, spool)
+        for op, path, entry in ops:  # parse a new card outside the repo lock; the commit reuses it
+            if op == "add" and path == "README.md" and entry is not None:
+                await ctx.run(ctx.storage.meta.check_card, entry)
     finally:
         spool.unlink(missing_ok=True)
     lines = header_text(header, "summary", "").strip().splitlines()

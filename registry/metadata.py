@@ -31,15 +31,24 @@ class MetadataParser:
     def _parse(self, kind: str, entry: dict | None, strict: bool) -> Any:
         if entry is None or entry["size"] > MAX_METADATA_BYTES:
             return card_metadata(None) if kind == "card" else None
-        cached = None if strict else self._cache.get((kind, entry["sha256"]))
+        key = (kind, entry["sha256"], strict and kind == "card")
+        cached = self._cache.get(key)
         if cached is None:
             data = self.blobs.path(entry["sha256"]).read_bytes()
             if kind == "family":
                 cached = family_summary(data)
             else:
                 cached = card_from_readme(data) if strict else card_metadata(data)
-            self._cache.put((kind, entry["sha256"]), cached, 1)
+            self._cache.put(key, cached, 1)
         return cached
+
+    def check_card(self, entry: dict[str, Any]) -> None:
+        """Parse a new README.md strictly, before the commit takes the repo lock (the result is cached).
+
+        Raises:
+            HubError: 400 `InvalidMetadata`.
+        """
+        self.derive(lambda p: entry if p == "README.md" else None, strict_card=True)
 
     def derive(self, lookup: Lookup, strict_card: bool = False) -> dict[str, Any]:
         """Card fields of README.md plus `family` from adapterkit.json.
