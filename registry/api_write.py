@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from starlette.responses import Response
 
-from . import lfsrules
+from . import lfsrules, refs
 from .cards import parse_front_matter
 from .commitbody import header_text, parse_commit
 from .context import MB, Ctx, json_response
@@ -217,13 +217,13 @@ async def tag(ctx: Ctx) -> Response:
     """`POST .../tag/{rev}` `{"tag", "message"}` creates a tag; `DELETE .../tag/{tag}` deletes it."""
     key, _ = ctx.open_repo(write=True)
     if ctx.request.method == "DELETE":
-        await ctx.run(ctx.storage.set_tag, key, ctx.params["rev"], None, None, False)
+        await ctx.run(refs.set_tag, ctx.storage, key, ctx.params["rev"], None, None, False)
         return json_response({})
     body = await ctx.json_body()
     name, message = body.get("tag"), body.get("message")
     if not isinstance(name, str) or not isinstance(message, (str, type(None))):
         raise bad_request("The tag body must be {'tag': 'v1', 'message': '...'}.")
-    await ctx.run(ctx.storage.set_tag, key, name, ctx.params["rev"] or "main", message, True)
+    await ctx.run(refs.set_tag, ctx.storage, key, name, ctx.params["rev"] or "main", message, True)
     return json_response({})
 
 
@@ -232,11 +232,11 @@ async def branch(ctx: Ctx) -> Response:
     key, _ = ctx.open_repo(write=True)
     name = ctx.params["branch"]
     if ctx.request.method == "DELETE":
-        await ctx.run(ctx.storage.set_branch, key, name, None, False)
+        await ctx.run(refs.set_branch, ctx.storage, key, name, None, False)
         return json_response({})
     body = await ctx.json_body()
     start = body.get("startingPoint")
     if start is not None:
         start = check_ref_name(str(start))
-    await ctx.run(ctx.storage.set_branch, key, name, start, True)
+    await ctx.run(refs.set_branch, ctx.storage, key, name, start, True)
     return json_response({})

@@ -31,12 +31,12 @@ from typing import Any
 
 from .blobs import BlobInfo, BlobStore, atomic_write_json, fsync_dir, read_json
 from .commitlog import CommitLog
-from .errors import HubError, RegistryError, bad_request, repo_not_found, revision_not_found
+from .errors import HubError, RegistryError, repo_not_found, revision_not_found
 from .keys import RepoKey, Resolved, commit_id, file_entry, now_iso
 from .metadata import MetadataParser
 from .objects import CACHE_ENTRIES, LRU, TreeEditor, TreeStore, build, is_dir
 from .trees import dir_oid, entry_oid
-from .validation import check_new_ref, check_ref_name, is_hex
+from .validation import check_ref_name, is_hex
 
 logger = logging.getLogger(__name__)
 __all__ = ["RepoKey", "Resolved", "Storage", "commit_id", "file_entry", "now_iso"]
@@ -322,44 +322,6 @@ class Storage:
             commit = self.get_commit(key, current)
             yield commit
             current = commit["parents"][0] if commit["parents"] else None
-
-    def set_branch(self, key: RepoKey, name: str, revision: str | None, create: bool) -> str:
-        """Create (`create=True`, from `revision` or main's head) or delete (`create=False`) a branch."""
-        check_new_ref(name, "branch")
-        with self.lock(key):
-            refs = self.refs(key)
-            if not create:
-                if name not in refs["branches"]:
-                    raise revision_not_found(name)
-                if name == "main":
-                    raise bad_request("The main branch cannot be deleted.")
-                del refs["branches"][name]
-                target = ""
-            else:
-                if name in refs["branches"] or name in refs["tags"]:
-                    raise HubError(409, "RefExists", f"A branch or tag named {name!r} already exists.")
-                target = self.resolve(key, revision).commit if revision else refs["branches"]["main"]
-                refs["branches"][name] = target
-            atomic_write_json(self.repo_dir(key) / "refs.json", refs, self.tmp)
-        return target
-
-    def set_tag(
-        self, key: RepoKey, name: str, revision: str | None, message: str | None, create: bool
-    ) -> None:
-        """Create a tag on `revision` (`create=True`) or delete it."""
-        check_new_ref(name, "tag")
-        with self.lock(key):
-            refs = self.refs(key)
-            if not create:
-                if name not in refs["tags"]:
-                    raise revision_not_found(name)
-                del refs["tags"][name]
-            else:
-                if name in refs["tags"] or name in refs["branches"]:
-                    raise HubError(409, "RefExists", f"A tag or branch named {name!r} already exists.")
-                target = self.resolve(key, revision or "main").commit
-                refs["tags"][name] = {"target": target, "message": message or ""}
-            atomic_write_json(self.repo_dir(key) / "refs.json", refs, self.tmp)
 
     def register_lfs(self, key: RepoKey, info: BlobInfo) -> None:
         """Record that LFS object `info.sha256` was uploaded to this repo and verified."""
