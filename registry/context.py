@@ -141,6 +141,7 @@ class Ctx:
         """Load the addressed repo and check access.
 
         Private repos answer `RepoNotFound` to anyone who cannot read them (never leak existence).
+        An id that differs from an existing repo's only in case addresses that repo.
 
         Args:
             write: Require a write token for the repo's namespace.
@@ -150,6 +151,10 @@ class Ctx:
         """
         key = self.repo_key()
         meta = self.storage.get_repo(key)
+        if meta is None:  # repo ids are case-insensitive, as on the Hub: `alice/Model` is `alice/model`
+            same = self.storage.find_repo_ignoring_case(key)
+            if same is not None:
+                key, meta = same, self.storage.get_repo(same)
         p = self.principal
         if meta is None or (meta["private"] and not (p and p.can_read(key.namespace))):
             raise repo_not_found(key.id)

@@ -535,3 +535,14 @@ def test_bad_input(srv, case):
     if case.code and case.method != "HEAD" and case.code != "InvalidYaml":
         assert "\n" not in r.headers["x-error-message"] and r.json()["error"]
     assert fsck(Storage(srv.root, create=False), deep=False) == []
+
+
+def test_repo_ids_differing_in_case_are_one_repo(srv):
+    api = HfApi(endpoint=srv.url, token=TOKENS["alice"])
+    assert api.model_info("alice/M").id == REPO and api.model_info("ALICE/m").sha == api.model_info(REPO).sha
+    assert api.create_repo("alice/M", exist_ok=True).repo_id == REPO  # 409 with the existing repo's url
+    r = httpx2.get(f"{srv.url}/Alice/M/resolve/main/a.txt")
+    assert r.status_code == 200 and r.content == b"hello"
+    hidden = httpx2.get(f"{srv.url}/api/models/alice/P")  # the private repo stays hidden from others
+    assert (hidden.status_code, hidden.headers["x-error-code"]) == (404, "RepoNotFound")
+    assert HfApi(endpoint=srv.url, token=TOKENS["alice"]).model_info("alice/P").id == "alice/p"
