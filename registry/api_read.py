@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
@@ -269,6 +270,8 @@ async def refs(ctx: Ctx) -> Response:
 async def commits(ctx: Ctx) -> Response:
     """`GET .../commits/{rev}` (`list_repo_commits`), newest first, paginated."""
     key, _ = ctx.open_repo()
+    page_size = min(ctx.hub.config.page_size, 50)
+    wanted = _int(ctx.request.query_params.get("cursor"), "cursor") + page_size + 1  # +1: is there more?
 
     def history() -> list[dict]:
         head = ctx.storage.resolve(key, ctx.params["rev"] or "main").commit
@@ -280,10 +283,10 @@ async def commits(ctx: Ctx) -> Response:
                 "date": c["date"],
                 "authors": [{"user": c["author"]}],
             }
-            for c in ctx.storage.history(key, head)
+            for c in itertools.islice(ctx.storage.history(key, head), wanted)
         ]
 
-    return _paginated(ctx, await ctx.run(history), min(ctx.hub.config.page_size, 50))
+    return _paginated(ctx, await ctx.run(history), page_size)
 
 
 async def resolve_dataset(ctx: Ctx) -> Response:
