@@ -118,6 +118,7 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _fsck(args: argparse.Namespace) -> int:
+    from .collect import collect_garbage
     from .fsck import fsck
 
     storage = Storage(args.root, create=False)
@@ -125,6 +126,11 @@ def _fsck(args: argparse.Namespace) -> int:
     for line in problems:
         print(line)
     print("ok" if not problems else f"{len(problems)} problem(s)")
+    unreferenced = collect_garbage(storage, dry_run=True).unreferenced
+    if unreferenced:  # not a problem: left by rejected commits, deleted repos, overwritten files
+        print(
+            f"{unreferenced} unreferenced blob(s); remove them with `adapterkit-registry gc --root {args.root}`"
+        )
     return 1 if problems else 0
 
 

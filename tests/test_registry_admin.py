@@ -69,6 +69,10 @@ def test_gc_removes_only_unreferenced_blobs(tmp_path):
             headers={"authorization": f"Bearer {TOKEN}", "content-type": "application/x-ndjson"},
         )
         assert r.status_code == 400
+    assert (
+        "2 unreferenced blob(s); remove them with `adapterkit-registry gc"
+        in cli("fsck", "--root", str(root)).stdout
+    )
     storage = Storage(root, create=False)
     before = {p.name for p in storage.blobs.all()}
     assert collect_garbage(storage, grace_s=3600).removed == 0  # too recent: a commit may be in flight
