@@ -9,6 +9,7 @@ families.
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from . import backbones as _backbones  # noqa: F401  (registers the paper's back
 from .config import AdapterConfig
 from .layers import AdaptedConv2d, AdaptedLinear, DomainLayer, DomainNorm, DomainRouter
 from .targets import Target, plan
+
+logger = logging.getLogger(__name__)
 
 
 def fingerprint(module: nn.Module) -> str:
@@ -99,12 +102,35 @@ def rebuild_backbone(
 
 
 def reparameterize(model: nn.Module) -> nn.Module:
-    """Fuse re-parameterisable branches (RepVGG, MobileOne, FastViT) before adapters are attached."""
-    if any(hasattr(m, "reparameterize") or hasattr(m, "switch_to_deploy") for m in model.modules()):
-        from timm.utils.model import reparameterize_model
+    """Fuse re-parameterisable branches (RepVGG, MobileOne, FastViT, RepGhost, ...) before adapters are
+    attached, so they sit next to the convs that run at inference.
 
-        model = reparameterize_model(model.eval(), inplace=True)
+    Walks the model as timm's `reparameterize_model` does (`fuse()`, `reparameterize()` or
+    `switch_to_deploy()` per module), but a module already in its deploy form is left as it is, so a
+    model the user re-parameterised (wholly or in part) is accepted too.
+    """
+    if any(hasattr(m, "reparameterize") or hasattr(m, "switch_to_deploy") for m in model.modules()):
+        model.eval()
+        with torch.no_grad():
+            _reparameterize_children(model, "")
     return model
+
+
+def _reparameterize_children(parent: nn.Module, prefix: str) -> None:
+    for name, child in list(parent.named_children()):
+        try:
+            if hasattr(child, "fuse"):
+                setattr(parent, name, child.fuse())
+                child = getattr(parent, name)
+            elif hasattr(child, "reparameterize"):
+                child.reparameterize()
+            elif hasattr(child, "switch_to_deploy"):
+                child.switch_to_deploy()
+        except AttributeError as e:
+            # Its training-time branches are gone (timm deletes them when it re-parameterises), so the
+            # user already fused it; timm's methods read those branches before changing anything.
+            logger.info("%s%s (%s) is already re-parameterised (%s)", prefix, name, type(child).__name__, e)
+        _reparameterize_children(child, f"{prefix}{name}.")
 
 
 def input_channels(backbone: nn.Module) -> int | None:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import FullAdapter, LowRankAdapter
+from .folding import conv_tap, merge_series, not_foldable_reason, pair
 from .fused import FusedWeights, merge_conv, merge_linear
 
 RULES = ("parallel", "series", "lowrank", "grouped")
@@ -51,8 +52,28 @@ class DomainRouter:
             self._local.domain = previous
 
 
+def _setting(name: str) -> property:
+    """A read-only view of `base_layer.<name>` (a layer setting such as `out_channels`)."""
+    return property(lambda self: getattr(self.base_layer, name), doc=f"`base_layer.{name}`")
+
+
+def _domain_setting(name: str) -> property:
+    """A read-only view of `<name>` of the active domain's copy of a norm (of `base_layer` without one)."""
+
+    def get(self: DomainLayer) -> object:
+        norm = self.route()[1]
+        return getattr(self.base_layer if norm is None else norm, name)
+
+    return property(get, doc=f"`{name}` of the domain's norm")
+
+
 class DomainLayer(nn.Module):
-    """Base for wrappers: a frozen `base_layer` plus `adapters[domain]` modules."""
+    """Base for wrappers: a frozen `base_layer` plus `adapters[domain]` modules.
+
+    Modules that use a wrapped layer without calling it (`F.linear(x, self.qkv.weight, bias)` in BEiT/EVA,
+    `self.proj.out_channels`) still work: each wrapper exposes its layer's settings, and its `weight` and
+    `bias` are the active domain's, folded the way `export_domain` folds them (weight space).
+    """
 
     fused: FusedWeights | None = None  # eval-mode fused weights, for layers that can fuse
 
@@ -106,49 +127,8 @@ class DomainLayer(nn.Module):
         return self
 
 
-def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def conv_tap(conv: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Kernel tap the stride-matched 1x1 adapter stands for, and the input offset it reads at.
-
-    The tap is the kernel centre ((k - 1) // 2 per dimension). The adapter reads input position
-    `i * stride + offset`, which is exactly where that tap of the k x k conv reads, so folding the
-    adapter into the tap is exact (for plain zero-padded `nn.Conv2d`; see `foldable`).
-    """
-    k, d = _pair(conv.kernel_size), _pair(conv.dilation)
-    if isinstance(conv.padding, str):
-        pad = (
-            (0, 0)
-            if conv.padding == "valid"
-            else tuple(di * (ki - 1) // 2 for ki, di in zip(k, d, strict=True))
-        )
-    else:
-        pad = _pair(conv.padding)
-    tap = ((k[0] - 1) // 2, (k[1] - 1) // 2)
-    offset = (tap[0] * d[0] - pad[0], tap[1] * d[1] - pad[1])
-    return tap, offset
-
-
-def not_foldable_reason(conv: nn.Module) -> str | None:
-    """Why folding an adapter into this conv would not be exact, or None if it is."""
-    if type(conv) is nn.Linear:
-        return None
-    if type(conv) is not nn.Conv2d:
-        name = type(conv).__name__
-        if "Same" in name:
-            why = "it pads asymmetrically depending on the input size, so no single kernel tap matches the adapter"
-        elif "Std" in name:
-            why = "it standardises its weight before use, so a weight added to its kernel is rescaled"
-        else:
-            why = "it is not a plain nn.Conv2d, so adding to its weight is not known to add the adapter's output"
-        return f"{name}: {why}"
-    if conv.padding_mode != "zeros":
-        _, offset = conv_tap(conv)
-        if min(offset) < 0:
-            return f"padding_mode={conv.padding_mode!r} pads the tap the adapter is folded into"
-    return None
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 class AdaptedConv2d(DomainLayer):
@@ -182,7 +162,7 @@ class AdaptedConv2d(DomainLayer):
         # A 1x1 conv also trains fused: its merged weight's gradient costs what the adapter's own would,
         # and the adapter's separate convs (two thin ones when low-rank) are saved. A k x k conv trains
         # unfused: a fused weight would need the k x k weight gradient, 9x a 1x1 one for 3x3.
-        self.train_fused = self.fusable and _pair(base_layer.kernel_size) == (1, 1) and self.dropout is None
+        self.train_fused = self.fusable and pair(base_layer.kernel_size) == (1, 1) and self.dropout is None
         self.fused = FusedWeights()
         self.register_buffer(
             "beta", base_layer.weight.new_zeros(base_layer.out_channels, 0), persistent=False
@@ -228,22 +208,55 @@ class AdaptedConv2d(DomainLayer):
             x = F.pad(x, (max(-ow, 0), 0, max(-oh, 0), 0))
         return x[..., max(oh, 0) :, max(ow, 0) :] if (oh > 0 or ow > 0) else x
 
+    in_channels, out_channels = _setting("in_channels"), _setting("out_channels")
+    kernel_size, stride, padding = _setting("kernel_size"), _setting("stride"), _setting("padding")
+    dilation, groups, padding_mode = _setting("dilation"), _setting("groups"), _setting("padding_mode")
+
+    def _merged(self, domain: str, adapter: nn.Module) -> torch.Tensor:
+        """The base kernel with the adapter added at its tap (cached per domain in eval mode)."""
+        conv = self.base_layer
+        beta = self._buffers["beta"]  # dict lookups: this runs for every layer of every call
+        build = lambda: merge_conv(conv.weight, adapter.weight(beta), self.tap)  # noqa: E731
+        if not self.fused.enabled:
+            return build()
+        return self.fused.weight(domain, (conv.weight, beta, *adapter._parameters.values()), build)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The kernel of the domain of this call, folded as export folds it (the base kernel without one)."""
+        domain, adapter = self.route()
+        if adapter is None:
+            return self.base_layer.weight
+        if self.rule == "series":
+            conv = self.base_layer
+            return merge_series(conv.weight, conv.bias, adapter.weight(self.beta), conv.groups)[0]
+        return self._merged(domain, adapter)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The bias of the domain of this call (a series adapter maps the bias too)."""
+        conv = self.base_layer
+        adapter = self.route()[1]
+        if adapter is None or self.rule != "series" or conv.bias is None:
+            return conv.bias
+        return merge_series(conv.weight, conv.bias, adapter.weight(self.beta), conv.groups)[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         domain, adapter = self.route()
         conv = self.base_layer
         if adapter is None:
             return conv(x)
-        if (self.train_fused if self.training else self.fusable) and self.fused.enabled:
-            beta = self._buffers["beta"]  # dict lookups: this runs for every layer of every call
-            weight = self.fused.weight(
-                domain,
-                (conv.weight, beta, *adapter._parameters.values()),
-                lambda: merge_conv(conv.weight, adapter.weight(beta), self.tap),
-            )
-            return conv._conv_forward(x, weight, conv.bias)
+        channels_last = self.training and _channels_last(x)
+        if (self.train_fused and not channels_last if self.training else self.fusable) and self.fused.enabled:
+            return conv._conv_forward(x, self._merged(domain, adapter), conv.bias)
         y = conv(x)
         if self.rule == "series":
-            return y + adapter(y if self.dropout is None else self.dropout(y), self.beta)
+            x = y.contiguous() if channels_last else y
+            return y + adapter(x if self.dropout is None else self.dropout(x), self.beta)
+        if channels_last:
+            # torch 2.14's CPU backward of a 1x1 conv on a channels-last input whose weight is computed
+            # from a parameter (the adapter's) corrupts memory; the adapter reads a contiguous copy.
+            x = x.contiguous()
         x = self._align(x)
         delta = adapter(x if self.dropout is None else self.dropout(x), self.beta)
         if delta.shape[-2:] != y.shape[-2:]:
@@ -259,19 +272,13 @@ class AdaptedConv2d(DomainLayer):
         if reason is not None:
             raise ValueError(f"cannot fold the adapter exactly: {reason}")
         conv = copy.deepcopy(self.base_layer)
-        alpha = self.adapters[domain].weight(self.beta).float()
-        w = conv.weight.float()
+        alpha = self.adapters[domain].weight(self.beta)
         if self.rule == "series":
-            g = conv.groups
-            cg = conv.out_channels // g
-            a = alpha.view(g, cg, cg)
-            wg = w.view(g, cg, -1)
-            w = (wg + torch.bmm(a, wg)).view_as(w)
-            if conv.bias is not None:
-                b = conv.bias.float().view(g, cg, 1)
-                conv.bias.copy_((b + torch.bmm(a, b)).view(-1))
+            w, b = merge_series(conv.weight, conv.bias, alpha, conv.groups)
+            if b is not None:
+                conv.bias.copy_(b)
         else:
-            w[:, :, self.tap[0], self.tap[1]] += alpha
+            w = merge_conv(conv.weight, alpha, self.tap)
         conv.weight.copy_(w)
         conv.requires_grad_(True)
         return conv
@@ -311,25 +318,38 @@ class AdaptedLinear(DomainLayer):
             **kw,
         )
 
+    in_features = _setting("in_features")
+    out_features = _setting("out_features")
+    bias = _setting("bias")
+
+    def _merged(self, domain: str, adapter: nn.Module) -> torch.Tensor:
+        """The base weight plus the adapter's (cached per domain in eval mode)."""
+        lin = self.base_layer
+        beta = self._buffers["beta"]
+        build = lambda: merge_linear(lin.weight, adapter.weight(beta))  # noqa: E731
+        if not self.fused.enabled:
+            return build()
+        return self.fused.weight(domain, (lin.weight, beta, *adapter._parameters.values()), build)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight of the domain of this call, folded as export folds it (the base weight without one)."""
+        domain, adapter = self.route()
+        return self.base_layer.weight if adapter is None else self._merged(domain, adapter)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         domain, adapter = self.route()
         lin = self.base_layer
         if adapter is None:
             return lin(x)
         if not self.training and self.fusable and self.fused.enabled:
-            beta = self._buffers["beta"]
-            weight = self.fused.weight(
-                domain,
-                (lin.weight, beta, *adapter._parameters.values()),
-                lambda: merge_linear(lin.weight, adapter.weight(beta)),
-            )
-            return F.linear(x, weight, lin.bias)
+            return F.linear(x, self._merged(domain, adapter), lin.bias)
         return lin(x).add_(adapter(x if self.dropout is None else self.dropout(x), self.beta))
 
     @torch.no_grad()
     def fold(self, domain: str) -> nn.Linear:
         lin = copy.deepcopy(self.base_layer)
-        lin.weight.add_(self.adapters[domain].weight(self.beta).to(lin.weight.dtype))
+        lin.weight.copy_(merge_linear(lin.weight, self.adapters[domain].weight(self.beta)))
         lin.requires_grad_(True)
         return lin
 
@@ -347,6 +367,11 @@ class DomainNorm(DomainLayer):
         norm = copy.deepcopy(self.base_layer)
         norm.requires_grad_(True)
         return norm
+
+    # read by modules that normalise with a norm's tensors themselves: the active domain's copy
+    weight, bias, eps = _domain_setting("weight"), _domain_setting("bias"), _domain_setting("eps")
+    running_mean, running_var = _domain_setting("running_mean"), _domain_setting("running_var")
+    num_features, normalized_shape = _domain_setting("num_features"), _domain_setting("normalized_shape")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.route()[1]
