@@ -122,7 +122,9 @@ class FusedWeights:
         reach the adapter) and not cached; otherwise it comes from, or goes into, the cache. Both
         ways run the same ops, so they give the same bits.
         """
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
+        if torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(t.requires_grad for t in sources)
+        ):
             # Under torch.compile the build is traced into the graph (the cache's ids, versions and lock
             # are not traceable, and a compiled graph must not bake one version of a weight in).
             return build()
