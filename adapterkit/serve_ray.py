@@ -36,6 +36,7 @@ from .serve_errors import ServeError
 logger = logging.getLogger(__name__)
 LOG_ACTOR = "adapterkit-domain-changes"
 NAMESPACE = "adapterkit"
+REPLICA_HEADER = "x-adapterkit-replica"
 MAX_FAMILIES = 3  # families one replica keeps loaded (least recently used dropped)
 
 
@@ -129,6 +130,7 @@ class FamilyServer:
     def __init__(self, default_family: str, options: dict[str, Any]) -> None:
         self.default, self.options = default_family, options
         self.log = change_log()
+        self.replica = str(serve.get_replica_context().replica_id.unique_id)
         self.loaded: weakref.WeakValueDictionary[str, Family] = weakref.WeakValueDictionary()
 
     @serve.multiplexed(max_num_models_per_replica=MAX_FAMILIES)
@@ -147,8 +149,11 @@ class FamilyServer:
             return ServeError(404, "family_not_found", message).response()
         await self.catch_up(family)
         if request.url.path.startswith("/v1/domains") and request.method in ("POST", "DELETE"):
-            return await self.change(family, request)
-        return await call_asgi(family.app, request)
+            response = await self.change(family, request)
+        else:
+            response = await call_asgi(family.app, request)
+        response.headers[REPLICA_HEADER] = self.replica  # which replica answered (for operators, tests)
+        return response
 
     async def catch_up(self, family: Family) -> None:
         """Apply the changes other replicas made since this one last looked."""

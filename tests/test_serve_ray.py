@@ -22,6 +22,7 @@ from adapterkit.serve import create_app
 
 ray = pytest.importorskip("ray", reason='Ray Serve is an extra: pip install -e ".[serve-ray]"')
 pytestmark = pytest.mark.slow
+REPLICA_HEADER = "x-adapterkit-replica"
 
 IMAGES = [("a", image_bytes(0)), ("b", image_bytes(1)), ("a", image_bytes(2))]
 
@@ -75,11 +76,12 @@ def test_a_hot_add_reaches_every_replica(families, ray_url):
         assert client.post("/v1/domains", json={"source": "x", "domain": "c"}).status_code == 401
         r = client.post("/v1/domains", json={"source": str(families[0]), "domain": "c"}, headers=auth)
         assert r.status_code == 201, r.text
-        statuses = [predict_json(client, [("c", image_bytes(i))]).status_code for i in range(12)]
-        assert statuses == [200] * 12  # 12 requests over 2 replicas: both serve c
+        answers = [predict_json(client, [("c", image_bytes(i))]) for i in range(16)]
+        assert [a.status_code for a in answers] == [200] * 16
+        assert len({a.headers[REPLICA_HEADER] for a in answers}) == 2  # both replicas served c
         assert client.delete("/v1/domains/c", headers=auth).status_code == 200
-        statuses = [predict_json(client, [("c", image_bytes(i))]).status_code for i in range(12)]
-        assert statuses == [404] * 12
+        statuses = [predict_json(client, [("c", image_bytes(i))]).status_code for i in range(16)]
+        assert statuses == [404] * 16
 
 
 def test_families_are_multiplexed_by_id(families, ray_url):
