@@ -47,10 +47,6 @@ class Principal:
         """Whether private repos of `namespace` are visible to this token."""
         return namespace == self.user or namespace in self.orgs
 
-    def can_write(self, namespace: str) -> bool:
-        """Whether this token may create repos and commit in `namespace`."""
-        return self.scope == "write" and self.can_read(namespace)
-
 
 def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()

@@ -154,30 +154,47 @@ def card_metadata(readme: bytes | None) -> dict[str, Any]:
 def family_summary(data: bytes | None) -> dict[str, Any] | None:
     """Backbone and domains of an `adapterkit.json`, or None if the repo is not an adapterkit family.
 
+    Format 1 lists its domains there; format 2 keeps each domain's entry in `domains/<name>.json`
+    (`domain_summary`), so its `domains` start empty and `version` is 2.
+
     Returns:
-        `{"backbone": str | None, "domains": [{"name", "num_classes", "metrics": {name: value}}]}`.
+        `{"backbone": str | None, "version": int, "domains": [{"name", "num_classes", "metrics"}]}`.
     """
+    doc = _json_object(data)
+    if doc is None:
+        return None
+    version = 2 if doc.get("format_version") == 2 else 1
+    if version == 1 and not isinstance(doc.get("domains"), dict):
+        return None
+    backbone = doc.get("backbone")
+    name = backbone.get("name") if isinstance(backbone, dict) else backbone
+    domains = [_domain(str(d), spec) for d, spec in doc["domains"].items()] if version == 1 else []
+    summary = {"backbone": str(name) if isinstance(name, (str, int, float)) else None, "version": version}
+    return json_safe(summary | {"domains": domains})
+
+
+def domain_summary(name: str, data: bytes | None) -> dict[str, Any] | None:
+    """One domain of a format-2 family from its `domains/<name>.json`, or None if it is not one."""
+    doc = _json_object(data)
+    return None if doc is None or doc.get("name") != name else json_safe(_domain(name, doc))
+
+
+def _json_object(data: bytes | None) -> dict | None:
     if not data or len(data) > MAX_METADATA_BYTES:
         return None
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
-    if not isinstance(doc, dict) or not isinstance(doc.get("domains"), dict):
-        return None
-    backbone = doc.get("backbone")
-    name = backbone.get("name") if isinstance(backbone, dict) else backbone
-    domains = []
-    for dname, spec in doc["domains"].items():
-        spec = spec if isinstance(spec, dict) else {}
-        metrics = spec.get("metrics") if isinstance(spec.get("metrics"), dict) else {}
-        num_classes = spec.get("num_classes")
-        domains.append(
-            {
-                "name": str(dname),
-                "num_classes": num_classes if isinstance(num_classes, int) else None,
-                "metrics": {str(k): v for k, v in metrics.items() if isinstance(v, (int, float, str))},
-            }
-        )
-    summary = {"backbone": str(name) if isinstance(name, (str, int, float)) else None, "domains": domains}
-    return json_safe(summary)
+    return doc if isinstance(doc, dict) else None
+
+
+def _domain(name: str, spec: object) -> dict[str, Any]:
+    spec = spec if isinstance(spec, dict) else {}
+    metrics = spec.get("metrics") if isinstance(spec.get("metrics"), dict) else {}
+    num_classes = spec.get("num_classes")
+    return {
+        "name": name,
+        "num_classes": num_classes if isinstance(num_classes, int) else None,
+        "metrics": {str(k): v for k, v in metrics.items() if isinstance(v, (int, float, str))},
+    }

@@ -10,11 +10,12 @@ from collections.abc import Callable
 from typing import Any
 
 from .blobs import BlobStore
-from .cards import MAX_METADATA_BYTES, card_from_readme, card_metadata, family_summary
+from .cards import MAX_METADATA_BYTES, card_from_readme, card_metadata, domain_summary, family_summary
 from .errors import bad_request
 from .objects import LRU
 
 Lookup = Callable[[str], "dict[str, Any] | None"]
+MAX_DOMAINS = 1000  # domain entries a page or listing summarises per family
 
 
 class MetadataParser:
@@ -37,6 +38,8 @@ class MetadataParser:
             data = self.blobs.path(entry["sha256"]).read_bytes()
             if kind == "family":
                 cached = family_summary(data)
+            elif kind.startswith("domain:"):
+                cached = domain_summary(kind.removeprefix("domain:"), data)
             else:
                 cached = card_from_readme(data) if strict else card_metadata(data)
             self._cache.put(key, cached, 1)
@@ -67,4 +70,11 @@ class MetadataParser:
                 f"Invalid metadata in README.md: {e} Fix the YAML front matter between the '---' lines.",
                 "InvalidMetadata",
             ) from None
-        return {**card, "family": self._parse("family", lookup("adapterkit.json"), False)}
+        family = self._parse("family", lookup("adapterkit.json"), False)
+        if family is not None and family.get("version") == 2:  # each domain's entry is its own file
+            names = [t.removeprefix("domain:") for t in card.get("tags") or [] if t.startswith("domain:")]
+            entries = (
+                self._parse(f"domain:{n}", lookup(f"domains/{n}.json"), False) for n in names[:MAX_DOMAINS]
+            )
+            family = {**family, "domains": [e for e in entries if e is not None]}
+        return {**card, "family": family}

@@ -53,13 +53,6 @@ def repo_block(page: str, repo: str) -> str:
     return match.group(1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="registry/cards.py family_summary reads the domain table from adapterkit.json (format 1); "
-    "format 2 keeps each domain's entry in domains/<name>.json, so the page shows no backbone, "
-    "domains or metrics for families adapterkit writes now",
-)
 def test_web_page_shows_backbone_domains_and_metrics(registry, family_repo):
     query = urllib.parse.urlencode({"search": family_repo})
     with urllib.request.urlopen(f"{registry.url}/?{query}") as response:
