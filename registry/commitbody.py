@@ -200,6 +200,8 @@ def header_text(header: dict[str, Any], field: str, default: str) -> str:
     return value
 
 
+# One pass over the NDJSON commit body, line kind by line kind; splitting it would thread the same state
+# through several functions.
 def parse_commit(
     storage: Storage, cfg: Any, key: RepoKey, spool: Path
 ) -> tuple[dict[str, Any], list[tuple[str, str, dict | None]]]:

@@ -1,5 +1,8 @@
 """Repositories, commits and refs on disk.
 
+A little over 400 lines: the one owner of a repo's refs and commit log, whose writers share one lock
+(keys, upkeep, refs, commitlog and metadata already live in their own modules).
+
 Layout under the root (see `docs/registry.md`)::
 
     objects/ab/<sha256>                  content-addressed blobs (BlobStore)
@@ -380,6 +383,7 @@ class Storage:
             path = self.repo_dir(key) / "commits.log"
             self.log.rewrite(path, list(dict.fromkeys(legacy + self.log.read_ordered(path))), self.tmp)
 
+    # 62 lines: the commit critical section (check parent, write trees, commit, ref) reads best in one piece.
     def commit(
         self,
         key: RepoKey,
