@@ -120,3 +120,19 @@ def test_a_repo_source_takes_a_revision_after_an_at_sign(family, registry):
     assert (source, revision, loaded.domains) == (repo, "v1", ["a"])
     with pytest.raises(FileNotFoundError):
         load_family(f"{repo}@no-such-branch")
+
+
+def test_serve_function_loads_and_serves_a_family(family):
+    port = free_port()
+    code = f"from adapterkit.serve import serve; serve({str(family)!r}, domains=['b'], port={port}, torch_threads=1)"
+    process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process)
+        with httpx.Client(base_url=url, timeout=60) as client:
+            assert predict_json(client, [("b", image_bytes(2))]).status_code == 200
+            assert client.post("/v1/domains", json={"source": str(family), "domain": "a"}).status_code == 403
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
