@@ -95,7 +95,10 @@ def serve(
         ),
     ] = None,
 ) -> None:
-    """Serve a family over HTTP: predict with per-image domains, list, hot-add and remove domains."""
+    """Serve a family over HTTP: predict with per-image domains, list, hot-add and remove domains.
+
+    Example: ADAPTERKIT_ADMIN_TOKEN=$(cat token) adapterkit serve fam/ --domain gtsrb --port 8000
+    """
     token = admin_token(admin_token_file)
     import torch
     import uvicorn

@@ -11,7 +11,6 @@ import time
 
 import httpx
 import pytest
-import typer
 from test_serve_support import ADMIN, build_family, free_port, image_bytes, predict_json
 from typer.testing import CliRunner
 
@@ -26,15 +25,8 @@ def family(tmp_path_factory):
 
 
 def command() -> list[str]:
-    """`adapterkit serve` as a subprocess (through the main app once it has the command)."""
-    from adapterkit.cli import app
-
-    if any(c.name == "serve" for c in app.registered_commands):
-        return [sys.executable, "-m", "adapterkit.cli", "serve"]
-    wrapper = (
-        "import typer; from adapterkit.cli_serve import serve; a = typer.Typer(); a.command()(serve); a()"
-    )
-    return [sys.executable, "-c", wrapper]
+    """`adapterkit serve`, as the console script runs it."""
+    return [sys.executable, "-m", "adapterkit.cli", "serve"]
 
 
 def wait_ready(url: str, process: subprocess.Popen) -> None:
@@ -101,12 +93,12 @@ def test_admin_token_comes_from_a_file_or_the_environment(tmp_path, monkeypatch)
 
 
 def test_the_token_is_never_a_command_line_value():
-    app = typer.Typer()
-    app.command()(cli_serve.serve)
-    result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"})
+    from adapterkit.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "--admin-token-file" in result.output
     assert "--admin-token " not in result.output
-    result = CliRunner().invoke(app, ["fam", "--admin-token", "secret-value"])
+    result = CliRunner().invoke(app, ["serve", "fam", "--admin-token", "secret-value"])
     assert result.exit_code != 0
 
 
