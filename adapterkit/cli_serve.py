@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 
 from .cli_errors import CliError
+from .cli_model import plural
 from .cli_output import status
 
 TOKEN_ENV = "ADAPTERKIT_ADMIN_TOKEN"
@@ -127,7 +128,7 @@ def serve(
         "admin endpoints on" if token else f"read-only: no admin token (--admin-token-file or ${TOKEN_ENV})"
     )
     status(
-        f"serving {len(model.domains)} domains of {repo} on http://{host}:{port} ({admin}; "
-        f"{torch.get_num_threads()} torch threads, batches of up to {max_batch_size}); API at /docs"
+        f"serving {plural(len(model.domains), 'domain')} of {repo} on http://{host}:{port} ({admin}; "
+        f"{plural(torch.get_num_threads(), 'torch thread')}, batches of up to {max_batch_size}); API at /docs"
     )
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)

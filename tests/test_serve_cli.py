@@ -71,7 +71,7 @@ def test_serve_command_serves_predicts_and_hot_adds(family, tmp_path):
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
-    assert f"serving 1 domains of {family} on {url} (admin endpoints on" in err
+    assert f"serving 1 domain of {family} on {url} (admin endpoints on" in err
 
 
 def test_admin_token_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
