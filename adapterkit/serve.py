@@ -301,13 +301,18 @@ def load_family(
     backbone_weights: str | Path | None = None,
 ) -> tuple[AdapterModel, str, str | None]:
     """(model, source, revision): a family from a folder or a Hub repo id with an optional `@revision`,
-    on the backbone it records, moved to `device`, in eval mode."""
+    on the backbone it records, moved to `device`, in eval mode; a Hub revision comes back as the commit
+    it was read at."""
     from .model import AdapterModel
 
     repo, at = split_source(source)
     if at is not None and revision is not None and at != revision:
         raise ValueError(f"{source} and revision={revision!r} disagree; give the revision once")
     revision = revision or at
+    if not Path(repo).is_dir():  # a Hub repo: pin the branch or tag to its commit, reported by /v1/domains
+        from .sources import open_source
+
+        revision = open_source(repo, revision=revision).revision or revision
     model = AdapterModel.from_pretrained(
         repo, domains=domains, revision=revision, backbone_weights=backbone_weights
     )
