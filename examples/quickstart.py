@@ -5,7 +5,8 @@
 3. trains two domains one after another (MNIST digits, then GTSRB traffic signs; synthetic shape
    domains when the real data is absent) and checks the first domain did not move by a single bit,
 4. pushes the family, pulls one domain into a fresh model, hot-adds the other while a thread serves,
-5. exports a domain as a plain timm model with the adapters folded in, and prints a results table.
+5. serves the family over HTTP (`adapterkit.serve`): a prediction, then a hot-add while a client keeps asking,
+6. exports a domain as a plain timm model with the adapters folded in, and prints a results table.
 
 Run: python examples/quickstart.py [--data-root ../shared/data] [--images 1500] [--epochs 3] [--threads 1]
 """
@@ -13,12 +14,15 @@ Run: python examples/quickstart.py [--data-root ../shared/data] [--images 1500] 
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import secrets
 import shutil
 import socket
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -194,12 +198,14 @@ def run(args: argparse.Namespace, work: Path) -> None:
         )
         assert all(seen) and pulled_ok
 
+        serve_over_http("demo/quickstart", first, second, token)
+
         exported = model.export_domain(second)
         with torch.no_grad():
             rel = ((exported(x1) - y1).abs().max() / y1.abs().max()).item()
         folded_acc = evaluate(exported, domains[1][2], data_config=model.domain_info(second).data_config)
         print(
-            f"[5] exported {second} as a plain timm model: relative error {rel:.1e}, accuracy {folded_acc:.3f}"
+            f"[6] exported {second} as a plain timm model: relative error {rel:.1e}, accuracy {folded_acc:.3f}"
         )
 
         print("\n| domain | test accuracy | added parameters | % of backbone | bytes |")
@@ -210,6 +216,72 @@ def run(args: argparse.Namespace, work: Path) -> None:
                 f"| {name} | {metrics['accuracy']:.3f} | {cost['parameters']:,} | "
                 f"{100 * cost['fraction_of_backbone']:.1f} % | {cost['bytes']:,} |"
             )
+
+
+def wait_for(condition, seconds: float = 60.0) -> None:
+    deadline = time.perf_counter() + seconds
+    while not condition():
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"waited {seconds} s")
+        time.sleep(0.01)
+
+
+def serve_over_http(source: str, first: str, second: str, token: str) -> None:
+    """[5] The family behind adapterkit's HTTP service: a prediction, then a hot-add while a client asks."""
+    import httpx
+    import numpy as np
+    import uvicorn
+    from PIL import Image
+
+    from adapterkit import AdapterModel
+    from adapterkit.serve import create_app
+
+    os.environ["HF_TOKEN"] = token  # the server reads the registry with it (hot-adds pull from there)
+    admin = secrets.token_hex(16)
+    app = create_app(AdapterModel.from_pretrained(source, domains=[first]), admin_token=admin)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{server.config.port}"
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(png, "PNG")
+
+    def ask(client: httpx.Client, domain: str) -> httpx.Response:
+        image = {"image": ("x.png", png.getvalue(), "image/png")}
+        return client.post("/v1/predict", files=image, data={"domain": domain})
+
+    statuses, stop = [], threading.Event()
+
+    def keep_asking() -> None:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            while not stop.is_set():
+                statuses.append(ask(client, first).status_code)
+
+    with httpx.Client(base_url=url, timeout=60) as client:
+        answer = ask(client, first).json()["predictions"][0]
+        print(f"[5] serving {first} at {url}: POST /v1/predict -> {answer['label']} ({answer['score']:.2f})")
+        asker = threading.Thread(target=keep_asking)
+        asker.start()
+        wait_for(lambda: len(statuses) >= 3)  # the client is busy before the change
+        start = time.perf_counter()
+        added = client.post(
+            "/v1/domains",
+            json={"source": source, "domain": second},
+            headers={"Authorization": f"Bearer {admin}"},
+        )
+        took = time.perf_counter() - start
+        during = len(statuses)
+        wait_for(lambda: len(statuses) >= during + 3)  # and after it
+        stop.set()
+        asker.join()
+        answer = ask(client, second).json()["predictions"][0]
+    server.should_exit = True
+    print(
+        f"    POST /v1/domains hot-added {second} in {took:.2f} s while {len(statuses)} requests were "
+        f"answered ({statuses.count(200)} with 200); {second}: {answer['label']} ({answer['score']:.2f})"
+    )
+    assert added.status_code == 201 and statuses and set(statuses) == {200}
 
 
 if __name__ == "__main__":
