@@ -116,13 +116,16 @@ def family_files(
 
 
 def folder_entries(directory: Path, fingerprint: str) -> dict[str, dict]:
-    """Entries of the domains a folder already holds for the same backbone weights (any version)."""
+    """Entries of the domains a folder already holds (any version); a family on other weights is refused."""
     if not (directory / CONFIG_FILE).is_file():
         return {}
     source = local_source(directory)
     config = read_config(source.fetch, source.files)
     if config.get("backbone", {}).get("fingerprint") != fingerprint:
-        return {}
+        raise ValueError(
+            f"{directory} holds a family trained on other backbone weights ({config['backbone'].get('name')!r}); "
+            "save into a new folder (its domains would not fit this backbone)"
+        )
     return {n: e for n, e in config["domains"].items() if (directory / domain_file(n)).is_file()}
 
 

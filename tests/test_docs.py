@@ -75,22 +75,15 @@ def write_split(folder: Path, images: np.ndarray, labels: np.ndarray, classes: i
 def workspace(tmp_path_factory, registry):
     if not (SHARED / "data").is_dir():
         pytest.skip("../shared/data is not here; the docs' examples use its real data and weights")
-    root = tmp_path_factory.mktemp("docs")
-    (root / "shared").symlink_to(SHARED)
-    (root / "work").mkdir()
-    (root / "work" / "examples").symlink_to(ROOT / "examples")  # commands run as from the repository root
+    root = tmp_path_factory.mktemp("docs-data")
     gtsrb = {
         s: np.load(SHARED / "data" / "gtsrb" / f"gtsrb32_{f}.npz")
         for s, f in (("train", "train_every3rd"), ("test", "test"))
     }
     mnist = np.load(SHARED / "data" / "mnist" / "mnist.npz")
     for split, per_class in (("train", 16), ("test", 8)):
-        write_split(
-            root / "work" / "gtsrb_images" / split, gtsrb[split]["x"], gtsrb[split]["y"], 4, per_class
-        )
-        write_split(
-            root / "work" / "mnist_images" / split, mnist[f"x_{split}"], mnist[f"y_{split}"], 4, per_class
-        )
+        write_split(root / "gtsrb_images" / split, gtsrb[split]["x"], gtsrb[split]["y"], 4, per_class)
+        write_split(root / "mnist_images" / split, mnist[f"x_{split}"], mnist[f"y_{split}"], 4, per_class)
     env = {
         **os.environ,
         "HF_TOKEN": registry.tokens["alice"],
@@ -98,7 +91,19 @@ def workspace(tmp_path_factory, registry):
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "PYTHONPATH": str(ROOT),
     }
-    return root / "work", env
+    return root, env
+
+
+def session_folder(data: Path, name: str) -> Path:
+    """A fresh working folder for one file: `../shared`, `examples/` and the image folders beside it, as
+    from the repository root; what one file writes never meets another's."""
+    top = data.parent / f"doc-{name}"
+    (top / "work").mkdir(parents=True)
+    (top / "shared").symlink_to(SHARED)
+    (top / "work" / "examples").symlink_to(ROOT / "examples")
+    for folder in ("gtsrb_images", "mnist_images"):
+        (top / "work" / folder).symlink_to(data / folder)
+    return top / "work"
 
 
 def doc_script(path: Path) -> str:
@@ -141,5 +146,5 @@ def run_file(path: Path, cwd: Path, env: dict[str, str]) -> None:
 
 @pytest.mark.parametrize("doc", [d for d in DOCS if blocks(d)], ids=lambda d: d.name)
 def test_doc_blocks_run(doc, workspace):
-    cwd, env = workspace
-    run_file(doc, cwd, env)
+    data, env = workspace
+    run_file(doc, session_folder(data, doc.stem), env)

@@ -189,3 +189,11 @@ def test_model_card_is_valid_hub_metadata_with_a_snippet_that_runs(registry, tmp
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "torch.Size([2, 3])" in done.stdout
+
+
+def test_saving_into_a_folder_of_another_family_is_refused(tmp_path):
+    make(("a",)).save_pretrained(tmp_path / "fam")
+    before = {p: p.read_bytes() for p in (tmp_path / "fam").rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="other backbone weights.*new folder"):
+        make(("b",), seed=3).save_pretrained(tmp_path / "fam")
+    assert {p: p.read_bytes() for p in (tmp_path / "fam").rglob("*") if p.is_file()} == before
