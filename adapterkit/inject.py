@@ -70,8 +70,19 @@ def weights_record(name: str, pretrained: bool | str | Path, seed: int = 0) -> d
     if not pretrained:
         return {"kind": "random", "seed": seed}
     if name.startswith("hf-hub:"):
-        return {"kind": "hf-hub", "repo": name.removeprefix("hf-hub:")}
+        repo, _, revision = name.removeprefix("hf-hub:").partition("@")
+        return {"kind": "hf-hub", "repo": repo, "revision": revision or _hub_commit(repo)}
     return {"kind": "local-dir" if name.startswith("local-dir:") else "timm"}
+
+
+def _hub_commit(repo: str) -> str | None:
+    """The commit `main` of a backbone repo points at now (its weights were just downloaded from it)."""
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().model_info(repo).sha
+    except Exception:  # noqa: BLE001  (offline or private: the fingerprint still guards the weights)
+        return None
 
 
 def rebuild_backbone(
@@ -83,6 +94,8 @@ def rebuild_backbone(
     if weights_file is not None:
         record = weights_record(name, weights_file)
     kind = record.get("kind")
+    if kind == "hf-hub" and record.get("revision") and "@" not in name:
+        name = f"{name}@{record['revision']}"  # the commit whose weights the family was trained on
     if kind == "random":
         return create_backbone(name, False, seed=int(record.get("seed", 0))), record
     if kind == "file":

@@ -197,3 +197,22 @@ def test_saving_into_a_folder_of_another_family_is_refused(tmp_path):
     with pytest.raises(ValueError, match="other backbone weights.*new folder"):
         make(("b",), seed=3).save_pretrained(tmp_path / "fam")
     assert {p: p.read_bytes() for p in (tmp_path / "fam").rglob("*") if p.is_file()} == before
+
+
+def test_hf_hub_backbone_is_recorded_at_its_commit(registry, tmp_path):
+    import timm
+
+    token = registry.tokens["alice"]
+    repo = f"alice/{unique('backbone')}"
+    timm.models.push_to_hf_hub(timm.create_model("test_resnet"), repo, token=token)
+    sha = HfApi(token=token).model_info(repo).sha
+    model = AdapterModel.from_backbone(f"hf-hub:{repo}", pretrained=True)
+    assert model.backbone_weights == {"kind": "hf-hub", "repo": repo, "revision": sha}
+    model.add_domain("a", num_classes=2)
+    model.save_pretrained(tmp_path / "fam")
+    other = timm.create_model("test_resnet")  # new weights on main: the family must still get its own
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    timm.models.push_to_hf_hub(other, repo, token=token)
+    assert AdapterModel.from_pretrained(tmp_path / "fam").fingerprint == model.fingerprint
