@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 import torch
-from test_serve_support import (
+from serve_support import (
     ADMIN,
     DOMAINS,
     build_family,

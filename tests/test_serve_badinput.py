@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 from PIL import Image
-from test_serve_support import ADMIN, b64, build_family, image_bytes, predict_json, running
+from serve_support import ADMIN, b64, build_family, image_bytes, predict_json, running
 
 from adapterkit import AdapterModel
 from adapterkit.serve import create_app

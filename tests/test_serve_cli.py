@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from test_serve_support import ADMIN, build_family, free_port, image_bytes, predict_json
+from serve_support import ADMIN, build_family, free_port, image_bytes, predict_json
 from typer.testing import CliRunner
 
 from adapterkit import cli_serve

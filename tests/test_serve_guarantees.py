@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from test_serve_support import (
+from serve_support import (
     ADMIN,
     DOMAINS,
     build_family,

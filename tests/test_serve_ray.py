@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from test_serve_support import (
+from serve_support import (
     ADMIN,
     b64,
     build_family,
