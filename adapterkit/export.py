@@ -50,15 +50,19 @@ def export_domain(model: AdapterModel, domain: str) -> nn.Module:
             parent = exported.get_submodule(parent_name) if parent_name else exported
             setattr(parent, child, layer.fold(domain))
     head = model.heads[domain]
+    before = {id(m) for m in exported.modules()}
     exported.reset_classifier(info.num_classes)
     classifiers = exported.get_classifier()
     # distilled models (DeiT, LeViT) average two heads: give both the domain's head
-    for classifier in classifiers if isinstance(classifiers, tuple) else (classifiers,):
+    classifiers = classifiers if isinstance(classifiers, tuple) else (classifiers,)
+    for classifier in classifiers:
         if not isinstance(classifier, (nn.Linear, nn.Conv2d)):
             raise ValueError(
                 f"cannot export domain {domain!r}: the backbone's classifier is a {type(classifier).__name__}, "
                 "not a linear layer, so the domain's linear head has no exact place in a plain timm model"
             )
+    _check_head_is_classifier(exported, before, classifiers, domain)
+    for classifier in classifiers:
         with torch.no_grad():
             classifier.weight.copy_(head.weight.view_as(classifier.weight))  # Linear or 1x1 conv head
             classifier.bias.copy_(head.bias)
@@ -74,3 +78,23 @@ def export_domain(model: AdapterModel, domain: str) -> nn.Module:
     exported.default_cfg = cfg
     exported.requires_grad_(True)
     return exported.eval()
+
+
+def _check_head_is_classifier(
+    exported: nn.Module, before: set[int], classifiers: tuple[nn.Module, ...], domain: str
+) -> None:
+    """Refuse when `reset_classifier` built more than the classifier(s) the domain's head fills: an auxiliary
+    head (VOLO's token-labelling `aux_head`) or a norm before the linear (`NormLinear`, `BNLinear`) would
+    run with fresh weights the adapted model never had."""
+    filled = {id(c) for c in classifiers}
+    extra = [
+        f"{name} ({type(m).__name__})"
+        for name, m in exported.named_modules()
+        if id(m) not in before and id(m) not in filled and any(True for _ in m.parameters(recurse=False))
+    ]
+    if extra:
+        raise ValueError(
+            f"cannot export domain {domain!r}: the backbone's head has more than a linear classifier ("
+            + ", ".join(extra[:3])
+            + "), which the domain's linear head has no weights for; serve it unfolded with AdapterModel"
+        )

@@ -146,6 +146,23 @@ def _reparameterize_children(parent: nn.Module, prefix: str) -> None:
         _reparameterize_children(child, f"{prefix}{name}.")
 
 
+def reset_head(backbone: nn.Module) -> list[str]:
+    """`backbone.reset_classifier(0)`; returns the parameterised modules it removed besides the classifier
+    (`get_classifier()`): VOLO's auxiliary token head, the BatchNorm of `BNLinear`/`NormLinear` heads.
+    When there are any, the backbone's classifier alone does not compute the backbone's logits, so it
+    cannot serve as a domain's head (`head="backbone"`)."""
+    classifier = backbone.get_classifier() if hasattr(backbone, "get_classifier") else None
+    kept = {id(c) for c in (classifier if isinstance(classifier, tuple) else (classifier,))}
+    before = {
+        name: m
+        for name, m in backbone.named_modules()
+        if id(m) not in kept and any(True for _ in m.parameters(recurse=False))
+    }
+    backbone.reset_classifier(0)
+    after = {id(m) for m in backbone.modules()}
+    return [f"{name} ({type(m).__name__})" for name, m in before.items() if id(m) not in after]
+
+
 def input_channels(backbone: nn.Module) -> int | None:
     """Image channels the backbone expects (from its pretrained config, else its first conv)."""
     size = (getattr(backbone, "pretrained_cfg", None) or {}).get("input_size")

@@ -55,6 +55,8 @@ def default_rule(module: nn.Module, config: AdapterConfig) -> str | None:
         return config.topology
     if isinstance(module, nn.Linear):
         return "lowrank" if config.linear else "frozen"
+    if not any(True for _ in module.parameters()) and not any(True for _ in module.buffers()):
+        return None  # stateless (a norm without affine or statistics): no per-domain tensors to hold
     if isinstance(module, _BatchNorm):
         return "norm"
     if _is_norm(module):

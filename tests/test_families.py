@@ -52,7 +52,7 @@ FAMILIES = [
     ("repvit", "repvit_m1", {}, 64, "RepVitClassifier"),
     ("resnet", "resnet10t", {}, 64, None),
     ("rexnet", "rexnet_100", {}, 64, None),
-    ("shvit", "shvit_s1", {}, 64, None),
+    ("shvit", "shvit_s1", {}, 64, "more than a linear classifier"),  # BatchNorm + linear head
     ("starnet", "starnet_s050", {}, 64, None),
     ("swiftformer", "swiftformer_xs", {}, 64, None),
     ("vision_transformer", "vit_tiny_patch16_224", {**V, "depth": 2}, 32, None),
