@@ -94,3 +94,23 @@ def test_sample_covers_every_rule_and_forty_families():
     assert len(families) >= 40, sorted(families)
     refusals = {r for *_, r in FAMILIES if r}
     assert {"NormLinear", "Conv2dSame", "ScaledStdConv2d", "StdConv2d"} <= refusals
+
+
+def test_reset_head_reports_what_the_classifier_leaves_out():
+    """EfficientViT-MSRA's head is BatchNorm + linear and get_classifier() is the linear alone."""
+    import timm
+
+    from adapterkit.inject import reset_head
+
+    assert reset_head(timm.create_model("efficientvit_m0")) == ["head.bn (BatchNorm1d)"]
+    assert reset_head(timm.create_model("test_resnet")) == []
+
+
+def test_stateless_norm_gets_no_domain_copy():
+    from torch import nn
+
+    from adapterkit import AdapterConfig
+    from adapterkit.targets import default_rule
+
+    assert default_rule(nn.LayerNorm(8, elementwise_affine=False), AdapterConfig()) is None
+    assert default_rule(nn.LayerNorm(8), AdapterConfig()) == "norm"
