@@ -25,6 +25,7 @@ import inspect
 import json
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -170,16 +171,10 @@ def run_family(family: str, model_name: str) -> dict:
     row["adds"] = model.domain_cost("b")["fraction_of_backbone"]
     row["weight_reads"] = weight_reads(model)
     for check in CHECKS:
-        row[check] = _outcome(lambda c=check: INVARIANTS[c](case, Path(_tmp())))
+        row[check] = _outcome(lambda c=check: INVARIANTS[c](case, Path(tempfile.mkdtemp(prefix="sweep-"))))
     row["export"] = _export(case)
     row["seconds"] = time.perf_counter() - start
     return row
-
-
-def _tmp() -> str:
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="sweep-")
 
 
 def _outcome(fn) -> str:
