@@ -21,7 +21,15 @@ from torch import nn
 
 from .basis import check_extends
 from .config import AdapterConfig, DomainInfo, check_domain_name, resolve_num_classes
-from .inject import create_backbone, fingerprint, inject, input_channels, reparameterize, weights_record
+from .inject import (
+    create_backbone,
+    fingerprint,
+    inject,
+    input_channels,
+    reparameterize,
+    reset_head,
+    weights_record,
+)
 from .layers import DomainLayer, DomainRouter
 from .router import DomainSignature, Route, collect_features, route, style_features
 
@@ -90,7 +98,8 @@ class AdapterModel(
                 f"{type(backbone).__name__} has no reset_classifier(): adapterkit needs a timm model "
                 "(create it with timm.create_model) so it can put one head per domain at the classifier slot"
             )
-        backbone.reset_classifier(0)
+        if reset_head(backbone):  # the classifier alone does not give the backbone's logits (VOLO, SHViT)
+            self.backbone_head = None
         self.num_features = getattr(backbone, "head_hidden_size", None) or backbone.num_features
         self.in_chans = input_channels(backbone)
         self.backbone = backbone

@@ -108,8 +108,8 @@ def build_case(spec: CaseSpec) -> Case:
     x = input_for(backbone, size=spec.size)
     backbone = reparameterize(backbone.eval())  # what AdapterModel attaches to (RepVGG: fused branches)
     pristine = copy.deepcopy(backbone)
-    with torch.no_grad():
-        reference = backbone(x)
+    with torch.no_grad():  # frozen, as AdapterModel runs it (kernels may differ when weights need grads)
+        reference = copy.deepcopy(backbone).requires_grad_(False)(x)
     model = AdapterModel(backbone, spec.config).eval()
     head = "backbone" if model.backbone_head is not None else "new"
     model.add_domain("a", head=head, num_classes=None if head == "backbone" else 7)

@@ -74,10 +74,7 @@ def family(request) -> Case:
 
 # Known failures, each with its reason (docs/layer-rules.md lists them with the plan). strict: once fixed,
 # the test fails until the entry is removed.
-KNOWN = {
-    ("shvit", "identity_at_attach"): "get_classifier() is the linear part of a BatchNorm + linear head; "
-    "head='backbone' copies the linear alone (AdapterModel keeps the backbone head; fix in model.py)",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 @pytest.mark.parametrize("invariant", INVARIANTS)
