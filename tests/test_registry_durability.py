@@ -8,9 +8,6 @@ import http.client
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -24,6 +21,7 @@ from adapterkit_registry import Storage, create_token, fsck
 from adapterkit_registry.storage import RepoKey, file_entry
 from huggingface_hub import CommitOperationAdd, HfApi, constants, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
+from registry_support import _serve
 
 
 def test_conflicting_commits_one_wins_the_other_gets_412(registry):
@@ -106,32 +104,6 @@ def test_interrupted_commit_leaves_previous_state(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- SIGKILL test
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(root: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    """Start `python -m adapterkit_registry serve` and wait until it answers."""
-    port = _free_port()
-    cmd = [sys.executable, "-m", "adapterkit_registry", "serve", "--root", str(root), "--port", str(port)]
-    cmd += ["--lfs-threshold-mb", "0.05", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"registry subprocess exited: {log.read_text()}")
-        try:
-            if httpx2.get(url + "/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx2.TransportError:
-            time.sleep(0.05)
-    proc.kill()
-    pytest.fail(f"registry subprocess did not start: {log.read_text()}")
 
 
 def _partial_request(

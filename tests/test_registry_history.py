@@ -2,66 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from adapterkit_registry import RegistryServer, Storage, fsck
-from adapterkit_registry.storage import RepoKey, commit_id, file_entry
+from adapterkit_registry.storage import RepoKey, file_entry
 from huggingface_hub import HfApi, hf_hub_download
+from registry_support import _legacy_root
 
 TOKEN = "history-token-0123456789"
-
-
-def _blob(root: Path, data: bytes) -> dict:
-    sha256 = hashlib.sha256(data).hexdigest()
-    sha1 = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-    path = root / "objects" / sha256[:2] / sha256
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return file_entry(sha256, sha1, len(data), False)
-
-
-def _legacy_root(root: Path) -> list[str]:
-    """A registry root as the first storage format wrote it: full file tables, ids in refs.json."""
-    repo = root / "repos" / "models" / "alice" / "old"
-    (repo / "commits").mkdir(parents=True)
-    (repo / "lfs").mkdir()
-    (root / "registry.json").write_text(json.dumps({"format_version": 1}))
-    (repo / "repo.json").write_text(
-        json.dumps(
-            {
-                "id": "alice/old",
-                "type": "model",
-                "private": False,
-                "owner": "alice",
-                "createdAt": "2025-01-01T00:00:00.000Z",
-            }
-        )
-    )
-    tables = [
-        {},
-        {"a/x.txt": _blob(root, b"one")},
-        {"a/x.txt": _blob(root, b"two"), "README.md": _blob(root, b"---\ntags: [legacy]\n---\n")},
-    ]
-    ids: list[str] = []
-    for i, table in enumerate(tables):
-        body = {
-            "format_version": 1,
-            "parents": ids[-1:],
-            "tree": table,
-            "author": "alice",
-            "title": f"c{i}",
-            "message": "",
-            "date": f"2025-01-0{i + 1}T00:00:00.000Z",
-            "nonce": f"n{i}",
-        }
-        cid = commit_id(body)
-        (repo / "commits" / f"{cid}.json").write_text(json.dumps({**body, "id": cid}))
-        ids.append(cid)
-    refs = {"branches": {"main": ids[-1]}, "tags": {"v1": {"target": ids[1], "message": ""}}, "commits": ids}
-    (repo / "refs.json").write_text(json.dumps(refs))
-    return ids
 
 
 def test_roots_of_the_first_format_still_load_and_accept_commits(tmp_path):

@@ -15,8 +15,7 @@ import time
 
 import httpx2
 from adapterkit_registry import RegistryServer, Storage, create_token, fsck
-from test_registry_durability import _serve
-from test_registry_history import _legacy_root
+from registry_support import _legacy_root, _serve
 
 TOKEN = "reliability-token-012345"
 WRITERS, COMMITS = 4, 20
