@@ -252,13 +252,16 @@ class AdapterModel(
                 raise ValueError(f"domain {name!r} has no adapter for layers {sorted(missing)[:5]}")
             if basis:
                 self.extend_basis(basis, history=history)
+            # Modes first: a concurrent call may use the domain the moment it is in the table.
+            for module in [*adapters.values(), head]:
+                module.requires_grad_(trainable).train(self.training and trainable)
+            (self._frozen.discard if trainable else self._frozen.add)(name)
             for layer_name, module in adapters.items():
                 layers[layer_name].adapters[name] = module
             self.heads[name] = head
             if signature is not None:
                 self.signatures[name] = signature
-            self._domains[name] = info
-            self.set_trainable(name, trainable)
+            self._domains[name] = info  # last: from here on forward calls can select it
 
     def remove_domain(self, name: str) -> None:
         """Remove a domain, its tensors and its cached fused weights; other domains are untouched."""
