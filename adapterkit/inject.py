@@ -50,6 +50,8 @@ def create_backbone(
         kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(path)}
         pretrained = True
     try:
+        # timm initialises from the global RNG and takes no generator: seed a fork of it, which
+        # fork_rng restores on exit, so the caller's RNG state is exactly as before.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return timm.create_model(name, pretrained=pretrained, **kwargs)

@@ -9,7 +9,7 @@ versions of a family, and a subset of domains downloads only theirs. Imports no 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,6 @@ class Source:
     files: list[str]
     fetch: Fetch
     revision: str | None = None  # the commit a Hub source is pinned to
-    repo_id: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)  # Hub options, for reading again
 
 
 def endpoint() -> str:
@@ -118,7 +116,7 @@ def hub_source(
                 raise unreachable(e) from e
             raise
 
-    return Source(label, files, fetch, revision=sha, repo_id=repo_id, options=options)
+    return Source(label, files, fetch, revision=sha)
 
 
 def _cached(repo_id: str, revision: str | None, options: dict[str, Any]) -> tuple[str, list[str]]:

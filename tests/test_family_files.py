@@ -216,3 +216,11 @@ def test_hf_hub_backbone_is_recorded_at_its_commit(registry, tmp_path):
             p.add_(1.0)
     timm.models.push_to_hf_hub(other, repo, token=token)
     assert AdapterModel.from_pretrained(tmp_path / "fam").fingerprint == model.fingerprint
+
+
+def test_building_a_random_backbone_leaves_the_callers_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    AdapterModel.from_backbone("test_resnet", seed=5)  # timm's initialisation runs on a fork of the RNG
+    assert torch.equal(torch.rand(3), expected)
