@@ -1,0 +1,395 @@
+"""Xet content-addressed storage: verified xorbs, files registered by shards, reconstruction, dedupe.
+
+Layout under the root (`<registry data dir>/xet`)::
+
+    xorbs/ab/<xorb hash>          verified xorb bytes, exactly as the client sent them
+    xorbs/ab/<xorb hash>.json     its chunks: hashes, end offsets in the xorb, uncompressed sizes
+    files/ab/<file hash>.json     a registered file: size, sha256, segments [xorb, chunk start, end, bytes]
+    sha256/ab/<sha256>.json       the Xet file hash of a registered file with this SHA-256
+    shards/ab/<shard id>.json     a registered shard: the xorbs its files use (dedupe answers)
+    chunks/ab/<chunk hash>.json   global dedupe index: the shard whose files hold this chunk
+    pending/<shard id>.json       registration journal of a shard (replayed at start)
+    dedupe_key.json               the key chunk hashes are keyed with in dedupe answers
+    tmp/                          temporary files
+
+Every hash string is validated (64 lowercase hex characters) before it becomes a path. Every file is
+written to `tmp/`, fsynced and renamed into place. A shard's files become visible through one
+journal: it is written (atomically) only after the whole shard verified, then its records are
+applied and it is removed; a journal left by a crash is applied at the next start, so a crash
+leaves all or none of a shard's files registered.
+
+Create one `XetStore` per registry root (at server start): it replays journals and clears stale
+temporary files when constructed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .blobs import atomic_write_bytes, atomic_write_json, fsync_dir, read_json
+from .xet_check import check_store
+from .xet_format import (
+    XetError,
+    check_hash,
+    file_hash,
+    hash_to_hex,
+    hex_to_hash,
+    is_global_dedupe_chunk,
+    keyed_hash,
+    parse_xorb,
+    range_hash,
+)
+from .xet_read import XorbMeta, clamp, read_segments, reconstruction_v1, v1_to_v2
+from .xet_shard import CHUNK_FLAG_GLOBAL_DEDUPE, ShardChunk, ShardFile, ShardXorb, build_shard, parse_shard
+
+__all__ = ["XetError", "XetFile", "XetStore"]
+
+DEDUPE_EXPIRY_S = 7 * 24 * 3600
+"""How long a client may keep a dedupe answer in its shard cache."""
+DEDUPE_MAX_XORBS = 128
+"""Most xorbs described in one dedupe answer."""
+_META_CACHE = 256
+
+
+@dataclass(frozen=True)
+class XetFile:
+    """A file registered by a shard: its Xet file hash, its SHA-256 and its size in bytes."""
+
+    file_hash: str
+    sha256: str
+    size: int
+
+
+def _shard_xorb(xorb: str, meta: XorbMeta, key: bytes) -> ShardXorb:
+    """CAS info of a stored xorb for a dedupe answer, its chunk hashes keyed with `key`."""
+    chunks, offset = [], 0
+    for h, size in zip(meta.hashes, meta.sizes, strict=True):
+        raw = hex_to_hash(h)
+        flags = CHUNK_FLAG_GLOBAL_DEDUPE if is_global_dedupe_chunk(raw) else 0
+        chunks.append(ShardChunk(keyed_hash(raw, key), offset, size, flags))
+        offset += size
+    return ShardXorb(hex_to_hash(xorb), tuple(chunks), meta.ends[-1])
+
+
+class XetStore:
+    """Verified Xet objects of one registry.
+
+    Args:
+        root: `<registry data dir>/xet`; its folders are created.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.tmp = self.root / "tmp"
+        for name in ("xorbs", "files", "sha256", "shards", "chunks", "pending", "tmp"):
+            (self.root / name).mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._meta: dict[str, XorbMeta] = {}
+        key_path = self.root / "dedupe_key.json"
+        if not key_path.exists():
+            atomic_write_json(key_path, {"key": secrets.token_hex(32)}, self.tmp)
+        self._key = bytes.fromhex(read_json(key_path)["key"])
+        self._clear_stale_tmp()
+        for journal in sorted((self.root / "pending").glob("*.json")):
+            self._apply(journal)
+
+    def _clear_stale_tmp(self) -> None:
+        cutoff = time.time() - 3600
+        for p in self.tmp.iterdir():
+            if p.stat().st_mtime < cutoff:
+                p.unlink(missing_ok=True)
+
+    def _path(self, folder: str, name: str, suffix: str = "") -> Path:
+        check_hash(name)
+        return self.root / folder / name[:2] / f"{name}{suffix}"
+
+    # xorbs
+
+    def put_xorb(self, xorb_hash: str, data: bytes) -> bool:
+        """Verify and store a xorb.
+
+        Validates the hash string, parses every chunk, decompresses it, recomputes the chunk hashes
+        and the xorb hash, which must equal `xorb_hash`, before writing atomically.
+
+        Returns:
+            True if the xorb is new, False if it was already stored.
+
+        Raises:
+            XetError: `InvalidHash`, `XorbInvalid` (bad framing or compression), `XorbHashMismatch`.
+        """
+        check_hash(xorb_hash, "xorb hash")
+        if self.has_xorb(xorb_hash):
+            return False
+        xorb = parse_xorb(data)
+        actual = hash_to_hex(xorb.hash)
+        if actual != xorb_hash:
+            raise XetError(
+                "XorbHashMismatch",
+                f"The xorb's content hashes to {actual}, not to {xorb_hash} as its URL says; "
+                "upload the xorb under its own hash (nothing was stored).",
+            )
+        meta = {
+            "hashes": [hash_to_hex(c.hash) for c in xorb.chunks],
+            "ends": [c.end for c in xorb.chunks],
+            "sizes": [c.size for c in xorb.chunks],
+        }
+        atomic_write_json(self._path("xorbs", xorb_hash, ".json"), meta, self.tmp)
+        atomic_write_bytes(self._path("xorbs", xorb_hash), data, self.tmp)
+        return True
+
+    def has_xorb(self, xorb_hash: str) -> bool:
+        """Whether a verified xorb with this hash is stored."""
+        return self._path("xorbs", xorb_hash).is_file()
+
+    def xorb_path(self, xorb_hash: str) -> Path:
+        """Path of the stored xorb bytes (for byte-range GETs); raises XetError `XorbMissing` if absent."""
+        path = self._path("xorbs", xorb_hash)
+        if not path.is_file():
+            raise XetError(
+                "XorbMissing", f"Xorb {xorb_hash} is not stored; upload it first (POST /v1/xorbs)."
+            )
+        return path
+
+    def _xorb_meta(self, xorb_hash: str) -> XorbMeta:
+        meta = self._meta.get(xorb_hash)
+        if meta is None:
+            self.xorb_path(xorb_hash)
+            raw = read_json(self._path("xorbs", xorb_hash, ".json"))
+            meta = XorbMeta(raw["hashes"], raw["ends"], raw["sizes"])
+            if len(self._meta) >= _META_CACHE:
+                self._meta.pop(next(iter(self._meta)))
+            self._meta[xorb_hash] = meta
+        return meta
+
+    # shards and files
+
+    def put_shard(self, data: bytes) -> list[XetFile]:
+        """Verify a shard and register its files, atomically and idempotently.
+
+        Each CAS entry's xorb must be stored with the same chunk list; each file's segments must
+        refer to chunk ranges of stored xorbs; the file hash recomputed from the chunk hashes (and
+        each verification entry) must match; the SHA-256 is computed by reconstructing the file and
+        must equal the one in the metadata extension, if any. A crash leaves all or none of the
+        shard's files registered.
+
+        Returns:
+            The files of the shard (already registered ones included), in shard order.
+
+        Raises:
+            XetError: `ShardInvalid`, `XorbMissing`, `FileHashMismatch`.
+        """
+        shard = parse_shard(data)
+        if any(shard.hmac_key):
+            raise XetError(
+                "ShardInvalid", "Invalid shard: its chunk hashes are keyed; upload plain chunk hashes."
+            )
+        for x in shard.xorbs:
+            self._check_cas_entry(x)
+        records, xorbs, eligible = [], {}, set()
+        for f in shard.files:
+            record = self._check_file(f)
+            records.append(record)
+            for xorb, start, _end, _size in record["segments"][:1]:
+                eligible.add(self._xorb_meta(xorb).hashes[start])
+            for xorb, *_ in record["segments"]:
+                xorbs.setdefault(xorb, None)
+        for x in shard.xorbs:
+            xorbs.setdefault(hash_to_hex(x.hash), None)
+            eligible.update(hash_to_hex(c.hash) for c in x.chunks if c.flags & CHUNK_FLAG_GLOBAL_DEDUPE)
+        for xorb in xorbs:
+            eligible.update(h for h in self._xorb_meta(xorb).hashes if is_global_dedupe_chunk(hex_to_hash(h)))
+        shard_id = hashlib.sha256(data).hexdigest()
+        journal = {"shard": shard_id, "xorbs": list(xorbs), "files": records, "chunks": sorted(eligible)}
+        path = self.root / "pending" / f"{shard_id}.json"
+        with self._lock:
+            atomic_write_json(path, journal, self.tmp)
+            self._apply(path)
+        return [XetFile(r["file_hash"], r["sha256"], r["size"]) for r in records]
+
+    def _check_cas_entry(self, x: ShardXorb) -> None:
+        name = hash_to_hex(x.hash)
+        meta = self._xorb_meta(name)
+        offsets, acc = [], 0
+        for size in meta.sizes:
+            offsets.append(acc)
+            acc += size
+        listed = [(hash_to_hex(c.hash), c.offset, c.size) for c in x.chunks]
+        if listed != list(zip(meta.hashes, offsets, meta.sizes, strict=True)):
+            raise XetError(
+                "ShardInvalid",
+                f"Invalid shard: its CAS entry for xorb {name} does not list the chunks of the stored xorb; "
+                "upload the shard hf_xet built for these xorbs (nothing was registered).",
+            )
+
+    def _check_file(self, f: ShardFile) -> dict[str, Any]:
+        name = hash_to_hex(f.file_hash)
+        chunks: list[tuple[bytes, int]] = []
+        segments = []
+        for i, s in enumerate(f.segments):
+            xorb = hash_to_hex(s.xorb)
+            meta = self._xorb_meta(xorb)
+            if s.end > len(meta.hashes) or sum(meta.sizes[s.start : s.end]) != s.size:
+                raise XetError(
+                    "ShardInvalid",
+                    f"Invalid shard: segment {i} of file {name} names chunks [{s.start}, {s.end}) of xorb {xorb} "
+                    f"with {s.size} bytes, which that xorb does not hold (nothing was registered).",
+                )
+            hashes = [hex_to_hash(h) for h in meta.hashes[s.start : s.end]]
+            if f.verification is not None and f.verification[i] != range_hash(hashes):
+                raise XetError(
+                    "FileHashMismatch",
+                    f"The verification entry of segment {i} of file {name} does not match the chunks of xorb "
+                    f"{xorb}; upload the shard hf_xet built (nothing was registered).",
+                )
+            chunks.extend(zip(hashes, meta.sizes[s.start : s.end], strict=True))
+            segments.append([xorb, s.start, s.end, s.size])
+        actual = hash_to_hex(file_hash(chunks))
+        if actual != name:
+            raise XetError(
+                "FileHashMismatch",
+                f"The chunks a shard lists for file {name} hash to {actual}; upload the shard hf_xet built "
+                "for this file (nothing was registered).",
+            )
+        known = self.file(name)
+        sha = known.sha256 if known else self._sha256(segments)
+        claimed = hash_to_hex(f.sha256) if f.sha256 and any(f.sha256) else None
+        if claimed is not None and claimed != sha:
+            raise XetError(
+                "FileHashMismatch",
+                f"The shard says file {name} has SHA-256 {claimed}, its content has {sha}; "
+                "upload the shard hf_xet built (nothing was registered).",
+            )
+        return {"file_hash": name, "sha256": sha, "size": f.size, "segments": segments}
+
+    def _sha256(self, segments: list[list]) -> str:
+        digest = hashlib.sha256()
+        for piece in self._read_segments(segments, 0, None):
+            digest.update(piece)
+        return digest.hexdigest()
+
+    def _apply(self, journal_path: Path) -> None:
+        journal = read_json(journal_path)
+        shard_id = journal["shard"]
+        atomic_write_json(self._path("shards", shard_id, ".json"), {"xorbs": journal["xorbs"]}, self.tmp)
+        for record in journal["files"]:
+            atomic_write_json(self._path("files", record["file_hash"], ".json"), record, self.tmp)
+            sha_path = self._path("sha256", record["sha256"], ".json")
+            atomic_write_json(sha_path, {"file_hash": record["file_hash"]}, self.tmp)
+        for h in journal["chunks"]:
+            atomic_write_json(self._path("chunks", h, ".json"), {"shard": shard_id}, self.tmp)
+        journal_path.unlink(missing_ok=True)
+        fsync_dir(journal_path.parent)
+
+    def file(self, file_hash: str) -> XetFile | None:
+        """The registered file with this Xet hash, or None."""
+        record = self._record(file_hash)
+        return XetFile(record["file_hash"], record["sha256"], record["size"]) if record else None
+
+    def file_by_sha256(self, sha256: str) -> XetFile | None:
+        """A registered file with this SHA-256, or None."""
+        path = self._path("sha256", sha256, ".json")
+        return self.file(read_json(path)["file_hash"]) if path.is_file() else None
+
+    def _record(self, file_hash: str) -> dict[str, Any] | None:
+        path = self._path("files", file_hash, ".json")
+        return read_json(path) if path.is_file() else None
+
+    def _require(self, file_hash: str) -> dict[str, Any]:
+        record = self._record(check_hash(file_hash, "file hash"))
+        if record is None:
+            raise XetError(
+                "FileNotFound", f"No file with Xet hash {file_hash} is registered; upload its shard first."
+            )
+        return record
+
+    # reads
+
+    def reconstruction(
+        self, file_hash: str, byte_range: tuple[int, int] | None, xorb_url: Callable[[str], str]
+    ) -> dict:
+        """JSON body answering `GET /v1/reconstructions/{file_hash}` (QueryReconstructionResponse).
+
+        Args:
+            file_hash: A registered file.
+            byte_range: `(start, end)` inclusive-exclusive over file bytes, or None for the whole file;
+                an end past the file is clamped.
+            xorb_url: Maps a xorb hash to the URL the client GETs it from (with a `Range` header).
+
+        Returns:
+            `{"offset_into_first_range", "terms": [{"hash", "unpacked_length", "range": {"start",
+            "end"}}], "fetch_info": {xorb_hash: [{"range", "url", "url_range": {"start", "end"}}]}}`;
+            chunk ranges are end-exclusive, `url_range` is inclusive (an HTTP Range).
+
+        Raises:
+            XetError: `InvalidHash`, `FileNotFound`, `RangeNotSatisfiable` (answer 416).
+        """
+        return reconstruction_v1(self._require(file_hash), byte_range, self._xorb_meta, xorb_url)
+
+    def reconstruction_v2(
+        self, file_hash: str, byte_range: tuple[int, int] | None, xorb_url: Callable[[str], str]
+    ) -> dict:
+        """JSON body answering `GET /v2/reconstructions/{file_hash}` (QueryReconstructionResponseV2):
+        the same terms, with `xorbs: {xorb_hash: [{"url", "ranges": [{"chunks", "bytes"}]}]}`, one
+        range per URL (so the client's `Range` header is always a single range)."""
+        return v1_to_v2(self.reconstruction(file_hash, byte_range, xorb_url))
+
+    def read_file(self, file_hash: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """Plain bytes `[start, end)` of a registered file, reconstructed from its xorbs, one chunk at a time.
+
+        Every chunk is checked against its hash as it is read (XetError `XorbCorrupt` otherwise).
+
+        Raises:
+            XetError: `InvalidHash`, `FileNotFound`, `RangeNotSatisfiable` (at the call, not while iterating).
+        """
+        record = self._require(file_hash)
+        if start == 0 and (end is None or end >= record["size"]):
+            return self._read_segments(record["segments"], 0, None)
+        lo, hi = clamp(record, (start, record["size"] if end is None else end))
+        return self._read_segments(record["segments"], lo, hi)
+
+    def _read_segments(self, segments: list[list], start: int, end: int | None) -> Iterator[bytes]:
+        return read_segments(segments, self._xorb_meta, self.xorb_path, start, end)
+
+    # dedupe, checks
+
+    def dedupe_shard(self, chunk_hash: str) -> bytes | None:
+        """Answer to `GET /v1/chunks/default-merkledb/{chunk_hash}`: a shard with the CAS info of the
+        xorbs used by the files whose upload indexed that chunk (no file section; chunk hashes keyed
+        with this store's key, named in the footer), or None (answer 404)."""
+        path = self._path("chunks", chunk_hash, ".json")
+        if not path.is_file():
+            return None
+        shard = self._path("shards", read_json(path)["shard"], ".json")
+        if not shard.is_file():
+            return None
+        xorbs = []
+        for xorb in read_json(shard)["xorbs"][:DEDUPE_MAX_XORBS]:
+            if self.has_xorb(xorb):
+                xorbs.append(_shard_xorb(xorb, self._xorb_meta(xorb), self._key))
+        if not xorbs:
+            return None
+        return build_shard([], xorbs, hmac_key=self._key, expiry=int(time.time()) + DEDUPE_EXPIRY_S)
+
+    def fsck(self) -> list[str]:
+        """Every problem found: xorb bytes vs their hash, registered files with a missing xorb, bad shards."""
+        return check_store(self)
+
+    def stats(self) -> dict:
+        """Counts and bytes: `{"xorbs", "xorb_bytes", "files", "file_bytes", "shards", "chunks_indexed"}`."""
+        xorbs = [p for p in (self.root / "xorbs").glob("*/*") if p.suffix != ".json"]
+        files = [read_json(p) for p in (self.root / "files").glob("*/*.json")]
+        return {
+            "xorbs": len(xorbs),
+            "xorb_bytes": sum(p.stat().st_size for p in xorbs),
+            "files": len(files),
+            "file_bytes": sum(f["size"] for f in files),
+            "shards": sum(1 for _ in (self.root / "shards").glob("*/*.json")),
+            "chunks_indexed": sum(1 for _ in (self.root / "chunks").glob("*/*.json")),
+        }
