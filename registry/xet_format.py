@@ -41,6 +41,8 @@ BOOKEND = b"\xff" * 32
 MAX_CHUNK_SIZE = 128 * 1024
 MAX_XORB_BYTES = 64 * 1024 * 1024
 MAX_XORB_CHUNKS = 8 * 1024
+MAX_XORB_SERIALIZED = 2 * MAX_XORB_BYTES
+"""Largest xorb body accepted: 64 MiB of chunks stored uncompressed plus headers and footer fit well within."""
 GLOBAL_DEDUPE_MODULUS = 1024
 SCHEME_NONE, SCHEME_LZ4, SCHEME_BG4_LZ4 = 0, 1, 2
 XORB_IDENT = b"XETBLOB"
@@ -237,6 +239,8 @@ def parse_xorb(data: bytes) -> Xorb:
     Raises:
         XetError: `XorbInvalid` for bad framing, compression, limits or a footer that disagrees.
     """
+    if len(data) > MAX_XORB_SERIALIZED:
+        raise _bad_xorb(f"it has {len(data)} bytes (at most {MAX_XORB_SERIALIZED})")
     view = memoryview(data)
     chunks: list[XorbChunk] = []
     pos = 0

@@ -18,6 +18,12 @@ journal: it is written (atomically) only after the whole shard verified, then it
 applied and it is removed; a journal left by a crash is applied at the next start, so a crash
 leaves all or none of a shard's files registered.
 
+Dedupe answers show chunk hashes keyed with a secret of this store (`dedupe_key.json`, named in the
+answer's footer as the spec's `chunk_hash_hmac_key`): a client learns which xorb holds a chunk it has,
+never the plain hashes of the other chunks, and registering a file needs all of its chunk hashes (the
+file hash and the verification entries are checked), so an answer cannot be turned into access to
+content the client does not hold.
+
 Create one `XetStore` per registry root (at server start): it replays journals and clears stale
 temporary files when constructed.
 """
