@@ -98,6 +98,7 @@ class XetStore:
             (self.root / name).mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._meta: dict[str, XorbMeta] = {}
+        self._meta_lock = threading.Lock()
         key_path = self.root / "dedupe_key.json"
         if not key_path.exists():
             atomic_write_json(key_path, {"key": secrets.token_hex(32)}, self.tmp)
@@ -169,9 +170,10 @@ class XetStore:
             self.xorb_path(xorb_hash)
             raw = read_json(self._path("xorbs", xorb_hash, ".json"))
             meta = XorbMeta(raw["hashes"], raw["ends"], raw["sizes"])
-            if len(self._meta) >= _META_CACHE:
-                self._meta.pop(next(iter(self._meta)))
-            self._meta[xorb_hash] = meta
+            with self._meta_lock:  # request threads share the cache
+                if len(self._meta) >= _META_CACHE:
+                    self._meta.pop(next(iter(self._meta)))
+                self._meta[xorb_hash] = meta
         return meta
 
     # shards and files
