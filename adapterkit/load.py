@@ -139,8 +139,14 @@ def _signature(state: dict | None, what: str, device) -> DomainSignature | None:
     """The domain's routing signature, or None for a file written before signatures existed."""
     if state is None:
         return None
-    mean = state.get("mean")
-    signature = DomainSignature(mean.shape[0] if mean is not None and mean.dim() == 1 else 0, device=device)
+    mean, log_var = state.get("mean"), state.get("log_var")
+    if mean is not None and mean.dim() == 1 and "log_weight" not in state:  # one Gaussian (before mixtures)
+        state = dict(state, mean=mean[None], log_var=log_var[None] if log_var is not None else None)
+        state["log_weight"] = torch.zeros(1)
+    shape = (
+        tuple(state["mean"].shape) if state.get("mean") is not None and state["mean"].dim() == 2 else (1, 0)
+    )
+    signature = DomainSignature(shape[1], shape[0], device=device)
     try:
         signature.load_state_dict(state)
     except RuntimeError as e:

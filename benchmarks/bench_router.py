@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
@@ -38,10 +38,13 @@ ORDERS = (
 )
 
 
-def tensors(model: AdapterModel, dataset, limit: int) -> torch.Tensor:
+def tensors(model: AdapterModel, dataset, limit: int, seed: int = 0) -> torch.Tensor:
+    """A seeded random sample of `limit` images: the datasets are stored sorted by class (GTSRB by
+    class and track), so their first images would cover a few classes only."""
     dcfg = resolve_data_config(model.pretrained_cfg, {"input_size": (3, 32, 32)})
     ds = DomainDataset(open_data(dataset), Preprocess(dcfg))
-    return torch.cat([x for x, _ in DataLoader(ds, batch_size=256)])[:limit]
+    pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:limit]
+    return torch.cat([x for x, _ in DataLoader(Subset(ds, pick.tolist()), batch_size=256)])
 
 
 def auroc(known: torch.Tensor, unknown: torch.Tensor) -> float:

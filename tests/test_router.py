@@ -4,12 +4,19 @@ flagged, and signatures travel with the domain's file."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import torch
 from checks import perturb
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from adapterkit import AdapterModel
 from adapterkit.family import save_family
+from adapterkit.format import domain_entry_file, domain_file
+from adapterkit.router import DomainSignature, collect_features
 
 COLOURS = {"red": (2.0, -1.0, -1.0), "green": (-1.0, 2.0, -1.0), "blue": (-1.0, -1.0, 2.0)}
 
@@ -89,6 +96,38 @@ def test_signature_travels_with_the_domain_file(model, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
     x = images("blue", 4, seed=7)
     assert loaded.route(x).best == ["blue"] * 4
+
+
+def test_a_single_gaussian_signature_written_before_mixtures_still_loads(tmp_path):
+
+    model = AdapterModel.from_backbone("test_resnet")
+    model.add_domain("red", num_classes=2)
+    features = collect_features(model, batches(images("red", 64, seed=3)))
+    model.signatures["red"] = DomainSignature.fit(features, components=1)
+    save_family(model, tmp_path / "fam")
+    path = tmp_path / "fam" / domain_file("red")
+    state = load_file(path)
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    state["signature.mean"], state["signature.log_var"] = (
+        state["signature.mean"][0],
+        state["signature.log_var"][0],
+    )
+    del state["signature.log_weight"]  # the layout of the first release: mean, log_var (F,), threshold
+    save_file(state, path, metadata=metadata)
+    entry_path = tmp_path / "fam" / domain_entry_file("red")
+    entry = json.loads(entry_path.read_text())
+    entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    entry_path.write_text(json.dumps(entry))
+    loaded = AdapterModel.from_pretrained(tmp_path / "fam")
+    x = images("red", 4, seed=8)
+    assert torch.equal(loaded.route(x).scores, model.route(x).scores)
+
+
+def test_fitting_a_signature_is_deterministic(model):
+    features = collect_features(model, batches(images("green", 64, seed=4)))
+    a, b = DomainSignature.fit(features).state_dict(), DomainSignature.fit(features).state_dict()
+    assert a["mean"].shape[0] == 2 and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_family_without_signatures_loads_and_routing_says_what_to_do(tmp_path):
