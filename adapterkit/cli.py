@@ -1,16 +1,16 @@
 """The `adapterkit` command line (typer): train, eval, export a family; push, pull, list, info on the Hub.
 
     adapterkit train  --family DIR --domain NAME --data DIR [--backbone NAME] [options]
-    adapterkit eval   --family DIR --data [DOMAIN=]DIR ...
+    adapterkit eval   --family DIR --data [DOMAIN=]DIR ... [--output R.json] [--plot R.png]
     adapterkit export --family DIR --domain NAME --output DIR
     adapterkit push FAMILY REPO_ID      adapterkit pull REPO_ID FAMILY
     adapterkit list [--backbone NAME]   adapterkit info REPO_ID_OR_FAMILY
     adapterkit serve SOURCE [--domain NAME ...] [--port N]
 
-The commands live in `cli_train.py` (train), `cli_model.py` (eval, export: they run a model),
-`cli_hub.py` (push, pull, list, info: files and the Hub only) and `cli_serve.py` (serve); the
-`app.command` lines below are the whole command tree. Those modules import torch, timm and the Hub
-client inside the command functions, so `--help`, `--version`, `list` and `info` start without loading
+The commands live in `cli_train.py` (train), `cli_eval.py` (eval), `cli_model.py` (export, and what
+every command that runs a model shares), `cli_hub.py` (push, pull, list, info: files and the Hub
+only) and `cli_serve.py` (serve); the `app.command` lines below are the whole command tree. Those
+modules import torch, timm and the Hub client inside the command functions, so `--help`, `--version`, `list` and `info` start without loading
 a model stack (`cli_output.py`: tables and messages; `cli_errors.py`: what an expected failure says).
 Every expected failure prints one line naming the problem and the fix and exits with 2; `--verbose`
 adds the traceback and INFO logging.
@@ -27,7 +27,7 @@ from typing import Annotated
 
 import typer
 
-from . import __version__, cli_hub, cli_model, cli_serve, cli_train
+from . import __version__, cli_eval, cli_hub, cli_model, cli_serve, cli_train
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 app = typer.Typer(
@@ -39,7 +39,7 @@ app = typer.Typer(
     context_settings=CONTEXT,
 )
 app.command("train", context_settings=CONTEXT)(cli_train.train)
-app.command("eval", context_settings=CONTEXT)(cli_model.evaluate)
+app.command("eval", context_settings=CONTEXT)(cli_eval.evaluate)
 app.command("export", context_settings=CONTEXT)(cli_model.export)
 app.command("push", context_settings=CONTEXT)(cli_hub.push)
 app.command("pull", context_settings=CONTEXT)(cli_hub.pull)

@@ -1,6 +1,6 @@
-"""`adapterkit eval / export`, and what every command that runs a model shares (`train` is in
-`cli_train.py`): reading a family's config without torch, opening it on the backbone it recorded,
-and `--threads`.
+"""`adapterkit export`, and what every command that runs a model shares (`train` is in
+`cli_train.py`, `eval` in `cli_eval.py`): reading a family's config without torch, opening it on the
+backbone it recorded, and `--threads`.
 
 Every command after `train` created a family rebuilds the backbone the family recorded, without
 backbone flags (`--backbone-weights FILE` when a recorded weights file moved). torch, timm and the
@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from .cli_errors import CliError, short_reason
-from .cli_output import print_table, status
+from .cli_output import status
 
 # Measured on the shared 2-core machine (README, "Command line"): training a domain (2 epochs, 64 px)
 # took 1.9 s with one thread vs 13.5-14.6 s with torch's default of one per core (test_resnet), and
@@ -145,67 +145,6 @@ def data_split(path: Path, preferred: tuple[str, ...]):
     splits = open_splits(path)
     name = next((s for s in preferred if s in splits), None)
     return (name, splits[name]) if name else (None, None)
-
-
-# ---------------------------------------------------------------------- eval
-def _eval_jobs(
-    family: Path, config: dict[str, Any], data: list[str], domain: str | None
-) -> list[tuple[str, Path]]:
-    known = list(config["domains"])
-    jobs = []
-    for item in data:
-        name, sep, path = item.partition("=")
-        if not sep:
-            name, path = domain or (known[0] if len(known) == 1 else None), item
-            if name is None:
-                raise CliError(
-                    f"{family} has domains {', '.join(known)}: pass --domain NAME or --data DOMAIN=DIR"
-                )
-        jobs.append((name, require_folder(Path(path), "--data")))
-    check_domains(family, config, [n for n, _ in jobs])
-    return jobs
-
-
-def evaluate(
-    family: Family,
-    data: Annotated[
-        list[str], typer.Option(help="[DOMAIN=]DIR, repeatable; DIR's test/ or val/ split if it has one")
-    ],
-    domain: Annotated[
-        str | None,
-        typer.Option(
-            help="domain of a --data without DOMAIN= \\[default: the family's only one]", show_default=False
-        ),
-    ] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 64,
-    workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes")] = 0,
-    backbone_weights: BackboneWeights = None,
-    no_progress: Progress = False,
-    threads: Threads = DEFAULT_THREADS,
-) -> None:
-    """Evaluate domains of a family on image folders (top-1 accuracy).
-
-    Example: adapterkit eval --family fam/ --data gtsrb=gtsrb/ --data flowers=flowers/
-    """
-    config = require_family(family)
-    jobs = _eval_jobs(family, config, data, domain)  # checked before torch is imported
-    from .train import TrainConfig
-    from .train import evaluate as accuracy_of
-
-    cfg = TrainConfig(eval_batch_size=batch_size, num_workers=workers, progress=not no_progress)
-    with torch_threads(threads) as n:
-        model = open_family(family, config, list(dict.fromkeys(d for d, _ in jobs)), backbone_weights)
-        status(f"evaluating {plural(len(jobs), 'data set')} of {family} ({plural(n, 'thread')})")
-        rows = []
-        for name, path in jobs:
-            part, dataset = data_split(path, ("test", "val", "validation", "train"))
-            if dataset is None:
-                raise CliError(f"{path} has no images; give a folder with class subfolders, or test/")
-            accuracy = accuracy_of(model, dataset, name, config=cfg)
-            stored = model.domain_info(name).metrics.get("accuracy", float("nan"))
-            where = f"{path}" + (f" ({part})" if part != "train" else "")
-            rows.append([name, where, len(dataset), accuracy, 1 - accuracy, stored])
-    print_table(["domain", "data", "images", "accuracy", "error", "at training"], rows)
 
 
 # ---------------------------------------------------------------------- export
