@@ -198,6 +198,7 @@ def _check_outputs(
 # ---------------------------------------------------------------------- evaluating
 def _evaluate_family(path: Path, config: dict[str, Any], jobs: list[Job], cfg: Any, weights: Path | None):
     """The family's record for the JSON document, and its rows of the printed table."""
+    from .compress import parameter_report
     from .train import evaluate as accuracy_of
 
     mine = [(name, where) for name, where in jobs if name in config["domains"]]
@@ -216,7 +217,7 @@ def _evaluate_family(path: Path, config: dict[str, Any], jobs: list[Job], cfg: A
                            "images": len(dataset), "sha256": config["domains"][name].get("sha256")}  # fmt: skip
     backbone = config["backbone"]
     record = {"family": str(path), "backbone": backbone.get("name"), "fingerprint": backbone.get("fingerprint"),
-              "domains": evaluated}  # fmt: skip
+              "domains": evaluated, "parameters": parameter_report(model)}  # fmt: skip
     return record, rows
 
 
@@ -230,6 +231,8 @@ def _matrix_result(records, columns, baseline, held: list[set[str]]) -> dict[str
     metrics: dict[str, Any] = {
         "mean_accuracy": [_mean([a for a in row if a is not None]) for row in matrix],
         "domains_evaluated": [sum(a is not None for a in row) for row in matrix],
+        # backbone + basis + the evaluated domains' own parameters, in backbones (the paper's "#par")
+        "total_parameters": [r["parameters"]["relative"] for r in records],
     }
     sequence = len(records) == len(columns) > 1 and all(
         h == set(columns[: i + 1]) for i, h in enumerate(held)

@@ -8,6 +8,7 @@ import json
 import shutil
 
 import pytest
+import timm
 from cli_support import TRAIN, cli, image_folder, table, weights_file
 from train_support import fresh_accelerate_state  # noqa: F401  (autouse fixture)
 
@@ -55,10 +56,18 @@ def test_one_family_is_one_row(families, tmp_path):
     config = json.loads((family / "adapterkit.json").read_text())
     record = result["families"][0]
     assert record["fingerprint"] == config["backbone"]["fingerprint"] and record["backbone"] == "test_resnet"
-    for name in ("pets", "more"):  # the exact files evaluated
+    row_names = ("pets", "more")
+    for name in row_names:  # the exact files evaluated
         entry = json.loads((family / "domains" / f"{name}.json").read_text())
         assert record["domains"][name]["sha256"] == entry["sha256"]
         assert record["domains"][name]["split"] == "test" and record["domains"][name]["images"] == 9
+    own = {
+        name: json.loads((family / "domains" / f"{name}.json").read_text())["parameters"]
+        for name in row_names
+    }
+    backbone = sum(p.numel() for p in timm.create_model("test_resnet", num_classes=0).parameters())
+    assert record["parameters"]["domains"] == own and record["parameters"]["backbone"] == backbone
+    assert result["metrics"]["total_parameters"] == [pytest.approx(1 + sum(own.values()) / backbone)]
     assert read_csv(out[1]) == [["family", "pets", "more"], [str(family), *map(repr, row)]]
     assert out[2].read_bytes()[:8] == PNG and out[2].stat().st_size > 5_000
     assert f"{family}: mean accuracy {sum(row) / 2:.4f} over 2 domains" in run.stdout
