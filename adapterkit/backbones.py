@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_classifier, get_device_dtype
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 
 __all__ = ["BasicBlock", "ShortcutA", "SmallResNet"]
 
@@ -229,18 +230,20 @@ class SmallResNet(nn.Module):
         self,
         x: torch.Tensor,
         indices: int | list[int] | None = None,
+        stop_early: bool = False,
         intermediates_only: bool = False,
         **_: Any,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """The stem's and every stage's output (timm's `forward_intermediates` convention, NCHW)."""
+        """The stem's and every stage's output, NCHW, as timm's `forward_intermediates`: `indices` an int
+        takes the last n, a list those indices; `stop_early` skips the stages after the last one taken."""
+        count = len(self.stage_names) + 1
+        keep = feature_take_indices(count, indices)[0]
+        last = max(keep) if stop_early and intermediates_only else count - 1
         x = self.act1(self.bn1(self.conv1(x)))
         outputs = [x]
-        for name in self.stage_names:
+        for name in self.stage_names[:last]:
             x = getattr(self, name)(x)
             outputs.append(x)
-        keep = (
-            range(len(outputs)) if indices is None else ([indices] if isinstance(indices, int) else indices)
-        )
         chosen = [outputs[i] for i in keep]
         return chosen if intermediates_only else (self.final_act(self.final_bn(x)), chosen)
 

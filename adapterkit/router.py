@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 REJECT = 0.01  # share of a domain's own images the threshold may call unknown
 MAX_IMAGES = 4096  # images a signature is fitted on (the rest add nothing measurable)
-COMPONENTS = 2  # Gaussians per signature: 2 fit the 1 % size budget; on the real sequence 1 -> 2 took
-# mean routing from 0.90 to 0.94 (docs/benchmarks.md, "Routing")
+COMPONENTS = 3  # Gaussians per signature, within the 1 % size budget; on the real sequence 1 -> 3 took
+# mean routing from 0.89 to 0.95 (docs/benchmarks.md, "Routing")
 EM_STEPS = 30
 
 
@@ -137,14 +137,17 @@ def route(features: torch.Tensor, signatures: dict[str, DomainSignature]) -> Rou
 
 
 def style_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What signatures read: per channel, the spatial mean and log standard deviation of every stage's
-    output (what tells a digit from a traffic sign is mostly such image statistics; the last stage's
-    means are the pooled features). One pass of the plain backbone; backbones without timm's
-    `forward_intermediates` give their pooled features only."""
+    """What signatures read: per channel, the spatial mean and log standard deviation of the stem's and
+    every stage's output but the last (what tells a digit from a traffic sign is image statistics, which
+    the early stages carry; on the real sequence dropping the last stage routed better, and the pass
+    stops there, at about two thirds of a forward for a CIFAR ResNet). Backbones with one stage read it;
+    backbones without timm's `forward_intermediates` give their pooled features only."""
     if not hasattr(backbone, "forward_intermediates"):
         return backbone(x).flatten(1).float()
+    stages = len(getattr(backbone, "feature_info", ())) or 1
+    take = list(range(max(stages - 1, 1)))
     rows = []
-    for t in backbone.forward_intermediates(x, intermediates_only=True):
+    for t in backbone.forward_intermediates(x, indices=take, stop_early=True, intermediates_only=True):
         t = t.float().flatten(2) if t.dim() == 4 else t.float().transpose(1, 2)  # (N, C, positions)
         rows += [t.mean(dim=2), (t.std(dim=2, correction=0) + 1e-5).log()]
     return torch.cat(rows, dim=1)

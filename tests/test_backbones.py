@@ -73,6 +73,20 @@ def test_feature_info(name: str) -> None:
     assert [size[-1] // o.shape[-1] for o in outs] == [i["reduction"] for i in info]
 
 
+def test_forward_intermediates_follows_timm() -> None:
+    model = timm.create_model("cifar_resnet20").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        every = model.forward_intermediates(x, intermediates_only=True)
+        last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)  # an int: the last n
+        early = model.forward_intermediates(x, indices=[0, 1], stop_early=True, intermediates_only=True)
+        final, _ = model.forward_intermediates(x)
+    assert [t.shape[1] for t in every] == [i["num_chs"] for i in model.feature_info]
+    assert all(torch.equal(a, b) for a, b in zip(last_two, every[2:], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(early, every[:2], strict=True))
+    assert torch.equal(final, model.forward_features(x))
+
+
 @pytest.mark.parametrize("name", ["cifar_resnet20", "resnet26_decathlon"])
 def test_plain_convs_for_adapters(name: str) -> None:
     model = timm.create_model(name)

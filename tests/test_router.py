@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from adapterkit import AdapterModel
 from adapterkit.family import save_family
 from adapterkit.format import domain_entry_file, domain_file
-from adapterkit.router import DomainSignature, collect_features
+from adapterkit.router import COMPONENTS, DomainSignature, collect_features
 
 COLOURS = {"red": (2.0, -1.0, -1.0), "green": (-1.0, 2.0, -1.0), "blue": (-1.0, -1.0, 2.0)}
 
@@ -127,7 +127,7 @@ def test_a_single_gaussian_signature_written_before_mixtures_still_loads(tmp_pat
 def test_fitting_a_signature_is_deterministic(model):
     features = collect_features(model, batches(images("green", 64, seed=4)))
     a, b = DomainSignature.fit(features).state_dict(), DomainSignature.fit(features).state_dict()
-    assert a["mean"].shape[0] == 2 and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["mean"].shape[0] == COMPONENTS and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_family_without_signatures_loads_and_routing_says_what_to_do(tmp_path):
