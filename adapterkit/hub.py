@@ -71,6 +71,12 @@ def _hub_error(error: Exception, repo_id: str) -> Exception:
     """A clear error for what the Hub answered (auth, conflicts, Xet), or the error itself."""
     from huggingface_hub.errors import HfHubHTTPError
 
+    text = str(error)
+    if "xet-write-token" in text and ("404" in text or "501" in text):  # hf_xet's error: a server without Xet
+        return RuntimeError(
+            f"{endpoint()} does not speak Xet: upgrade the server (adapterkit-registry speaks it), "
+            "or set HF_HUB_DISABLE_XET=1 to upload through the LFS batch API, and retry"
+        )
     if is_connection_error(error):
         return unreachable(error)
     status = getattr(getattr(error, "response", None), "status_code", None)
@@ -87,8 +93,6 @@ def _hub_error(error: Exception, repo_id: str) -> Exception:
             f"{endpoint()} refused to write {repo_id}: the token is read-only or the namespace is not yours. "
             "Use a write token for that namespace, or push to your own (e.g. yourname/family)"
         )
-    if "xet-write-token" in str(error):
-        return RuntimeError(f"{endpoint()} does not speak Xet; set HF_HUB_DISABLE_XET=1 and retry")
     return error
 
 

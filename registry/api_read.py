@@ -40,8 +40,6 @@ def register(router: Router) -> None:
     router.add("POST", REPO + "/paths-info/{*rev}", get_paths_info)
     router.add("GET", REPO + "/refs", refs)
     router.add("GET", REPO + "/commits/{*rev}", commits)
-    router.add("GET POST", REPO + "/xet-read-token/{*rev}", no_xet)
-    router.add("GET POST", REPO + "/xet-write-token/{*rev}", no_xet)
     router.add("GET", "/datasets/{ns}/{name}/resolve/{rev}/{*path}", resolve_dataset)
     router.add("GET", "/{ns}/{name}/resolve/{rev}/{*path}", resolve)
 
@@ -70,16 +68,6 @@ async def whoami(ctx: Ctx) -> Response:
             "orgs": [{"type": "org", "name": o, "fullname": o} for o in p.orgs],
             "auth": {"type": "access_token", "accessToken": {"displayName": p.token_id, "role": p.scope}},
         }
-    )
-
-
-async def no_xet(ctx: Ctx) -> Response:
-    """Xet is not implemented: say so, with the fix."""
-    raise HubError(
-        501,
-        "XetNotSupported",
-        "This registry does not support Xet storage. Files above the LFS threshold must be uploaded with "
-        "the classic LFS API: set HF_HUB_DISABLE_XET=1 in the client environment.",
     )
 
 
@@ -211,7 +199,7 @@ async def tree(ctx: Ctx) -> Response:
         entries = list_tree(ctx.storage.files(key, head), folder, recursive, head, oid)
         if expand:
             add_last_commits(ctx.storage, key, head, entries)
-        return entries
+        return _add_xet_hashes(ctx, key, entries)
 
     return _paginated(ctx, await ctx.run(listing), ctx.hub.config.page_size)
 
@@ -242,7 +230,7 @@ async def get_paths_info(ctx: Ctx) -> Response:
         entries = paths_info(ctx.storage.files(key, head), paths, oid)
         if expand:
             add_last_commits(ctx.storage, key, head, entries)
-        return entries
+        return _add_xet_hashes(ctx, key, entries)
 
     return json_response(await ctx.run(info))
 
@@ -314,20 +302,34 @@ async def resolve(ctx: Ctx) -> Response:
     }
     if entry["lfs"]:
         headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(size)})
+        xet_hash = await ctx.run(ctx.storage.lfs_xet, key, entry["sha256"])
+        if xet_hash:  # Xet clients download it through reconstruction; others read the bytes below
+            refresh = f"{ctx.base_url()}/api/{key.type}s/{key.id}/xet-read-token/{head}"
+            headers.update({"X-Xet-Hash": xet_hash, "Link": f'<{refresh}>; rel="xet-auth"'})
     start, end, status = 0, size, 200
     range_header = ctx.request.headers.get("range")
     if range_header and ctx.request.method == "GET":
-        start, end = _parse_range(range_header, size)
+        start, end = parse_range(range_header, size)
         status = 206
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     headers["Content-Length"] = str(end - start)
     if ctx.request.method == "HEAD":
         return Response(status_code=status, headers=headers)
     blob = ctx.storage.blobs.path(entry["sha256"])
-    return StreamingResponse(_read_file(blob, start, end), status_code=status, headers=headers)
+    return StreamingResponse(read_range(blob, start, end), status_code=status, headers=headers)
 
 
-def _parse_range(value: str, size: int) -> tuple[int, int]:
+def _add_xet_hashes(ctx: Ctx, key: RepoKey, entries: list[dict]) -> list[dict]:
+    """`xetHash` on the LFS entries stored through Xet (the client then skips the HEAD for them)."""
+    for e in entries:
+        lfs = e.get("lfs")
+        xet_hash = ctx.storage.lfs_xet(key, lfs["oid"]) if lfs else None
+        if xet_hash:
+            e["xetHash"] = xet_hash
+    return entries
+
+
+def parse_range(value: str, size: int) -> tuple[int, int]:
     """`bytes=a-b`, `bytes=a-` or `bytes=-n` to a half-open interval (416 if unsatisfiable)."""
     m = _RANGE.match(value.strip())
     start = end = None
@@ -347,8 +349,8 @@ def _parse_range(value: str, size: int) -> tuple[int, int]:
     return start, end
 
 
-async def _read_file(path: Path, start: int, end: int, chunk: int = 1024 * 1024) -> AsyncIterator[bytes]:
-    """Stream `[start, end)` of a blob."""
+async def read_range(path: Path, start: int, end: int, chunk: int = 1024 * 1024) -> AsyncIterator[bytes]:
+    """Stream `[start, end)` of a file (a blob, a xorb)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         pos = start

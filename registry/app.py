@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import api_lfs, api_read, api_user, api_write, web
+from . import api_lfs, api_read, api_user, api_write, api_xet, web
 from .context import Ctx, Hub, RegistryConfig, json_response
 from .errors import HubError
 from .routing import Router, split_raw_path
@@ -33,6 +33,7 @@ def error_response(err: HubError, method: str) -> Response:
 def build_router() -> Router:
     """All routes, in matching order."""
     router = Router()
+    api_xet.register(router)  # the CAS routes (/v1/...) first: they authenticate with CAS tokens
     web.register(router)
     api_write.register(router)
     api_lfs.register(router)
@@ -67,8 +68,13 @@ def create_app(config: RegistryConfig | str | Path) -> Starlette:
         method = request.method
         try:
             principal = None
+            try:
+                handler, params = router.match(method, split_raw_path(request.scope.get("raw_path") or b"/"))
+                unmatched = None
+            except HubError as err:  # answered after the token check, as before
+                handler, params, unmatched = None, {}, err
             auth = request.headers.get("authorization")
-            if auth:
+            if auth and not getattr(handler, "cas_auth", False):  # CAS routes check their own tokens
                 scheme, _, token = auth.partition(" ")
                 principal = hub.tokens.authenticate(token.strip()) if scheme.lower() == "bearer" else None
                 if principal is None:
@@ -80,7 +86,8 @@ def create_app(config: RegistryConfig | str | Path) -> Starlette:
                         "or unset HF_TOKEN for anonymous read access.",
                         header_message=INVALID_CREDENTIALS,
                     )
-            handler, params = router.match(method, split_raw_path(request.scope.get("raw_path") or b"/"))
+            if unmatched is not None:
+                raise unmatched
             return await handler(Ctx(hub, request, params, principal))
         except HubError as err:
             # The unread rest of a body is discarded by the HTTP server after this answer; a body

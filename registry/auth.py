@@ -190,6 +190,20 @@ class TokenStore:
             return None
         return Principal(row[1], row[2], tuple(json.loads(row[3])), row[0])
 
+    def by_id(self, token_id: str) -> Principal | None:
+        """The principal of the token with this public id, or None once it is revoked.
+
+        Xet CAS tokens name the Hub token they were issued for, so revoking it ends their access too.
+        """
+        row = (
+            self._db()
+            .execute("SELECT id, user, scope, orgs FROM tokens WHERE id = ?", (token_id,))
+            .fetchone()
+        )
+        if row is None:
+            return None
+        return Principal(row[1], row[2], tuple(json.loads(row[3])), row[0])
+
 
 def create_token(
     root: str | Path, user: str, scope: str = "write", name: str = "", orgs: tuple[str, ...] = ()
@@ -213,7 +227,8 @@ def create_token(
 
 
 class UrlSigner:
-    """HMAC signatures for LFS upload URLs (the client sends those PUTs without `Authorization`).
+    """HMAC signatures for LFS upload URLs (the client sends those PUTs without `Authorization`), Xet CAS
+    access tokens and the signed xorb URLs of Xet reconstructions.
 
     The key lives in `<root>/secret.key` (created on first use, mode 0600).
 

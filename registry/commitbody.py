@@ -48,8 +48,8 @@ def too_large_inline(limit: int) -> HubError:
     return HubError(
         413,
         "PayloadTooLarge",
-        f"Files above {limit} bytes cannot travel inline in the commit: upload them through LFS "
-        "(preupload answers 'lfs' for them; clients set HF_HUB_DISABLE_XET=1).",
+        f"Files above {limit} bytes cannot travel inline in the commit: upload them through Xet or LFS "
+        "first (preupload answers 'lfs' for them; huggingface_hub does this by itself).",
     )
 
 
@@ -250,8 +250,8 @@ def parse_commit(
                 lfs = storage.lfs_object(key, oid)
                 if lfs is None:
                     raise bad_request(
-                        f"LFS object {oid} for {path!r} was not uploaded to this repo; upload it through the "
-                        "LFS batch API first (clients: set HF_HUB_DISABLE_XET=1).",
+                        f"LFS object {oid} for {path!r} was not uploaded to this repo; upload it first "
+                        "(through Xet, or the LFS batch API), then commit.",
                         "LfsObjectMissing",
                     )
                 if value.get("size") is not None and (

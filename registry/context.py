@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from .auth import Principal, TokenStore, UrlSigner
 from .errors import HubError, RegistryError, repo_not_found, too_large
 from .storage import RepoKey, Storage
 from .validation import REPO_TYPES, URL_PREFIXES, check_repo_id
+from .xet_store import XetStore
 
 T = TypeVar("T")
 MB = 1024 * 1024
@@ -30,12 +32,12 @@ class RegistryConfig:
 
     Attributes:
         root: Folder holding all state (created if missing).
-        lfs_threshold_bytes: Files larger than this are uploaded through LFS (clients must set
-            `HF_HUB_DISABLE_XET=1` for them); smaller ones travel inline in the commit.
+        lfs_threshold_bytes: Files larger than this are uploaded through Xet (or, by clients with
+            `HF_HUB_DISABLE_XET=1`, through the LFS batch API); smaller ones travel inline in the commit.
         max_upload_bytes: Largest file, and largest total of new content in one commit request.
         page_size: Entries per page for tree, commits and model listings (`Link` pagination).
         public_url: Base URL clients use (e.g. behind a reverse proxy); default: from the `Host` header.
-        signed_url_ttl_s: Lifetime of signed LFS upload URLs.
+        signed_url_ttl_s: Lifetime of signed LFS upload URLs, Xet CAS access tokens and signed xorb URLs.
     """
 
     root: Path
@@ -74,6 +76,20 @@ class Hub:
         self.storage.recover()  # safe: no other server can be writing to this root
         self.tokens = TokenStore(config.root)
         self.signer = UrlSigner(config.root)
+        self.xet = XetStore(self.storage.root / "xet")
+        self._received = {"xorbs": 0, "xorb_bytes": 0, "shards": 0, "shard_bytes": 0}
+        self._received_lock = threading.Lock()
+
+    def count_received(self, kind: str, nbytes: int) -> None:
+        """Count one Xet upload body (`kind` is `xorb` or `shard`), whatever its outcome."""
+        with self._received_lock:
+            self._received[kind + "s"] += 1
+            self._received[kind + "_bytes"] += nbytes
+
+    def xet_received(self) -> dict[str, int]:
+        """Xet upload bodies received since the server started: counts and bytes of xorbs and shards."""
+        with self._received_lock:
+            return dict(self._received)
 
     @property
     def closed(self) -> bool:

@@ -11,6 +11,7 @@ import hashlib
 from .blobs import read_json
 from .objects import is_dir
 from .storage import RepoKey, Storage, commit_id
+from .xet_store import XetStore
 
 
 def _check_commits(storage: Storage, key: RepoKey, problems: list[str], blobs: dict[str, dict]) -> list[str]:
@@ -66,7 +67,7 @@ def _check_trees(storage: Storage, key: RepoKey, roots: list[str], problems: lis
 
 def fsck(storage: Storage, deep: bool = True) -> list[str]:
     """Check every repo: refs point to known commits, commit ids match content, trees and blobs exist
-    and hash right.
+    and hash right; then the Xet store (every xorb against its hash, every registered file's xorbs).
 
     Args:
         storage: The registry storage.
@@ -88,4 +89,6 @@ def fsck(storage: Storage, deep: bool = True) -> list[str]:
             info = storage.blobs.hash_file(sha)
             if (info.sha256, info.sha1) != (sha, entry["sha1"]):
                 problems.append(f"{entry['where']}: blob is corrupted")
+    if (storage.root / "xet").is_dir():  # xorbs, shards and files stored through Xet
+        problems += [f"xet: {p}" for p in XetStore(storage.root / "xet").fsck()]
     return problems

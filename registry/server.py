@@ -30,7 +30,8 @@ class RegistryServer:
         host: Interface to bind.
         port: Port to bind; 0 picks a free one (see `url` / `port` once started).
         tokens: Plain tokens to register before starting, mapping token -> `(user, scope)`.
-        lfs_threshold_mb: Files above this size go through LFS (clients need `HF_HUB_DISABLE_XET=1`).
+        lfs_threshold_mb: Files above this size go through Xet (or the LFS batch API for clients
+            with `HF_HUB_DISABLE_XET=1`); smaller ones travel inline in the commit.
         max_upload_mb: Largest accepted file / commit content.
         page_size: Entries per page of paginated listings.
         public_url: Base URL clients see, when behind a proxy.

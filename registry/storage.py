@@ -11,7 +11,7 @@ Layout under the root (see `docs/registry.md`)::
     repos/<type>s/<ns>/<name>/commits.log         ids of all acknowledged commits (CommitLog)
     repos/<type>s/<ns>/<name>/commits/<id>.json   immutable commit: parents, root tree id, metadata, message
     repos/<type>s/<ns>/<name>/trees/ab/<id>       content-addressed folders shared by commits (objects.py)
-    repos/<type>s/<ns>/<name>/lfs/<sha256>        LFS objects uploaded to this repo
+    repos/<type>s/<ns>/<name>/lfs/<sha256>        LFS objects uploaded to this repo (and their Xet hash)
 
 A commit writes its blobs, its changed folders, its commit file, then replaces `refs.json` (under a
 per-repo lock), then appends its id to `commits.log`. `refs.json` is the single commit point: a crash
@@ -326,11 +326,20 @@ class Storage:
             yield commit
             current = commit["parents"][0] if commit["parents"] else None
 
-    def register_lfs(self, key: RepoKey, info: BlobInfo) -> None:
-        """Record that LFS object `info.sha256` was uploaded to this repo and verified."""
+    def register_lfs(self, key: RepoKey, info: BlobInfo, xet_hash: str | None = None) -> None:
+        """Record that LFS object `info.sha256` was uploaded to this repo and verified; `xet_hash` is the
+        Xet file hash of the same bytes when they came through Xet (verified against the SHA-256)."""
         marker = self.repo_dir(key) / "lfs" / info.sha256
-        if not marker.exists():
-            atomic_write_json(marker, {"sha1": info.sha1, "size": info.size}, self.tmp)
+        old = self.lfs_object(key, info.sha256) if marker.exists() else None
+        if old is None or (xet_hash and old.get("xet") != xet_hash):
+            record = {"sha1": info.sha1, "size": info.size, **({"xet": xet_hash} if xet_hash else {})}
+            atomic_write_json(marker, record, self.tmp)
+
+    def lfs_xet(self, key: RepoKey, sha256: str) -> str | None:
+        """Xet file hash of an LFS object of this repo that was uploaded through Xet, else None."""
+        info = self.lfs_object(key, sha256)
+        xet = info.get("xet") if info else None
+        return xet if isinstance(xet, str) and is_hex(xet, 64, 64) else None
 
     def lfs_object(self, key: RepoKey, sha256: str) -> dict[str, Any] | None:
         """`{"sha1", "size"}` of an LFS object this repo may reference in a commit, else None."""
