@@ -33,8 +33,8 @@ def _env(registry, tmp_path: Path) -> dict[str, str]:
         "HF_TOKEN": registry.tokens["alice"],
         "HF_HOME": str(tmp_path / "hf_home"),
         "HF_DATASETS_CACHE": str(tmp_path / "ds_cache"),
-        "HF_HUB_DISABLE_XET": "1",
     }
+    env.pop("HF_HUB_DISABLE_XET", None)
     return env
 
 
@@ -58,6 +58,7 @@ def test_push_to_hub_then_load_dataset(registry, tmp_path):
     }
     shards = [p for p in files if p.endswith(".parquet")]
     assert shards and all(files[p].lfs is not None for p in shards)  # parquet goes through LFS, as on the Hub
+    assert all(files[p].xet_hash for p in shards)  # ... uploaded through Xet by the default client
     assert "README.md" in files
 
 

@@ -216,3 +216,18 @@ def test_corrupted_xorb_is_refused_and_fsck_sees_a_damaged_one(xsrv, tmp_path):
         path = fresh.app.state.hub.xet.xorb_path(xorb)
         path.write_bytes(bytes(bad))
         assert any(xorb in p for p in fsck(Storage(fresh.root, create=False)))
+
+
+def test_a_server_without_xet_gets_a_clear_error():
+    from adapterkit.hub import _hub_error
+
+    raised = ConnectionError(
+        "Network error: Request error: HTTP status client error (404 Not Found), "
+        "domain: http://127.0.0.1:9/api/models/a/b/xet-write-token/main"
+    )
+    out = _hub_error(raised, "a/b")
+    assert (
+        isinstance(out, RuntimeError)
+        and "does not speak Xet" in str(out)
+        and "HF_HUB_DISABLE_XET=1" in str(out)
+    )

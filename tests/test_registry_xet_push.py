@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from adapterkit_registry import RegistryServer, Storage, create_token, fsck
 from adapterkit_registry.storage import RepoKey
+from adapterkit_registry.xet_store import XetStore
 from huggingface_hub import HfApi, hf_hub_download
 from registry_support import _serve
 
@@ -121,6 +122,7 @@ def test_sigkill_during_a_xet_upload_leaves_no_half_registered_file(tmp_path):
         assert list((root / "tmp").iterdir()) == []
         storage = Storage(root)
         assert fsck(storage) == []
+        assert XetStore(root / "xet").file_by_sha256(sha) is not None  # killed after the shard registered it
         obj = storage.lfs_object(key, sha)  # committable only once its bytes are complete and verified
         assert obj is None or storage.blobs.hash_file(sha).sha256 == sha
         assert "big.bin" not in HfApi(endpoint=url, token=token).list_repo_files("alice/durable")
