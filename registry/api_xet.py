@@ -227,12 +227,12 @@ def register_shard(hub: Hub, key: RepoKey, body: bytes) -> list[XetFile]:
     """Register a shard's files, write each one as a plain blob and record it as an LFS object of `key`."""
     try:
         files = hub.xet.put_shard(body)
-    except XetError as e:
+        for f in files:
+            if f.size > hub.config.max_upload_bytes:
+                raise too_large(f.size, hub.config.max_upload_bytes)
+            hub.storage.register_lfs(key, materialise(hub, f), xet_hash=f.file_hash)
+    except XetError as e:  # refused shard, or a stored xorb found corrupt while reading the file back
         raise xet_error(e) from None
-    for f in files:
-        if f.size > hub.config.max_upload_bytes:
-            raise too_large(f.size, hub.config.max_upload_bytes)
-        hub.storage.register_lfs(key, materialise(hub, f), xet_hash=f.file_hash)
     return files
 
 
