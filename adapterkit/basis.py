@@ -46,12 +46,21 @@ class BasisExtension:
         gamma: The new domain's coefficients, C_in x (K + m); its width is the domain's prefix rank.
         error: Relative reconstruction error with the extended basis.
         projection_error: Relative error of the projection on the old basis alone (before appending).
+        residual_rank: Directions of the residual above round-off: the columns an exact extension needs.
+            ``new_columns`` holds fewer when the budget or the room left (C_out - K) is smaller; then
+            ``error`` is the price.
     """
 
     new_columns: Tensor
     gamma: Tensor
     error: float
     projection_error: float
+    residual_rank: int = 0
+
+    @property
+    def exact(self) -> bool:
+        """True when every direction of the residual above round-off was appended (nothing projected)."""
+        return self.new_columns.shape[1] >= self.residual_rank
 
 
 def _check_budget(rank: int | float | None, energy: float | None, name: str = "rank") -> None:
@@ -275,10 +284,8 @@ def extend_basis(
             residual = a - u @ coords
         else:
             coef, residual = a.new_zeros(0, c_in), a
-        if k == c_out or rank == 0:  # no room or no budget for new columns: project only
-            ru, rs, rvh = residual[:, :0], residual.new_zeros(0), residual[:0]
-        else:
-            ru, rs, rvh = torch.linalg.svd(residual, full_matrices=False)
+        # Always decomposed, even with no room or no budget: its rank says whether the result is exact.
+        ru, rs, rvh = torch.linalg.svd(residual, full_matrices=False)
         # Directions at round-off level (the input's, the SVDs') are not information: spend no columns on them.
         eps_in, eps_work = torch.finfo(alpha.dtype).eps, torch.finfo(wd).eps
         noise = (4 * eps_in + max(c_out, c_in) * eps_work) * torch.linalg.matrix_norm(a)
@@ -296,7 +303,7 @@ def extend_basis(
         projection_error = _relative(residual, a)
         appended, gamma = appended.contiguous().to(alpha.dtype), gamma.contiguous().to(alpha.dtype)
     error = reconstruction_error(alpha, torch.cat([beta.detach(), appended], dim=1), gamma)
-    return BasisExtension(new_columns=appended, gamma=gamma, error=error, projection_error=projection_error)
+    return BasisExtension(appended, gamma, error, projection_error, residual_rank=meaningful)
 
 
 def check_extends(old: dict[str, Tensor], new: dict[str, Tensor], what: str) -> None:

@@ -14,6 +14,7 @@ Every dense adapter (parallel/series k x k, low-rank 1x1 and linear) of a domain
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -48,7 +49,9 @@ class BasisReport:
     """What a basis operation did: per-layer ranks and errors, per-domain errors and accuracy change.
 
     `errors[layer][domain]` is the relative Frobenius error of the domain's new adapter against its
-    old one; `domain_errors[domain]` the mean over layers.
+    old one; `domain_errors[domain]` the mean over layers. `exact`: nothing was projected (every
+    direction kept; outputs unchanged up to float round-off), true for an `append_domain` without a
+    budget and for a re-factorisation only at `energy=1.0`.
     """
 
     ranks: dict[str, int]
@@ -58,6 +61,7 @@ class BasisReport:
     accuracy_after: dict[str, float] = field(default_factory=dict)
     parameters: dict[str, Any] = field(default_factory=dict)
     applied: bool = False
+    exact: bool = True
 
     @property
     def accuracy_change(self) -> dict[str, float]:
@@ -72,47 +76,121 @@ def _domain_means(errors: dict[str, dict[str, float]]) -> dict[str, float]:
     return {d: sum(v) / len(v) for d, v in per_domain.items()}
 
 
+def column_budget(layer: DomainLayer, new_columns: int | float | None = None) -> int:
+    """Own basis columns a new factored domain gets at `layer`: rank, not count, sets the limit.
+
+    The budget (an int, a float share of C = min(C_out, C_in), or None for the layer's adapter rank) is
+    capped by C_in (a domain's own part, `beta_own @ gamma_own^T`, has rank at most C_in: columns beyond
+    it would add nothing) and by the room left in the basis (C_out - K). A 3-channel stem gets 3 columns
+    at most, so every column a domain hands over with `append_domain` adds a direction.
+
+    Example:
+        >>> from adapterkit import AdapterModel
+        >>> model = AdapterModel.from_backbone("test_resnet")
+        >>> column_budget(model.layers()["conv1"], 8)  # the stem: 3 input channels
+        3
+    """
+    c_out, k = layer.beta.shape
+    c_in = adapter_inputs(layer)
+    if new_columns is None:
+        budget = layer.rank
+    elif isinstance(new_columns, bool) or not isinstance(new_columns, (int, float)):
+        raise ValueError(f"new_columns={new_columns!r}: pass an int >= 0 or a float share of C in (0, 1]")
+    elif isinstance(new_columns, float):
+        if not 0.0 < new_columns <= 1.0:
+            raise ValueError(f"float new_columns={new_columns!r} must be a share of C in (0, 1]")
+        budget = math.ceil(new_columns * min(c_out, c_in) - 1e-9)
+    elif new_columns < 0:
+        raise ValueError(f"new_columns={new_columns} is negative; pass an int >= 0 or a float share")
+    else:
+        budget = new_columns
+    return max(0, min(budget, c_in, c_out - k))
+
+
+def adapter_inputs(layer: DomainLayer) -> int:
+    """C_in of a dense adapter at `layer` (a series adapter reads the conv's output)."""
+    base = layer.base_layer
+    if hasattr(base, "in_features"):
+        return base.in_features
+    return base.out_channels if layer.rule == "series" else base.in_channels
+
+
+def _hand_over(adapter: LowRankAdapter, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A factored domain's own columns appended as they are, bit-exact; None if some add no direction.
+
+    Each column is scaled by a power of two to a norm in [0.5, 1) and its `gamma` column by the inverse:
+    exact in floating point, so the domain's output does not change by a bit, and a later domain training
+    its `gamma` against these columns sees no badly scaled direction.
+    """
+    own, k = adapter.beta_own.detach(), beta.shape[1]
+    if adapter.shared_columns != k or k + own.shape[1] > beta.shape[0]:
+        return None
+    if extend_basis(beta.detach(), own, energy=1.0).residual_rank < own.shape[1]:
+        return None  # a column in the span of the basis or of the others: re-express instead
+    _, exponent = torch.frexp(torch.linalg.vector_norm(own, dim=0))
+    gamma = adapter.gamma.detach().clone()
+    gamma[:, k:] = torch.ldexp(gamma[:, k:], exponent)
+    return torch.cat([beta, torch.ldexp(own, -exponent)], dim=1), gamma
+
+
+# Over 60 lines with its docstring; the steps are one exact hand-over or one extension per layer.
 @torch.no_grad()
 def append_domain(
     model: AdapterModel, domain: str, *, new_columns: int | float | None = None, energy: float | None = None
 ) -> BasisReport:
     """Share a trained domain's adapters through the basis, appending columns; old domains unchanged.
 
-    A domain trained in factored form on the whole current basis (`add_domain(factored=True)`) hands
-    its own columns over exactly when no budget is given. Otherwise (a full adapter, or a budget)
-    its adapter is projected on the basis and the residual's leading directions are appended under the
-    `new_columns` (most columns appended per layer: an int, or a share of C) or `energy` (share of the
-    residual) budget; default energy 0.95.
+    Without a budget the append is exact or refused. A domain trained in factored form on the whole
+    current basis (`train_domain(..., factored=True)`) hands its own columns over as they are (its output
+    unchanged, bit for bit); any other adapter (a full one, or own columns that add no direction) is
+    re-expressed on the basis plus every direction of its residual (its output unchanged up to float
+    round-off). If a layer has no room for those directions, `ValueError` names the layers and nothing
+    changes. A budget, `new_columns` (most columns appended per layer: an int, or a share of C) or
+    `energy` (share of the residual's energy), is the explicit opt-in to a projection: the report's
+    `errors` and `domain_errors` give its price, and `exact` says whether any was paid.
 
     Returns:
         per-layer basis width and the domain's reconstruction error per layer.
     """
     model.domain_info(domain)
-    exact_ok = new_columns is None and energy is None
-    if exact_ok:
-        energy = 0.95
+    exact_only = new_columns is None and energy is None
     basis: dict[str, torch.Tensor] = {}
     adapters: dict[str, LowRankAdapter] = {}
     errors: dict[str, dict[str, float]] = {}
+    short, exact = [], True
     for name, layer in factorable_layers(model).items():
         adapter, beta = layer.adapters[domain], layer.beta
-        c_out, width = beta.shape
         own = adapter.beta_own if isinstance(adapter, LowRankAdapter) else None
         if own is not None and own.shape[1] == 0:
             continue  # already expressed on the shared basis
-        if exact_ok and own is not None and adapter.shared_columns == width and width + own.shape[1] <= c_out:
-            basis[name] = torch.cat([beta, own.detach()], dim=1)
-            gamma, err = adapter.gamma.detach().clone(), 0.0
+        handed = _hand_over(adapter, beta) if own is not None and exact_only else None
+        if handed is not None:
+            (basis[name], gamma), err = handed, 0.0
         else:
-            ext = extend_basis(beta, adapter.weight(beta).detach(), new_columns=new_columns, energy=energy)
+            budget = {"energy": 1.0} if exact_only else {"new_columns": new_columns, "energy": energy}
+            ext = extend_basis(beta, adapter.weight(beta).detach(), **budget)
+            if not ext.exact:
+                exact = False
+                short.append(
+                    f"{name} (needs {ext.residual_rank} columns, room for {beta.shape[0] - beta.shape[1]})"
+                )
             basis[name] = torch.cat([beta, ext.new_columns], dim=1)
             gamma, err = ext.gamma, ext.error
         adapters[name] = _prefix_adapter(layer, gamma)
         errors[name] = {domain: err}
+    if exact_only and short:
+        raise ValueError(
+            f"append_domain({domain!r}) cannot be exact: the basis has no room left at {', '.join(short[:3])}"
+            f"{f' and {len(short) - 3} more layers' if len(short) > 3 else ''}. Nothing was changed. Pass "
+            "new_columns= or energy= to accept a projection there (the report gives its error), or "
+            "refactorize the family"
+        )
     record = {"op": "append", "domain": domain, "new_columns": new_columns, "energy": energy}
     model.extend_basis(basis, adapters={domain: adapters}, history=model.basis_history + [record])
     ranks = {n: m.beta.shape[1] for n, m in factorable_layers(model).items()}
-    return BasisReport(ranks, errors, _domain_means(errors), parameters=parameter_report(model), applied=True)
+    report = BasisReport(ranks, errors, _domain_means(errors), parameters=parameter_report(model))
+    report.applied, report.exact = True, exact
+    return report
 
 
 @torch.no_grad()
@@ -166,7 +244,9 @@ def refactorize(
     after = {d: evaluate(target, d) for d in domains} if evaluate else {}
     ranks = {n: b.shape[1] for n, b in bases.items()}
     params = parameter_report(target) if target is not None else {}
-    return BasisReport(ranks, errors, _domain_means(errors), before, after, params, applied=apply)
+    report = BasisReport(ranks, errors, _domain_means(errors), before, after, params, applied=apply)
+    report.exact = energy == 1.0
+    return report
 
 
 def compress(

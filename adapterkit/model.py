@@ -20,6 +20,7 @@ from huggingface_hub import ModelHubMixin
 from torch import nn
 
 from .basis import check_extends
+from .compress import FACTORABLE, column_budget
 from .config import AdapterConfig, DomainInfo, check_domain_name, resolve_num_classes
 from .inject import (
     create_backbone,
@@ -177,7 +178,7 @@ class AdapterModel(
         data_config: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
         factored: bool = False,
-        new_columns: int | None = None,
+        new_columns: int | float | None = None,
     ) -> DomainInfo:
         """Add a trainable domain: fresh zero-initialised adapters, copies of the backbone's norms, a new head.
 
@@ -193,7 +194,11 @@ class AdapterModel(
             factored: build every dense adapter on the layer's current shared basis `beta` (frozen)
                 plus `new_columns` columns of its own (`adapterkit.compress.append_domain` shares them
                 afterwards); default: full `alpha` for k x k convs, own low-rank factors for 1x1/linear.
-            new_columns: own basis columns per layer for a factored domain (default: the config's rank).
+                `train_domain(..., factored=True)` does this with the head seeded from the config.
+            new_columns: own basis columns per layer for a factored domain: an int, or a float share of
+                C = min(C_out, C_in) (default: the config's rank); capped per layer by C_in and by the
+                room left in the basis (`adapterkit.compress.column_budget`), so every column can add
+                a direction.
         """
         check_domain_name(name)
         if head not in ("new", "backbone"):
@@ -210,9 +215,10 @@ class AdapterModel(
         )
         adapters = {}
         for layer_name, layer in self.layers().items():
-            if factored and layer.rule in ("parallel", "series", "lowrank"):
+            if factored and layer.rule in FACTORABLE:
+                own = column_budget(layer, new_columns)
                 adapters[layer_name] = layer.new_adapter(
-                    factored=True, own_columns=new_columns, shared_columns=layer.beta.shape[1]
+                    factored=True, own_columns=own, shared_columns=layer.beta.shape[1]
                 )
             else:
                 adapters[layer_name] = layer.new_adapter()

@@ -67,6 +67,8 @@ def train_domain(
     resume: bool | str | Path = False,
     overwrite: bool = False,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    factored: bool = False,
+    new_columns: int | float | None = None,
 ) -> dict[str, float]:
     """Train one domain (adding it first if the model does not have it) and evaluate it.
 
@@ -91,6 +93,12 @@ def train_domain(
         overwrite: when the model already has `domain`, replace it with a fresh one (new head, new
             adapters; the classes come from the data or `num_classes`).
         callback: called after every optimizer step with {"step", "epoch", "loss", "lr"}.
+        factored: train a new domain in factored form: every dense adapter reads the shared basis
+            (frozen) through its own trained `gamma`, plus `new_columns` trained columns of its own per
+            layer (see `AdapterModel.add_domain`); old domains are untouched. Share its columns
+            afterwards with `adapterkit.compress.append_domain(model, domain)` (exact).
+        new_columns: own columns per layer of a factored domain: an int or a share of C (default: the
+            config's rank), capped by the rank the layer can take.
 
     Returns:
         `steps`, `epochs`, `train_loss` (mean over the last epoch), `weight_decay`, `seconds`, and
@@ -101,8 +109,13 @@ def train_domain(
             fail their checks, or the checkpoint was written with other settings.
     """
     config = config or TrainConfig()
-    acc = make_accelerator(config, accelerator)
     continuing = domain in model.domains and not overwrite
+    if (factored or new_columns is not None) and continuing:
+        raise ValueError(
+            f"factored=/new_columns= shape a new domain, and the model already has {domain!r}: pass "
+            "overwrite=True to train a fresh factored one in its place, or drop them to continue training it"
+        )
+    acc = make_accelerator(config, accelerator)
     if continuing and resume is False:
         raise ValueError(
             f"the model already has domain {domain!r}: pass resume=True to continue training it, "
@@ -131,7 +144,7 @@ def train_domain(
     train_set, eval_set = _datasets(source, eval_data, num_classes, dcfg, config, acc.num_processes)
     if not continuing:
         names = labels or (source.class_names if len(source.class_names or ()) == num_classes else None)
-        _add_fresh(model, domain, num_classes, names, dcfg, config.seed)
+        _add_fresh(model, domain, num_classes, names, dcfg, config.seed, factored, new_columns)
     model.domain_info(domain).data_config = dcfg
     was_trainable = model.is_trainable(domain)
     model.set_trainable(domain)  # a loaded (frozen) domain learns only while it is being trained
@@ -269,15 +282,25 @@ def _fit_signature(
 
 
 def _add_fresh(
-    model: AdapterModel, domain: str, num_classes: int, labels: list[str] | None, dcfg: dict, seed: int
+    model: AdapterModel,
+    domain: str,
+    num_classes: int,
+    labels: list[str] | None,
+    dcfg: dict,
+    seed: int,
+    factored: bool = False,
+    new_columns: int | float | None = None,
 ) -> None:
-    """Add `domain` (replacing one of that name), its head initialised from `seed` on a private RNG."""
+    """Add `domain` (replacing one of that name), its head and factors initialised from `seed` on a
+    private RNG."""
     was_default = model.default_domain == domain
     if domain in model.domains:
         model.remove_domain(domain)
     device = next(model.parameters()).device
     with seeded(seed, device):
-        model.add_domain(domain, num_classes, labels=labels, data_config=dcfg)
+        model.add_domain(
+            domain, num_classes, labels=labels, data_config=dcfg, factored=factored, new_columns=new_columns
+        )
     if was_default:
         model.set_domain(domain)
 

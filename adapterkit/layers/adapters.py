@@ -6,8 +6,6 @@ contribution. They know nothing of timm or of domain routing (see `wrappers.py`)
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -94,14 +92,18 @@ class LowRankAdapter(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Zero `beta_own` and the shared part of `gamma`; Kaiming-uniform for the own part of `gamma`."""
+        """Zero `beta_own` and the shared part of `gamma`; orthonormal columns for the own part of `gamma`.
+
+        With orthonormal `gamma_own` a first step on `beta_own` moves the adapter exactly as it moves a
+        full `alpha` restricted to those input directions, so one lr means the same for both forms
+        (Kaiming-uniform columns have squared norm 1/3: the factored form would train 3x slower).
+        """
         nn.init.zeros_(self.beta_own)
         nn.init.zeros_(self.gamma)
         own = self.gamma[:, self.shared_columns :]
-        if own.numel():
-            bound = 1.0 / math.sqrt(self.gamma.shape[0])
-            with torch.no_grad():
-                own.uniform_(-bound, bound)
+        if own.numel() and not own.is_meta:
+            with torch.no_grad():  # QR in float32: it has no bf16/fp16 kernel
+                own.copy_(nn.init.orthogonal_(torch.empty(own.shape, device=own.device)))
 
     @property
     def width(self) -> int:
