@@ -279,7 +279,9 @@ def _write_outputs(result: dict[str, Any], outputs: list[Path], plot: Path | Non
         from .plots import accuracy_heatmap
 
         nan = [[math.nan if a is None else a for a in row] for row in result["matrix"]]
-        accuracy_heatmap(nan, result["domains"], plot, row_names=result["rows"], percent=False)
+        accuracy_heatmap(
+            nan, result["domains"], plot, row_names=result["rows"], ylabel="family", percent=False
+        )
         status(f"wrote the heatmap to {plot}")
     if bars is not None:
         from .plots import domain_bars

@@ -58,6 +58,7 @@ def accuracy_heatmap(
     title: str | None = None,
     *,
     row_names: Sequence[str] | None = None,
+    ylabel: str | None = None,
     percent: bool | None = None,
 ) -> Path:
     """The accuracy matrix ``R[i][j]`` (accuracy on domain j after training domain i) as an annotated heatmap.
@@ -72,6 +73,7 @@ def accuracy_heatmap(
         path: Where to write the figure; ``.png``, ``.svg`` or ``.pdf``.
         title: Drawn above the matrix.
         row_names: Labels of the rows when they are not the domains trained in sequence.
+        ylabel: Label of the rows' axis; default: "after training" without ``row_names``, none with.
         percent: Whether values are percentages; None: fractions if every value is <= 1.
 
     Returns:
@@ -87,9 +89,9 @@ def accuracy_heatmap(
             raise ValueError(
                 f"got {len(names)} names for a {m.shape[0]} x {m.shape[0]} matrix; pass one per domain"
             )
-        rows, ylabel = names, "after training"
+        rows, ylabel = names, "after training" if ylabel is None else ylabel
     else:
-        rows, ylabel = _names(row_names, "row_names"), None
+        rows = _names(row_names, "row_names")
         m = _table(matrix, len(rows), len(names))
     m = m * _factor(m, percent)
     # Room for the labels: ~0.06 in per character at 8 pt (column labels are rotated 30 degrees).

@@ -113,7 +113,7 @@ def test_snapshots_make_the_continual_matrix(families, tmp_path, capsys):
     assert result["baseline_errors"] == base
     assert read_csv(tmp_path / "r.csv")[1] == [str(first), repr(a), ""]  # empty: not trained yet
     svg = (tmp_path / "r.svg").read_text()
-    assert f">{first}<" in svg and f">{second}<" in svg
+    assert f">{first}<" in svg and f">{second}<" in svg and ">family<" in svg
 
     # Not snapshots in training order: no continual metrics.
     assert main(["eval", *args[2:4], *args[:2], *args[4:], "--output", str(out), "--no-progress"]) == 0

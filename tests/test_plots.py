@@ -43,8 +43,11 @@ def test_heatmap_png_and_its_cells_in_svg(tmp_path):
     png = accuracy_heatmap(R, NAMES, tmp_path / "r.png", title="accuracy matrix")
     assert png == tmp_path / "r.png"
     assert_png(png)
-    svg = accuracy_heatmap(np.array(R[-1:]), NAMES, tmp_path / "r.svg", row_names=["family@abc123"])
+    svg = accuracy_heatmap(
+        np.array(R[-1:]), NAMES, tmp_path / "r.svg", row_names=["family@abc123"], ylabel="run"
+    )
     text = svg.read_text()
+    assert ">run<" in text and ">after training<" not in text
     assert text.lstrip().startswith("<?xml") and "<svg" in text
     # One row of three cells, percentages with one decimal, each label once.
     for label in ("91.0", "98.5", "4.2", "family@abc123", *NAMES):
@@ -54,6 +57,7 @@ def test_heatmap_png_and_its_cells_in_svg(tmp_path):
 
 def test_heatmap_leaves_cells_above_the_diagonal_blank(tmp_path):
     text = accuracy_heatmap(R, NAMES, tmp_path / "r.svg").read_text()
+    assert ">after training<" in text and ">accuracy on<" in text
     assert text.count(">91.0<") == 3 and text.count(">98.5<") == 2 and text.count(">4.2<") == 1
     assert "nan" not in text.lower()
     nan_row = [[0.5, math.nan, 0.25]]
