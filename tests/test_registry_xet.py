@@ -231,3 +231,20 @@ def test_a_server_without_xet_gets_a_clear_error():
         and "does not speak Xet" in str(out)
         and "HF_HUB_DISABLE_XET=1" in str(out)
     )
+
+
+def test_reconstruction_of_a_byte_range_and_past_the_end(xsrv):
+    repo = api(xsrv).create_repo(unique("range")).repo_id
+    data = rand(200_000, 8)
+    api(xsrv).upload_file(path_or_fileobj=data, path_in_repo="w.bin", repo_id=repo)
+    file_hash = httpx2.head(f"{xsrv.url}/{repo}/resolve/main/w.bin").headers["x-xet-hash"]
+    token = cas_token(xsrv, repo, "read", None).json()["accessToken"]  # anonymous: the repo is public
+    auth = {"authorization": f"Bearer {token}"}
+    url = f"{xsrv.url}/v1/reconstructions/{file_hash}"
+    whole = httpx2.get(url, headers=auth).json()
+    part = httpx2.get(url, headers={**auth, "range": "bytes=150000-150099"}).json()
+    assert part["terms"] and sum(t["unpacked_length"] for t in part["terms"]) < sum(
+        t["unpacked_length"] for t in whole["terms"]
+    )
+    past = httpx2.get(url, headers={**auth, "range": f"bytes={len(data)}-"})
+    assert (past.status_code, past.headers["x-error-code"]) == (416, "RangeNotSatisfiable")
