@@ -28,7 +28,7 @@ from typing import Any
 from starlette.responses import Response, StreamingResponse
 
 from .api_read import parse_range, read_range
-from .blobs import BlobInfo, git_blob_sha1
+from .blobs import BlobInfo, BlobStore, git_blob_sha1
 from .context import MB, Ctx, Hub, json_response
 from .errors import HubError, repo_not_found, revision_not_found, too_large
 from .routing import Router
@@ -224,20 +224,68 @@ async def upload_shard(ctx: Ctx) -> Response:
 
 
 def register_shard(hub: Hub, key: RepoKey, body: bytes) -> list[XetFile]:
-    """Register a shard's files, write each one as a plain blob and record it as an LFS object of `key`."""
+    """Register a shard's files, write each one as a plain blob and record it as an LFS object of `key`.
+
+    The store writes the bytes of each new file into a temporary blob while it computes their
+    SHA-256 (`_BlobSpool`), so a file is reconstructed once; the blob is moved into the store only
+    after the shard verified, and a temporary file left by a crash is removed at the next start.
+    """
+    files: list[XetFile] = []
     try:
-        files = hub.xet.put_shard(body)
+        files = hub.xet.put_shard(body, sink=lambda size: _BlobSpool(hub.storage.blobs, size))
         for f in files:
             if f.size > hub.config.max_upload_bytes:
                 raise too_large(f.size, hub.config.max_upload_bytes)
             hub.storage.register_lfs(key, materialise(hub, f), xet_hash=f.file_hash)
     except XetError as e:  # refused shard, or a stored xorb found corrupt while reading the file back
         raise xet_error(e) from None
+    finally:
+        for f in files:
+            if isinstance(f.plain, _BlobSpool):
+                f.plain.discard()  # a no-op for the ones committed
     return files
 
 
+class _BlobSpool:
+    """A temporary blob the Xet store writes a file's plain bytes into (see `XetStore.put_shard`)."""
+
+    def __init__(self, blobs: BlobStore, size: int):
+        self.blobs, self.size, self.n = blobs, size, 0
+        self.out, self.tmp = blobs.new_temp()
+        self.sha1 = git_blob_sha1(size)
+
+    def write(self, piece: bytes) -> None:
+        self.out.write(piece)
+        self.sha1.update(piece)
+        self.n += len(piece)
+
+    def discard(self) -> None:
+        """Close and remove the temporary file (nothing if it was committed)."""
+        if not self.out.closed:
+            self.out.close()
+            self.tmp.unlink(missing_ok=True)
+
+    def commit(self, f: XetFile) -> BlobInfo:
+        """Move the bytes into the blob store as the blob of `f` (the store hashed exactly these bytes)."""
+        if self.n != f.size:
+            self.discard()
+            raise _mismatch(f, self.n, None)
+        return self.blobs.commit_temp(self.out, self.tmp, BlobInfo(f.sha256, self.sha1.hexdigest(), self.n))
+
+
+def _mismatch(f: XetFile, n: int, sha: str | None) -> HubError:
+    got = f"{n} bytes" + (f" with SHA-256 {sha}" if sha else "")
+    return HubError(
+        400,
+        "Sha256Mismatch",
+        f"Xet file {f.file_hash} reconstructs to {got}, not the {f.size} bytes and SHA-256 "
+        f"{f.sha256} its shard announced; upload it again.",
+    )
+
+
 def materialise(hub: Hub, f: XetFile) -> BlobInfo:
-    """The plain bytes of a Xet file in the blob store, checked against its size and SHA-256."""
+    """The plain bytes of a Xet file in the blob store, checked against its size and SHA-256: moved in
+    from the store's SHA-256 pass (`f.plain`), or reconstructed (a file registered before)."""
     blobs = hub.storage.blobs
     if blobs.exists(f.sha256, f.size):
         info = blobs.hash_file(f.sha256)
@@ -247,28 +295,21 @@ def materialise(hub: Hub, f: XetFile) -> BlobInfo:
             )
         blobs.touch(f.sha256)
         return info
-    out, tmp = blobs.new_temp()
-    h256, h1, n = hashlib.sha256(), git_blob_sha1(f.size), 0
+    if isinstance(f.plain, _BlobSpool):
+        return f.plain.commit(f)
+    spool = _BlobSpool(blobs, f.size)
+    h256 = hashlib.sha256()
     try:
         for piece in hub.xet.read_file(f.file_hash):
-            out.write(piece)
+            spool.write(piece)
             h256.update(piece)
-            h1.update(piece)
-            n += len(piece)
     except BaseException:
-        out.close()
-        tmp.unlink(missing_ok=True)
+        spool.discard()
         raise
-    if n != f.size or h256.hexdigest() != f.sha256:
-        out.close()
-        tmp.unlink(missing_ok=True)
-        raise HubError(
-            400,
-            "Sha256Mismatch",
-            f"Xet file {f.file_hash} reconstructs to {n} bytes with SHA-256 {h256.hexdigest()}, not the "
-            f"{f.size} bytes and SHA-256 {f.sha256} its shard announced; upload it again.",
-        )
-    return blobs.commit_temp(out, tmp, BlobInfo(f.sha256, h1.hexdigest(), n))
+    if h256.hexdigest() != f.sha256:
+        spool.discard()
+        raise _mismatch(f, spool.n, h256.hexdigest())
+    return spool.commit(f)
 
 
 # ----------------------------------------------------------------------------- downloads

@@ -33,7 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
     s.add_argument(
-        "--lfs-threshold-mb", type=float, default=10, help="files above go through LFS (default: 10)"
+        "--lfs-threshold-mb",
+        type=float,
+        default=10,
+        help="files above go through Xet or LFS, as the client chooses (default: 10)",
     )
     s.add_argument(
         "--max-upload-mb", type=float, default=1024, help="largest file / commit content (default: 1024)"
@@ -119,11 +122,13 @@ def _token(args: argparse.Namespace) -> int:
 
 def _fsck(args: argparse.Namespace) -> int:
     from .collect import collect_garbage
-    from .fsck import fsck
+    from .fsck import fsck, xet_pending
 
     storage = Storage(args.root, create=False)
     problems = fsck(storage, deep=not args.quick)
     for line in problems:
+        print(line)
+    for line in xet_pending(storage):  # not a problem: the server applies them
         print(line)
     print("ok" if not problems else f"{len(problems)} problem(s)")
     unreferenced = collect_garbage(storage, dry_run=True).unreferenced

@@ -67,7 +67,8 @@ def _check_trees(storage: Storage, key: RepoKey, roots: list[str], problems: lis
 
 def fsck(storage: Storage, deep: bool = True) -> list[str]:
     """Check every repo: refs point to known commits, commit ids match content, trees and blobs exist
-    and hash right; then the Xet store (every xorb against its hash, every registered file's xorbs).
+    and hash right; then the Xet store (every xorb against its hash, every registered file's xorbs),
+    opened read-only: fsck may run beside a live server and changes nothing (see `xet_pending`).
 
     Args:
         storage: The registry storage.
@@ -89,6 +90,17 @@ def fsck(storage: Storage, deep: bool = True) -> list[str]:
             info = storage.blobs.hash_file(sha)
             if (info.sha256, info.sha1) != (sha, entry["sha1"]):
                 problems.append(f"{entry['where']}: blob is corrupted")
-    if (storage.root / "xet").is_dir():  # xorbs, shards and files stored through Xet
-        problems += [f"xet: {p}" for p in XetStore(storage.root / "xet").fsck()]
+    if (storage.root / "xet").is_dir():  # xorbs, shards and files stored through Xet, read-only
+        problems += [f"xet: {p}" for p in XetStore(storage.root / "xet", read_only=True).fsck()]
     return problems
+
+
+def xet_pending(storage: Storage) -> list[str]:
+    """Xet shard journals not applied yet, one line each: not problems (a server applies its own at
+    once, and a crash's at its next start), but their files are not registered until then."""
+    if not (storage.root / "xet" / "pending").is_dir():
+        return []
+    return [
+        f"xet: shard journal {p.stem[:12]} pending, applied at next server start (or now, if one is running)"
+        for p in XetStore(storage.root / "xet", read_only=True).pending()
+    ]

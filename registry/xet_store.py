@@ -7,7 +7,7 @@ Layout under the root (`<registry data dir>/xet`)::
     files/ab/<file hash>.json     a registered file: size, sha256, segments [xorb, chunk start, end, bytes]
     sha256/ab/<sha256>.json       the Xet file hash of a registered file with this SHA-256
     shards/ab/<shard id>.json     a registered shard: the xorbs its files use (dedupe answers)
-    chunks/ab/<chunk hash>.json   global dedupe index: the shard whose files hold this chunk
+    chunks/ab/<chunk hash>.json   global dedupe index: the shards whose files hold this chunk (xet_dedupe)
     pending/<shard id>.json       registration journal of a shard (replayed at start)
     dedupe_key.json               the key chunk hashes are keyed with in dedupe answers
     tmp/                          temporary files
@@ -25,7 +25,8 @@ file hash and the verification entries are checked), so an answer cannot be turn
 content the client does not hold.
 
 Create one `XetStore` per registry root (at server start): it replays journals and clears stale
-temporary files when constructed.
+temporary files when constructed. `XetStore(root, read_only=True)` (fsck, maybe while a server runs)
+changes nothing on disk: journals stay pending for the server to apply.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .blobs import atomic_write_bytes, atomic_write_json, fsync_dir, read_json
-from .xet_check import check_store
+from .xet_check import check_store, store_stats
+from .xet_dedupe import dedupe_answer, index_chunk, xorb_set_id
 from .xet_format import (
     XetError,
     check_hash,
@@ -48,40 +50,36 @@ from .xet_format import (
     hash_to_hex,
     hex_to_hash,
     is_global_dedupe_chunk,
-    keyed_hash,
     parse_xorb,
     range_hash,
 )
 from .xet_read import XorbMeta, clamp, read_segments, reconstruction_v1, v1_to_v2
-from .xet_shard import CHUNK_FLAG_GLOBAL_DEDUPE, ShardChunk, ShardFile, ShardXorb, build_shard, parse_shard
+from .xet_shard import CHUNK_FLAG_GLOBAL_DEDUPE, Shard, ShardFile, ShardXorb, parse_shard
 
-__all__ = ["XetError", "XetFile", "XetStore"]
+__all__ = ["PlainSink", "XetError", "XetFile", "XetStore"]
 
-DEDUPE_EXPIRY_S = 7 * 24 * 3600
-"""How long a client may keep a dedupe answer in its shard cache."""
-DEDUPE_MAX_XORBS = 128
-"""Most xorbs described in one dedupe answer."""
 _META_CACHE = 256
+
+
+class PlainSink(Protocol):
+    """Where `put_shard` writes the plain bytes of a file while it computes their SHA-256."""
+
+    def write(self, piece: bytes) -> Any: ...
+
+    def discard(self) -> None: ...
 
 
 @dataclass(frozen=True)
 class XetFile:
-    """A file registered by a shard: its Xet file hash, its SHA-256 and its size in bytes."""
+    """A file registered by a shard: its Xet file hash, its SHA-256 and its size in bytes.
+
+    `plain` is the sink `put_shard` wrote the file's bytes into (exactly the bytes whose SHA-256 is
+    `sha256`), or None when it did not reconstruct the file (already registered, or no sink asked)."""
 
     file_hash: str
     sha256: str
     size: int
-
-
-def _shard_xorb(xorb: str, meta: XorbMeta, key: bytes) -> ShardXorb:
-    """CAS info of a stored xorb for a dedupe answer, its chunk hashes keyed with `key`."""
-    chunks, offset = [], 0
-    for h, size in zip(meta.hashes, meta.sizes, strict=True):
-        raw = hex_to_hash(h)
-        flags = CHUNK_FLAG_GLOBAL_DEDUPE if is_global_dedupe_chunk(raw) else 0
-        chunks.append(ShardChunk(keyed_hash(raw, key), offset, size, flags))
-        offset += size
-    return ShardXorb(hex_to_hash(xorb), tuple(chunks), meta.ends[-1])
+    plain: PlainSink | None = field(default=None, compare=False, repr=False)
 
 
 class XetStore:
@@ -89,23 +87,34 @@ class XetStore:
 
     Args:
         root: `<registry data dir>/xet`; its folders are created.
+        read_only: Change nothing on disk (for fsck, which may run beside a live server): no folders
+            or key created, no temporary file removed, no journal replayed (see `pending`); only the
+            reads and `fsck` may be called.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, read_only: bool = False) -> None:
         self.root = Path(root)
         self.tmp = self.root / "tmp"
-        for name in ("xorbs", "files", "sha256", "shards", "chunks", "pending", "tmp"):
-            (self.root / name).mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
         self._lock = threading.Lock()
         self._meta: dict[str, XorbMeta] = {}
         self._meta_lock = threading.Lock()
         key_path = self.root / "dedupe_key.json"
-        if not key_path.exists():
+        self._key = bytes.fromhex(read_json(key_path)["key"]) if key_path.is_file() else b""
+        if read_only:
+            return
+        for name in ("xorbs", "files", "sha256", "shards", "chunks", "pending", "tmp"):
+            (self.root / name).mkdir(parents=True, exist_ok=True)
+        if not self._key:
             atomic_write_json(key_path, {"key": secrets.token_hex(32)}, self.tmp)
-        self._key = bytes.fromhex(read_json(key_path)["key"])
+            self._key = bytes.fromhex(read_json(key_path)["key"])
         self._clear_stale_tmp()
-        for journal in sorted((self.root / "pending").glob("*.json")):
+        for journal in self.pending():
             self._apply(journal)
+
+    def pending(self) -> list[Path]:
+        """Shard journals not applied yet: left by a crash (the next start applies them) or in flight."""
+        return sorted((self.root / "pending").glob("*.json"))
 
     def _clear_stale_tmp(self) -> None:
         cutoff = time.time() - 3600
@@ -131,6 +140,7 @@ class XetStore:
         Raises:
             XetError: `InvalidHash`, `XorbInvalid` (bad framing or compression), `XorbHashMismatch`.
         """
+        self._writable()
         check_hash(xorb_hash, "xorb hash")
         if self.has_xorb(xorb_hash):
             return False
@@ -178,7 +188,7 @@ class XetStore:
 
     # shards and files
 
-    def put_shard(self, data: bytes) -> list[XetFile]:
+    def put_shard(self, data: bytes, sink: Callable[[int], PlainSink] | None = None) -> list[XetFile]:
         """Verify a shard and register its files, atomically and idempotently.
 
         Each CAS entry's xorb must be stored with the same chunk list; each file's segments must
@@ -187,12 +197,20 @@ class XetStore:
         must equal the one in the metadata extension, if any. A crash leaves all or none of the
         shard's files registered.
 
+        Args:
+            data: The shard body.
+            sink: Called with the size of each file it reconstructs (one not registered yet): the
+                file's bytes are written into the sink during the SHA-256 pass and handed back as
+                `XetFile.plain`, so the caller keeps them without reconstructing them again. When
+                the shard is refused, every sink is discarded.
+
         Returns:
             The files of the shard (already registered ones included), in shard order.
 
         Raises:
             XetError: `ShardInvalid`, `XorbMissing`, `FileHashMismatch`.
         """
+        self._writable()
         shard = parse_shard(data)
         if any(shard.hmac_key):
             raise XetError(
@@ -200,9 +218,35 @@ class XetStore:
             )
         for x in shard.xorbs:
             self._check_cas_entry(x)
-        records, xorbs, eligible = [], {}, set()
+        records: list[dict[str, Any]] = []
+        plains: list[PlainSink | None] = []
+        try:
+            self._register(data, shard, records, plains, sink)
+        except BaseException:
+            for plain in plains:
+                if plain is not None:
+                    plain.discard()
+            raise
+        return [
+            XetFile(r["file_hash"], r["sha256"], r["size"], p) for r, p in zip(records, plains, strict=True)
+        ]
+
+    def _register(
+        self,
+        data: bytes,
+        shard: Shard,
+        records: list[dict[str, Any]],
+        plains: list[PlainSink | None],
+        sink: Callable[[int], PlainSink] | None,
+    ) -> None:
+        """Check each file (appending its record and plain sink as it goes), then journal and apply."""
+        xorbs: dict[str, None] = {}
+        eligible: set[str] = set()
         for f in shard.files:
-            record = self._check_file(f)
+            plains.append(
+                sink(f.size) if sink is not None and self.file(hash_to_hex(f.file_hash)) is None else None
+            )
+            record = self._check_file(f, plains[-1])
             records.append(record)
             for xorb, start, _end, _size in record["segments"][:1]:
                 eligible.add(self._xorb_meta(xorb).hashes[start])
@@ -219,7 +263,6 @@ class XetStore:
         with self._lock:
             atomic_write_json(path, journal, self.tmp)
             self._apply(path)
-        return [XetFile(r["file_hash"], r["sha256"], r["size"]) for r in records]
 
     def _check_cas_entry(self, x: ShardXorb) -> None:
         name = hash_to_hex(x.hash)
@@ -236,7 +279,7 @@ class XetStore:
                 "upload the shard hf_xet built for these xorbs (nothing was registered).",
             )
 
-    def _check_file(self, f: ShardFile) -> dict[str, Any]:
+    def _check_file(self, f: ShardFile, plain: PlainSink | None) -> dict[str, Any]:
         name = hash_to_hex(f.file_hash)
         chunks: list[tuple[bytes, int]] = []
         segments = []
@@ -266,7 +309,7 @@ class XetStore:
                 "for this file (nothing was registered).",
             )
         known = self.file(name)
-        sha = known.sha256 if known else self._sha256(segments)
+        sha = known.sha256 if known else self._sha256(segments, plain)
         claimed = hash_to_hex(f.sha256) if f.sha256 and any(f.sha256) else None
         if claimed is not None and claimed != sha:
             raise XetError(
@@ -276,11 +319,17 @@ class XetStore:
             )
         return {"file_hash": name, "sha256": sha, "size": f.size, "segments": segments}
 
-    def _sha256(self, segments: list[list]) -> str:
+    def _sha256(self, segments: list[list], plain: PlainSink | None) -> str:
         digest = hashlib.sha256()
         for piece in self._read_segments(segments, 0, None):
             digest.update(piece)
+            if plain is not None:
+                plain.write(piece)
         return digest.hexdigest()
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise XetError("ReadOnly", "This Xet store was opened read-only (fsck); the server writes to it.")
 
     def _apply(self, journal_path: Path) -> None:
         journal = read_json(journal_path)
@@ -290,8 +339,9 @@ class XetStore:
             atomic_write_json(self._path("files", record["file_hash"], ".json"), record, self.tmp)
             sha_path = self._path("sha256", record["sha256"], ".json")
             atomic_write_json(sha_path, {"file_hash": record["file_hash"]}, self.tmp)
+        set_id = xorb_set_id(journal["xorbs"])
         for h in journal["chunks"]:
-            atomic_write_json(self._path("chunks", h, ".json"), {"shard": shard_id}, self.tmp)
+            index_chunk(self._path("chunks", h, ".json"), shard_id, set_id, self.tmp)
         journal_path.unlink(missing_ok=True)
         fsync_dir(journal_path.parent)
 
@@ -369,21 +419,16 @@ class XetStore:
 
     def dedupe_shard(self, chunk_hash: str) -> bytes | None:
         """Answer to `GET /v1/chunks/default-merkledb/{chunk_hash}`: a shard with the CAS info of the
-        xorbs used by the files whose upload indexed that chunk (no file section; chunk hashes keyed
-        with this store's key, named in the footer), or None (answer 404)."""
-        path = self._path("chunks", chunk_hash, ".json")
-        if not path.is_file():
-            return None
-        shard = self._path("shards", read_json(path)["shard"], ".json")
-        if not shard.is_file():
-            return None
-        xorbs = []
-        for xorb in read_json(shard)["xorbs"][:DEDUPE_MAX_XORBS]:
-            if self.has_xorb(xorb):
-                xorbs.append(_shard_xorb(xorb, self._xorb_meta(xorb), self._key))
-        if not xorbs:
-            return None
-        return build_shard([], xorbs, hmac_key=self._key, expiry=int(time.time()) + DEDUPE_EXPIRY_S)
+        xorbs used by the files of the shards that indexed that chunk (the `DEDUPE_SHARDS` most recent
+        distinct xorb sets, newest first, at most `DEDUPE_MAX_XORBS` xorbs; no file section; chunk
+        hashes keyed with this store's key, named in the footer), or None (answer 404)."""
+        return dedupe_answer(
+            self._path("chunks", chunk_hash, ".json"),
+            lambda shard: self._path("shards", shard, ".json"),
+            self.has_xorb,
+            self._xorb_meta,
+            self._key,
+        )
 
     def fsck(self) -> list[str]:
         """Every problem found: xorb bytes vs their hash, registered files with a missing xorb, bad shards."""
@@ -391,13 +436,4 @@ class XetStore:
 
     def stats(self) -> dict:
         """Counts and bytes: `{"xorbs", "xorb_bytes", "files", "file_bytes", "shards", "chunks_indexed"}`."""
-        xorbs = [p for p in (self.root / "xorbs").glob("*/*") if p.suffix != ".json"]
-        files = [read_json(p) for p in (self.root / "files").glob("*/*.json")]
-        return {
-            "xorbs": len(xorbs),
-            "xorb_bytes": sum(p.stat().st_size for p in xorbs),
-            "files": len(files),
-            "file_bytes": sum(f["size"] for f in files),
-            "shards": sum(1 for _ in (self.root / "shards").glob("*/*.json")),
-            "chunks_indexed": sum(1 for _ in (self.root / "chunks").glob("*/*.json")),
-        }
+        return store_stats(self.root)

@@ -218,6 +218,29 @@ def test_corrupted_xorb_is_refused_and_fsck_sees_a_damaged_one(xsrv, tmp_path):
         assert any(xorb in p for p in fsck(Storage(fresh.root, create=False)))
 
 
+def test_fsck_beside_a_live_server_changes_nothing(tmp_path, capsys):
+    """`adapterkit-registry fsck` opens the Xet store read-only: a pending shard journal and a stale
+    temporary file stay for the server (the journal is reported, not a problem); a restart applies it."""
+    from adapterkit_registry.cli import main
+
+    users = {TOKENS["alice"]: ("alice", "write")}
+    with RegistryServer(tmp_path / "live", tokens=users, lfs_threshold_mb=0.05) as live:
+        repo = api(live).create_repo("r").repo_id
+        api(live).upload_file(path_or_fileobj=rand(90_000, 9), path_in_repo="w.bin", repo_id=repo)
+        xet = live.root / "xet"
+        journal = xet / "pending" / f"{'cd' * 32}.json"
+        journal.write_text('{"shard": "' + "cd" * 32 + '", "xorbs": [], "files": [], "chunks": []}')
+        stale = xet / "tmp" / "w-stale"
+        stale.write_bytes(b"x")
+        os.utime(stale, (time.time() - 7200, time.time() - 7200))
+        assert main(["fsck", "--root", str(live.root)]) == 0
+        out = capsys.readouterr().out
+        assert "pending, applied at next server start" in out and "ok" in out, out
+        assert journal.exists() and stale.exists()
+    with RegistryServer(tmp_path / "live", tokens=users, lfs_threshold_mb=0.05):
+        assert not journal.exists() and not stale.exists()
+
+
 def test_a_server_without_xet_gets_a_clear_error():
     from adapterkit.hub import _hub_error
 

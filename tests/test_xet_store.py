@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import socket
 import subprocess
@@ -17,7 +16,6 @@ import pytest
 import uvicorn
 from adapterkit_registry.xet_format import (
     XetError,
-    build_xorb,
     chunk_hash,
     file_hash,
     hash_to_hex,
@@ -26,12 +24,13 @@ from adapterkit_registry.xet_format import (
     parse_xorb,
     read_chunk,
 )
-from adapterkit_registry.xet_shard import Segment, ShardChunk, ShardFile, ShardXorb, build_shard, parse_shard
+from adapterkit_registry.xet_shard import Segment, ShardFile, ShardXorb, build_shard, parse_shard
 from adapterkit_registry.xet_store import XetStore
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from xet_support import CHUNKS, shard_file, xorb_parts
 
 STATUS = {"RangeNotSatisfiable": 416, "FileNotFound": 404, "XorbMissing": 404}
 
@@ -172,30 +171,28 @@ def test_second_upload_with_one_change_sends_a_small_fraction(cas, tmp_path, mon
     assert b"".join(store.read_file(name)) == bytes(changed)
 
 
-def _xorb(chunks: list[bytes]) -> tuple[str, bytes, ShardXorb]:
-    name, data = build_xorb(chunks)
-    entries, offset = [], 0
-    for c in chunks:
-        entries.append(ShardChunk(chunk_hash(c), offset, len(c)))
-        offset += len(c)
-    return name, data, ShardXorb(hex_to_hash(name), tuple(entries), len(data))
-
-
-def _file(name: str, chunks: list[bytes], lo: int, hi: int, sha: bool = True) -> ShardFile:
-    part = chunks[lo:hi]
-    digest = hashlib.sha256(b"".join(part)).digest()
-    words = b"".join(digest[i : i + 8][::-1] for i in range(0, 32, 8))  # hf_xet's layout of the sha256
-    seg = Segment(hex_to_hash(name), sum(len(c) for c in part), lo, hi)
-    return ShardFile(file_hash([(chunk_hash(c), len(c)) for c in part]), (seg,), None, words if sha else None)
-
-
-CHUNKS = [os.urandom(3000) + bytes([i]) * 4000 for i in range(12)]
+def test_changed_file_in_a_third_family_sends_no_xorb(cas, tmp_path, monkeypatch):
+    """A file, a changed version, the file again (another family), then the changed version again: each
+    from a fresh client. The last finds every chunk through the dedupe answer of its first chunk, though
+    the most recent shard indexing that chunk holds only the unchanged file."""
+    store, url, log = cas
+    data = _data(2)
+    changed = bytearray(data)
+    changed[1_000_000:1_000_100] = b"y" * 100
+    (tmp_path / "a.bin").write_bytes(data)
+    (tmp_path / "b.bin").write_bytes(bytes(changed))
+    for i, name in enumerate(["a.bin", "b.bin", "a.bin", "b.bin"]):
+        monkeypatch.setenv("HF_HOME", str(tmp_path / f"home{i}"))
+        log.clear()
+        _upload(url, tmp_path / name)
+    assert ("chunk", 0) in log and not [n for kind, n in log if kind == "xorb"]
+    assert sum(n for kind, n in log if kind == "shard") < 4096
 
 
 def test_put_xorb_refuses_bad_xorbs_and_writes_nothing(tmp_path):
     store = XetStore(tmp_path / "xet")
-    name, data, _ = _xorb(CHUNKS)
-    other, _, _ = _xorb(CHUNKS[1:])
+    name, data, _ = xorb_parts(CHUNKS)
+    other, _, _ = xorb_parts(CHUNKS[1:])
     second = parse_xorb(data).chunks[1]
     flipped = bytearray(data)
     flipped[second.start + 8 + 2] ^= 0xFF
@@ -218,17 +215,17 @@ def test_put_xorb_refuses_bad_xorbs_and_writes_nothing(tmp_path):
 
 def test_put_shard_refuses_bad_shards_and_registers_nothing(tmp_path):
     store = XetStore(tmp_path / "xet")
-    name, data, cas_entry = _xorb(CHUNKS)
-    missing, _, missing_entry = _xorb(CHUNKS[:3])
+    name, data, cas_entry = xorb_parts(CHUNKS)
+    missing, _, missing_entry = xorb_parts(CHUNKS[:3])
     store.put_xorb(name, data)
-    good = _file(name, CHUNKS, 2, 7)
+    good = shard_file(name, CHUNKS, 2, 7)
     wrong_hash = ShardFile(bytes(32 - 1) + b"\x01", good.segments, None, good.sha256)
     wrong_sha = ShardFile(good.file_hash, good.segments, None, hashlib.sha256(b"other").digest())
     wrong_verification = ShardFile(good.file_hash, good.segments, (bytes(32),), good.sha256)
     wrong_range = ShardFile(good.file_hash, (Segment(hex_to_hash(name), 5, 2, 7),), None, None)
     lying_cas = ShardXorb(cas_entry.hash, cas_entry.chunks[:-1], 0)
     cases = [
-        ([_file(missing, CHUNKS[:3], 0, 2)], [], "XorbMissing"),
+        ([shard_file(missing, CHUNKS[:3], 0, 2)], [], "XorbMissing"),
         ([good], [missing_entry], "XorbMissing"),
         ([good, wrong_hash], [], "FileHashMismatch"),
         ([wrong_sha], [], "FileHashMismatch"),
@@ -247,7 +244,7 @@ def test_put_shard_refuses_bad_shards_and_registers_nothing(tmp_path):
     (registered,) = store.put_shard(build_shard([good], [cas_entry]))
     assert store.put_shard(build_shard([good], [cas_entry])) == [registered]
     assert registered.sha256 == hashlib.sha256(b"".join(CHUNKS[2:7])).hexdigest()
-    no_sha = store.put_shard(build_shard([_file(name, CHUNKS, 0, 1, sha=False)], []))
+    no_sha = store.put_shard(build_shard([shard_file(name, CHUNKS, 0, 1, sha=False)], []))
     assert no_sha[0].sha256 == hashlib.sha256(CHUNKS[0]).hexdigest()
 
 
@@ -270,8 +267,8 @@ def _client_read(store: XetStore, answer: dict, length: int) -> bytes:
 
 def test_reconstruction_of_byte_ranges(tmp_path):
     store = XetStore(tmp_path / "xet")
-    first, data1, _ = _xorb(CHUNKS[:6])
-    second, data2, _ = _xorb(CHUNKS[6:])
+    first, data1, _ = xorb_parts(CHUNKS[:6])
+    second, data2, _ = xorb_parts(CHUNKS[6:])
     store.put_xorb(first, data1)
     store.put_xorb(second, data2)
     seg1 = Segment(hex_to_hash(first), sum(len(c) for c in CHUNKS[1:6]), 1, 6)
@@ -307,9 +304,9 @@ def test_reconstruction_of_byte_ranges(tmp_path):
 
 def test_dedupe_answer_is_a_keyed_shard_the_parser_reads(tmp_path):
     store = XetStore(tmp_path / "xet")
-    name, data, cas_entry = _xorb(CHUNKS)
+    name, data, cas_entry = xorb_parts(CHUNKS)
     store.put_xorb(name, data)
-    store.put_shard(build_shard([_file(name, CHUNKS, 3, 8)], [cas_entry]))
+    store.put_shard(build_shard([shard_file(name, CHUNKS, 3, 8)], [cas_entry]))
     assert store.dedupe_shard(hash_to_hex(chunk_hash(CHUNKS[4]))) is None  # not eligible: no answer
     answer = parse_shard(store.dedupe_shard(hash_to_hex(chunk_hash(CHUNKS[3]))))  # a file's first chunk
     (xorb,) = answer.xorbs
@@ -320,9 +317,9 @@ def test_dedupe_answer_is_a_keyed_shard_the_parser_reads(tmp_path):
 
 def test_fsck_finds_a_flipped_byte_on_disk(tmp_path):
     store = XetStore(tmp_path / "xet")
-    name, data, cas_entry = _xorb(CHUNKS)
+    name, data, cas_entry = xorb_parts(CHUNKS)
     store.put_xorb(name, data)
-    (xf,) = store.put_shard(build_shard([_file(name, CHUNKS, 0, 12)], [cas_entry]))
+    (xf,) = store.put_shard(build_shard([shard_file(name, CHUNKS, 0, 12)], [cas_entry]))
     assert store.fsck() == []
     path = store.xorb_path(name)
     raw = bytearray(path.read_bytes())
@@ -352,9 +349,9 @@ def test_sigkill_during_registration_leaves_all_or_none(tmp_path, when):
     journal exists, or 30 ms into applying it: after a restart the store holds none or all of them."""
     root = tmp_path / "xet"
     store = XetStore(root)
-    name, data, cas_entry = _xorb(CHUNKS)
+    name, data, cas_entry = xorb_parts(CHUNKS)
     store.put_xorb(name, data)
-    files = [_file(name, CHUNKS, lo, hi) for lo in range(12) for hi in range(lo + 1, 13)]
+    files = [shard_file(name, CHUNKS, lo, hi) for lo in range(12) for hi in range(lo + 1, 13)]
     shard = tmp_path / "shard.bin"
     shard.write_bytes(build_shard(files, [cas_entry]))
     names = {hash_to_hex(f.file_hash) for f in files}
