@@ -40,8 +40,7 @@ PORT = _free_port()
 os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{PORT}"
 os.environ["HF_HOME"] = str(TMP / "hf_home")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-os.environ["HF_HUB_DISABLE_XET"] = "1"
-for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
+for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_XET"):
     os.environ.pop(var, None)
 assert "huggingface_hub" not in sys.modules
 
