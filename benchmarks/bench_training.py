@@ -1,12 +1,20 @@
-"""Training one domain: adapterkit vs full fine-tuning vs PEFT LoRA on the same backbone (CPU).
+"""Training one domain: adapterkit vs its floor vs full fine-tuning vs PEFT LoRA on the same backbone (CPU).
 
 One training step = forward, cross-entropy, backward, SGD step (momentum 0.9) over the trainable
 tensors: `model.trainable_parameters(domain)` for adapterkit, every parameter for full fine-tuning,
 the LoRA factors plus the classifier (`modules_to_save`) for PEFT. The LoRA rank (LoRA on every
-Conv2d) is chosen so that PEFT trains about as many parameters as adapterkit; both counts are printed.
+Conv2d and Linear but the classifier) is chosen so that PEFT trains about as many parameters as
+adapterkit; both counts are printed. Two references bound adapterkit's step from below:
 
-- Throughput: the three variants in one process, one step each per repeat, interleaved in a rotated
-  order; images/s from the median step time, ratios paired per repeat.
+- `floor`: the frozen backbone (norms in eval mode, no weight requires grad) forward + backward to the
+  input (which requires grad): what any method that trains nothing inside the backbone's layers pays.
+- `norms`: the floor plus what the paper's domain norms add: norms in train mode (batch statistics) with
+  trainable affine parameters, and a trainable classifier, with their SGD step. adapterkit = norms + adapters.
+
+- Throughput: the variants in one process, one step each per repeat, interleaved in a rotated order;
+  ratios paired per repeat, medians. Both clocks are recorded: wall time and the thread's CPU time
+  (`time.thread_time`; with one torch thread every op, forward and backward, runs in the calling
+  thread), whose ratios do not move when other jobs share the cores; the report's ratios use CPU time.
 - Peak memory, in a fresh subprocess per (backbone, variant) that builds only that variant:
   1. tensor peak: the most bytes of live CPU tensor storages during a step taken once gradients and
      momentum exist (as in every step but the first), counted by a `TorchDispatchMode` that sees every
@@ -23,7 +31,8 @@ Conv2d) is chosen so that PEFT trains about as many parameters as adapterkit; bo
   other domain) still gives the same logits (PEFT issue #1732).
 
 Run from the repository root (needs `pip install peft`, the `bench` extra):
-    PYTHONPATH=. python benchmarks/bench_training.py
+    PYTHONPATH=. python benchmarks/bench_training.py            # ~15 min on one thread
+    PYTHONPATH=. python benchmarks/bench_training.py --quick    # adapterkit, floor, norms, full; small batches
 """
 
 from __future__ import annotations
@@ -38,89 +47,146 @@ import subprocess
 import sys
 import time
 import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from _common import calibrated_backbone, interleaved, paired_ratio, perturb, write_report
+from _common import calibrated_backbone, perturb, write_report
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from adapterkit import AdapterModel
 
-BACKBONES = {  # name: (input size, batch size)
-    "resnet26_decathlon": (72, 32),
-    "resnet50": (224, 16),
+BACKBONES = {  # name: (input size, batch size, batch size in --quick)
+    "resnet26_decathlon": (72, 32, 16),
+    "resnet50": (224, 16, 4),
+    "vit_small_patch16_224": (224, 16, 4),
 }
-VARIANTS = ["adapterkit", "full", "peft"]
+VARIANTS = ["adapterkit", "floor", "norms", "full", "peft"]
+QUICK_VARIANTS = ["adapterkit", "floor", "norms", "full"]
 NUM_CLASSES = 10
 
 
-def conv_names(backbone: nn.Module) -> list[str]:
-    return [n for n, m in backbone.named_modules() if isinstance(m, nn.Conv2d)]
+@dataclass
+class Variant:
+    """One way to train: `forward(x)` and the tensors its SGD step updates (none for the floor)."""
+
+    model: nn.Module
+    forward: object
+    params: list[nn.Parameter]
+    info: dict = field(default_factory=dict)
+    input_grad: bool = False  # the input requires grad (the floor's backward reaches the image)
+
+
+def lora_targets(backbone: nn.Module) -> list[str]:
+    head = backbone.pretrained_cfg.get("classifier") or "fc"
+    return [n for n, m in backbone.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n != head]
 
 
 def lora_count(backbone: nn.Module, rank: int) -> int:
-    """Parameters PEFT's LoRA adds to every Conv2d: A (r x in x k x k) and B (out x r)."""
-    total = 0
-    for m in backbone.modules():
+    """Parameters PEFT's LoRA adds to each target: A (r x in x k x k) and B (out x r)."""
+    total, modules = 0, dict(backbone.named_modules())
+    for name in lora_targets(backbone):
+        m = modules[name]
         if isinstance(m, nn.Conv2d):
             kh, kw = m.kernel_size
             total += rank * (m.in_channels // m.groups * kh * kw + m.out_channels)
+        else:
+            total += rank * (m.in_features + m.out_features)
     return total
 
 
-def build(name: str, variant: str, size: int, rank: int | None = None):
-    """(model, forward(x), trainable parameters, info) for one variant, from the same weights."""
+def frozen(name: str, size: int, norms: bool = False) -> Variant:
+    """The floor (everything frozen, eval mode), or with `norms` the floor plus trainable norms in train
+    mode and a trainable classifier (what adapterkit trains besides its adapters)."""
+    backbone = calibrated_backbone(name, size)
+    backbone.reset_classifier(NUM_CLASSES)
+    backbone.requires_grad_(False)
+    if not norms:
+        return Variant(backbone.eval(), backbone, [], input_grad=True)
+    norm_types = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+    for m in backbone.modules():
+        if isinstance(m, norm_types):
+            m.requires_grad_(True)
+    backbone.get_classifier().requires_grad_(True)
+    params = [p for p in backbone.parameters() if p.requires_grad]
+    return Variant(backbone.train(), backbone, params, input_grad=True)
+
+
+def build(name: str, variant: str, size: int, rank: int | None = None) -> Variant:
+    """One variant, from the same weights."""
+    if variant in ("floor", "norms"):
+        return frozen(name, size, norms=variant == "norms")
     backbone = calibrated_backbone(name, size)
     if variant == "adapterkit":
         model = AdapterModel(backbone)
         model.add_domain("old", num_classes=NUM_CLASSES)
         perturb(model.trainable_parameters("old"), seed=1)
         model.add_domain("new", num_classes=NUM_CLASSES)
-        params = model.trainable_parameters("new")
-        return model, lambda x: model(x, domain="new"), params, {}
+        return Variant(model.train(), lambda x: model(x, domain="new"), model.trainable_parameters("new"))
     backbone.reset_classifier(NUM_CLASSES)
     if variant == "full":
-        return backbone, backbone, list(backbone.parameters()), {}
+        return Variant(backbone.train(), backbone, list(backbone.parameters()))
     from peft import LoraConfig, get_peft_model
 
     head = backbone.pretrained_cfg.get("classifier") or "fc"
-    targets = "|".join(re.escape(n) for n in conv_names(backbone))
+    targets = "|".join(re.escape(n) for n in lora_targets(backbone))
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=f"^({targets})$", modules_to_save=[head])
-    model = get_peft_model(backbone, config)
+    model = get_peft_model(backbone, config).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    return (
-        model,
-        model,
-        params,
-        {"lora_rank": rank, "lora_targets": "every Conv2d", "modules_to_save": [head]},
-    )
+    info = {
+        "lora_rank": rank,
+        "lora_targets": "every Conv2d and Linear but the classifier",
+        "modules_to_save": [head],
+    }
+    return Variant(model, model, params, info)
 
 
 def matched_rank(name: str, size: int) -> tuple[int, int]:
     """The LoRA rank whose trainable count is closest to adapterkit's, and adapterkit's count."""
-    _, _, params, _ = build(name, "adapterkit", size)
-    target = sum(p.numel() for p in params)
+    target = sum(p.numel() for p in build(name, "adapterkit", size).params)
     backbone = calibrated_backbone(name, size)
     head = backbone.num_features * NUM_CLASSES + NUM_CLASSES
     rank = min(range(1, 257), key=lambda r: abs(lora_count(backbone, r) + head - target))
     return rank, target
 
 
-def step_fn(
-    model: nn.Module, forward, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor, opt=None
-):
-    opt = opt or torch.optim.SGD(params, lr=0.01, momentum=0.9)
-    model.train()
+def step_fn(v: Variant, x: torch.Tensor, y: torch.Tensor):
+    opt = torch.optim.SGD(v.params, lr=0.01, momentum=0.9) if v.params else None
+    xi = x.detach().requires_grad_(True) if v.input_grad else x
 
     def step() -> None:
-        loss = nn.functional.cross_entropy(forward(x), y)
-        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(v.forward(xi), y)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        xi.grad = None
+        if opt is not None:
+            opt.step()
 
-    return step
+    return step, opt
+
+
+def timed(fns: dict, repeats: int, warmup: int = 1) -> dict[str, dict[str, list[float]]]:
+    """Each variant `repeats` times, interleaved in a rotated order: wall and thread CPU seconds."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times = {n: {"wall": [], "cpu": []} for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            wall, cpu = time.perf_counter(), time.thread_time()
+            fns[name]()
+            times[name]["cpu"].append(time.thread_time() - cpu)
+            times[name]["wall"].append(time.perf_counter() - wall)
+    return times
+
+
+def throughput_ratio(times: dict, num: str, den: str, clock: str = "cpu") -> float:
+    """Throughput of `num` relative to `den`: median over repeats of time(den) / time(num), same repeat."""
+    return statistics.median(b / a for a, b in zip(times[num][clock], times[den][clock], strict=True))
 
 
 def bn_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -135,59 +201,67 @@ def bn_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def throughput(name: str, size: int, batch: int, repeats: int) -> dict:
+def batchnorm_check(name: str, size: int, built: dict[str, Variant], run) -> dict:
+    """Run `run()` (the timed steps) and report what they did to shared BatchNorm statistics."""
+    g = torch.Generator().manual_seed(1)
+    probe = torch.randn(4, 3, size, size, generator=g)
+    ak, peft = built["adapterkit"].model, built.get("peft")
+    pristine = calibrated_backbone(name, size).eval()
+    watched = {v: built[v].model for v in ("adapterkit", "peft") if v in built}
+    before = {v: bn_buffers(m) for v, m in watched.items()}
+    with torch.no_grad():
+        old_logits = ak.eval()(probe, domain="old")
+    ak.train()
+    result = run()
+    with torch.no_grad():
+        out = {
+            "backbone_bn_buffers": {v: len(b) for v, b in before.items()},
+            "changed_by_training": {
+                v: sum(not torch.equal(t, bn_buffers(watched[v])[k]) for k, t in b.items())
+                for v, b in before.items()
+            },
+            "adapterkit_old_domain_bit_identical": bool(
+                torch.equal(old_logits, ak.eval()(probe, domain="old"))
+            ),
+        }
+        if peft is not None:
+            peft.model.eval()
+            with peft.model.disable_adapter():
+                moved = peft.model.base_model.model.forward_features(probe) - pristine.forward_features(probe)
+            out["peft_disabled_adapter_max_abs_feature_change"] = float(moved.abs().max())
+    return result, out
+
+
+def throughput(name: str, size: int, batch: int, repeats: int, variants: list[str]) -> dict:
     rank, ak_count = matched_rank(name, size)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=g)
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
-    built = {v: build(name, v, size, rank) for v in VARIANTS}
-    counts = {v: sum(p.numel() for p in b[2]) for v, b in built.items()}
+    built = {v: build(name, v, size, rank) for v in variants}
+    counts = {v: sum(p.numel() for p in b.params) for v, b in built.items()}
     assert counts["adapterkit"] == ak_count
-    # BatchNorm demonstration: state before any step
-    ak_model, peft_model = built["adapterkit"][0], built["peft"][0]
-    pristine = calibrated_backbone(name, size)
-    pristine.reset_classifier(NUM_CLASSES)
-    bn_before = {v: bn_buffers(built[v][0]) for v in ("adapterkit", "peft")}
-    probe = torch.randn(4, 3, size, size, generator=g)
-    with torch.no_grad():
-        old_logits = ak_model.eval()(probe, domain="old")
-        pristine_features = pristine.eval().forward_features(probe)
-    steps = {v: step_fn(b[0], b[1], b[2], x, y) for v, b in built.items()}
-    res = interleaved(steps, repeats, baseline="peft")
-    # after the timed (and warm-up) steps
-    ak_model.eval()
-    peft_model.eval()
-    with torch.no_grad():
-        old_after = ak_model(probe, domain="old")
-        with peft_model.disable_adapter():
-            base_features = peft_model.base_model.model.forward_features(probe)
-    changed = {
-        v: sum(not torch.equal(t, bn_buffers(built[v][0])[k]) for k, t in bn_before[v].items())
-        for v in bn_before
+    steps = {v: step_fn(b, x, y)[0] for v, b in built.items()}
+    times, bn = batchnorm_check(name, size, built, lambda: timed(steps, repeats))
+    ratios = {
+        f"throughput_vs_{base}_{clock}": {v: throughput_ratio(times, v, base, clock) for v in variants}
+        for base in ("floor", "full")
+        for clock in ("cpu", "wall")
     }
-    n_bn = {v: len(bn_before[v]) for v in bn_before}
-    row = {
+    return {
         "model": name,
         "input": size,
         "batch": batch,
         "repeats": repeats,
         "trainable_parameters": counts,
-        "backbone_parameters": sum(p.numel() for p in pristine.parameters()),
-        "lora_rank": rank,
-        "images_per_s": {v: batch / (res[v]["ms"] / 1e3) for v in VARIANTS},
-        "step_ms": {v: res[v]["ms"] for v in VARIANTS},
-        "ratio_vs_peft_throughput": {v: paired_ratio(res, "peft", v) for v in VARIANTS},
-        "ratio_vs_full_throughput": {v: paired_ratio(res, "full", v) for v in VARIANTS},
-        "batchnorm": {
-            "backbone_bn_buffers": n_bn,
-            "changed_by_training": changed,
-            "adapterkit_old_domain_bit_identical": bool(torch.equal(old_logits, old_after)),
-            "peft_disabled_adapter_max_abs_feature_change": float(
-                (base_features - pristine_features).abs().max()
-            ),
-        },
+        "backbone_parameters": sum(p.numel() for p in calibrated_backbone(name, size).parameters()),
+        "lora_rank": rank if "peft" in variants else None,
+        "images_per_s_cpu": {v: batch / statistics.median(times[v]["cpu"]) for v in variants},
+        "step_ms_cpu": {v: 1e3 * statistics.median(times[v]["cpu"]) for v in variants},
+        "step_ms_wall": {v: 1e3 * statistics.median(times[v]["wall"]) for v in variants},
+        **ratios,
+        "times_s": times,
+        "batchnorm": bn,
     }
-    return row
 
 
 class TensorMemory(TorchDispatchMode):
@@ -230,12 +304,12 @@ class TensorMemory(TorchDispatchMode):
 def peak_memory_child(name: str, variant: str, size: int, batch: int, rank: int) -> dict:
     """Run in a fresh process: peak RSS of two training steps above the RSS of the built model, then
     the peak of live tensor bytes during a third step (gradients and momentum exist by then)."""
-    model, forward, params, _ = build(name, variant, size, rank)
+    v = build(name, variant, size, rank)
+    model, params = v.model, v.params
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=g)
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
-    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
-    step = step_fn(model, forward, params, x, y, opt)
+    step, opt = step_fn(v, x, y)
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     rss_model = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (the peak RSS) to the current RSS
@@ -243,7 +317,8 @@ def peak_memory_child(name: str, variant: str, size: int, batch: int, rank: int)
     step()
     rss_peak = _status("VmHWM")
     existing = [*model.parameters(), *model.buffers(), x, y, *(p.grad for p in params if p.grad is not None)]
-    existing += [t for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    if opt is not None:
+        existing += [t for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
     tracker = TensorMemory(existing)
     del existing  # the tracker must not keep old gradients alive
     with tracker:
@@ -267,10 +342,12 @@ def _status(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_memory(name: str, size: int, batch: int, rank: int, repeats: int, malloc_env: dict) -> dict:
+def peak_memory(
+    name: str, size: int, batch: int, rank: int, repeats: int, malloc_env: dict, variants: list[str]
+) -> dict:
     out = {}
     env = {**os.environ, **malloc_env}
-    for variant in VARIANTS:
+    for variant in variants:
         runs = []
         for _ in range(repeats):
             cmd = [
@@ -291,15 +368,18 @@ def peak_memory(name: str, size: int, batch: int, rank: int, repeats: int, mallo
     return out
 
 
-def report(out: Path, rows: list[dict], malloc_env: dict, start: float) -> None:
+def report(out: Path, rows: list[dict], malloc_env: dict, start: float, quick: bool) -> None:
     """Write the JSON report (after every backbone: a run stopped half-way keeps what it measured)."""
     write_report(
         out,
-        "one training step: adapterkit vs full fine-tuning vs PEFT LoRA (matched trainable count)",
+        "one training step: adapterkit vs its floor (frozen backbone forward + input gradient) vs full "
+        "fine-tuning vs PEFT LoRA (matched trainable count)",
         {
             "models": BACKBONES,
+            "quick": quick,
             "optimizer": "SGD lr 0.01 momentum 0.9",
-            "statistic": "median over interleaved repeats; memory: median over fresh processes",
+            "statistic": "ratios: median over interleaved repeats of paired per-repeat ratios, thread CPU time "
+            "(wall-time ratios alongside); memory: median over fresh processes",
             "memory_child_env": malloc_env,
             "memory_method": (
                 "fresh process per variant: peak live tensor bytes of the third step (TorchDispatchMode + "
@@ -312,13 +392,29 @@ def report(out: Path, rows: list[dict], malloc_env: dict, start: float) -> None:
     )
 
 
+def print_row(row: dict) -> None:
+    mem, ratio = row["memory"], row["memory_ratio_vs_full"]
+    print(f"{row['model']} {row['input']}px batch {row['batch']}: trainable {row['trainable_parameters']}")
+    for v in row["step_ms_cpu"]:
+        print(
+            f"  {v:10s} {row['images_per_s_cpu'][v]:7.2f} img/s  x{row['throughput_vs_floor_cpu'][v]:.3f} of the "
+            f"floor (wall x{row['throughput_vs_floor_wall'][v]:.3f})  x{row['throughput_vs_full_cpu'][v]:.3f} of "
+            f"full FT  tensor peak {mem[v]['tensor_peak_mib']:.0f} MiB (x{ratio['tensor_peak_mib'][v]:.3f} of "
+            f"full)  RSS peak +{mem[v]['rss_peak_above_model_mib']:.0f} MiB (x{ratio['rss_peak_above_model_mib'][v]:.3f})"
+        )
+    bn = row["batchnorm"]
+    print(f"  shared BN buffers changed: {bn['changed_by_training']}; adapterkit old domain bit-identical: "
+          f"{bn['adapterkit_old_domain_bit_identical']}", flush=True)  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--memory-repeats", type=int, default=3, help="fresh processes per variant (median)")
+    p.add_argument("--quick", action="store_true", help="no PEFT, small batches, 3 repeats, 1 memory process")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default 5, quick 3)")
+    p.add_argument("--memory-repeats", type=int, default=None, help="fresh processes per variant (median)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/training.json"))
+    p.add_argument("--out", type=Path, default=None, help="default benchmarks/results/training[_quick].json")
     p.add_argument("--default-malloc", action="store_true", help="RSS with glibc's adaptive mmap threshold")
     p.add_argument("--memory-child", nargs=5, metavar=("MODEL", "VARIANT", "SIZE", "BATCH", "RANK"))
     args = p.parse_args()
@@ -327,6 +423,10 @@ def main() -> None:
         name, variant, size, batch, rank = args.memory_child
         print(json.dumps(peak_memory_child(name, variant, int(size), int(batch), int(rank))))
         return
+    repeats = args.repeats or (3 if args.quick else 5)
+    memory_repeats = args.memory_repeats or (1 if args.quick else 3)
+    variants = QUICK_VARIANTS if args.quick else VARIANTS
+    out = args.out or Path(f"benchmarks/results/training{'_quick' if args.quick else ''}.json")
     # A fixed mmap threshold returns every freed tensor of 128 KiB or more to the OS, so RSS follows the
     # live memory; with glibc's adaptive threshold freed tensors stay in its heap, and the peak RSS of
     # one and the same configuration varied by +-15 % between processes.
@@ -334,36 +434,20 @@ def main() -> None:
     start = time.perf_counter()
     rows = []
     for name in args.models:
-        size, batch = BACKBONES[name]
-        row = throughput(name, size, batch, args.repeats)
-        row["memory"] = peak_memory(name, size, batch, row["lora_rank"], args.memory_repeats, malloc_env)
+        size, batch, quick_batch = BACKBONES[name]
+        batch = quick_batch if args.quick else batch
+        row = throughput(name, size, batch, repeats, variants)
+        rank = row["lora_rank"] or 1
+        row["memory"] = peak_memory(name, size, batch, rank, memory_repeats, malloc_env, variants)
         mem = row["memory"]
         row["memory_ratio_vs_full"] = {
-            key: {v: mem[v][key] / mem["full"][key] for v in VARIANTS}
+            key: {v: mem[v][key] / mem["full"][key] for v in variants}
             for key in ("tensor_peak_mib", "tensor_peak_above_weights_mib", "rss_peak_above_model_mib")
         }
         rows.append(row)
-        report(args.out, rows, malloc_env, start)
-        c, ips, bn = row["trainable_parameters"], row["images_per_s"], row["batchnorm"]
-        print(f"{name} {size}px batch {batch}: trainable {c} (LoRA rank {row['lora_rank']})")
-        for v in VARIANTS:
-            ratio = row["memory_ratio_vs_full"]
-            print(
-                f"  {v:10s} {ips[v]:7.2f} img/s  x{row['ratio_vs_peft_throughput'][v]:.3f} vs PEFT  "
-                f"x{row['ratio_vs_full_throughput'][v]:.3f} vs full  tensor peak {mem[v]['tensor_peak_mib']:.0f} MiB "
-                f"(x{ratio['tensor_peak_mib'][v]:.3f} of full; above weights "
-                f"x{ratio['tensor_peak_above_weights_mib'][v]:.3f})  "
-                f"RSS peak +{mem[v]['rss_peak_above_model_mib']:.0f} MiB (x{ratio['rss_peak_above_model_mib'][v]:.3f})"
-            )
-        print(
-            f"  shared BN buffers changed by training: adapterkit {bn['changed_by_training']['adapterkit']}"
-            f"/{bn['backbone_bn_buffers']['adapterkit']}, PEFT {bn['changed_by_training']['peft']}"
-            f"/{bn['backbone_bn_buffers']['peft']}; adapterkit old domain bit-identical: "
-            f"{bn['adapterkit_old_domain_bit_identical']}; PEFT base model (adapter disabled) features moved by "
-            f"{bn['peft_disabled_adapter_max_abs_feature_change']:.3g}",
-            flush=True,
-        )
-    print(f"wrote {args.out} ({time.perf_counter() - start:.0f} s)")
+        report(out, rows, malloc_env, start, args.quick)
+        print_row(row)
+    print(f"wrote {out} ({time.perf_counter() - start:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -84,21 +84,26 @@ def test_eval_mode_gradients_reach_only_the_active_domain():
     assert all(len(m.fused) == 0 for m in fused_layers(model))  # differentiable weights are not cached
 
 
-@pytest.mark.parametrize("backbone", ["test_efficientnet", "test_resnet"])
-def test_training_fuses_1x1_convs_with_the_same_outputs_and_gradients(backbone):
+@pytest.mark.parametrize("backbone", ["test_efficientnet", "test_resnet", "test_vit"])
+def test_training_folds_adapters_with_the_same_outputs_and_gradients(backbone):
+    """Every foldable conv (1x1 and k x k) and linear trains with its adapter folded in (`layers/folded.py`),
+    with the outputs and gradients of the separate-adapter form (`enabled=False`)."""
     model = make(backbone).train()
     convs = [m for m in model.layers().values() if isinstance(m, AdaptedConv2d)]
-    assert any(m.train_fused for m in convs)
-    assert all(m.train_fused == (m.fusable and m.base_layer.kernel_size == (1, 1)) for m in convs)
+    assert any(m.train_fused and m.base_layer.kernel_size != (1, 1) for m in convs) or backbone == "test_vit"
+    assert all(m.train_fused == m.fusable for m in convs)
     unfused = copy.deepcopy(model)
     configure_fusion(unfused, enabled=False)
     x = input_for(model.backbone, batch=4)
     for m in (model, unfused):
         m(x, domain="a").logsumexp(1).sum().backward()
     torch.testing.assert_close(model(x, domain="a"), unfused(x, domain="a"), rtol=1e-4, atol=1e-5)
+    # float32 rounding of different summation orders, relative to the size of the gradients
+    scale = max(float(q.grad.abs().max()) for q in unfused.trainable_parameters("a"))
     for p, q in zip(model.trainable_parameters("a"), unfused.trainable_parameters("a"), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4 * scale)
     assert all(p.grad is None for p in model.trainable_parameters("b"))
+    assert all(p.grad is None for p in model.backbone.parameters() if not p.requires_grad)
     assert all(len(m.fused) == 0 for m in convs)  # training never caches (the weights are about to change)
     # dropout applies to the adapter's input alone, so with dropout every adapter trains unfused
     with_dropout = make(backbone, config=AdapterConfig(dropout=0.1))

@@ -27,7 +27,6 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 DEFAULT_CAPACITY = 4  # domains per layer: up to 4 extra copies of the adapted weights while serving
@@ -52,9 +51,9 @@ def merge_conv(weight: torch.Tensor, adapter: torch.Tensor, tap: tuple[int, int]
                 [0., 1., 0.],
                 [0., 0., 0.]])
     """
-    kh, kw = weight.shape[-2:]
-    pad = (tap[1], kw - 1 - tap[1], tap[0], kh - 1 - tap[0])
-    return (weight.float() + F.pad(adapter.float()[:, :, None, None], pad)).to(weight.dtype)
+    merged = weight.to(torch.float32, copy=True)  # only the tap changes: other entries keep their bits
+    merged[:, :, tap[0], tap[1]] += adapter.float()
+    return merged.to(weight.dtype)
 
 
 def merge_linear(weight: torch.Tensor, adapter: torch.Tensor) -> torch.Tensor:

@@ -5,10 +5,10 @@ is thread-local, so threads serving different domains never see each other's cho
 is no global state. With no domain set a wrapper computes exactly its `base_layer`.
 
 In eval mode a parallel adapter is fused into its layer's weight (see `fused.py`): one conv or matmul
-per layer instead of two or three. In training, 1x1 convs stay fused too (the merged weight's gradient
-costs what the adapter's would, and the adapter's own thin convs are saved); k x k convs and linears keep
-the adapter as a separate op, cheaper to differentiate (a 1x1 or low-rank weight gradient instead of the
-layer's full one); with dropout every adapter stays separate, since dropout applies to its input alone.
+per layer instead of two or three. In training, convs stay folded too (`folded.py`: one conv with the merged
+kernel forward; backward, the input gradient through it and the adapter's own 1x1 gradient, never the
+k x k kernel's); linears keep the low-rank adapter as a separate op; with dropout every adapter stays
+separate, since dropout applies to its input alone.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import FullAdapter, LowRankAdapter
+from .folded import foldable_in_training, folded_conv2d, folded_linear, tap_input
 from .folding import conv_tap, merge_series, not_foldable_reason, pair
 from .fused import FusedWeights, merge_conv, merge_linear
 
@@ -127,6 +128,13 @@ class DomainLayer(nn.Module):
         return self
 
 
+def _factors(adapter: nn.Module, beta: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """What the folded training ops take: a full adapter's matrix, or a low-rank one's (basis, gamma)."""
+    if isinstance(adapter, LowRankAdapter):
+        return adapter.basis(beta), adapter.gamma
+    return adapter.weight(beta)
+
+
 def _channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
@@ -159,10 +167,9 @@ class AdaptedConv2d(DomainLayer):
         self.tap, self.offset = conv_tap(base_layer)
         # series adapters act on the conv's output, and non-plain convs do not fold exactly
         self.fusable = rule != "series" and not_foldable_reason(base_layer) is None
-        # A 1x1 conv also trains fused: its merged weight's gradient costs what the adapter's own would,
-        # and the adapter's separate convs (two thin ones when low-rank) are saved. A k x k conv trains
-        # unfused: a fused weight would need the k x k weight gradient, 9x a 1x1 one for 3x3.
-        self.train_fused = self.fusable and pair(base_layer.kernel_size) == (1, 1) and self.dropout is None
+        # Training runs the adapter folded into the kernel too (`folded_conv2d`: one conv forward; backward,
+        # the input gradient and the adapter's 1x1 weight gradient only); dropout needs the separate op.
+        self.train_fused = self.fusable and foldable_in_training(base_layer) and self.dropout is None
         self.fused = FusedWeights()
         self.register_buffer(
             "beta", base_layer.weight.new_zeros(base_layer.out_channels, 0), persistent=False
@@ -199,14 +206,12 @@ class AdaptedConv2d(DomainLayer):
             )
         return FullAdapter(c_in, conv.out_channels, groups=conv.groups, stride=stride, conv=True, **kw)
 
-    def _align(self, x: torch.Tensor) -> torch.Tensor:
-        """Shift the input so the 1x1 adapter reads where the conv's tap reads."""
+    def _align(self, x: torch.Tensor, out: tuple[int, int]) -> torch.Tensor:
+        """The input rows and columns the conv's tap reads for its `out` output positions, so the
+        stride-matched 1x1 adapter reads exactly there (zeros where the tap reads padding)."""
         if type(self.base_layer) is not nn.Conv2d:  # Conv2dSame & co: plain stride-matched 1x1
             return x
-        oh, ow = self.offset
-        if oh < 0 or ow < 0:
-            x = F.pad(x, (max(-ow, 0), 0, max(-oh, 0), 0))
-        return x[..., max(oh, 0) :, max(ow, 0) :] if (oh > 0 or ow > 0) else x
+        return tap_input(x, self.offset, pair(self.base_layer.stride), out)
 
     in_channels, out_channels = _setting("in_channels"), _setting("out_channels")
     kernel_size, stride, padding = _setting("kernel_size"), _setting("stride"), _setting("padding")
@@ -246,9 +251,11 @@ class AdaptedConv2d(DomainLayer):
         conv = self.base_layer
         if adapter is None:
             return conv(x)
-        channels_last = self.training and _channels_last(x)
-        if (self.train_fused and not channels_last if self.training else self.fusable) and self.fused.enabled:
+        if self.fused.enabled and (self.train_fused if self.training else self.fusable):
+            if self.training and torch.is_grad_enabled():
+                return folded_conv2d(x, conv, _factors(adapter, self._buffers["beta"]), self.tap, self.offset)
             return conv._conv_forward(x, self._merged(domain, adapter), conv.bias)
+        channels_last = self.training and _channels_last(x)
         y = conv(x)
         if self.rule == "series":
             x = y.contiguous() if channels_last else y
@@ -257,7 +264,7 @@ class AdaptedConv2d(DomainLayer):
             # torch 2.14's CPU backward of a 1x1 conv on a channels-last input whose weight is computed
             # from a parameter (the adapter's) corrupts memory; the adapter reads a contiguous copy.
             x = x.contiguous()
-        x = self._align(x)
+        x = self._align(x, tuple(y.shape[-2:]))
         delta = adapter(x if self.dropout is None else self.dropout(x), self.beta)
         if delta.shape[-2:] != y.shape[-2:]:
             delta = delta[..., : y.shape[-2], : y.shape[-1]]
@@ -342,6 +349,14 @@ class AdaptedLinear(DomainLayer):
         lin = self.base_layer
         if adapter is None:
             return lin(x)
+        if (
+            self.fusable
+            and self.fused.enabled
+            and self.dropout is None
+            and self.training
+            and torch.is_grad_enabled()
+        ):
+            return folded_linear(x, lin, _factors(adapter, self._buffers["beta"]))
         if not self.training and self.fusable and self.fused.enabled:
             return F.linear(x, self._merged(domain, adapter), lin.bias)
         return lin(x).add_(adapter(x if self.dropout is None else self.dropout(x), self.beta))
