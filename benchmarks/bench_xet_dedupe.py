@@ -1,5 +1,5 @@
 """Xet dedupe on the registry: bytes the server receives when a ~100 MB backbone file is pushed,
-re-pushed with one tensor changed, and pushed to a second repo (issue 14, item 4).
+re-pushed with one tensor changed, pushed to a second repo, and the changed file to a third (issue 14, item 4).
 
 A ResNet-50 state dict (timm, random init, float32: about 102 MB of safetensors) is the backbone file.
 The registry (`adapterkit_registry.RegistryServer`) runs in this process on loopback; every push is a
