@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 from adapterkit_registry import RegistryServer, Storage, fsck
 from adapterkit_registry.auth import UrlSigner
+from adapterkit_registry.xet_shard import ShardFile, build_shard
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import RepositoryNotFoundError
+from xet_support import CHUNKS, shard_file, xorb_parts
 
 TOKENS = {"alice": "alice-xet-token-0123", "bob": "bob-xet-token-0123", "read": "alice-xet-read-0123"}
 
@@ -239,6 +241,30 @@ def test_fsck_beside_a_live_server_changes_nothing(tmp_path, capsys):
         assert journal.exists() and stale.exists()
     with RegistryServer(tmp_path / "live", tokens=users, lfs_threshold_mb=0.05):
         assert not journal.exists() and not stale.exists()
+
+
+def test_shard_upload_keeps_the_plain_bytes_only_when_verified(tmp_path):
+    """A shard whose SHA-256 lies is refused and leaves no temporary blob; the honest one leaves the
+    plain bytes in the blob store, written during the store's SHA-256 pass, and nothing in tmp/."""
+    users = {TOKENS["alice"]: ("alice", "write")}
+    with RegistryServer(tmp_path / "plain", tokens=users, lfs_threshold_mb=0.05) as srv:
+        repo = api(srv).create_repo("r").repo_id
+        cas = cas_token(srv, repo, "write", "alice").json()["accessToken"]
+        auth = {"authorization": f"Bearer {cas}"}
+        name, data, entry = xorb_parts(CHUNKS)
+        assert (
+            httpx2.post(f"{srv.url}/v1/xorbs/default/{name}", content=data, headers=auth).status_code == 200
+        )
+        good = shard_file(name, CHUNKS, 1, 9)
+        lying = ShardFile(good.file_hash, good.segments, None, hashlib.sha256(b"other").digest())
+        r = httpx2.post(f"{srv.url}/v1/shards", content=build_shard([lying], [entry]), headers=auth)
+        assert (r.status_code, r.headers["x-error-code"]) == (400, "FileHashMismatch")
+        sha = hashlib.sha256(b"".join(CHUNKS[1:9])).hexdigest()
+        blobs = srv.app.state.hub.storage.blobs
+        assert list((srv.root / "tmp").iterdir()) == [] and not blobs.exists(sha)
+        r = httpx2.post(f"{srv.url}/v1/shards", content=build_shard([good], [entry]), headers=auth)
+        assert r.status_code == 200, r.text
+        assert blobs.hash_file(sha).sha256 == sha and list((srv.root / "tmp").iterdir()) == []
 
 
 def test_a_server_without_xet_gets_a_clear_error():
