@@ -18,8 +18,10 @@ Run from the repository root (a few minutes):
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -106,6 +108,7 @@ def main() -> None:
     from huggingface_hub import HfApi, hf_hub_download
 
     tmp = Path(tempfile.mkdtemp(prefix="adapterkit-bench-xet-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # about 2 GB of roots, caches and files
     v1, v2, changed = backbone_files(tmp)
     size = v1.stat().st_size
     steps = [
