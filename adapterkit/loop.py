@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import checkpoint_folder, restore_rng, restore_training, save_training
 from .data import DomainDataset, EpochBatches
-from .train_config import TrainConfig, auto_weight_decay, learning_rate
+from .train_config import GROUPS, TrainConfig, learning_rate
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -43,11 +43,13 @@ class Job:
     forward: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     tensors: Callable[[], dict[str, torch.Tensor]]
     norms: list[nn.Module] = field(default_factory=list)
+    groups: dict[str, list[nn.Parameter]] | None = None  # by GROUPS name; None: `plain_groups`
 
 
 @dataclass
 class Plan:
-    """How long a job trains (optimizer steps), its weight decay and where its checkpoints go."""
+    """How long a job trains (optimizer steps), its adapters' (or backbone's) weight decay and where
+    its checkpoints go."""
 
     per_epoch: int
     total: int
@@ -57,7 +59,7 @@ class Plan:
     @classmethod
     def of(cls, job: Job, n: int, config: TrainConfig, world: int, resume: bool | str | Path) -> Plan:
         per_epoch = n // (config.batch_size * world) // config.grad_accum
-        wd = auto_weight_decay(n) if config.weight_decay == "auto" else float(config.weight_decay)
+        wd = config.group_weight_decay("adapter", n)
         folder = checkpoint_folder(config, job.name, resume)
         return cls(per_epoch, config.steps or config.epochs * per_epoch, wd, folder)
 
@@ -94,7 +96,7 @@ def fit(
     """
     plan = Plan.of(job, len(train_set), config, acc.num_processes, resume)
     with threads(config.threads), private_rng(acc.device), _only_job_trains(job, acc.device):
-        optimizer = _optimizer(config, job.params, plan.weight_decay)
+        optimizer = _optimizer(config, job, len(train_set))
         state = None
         if resume:  # before prepare, so that DDP starts from rank 0's copy
             tensors, world = job.tensors(), acc.num_processes
@@ -115,6 +117,7 @@ def fit(
     if own_trackers:
         for tracker in acc.trackers:
             tracker.finish()
+        acc.trackers.clear()  # finished: the next training on this accelerator starts its own run
     if plan.folder is not None and acc.is_main_process:
         for f in (*plan.folder.glob("step-*.safetensors"), plan.folder / "checkpoint.json"):
             f.unlink(missing_ok=True)  # the domain is complete: its checkpoint is not needed any more
@@ -191,7 +194,7 @@ def _micro_step(
         acc.backward(loss)
         if acc.sync_gradients:
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             if config.max_grad_norm:
                 acc.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()  # accelerate's optimizer skips the step until the accumulation is complete
@@ -343,10 +346,39 @@ def _only_job_trains(job: Job, device: torch.device) -> Iterator[None]:
         module.train(was_training)
 
 
-def _optimizer(config: TrainConfig, params: list[nn.Parameter], weight_decay: float) -> torch.optim.Optimizer:
+def _optimizer(config: TrainConfig, job: Job, num_images: int) -> torch.optim.Optimizer:
+    """One parameter group per non-empty `GROUPS` entry, each with its `lr_scale` and weight decay
+    (the group's settings travel in the optimizer's state, so a checkpoint restores them)."""
+    groups = job.groups if job.groups is not None else plain_groups(job.module, job.params)
+    param_groups = [
+        {
+            "params": groups[name],
+            "name": name,
+            "lr_scale": config.group_lr_scale(name),
+            "lr": config.lr * config.group_lr_scale(name),
+            "weight_decay": config.group_weight_decay(name, num_images),
+        }
+        for name in GROUPS
+        if groups.get(name)
+    ]
+    if sum(len(g["params"]) for g in param_groups) != len(job.params):
+        raise ValueError(f"{job.name}: the parameter groups {list(groups)} do not hold the job's parameters")
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=weight_decay)
+        return torch.optim.AdamW(param_groups, lr=config.lr, betas=config.betas)
+    return torch.optim.SGD(param_groups, lr=config.lr, momentum=config.momentum)
+
+
+def plain_groups(module: nn.Module, params: list[nn.Parameter]) -> dict[str, list[nn.Parameter]]:
+    """A plain classifier's `params` by group: its classifier (`head`), its norms' affine parameters
+    (`norm`), every other weight (`backbone`)."""
+    head = module.get_classifier() if hasattr(module, "get_classifier") else None
+    head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    norm_ids = {id(p) for m in module.modules() if isinstance(m, norm_types) for p in m.parameters(False)}
+    groups: dict[str, list[nn.Parameter]] = {"head": [], "norm": [], "backbone": []}
+    for p in params:
+        groups["head" if id(p) in head_ids else "norm" if id(p) in norm_ids else "backbone"].append(p)
+    return groups
 
 
 def _start_trackers(name: str, config: TrainConfig, plan: Plan, acc: Accelerator) -> bool:

@@ -307,14 +307,29 @@ def _add_fresh(
 
 def _domain_job(model: AdapterModel, domain: str) -> Job:
     norms = [layer.adapters[domain] for layer in model.layers().values() if layer.rule == "norm"]
+    params = model.trainable_parameters(domain)
     return Job(
         domain,
         model,
-        model.trainable_parameters(domain),
+        params,
         lambda m, x: m(x, domain=domain),
         lambda: model.domain_state_dict(domain),
         [m for m in norms if isinstance(m, _BatchNorm)],
+        _domain_groups(model, domain, params),
     )
+
+
+def _domain_groups(model: AdapterModel, domain: str, params: list[nn.Parameter]) -> dict[str, list]:
+    """`params` by parameter group: the head, the domain's norms, series adapters, and every other
+    trained tensor as a parallel-form adapter (parallel, low-rank, grouped)."""
+    group_of = {id(p): "head" for p in model.heads[domain].parameters()}
+    for layer in model.layers().values():
+        group = {"norm": "norm", "series": "series"}.get(layer.rule, "adapter")
+        group_of |= {id(p): group for p in layer.adapters[domain].parameters()}
+    groups: dict[str, list] = {}
+    for p in params:
+        groups.setdefault(group_of.get(id(p), "adapter"), []).append(p)
+    return groups
 
 
 def _check_trackers(log_with: str | list[str] | None) -> None:

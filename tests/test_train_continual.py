@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from train_support import SIZE, Toy, cfg, fresh_accelerate_state, make_model  # noqa: F401  (autouse fixture)
@@ -36,6 +38,7 @@ def test_sequence_never_forgets_and_reports_costs():
     for j in range(3):
         assert all(r[i, j] == r[j, j] for i in range(j, 3)), f"column {j} changed: {r[:, j]}"
     assert result.report.bwt == 0.0 and result.report.forgetting == 0.0
+    assert result.unchanged == {"first": True, "second": True}  # probe logits bit-identical
     assert model.domains == ["first", "second", "third"]
     assert model.domain_info("second").data_config["input_size"] == [3, 32, 32]
     assert model.domain_info("second").metrics["accuracy"] == r[1, 1]
@@ -82,6 +85,59 @@ def test_bwt_is_measured_not_assumed(monkeypatch):
         DomainSpec("first", Toy(24, 3), test_first, config=cfg(epochs=2), data_config=SIZE),
         DomainSpec("second", Toy(24, 5, seed=2), Toy(10, 5, seed=3), config=cfg(steps=3), data_config=SIZE),
     ]
-    r = train_sequence(make_model(), specs).report
+    result = train_sequence(make_model(), specs)
+    r = result.report
     assert r.matrix[1, 0] == share[trained["damaged_to"]] != r.matrix[0, 0]
     assert r.bwt == r.matrix[1, 0] - r.matrix[0, 0]
+    assert result.unchanged == {"first": False}  # the probe caught it
+
+
+def test_the_probe_catches_a_change_the_final_row_does_not_reach(monkeypatch):
+    """A domain changed and restored between checks: only the probe after that domain sees it, and
+    then its row is measured on the full test set."""
+    from adapterkit import continual
+
+    real = continual.train_domain
+    specs = [*domains()]
+
+    def train_then_nudge_first(model, name, *args, **kwargs):
+        metrics = real(model, name, *args, **kwargs)
+        if name == "second":
+            with torch.no_grad():
+                model.heads["first"].bias.add_(1e-3)  # logits move, the accuracy need not
+        if name == "third":
+            with torch.no_grad():
+                model.heads["first"].bias.sub_(1e-3)
+        return metrics
+
+    monkeypatch.setattr(continual, "train_domain", train_then_nudge_first)
+    result = train_sequence(make_model(), specs)
+    assert result.unchanged["first"] is False and result.unchanged["second"] is True
+    with pytest.raises(ValueError, match="reevaluate"):
+        train_sequence(make_model(), specs, reevaluate="sometimes")
+
+
+def test_trackers_log_every_row_of_the_matrix(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    specs = [
+        DomainSpec(
+            d.name, d.train, d.test, config=cfg(steps=2, log_with="tensorboard", output_dir=str(tmp_path))
+        )
+        for d in domains()[:2]
+    ]
+    specs = [replace(d, data_config=SIZE) for d in specs]
+    result = train_sequence(make_model(), specs, method="parallel")
+    logged = {}
+    for events in tmp_path.rglob("events.out.tfevents*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            logged.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    r = result.report.matrix
+    assert sorted(logged["sequence/accuracy/first"]) == [
+        (1, pytest.approx(r[0, 0])),
+        (2, pytest.approx(r[1, 0])),
+    ]
+    assert logged["sequence/accuracy/second"] == [(2, pytest.approx(r[1, 1]))]
+    assert "first/loss" in logged and "second/accuracy" in logged  # the trainings log into the same run
