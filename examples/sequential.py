@@ -73,7 +73,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.1, help="adapters and linear probe (SGD 0.9, cosine)")
     p.add_argument("--finetune-lr", type=float, default=0.1, help="fine-tuning (its backbone: x0.5)")
-    p.add_argument("--head-lr-scale", type=float, default=2.0, help="every method's head trains at lr x this")
+    p.add_argument(
+        "--head-lr-scale", type=float, default=2.0, help="every method's head: lr x this (default 2)"
+    )
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")

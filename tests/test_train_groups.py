@@ -10,7 +10,7 @@ from train_support import SIZE, Toy, cfg, fresh_accelerate_state, make_model  # 
 from adapterkit import AdapterConfig
 from adapterkit.loop import _optimizer, plain_groups, seeded
 from adapterkit.train import TrainConfig, _domain_job, auto_weight_decay, train_domain, train_model
-from adapterkit.train_config import PARALLEL_LR_SCALE
+from adapterkit.train_config import HEAD_LR_SCALE, PARALLEL_LR_SCALE
 
 
 def groups_of(optimizer) -> dict[str, tuple[float, float, int]]:
@@ -30,7 +30,7 @@ def test_each_group_has_its_lr_and_weight_decay(topology):
     scale = PARALLEL_LR_SCALE if topology == "parallel" else 1.0
     assert groups[adapter][:2] == pytest.approx((0.1 * scale, auto_weight_decay(500)))
     assert groups["norm"][:2] == pytest.approx((0.1, 0.0))  # the paper's decay is for the adapters only
-    assert groups["head"][:2] == pytest.approx((0.1, 1e-4))
+    assert groups["head"][:2] == pytest.approx((0.1 * HEAD_LR_SCALE, 1e-4))
     given = groups_of(_optimizer(cfg(lr=0.1, adapter_lr_scale=2.0, head_lr_scale=0.5), job, 500))
     assert given[adapter][0] == pytest.approx(0.2) and given["head"][0] == pytest.approx(0.05)
 
@@ -62,7 +62,7 @@ def adapter_and_head_steps(**fields) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_the_step_applies_each_groups_scale():
     """From the same start every group sees the same gradient, so its step is proportional to its lr."""
-    adapters, head = adapter_and_head_steps(adapter_lr_scale=1.0)
+    adapters, head = adapter_and_head_steps(adapter_lr_scale=1.0, head_lr_scale=1.0)
     adapters3, head_half = adapter_and_head_steps(adapter_lr_scale=3.0, head_lr_scale=0.5)
     assert adapters.abs().sum() > 0
     torch.testing.assert_close(adapters3, 3 * adapters, rtol=1e-4, atol=1e-7)
