@@ -411,6 +411,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
     p.add_argument("--quick", action="store_true", help="no PEFT, small batches, 3 repeats, 1 memory process")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, help="a subset (floor and full are always run)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default 5, quick 3)")
     p.add_argument("--memory-repeats", type=int, default=None, help="fresh processes per variant (median)")
     p.add_argument("--threads", type=int, default=1)
@@ -426,6 +427,8 @@ def main() -> None:
     repeats = args.repeats or (3 if args.quick else 5)
     memory_repeats = args.memory_repeats or (1 if args.quick else 3)
     variants = QUICK_VARIANTS if args.quick else VARIANTS
+    if args.variants:
+        variants = [v for v in VARIANTS if v in {*args.variants, "adapterkit", "floor", "full"}]
     out = args.out or Path(f"benchmarks/results/training{'_quick' if args.quick else ''}.json")
     # A fixed mmap threshold returns every freed tensor of 128 KiB or more to the OS, so RSS follows the
     # live memory; with glibc's adaptive threshold freed tensors stay in its heap, and the peak RSS of

@@ -113,6 +113,13 @@ def _input_and_weight_grads(ctx, x, grad_y, merged, need_x: bool, need_w: bool):
     return grad_x, grad_w
 
 
+def _full_grad(x: torch.Tensor, grad_y: torch.Tensor, layout: str) -> torch.Tensor:
+    """The (out, in) gradient of a full adapter: `grad_y` times `x` transposed, summed over positions. As
+    one batched matmul (NCHW) or matmul: on CPU 1-4x faster than oneDNN's 1x1 weight gradient."""
+    xr, gr = _rows(x, layout), _rows(grad_y, layout)
+    return torch.bmm(gr, xr.mT).sum(0) if xr.dim() == 3 else gr.T @ xr
+
+
 def _adapter_grads(ctx, x, grad_y, a, gamma, grad_w):
     """Gradients of the adapter's tensors: from the merged weight's gradient when the frozen weight needed
     one anyway, else from the tap's input alone."""
@@ -120,21 +127,23 @@ def _adapter_grads(ctx, x, grad_y, a, gamma, grad_w):
     if grad_w is not None:
         ga = grad_w if spec.tap is None else grad_w[:, :, spec.tap[0], spec.tap[1]]
         return (ga, None) if gamma is None else (ga @ gamma, ga.T @ a)
-    if spec.tap is not None:
-        x = tap_input(x, spec.offset, spec.stride, tuple(grad_y.shape[-2:]))
+    if spec.tap is None:
         if gamma is None:
-            ga = _conv_backward(
-                grad_y, x, a[:, :, None, None], None, spec.stride, [0, 0], [1, 1], False, [0, 0], spec.groups,
-                [False, True, False],
-            )[1]  # fmt: skip
-            return ga[:, :, 0, 0], None
-        layout = "nhwc" if _channels_last(x) else "nchw"
-        if spec.stride != (1, 1):
-            x = x[..., :: spec.stride[0], :: spec.stride[1]]
-        return _low_rank_grads(x, grad_y, a, gamma, layout)
+            return _full_grad(x, grad_y, "linear"), None
+        return _low_rank_grads(x, grad_y, a, gamma, "linear")
+    x = tap_input(x, spec.offset, spec.stride, tuple(grad_y.shape[-2:]))
+    if spec.groups > 1:  # grouped / depthwise: the conv's own weight gradient, per group
+        ga = _conv_backward(
+            grad_y, x, a[:, :, None, None], None, spec.stride, [0, 0], [1, 1], False, [0, 0], spec.groups,
+            [False, True, False],
+        )[1]  # fmt: skip
+        return ga[:, :, 0, 0], None
+    layout = "nhwc" if _channels_last(x) else "nchw"
+    if spec.stride != (1, 1):
+        x = x[..., :: spec.stride[0], :: spec.stride[1]]
     if gamma is None:
-        return _rows(grad_y, "linear").T @ _rows(x, "linear"), None
-    return _low_rank_grads(x, grad_y, a, gamma, "linear")
+        return _full_grad(x, grad_y, layout), None
+    return _low_rank_grads(x, grad_y, a, gamma, layout)
 
 
 class _Folded(torch.autograd.Function):
