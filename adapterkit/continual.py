@@ -35,6 +35,7 @@ import torch
 from .config import AdapterConfig
 from .data import DomainDataset, open_data
 from .inject import create_backbone
+from .loop import seeded
 from .metrics import ContinualReport, decathlon_score, format_table
 from .model import AdapterModel
 from .train import TrainConfig, evaluate, make_accelerator, train_domain, train_model
@@ -256,7 +257,8 @@ def finetune_baseline(
             p.numel() for p in net.get_classifier().parameters()
         )
         num_classes = spec.num_classes or _classes(spec, cfg)
-        net.reset_classifier(num_classes)
+        with seeded(cfg.seed, torch.device("cpu")):  # the head from the config's seed, not the caller's RNG
+            net.reset_classifier(num_classes)
         logger.info("fine-tuning %d/%d: %s", i + 1, len(domains), spec.name)
         metrics[spec.name] = train_model(
             net, spec.train, spec.test, cfg, name=spec.name, data_config=spec.data_config, accelerator=acc

@@ -247,12 +247,12 @@ def checks(runs: list[dict], summary: dict[str, dict]) -> list[tuple[str, bool]]
 
 
 def report(runs: list[dict], summary: dict[str, dict], args: argparse.Namespace) -> list[tuple[str, bool]]:
-    cells = lambda m, s: f"{m:.4f} ± {s:.4f}"  # noqa: E731
+    cells = lambda m, s, d=4: f"{m:.{d}f} ± {s:.{d}f}"  # noqa: E731
     columns = [*ORDER, "ACC", "Decathlon"]
     rows = [
         [
             method,
-            *(cells(*row[c]) if c in row else "-" for c in columns),
+            *(cells(*row[c], 1 if c == "Decathlon" else 4) if c in row else "-" for c in columns),
             f"{row['#par'][0]:.3f}x",
             row["runs"][0],
         ]
