@@ -17,7 +17,8 @@ Images are resized to the backbone's 32 px (its pretraining resolution; the pape
 ImageNet ResNet-26): 32 px keeps a CPU run short, and ``--image-size 64`` is there for a GPU.
 
     python examples/sequential.py --quick                 # a few minutes: the smoke test
-    python examples/sequential.py --threads 2             # the default budget: ~30 min on 2 CPU cores
+    python examples/sequential.py --threads 2             # the default budget, sized for ~30 min on 2 free
+                                                          # CPU cores (estimated, see docs/benchmarks.md)
     python examples/sequential.py --seeds 0 1 2 --orders 2 --plots figures
 """
 
