@@ -16,7 +16,7 @@ steps per domain (``--steps``), the same for every method.
 Images are resized to the backbone's 32 px (its pretraining resolution; the paper used 72 px for its
 ImageNet ResNet-26): 32 px keeps a CPU run short, and ``--image-size 64`` is there for a GPU.
 
-    python examples/sequential.py --quick                 # a few minutes: the smoke test
+    python examples/sequential.py --quick                 # the smoke test: ~3 min on 1 thread
     python examples/sequential.py --threads 2             # the default budget, sized for ~30 min on 2 free
                                                           # CPU cores (estimated, see docs/benchmarks.md)
     python examples/sequential.py --seeds 0 1 2 --orders 2 --plots figures
