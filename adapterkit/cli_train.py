@@ -29,6 +29,7 @@ from .cli_model import (
     torch_threads,
 )
 from .cli_output import print_table, status
+from .train_config import HEAD_LR_SCALE
 
 
 class Topology(str, Enum):
@@ -138,11 +139,13 @@ def _domains_to_open(
 def _train_config(**options: Any):
     from .train import TrainConfig
 
-    wd = options.pop("weight_decay")
-    try:
-        options["weight_decay"] = wd if wd == "auto" else float(wd)
-    except ValueError as e:
-        raise CliError(f"--weight-decay {wd!r} is not a number; pass e.g. 0.0005, or 'auto'") from e
+    for name, example in (("weight_decay", "0.0005"), ("adapter_lr_scale", "3.5")):
+        value = options[name]
+        try:
+            options[name] = value if value == "auto" else float(value)
+        except ValueError as e:
+            flag = "--" + name.replace("_", "-")
+            raise CliError(f"{flag} {value!r} is not a number; pass e.g. {example}, or 'auto'") from e
     return TrainConfig(**options)
 
 
@@ -231,6 +234,16 @@ def train(
     weight_decay: Annotated[
         str, typer.Option(help="a number, or auto (by training-set size)", rich_help_panel="Training")
     ] = "auto",
+    adapter_lr_scale: Annotated[
+        str,
+        typer.Option(
+            help="the adapters' lr factor: a number, or auto (parallel x3.5, series x1)",
+            rich_help_panel="Training",
+        ),
+    ] = "auto",
+    head_lr_scale: Annotated[
+        float, typer.Option(help="the new head's lr factor", rich_help_panel="Training")
+    ] = HEAD_LR_SCALE,
     label_smoothing: Annotated[float, typer.Option(rich_help_panel="Training")] = 0.0,
     mixed_precision: Annotated[Precision, typer.Option(rich_help_panel="Training")] = Precision.no,
     grad_accum: Annotated[int, typer.Option(min=1, rich_help_panel="Training")] = 1,
@@ -309,7 +322,8 @@ def train(
     adapter_config = _adapter_config(family, existing, options)
     config = _train_config(
         epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer.value,
-        schedule=schedule.value, weight_decay=weight_decay, label_smoothing=label_smoothing,
+        schedule=schedule.value, weight_decay=weight_decay, adapter_lr_scale=adapter_lr_scale,
+        head_lr_scale=head_lr_scale, label_smoothing=label_smoothing,
         mixed_precision=mixed_precision.value, grad_accum=grad_accum, seed=seed, num_workers=workers,
         flip=not no_flip, crop_padding=crop_padding, grayscale=grayscale.value,
         output_dir=str(output_dir) if output_dir else None, checkpoint_every=checkpoint_every,

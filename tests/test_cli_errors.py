@@ -137,6 +137,13 @@ def test_existing_family_refuses_backbone_flags(family, tmp_path):
     )
 
 
+def test_bad_learning_rate_factors(family, tmp_path):
+    data = image_folder(tmp_path / "data")
+    args = ["train", "--family", str(family), "--domain", "b", "--data", str(data), *TRAIN]
+    assert "--adapter-lr-scale 'fast' is not a number" in fails(*args, "--adapter-lr-scale", "fast")
+    assert "head_lr_scale=-1.0 must be a positive number" in fails(*args, "--head-lr-scale", "-1")
+
+
 def test_verbose_shows_the_traceback(tmp_path):
     (tmp_path / "empty").mkdir()
     quiet = cli("info", str(tmp_path / "empty"))
