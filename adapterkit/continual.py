@@ -181,24 +181,10 @@ def train_sequence(
             )
             if reevaluate == "probe":
                 probes[spec.name] = _probe(model, spec, cfg, acc, probe_size)
-            last = i == len(domains) - 1
-            row = []
-            for j, old in enumerate(domains[: i + 1]):
-                full = reevaluate == "full" or (reevaluate == "probe" and last)
-                if reevaluate == "probe" and j < i:
-                    same = _same_logits(model, old.name, probes[old.name], acc)
-                    unchanged[old.name] = unchanged.get(old.name, True) and same
-                    full = full or not same
-                if j == i:
-                    row.append(metrics[spec.name]["accuracy"])
-                elif full:
-                    row.append(
-                        evaluate(model, old.test, old.name, config=old.config or default, accelerator=acc)
-                    )
-                else:
-                    row.append(rows[j][j])
-            rows.append(row)
-            _log_row(acc, domains, row, i)
+            rows.append(
+                _matrix_row(model, domains, i, rows, metrics, probes, unchanged, reevaluate, default, acc)
+            )
+            _log_row(acc, domains, rows[-1], i)
     finally:
         if own_trackers:
             for tracker in acc.trackers:
@@ -209,6 +195,37 @@ def train_sequence(
     label = method or f"adapters ({model.config.topology})"
     report = ContinualReport.from_matrix(rows, names)
     return SequenceResult(label, report, costs, metrics, model.backbone_parameter_count(), unchanged)
+
+
+def _matrix_row(
+    model: AdapterModel,
+    domains: Sequence[DomainSpec],
+    i: int,
+    rows: list[list[float]],
+    metrics: dict[str, dict[str, float]],
+    probes: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    unchanged: dict[str, bool],
+    reevaluate: str,
+    default: TrainConfig,
+    acc: Accelerator,
+) -> list[float]:
+    """Row `i` of the accuracy matrix, after training domain `i` (see `train_sequence`'s `reevaluate`);
+    records in `unchanged` whether each earlier domain's probe logits stayed bit-identical."""
+    last = i == len(domains) - 1
+    row = []
+    for j, old in enumerate(domains[: i + 1]):
+        full = reevaluate == "full" or (reevaluate == "probe" and last)
+        if reevaluate == "probe" and j < i:
+            same = _same_logits(model, old.name, probes[old.name], acc)
+            unchanged[old.name] = unchanged.get(old.name, True) and same
+            full = full or not same
+        if j == i:
+            row.append(metrics[old.name]["accuracy"])
+        elif full:
+            row.append(evaluate(model, old.test, old.name, config=old.config or default, accelerator=acc))
+        else:
+            row.append(rows[j][j])
+    return row
 
 
 def linear_probe_baseline(
