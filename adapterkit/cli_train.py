@@ -236,10 +236,7 @@ def train(
     ] = "auto",
     adapter_lr_scale: Annotated[
         str,
-        typer.Option(
-            help="the adapters' lr factor: a number, or auto (parallel x3.5, series x1)",
-            rich_help_panel="Training",
-        ),
+        typer.Option(help="adapters' lr factor, or auto (by topology)", rich_help_panel="Training"),
     ] = "auto",
     head_lr_scale: Annotated[
         float, typer.Option(help="the new head's lr factor", rich_help_panel="Training")
