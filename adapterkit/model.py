@@ -32,6 +32,7 @@ from .inject import (
     weights_record,
 )
 from .layers import DomainLayer, DomainRouter
+from .layers.gathered import Mixed, NotGatherable
 from .router import DomainSignature, Route, collect_features, route, style_features
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,10 @@ class AdapterModel(
         self._frozen: set[str] = set()  # domains whose tensors never change (published ones)
         self._lock = _Lock()
         self.default_domain: str | None = None
+        # how an eval-mode batch that mixes domains runs: "gathered" (one pass, each sample's domain
+        # tensors gathered; layers/gathered.py) or "grouped" (one pass per domain, fused weights)
+        self.mixed_execution = "gathered"
+        self._gatherable: bool | None = None  # whether it can (a property of the backbone's code)
         self.basis_history: list[dict[str, Any]] = []  # the basis operations that built `basis()`
 
     # ----------------------------------------------------------------- construction
@@ -468,9 +473,12 @@ class AdapterModel(
     def forward(self, x: torch.Tensor, domain: str | Sequence[str] | None = None) -> torch.Tensor:
         """Logits of `x` for one domain, one domain per sample, or `"auto"`.
 
-        With a list of domains the samples are grouped by domain; each group runs exactly as it would
-        alone. Heads of different sizes are padded with `-inf`, so softmax, argmax and cross-entropy
-        stay correct per sample. `"auto"` sends each sample to its best-scoring domain (`route(x)` also
+        With a list of domains in eval mode the frozen layers run once over the batch and each sample's
+        adapters, norms and head are gathered (`mixed_execution = "gathered"`, equal to running each
+        domain alone to float rounding); in training mode, with `mixed_execution = "grouped"`, or for a
+        backbone whose modules read a layer's weight themselves, each domain's group runs exactly as it
+        would alone. Heads of different sizes are padded with `-inf`, so softmax, argmax and
+        cross-entropy stay correct per sample. `"auto"` sends each sample to its best-scoring domain (`route(x)` also
         says which samples fit no domain, and how confident each choice is).
         """
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
@@ -485,17 +493,41 @@ class AdapterModel(
         domains = self._resolve_domains(domain, x.shape[0])
         if isinstance(domains, str):
             return self._forward_one(x, domains)
-        groups: dict[str, list[int]] = {}
-        for i, d in enumerate(domains):
-            groups.setdefault(d, []).append(i)
-        width = max(self._domains[d].num_classes for d in groups)
+        position = {d: i for i, d in enumerate(dict.fromkeys(domains))}
+        mixed = Mixed(tuple(position), torch.tensor([position[d] for d in domains], device=x.device))
+        if self.mixed_execution == "gathered" and not self.training and self._can_gather(x, mixed):
+            with self.router.use(mixed):
+                features = self.backbone(x).flatten(1)
+            return self._rows(mixed, lambda d, rows: self.heads[d](features.index_select(0, rows)))
+        return self._rows(mixed, lambda d, rows: self._forward_one(x.index_select(0, rows), d))
+
+    def _can_gather(self, x: torch.Tensor, mixed: Mixed) -> bool:
+        """Whether every layer sees the batch's samples as its rows, found once per model by running one
+        and two samples gathered: a layer that reads its weight itself, runs on windows or on a fixed-size
+        table (relative positions) fails one of the two (layers/gathered.py)."""
+        if self._gatherable is None:
+            try:
+                with torch.no_grad():
+                    for n in (1, 2):
+                        probe = Mixed(mixed.domains[:n], torch.arange(n, device=x.device))
+                        with self.router.use(probe):
+                            self.backbone(x[:n])
+                self._gatherable = True
+            except NotGatherable as e:
+                logger.info("mixed batches run one domain group at a time: %s", e)
+                self._gatherable = False
+        return self._gatherable
+
+    def _rows(self, mixed: Mixed, logits_of: Any) -> torch.Tensor:
+        """Each domain's logits for its rows (`logits_of(domain, rows)`), in one `-inf`-padded tensor."""
+        width = max(self._domains[d].num_classes for d in mixed.domains)
         out = None
-        for d, idx in groups.items():
-            index = torch.tensor(idx, device=x.device)
-            logits = self._forward_one(x.index_select(0, index), d)
+        for i, d in enumerate(mixed.domains):
+            rows = (mixed.index == i).nonzero().squeeze(1)
+            logits = logits_of(d, rows)
             if out is None:
-                out = logits.new_full((x.shape[0], width), float("-inf"))
-            out[index, : logits.shape[1]] = logits
+                out = logits.new_full((mixed.index.shape[0], width), float("-inf"))
+            out[rows, : logits.shape[1]] = logits
         return out
 
     def _resolve_domains(self, domain: str | Sequence[str] | None, batch: int) -> str | list[str]:

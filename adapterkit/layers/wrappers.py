@@ -26,25 +26,27 @@ from .adapters import FullAdapter, LowRankAdapter
 from .folded import foldable_in_training, folded_conv2d, folded_linear, tap_input
 from .folding import conv_tap, merge_series, not_foldable_reason, pair
 from .fused import FusedWeights, merge_conv, merge_linear
+from .gathered import Mixed, NotGatherable, conv_forward, linear_forward, norm_forward
 
 RULES = ("parallel", "series", "lowrank", "grouped")
 
 
 class DomainRouter:
-    """The domain of the forward call running in this thread (None: the plain backbone)."""
+    """The domain of the forward call running in this thread (None: the plain backbone; `Mixed`: one
+    domain per sample, see `gathered.py`)."""
 
     def __init__(self) -> None:
         self._local = threading.local()
 
     @property
-    def domain(self) -> str | None:
+    def domain(self) -> str | Mixed | None:
         return getattr(self._local, "domain", None)
 
     def __deepcopy__(self, memo: dict) -> DomainRouter:
         return DomainRouter()  # a copied model routes its own calls
 
     @contextmanager
-    def use(self, domain: str | None) -> Iterator[None]:
+    def use(self, domain: str | Mixed | None) -> Iterator[None]:
         previous = self.domain
         self._local.domain = domain
         try:
@@ -90,6 +92,10 @@ class DomainLayer(nn.Module):
         domain = self.router.domain
         if domain is None:
             return None, None
+        if type(domain) is Mixed:
+            raise NotGatherable(
+                f"a module reads this {type(self).__name__}'s tensors itself, one domain at a time"
+            )
         adapter = self._modules["adapters"]._modules.get(domain)
         if adapter is None:
             raise KeyError(f"domain {domain!r} was unloaded while this call was running; call again")
@@ -247,6 +253,8 @@ class AdaptedConv2d(DomainLayer):
         return merge_series(conv.weight, conv.bias, adapter.weight(self.beta), conv.groups)[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(mixed := self.router.domain) is Mixed:
+            return conv_forward(self, x, mixed)
         domain, adapter = self.route()
         conv = self.base_layer
         if adapter is None:
@@ -345,6 +353,8 @@ class AdaptedLinear(DomainLayer):
         return self.base_layer.weight if adapter is None else self._merged(domain, adapter)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(mixed := self.router.domain) is Mixed:
+            return linear_forward(self, x, mixed)
         domain, adapter = self.route()
         lin = self.base_layer
         if adapter is None:
@@ -389,6 +399,8 @@ class DomainNorm(DomainLayer):
     num_features, normalized_shape = _domain_setting("num_features"), _domain_setting("normalized_shape")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(mixed := self.router.domain) is Mixed:
+            return norm_forward(self, x, mixed)
         norm = self.route()[1]
         return self.base_layer(x) if norm is None else norm(x)
 

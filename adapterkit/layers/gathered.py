@@ -1,0 +1,173 @@
+"""One pass over a batch that mixes domains: the frozen layers run once, each sample's domain tensors gathered.
+
+With `DomainRouter.use(Mixed(...))` every wrapper computes its frozen `base_layer` over the whole batch and
+adds each sample's own adapter (a batched matrix product with the sample's adapter gathered), applies each
+sample's own norm (its eval-mode affine map gathered), and the model applies each domain's head to its rows.
+So a batch over 32 domains costs one backbone pass plus the adapters' own products, not 32 passes of one
+image (the way S-LoRA and Punica serve many LoRAs). Results agree with per-domain execution to float
+rounding: the adapter is added to the layer's output instead of being fused into its weight.
+
+Eval mode only: norms in training mode need each domain's batch statistics. A module that reads a wrapper's
+`weight` itself (instead of calling it), or calls it on rows that are not the batch's samples (windows,
+position tables), cannot take per-sample tensors: the layer raises `NotGatherable`, and the model runs
+mixed batches one domain group at a time instead.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from timm.layers import BatchNormAct2d
+from torch import nn
+
+from .adapters import LowRankAdapter
+
+if TYPE_CHECKING:
+    from .wrappers import AdaptedConv2d, AdaptedLinear, DomainNorm
+
+
+class Mixed(NamedTuple):
+    """The domains of a mixed batch: each distinct domain once, and each sample's position among them."""
+
+    domains: tuple[str, ...]
+    index: torch.Tensor  # (N,) int64, sample i belongs to domains[index[i]]
+
+
+class NotGatherable(RuntimeError):
+    """A layer of this backbone cannot run a mixed batch in one pass (the model runs domain groups instead)."""
+
+
+def _modules(layer: nn.Module, x: torch.Tensor, mixed: Mixed) -> list[nn.Module]:
+    """Each domain's module of `layer`, once `x`'s rows are known to be the batch's samples."""
+    if x.dim() < 2 or x.shape[0] != mixed.index.shape[0]:
+        # windows (MaxViT), position tables (relative-position MLPs): rows that are not samples
+        raise NotGatherable(
+            f"{type(layer).__name__} runs on {tuple(x.shape)}, whose rows are not the samples"
+        )
+    table = layer._modules["adapters"]._modules
+    try:
+        return [table[d] for d in mixed.domains]
+    except KeyError as e:
+        raise KeyError(f"domain {e.args[0]!r} was unloaded while this call was running; call again") from None
+
+
+def _factors(adapters: list[nn.Module], beta: torch.Tensor, index: torch.Tensor):
+    """Each sample's adapter: a full matrix (N, out, in), or low-rank factors (N, out, w) and (N, in, w).
+
+    Low-rank domains of different widths are padded with zero columns, which add exact zeros."""
+    if not all(isinstance(a, LowRankAdapter) for a in adapters):
+        return torch.stack([a.weight(beta) for a in adapters]).index_select(0, index), None
+    width = max(a.width for a in adapters)
+    bases = [a.basis(beta) for a in adapters]
+    basis = torch.stack([F.pad(b, (0, width - b.shape[1])) for b in bases])
+    gamma = torch.stack([F.pad(a.gamma, (0, width - a.width)) for a in adapters])
+    return basis.index_select(0, index), gamma.index_select(0, index)
+
+
+def _add_columns(
+    y: torch.Tensor, x: torch.Tensor, matrix: torch.Tensor, gamma: torch.Tensor | None
+) -> torch.Tensor:
+    """`y` (N, out, P) plus each sample's adapter applied to the columns of `x` (N, in, P); in place
+    unless `x` is `y` (a series adapter reads the conv's output)."""
+    if gamma is not None:
+        x = torch.bmm(gamma.transpose(1, 2), x)
+    return torch.baddbmm(y, matrix, x) if x is y else y.baddbmm_(matrix, x)
+
+
+def _add_rows(y: torch.Tensor, x: torch.Tensor, matrix: torch.Tensor, gamma: torch.Tensor | None) -> None:
+    """`y` (N, P, out) += each sample's adapter applied to the rows of `x` (N, P, in), in place."""
+    if gamma is not None:
+        x = torch.bmm(x, gamma)
+    y.baddbmm_(x, matrix.transpose(1, 2))
+
+
+def conv_forward(layer: AdaptedConv2d, x: torch.Tensor, mixed: Mixed) -> torch.Tensor:
+    """The conv once over the batch, plus each sample's 1x1 adapter (stride-matched, at the conv's tap)."""
+    adapters = _modules(layer, x, mixed)
+    y = layer.base_layer(x)
+    if layer.rule == "series":
+        src = y
+    else:
+        stride = adapters[0].stride
+        sh, sw = (stride, stride) if isinstance(stride, int) else stride
+        src = layer._align(x, tuple(y.shape[-2:]))[..., ::sh, ::sw][..., : y.shape[-2], : y.shape[-1]]
+    n, c, h, w = src.shape
+    matrix, gamma = _factors(adapters, layer._buffers["beta"], mixed.index)
+    groups = layer.base_layer.groups if layer.rule == "grouped" else 1
+    if groups == 1 and y.is_contiguous():
+        columns = y.view(n, -1, h * w)
+        src = columns if src is y else src.reshape(n, c, h * w)
+        return _add_columns(columns, src, matrix, gamma).view_as(y)
+    # per group: (N, G, out/G, in/G) @ (N, G, in/G, P)
+    out = matrix.shape[1]
+    grouped = matrix.reshape(n, groups, out // groups, c // groups)
+    delta = torch.matmul(grouped, src.reshape(n, groups, c // groups, h * w))
+    return y.add_(delta.reshape(n, -1, h, w))
+
+
+def linear_forward(layer: AdaptedLinear, x: torch.Tensor, mixed: Mixed) -> torch.Tensor:
+    """The linear once over the batch, plus each sample's adapter on its rows (tokens)."""
+    adapters = _modules(layer, x, mixed)
+    y = layer.base_layer(x)
+    matrix, gamma = _factors(adapters, layer._buffers["beta"], mixed.index)
+    rows = x.reshape(x.shape[0], -1, x.shape[-1])
+    if y.is_contiguous():
+        _add_rows(y.view(rows.shape[0], rows.shape[1], -1), rows, matrix, gamma)
+        return y
+    delta = torch.zeros(rows.shape[0], rows.shape[1], y.shape[-1], dtype=y.dtype, device=y.device)
+    _add_rows(delta, rows, matrix, gamma)
+    return y.add_(delta.reshape(y.shape))
+
+
+def _batchnorm(norms: list[nn.Module], x: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
+    """Each sample through its domain's eval-mode BatchNorm, as one BatchNorm over (1, N C, ...) whose
+    channel statistics and affine parameters are each sample's; None for other norms."""
+    if not all(_is_batchnorm(m) for m in norms) or len({m.eps for m in norms}) != 1:
+        return None
+
+    names = [n for n in ("running_mean", "running_var", "weight", "bias") if getattr(norms[0], n) is not None]
+    table = torch.stack([getattr(m, n) for m in norms for n in names])  # one copy: (U * len(names), C)
+    rows = table.view(len(norms), len(names), -1).index_select(0, index).transpose(0, 1)
+    stats = dict(zip(names, rows.reshape(len(names), -1), strict=True))  # each (N * C)
+    flat = x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:])
+    y = F.batch_norm(
+        flat,
+        stats["running_mean"],
+        stats["running_var"],
+        stats.get("weight"),
+        stats.get("bias"),
+        False,
+        0.0,
+        norms[0].eps,
+    ).view_as(x)
+    if type(norms[0]) is BatchNormAct2d:  # then drop (identity in eval) and the activation
+        y = norms[0].act(norms[0].drop(y))
+    return y
+
+
+def _is_batchnorm(m: nn.Module) -> bool:
+    """An eval-mode BatchNorm with running statistics: torch's, or timm's BatchNormAct2d with a
+    parameter-free activation (the same function for every domain)."""
+    if not isinstance(m, nn.modules.batchnorm._BatchNorm) or m.training or m.running_var is None:
+        return False
+    if type(m).forward is nn.modules.batchnorm._BatchNorm.forward:
+        return True
+    return type(m) is BatchNormAct2d and not any(True for _ in m.act.parameters())
+
+
+def norm_forward(layer: DomainNorm, x: torch.Tensor, mixed: Mixed) -> torch.Tensor:
+    """Each sample through its domain's norm: one BatchNorm call with each sample's statistics for
+    BatchNorm (timm's activation after it), each domain's rows through its own copy for other norms."""
+    norms = _modules(layer, x, mixed)
+    y = _batchnorm(norms, x, mixed.index)
+    if y is not None:
+        return y
+    for i, norm in enumerate(norms):
+        rows = (mixed.index == i).nonzero().squeeze(1)
+        part = norm(x.index_select(0, rows))
+        if y is None:
+            y = part.new_empty((x.shape[0], *part.shape[1:]))
+        y.index_copy_(0, rows, part)
+    return y

@@ -1,0 +1,168 @@
+"""Many domains in one process (issue 15.8): memory, load time, and batches spread over many domains.
+
+For each model a family of `--domains` domains (random adapters, as after training) is written by a child
+process; this process then loads all of it with `AdapterModel.from_pretrained` and measures:
+
+- resident memory: RSS growth over the load against the backbone's tensors plus the sum of domain files;
+- load time of the whole family, and per domain;
+- throughput of a batch of 32 whose samples draw their domain uniformly at random from 1, 8, 32 or all
+  loaded domains, with mixed batches run `gathered` (one pass of the frozen layers, each sample's adapter,
+  norm and head gathered) and `grouped` (one pass per domain present, the fused-weight cache at its
+  default), as a ratio of the one-domain batch's throughput in the same repeat (interleaved, medians);
+- the largest relative difference between the gathered and grouped logits of each batch.
+
+Models: the CIFAR ResNet-56 at 32 px with the real weights of ../shared/data (overhead-bound on CPU), and
+ResNet-50 at `--r50-px` with random calibrated weights (compute-bound). One torch thread.
+
+    PYTHONPATH=. python benchmarks/bench_many_domains.py                     # both models, 200 domains
+    PYTHONPATH=. python benchmarks/bench_many_domains.py --models r56 --domains 40 --repeats 3   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import calibrated_backbone, interleaved, perturb, write_report
+
+from adapterkit import AdapterModel
+
+HERE = Path(__file__).resolve().parent
+R56_WEIGHTS = HERE.parent.parent / "shared" / "data" / "resnet_cifar10" / "resnet56.safetensors"
+BATCH = 32
+
+
+def backbone(kind: str, px: int):
+    """(what from_backbone takes, keyword arguments)"""
+    if kind == "r56":
+        return "cifar_resnet56", {"pretrained": R56_WEIGHTS if R56_WEIGHTS.is_file() else False}
+    return calibrated_backbone("resnet50", px), {}
+
+
+def build_family(kind: str, px: int, n: int, folder: Path) -> None:
+    name, kwargs = backbone(kind, px)
+    model = AdapterModel.from_backbone(name, **kwargs)
+    for i in range(n):
+        model.add_domain(f"d{i}", 10, data_config={"input_size": px})
+        perturb(model.trainable_parameters(f"d{i}"), seed=i)
+    model.save_pretrained(folder)
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def load(kind: str, px: int, n: int, folder: Path) -> tuple[AdapterModel, dict]:
+    """The whole family loaded, with its memory and time against what is on disk."""
+    gc.collect()
+    before = rss_bytes()
+    kwargs = {} if kind == "r56" else {"backbone": backbone(kind, px)[0]}
+    start = time.perf_counter()
+    model = AdapterModel.from_pretrained(folder, **kwargs).eval()
+    load_s = time.perf_counter() - start
+    gc.collect()
+    grown = rss_bytes() - before
+    files = sum(f.stat().st_size for f in folder.glob("domains/*.safetensors"))
+    state = model.backbone.state_dict()
+    backbone_bytes = sum(t.numel() * t.element_size() for k, t in state.items() if ".adapters." not in k)
+    return model, {
+        "load_s": load_s,
+        "load_ms_per_domain": 1e3 * load_s / n,
+        "domain_file_bytes_total": files,
+        "backbone_bytes": backbone_bytes,
+        "rss_growth_bytes": grown,
+        "rss_growth_over_backbone_plus_files": grown / (backbone_bytes + files),
+    }
+
+
+def spread(model: AdapterModel, n: int, px: int, repeats: int) -> dict:
+    """A batch of 32 over 1, 8, 32 and n domains, gathered and grouped, against one domain."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH, 3, px, px, generator=g)
+    draws = {k: [f"d{int(i)}" for i in torch.randint(0, k, (BATCH,), generator=g)] for k in (8, 32, n)}
+    fns = {"one": lambda: model(x, domain="d0")}
+    for k, domains in draws.items():
+        for how in ("gathered", "grouped"):
+            fns[f"{how}_{k}"] = lambda d=domains, h=how: run(model, x, d, h)
+    with torch.inference_mode():
+        timed = interleaved(fns, repeats=repeats, baseline="one")
+        errors = {}
+        for k, domains in draws.items():
+            a, b = run(model, x, domains, "gathered"), run(model, x, domains, "grouped")
+            finite = torch.isfinite(b)
+            errors[k] = float((a - b).abs()[finite].max() / b[finite].abs().max())
+    out = {"one_ms": timed["one"]["ms"]}
+    for k, domains in draws.items():
+        out[str(k)] = {
+            "distinct_domains": len(set(domains)),
+            "max_relative_difference": errors[k],
+            **{
+                how: {
+                    "ms": timed[f"{how}_{k}"]["ms"],
+                    "throughput_vs_one": 1 / timed[f"{how}_{k}"]["ratio"],
+                }
+                for how in ("gathered", "grouped")
+            },
+        }
+    return out
+
+
+def run(model: AdapterModel, x: torch.Tensor, domains: list[str], how: str) -> torch.Tensor:
+    model.mixed_execution = how
+    return model(x, domain=domains)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="r56,r50")
+    parser.add_argument("--domains", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--r50-px", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "many_domains.json")
+    parser.add_argument("--build", nargs=3, help=argparse.SUPPRESS)  # kind px folder (child process)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.build:
+        build_family(args.build[0], int(args.build[1]), args.domains, Path(args.build[2]))
+        return
+    start = time.perf_counter()
+    results = {}
+    for kind in args.models.split(","):
+        px = 32 if kind == "r56" else args.r50_px
+        with tempfile.TemporaryDirectory(prefix=f"bench-many-{kind}-") as tmp:
+            folder = Path(tmp) / "family"
+            # another process writes the family, so that this one's heap has nothing freed to reuse
+            cmd = [
+                sys.executable,
+                __file__,
+                "--domains",
+                str(args.domains),
+                "--build",
+                kind,
+                str(px),
+                str(folder),
+            ]
+            subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            model, memory = load(kind, px, args.domains, folder)
+            results[kind] = {"px": px, **memory, "batches": spread(model, args.domains, px, args.repeats)}
+            print(json.dumps({kind: results[kind]}, indent=1), flush=True)
+            del model
+            gc.collect()
+    config = {"domains": args.domains, "repeats": args.repeats, "batch": BATCH, "threads": 1}
+    write_report(args.out, "many_domains", config, results, start)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Mixed-domain batches in one pass: each sample's adapter, norm and head gathered (layers/gathered.py)."""
+
+import copy
+
+import pytest
+import timm
+import torch
+from checks import input_for, perturb
+
+from adapterkit import AdapterConfig, AdapterModel
+from adapterkit.compress import append_domain
+
+DOMAINS = ["a", "b", "c", "a", "c", "b", "b"]
+
+
+def make(backbone="test_resnet", config=None, factored=False):
+    torch.manual_seed(0)
+    model = AdapterModel(timm.create_model(backbone), config).eval()
+    for i, name in enumerate("abc"):
+        model.add_domain(name, num_classes=3 + i, factored=factored)
+        perturb(model, name, seed=i)
+        if factored:  # later domains build on the columns earlier ones handed over: widths differ
+            append_domain(model, name)
+    return model
+
+
+def both(model, x, domains=DOMAINS):
+    """(gathered, grouped) logits, and that the model could gather."""
+    with torch.inference_mode():
+        model.mixed_execution = "gathered"
+        gathered = model(x, domain=domains)
+        model.mixed_execution = "grouped"
+        grouped = model(x, domain=domains)
+    model.mixed_execution = "gathered"
+    return gathered, grouped
+
+
+def assert_rounding(gathered, grouped):
+    finite = torch.isfinite(grouped)
+    assert torch.equal(torch.isfinite(gathered), finite)  # the same -inf padding per sample
+    scale = grouped[finite].abs().max()
+    assert (gathered - grouped)[finite].abs().max() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize(
+    "backbone,config",
+    [
+        ("test_resnet", None),
+        ("test_resnet", AdapterConfig(topology="series")),
+        ("test_efficientnet", None),  # depthwise convs: grouped adapters; BatchNormAct2d
+        ("test_vit", None),  # low-rank linear adapters on tokens, LayerNorm copies
+        ("test_nfnet", None),
+        ("test_efficientnet_gn", None),  # GroupNorm: each domain's rows through its own copy
+    ],
+)
+def test_one_pass_equals_each_domain_alone(backbone, config):
+    model = make(backbone, config)
+    x = input_for(model.backbone, batch=len(DOMAINS))
+    gathered, grouped = both(model, x)
+    assert model._gatherable is True
+    assert_rounding(gathered, grouped)
+    alone = [model(x[i : i + 1], domain=d) for i, d in enumerate(DOMAINS)]
+    for i, row in enumerate(alone):
+        torch.testing.assert_close(gathered[i, : row.shape[1]], row[0].detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_factored_domains_of_different_widths():
+    model = make("test_resnet", factored=True)
+    widths = {
+        a.width for layer in model.layers().values() for a in layer.adapters.values() if hasattr(a, "width")
+    }
+    assert len(widths) > 1
+    assert_rounding(*both(model, input_for(model.backbone, batch=len(DOMAINS))))
+
+
+@pytest.mark.parametrize("backbone", ["test_maxvit", "test_vit_relpos"])
+def test_layers_whose_rows_are_not_samples_run_domain_groups(backbone):
+    """Windows (MaxViT) and relative-position tables: found by the probe at any batch size, even one that
+    equals the table's own row count; the batch then runs one domain group at a time, exactly."""
+    model = make(backbone)
+    x = input_for(model.backbone, batch=len(DOMAINS))
+    gathered, grouped = both(model, x)
+    assert model._gatherable is False
+    assert torch.equal(gathered, grouped)
+
+
+def test_training_mode_runs_domain_groups():
+    """Norms in training mode need each domain's own batch statistics: never gathered."""
+    model = make()
+    x = input_for(model.backbone, batch=len(DOMAINS))
+    model.train()
+    gathered = copy.deepcopy(model)(x, domain=DOMAINS)
+    grouped = copy.deepcopy(model)
+    grouped.mixed_execution = "grouped"
+    assert torch.equal(gathered, grouped(x, domain=DOMAINS))
+    assert model._gatherable is None
+
+
+def test_serving_changes_no_tensor():
+    model = make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = input_for(model.backbone, batch=len(DOMAINS))
+    gathered, _ = both(model, x)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert gathered.shape == (len(DOMAINS), 5)
+
