@@ -126,13 +126,27 @@ def route(features: torch.Tensor, signatures: dict[str, DomainSignature]) -> Rou
             f"{features.shape[1]}): another backbone or adapterkit version; refit them with model.fit_signature"
         )
     scores = torch.stack([signatures[n].score(features) for n in names], dim=1)
+    return decide(scores, signatures)
+
+
+def decide(scores: torch.Tensor, signatures: dict[str, DomainSignature]) -> Route:
+    """The route from per-domain scores (N x D, columns in `signatures` order; -inf for a domain not
+    scored on a sample): the best domain, its confidence, and None where the best score is below that
+    domain's threshold. The inference service scores each domain on its own preprocessing and decides
+    here (serve_route.py)."""
+    names = list(signatures)
+    num_features = next(iter(signatures.values())).num_features
     top, index = scores.max(dim=1)
-    confidence = torch.softmax(scores * features.shape[1], dim=1).gather(1, index[:, None])[:, 0]
-    thresholds = torch.stack([signatures[n].threshold for n in names])[index]
+    confidence = torch.softmax(scores * num_features, dim=1).gather(1, index[:, None])[:, 0]
+    thresholds = torch.stack([signatures[n].threshold for n in names]).to(scores.device)[index]
     best = [names[i] for i in index.tolist()]
     known = (top >= thresholds).tolist()
     return Route(
-        [b if k else None for b, k in zip(best, known, strict=True)], best, confidence, scores, names
+        [b if k else None for b, k in zip(best, known, strict=True)],
+        best,
+        confidence.nan_to_num(0.0),  # a sample no domain could score
+        scores,
+        names,
     )
 
 

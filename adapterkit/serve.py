@@ -12,6 +12,7 @@ Where the work runs: the event loop only parses and answers; images are decoded 
 (each domain's recorded data config) in a pool of `threads` threads; one worker thread runs each
 batch as ONE mixed-domain forward `model(x, domain=[...])` in eval mode under
 `torch.inference_mode()` (`serve_batching.py`); hot-adds and removals run in their own thread.
+Images that name no domain are routed by the domains' signatures in that worker first (`serve_route.py`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from .serve_errors import (
 )
 from .serve_images import DEFAULT_MAX_PIXELS, Preprocessors
 from .serve_metrics import Metrics
-from .serve_predict import Parsed, parse_json, parse_multipart, prediction, request_kind
+from .serve_predict import Parsed, parse_json, parse_multipart, request_kind
+from .serve_route import AUTO, Router, answer
 from .serve_routes import add_routes
 
 if TYPE_CHECKING:
@@ -83,9 +85,10 @@ class Service:
             configure_fusion(model, capacity=fusion_capacity)
         self.domains = Domains(model, source, revision)
         self.preprocessors = Preprocessors(model)
+        self.router = Router(model, self.preprocessors, self.domains)  # images that name no domain
         self.metrics = Metrics(lambda: self.batcher.depth, lambda: len(model.domains))
         self.batcher = Batcher(
-            self.domains.run,
+            self.router.run,
             max_batch_size=max_batch_size,
             max_wait_ms=max_wait_ms,
             queue_size=queue_size,
@@ -118,7 +121,7 @@ class Service:
             raise
         finally:
             loaded = set(self.model.domains)
-            labels = [d if d in loaded else "_other" for d in domains] or ["_none"]
+            labels = [d if d in loaded or d == AUTO else "_other" for d in domains] or ["_none"]
             self.metrics.observe_predictions(labels, status, time.perf_counter() - start)
 
     async def _read(self, request: Request) -> Parsed:
@@ -141,6 +144,9 @@ class Service:
         loop = asyncio.get_running_loop()
         labels = {}
         for d in dict.fromkeys(parsed.domains):
+            if d == AUTO:
+                self.router.check()  # 409 now when a loaded domain has no signature
+                continue
             try:
                 labels[d] = self.model.domain_info(d).labels
             except KeyError:
@@ -148,14 +154,15 @@ class Service:
         with self.batcher.expecting(len(parsed.images)):
             tensors = await asyncio.gather(
                 *(
-                    loop.run_in_executor(
-                        self.pool, self.preprocessors.tensor, data, d, f"image {i}", self.max_pixels
-                    )
+                    loop.run_in_executor(self.pool, self._prepare, data, d, f"image {i}")
                     for i, (data, d) in enumerate(zip(parsed.images, parsed.domains, strict=True))
                 )
             )
             items = [
-                Item(x, d, loop.create_future(), loop) for x, d in zip(tensors, parsed.domains, strict=True)
+                Item(None, d, loop.create_future(), loop, views=x)
+                if d == AUTO
+                else Item(x, d, loop.create_future(), loop)
+                for x, d in zip(tensors, parsed.domains, strict=True)
             ]
             try:
                 self.batcher.submit(items)
@@ -172,10 +179,17 @@ class Service:
                 raise result
         return {
             "predictions": [
-                prediction(item.domain, row, labels[item.domain], parsed.top_k, parsed.return_logits)
+                answer(item, row, labels.get(item.domain), parsed.top_k, parsed.return_logits)
                 for item, row in zip(items, results, strict=True)
             ]
         }
+
+    def _prepare(self, data: bytes, domain: str, what: str) -> Any:
+        """An image's tensor for its domain, or for an image to route its tensor per data config (in the
+        worker pool)."""
+        if domain == AUTO:
+            return self.router.views(data, what, self.max_pixels)
+        return self.preprocessors.tensor(data, domain, what, self.max_pixels)
 
     # ------------------------------------------------------------------ admin
     def check_admin(self, request: Request) -> None:
@@ -245,8 +259,9 @@ def create_app(
         max_pixels: largest image, in pixels, checked before decoding (decompression bombs).
         max_images: most images in one request (at most `queue_size`).
         source, revision: where the model's domains came from, reported by `GET /v1/domains`.
-        fusion_capacity: domains whose fused eval weights each adapted layer keeps
-            (`configure_fusion`); raise it above 4 when batches mix more domains. None keeps the model's.
+        fusion_capacity: domains whose fused eval weights each adapted layer keeps (`configure_fusion`)
+            for one-domain batches; raise it above 4 when those rotate over more domains (a batch that
+            mixes domains runs gathered and needs none). None keeps the model's.
 
     Example:
         >>> app = create_app(AdapterModel.from_pretrained("family/"), admin_token=token)

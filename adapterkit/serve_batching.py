@@ -33,13 +33,19 @@ class QueueFull(Exception):
 
 @dataclass
 class Item:
-    """One image waiting for the forward: its tensor, domain and the future its request awaits."""
+    """One image waiting for the forward: its tensor, domain and the future its request awaits.
 
-    x: torch.Tensor
+    An image that names no domain comes with `domain="auto"`, no tensor yet and `views` (its tensor per
+    distinct data config of the loaded domains); routing (serve_route.py) sets its domain, tensor and
+    `routed` (the chosen domain and confidence) before the forward."""
+
+    x: torch.Tensor | None
     domain: str
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     enqueued: float = field(default_factory=time.monotonic)
+    views: dict[str, torch.Tensor] | None = None
+    routed: Any = None
 
 
 def _settle(future: asyncio.Future, value: Any) -> None:

@@ -2,7 +2,9 @@
 
 JSON: `{"images": [{"domain": "mnist", "data": "<base64>"}, ...], "top_k": 5, "return_logits": false}`.
 Multipart: one `image` file part per image and a `domain` field per image in the same order (or one
-`domain` for all), plus optional `top_k` and `return_logits` fields.
+`domain` for all), plus optional `top_k` and `return_logits` fields. An image without a domain (JSON:
+absent, null or "auto"; multipart: no `domain` field at all, or an empty one or "auto") gets the domain
+`AUTO`: the server routes it (serve_route.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from .serve_errors import ServeError
-from .serve_schema import MAX_TOP_K, PredictRequest
+from .serve_schema import AUTO, MAX_TOP_K, PredictRequest
 
 IMAGE_PART_TYPES = ("image/", "application/octet-stream")
 
@@ -64,7 +66,7 @@ def parse_json(body: bytes) -> Parsed:
             details=details,
         ) from e
     images = [_b64(image.data, f"image {i}") for i, image in enumerate(request.images)]
-    domains = [image.domain for image in request.images]
+    domains = [AUTO if image.domain is None else image.domain for image in request.images]
     return Parsed(images, domains, request.top_k, request.return_logits)
 
 
@@ -81,7 +83,7 @@ async def parse_multipart(request: Request, max_images: int, max_part_bytes: int
     """A multipart predict body: `image` file parts with `domain` fields in the same order."""
     form = await request.form(max_files=max_images, max_fields=max_images + 8, max_part_size=max_part_bytes)
     files = form.getlist("image")
-    domains = [d for d in form.getlist("domain") if isinstance(d, str)]
+    domains = [d or AUTO for d in form.getlist("domain") if isinstance(d, str)]
     if not files:
         raise ServeError(422, "no_images", "no 'image' file parts: send each image as a part named 'image'")
     images = []
@@ -96,8 +98,8 @@ async def parse_multipart(request: Request, max_images: int, max_part_bytes: int
                 f"image {i} has content type {content_type!r}; send image/* (or application/octet-stream) parts",
             )
         images.append(await part.read())
-    if len(domains) == 1:
-        domains = domains * len(images)
+    if len(domains) <= 1:  # one for all; none: route every image
+        domains = (domains or [AUTO]) * len(images)
     if len(domains) != len(images):
         raise ServeError(
             422,

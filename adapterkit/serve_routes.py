@@ -33,10 +33,14 @@ if TYPE_CHECKING:
 REF = "#/components/schemas/{model}"
 MULTIPART_SCHEMA = {
     "type": "object",
-    "required": ["image", "domain"],
+    "required": ["image"],
     "properties": {
         "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
-        "domain": {"type": "array", "items": {"type": "string"}, "description": "one per image, or one"},
+        "domain": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "one per image, or one for all; none (or empty, or 'auto'): routed by the server",
+        },
         "top_k": {"type": "integer", "default": 5},
         "return_logits": {"type": "boolean", "default": False},
     },
@@ -56,13 +60,14 @@ def add_routes(app: FastAPI, service: Service) -> None:
     @app.post(
         "/v1/predict",
         response_model=PredictResponse,
-        response_model_exclude_none=True,
-        responses=error_responses(400, 404, 413, 415, 422, 503),
+        response_model_exclude_unset=True,  # an unknown image's "domain": null is kept
+        responses=error_responses(400, 404, 409, 413, 415, 422, 503),
         openapi_extra=_body({"$ref": REF.format(model="PredictRequest")}, multipart=True),
         tags=["predict"],
     )
     async def predict(request: Request) -> Any:
-        """Classify images, each with its own domain (JSON with base64 images, or multipart files)."""
+        """Classify images, each with its own domain or routed by the server when it names none (JSON
+        with base64 images, or multipart files)."""
         return await service.predict(request)
 
     @app.get("/v1/domains", response_model=DomainsResponse, tags=["domains"])

@@ -7,13 +7,18 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_TOP_K = 1000
+AUTO = "auto"  # the domain of an image the server routes (docs/serve.md, "Requests without a domain")
 
 
 class ImageIn(BaseModel):
     """One image of a JSON predict request."""
 
     model_config = ConfigDict(extra="forbid")
-    domain: str = Field(description="the domain (loaded family member) that classifies this image")
+    domain: str | None = Field(
+        None,
+        description="the domain (loaded family member) that classifies this image; absent, null or "
+        "'auto': the server routes it by the domains' signatures",
+    )
     data: str = Field(description="the image file (PNG, JPEG, WebP, BMP, GIF, TIFF), base64-encoded")
 
 
@@ -33,12 +38,22 @@ class Ranked(BaseModel):
 
 
 class Prediction(BaseModel):
-    domain: str
-    label: str = Field(description="the top class's name (the domain's own labels; its index if it has none)")
-    index: int
-    score: float
-    top_k: list[Ranked]
+    """One image's answer. An image the server routed (no domain in the request) also has `routed`,
+    `unknown` and `confidence`; when it fits no loaded domain, `domain` is null, `nearest` names the
+    best-scoring domain, and there is no class."""
+
+    domain: str | None = Field(description="the domain that classified the image; null: unknown image")
+    label: str | None = Field(
+        None, description="the top class's name (the domain's own labels; its index if it has none)"
+    )
+    index: int | None = None
+    score: float | None = Field(None, description="softmax probability of the top class")
+    top_k: list[Ranked] | None = None
     logits: list[float] | None = None
+    routed: bool | None = Field(None, description="true when the server chose the domain")
+    unknown: bool | None = Field(None, description="true when the image fits no loaded domain")
+    confidence: float | None = Field(None, description="the chosen domain's posterior among the loaded ones")
+    nearest: str | None = Field(None, description="the best-scoring domain of an unknown image")
 
 
 class PredictResponse(BaseModel):

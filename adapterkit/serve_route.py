@@ -1,0 +1,191 @@
+"""Routing in the inference service: images whose request names no domain (issue 16).
+
+An image with no `domain` (or `"domain": "auto"`) is decoded once in the worker pool and preprocessed
+once per distinct data config among the loaded domains (usually one). A domain's signature was fitted on
+its own images preprocessed with its own config (`train_domain`), so each domain is scored on the image
+as preprocessed with that config: in the batch worker, one pass of the plain frozen backbone's early
+stages per distinct config (`router.style_features`), every signature's score, then one decision over
+all domains (`router.decide`: best domain, confidence, unknown below its threshold). With a single
+config this is exactly `model.route(x)`. The image then joins the batch's mixed-domain forward with its
+chosen domain's tensor.
+
+A routed image's answer carries `"routed": true`, `"unknown": false` and the routing `"confidence"` next
+to the usual fields. An image that fits no loaded domain is answered (status 200) without a class:
+`{"domain": null, "routed": true, "unknown": true, "nearest": <best-scoring domain>, "confidence": ...}`.
+A loaded domain without a signature makes routing refuse (409 `no_signature`, naming the fix); requests
+that name their domains are served as before. Images are routed among the domains loaded when their batch
+runs; a domain hot-added meanwhile with a data config no other loaded domain has is left out of the
+routing of the images that were already preprocessed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .router import decide, style_features
+from .serve_errors import ServeError
+from .serve_images import decode_image
+from .serve_predict import prediction
+from .serve_schema import AUTO
+
+if TYPE_CHECKING:
+    from .model import AdapterModel
+    from .serve_batching import Item
+    from .serve_domains import Domains
+    from .serve_images import Preprocessors
+
+__all__ = ["AUTO", "Router", "Routed", "answer", "no_signature"]
+
+
+@dataclass
+class Routed:
+    """Where routing sent one image: `domain` (None: unknown), the `nearest` domain, the confidence, the
+    chosen domain's labels (read while it was certainly loaded) and the data config of its tensor."""
+
+    domain: str | None
+    nearest: str
+    confidence: float
+    labels: list[str] | None = None
+    key: str | None = None
+
+
+def no_signature(missing: list[str]) -> ServeError:
+    return ServeError(
+        409,
+        "no_signature",
+        f"images without a domain are routed by every loaded domain's signature, and {missing} have none "
+        "(trained before signatures existed, or added without training): name each image's domain, or fit "
+        "the signatures (model.fit_signature(domain, batches); train_domain records one), save the family "
+        "and load it again (or hot-add those domains again)",
+        missing=missing,
+    )
+
+
+class Router:
+    """Routes the images of a batch that name no domain, then runs the batch (`Domains.run`)."""
+
+    def __init__(self, model: AdapterModel, preprocessors: Preprocessors, domains: Domains) -> None:
+        self.model, self.preprocessors, self.domains = model, preprocessors, domains
+        self._groups: tuple[tuple, dict[str, list[str]]] = ((), {})
+        self._lock = threading.Lock()
+
+    def check(self) -> None:
+        """409 now, before any image is decoded, when routing cannot run."""
+        missing = [d for d in self.model.domains if d not in self.model.signatures]
+        if missing or not self.model.domains:
+            raise no_signature(missing)
+
+    def groups(self) -> dict[str, list[str]]:
+        """The loaded domains by data config (its JSON, resolved against the backbone's)."""
+        from .transforms import resolve_data_config
+
+        infos = []
+        for d in self.model.domains:
+            try:
+                infos.append((d, self.model.domain_info(d).data_config))
+            except KeyError:  # removed while we looked
+                continue
+        key = tuple((d, json.dumps(c, sort_keys=True, default=str)) for d, c in infos)
+        cached_key, groups = self._groups
+        if cached_key != key:
+            groups = {}
+            for d, config in infos:
+                resolved = resolve_data_config(self.model.pretrained_cfg, config)
+                groups.setdefault(json.dumps(resolved, sort_keys=True, default=str), []).append(d)
+            with self._lock:
+                self._groups = (key, groups)
+        return groups
+
+    def views(self, data: bytes, what: str, max_pixels: int) -> dict[str, torch.Tensor]:
+        """Decode `data` once; its tensor for each distinct data config (runs in the worker pool)."""
+        image = decode_image(data, what, max_pixels)
+        out = {}
+        for key, members in self.groups().items():
+            try:
+                preprocess = self.preprocessors.get(members[0])
+            except KeyError:  # unloaded meanwhile
+                continue
+            try:
+                out[key] = preprocess(image)
+            except ValueError as e:  # a mode the backbone cannot take
+                raise ServeError(422, "unsupported_image", f"{what}: {e}") from e
+        return out
+
+    # ------------------------------------------------------------------ in the batch worker
+    def run(self, items: list[Item]) -> list[Any]:
+        """Route the batch's images that name no domain, then one forward for the others and the routed
+        ones; per item its logits row, None for an unknown image (its `routed` says so), or a ServeError."""
+        results: list[Any] = [None] * len(items)
+        auto = [i for i, item in enumerate(items) if item.views is not None and item.routed is None]
+        if auto:
+            with self.domains.forward_lock:  # no removal halfway through scoring
+                decisions = self._route([items[i] for i in auto])
+            for i, decision in zip(auto, decisions, strict=True):
+                if isinstance(decision, ServeError):
+                    results[i] = decision
+                    continue
+                items[i].routed = decision
+                if decision.domain is not None and decision.key is not None:
+                    items[i].domain, items[i].x = decision.domain, items[i].views[decision.key]
+        run = [i for i, item in enumerate(items) if results[i] is None and item.x is not None]
+        for i, result in zip(run, self.domains.run([items[i] for i in run]), strict=True):
+            if items[i].routed is not None and isinstance(result, ServeError):
+                result = ServeError(  # its domain was unloaded between routing and the forward
+                    503,
+                    "domains_changed",
+                    f"domain {items[i].domain!r} was unloaded while the image was being routed; retry",
+                    headers={"Retry-After": "1"},
+                )
+            results[i] = result
+        return results
+
+    def _route(self, items: list[Item]) -> list[Any]:
+        names = list(self.model.domains)
+        missing = [d for d in names if d not in self.model.signatures]
+        if missing or not names:
+            return [no_signature(missing)] * len(items)
+        signatures = {d: self.model.signatures[d] for d in names}
+        scores = torch.full((len(items), len(names)), -math.inf)
+        keys = {}
+        for key, members in self.groups().items():
+            rows = [j for j, item in enumerate(items) if key in item.views]
+            members = [d for d in members if d in signatures]
+            if not rows or not members:
+                continue
+            x = torch.stack([items[j].views[key] for j in rows]).to(self.domains.device)
+            with torch.inference_mode():
+                features = style_features(self.model.backbone, x)
+                for d in members:
+                    scores[rows, names.index(d)] = signatures[d].score(features).float().cpu()
+                    keys[d] = key
+        route = decide(scores, signatures)
+        scored = torch.isfinite(scores).any(dim=1).tolist()
+        out = []
+        for j, (chosen, ok) in enumerate(zip(route.domains, scored, strict=True)):
+            chosen = chosen if ok else None
+            labels = self.model.domain_info(chosen).labels if chosen is not None else None
+            out.append(Routed(chosen, route.best[j], float(route.confidence[j]), labels, keys.get(chosen)))
+        return out
+
+
+def answer(item: Item, row: Any, labels: list[str] | None, top_k: int, return_logits: bool) -> dict:
+    """One image's answer: `prediction`, plus where routing sent it when the request named no domain."""
+    routed: Routed | None = item.routed
+    if routed is None:
+        return prediction(item.domain, row, labels, top_k, return_logits)
+    if routed.domain is None:
+        return {
+            "domain": None,
+            "routed": True,
+            "unknown": True,
+            "nearest": routed.nearest,
+            "confidence": routed.confidence,
+        }
+    out = prediction(routed.domain, row, routed.labels, top_k, return_logits)
+    return {**out, "routed": True, "unknown": False, "confidence": routed.confidence}
