@@ -75,14 +75,16 @@ def read_basis(model: AdapterModel, source: Source, config: dict[str, Any]) -> d
 def _group(model: AdapterModel, tensors: dict[str, torch.Tensor], what: str) -> dict[str, dict]:
     """A domain file's tensors by owner: each adapted layer's name, and `head`."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
-    by_length = sorted(model.layers(), key=len, reverse=True)
+    names = set(model.layers())
     for key, t in tensors.items():
         if key.startswith(("head.", "signature.")):
             prefix = key.partition(".")[0]
         else:
             rest = key.removeprefix("layers.")
-            prefix = next((n for n in by_length if rest.startswith(n + ".")), None) if rest != key else None
-            if prefix is None:
+            prefix = rest.rpartition(".")[0] if rest != key else ""
+            while prefix and prefix not in names:  # the longest layer name the key starts with
+                prefix = prefix.rpartition(".")[0]
+            if not prefix:
                 raise ValueError(f"{what}: tensor {key!r} belongs to no adapted layer of this backbone")
             key = rest
         grouped.setdefault(prefix, {})[key[len(prefix) + 1 :]] = t

@@ -147,13 +147,17 @@ def check_gradients_only_on_active_domain(case: Case, tmp_path: Path) -> None:
 
 
 def check_mixed_batch_equals_per_sample(case: Case, tmp_path: Path) -> None:
+    """To float rounding of the logits' scale: a mixed batch adds each sample's adapter to the layer's
+    output, where one domain alone runs it fused into the weight (random backbones such as Inception's
+    reach logits of 1e8, where rounding alone moves small logits by more than an absolute 1e-5)."""
     model, x = case.trained, case.x
     order = (["b", "a"] * x.shape[0])[: x.shape[0]]
     with torch.no_grad():
         mixed = model(x, domain=order)
         for i, d in enumerate(order):
             single = model(x[i : i + 1], domain=d)[0]
-            torch.testing.assert_close(mixed[i, : single.shape[0]], single, rtol=1e-5, atol=1e-5)
+            scale = max(1.0, single.abs().max().item())
+            torch.testing.assert_close(mixed[i, : single.shape[0]], single, rtol=1e-5, atol=1e-5 * scale)
             assert torch.isinf(mixed[i, single.shape[0] :]).all()
 
 

@@ -66,14 +66,14 @@ def _factors(adapters: list[nn.Module], beta: torch.Tensor, index: torch.Tensor)
     return basis.index_select(0, index), gamma.index_select(0, index)
 
 
-def _add_columns(
-    y: torch.Tensor, x: torch.Tensor, matrix: torch.Tensor, gamma: torch.Tensor | None
+def _columns(
+    x: torch.Tensor, matrix: torch.Tensor, gamma: torch.Tensor | None, into: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """`y` (N, out, P) plus each sample's adapter applied to the columns of `x` (N, in, P); in place
-    unless `x` is `y` (a series adapter reads the conv's output)."""
+    """Each sample's adapter applied to the columns of `x` (N, in, P): added into `into` (N, out, P) in
+    place, or a new tensor."""
     if gamma is not None:
         x = torch.bmm(gamma.transpose(1, 2), x)
-    return torch.baddbmm(y, matrix, x) if x is y else y.baddbmm_(matrix, x)
+    return torch.bmm(matrix, x) if into is None else into.baddbmm_(matrix, x)
 
 
 def _add_rows(y: torch.Tensor, x: torch.Tensor, matrix: torch.Tensor, gamma: torch.Tensor | None) -> None:
@@ -96,11 +96,12 @@ def conv_forward(layer: AdaptedConv2d, x: torch.Tensor, mixed: Mixed) -> torch.T
     n, c, h, w = src.shape
     matrix, gamma = _factors(adapters, layer._buffers["beta"], mixed.index)
     groups = layer.base_layer.groups if layer.rule == "grouped" else 1
-    if groups == 1 and y.is_contiguous():
-        columns = y.view(n, -1, h * w)
-        src = columns if src is y else src.reshape(n, c, h * w)
-        return _add_columns(columns, src, matrix, gamma).view_as(y)
-    # per group: (N, G, out/G, in/G) @ (N, G, in/G, P)
+    if groups == 1:
+        columns = src.reshape(n, c, h * w)
+        if y.is_contiguous() and src is not y:  # (a series adapter reads y: not in place)
+            return _columns(columns, matrix, gamma, into=y.view(n, -1, h * w)).view_as(y)
+        return y.add_(_columns(columns, matrix, gamma).view(n, -1, h, w))
+    # grouped adapters are full matrices, per group: (N, G, out/G, in/G) @ (N, G, in/G, P)
     out = matrix.shape[1]
     grouped = matrix.reshape(n, groups, out // groups, c // groups)
     delta = torch.matmul(grouped, src.reshape(n, groups, c // groups, h * w))
