@@ -56,6 +56,12 @@ class Routed:
 
 
 def no_signature(missing: list[str]) -> ServeError:
+    if not missing:  # no domain loaded at all
+        return ServeError(
+            503,
+            "not_ready",
+            "no domain is loaded, so no image can be routed; hot-add one with POST /v1/domains",
+        )
     return ServeError(
         409,
         "no_signature",

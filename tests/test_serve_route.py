@@ -163,14 +163,21 @@ def test_a_domain_without_a_signature_makes_routing_refuse_and_named_requests_st
     assert metric(text, "adapterkit_predictions_total", domain="auto", status="200") >= 1.0
 
 
-def test_a_family_without_signatures_answers_409_and_keeps_serving(tmp_path):
+def test_a_family_without_signatures_answers_409_and_keeps_serving_and_none_loaded_is_503(tmp_path):
     model = AdapterModel.from_pretrained(build_family(tmp_path / "fam"))
-    with running(create_app(model)) as url, httpx.Client(base_url=url, timeout=60) as client:
+    with (
+        running(create_app(model, admin_token=ADMIN)) as url,
+        httpx.Client(base_url=url, timeout=60) as client,
+    ):
         files = [("image", ("a.png", photo("red", seed=2), "image/png"))]
         refused = client.post("/v1/predict", files=files)
         assert refused.status_code == 409 and refused.json()["error"]["missing"] == ["a", "b", "c"]
         assert client.post("/v1/predict", files=files, data={"domain": "a"}).status_code == 200
         assert client.get("/healthz").status_code == 200
+        for name in ("a", "b", "c"):
+            assert client.delete(f"/v1/domains/{name}", headers=AUTH).status_code == 200
+        empty = client.post("/v1/predict", files=files)
+        assert empty.status_code == 503 and empty.json()["error"]["code"] == "not_ready"
 
 
 def test_the_schema_says_the_domain_may_be_left_out(served):
