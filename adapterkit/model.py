@@ -493,8 +493,7 @@ class AdapterModel(
         domains = self._resolve_domains(domain, x.shape[0])
         if isinstance(domains, str):
             return self._forward_one(x, domains)
-        position = {d: i for i, d in enumerate(dict.fromkeys(domains))}
-        mixed = Mixed(tuple(position), torch.tensor([position[d] for d in domains], device=x.device))
+        mixed = Mixed.of(domains, x.device)
         if self.mixed_execution == "gathered" and not self.training and self._can_gather(x, mixed):
             with self.router.use(mixed):
                 features = self.backbone(x).flatten(1)
@@ -509,7 +508,7 @@ class AdapterModel(
             try:
                 with torch.no_grad():
                     for n in (1, 2):
-                        probe = Mixed(mixed.domains[:n], torch.arange(n, device=x.device))
+                        probe = Mixed.of(list(mixed.domains[:n]), x.device)
                         with self.router.use(probe):
                             self.backbone(x[:n])
                 self._gatherable = True

@@ -33,6 +33,14 @@ class Mixed(NamedTuple):
 
     domains: tuple[str, ...]
     index: torch.Tensor  # (N,) int64, sample i belongs to domains[index[i]]
+    order: tuple[int, ...]  # the same positions as Python ints
+
+    @classmethod
+    def of(cls, domains: list[str], device: torch.device) -> Mixed:
+        """The mixed batch whose sample i belongs to `domains[i]`."""
+        position = {d: i for i, d in enumerate(dict.fromkeys(domains))}
+        order = tuple(position[d] for d in domains)
+        return cls(tuple(position), torch.tensor(order, device=device), order)
 
 
 class NotGatherable(RuntimeError):
@@ -53,17 +61,20 @@ def _modules(layer: nn.Module, x: torch.Tensor, mixed: Mixed) -> list[nn.Module]
         raise KeyError(f"domain {e.args[0]!r} was unloaded while this call was running; call again") from None
 
 
-def _factors(adapters: list[nn.Module], beta: torch.Tensor, index: torch.Tensor):
-    """Each sample's adapter: a full matrix (N, out, in), or low-rank factors (N, out, w) and (N, in, w).
+def _factors(adapters: list[nn.Module], beta: torch.Tensor, order: tuple[int, ...]):
+    """Each sample's adapter: a full matrix (N, out, in), or low-rank factors (N, out, w) and (N, in, w),
+    each stacked straight from the domain's tensors (one copy).
 
     Low-rank domains of different widths are padded with zero columns, which add exact zeros."""
     if not all(isinstance(a, LowRankAdapter) for a in adapters):
-        return torch.stack([a.weight(beta) for a in adapters]).index_select(0, index), None
+        matrices = [a.weight(beta) for a in adapters]
+        return torch.stack([matrices[i] for i in order]), None
+    bases, gammas = [a.basis(beta) for a in adapters], [a.gamma for a in adapters]
     width = max(a.width for a in adapters)
-    bases = [a.basis(beta) for a in adapters]
-    basis = torch.stack([F.pad(b, (0, width - b.shape[1])) for b in bases])
-    gamma = torch.stack([F.pad(a.gamma, (0, width - a.width)) for a in adapters])
-    return basis.index_select(0, index), gamma.index_select(0, index)
+    if any(a.width != width for a in adapters):
+        bases = [F.pad(b, (0, width - b.shape[1])) for b in bases]
+        gammas = [F.pad(g, (0, width - g.shape[1])) for g in gammas]
+    return torch.stack([bases[i] for i in order]), torch.stack([gammas[i] for i in order])
 
 
 def _columns(
@@ -94,7 +105,7 @@ def conv_forward(layer: AdaptedConv2d, x: torch.Tensor, mixed: Mixed) -> torch.T
         sh, sw = (stride, stride) if isinstance(stride, int) else stride
         src = layer._align(x, tuple(y.shape[-2:]))[..., ::sh, ::sw][..., : y.shape[-2], : y.shape[-1]]
     n, c, h, w = src.shape
-    matrix, gamma = _factors(adapters, layer._buffers["beta"], mixed.index)
+    matrix, gamma = _factors(adapters, layer._buffers["beta"], mixed.order)
     groups = layer.base_layer.groups if layer.rule == "grouped" else 1
     if groups == 1:
         columns = src.reshape(n, c, h * w)
@@ -112,7 +123,7 @@ def linear_forward(layer: AdaptedLinear, x: torch.Tensor, mixed: Mixed) -> torch
     """The linear once over the batch, plus each sample's adapter on its rows (tokens)."""
     adapters = _modules(layer, x, mixed)
     y = layer.base_layer(x)
-    matrix, gamma = _factors(adapters, layer._buffers["beta"], mixed.index)
+    matrix, gamma = _factors(adapters, layer._buffers["beta"], mixed.order)
     rows = x.reshape(x.shape[0], -1, x.shape[-1])
     if y.is_contiguous():
         _add_rows(y.view(rows.shape[0], rows.shape[1], -1), rows, matrix, gamma)
