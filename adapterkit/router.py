@@ -2,7 +2,7 @@
 
 A domain's signature is a mixture of K diagonal Gaussians (`COMPONENTS`) of the frozen backbone's style
 features on that domain's images (per component a weight, a mean and a log-variance per feature: about
-2 K F numbers) plus a calibrated threshold: the score below
+2 K F numbers, the log-variances stored in half precision) plus a calibrated threshold: the score below
 which only `REJECT` of the domain's own images fall. Each signature is fitted from its own domain's images
 alone and never changes afterwards, so adding or removing a domain changes no other domain's signature,
 bit for bit: routing is incremental, with nothing shared to retrain.
@@ -29,21 +29,36 @@ if TYPE_CHECKING:
 
 REJECT = 0.01  # share of a domain's own images the threshold may call unknown
 MAX_IMAGES = 4096  # images a signature is fitted on (the rest add nothing measurable)
-COMPONENTS = 3  # Gaussians per signature, within the 1 % size budget; on the real sequence 1 -> 3 took
-# mean routing from 0.89 to 0.95 (docs/benchmarks.md, "Routing")
+COMPONENTS = 5  # Gaussians per signature, within the 1 % size budget; on the real sequence 1 -> 3 -> 5
+# took mean routing from 0.89 to 0.946 to 0.956 (docs/benchmarks.md, "Routing")
 EM_STEPS = 30
+# Log-variances in half precision (a relative error of at most 2^-11 on log var: under 1 % on a variance).
+# Means stay float32: a feature's mean can be thousands of its standard deviations away from zero.
+STORAGE = torch.float16
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)  # what a signature file may hold (older: float32)
 
 
 class DomainSignature(nn.Module):
     """One domain's feature statistics, a mixture of K diagonal Gaussians (`mean` and `log_var`: K x F,
-    `log_weight`: K), and its unknown-sample `threshold`."""
+    `log_var` in half precision; `log_weight`: K), and its unknown-sample `threshold`. A signature loaded
+    from a file keeps the file's precision (those written before half precision stay float32, bit for
+    bit)."""
 
     def __init__(self, num_features: int, components: int = 1, device: torch.device | None = None) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(components, num_features, device=device))
-        self.register_buffer("log_var", torch.zeros(components, num_features, device=device))
+        self.register_buffer("log_var", torch.zeros(components, num_features, device=device, dtype=STORAGE))
         self.register_buffer("log_weight", torch.full((components,), -math.log(components), device=device))
         self.register_buffer("threshold", torch.tensor(-math.inf, device=device))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        for name in ("mean", "log_var"):
+            t = state_dict.get(prefix + name)
+            if isinstance(t, torch.Tensor) and t.dtype != getattr(self, name).dtype:
+                if t.dtype not in FLOATS:
+                    raise RuntimeError(f"signature.{name} is {t.dtype}; expected one of {FLOATS}")
+                setattr(self, name, getattr(self, name).to(t.dtype))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def num_features(self) -> int:
@@ -51,8 +66,9 @@ class DomainSignature(nn.Module):
 
     def score(self, features: torch.Tensor) -> torch.Tensor:
         """Mixture log-likelihood per feature (without the constant) of each row of `features`."""
-        z = (features.float()[:, None] - self.mean) ** 2 * torch.exp(-self.log_var)
-        per_component = -0.5 * (z + self.log_var).sum(dim=2) + self.log_weight
+        mean, log_var = self.mean.float(), self.log_var.float()
+        z = (features.float()[:, None] - mean) ** 2 * torch.exp(-log_var)
+        per_component = -0.5 * (z + log_var).sum(dim=2) + self.log_weight
         return per_component.logsumexp(dim=1) / self.num_features
 
     @classmethod
@@ -91,8 +107,8 @@ class DomainSignature(nn.Module):
         if components == 1:
             mean, var = f.mean(dim=0, keepdim=True), f.var(dim=0, keepdim=True).clamp_min(floor)
         signature = cls(f.shape[1], components, device=features.device)
-        signature.mean.copy_(mean.float())
-        signature.log_var.copy_(var.log().float())
+        signature.mean.copy_(mean)
+        signature.log_var.copy_(var.log())  # rounded to STORAGE: the threshold is calibrated on rounded ones
         signature.log_weight.copy_(weight.log().float())
         return signature
 
@@ -154,7 +170,7 @@ def style_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What signatures read: per channel, the spatial mean and log standard deviation of the stem's and
     every stage's output but the last (what tells a digit from a traffic sign is image statistics, which
     the early stages carry; on the real sequence dropping the last stage routed better, and the pass
-    stops there, at about two thirds of a forward for a CIFAR ResNet). Backbones with one stage read it;
+    stops there: two thirds of a CIFAR ResNet's FLOPs, 0.82x of its time). Backbones with one stage read it;
     backbones without timm's `forward_intermediates` give their pooled features only."""
     if not hasattr(backbone, "forward_intermediates"):
         return backbone(x).flatten(1).float()

@@ -12,6 +12,8 @@ routed to its own domain (an image routed to another domain or called unknown is
 is right; `auto_best` ignores the unknown threshold (what `domain="auto"` itself does).
 
     python benchmarks/bench_router_e2e.py --out benchmarks/results/router_e2e.json
+    python benchmarks/bench_router_e2e.py --family /tmp/fam   # keep the trained family there; run again
+        with --family /tmp/fam --refit-signatures: the same adapters, signatures fitted by this version
 """
 
 from __future__ import annotations
@@ -112,6 +114,16 @@ def train_all(args: argparse.Namespace, weights: Path, family: Path) -> dict[str
     return trained
 
 
+def refit_signatures(args: argparse.Namespace, family: Path) -> None:
+    """Refit every domain's signature from its training images (as `train_domain` does) and save."""
+    model = AdapterModel.from_pretrained(family)
+    for name in ORDERS[0]:
+        dcfg = resolve_data_config(model.pretrained_cfg, model.domain_info(name).data_config)
+        ds = DomainDataset(open_data(load(args, name, "train")), Preprocess(dcfg))
+        model.fit_signature(name, (x for x, _ in DataLoader(ds, batch_size=BATCH)))
+    save_family(model, family)
+
+
 def run_order(order: list[str], family: Path, tests: dict, reference: dict) -> list[dict]:
     model = AdapterModel.from_pretrained(family, domains=[order[0]]).eval()
     steps = []
@@ -147,7 +159,8 @@ def main() -> None:
     p.add_argument("--train-limit", type=int, default=4096, help="training images per domain (balanced)")
     p.add_argument("--test-limit", type=int, default=1000, help="test images per domain (balanced)")
     p.add_argument("--omniglot-classes", type=int, default=100)
-    p.add_argument("--family", type=Path, help="keep the trained family here (default: a temporary folder)")
+    p.add_argument("--family", type=Path, help="keep the trained family here, or reuse the one already there")
+    p.add_argument("--refit-signatures", action="store_true", help="refit a reused family's signatures")
     p.add_argument("--out", type=Path, default=HERE / "results" / "router_e2e.json")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -155,7 +168,12 @@ def main() -> None:
     weights = args.data_root / "resnet_cifar10" / "resnet56.safetensors"
     with tempfile.TemporaryDirectory() as tmp:
         family = args.family or Path(tmp) / "family"
-        trained = train_all(args, weights, family)
+        if (family / "adapterkit.json").is_file():
+            trained = {"reused": str(family), "signatures_refitted": args.refit_signatures}
+            if args.refit_signatures:
+                refit_signatures(args, family)
+        else:
+            trained = train_all(args, weights, family)
         model = AdapterModel.from_pretrained(family).eval()
         tests = {d: test_tensors(model, d, load(args, d, "test")) for d in ORDERS[0]}
         reference = {d: evaluate(model, tests, d) for d in ORDERS[0]}

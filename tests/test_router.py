@@ -82,7 +82,8 @@ def test_signatures_never_change_when_domains_come_and_go(model):
 def test_signature_is_small():
     model = AdapterModel.from_backbone("cifar_resnet56")  # a real architecture (test_* models are tiny)
     model.add_domain("red", num_classes=10)
-    model.fit_signature("red", batches(images("red", 16, seed=0)))
+    model.fit_signature("red", batches(images("red", 8 * COMPONENTS, seed=0)))  # every component fitted
+    assert model.signatures["red"].mean.shape[0] == COMPONENTS
     signature_bytes = sum(t.numel() * t.element_size() for t in model.signatures["red"].state_dict().values())
     assert signature_bytes <= 0.01 * model.domain_cost("red")["bytes"]
 
@@ -120,6 +121,23 @@ def test_a_single_gaussian_signature_written_before_mixtures_still_loads(tmp_pat
     entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     entry_path.write_text(json.dumps(entry))
     loaded = AdapterModel.from_pretrained(tmp_path / "fam")
+    x = images("red", 4, seed=8)
+    assert torch.equal(loaded.route(x).scores, model.route(x).scores)
+
+
+def test_a_float32_signature_written_before_half_precision_loads_bit_for_bit(tmp_path):
+    model = AdapterModel.from_backbone("test_resnet")
+    model.add_domain("red", num_classes=2)
+    features = collect_features(model, batches(images("red", 64, seed=3)))
+    old = DomainSignature.fit(features, components=3)
+    old.log_var = (
+        old.log_var.float() + 1e-4
+    )  # what earlier releases wrote: float32, not representable in half
+    model.signatures["red"] = old
+    save_family(model, tmp_path / "fam")
+    loaded = AdapterModel.from_pretrained(tmp_path / "fam")
+    assert loaded.signatures["red"].log_var.dtype == torch.float32
+    assert torch.equal(loaded.signatures["red"].log_var, old.log_var)
     x = images("red", 4, seed=8)
     assert torch.equal(loaded.route(x).scores, model.route(x).scores)
 
