@@ -73,6 +73,16 @@ def no_signature(missing: list[str]) -> ServeError:
     )
 
 
+def signature_mismatch(wrong: list[str]) -> ServeError:
+    return ServeError(
+        409,
+        "no_signature",
+        f"the signatures of {wrong} were fitted on other features (another backbone or adapterkit version), "
+        "so images cannot be routed: name each image's domain, or refit them with model.fit_signature",
+        missing=wrong,
+    )
+
+
 class Router:
     """Routes the images of a batch that name no domain, then runs the batch (`Domains.run`)."""
 
@@ -167,6 +177,9 @@ class Router:
             x = torch.stack([items[j].views[key] for j in rows]).to(self.domains.device)
             with torch.inference_mode():
                 features = style_features(self.model.backbone, x)
+                wrong = [d for d in members if signatures[d].num_features != features.shape[1]]
+                if wrong:
+                    return [signature_mismatch(wrong)] * len(items)
                 for d in members:
                     scores[rows, names.index(d)] = signatures[d].score(features).float().cpu()
                     keys[d] = key

@@ -185,3 +185,19 @@ def test_the_schema_says_the_domain_may_be_left_out(served):
     schema = client.get("/openapi.json").json()["components"]["schemas"]
     assert "domain" not in schema["ImageIn"].get("required", [])
     assert {"routed", "unknown", "confidence", "nearest"} <= set(schema["Prediction"]["properties"])
+
+
+def test_a_signature_fitted_on_other_features_is_refused_by_name(served):
+    from adapterkit.router import DomainSignature
+
+    model, client, _ = served
+    good = model.signatures["red"]
+    model.signatures["red"] = DomainSignature(7, 1)  # as from another backbone
+    try:
+        refused = client.post("/v1/predict", json={"images": [{"data": b64(photo("red", seed=3))}]})
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["error"]["missing"] == ["red"] and "fit_signature" in refused.text
+    finally:
+        model.signatures["red"] = good
+    routed = client.post("/v1/predict", json={"images": [{"data": b64(photo("red", seed=3))}]})
+    assert routed.json()["predictions"][0]["domain"] == "red"
