@@ -74,17 +74,26 @@ class DomainSignature(nn.Module):
     @classmethod
     @torch.no_grad()
     def fit(
-        cls, features: torch.Tensor, components: int = COMPONENTS, reject: float = REJECT
+        cls,
+        features: torch.Tensor,
+        components: int = COMPONENTS,
+        reject: float = REJECT,
+        max_bytes: int | None = None,
     ) -> DomainSignature:
         """The signature of `features` (N x F, N >= 4 per component), fitted by EM from a fixed seed
         (the same features always give the same signature). The threshold is calibrated out of sample:
         the `reject` quantile of the scores of every other row under a mixture fitted on the remaining
-        rows (scores of the rows a model was fitted on are optimistic when F is close to N)."""
+        rows (scores of the rows a model was fitted on are optimistic when F is close to N). With
+        `max_bytes` (e.g. 1 % of the domain's adapter bytes) it uses as many components as fit in it, at
+        least one."""
         if features.dim() != 2 or features.shape[0] < 4:
             raise ValueError(
                 f"a signature needs at least 4 feature rows (N x F), got shape {tuple(features.shape)}"
             )
         components = max(1, min(components, features.shape[0] // 8))
+        if max_bytes is not None:
+            per_component = features.shape[1] * (4 + torch.finfo(STORAGE).bits // 8) + 4
+            components = max(1, min(components, (max_bytes - 4) // per_component))
         signature = cls._mixture(features, components)
         held_out = cls._mixture(features[0::2], components).score(features[1::2])
         signature.threshold.copy_(torch.quantile(held_out, reject))

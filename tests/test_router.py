@@ -142,6 +142,17 @@ def test_a_float32_signature_written_before_half_precision_loads_bit_for_bit(tmp
     assert torch.equal(loaded.route(x).scores, model.route(x).scores)
 
 
+def test_a_byte_budget_caps_the_components(model):
+    features = collect_features(model, batches(images("green", 64, seed=4)))
+    full = DomainSignature.fit(features)
+    size = sum(t.numel() * t.element_size() for t in full.state_dict().values())
+    capped = DomainSignature.fit(features, max_bytes=size - 1)
+    assert capped.mean.shape[0] == COMPONENTS - 1
+    assert sum(t.numel() * t.element_size() for t in capped.state_dict().values()) < size
+    assert DomainSignature.fit(features, max_bytes=size).mean.shape[0] == COMPONENTS
+    assert DomainSignature.fit(features, max_bytes=1).mean.shape[0] == 1  # never fewer than one
+
+
 def test_fitting_a_signature_is_deterministic(model):
     features = collect_features(model, batches(images("green", 64, seed=4)))
     a, b = DomainSignature.fit(features).state_dict(), DomainSignature.fit(features).state_dict()
