@@ -27,6 +27,7 @@ from torch import nn
 if TYPE_CHECKING:
     from .model import AdapterModel
 
+SIGNATURE_SHARE = 0.01  # a signature's bytes at most, as a share of its domain's (fit_signature's budget)
 REJECT = 0.01  # share of a domain's own images the threshold may call unknown
 MAX_IMAGES = 4096  # images a signature is fitted on (the rest add nothing measurable)
 COMPONENTS = 5  # Gaussians per signature, within the 1 % size budget; on the real sequence 1 -> 3 -> 5

@@ -187,3 +187,22 @@ def test_train_domain_records_a_signature():
     )
     assert "red" in model.signatures
     assert torch.isfinite(model.signatures["red"].threshold)
+
+
+def test_a_signature_keeps_to_its_share_of_the_domain_bytes(model):
+    """fit_signature's default budget: at most 1 % of the domain's adapter bytes (fewer mixture
+    components when the domain is small), or one component when not even one fits; None lifts it."""
+    x = images("red", 8 * COMPONENTS, seed=3)
+    state = model.domain_state_dict("red")
+    domain_bytes = sum(
+        t.numel() * t.element_size() for k, t in state.items() if not k.startswith("signature.")
+    )
+    capped = DomainSignature.fit(collect_features(model, batches(x)), max_bytes=int(0.01 * domain_bytes))
+    nbytes = sum(t.numel() * t.element_size() for t in capped.state_dict().values())
+    assert nbytes <= 0.01 * domain_bytes or capped.mean.shape[0] == 1
+    free = DomainSignature.fit(collect_features(model, batches(x)))
+    assert free.mean.shape[0] == COMPONENTS > capped.mean.shape[0]
+    copy = AdapterModel.from_backbone("test_resnet")
+    copy.add_domain("red", num_classes=2)
+    assert copy.fit_signature("red", batches(x)).mean.shape[0] == capped.mean.shape[0]
+    assert copy.fit_signature("red", batches(x), budget=None).mean.shape[0] == COMPONENTS

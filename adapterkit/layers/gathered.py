@@ -1,8 +1,9 @@
 """One pass over a batch that mixes domains: the frozen layers run once, each sample's domain tensors gathered.
 
 With `DomainRouter.use(Mixed(...))` every wrapper computes its frozen `base_layer` over the whole batch and
-adds each sample's own adapter (a batched matrix product with the sample's adapter gathered), applies each
-sample's own norm (its eval-mode affine map gathered), and the model applies each domain's head to its rows.
+adds each sample's own adapter (a batched matrix product with the sample's adapter gathered), normalises each
+sample with its own domain's statistics (one BatchNorm call over N x C channels), and the model applies each
+domain's head to its rows.
 So a batch over 32 domains costs one backbone pass plus the adapters' own products, not 32 passes of one
 image (the way S-LoRA and Punica serve many LoRAs). Results agree with per-domain execution to float
 rounding: the adapter is added to the layer's output instead of being fused into its weight.
