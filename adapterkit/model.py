@@ -37,6 +37,12 @@ from .router import SIGNATURE_SHARE, DomainSignature, Route, collect_features, r
 
 logger = logging.getLogger(__name__)
 
+# mixed_execution="auto" runs a batch of at most GROUPED_DOMAINS domains with GROUPED_IMAGES images each on
+# average one domain at a time: measured on CPU, grouped execution wins there on the CIFAR ResNet-56 and
+# ResNet-50 (every domain's fused weights cached, each pass a fair batch) and gathered execution wins on
+# smaller groups or more domains (docs/benchmarks.md, "Many domains in one process").
+GROUPED_DOMAINS, GROUPED_IMAGES = 4, 4
+
 
 class _Lock:
     """A re-entrant lock that a deep-copied model replaces with its own."""
@@ -114,8 +120,8 @@ class AdapterModel(
         self._lock = _Lock()
         self.default_domain: str | None = None
         # how an eval-mode batch that mixes domains runs: "gathered" (one pass, each sample's domain
-        # tensors gathered; layers/gathered.py) or "grouped" (one pass per domain, fused weights)
-        self.mixed_execution = "gathered"
+        # tensors gathered; layers/gathered.py), "grouped" (one pass per domain, fused weights) or "auto"
+        self.mixed_execution = "auto"
         self._gatherable: bool | None = None  # whether it can (a property of the backbone's code)
         self.basis_history: list[dict[str, Any]] = []  # the basis operations that built `basis()`
 
@@ -481,11 +487,13 @@ class AdapterModel(
 
         With a list of domains in eval mode the frozen layers run once over the batch and each sample's
         adapters, norms and head are gathered (`mixed_execution = "gathered"`, equal to running each
-        domain alone to float rounding); in training mode, with `mixed_execution = "grouped"`, or for a
-        backbone whose modules read a layer's weight themselves, each domain's group runs exactly as it
-        would alone. Heads of different sizes are padded with `-inf`, so softmax, argmax and
-        cross-entropy stay correct per sample. `"auto"` sends each sample to its best-scoring domain (`route(x)` also
-        says which samples fit no domain, and how confident each choice is).
+        domain alone to float rounding). With `"grouped"`, in training mode, or for a backbone whose
+        modules read a layer's weight themselves, each domain's group runs exactly as it would alone.
+        `"auto"` (the default) groups a batch of at most `GROUPED_DOMAINS` domains with `GROUPED_IMAGES`
+        images each on average (fused weights, each pass a fair batch) and gathers the rest. Heads of
+        different sizes are padded with `-inf`, so softmax, argmax and cross-entropy stay correct per
+        sample. `domain="auto"` sends each sample to its best-scoring domain (`route(x)` also says which
+        samples fit no domain, and how confident each choice is).
         """
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
             raise ValueError(f"expected an image batch tensor (N, C, H, W), got {type(x).__name__}")
@@ -500,11 +508,18 @@ class AdapterModel(
         if isinstance(domains, str):
             return self._forward_one(x, domains)
         mixed = Mixed.of(domains, x.device)
-        if self.mixed_execution == "gathered" and not self.training and self._can_gather(x, mixed):
+        if self._gathers(x, mixed):
             with self.router.use(mixed):
                 features = self.backbone(x).flatten(1)
             return self._rows(mixed, lambda d, rows: self.heads[d](features.index_select(0, rows)))
         return self._rows(mixed, lambda d, rows: self._forward_one(x.index_select(0, rows), d))
+
+    def _gathers(self, x: torch.Tensor, mixed: Mixed) -> bool:
+        """Whether this mixed batch runs gathered (see `forward`)."""
+        if self.training or self.mixed_execution == "grouped":
+            return False
+        few = len(mixed.domains) <= GROUPED_DOMAINS and x.shape[0] >= GROUPED_IMAGES * len(mixed.domains)
+        return not (self.mixed_execution == "auto" and few) and self._can_gather(x, mixed)
 
     def _can_gather(self, x: torch.Tensor, mixed: Mixed) -> bool:
         """Whether every layer sees the batch's samples as its rows, found once per model by running one

@@ -9,7 +9,12 @@ process; this process then loads all of it with `AdapterModel.from_pretrained` a
   loaded domains, with mixed batches run `gathered` (one pass of the frozen layers, each sample's adapter,
   norm and head gathered) and `grouped` (one pass per domain present, the fused-weight cache at its
   default), as a ratio of the one-domain batch's throughput in the same repeat (interleaved, medians);
-- the largest relative difference between the gathered and grouped logits of each batch.
+- the largest relative difference between the gathered and grouped logits of each batch;
+- where grouped execution wins: batches of 8 and 32 over 2, 4 and 8 domains, both ways, and what
+  `mixed_execution="auto"` picks;
+- over HTTP: the family behind `create_app` (a server process), 32 closed-loop clients sending one-image
+  requests whose domains are drawn uniformly from 1, 8, 32 or all domains; throughput and latency against
+  the one-domain load in the same repeat (bench_serve.py's load generator).
 
 Models: the CIFAR ResNet-56 at 32 px with the real weights of ../shared/data (overhead-bound on CPU), and
 ResNet-50 at `--r50-px` with random calibrated weights (compute-bound). One torch thread.
@@ -21,19 +26,25 @@ ResNet-50 at `--r50-px` with random calibrated weights (compute-bound). One torc
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
 import os
+import random
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import torch
 from _common import calibrated_backbone, interleaved, perturb, write_report
+from bench_serve import bodies, closed_loop, free_port
 
 from adapterkit import AdapterModel
+from adapterkit.layers.gathered import Mixed
 
 HERE = Path(__file__).resolve().parent
 R56_WEIGHTS = HERE.parent.parent / "shared" / "data" / "resnet_cifar10" / "resnet56.safetensors"
@@ -90,7 +101,7 @@ def spread(model: AdapterModel, n: int, px: int, repeats: int) -> dict:
     """A batch of 32 over 1, 8, 32 and n domains, gathered and grouped, against one domain."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, 3, px, px, generator=g)
-    draws = {k: [f"d{int(i)}" for i in torch.randint(0, k, (BATCH,), generator=g)] for k in (8, 32, n)}
+    draws = {k: [f"d{int(i)}" for i in torch.randint(0, k, (BATCH,), generator=g)] for k in sorted({min(8, n), min(32, n), n})}
     fns = {"one": lambda: model(x, domain="d0")}
     for k, domains in draws.items():
         for how in ("gathered", "grouped"):
@@ -118,6 +129,91 @@ def spread(model: AdapterModel, n: int, px: int, repeats: int) -> dict:
     return out
 
 
+def serve_family(kind: str, px: int, folder: Path, port: int) -> None:
+    """Child process: the whole family behind `create_app` (batches of up to 32, 5 ms wait)."""
+    import uvicorn
+
+    from adapterkit.serve import create_app
+
+    model, _ = load(kind, px, 1, folder)
+    app = create_app(model, max_batch_size=BATCH, max_wait_ms=5.0, threads=2)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    print("READY", flush=True)
+    sys.stdin.read()  # until the parent closes our stdin
+    server.should_exit = True
+
+
+def payloads(kind: str, k: int, n: int = 64) -> list[bytes]:
+    """One-image JSON bodies whose domains are drawn uniformly from the first k."""
+    image = bodies(kind, 1, n)  # JPEG images of the model's size, domain d0
+    rng = random.Random(k)
+    out = []
+    for body in image:
+        request = json.loads(body)
+        request["images"][0]["domain"] = f"d{rng.randrange(k)}"
+        out.append(json.dumps(request).encode())
+    return out
+
+
+def http_spread(kind: str, px: int, n: int, folder: Path, repeats: int, window: float) -> dict:
+    """32 closed-loop clients over 1, 8, 32 and n domains against the served family; each spread's
+    throughput over the one-domain throughput of the same repeat (rotated order, medians)."""
+    port = free_port()
+    cmd = [sys.executable, __file__, "--domains", str(n), "--serve", kind, str(px), str(folder), str(port)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        if process.stdout.readline().strip() != "READY":
+            raise RuntimeError(f"the {kind} server did not start (exit {process.poll()})")
+        url = f"http://127.0.0.1:{port}"
+        spreads = sorted({1, min(8, n), min(32, n), n})
+        bodies_of = {k: payloads(kind, k) for k in spreads}
+        runs: dict[int, list[dict]] = {k: [] for k in spreads}
+        for k in spreads:  # warm-up: the server meets every batch size and domain before it is timed
+            asyncio.run(closed_loop(url, bodies_of[k], BATCH, 0.0, window / 2))
+        for r in range(repeats):
+            for k in spreads[r % len(spreads) :] + spreads[: r % len(spreads)]:
+                runs[k].append(asyncio.run(closed_loop(url, bodies_of[k], BATCH, 1.0, window)))
+    finally:
+        process.stdin.close()
+        process.wait(120)
+    out = {}
+    for k in spreads:
+        ratios = [a["throughput"] / b["throughput"] for a, b in zip(runs[k], runs[1], strict=True)]
+        out[str(k)] = {
+            "throughput": statistics.median(x["throughput"] for x in runs[k]),
+            "throughput_vs_one": statistics.median(ratios),
+            "p50_ms": statistics.median(x["p50_ms"] for x in runs[k]),
+            "p99_ms": statistics.median(x["p99_ms"] for x in runs[k]),
+            "failed": sum(x["failed"] for x in runs[k]),
+        }
+    return out
+
+
+def policy(model: AdapterModel, px: int, repeats: int) -> dict:
+    """Where grouped execution beats gathered: batches of 8 and 32 over 2, 4 and 8 domains (each domain
+    the same share), both ways against the one-domain batch of the same size; what `auto` picks."""
+    out = {}
+    for n in (8, 32):
+        x = torch.randn(n, 3, px, px, generator=torch.Generator().manual_seed(n))
+        for u in (2, 4, 8):
+            domains = [f"d{i % u}" for i in range(n)]
+            fns = {"one": lambda x=x: model(x, domain="d0")}
+            for how in ("gathered", "grouped"):
+                fns[how] = lambda x=x, d=domains, h=how: run(model, x, d, h)
+            with torch.inference_mode():
+                timed = interleaved(fns, repeats=repeats, baseline="one")
+            model.mixed_execution = "auto"
+            out[f"{n}x{u}"] = {
+                **{f"{how}_vs_one": 1 / timed[how]["ratio"] for how in ("gathered", "grouped")},
+                "auto_picks": "gathered" if model._gathers(x, Mixed.of(domains, x.device)) else "grouped",
+            }
+    return out
+
+
 def run(model: AdapterModel, x: torch.Tensor, domains: list[str], how: str) -> torch.Tensor:
     model.mixed_execution = how
     return model(x, domain=domains)
@@ -130,12 +226,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--r50-px", type=int, default=128)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "many_domains.json")
+    parser.add_argument("--window", default="r56=5,r50=12", help="measured seconds per HTTP run, per model")
     parser.add_argument("--build", nargs=3, help=argparse.SUPPRESS)  # kind px folder (child process)
+    parser.add_argument("--serve", nargs=4, help=argparse.SUPPRESS)  # kind px folder port (child process)
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.build:
         build_family(args.build[0], int(args.build[1]), args.domains, Path(args.build[2]))
         return
+    if args.serve:
+        serve_family(args.serve[0], int(args.serve[1]), Path(args.serve[2]), int(args.serve[3]))
+        return
+    windows = {k: float(v) for k, v in (item.split("=") for item in args.window.split(","))}
     start = time.perf_counter()
     results = {}
     for kind in args.models.split(","):
@@ -156,10 +258,19 @@ def main() -> None:
             subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             model, memory = load(kind, px, args.domains, folder)
             results[kind] = {"px": px, **memory, "batches": spread(model, args.domains, px, args.repeats)}
-            print(json.dumps({kind: results[kind]}, indent=1), flush=True)
+            results[kind]["policy"] = policy(model, px, args.repeats)
             del model
             gc.collect()
-    config = {"domains": args.domains, "repeats": args.repeats, "batch": BATCH, "threads": 1}
+            http = http_spread(kind, px, args.domains, folder, args.repeats, windows[kind])
+            results[kind]["http_32_clients"] = http
+            print(json.dumps({kind: results[kind]}, indent=1), flush=True)
+    config = {
+        "domains": args.domains,
+        "repeats": args.repeats,
+        "batch": BATCH,
+        "threads": 1,
+        "window": windows,
+    }
     write_report(args.out, "many_domains", config, results, start)
     print(f"wrote {args.out}")
 

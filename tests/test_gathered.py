@@ -104,3 +104,18 @@ def test_serving_changes_no_tensor():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert gathered.shape == (len(DOMAINS), 5)
 
+
+def test_auto_groups_few_domains_with_fair_batches_and_gathers_the_rest():
+    model = make()
+    x = input_for(model.backbone, batch=8)
+    with torch.inference_mode():
+        auto = model(x, domain=["a", "b"] * 4)  # 2 domains, 4 images each: one pass per domain
+        assert model._gatherable is None
+        model.mixed_execution = "grouped"
+        assert torch.equal(auto, model(x, domain=["a", "b"] * 4))
+        model.mixed_execution = "auto"
+        spread = ["a", "b", "c", "a", "b", "c", "a", "b"]  # 3 domains, fewer than 4 images each: gathered
+        gathered = model(x, domain=spread)
+    assert model._gatherable is True
+    model.mixed_execution = "grouped"
+    assert_rounding(gathered, model(x, domain=spread).detach())
