@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 __all__ = ["create_app", "load_family", "serve", "Service"]
+INLINE_PARSE_BYTES = 64 * 1024  # JSON bodies up to this size are parsed on the event loop
 
 
 class Service:
@@ -128,7 +129,10 @@ class Service:
         loop = asyncio.get_running_loop()
         if request_kind(request) == "json":
             body = await request.body()
-            parsed = await loop.run_in_executor(self.pool, parse_json, body)
+            if len(body) < INLINE_PARSE_BYTES:  # a thread hop costs more than parsing a small body
+                parsed = parse_json(body)
+            else:
+                parsed = await loop.run_in_executor(self.pool, parse_json, body)
         else:
             parsed = await parse_multipart(request, self.max_images, self.max_body_bytes)
         if len(parsed.images) > self.max_images:

@@ -87,9 +87,10 @@ class DomainLayer(nn.Module):
         object.__setattr__(self, "router", router)  # shared with the model, not a submodule
         base_layer.requires_grad_(False)
 
-    def route(self) -> tuple[str | None, nn.Module | None]:
-        """The domain of this call and its adapter, or (None, None) for the plain backbone."""
-        domain = self.router.domain
+    def route(self, domain: str | Mixed | None = None) -> tuple[str | None, nn.Module | None]:
+        """The domain of this call (read from the router unless given) and its adapter, or (None, None)
+        for the plain backbone."""
+        domain = domain or self.router.domain
         if domain is None:
             return None, None
         if type(domain) is Mixed:
@@ -225,12 +226,13 @@ class AdaptedConv2d(DomainLayer):
 
     def _merged(self, domain: str, adapter: nn.Module) -> torch.Tensor:
         """The base kernel with the adapter added at its tap (cached per domain in eval mode)."""
-        conv = self.base_layer
-        beta = self._buffers["beta"]  # dict lookups: this runs for every layer of every call
-        build = lambda: merge_conv(conv.weight, adapter.weight(beta), self.tap)  # noqa: E731
+        conv = self._modules["base_layer"]  # dict lookups: this runs for every layer of every call
+        beta, weight = self._buffers["beta"], conv._parameters.get("weight")
+        weight = conv.weight if weight is None else weight  # (a layer whose weight is computed)
+        build = lambda: merge_conv(weight, adapter.weight(beta), self.tap)  # noqa: E731
         if not self.fused.enabled:
             return build()
-        return self.fused.weight(domain, (conv.weight, beta, *adapter._parameters.values()), build)
+        return self.fused.weight(domain, (weight, beta, *adapter._parameters.values()), build)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -253,10 +255,10 @@ class AdaptedConv2d(DomainLayer):
         return merge_series(conv.weight, conv.bias, adapter.weight(self.beta), conv.groups)[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if type(mixed := self.router.domain) is Mixed:
-            return conv_forward(self, x, mixed)
-        domain, adapter = self.route()
-        conv = self.base_layer
+        if type(domain := self.router.domain) is Mixed:
+            return conv_forward(self, x, domain)
+        domain, adapter = self.route(domain)
+        conv = self._modules["base_layer"]
         if adapter is None:
             return conv(x)
         if self.fused.enabled and (self.train_fused if self.training else self.fusable):
@@ -353,10 +355,10 @@ class AdaptedLinear(DomainLayer):
         return self.base_layer.weight if adapter is None else self._merged(domain, adapter)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if type(mixed := self.router.domain) is Mixed:
-            return linear_forward(self, x, mixed)
-        domain, adapter = self.route()
-        lin = self.base_layer
+        if type(domain := self.router.domain) is Mixed:
+            return linear_forward(self, x, domain)
+        domain, adapter = self.route(domain)
+        lin = self._modules["base_layer"]
         if adapter is None:
             return lin(x)
         if (
@@ -399,10 +401,10 @@ class DomainNorm(DomainLayer):
     num_features, normalized_shape = _domain_setting("num_features"), _domain_setting("normalized_shape")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if type(mixed := self.router.domain) is Mixed:
-            return norm_forward(self, x, mixed)
-        norm = self.route()[1]
-        return self.base_layer(x) if norm is None else norm(x)
+        if type(domain := self.router.domain) is Mixed:
+            return norm_forward(self, x, domain)
+        norm = self.route(domain)[1]
+        return self._modules["base_layer"](x) if norm is None else norm(x)
 
     def fold(self, domain: str) -> nn.Module:
         norm = copy.deepcopy(self.adapters[domain])
