@@ -15,13 +15,11 @@ and each figure is the median over repeats of the ratio to `bare` measured in th
 Hot-add: with 32 clients on the batched server, `POST /v1/domains` loads a 5th domain from a family
 folder mid-window and `DELETE` removes it; its latency under load vs idle, and failed requests.
 
-`--many-domains 200` measures instead what issue 15.8 asks about, as the model is today: memory per loaded
-domain against its file size, and a batch of 32 spread over 32 (or 4) of 200 domains against one domain.
+Many domains in one process (issue 15.8) are measured by bench_many_domains.py.
 
 Run from the repository root (CIFAR ResNet-56 weights from ../shared/data when present):
     PYTHONPATH=. python benchmarks/bench_serve.py                  # ~15 min on 2 cores
     PYTHONPATH=. python benchmarks/bench_serve.py --models r56 --clients 1,8 --repeats 1   # smoke
-    PYTHONPATH=. python benchmarks/bench_serve.py --many-domains 200
 """
 
 from __future__ import annotations
@@ -312,74 +310,6 @@ def run_benchmark(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def build_many(family: Path, n: int) -> None:
-    from _common import perturb
-
-    from adapterkit import AdapterModel
-
-    model = AdapterModel.from_backbone(
-        "cifar_resnet56", pretrained=R56_WEIGHTS if R56_WEIGHTS.is_file() else False
-    )
-    for i in range(n):
-        model.add_domain(f"d{i}", 10, data_config={"input_size": 32})
-        perturb(model.trainable_parameters(f"d{i}"), seed=i)
-    model.save_pretrained(family)
-
-
-def many_domains(n: int, repeats: int, out: Path) -> None:
-    """Issue 15.8 as the model is today: memory per loaded domain vs its file, and a batch of 32 spread over
-    32 or 4 domains vs one domain (in-process forwards, fused-weight cache of 4 vs 64 domains)."""
-    import gc
-
-    import torch
-    from _common import interleaved, write_report
-
-    from adapterkit import AdapterModel
-    from adapterkit.format import domain_file
-    from adapterkit.layers import configure_fusion
-
-    start = time.perf_counter()
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory(prefix="bench-serve-many-") as tmp:
-        family = Path(tmp) / "family"
-        # built in another process, so that this one's heap has no freed memory for the loads to reuse
-        cmd = [sys.executable, __file__, "--build-family", str(family), "--many-domains", str(n)]
-        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        file_bytes = statistics.median((family / domain_file(f"d{i}")).stat().st_size for i in range(n))
-        served = AdapterModel.from_pretrained(family, domains=[])
-        gc.collect()
-        before = rss_bytes()
-        for i in range(n):
-            served.load_domain(family, f"d{i}")
-        gc.collect()
-        per_domain = (rss_bytes() - before) / n
-    x = torch.randn(32, 3, 32, 32)
-    batches = {"one": ["d0"] * 32, "spread4": [f"d{i % 4}" for i in range(32)]}
-    batches["spread32"] = [f"d{(i * 7) % n}" for i in range(32)]
-    cost = served.domain_cost("d0")["bytes"]
-    results = {
-        "domains": n,
-        "file_bytes_median": file_bytes,
-        "tensor_bytes": cost,
-        "rss_bytes_per_domain": per_domain,
-    }
-    for capacity in (4, 64):
-        configure_fusion(served, capacity=capacity)
-        with torch.inference_mode():
-            fns = {k: (lambda d=d: served(x, domain=d)) for k, d in batches.items()}
-            timed = interleaved(fns, repeats=repeats, baseline="one")
-        results[f"capacity_{capacity}"] = {k: {"ms": v["ms"], "vs_one": v["ratio"]} for k, v in timed.items()}
-    print(json.dumps(results, indent=1))
-    write_report(out, "serve_many_domains", {"domains": n, "repeats": repeats}, results, start)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--serve", help=argparse.SUPPRESS)
@@ -392,18 +322,7 @@ def main() -> None:
     parser.add_argument("--window", default="r56=5,r50=12", help="measured seconds per run, per model")
     parser.add_argument("--threads", type=int, default=2, help="decoding threads of each server")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "serve.json")
-    parser.add_argument(
-        "--many-domains", type=int, default=0, help="instead: N domains (issue 15.8 as today)"
-    )
-    parser.add_argument("--build-family", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.build_family:
-        build_many(args.build_family, args.many_domains)
-        return
-    if args.many_domains:
-        out = args.out if args.out.name != "serve.json" else ROOT / "results" / "serve_many_domains.json"
-        many_domains(args.many_domains, max(args.repeats, 5), out)
-        return
     if args.serve:
         run_servers(args.serve, [int(p) for p in args.ports.split(",")], Path(args.family), args.threads)
         return

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
 from torch import nn
 
-from .adapters import LowRankAdapter
+from .adapters import FullAdapter, LowRankAdapter
 
 if TYPE_CHECKING:
     from .wrappers import AdaptedConv2d, AdaptedLinear, DomainNorm
@@ -67,6 +67,9 @@ def _factors(adapters: list[nn.Module], beta: torch.Tensor, order: tuple[int, ..
     each stacked straight from the domain's tensors (one copy).
 
     Low-rank domains of different widths are padded with zero columns, which add exact zeros."""
+    if all(type(a) is FullAdapter for a in adapters):  # (dict reads: this runs per layer and domain)
+        matrices = [a._parameters["alpha"] for a in adapters]
+        return torch.stack([matrices[i] for i in order]), None
     if not all(isinstance(a, LowRankAdapter) for a in adapters):
         matrices = [a.weight(beta) for a in adapters]
         return torch.stack([matrices[i] for i in order]), None
@@ -137,11 +140,12 @@ def linear_forward(layer: AdaptedLinear, x: torch.Tensor, mixed: Mixed) -> torch
 def _batchnorm(norms: list[nn.Module], x: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
     """Each sample through its domain's eval-mode BatchNorm, as one BatchNorm over (1, N C, ...) whose
     channel statistics and affine parameters are each sample's; None for other norms."""
-    if not all(_is_batchnorm(m) for m in norms) or len({m.eps for m in norms}) != 1:
+    # every domain's copy is a deep copy of the backbone's norm: one type, one eps unless edited
+    if not _is_batchnorm(norms[0]) or any(m.training for m in norms) or len({m.eps for m in norms}) != 1:
         return None
 
     names = [n for n in ("running_mean", "running_var", "weight", "bias") if getattr(norms[0], n) is not None]
-    table = torch.stack([getattr(m, n) for m in norms for n in names])  # one copy: (U * len(names), C)
+    table = torch.stack([_tensor(m, n) for m in norms for n in names])  # one copy: (U * len(names), C)
     rows = table.view(len(norms), len(names), -1).index_select(0, index).transpose(0, 1)
     stats = dict(zip(names, rows.reshape(len(names), -1), strict=True))  # each (N * C)
     flat = x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:])
@@ -158,6 +162,12 @@ def _batchnorm(norms: list[nn.Module], x: torch.Tensor, index: torch.Tensor) -> 
     if type(norms[0]) is BatchNormAct2d:  # then drop (identity in eval) and the activation
         y = norms[0].act(norms[0].drop(y))
     return y
+
+
+def _tensor(m: nn.Module, name: str) -> torch.Tensor:
+    """`m.<name>`, a parameter or buffer, read from its dict (nn.Module's attribute lookup is slower)."""
+    t = m._parameters.get(name)
+    return m._buffers[name] if t is None else t
 
 
 def _is_batchnorm(m: nn.Module) -> bool:
