@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 # ResNet-50 (every domain's fused weights cached, each pass a fair batch) and gathered execution wins on
 # smaller groups or more domains (docs/benchmarks.md, "Many domains in one process").
 GROUPED_DOMAINS, GROUPED_IMAGES = 4, 4
+MIXED_EXECUTION = ("auto", "gathered", "grouped")
 
 
 class _Lock:
@@ -121,7 +122,7 @@ class AdapterModel(
         self.default_domain: str | None = None
         # how an eval-mode batch that mixes domains runs: "gathered" (one pass, each sample's domain
         # tensors gathered; layers/gathered.py), "grouped" (one pass per domain, fused weights) or "auto"
-        self.mixed_execution = "auto"
+        self._mixed_execution = "auto"
         self._gatherable: bool | None = None  # whether it can (a property of the backbone's code)
         self.basis_history: list[dict[str, Any]] = []  # the basis operations that built `basis()`
 
@@ -514,12 +515,23 @@ class AdapterModel(
             return self._rows(mixed, lambda d, rows: self.heads[d](features.index_select(0, rows)))
         return self._rows(mixed, lambda d, rows: self._forward_one(x.index_select(0, rows), d))
 
+    @property
+    def mixed_execution(self) -> str:
+        """How an eval-mode batch that mixes domains runs: `auto`, `gathered` or `grouped` (see `forward`)."""
+        return self._mixed_execution
+
+    @mixed_execution.setter
+    def mixed_execution(self, value: str) -> None:
+        if value not in MIXED_EXECUTION:
+            raise ValueError(f"mixed_execution={value!r}: use one of {MIXED_EXECUTION}")
+        self._mixed_execution = value
+
     def _gathers(self, x: torch.Tensor, mixed: Mixed) -> bool:
         """Whether this mixed batch runs gathered (see `forward`)."""
-        if self.training or self.mixed_execution == "grouped":
+        if self.training or self._mixed_execution == "grouped":
             return False
         few = len(mixed.domains) <= GROUPED_DOMAINS and x.shape[0] >= GROUPED_IMAGES * len(mixed.domains)
-        return not (self.mixed_execution == "auto" and few) and self._can_gather(x, mixed)
+        return not (self._mixed_execution == "auto" and few) and self._can_gather(x, mixed)
 
     def _can_gather(self, x: torch.Tensor, mixed: Mixed) -> bool:
         """Whether every layer sees the batch's samples as its rows, found once per model by running one

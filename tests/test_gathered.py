@@ -119,3 +119,10 @@ def test_auto_groups_few_domains_with_fair_batches_and_gathers_the_rest():
     assert model._gatherable is True
     model.mixed_execution = "grouped"
     assert_rounding(gathered, model(x, domain=spread).detach())
+
+
+def test_mixed_execution_names_its_choices():
+    model = make()
+    with pytest.raises(ValueError, match="'gathered', 'grouped'"):
+        model.mixed_execution = "gatherd"
+    assert model.mixed_execution == "auto"
