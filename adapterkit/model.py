@@ -37,11 +37,11 @@ from .router import SIGNATURE_SHARE, DomainSignature, Route, collect_features, r
 
 logger = logging.getLogger(__name__)
 
-# mixed_execution="auto" runs a batch of at most GROUPED_DOMAINS domains with GROUPED_IMAGES images each on
-# average one domain at a time: measured on CPU, grouped execution wins there on the CIFAR ResNet-56 and
-# ResNet-50 (every domain's fused weights cached, each pass a fair batch) and gathered execution wins on
-# smaller groups or more domains (docs/benchmarks.md, "Many domains in one process").
-GROUPED_DOMAINS, GROUPED_IMAGES = 4, 4
+# mixed_execution="auto" runs a batch one domain at a time when its domains have GROUPED_IMAGES images each on
+# average, or when there are at most GROUPED_DOMAINS of them with GROUPED_FEW images each: measured on CPU,
+# grouped execution wins there on the CIFAR ResNet-56 and ResNet-50 (fused weights, each pass a fair batch)
+# and gathered execution on smaller groups (docs/benchmarks.md, "Many domains in one process").
+GROUPED_IMAGES, GROUPED_DOMAINS, GROUPED_FEW = 8, 4, 4
 MIXED_EXECUTION = ("auto", "gathered", "grouped")
 
 
@@ -490,8 +490,8 @@ class AdapterModel(
         adapters, norms and head are gathered (`mixed_execution = "gathered"`, equal to running each
         domain alone to float rounding). With `"grouped"`, in training mode, or for a backbone whose
         modules read a layer's weight themselves, each domain's group runs exactly as it would alone.
-        `"auto"` (the default) groups a batch of at most `GROUPED_DOMAINS` domains with `GROUPED_IMAGES`
-        images each on average (fused weights, each pass a fair batch) and gathers the rest. Heads of
+        `"auto"` (the default) groups a batch whose domains have 8 images each on average, or at most 4
+        domains with 4 each (fused weights, each pass a fair batch), and gathers the rest. Heads of
         different sizes are padded with `-inf`, so softmax, argmax and cross-entropy stay correct per
         sample. `domain="auto"` sends each sample to its best-scoring domain (`route(x)` also says which
         samples fit no domain, and how confident each choice is).
@@ -530,8 +530,9 @@ class AdapterModel(
         """Whether this mixed batch runs gathered (see `forward`)."""
         if self.training or self._mixed_execution == "grouped":
             return False
-        few = len(mixed.domains) <= GROUPED_DOMAINS and x.shape[0] >= GROUPED_IMAGES * len(mixed.domains)
-        return not (self._mixed_execution == "auto" and few) and self._can_gather(x, mixed)
+        per_domain, n = x.shape[0] / len(mixed.domains), len(mixed.domains)
+        fair = per_domain >= GROUPED_IMAGES or (n <= GROUPED_DOMAINS and per_domain >= GROUPED_FEW)
+        return not (self._mixed_execution == "auto" and fair) and self._can_gather(x, mixed)
 
     def _can_gather(self, x: torch.Tensor, mixed: Mixed) -> bool:
         """Whether every layer sees the batch's samples as its rows, found once per model by running one

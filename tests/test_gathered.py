@@ -9,6 +9,7 @@ from checks import input_for, perturb
 
 from adapterkit import AdapterConfig, AdapterModel
 from adapterkit.compress import append_domain
+from adapterkit.layers.gathered import Mixed
 
 DOMAINS = ["a", "b", "c", "a", "c", "b", "b"]
 
@@ -126,3 +127,16 @@ def test_mixed_execution_names_its_choices():
     with pytest.raises(ValueError, match="'gathered', 'grouped'"):
         model.mixed_execution = "gatherd"
     assert model.mixed_execution == "auto"
+
+
+@pytest.mark.parametrize(
+    "images,domains,gathers",
+    [(8, 2, False), (8, 3, True), (32, 4, False), (32, 8, True), (40, 5, False), (32, 32, True)],
+)
+def test_auto_policy(images, domains, gathers):
+    """Grouped when the domains average 8 images, or 4 with at most 4 domains (measured faster there)."""
+    model = make()
+    model._gatherable = True  # the backbone's probe is another test's: only the policy here
+    x = input_for(model.backbone, batch=images, size=32)
+    names = [f"d{i % domains}" for i in range(images)]
+    assert model._gathers(x, Mixed.of(names, x.device)) is gathers
