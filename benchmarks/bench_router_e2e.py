@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 sys.path.insert(0, str(HERE))
 from _common import write_report  # noqa: E402
+from bench_router import ORDERS  # noqa: E402  (the same two domain orders)
 from data import DEFAULT_DATA_ROOT, DOMAINS  # noqa: E402
 
 from adapterkit import AdapterModel  # noqa: E402
@@ -40,10 +41,6 @@ from adapterkit.family import save_family  # noqa: E402
 from adapterkit.train import TrainConfig, train_domain  # noqa: E402
 from adapterkit.transforms import Preprocess, resolve_data_config  # noqa: E402
 
-ORDERS = (
-    ["omniglot", "gtsrb", "mnist", "dtd10", "flowers90"],
-    ["flowers90", "mnist", "omniglot", "dtd10", "gtsrb"],
-)
 NO_FLIP = {"omniglot", "gtsrb", "mnist"}  # glyphs, signs and digits change meaning when mirrored
 BATCH = 250
 
