@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .router import decide, style_features
+from .router import decide, style_features, unreadable
 from .serve_errors import ServeError
 from .serve_images import decode_image
 from .serve_predict import prediction
@@ -177,7 +177,7 @@ class Router:
             x = torch.stack([items[j].views[key] for j in rows]).to(self.domains.device)
             with torch.inference_mode():
                 features = style_features(self.model.backbone, x)
-                wrong = [d for d in members if signatures[d].num_features != features.shape[1]]
+                wrong = unreadable({d: signatures[d] for d in members}, features.shape[1])
                 if wrong:
                     return [signature_mismatch(wrong)] * len(items)
                 for d in members:

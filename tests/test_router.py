@@ -142,6 +142,17 @@ def test_a_float32_signature_written_before_half_precision_loads_bit_for_bit(tmp
     assert torch.equal(loaded.route(x).scores, model.route(x).scores)
 
 
+def test_means_are_half_precision_only_where_rounding_leaves_the_scores_in_place():
+    g = torch.Generator().manual_seed(0)
+    near = torch.randn(256, 16, generator=g)
+    assert DomainSignature.fit(near).mean.dtype == torch.float16
+    for far in (1e4 + 1e-2 * near, 1e6 + near):  # half precision's spacing there, and beyond its range
+        signature = DomainSignature.fit(far, max_bytes=16 * 6 * 3 + 8)
+        assert signature.mean.dtype == torch.float32
+        assert signature.mean.shape[0] == 2  # float32 means: fewer components fit the same bytes
+        assert torch.isfinite(signature.score(far)).all() and signature.threshold > -1e3
+
+
 def test_a_byte_budget_caps_the_components(model):
     features = collect_features(model, batches(images("green", 64, seed=4)))
     full = DomainSignature.fit(features)

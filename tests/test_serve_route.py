@@ -59,7 +59,7 @@ def family():
     for i, colour in enumerate(COLOURS):
         model.add_domain(colour, num_classes=3 + i, data_config=CONFIGS[colour])
         perturb(model, colour, seed=i)
-        x = preprocessed(model, colour, [photo(colour, seed=1000 * i + k) for k in range(64)])
+        x = preprocessed(model, colour, [photo(colour, seed=1000 * i + k) for k in range(128)])
         model.fit_signature(colour, x.split(16), budget=None)  # test_resnet's domains are a few KB
     return model.eval()
 
