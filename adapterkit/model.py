@@ -33,6 +33,7 @@ from .inject import (
 )
 from .layers import DomainLayer, DomainRouter
 from .layers.gathered import Mixed, NotGatherable
+from .layers.plain import PlainPasses
 from .router import SIGNATURE_SHARE, DomainSignature, Route, collect_features, route, style_features
 
 logger = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class AdapterModel(
         # tensors gathered; layers/gathered.py), "grouped" (one pass per domain, fused weights) or "auto"
         self._mixed_execution = "auto"
         self._gatherable: bool | None = None  # whether it can (a property of the backbone's code)
+        self._plain = PlainPasses()  # eval-mode one-domain passes without wrapper code (layers/plain.py)
         self.basis_history: list[dict[str, Any]] = []  # the basis operations that built `basis()`
 
     # ----------------------------------------------------------------- construction
@@ -290,6 +292,7 @@ class AdapterModel(
                 del layer.adapters[name]
                 if layer.fused is not None:
                     layer.fused.evict(name)
+            self._plain.evict(name)
             del self.heads[name]
             if name in self.signatures:
                 del self.signatures[name]
@@ -582,14 +585,16 @@ class AdapterModel(
 
     def _forward_one(self, x: torch.Tensor, domain: str) -> torch.Tensor:
         head = self.heads[domain]
-        with self.router.use(domain):
-            features = self.backbone(x)
+        with self.router.use(domain):  # (wrappers a plain tree keeps read the domain here)
+            plain = None if self.training else self._plain.module(self.backbone, domain)
+            features = (self.backbone if plain is None else plain)(x)
         return head(features.flatten(1))  # conv classifiers (DLA, ...) leave (N, C, 1, 1)
 
     def train(self, mode: bool = True) -> AdapterModel:
         """Train or eval mode. Frozen domains (see `set_trainable`) stay in eval behaviour either way,
         and so do the shared backbone's own layers."""
         super().train(mode)
+        self._plain.clear()
         if self.backbone_head is not None:
             self.backbone_head.train(False)
         if mode:

@@ -30,6 +30,16 @@ import torch
 from torch import nn
 
 DEFAULT_CAPACITY = 4  # domains per layer: up to 4 extra copies of the adapted weights while serving
+_EPOCH = [0]  # bumped whenever any cache is cleared or its settings change (plain.py rebuilds then)
+
+
+def epoch() -> int:
+    """A number that changes whenever any `FusedWeights` is cleared or reconfigured in this process."""
+    return _EPOCH[0]
+
+
+def _bump() -> None:
+    _EPOCH[0] += 1
 
 
 def _check_capacity(capacity: object) -> int:
@@ -62,7 +72,7 @@ def merge_linear(weight: torch.Tensor, adapter: torch.Tensor) -> torch.Tensor:
 
 
 _VERSION = operator.attrgetter("_version")
-_DATA_PTR = operator.methodcaller("data_ptr")
+_DATA_PTR = torch.Tensor.data_ptr
 
 
 def _key(sources: tuple[torch.Tensor, ...]) -> tuple[tuple[int, ...], ...]:
@@ -89,10 +99,28 @@ class FusedWeights:
     """
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY, enabled: bool = True) -> None:
-        self.capacity = _check_capacity(capacity)
-        self.enabled = enabled
+        self._capacity = _check_capacity(capacity)
+        self._enabled = bool(enabled)
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.Lock()  # for writers; single dict operations are atomic for readers
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @capacity.setter
+    def capacity(self, value: int) -> None:
+        self._capacity = _check_capacity(value)
+        _bump()
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = bool(value)
+        _bump()
 
     def __deepcopy__(self, memo: dict) -> FusedWeights:
         return FusedWeights(self.capacity, self.enabled)  # a copy rebuilds from its own tensors
@@ -103,9 +131,10 @@ class FusedWeights:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            _bump()
 
     def evict(self, domain: str) -> None:
-        """Drop one domain's fused weight (its domain was removed)."""
+        """Drop one domain's fused weight (its domain was removed, or plain.py no longer holds it)."""
         with self._lock:
             self._entries.pop(domain, None)
 
@@ -169,7 +198,7 @@ def configure_fusion(module: nn.Module, *, enabled: bool | None = None, capacity
         fused = getattr(layer, "fused", None)
         if isinstance(fused, FusedWeights):
             if capacity is not None:
-                fused.capacity = _check_capacity(capacity)
+                fused.capacity = capacity
             if enabled is not None:
-                fused.enabled = bool(enabled)
+                fused.enabled = enabled
             fused.clear()
