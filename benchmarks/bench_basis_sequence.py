@@ -14,9 +14,15 @@ images (SGD 0.9, lr 0.1 for every tensor, cosine, weight decay "auto"). Families
                 new_columns=b)` for b in `--factored`: gamma on the frozen basis plus b*C own columns
                 per layer), then shared exactly with `append_domain`.
 
+- full+ft (`--full-finetune`): the control, every full domain trained `--finetune-steps` more.
+
 After every addition to a projection or factored family, every earlier domain's logits on a fixed probe
-batch are compared bit for bit. Writes one JSON point per (family, budget) and, with `--plot`, the Pareto
-plot (adapterkit.plots) of one or more JSON files.
+batch are compared bit for bit. Writes one JSON point per (family, budget), after every point, and, with
+`--plot`, the Pareto plot (adapterkit.plots) of one or more JSON files.
+
+The full family does not depend on the order: train it once (`--save-full DIR`; `--full-domains` trains
+and saves only some domains, so parts can train side by side) and derive every other family from it in
+other runs (`--load-full DIR [DIR ...]`, the parts merged).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_basis_sequence.py --out benchmarks/results/basis_sequence.json
     python benchmarks/bench_basis_sequence.py --plot docs/img/basis_pareto.png benchmarks/results/basis_sequence*.json
@@ -90,16 +96,51 @@ def point(family: str, budget: str, model: AdapterModel, acc: dict, **extra) -> 
             "accuracy": acc, "parameters": params, **extra}  # fmt: skip
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+class Points(list):
+    """The points so far, written to `out` (with the run's record) after every one: a cut run keeps them."""
+
+    def __init__(self, write) -> None:
+        super().__init__()
+        self.write = write
+
+    def append(self, p: dict) -> None:
+        super().append(p)
+        self.write(self)
+
+
+def full_family(args: argparse.Namespace, data: dict, plain: AdapterModel, weights: Path, points: Points):
+    """Trains the full family (or the `--full-domains` part of it, then None), or loads `--load-full`."""
+    if args.load_full:
+        full = load_full(args.load_full, args.order, create_backbone(args.backbone, pretrained=weights))
+        points.append(
+            point("full", "-", full, accuracies(full, data), loaded=[str(f) for f in args.load_full])
+        )
+        return full
+    t0, full = time.time(), copy.deepcopy(plain)
+    for name in args.full_domains or args.order:
+        m = train_domain(full, name, data[name][0], config=config(name, args.steps, args.batch))
+        print(f"trained full {name}: {m['seconds']:.0f} s", flush=True)
+    if args.save_full:
+        full.save_pretrained(args.save_full)
+    if args.full_domains:  # part of a family, to be merged with --load-full: no point of its own
+        return None
+    points.append(point("full", "-", full, accuracies(full, data), seconds=time.time() - t0))
+    return full
+
+
+def run(args: argparse.Namespace, points: Points) -> None:
     data = load(args.data_root, args.order, args.train_limit, args.test_limit, args.omniglot_classes)
     weights = args.data_root / "resnet_cifar10" / f"{args.backbone.split('_')[-1]}.safetensors"
     plain = AdapterModel(create_backbone(args.backbone, pretrained=weights))
     cfg = lambda n, steps: config(n, steps, args.batch)  # noqa: E731
-    points, t0 = [], time.time()
-    full = copy.deepcopy(plain)
-    for name in args.order:
-        train_domain(full, name, data[name][0], config=cfg(name, args.steps))
-    points.append(point("full", "-", full, accuracies(full, data), seconds=time.time() - t0))
+    full = full_family(args, data, plain, weights, points)
+    if full is None:
+        return
+    if args.full_finetune:  # the control: full adapters given the same extra steps as the +ft families
+        more = copy.deepcopy(full)
+        for name in args.order:
+            train_domain(more, name, data[name][0], config=cfg(name, args.finetune_steps), resume=True)
+        points.append(point("full+ft", "-", more, accuracies(more, data)))
     for b in args.factored:
         t1, seq = time.time(), Sequence(copy.deepcopy(plain), 32)
         for name in args.order:
@@ -130,7 +171,17 @@ def run(args: argparse.Namespace) -> list[dict]:
         for name in args.order:
             train_domain(joint, name, data[name][0], config=cfg(name, args.finetune_steps), resume=True)
         points.append(point("joint-svd+ft", f"K={k}C", joint, accuracies(joint, data)))
-    return points
+
+
+def load_full(folders: list[Path], order: list[str], backbone: torch.nn.Module) -> AdapterModel:
+    """A saved full family, merged from one or more folders (each a part of the domains, same backbone)."""
+    model = AdapterModel.from_pretrained(folders[0], backbone=backbone)
+    for folder in folders[1:]:
+        for name in sorted(f.stem for f in (folder / "domains").glob("*.safetensors")):
+            model.load_domain(folder, name)
+    if sorted(model.domains) != sorted(order):
+        raise ValueError(f"--load-full {folders} holds {model.domains}, not the --order {order}")
+    return model
 
 
 def label(family: str, cfg: dict) -> str:
@@ -149,7 +200,11 @@ def plot(out: Path, files: list[Path]) -> None:
         for p in run["points"]:
             budget = None if p["budget"] == "-" else p["budget"]
             point = (p["relative_parameters"], 100 * p["mean"], budget)
-            series.setdefault(label(p["family"], run["config"]), []).append(point)
+            drawn = series.setdefault(label(p["family"], run["config"]), [])
+            if point not in drawn:  # every run loading the same saved full family reports it again
+                drawn.append(point)
+    # Lines join each family's budgets left to right.
+    series = {name: sorted(points, key=lambda q: q[0]) for name, points in series.items()}
     cfg = runs[0]["config"]
     pareto_plot(series, out, title=f"{cfg['backbone']}: {' > '.join(n[:5] for n in cfg['order'])}")
     print(f"wrote {out}")
@@ -169,6 +224,26 @@ def main() -> None:
     p.add_argument("--joint", type=float, nargs="*", default=[0.25, 0.5, 0.75])
     p.add_argument("--projection", type=float, nargs="*", default=[0.125, 0.25])
     p.add_argument("--factored", type=float, nargs="*", default=[0.0625, 0.125, 0.1875])
+    p.add_argument("--save-full", type=Path, default=None, help="save the trained full family here")
+    p.add_argument(
+        "--full-domains",
+        nargs="+",
+        default=None,
+        choices=ORDER,
+        help="train (and save) only these full domains, nothing else: parts to merge with --load-full",
+    )
+    p.add_argument(
+        "--load-full",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="family folders (parts) of the full family saved by --save-full, instead of training it",
+    )
+    p.add_argument(
+        "--full-finetune",
+        action="store_true",
+        help="also the full family with every domain trained --finetune-steps more (the +ft control)",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/basis_sequence.json"))
     p.add_argument("--plot", type=Path, default=None, help="write the Pareto plot of the JSON files given")
     p.add_argument("files", type=Path, nargs="*")
@@ -177,15 +252,17 @@ def main() -> None:
         return plot(args.plot, args.files)
     torch.set_num_threads(1)
     t0 = time.time()
-    points = run(args)
-    result = {
-        "command": " ".join(sys.argv), "machine": platform.platform(), "torch": torch.__version__,
-        "adapterkit": __version__, "seconds": time.time() - t0,
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("plot", "files")},
-        "points": points,
-    }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    config_ = {k: v for k, v in vars(args).items() if k not in ("plot", "files")}
+
+    def write(points: list[dict]) -> None:
+        result = {
+            "command": " ".join(sys.argv), "machine": platform.platform(), "torch": torch.__version__,
+            "adapterkit": __version__, "seconds": time.time() - t0, "config": config_, "points": points,
+        }  # fmt: skip
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")  # Paths as text
+
+    run(args, Points(write))
 
 
 if __name__ == "__main__":
