@@ -16,6 +16,9 @@ mixed batches one domain group at a time instead.
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable, Sequence
+from itertools import chain
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -35,13 +38,15 @@ class Mixed(NamedTuple):
     domains: tuple[str, ...]
     index: torch.Tensor  # (N,) int64, sample i belongs to domains[index[i]]
     order: tuple[int, ...]  # the same positions as Python ints
+    pick: Callable[[Sequence], tuple]  # one item per domain -> one per sample, in sample order
 
     @classmethod
     def of(cls, domains: list[str], device: torch.device) -> Mixed:
         """The mixed batch whose sample i belongs to `domains[i]`."""
         position = {d: i for i, d in enumerate(dict.fromkeys(domains))}
         order = tuple(position[d] for d in domains)
-        return cls(tuple(position), torch.tensor(order, device=device), order)
+        pick = operator.itemgetter(*order) if len(order) > 1 else lambda items: (items[order[0]],)
+        return cls(tuple(position), torch.tensor(order, device=device), order, pick)
 
 
 class NotGatherable(RuntimeError):
@@ -57,28 +62,26 @@ def _modules(layer: nn.Module, x: torch.Tensor, mixed: Mixed) -> list[nn.Module]
         )
     table = layer._modules["adapters"]._modules
     try:
-        return [table[d] for d in mixed.domains]
+        return list(map(table.__getitem__, mixed.domains))
     except KeyError as e:
         raise KeyError(f"domain {e.args[0]!r} was unloaded while this call was running; call again") from None
 
 
-def _factors(adapters: list[nn.Module], beta: torch.Tensor, order: tuple[int, ...]):
+def _factors(adapters: list[nn.Module], beta: torch.Tensor, pick: Callable[[Sequence], tuple]):
     """Each sample's adapter: a full matrix (N, out, in), or low-rank factors (N, out, w) and (N, in, w),
     each stacked straight from the domain's tensors (one copy).
 
     Low-rank domains of different widths are padded with zero columns, which add exact zeros."""
-    if all(type(a) is FullAdapter for a in adapters):  # (dict reads: this runs per layer and domain)
-        matrices = [a._parameters["alpha"] for a in adapters]
-        return torch.stack([matrices[i] for i in order]), None
+    if all(map(FullAdapter.__instancecheck__, adapters)):  # (C-level maps: this runs per layer and domain)
+        return torch.stack(pick(list(map(_ALPHA, map(_PARAMETERS, adapters))))), None
     if not all(isinstance(a, LowRankAdapter) for a in adapters):
-        matrices = [a.weight(beta) for a in adapters]
-        return torch.stack([matrices[i] for i in order]), None
+        return torch.stack(pick([a.weight(beta) for a in adapters])), None
     bases, gammas = [a.basis(beta) for a in adapters], [a.gamma for a in adapters]
     width = max(a.width for a in adapters)
     if any(a.width != width for a in adapters):
         bases = [F.pad(b, (0, width - b.shape[1])) for b in bases]
         gammas = [F.pad(g, (0, width - g.shape[1])) for g in gammas]
-    return torch.stack([bases[i] for i in order]), torch.stack([gammas[i] for i in order])
+    return torch.stack(pick(bases)), torch.stack(pick(gammas))
 
 
 def _columns(
@@ -98,23 +101,30 @@ def _add_rows(y: torch.Tensor, x: torch.Tensor, matrix: torch.Tensor, gamma: tor
     y.baddbmm_(x, matrix.transpose(1, 2))
 
 
+def _tap(layer: AdaptedConv2d, conv: nn.Module, x: torch.Tensor, stride, out: torch.Size) -> torch.Tensor:
+    """What the stride-matched 1x1 adapter reads: `x` at the conv's tap, every `stride`-th position."""
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    if layer.offset == (0, 0) or type(conv) is not nn.Conv2d:  # (the common case: views of x, no padding)
+        src = x if sh == sw == 1 else x[..., ::sh, ::sw]
+        if src.shape[-2] >= out[0] and src.shape[-1] >= out[1]:
+            return src if src.shape[-2:] == out else src[..., : out[0], : out[1]]
+    return layer._align(x, tuple(out))[..., ::sh, ::sw][..., : out[0], : out[1]]
+
+
 def conv_forward(layer: AdaptedConv2d, x: torch.Tensor, mixed: Mixed) -> torch.Tensor:
     """The conv once over the batch, plus each sample's 1x1 adapter (stride-matched, at the conv's tap)."""
     adapters = _modules(layer, x, mixed)
-    y = layer.base_layer(x)
-    if layer.rule == "series":
-        src = y
-    else:
-        stride = adapters[0].stride
-        sh, sw = (stride, stride) if isinstance(stride, int) else stride
-        src = layer._align(x, tuple(y.shape[-2:]))[..., ::sh, ::sw][..., : y.shape[-2], : y.shape[-1]]
+    conv = layer._modules["base_layer"]
+    y = conv(x)
+    src = y if layer.rule == "series" else _tap(layer, conv, x, adapters[0].stride, y.shape[-2:])
     n, c, h, w = src.shape
-    matrix, gamma = _factors(adapters, layer._buffers["beta"], mixed.order)
+    matrix, gamma = _factors(adapters, layer._buffers["beta"], mixed.pick)
     groups = layer.base_layer.groups if layer.rule == "grouped" else 1
     if groups == 1:
         columns = src.reshape(n, c, h * w)
         if y.is_contiguous() and src is not y:  # (a series adapter reads y: not in place)
-            return _columns(columns, matrix, gamma, into=y.view(n, -1, h * w)).view_as(y)
+            _columns(columns, matrix, gamma, into=y.view(n, -1, h * w))
+            return y
         return y.add_(_columns(columns, matrix, gamma).view(n, -1, h, w))
     # grouped adapters are full matrices, per group: (N, G, out/G, in/G) @ (N, G, in/G, P)
     out = matrix.shape[1]
@@ -127,7 +137,7 @@ def linear_forward(layer: AdaptedLinear, x: torch.Tensor, mixed: Mixed) -> torch
     """The linear once over the batch, plus each sample's adapter on its rows (tokens)."""
     adapters = _modules(layer, x, mixed)
     y = layer.base_layer(x)
-    matrix, gamma = _factors(adapters, layer._buffers["beta"], mixed.order)
+    matrix, gamma = _factors(adapters, layer._buffers["beta"], mixed.pick)
     rows = x.reshape(x.shape[0], -1, x.shape[-1])
     if y.is_contiguous():
         _add_rows(y.view(rows.shape[0], rows.shape[1], -1), rows, matrix, gamma)
@@ -137,37 +147,33 @@ def linear_forward(layer: AdaptedLinear, x: torch.Tensor, mixed: Mixed) -> torch
     return y.add_(delta.reshape(y.shape))
 
 
-def _batchnorm(norms: list[nn.Module], x: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
+_PARAMETERS, _BUFFERS = operator.attrgetter("_parameters"), operator.attrgetter("_buffers")
+_ALPHA = operator.itemgetter("alpha")
+_TRAINING, _EPS = operator.attrgetter("training"), operator.attrgetter("eps")
+_STATS = (  # a BatchNorm's tensors, in F.batch_norm's order: where each is kept
+    (_BUFFERS, operator.itemgetter("running_mean")),
+    (_BUFFERS, operator.itemgetter("running_var")),
+    (_PARAMETERS, operator.itemgetter("weight")),
+    (_PARAMETERS, operator.itemgetter("bias")),
+)
+
+
+def _batchnorm(norms: list[nn.Module], x: torch.Tensor, mixed: Mixed) -> torch.Tensor | None:
     """Each sample through its domain's eval-mode BatchNorm, as one BatchNorm over (1, N C, ...) whose
     channel statistics and affine parameters are each sample's; None for other norms."""
     # every domain's copy is a deep copy of the backbone's norm: one type, one eps unless edited
-    if not _is_batchnorm(norms[0]) or any(m.training for m in norms) or len({m.eps for m in norms}) != 1:
+    if not _is_batchnorm(norms[0]) or any(map(_TRAINING, norms)) or len(set(map(_EPS, norms))) != 1:
         return None
-
-    names = [n for n in ("running_mean", "running_var", "weight", "bias") if getattr(norms[0], n) is not None]
-    table = torch.stack([_tensor(m, n) for m in norms for n in names])  # one copy: (U * len(names), C)
-    rows = table.view(len(norms), len(names), -1).index_select(0, index).transpose(0, 1)
-    stats = dict(zip(names, rows.reshape(len(names), -1), strict=True))  # each (N * C)
+    # (copies of one norm: if the first has running statistics and an affine part, so do all)
+    columns = [list(map(get, map(where, norms))) for where, get in _STATS[: 4 if norms[0].affine else 2]]
+    # one copy, each sample's: (names * N, C), viewed as each name's (N * C)
+    stats = torch.stack(list(chain.from_iterable(map(mixed.pick, columns)))).view(len(columns), -1)
+    weight, bias = (stats[2], stats[3]) if len(columns) == 4 else (None, None)
     flat = x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:])
-    y = F.batch_norm(
-        flat,
-        stats["running_mean"],
-        stats["running_var"],
-        stats.get("weight"),
-        stats.get("bias"),
-        False,
-        0.0,
-        norms[0].eps,
-    ).view_as(x)
+    y = F.batch_norm(flat, stats[0], stats[1], weight, bias, False, 0.0, norms[0].eps).view_as(x)
     if type(norms[0]) is BatchNormAct2d:  # then drop (identity in eval) and the activation
         y = norms[0].act(norms[0].drop(y))
     return y
-
-
-def _tensor(m: nn.Module, name: str) -> torch.Tensor:
-    """`m.<name>`, a parameter or buffer, read from its dict (nn.Module's attribute lookup is slower)."""
-    t = m._parameters.get(name)
-    return m._buffers[name] if t is None else t
 
 
 def _is_batchnorm(m: nn.Module) -> bool:
@@ -184,7 +190,7 @@ def norm_forward(layer: DomainNorm, x: torch.Tensor, mixed: Mixed) -> torch.Tens
     """Each sample through its domain's norm: one BatchNorm call with each sample's statistics for
     BatchNorm (timm's activation after it), each domain's rows through its own copy for other norms."""
     norms = _modules(layer, x, mixed)
-    y = _batchnorm(norms, x, mixed.index)
+    y = _batchnorm(norms, x, mixed)
     if y is not None:
         return y
     for i, norm in enumerate(norms):
