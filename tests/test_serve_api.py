@@ -150,3 +150,18 @@ def test_metrics_count_requests_batches_and_domains(server):
 def test_create_app_refuses_bad_options(family, options, match):
     with pytest.raises(ValueError, match=match):
         create_app(AdapterModel.from_pretrained(family, domains=["a"]), **options)
+
+
+def test_startup_freezes_the_objects_alive_out_of_the_garbage_collector(family):
+    import gc
+
+    model = AdapterModel.from_pretrained(family, domains=["a"])
+    try:
+        gc.unfreeze()
+        with running(create_app(model, freeze_gc=False)):
+            assert gc.get_freeze_count() == 0
+        with running(create_app(model)) as url:
+            assert gc.get_freeze_count() > 10_000  # the model, torch, the web stack
+            assert httpx.get(f"{url}/healthz").status_code == 200
+    finally:
+        gc.unfreeze()
