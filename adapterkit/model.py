@@ -34,7 +34,15 @@ from .inject import (
 from .layers import DomainLayer, DomainRouter
 from .layers.gathered import Mixed, NotGatherable
 from .layers.plain import PlainPasses
-from .router import SIGNATURE_SHARE, DomainSignature, Route, collect_features, route, style_features
+from .router import (
+    COMPONENTS,
+    SIGNATURE_SHARE,
+    DomainSignature,
+    Route,
+    collect_features,
+    route,
+    style_features,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -354,17 +362,22 @@ class AdapterModel(
 
     # ----------------------------------------------------------------- routing (router.py)
     def fit_signature(
-        self, domain: str, batches: Iterable[torch.Tensor], budget: float | None = SIGNATURE_SHARE
+        self,
+        domain: str,
+        batches: Iterable[torch.Tensor],
+        budget: float | None = SIGNATURE_SHARE,
+        components: int = COMPONENTS,
     ) -> DomainSignature:
         """Record `domain`'s signature from batches of its (preprocessed) images; other domains' stay
         as they are. `train_domain` does this on the training images; use it for domains you train
         yourself or loaded without one. `budget`: the signature's bytes at most, as a share of the
-        domain's adapter bytes (it keeps as many mixture components as fit, at least one); None: no cap."""
+        domain's adapter bytes (it keeps as many of the `components` mixture components as fit, at
+        least one); None: no cap."""
         self._check_known(domain)
         state = self.domain_state_dict(domain)
         nbytes = sum(t.numel() * t.element_size() for k, t in state.items() if not k.startswith("signature."))
         cap = None if budget is None else int(budget * nbytes)
-        signature = DomainSignature.fit(collect_features(self, batches), max_bytes=cap)
+        signature = DomainSignature.fit(collect_features(self, batches), components, max_bytes=cap)
         with self._lock:
             self._check_known(domain)
             self.signatures[domain] = signature

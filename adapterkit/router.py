@@ -44,7 +44,7 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32)  # what a signature file
 
 class DomainSignature(nn.Module):
     """One domain's feature statistics, a mixture of K diagonal Gaussians (`mean` and `log_var`: K x F,
-    `log_var` in half precision; `log_weight`: K), and its unknown-sample `threshold`. A signature loaded
+    in half precision, `mean` in float32 where it has to; `log_weight`: K), and its unknown-sample `threshold`. A signature loaded
     from a file keeps the file's precision (those written before half precision stay float32, bit for
     bit)."""
 

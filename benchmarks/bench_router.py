@@ -1,11 +1,12 @@
 """Routing images without a domain on the real sequence: accuracy, open-set AUROC and cost.
 
-Backbone: the real CIFAR ResNet-56 at 32 px. Each of Omniglot, GTSRB, MNIST, DTD-10 and Flowers-90 gets
+Backbone: the real CIFAR ResNet-56 at 32 px (`--image-size`). Each of Omniglot, GTSRB, MNIST, DTD-10 and Flowers-90 gets
 a signature from up to `--train` of its training images (`AdapterModel.fit_signature`; no adapter
 training is needed: signatures read the frozen backbone only). After each domain arrives, in two orders,
 the test images of every domain known so far are routed and the earlier signatures are checked
 bit-identical. Unknown detection: CIFAR-10 test images (a domain never added) against the five domains'
-test images, AUROC of max_d(score_d - threshold_d). Cost: a batch of 64 with `domain="auto"` vs the
+test images, AUROC of max_d(score_d - threshold_d), and each of the five held out in turn against the
+other four. Cost: a batch of 64 with `domain="auto"` vs the
 same batch with its true domain given (median of alternating runs, one thread), with 5 and 50 domains.
 
     python benchmarks/bench_router.py --out benchmarks/results/router.json
@@ -30,6 +31,7 @@ from data import DEFAULT_DATA_ROOT, DOMAINS  # noqa: E402
 
 from adapterkit import AdapterModel  # noqa: E402
 from adapterkit.data import DomainDataset, open_data  # noqa: E402
+from adapterkit.router import route, style_features  # noqa: E402
 from adapterkit.transforms import Preprocess, resolve_data_config  # noqa: E402
 
 ORDERS = (
@@ -38,10 +40,10 @@ ORDERS = (
 )
 
 
-def tensors(model: AdapterModel, dataset, limit: int, seed: int = 0) -> torch.Tensor:
+def tensors(model: AdapterModel, dataset, limit: int, size: int, seed: int = 0) -> torch.Tensor:
     """A seeded random sample of `limit` images: the datasets are stored sorted by class (GTSRB by
     class and track), so their first images would cover a few classes only."""
-    dcfg = resolve_data_config(model.pretrained_cfg, {"input_size": (3, 32, 32)})
+    dcfg = resolve_data_config(model.pretrained_cfg, {"input_size": (3, size, size)})
     ds = DomainDataset(open_data(dataset), Preprocess(dcfg))
     pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:limit]
     return torch.cat([x for x, _ in DataLoader(Subset(ds, pick.tolist()), batch_size=256)])
@@ -63,6 +65,49 @@ def margin(model: AdapterModel, x: torch.Tensor) -> torch.Tensor:
     routed = model.route(x)
     thresholds = torch.stack([model.signatures[n].threshold for n in routed.names])
     return (routed.scores - thresholds).max(dim=1).values
+
+
+def held_out(model: AdapterModel, data: dict) -> dict[str, dict[str, float]]:
+    """Each domain in turn held out as the unknown one: the AUROC of its test images against the other
+    four domains' (signatures of those four only), by the calibrated margin and by the best score, and
+    the share of its images flagged unknown."""
+    features = {d: style_features(model.backbone, data[d][1]) for d in ORDERS[0] + ["cifar10"]}
+    out = {}
+    for held in ORDERS[0] + ["cifar10"]:
+        known = {d: model.signatures[d] for d in ORDERS[0] if d != held}
+        thresholds = torch.stack([s.threshold for s in known.values()])
+        scored = {d: route(features[d], known).scores for d in known | {held: None}}
+        margins = {d: (s - thresholds).max(dim=1).values for d, s in scored.items()}
+        best = {d: s.max(dim=1).values for d, s in scored.items()}
+        out[held] = {
+            "auroc_margin": auroc(torch.cat([margins[d] for d in known]), margins[held]),
+            "auroc_best_score": auroc(torch.cat([best[d] for d in known]), best[held]),
+            "flagged": float((margins[held] < 0).float().mean()),
+        }
+    return out
+
+
+def budget_sweep(weights: Path, data: dict, budgets: list[float]) -> dict[str, dict]:
+    """Mean routing of the five domains with signatures fitted at other byte budgets (share of the
+    domain's bytes): how many components the budget buys and what they route."""
+    model = AdapterModel.from_backbone("cifar_resnet56", pretrained=weights).eval()
+    for d in ORDERS[0]:
+        model.add_domain(d, num_classes=2)
+    out = {}
+    for budget in budgets:
+        for d in ORDERS[0]:
+            model.fit_signature(d, data[d][0].split(256), budget=budget)
+        routing = {d: sum(b == d for b in model.route(data[d][1]).best) / len(data[d][1]) for d in ORDERS[0]}
+        out[str(budget)] = {
+            "components": model.signatures["gtsrb"].mean.shape[0],
+            "bytes": sum(
+                t.numel() * t.element_size() for t in model.signatures["gtsrb"].state_dict().values()
+            ),
+            "routing": routing,
+            "mean_routing": statistics.mean(routing.values()),
+        }
+        print(f"budget {budget}: {out[str(budget)]}")
+    return out
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -93,6 +138,8 @@ def main() -> None:
     p.add_argument("--train", type=int, default=2000, help="training images per signature")
     p.add_argument("--test", type=int, default=1000, help="test images per domain")
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--budgets", type=float, nargs="*", default=[], help="also fit at these byte budgets")
     p.add_argument("--out", type=Path, default=HERE / "results" / "router.json")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -101,8 +148,8 @@ def main() -> None:
     base = AdapterModel.from_backbone("cifar_resnet56", pretrained=weights).eval()
     data = {
         d: (
-            tensors(base, DOMAINS[d](args.data_root, "train"), args.train),
-            tensors(base, DOMAINS[d](args.data_root, "test"), args.test),
+            tensors(base, DOMAINS[d](args.data_root, "train"), args.train, args.image_size),
+            tensors(base, DOMAINS[d](args.data_root, "test"), args.test, args.image_size),
         )
         for d in ORDERS[0] + ["cifar10"]
     }
@@ -147,6 +194,9 @@ def main() -> None:
     )  # max_d(score_d - threshold_d)
     best = {d: model.route(data[d][1]).scores.max(dim=1).values for d in ORDERS[0] + ["cifar10"]}
     results["auroc_best_score"] = auroc(torch.cat([best[d] for d in ORDERS[0]]), best["cifar10"])
+    with torch.no_grad():
+        results["held_out"] = held_out(model, data)
+    print(results["held_out"])
     results["unknown_flagged"] = sum(r is None for r in model.route(data["cifar10"][1]).domains) / args.test
     x = data["gtsrb"][1][:64]
     results["cost_5_domains"] = cost(model, x, "gtsrb", args.repeats)
@@ -156,6 +206,7 @@ def main() -> None:
         model.signatures[name] = model.signatures[ORDERS[0][i % 5]]
     results["cost_50_domains"] = cost(model, x, "gtsrb", args.repeats)
     sig = sum(t.numel() * t.element_size() for t in model.signatures["gtsrb"].state_dict().values())
+    results["budgets"] = budget_sweep(weights, data, args.budgets)
     results["signature_bytes"], results["domain_bytes"] = sig, model.domain_cost("gtsrb")["bytes"]
     print({k: v for k, v in results.items() if k != "orders"})
     write_report(
