@@ -571,8 +571,7 @@ class AdapterModel(
         """Each domain's logits for its rows (`logits_of(domain, rows)`), in one `-inf`-padded tensor."""
         width = max(self._domains[d].num_classes for d in mixed.domains)
         out = None
-        for i, d in enumerate(mixed.domains):
-            rows = (mixed.index == i).nonzero().squeeze(1)
+        for d, rows in zip(mixed.domains, mixed.rows, strict=True):
             logits = logits_of(d, rows)
             if out is None:
                 out = logits.new_full((mixed.index.shape[0], width), float("-inf"))

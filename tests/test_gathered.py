@@ -65,6 +65,24 @@ def test_one_pass_equals_each_domain_alone(backbone, config):
         torch.testing.assert_close(gathered[i, : row.shape[1]], row[0].detach(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("config", [None, AdapterConfig(topology="series")])
+def test_large_full_adapters_run_domain_by_domain_with_the_same_results(monkeypatch, config):
+    """Past BY_DOMAIN_ELEMENTS the full adapters run one matmul per domain instead of one stacked
+    product: equal to each domain alone, and to the stacked form, to float rounding."""
+    from adapterkit.layers import gathered
+
+    model = make("test_resnet", config)
+    x = input_for(model.backbone, batch=len(DOMAINS))
+    stacked, grouped = both(model, x)
+    monkeypatch.setattr(gathered, "BY_DOMAIN_ELEMENTS", 0)  # every full adapter now runs by domain
+    layer = next(m for m in model.layers().values() if m.rule in ("parallel", "series"))
+    mixed = Mixed.of(DOMAINS, x.device)
+    assert gathered._by_domain(gathered._modules(layer, x, mixed), len(DOMAINS))
+    by_domain, _ = both(model, x)
+    assert_rounding(by_domain, grouped)
+    assert_rounding(by_domain, stacked)
+
+
 def test_factored_domains_of_different_widths():
     model = make("test_resnet", factored=True)
     widths = {
