@@ -101,7 +101,10 @@ def spread(model: AdapterModel, n: int, px: int, repeats: int) -> dict:
     """A batch of 32 over 1, 8, 32 and n domains, gathered and grouped, against one domain."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, 3, px, px, generator=g)
-    draws = {k: [f"d{int(i)}" for i in torch.randint(0, k, (BATCH,), generator=g)] for k in sorted({min(8, n), min(32, n), n})}
+    draws = {
+        k: [f"d{int(i)}" for i in torch.randint(0, k, (BATCH,), generator=g)]
+        for k in sorted({min(8, n), min(32, n), n})
+    }
     fns = {"one": lambda: model(x, domain="d0")}
     for k, domains in draws.items():
         for how in ("gathered", "grouped"):
@@ -161,6 +164,8 @@ def payloads(kind: str, k: int, n: int = 64) -> list[bytes]:
 def http_spread(kind: str, px: int, n: int, folder: Path, repeats: int, window: float) -> dict:
     """32 closed-loop clients over 1, 8, 32 and n domains against the served family; each spread's
     throughput over the one-domain throughput of the same repeat (rotated order, medians)."""
+    gc.collect()
+    gc.freeze()  # the load generator's own full collections would stall every client (the server freezes its)
     port = free_port()
     cmd = [sys.executable, __file__, "--domains", str(n), "--serve", kind, str(px), str(folder), str(port)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
