@@ -44,9 +44,9 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32)  # what a signature file
 
 class DomainSignature(nn.Module):
     """One domain's feature statistics, a mixture of K diagonal Gaussians (`mean` and `log_var`: K x F,
-    in half precision, `mean` in float32 where it has to; `log_weight`: K), and its unknown-sample `threshold`. A signature loaded
-    from a file keeps the file's precision (those written before half precision stay float32, bit for
-    bit)."""
+    in half precision, `mean` in float32 where it has to; `log_weight`: K), and its unknown-sample
+    `threshold`. A signature loaded from a file keeps the file's precision (those written before half
+    precision stay float32, bit for bit)."""
 
     def __init__(self, num_features: int, components: int = 1, device: torch.device | None = None) -> None:
         super().__init__()
@@ -206,14 +206,12 @@ def style_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     rows, centres = [], []
     for t in backbone.forward_intermediates(x, indices=take, stop_early=True, intermediates_only=True):
         t = t.float()
-        if t.dim() == 4:
+        flat = t.flatten(2) if t.dim() == 4 else t.transpose(1, 2)  # (N, C, positions)
+        mean = flat.mean(dim=2)
+        rows += [mean, (flat.std(dim=2, correction=0) + 1e-5).log()]
+        if t.dim() == 4:  # tokens have no layout
             h, w = t.shape[2:]
-            centre = t[:, :, h // 4 : h - h // 4, w // 4 : w - w // 4].mean(dim=(2, 3))
-            t = t.flatten(2)  # (N, C, positions)
-            centres.append(centre - t.mean(dim=2))
-        else:
-            t = t.transpose(1, 2)  # tokens without a layout
-        rows += [t.mean(dim=2), (t.std(dim=2, correction=0) + 1e-5).log()]
+            centres.append(t[:, :, h // 4 : h - h // 4, w // 4 : w - w // 4].mean(dim=(2, 3)) - mean)
     return torch.cat(rows + centres, dim=1)
 
 
