@@ -61,10 +61,10 @@ def load(root: Path, order: list[str], train_limit: int, test_limit: int, omnigl
     return data
 
 
-def config(name: str, steps: int, batch: int) -> TrainConfig:
+def config(name: str, steps: int, batch: int, lr: float = 0.1) -> TrainConfig:
     flip = name not in NO_FLIP
     return TrainConfig(
-        steps=steps, batch_size=batch, lr=0.1, flip=flip, progress=False, threads=1, check_images=100
+        steps=steps, batch_size=batch, lr=lr, flip=flip, progress=False, threads=1, check_images=100
     )
 
 
@@ -112,6 +112,8 @@ def full_family(args: argparse.Namespace, data: dict, plain: AdapterModel, weigh
     """Trains the full family (or the `--full-domains` part of it, then None), or loads `--load-full`."""
     if args.load_full:
         full = load_full(args.load_full, args.order, create_backbone(args.backbone, pretrained=weights))
+        if args.skip_full_eval:  # another run loading the same folders reports it
+            return full
         points.append(
             point("full", "-", full, accuracies(full, data), loaded=[str(f) for f in args.load_full])
         )
@@ -133,13 +135,14 @@ def run(args: argparse.Namespace, points: Points) -> None:
     weights = args.data_root / "resnet_cifar10" / f"{args.backbone.split('_')[-1]}.safetensors"
     plain = AdapterModel(create_backbone(args.backbone, pretrained=weights))
     cfg = lambda n, steps: config(n, steps, args.batch)  # noqa: E731
+    ft = lambda n: config(n, args.finetune_steps, args.batch, args.finetune_lr)  # noqa: E731
     full = full_family(args, data, plain, weights, points)
     if full is None:
         return
     if args.full_finetune:  # the control: full adapters given the same extra steps as the +ft families
         more = copy.deepcopy(full)
         for name in args.order:
-            train_domain(more, name, data[name][0], config=cfg(name, args.finetune_steps), resume=True)
+            train_domain(more, name, data[name][0], config=ft(name), resume=True)
         points.append(point("full+ft", "-", more, accuracies(more, data)))
     for b in args.factored:
         t1, seq = time.time(), Sequence(copy.deepcopy(plain), 32)
@@ -157,19 +160,19 @@ def run(args: argparse.Namespace, points: Points) -> None:
         seq = Sequence(copy.deepcopy(full), 32)
         for name in args.order:
             append_domain(seq.model, name, new_columns=b)
-            train_domain(seq.model, name, data[name][0], config=cfg(name, args.finetune_steps), resume=True)
+            if args.finetune_steps:  # 0: the projection as is
+                train_domain(seq.model, name, data[name][0], config=ft(name), resume=True)
             seq.added(name)
+        family = "projection+ft" if args.finetune_steps else "projection"
         points.append(
-            point(
-                "projection+ft", f"{b}C", seq.model, accuracies(seq.model, data), bit_identical=seq.identical
-            )
+            point(family, f"{b}C", seq.model, accuracies(seq.model, data), bit_identical=seq.identical)
         )
     for k in args.joint:
         joint = copy.deepcopy(full)
         compress(joint, basis_rank=k)
         points.append(point("joint-svd", f"K={k}C", joint, accuracies(joint, data)))
         for name in args.order:
-            train_domain(joint, name, data[name][0], config=cfg(name, args.finetune_steps), resume=True)
+            train_domain(joint, name, data[name][0], config=ft(name), resume=True)
         points.append(point("joint-svd+ft", f"K={k}C", joint, accuracies(joint, data)))
 
 
@@ -187,7 +190,8 @@ def load_full(folders: list[Path], order: list[str], backbone: torch.nn.Module) 
 def label(family: str, cfg: dict) -> str:
     """The family with its training budget: steps per domain, plus fine-tuning steps for the +ft ones."""
     steps = f"{cfg['steps']}+{cfg['finetune_steps']}" if family.endswith("+ft") else f"{cfg['steps']}"
-    return f"{family} ({steps} steps)"
+    lr = cfg.get("finetune_lr", 0.1)
+    return f"{family} ({steps} steps{f', ft lr {lr}' if family.endswith('+ft') and lr != 0.1 else ''})"
 
 
 def plot(out: Path, files: list[Path]) -> None:
@@ -217,7 +221,8 @@ def main() -> None:
     p.add_argument("--order", nargs=5, default=ORDER, choices=ORDER)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--finetune-steps", type=int, default=30)
+    p.add_argument("--finetune-steps", type=int, default=30, help="0: projections evaluated as they are")
+    p.add_argument("--finetune-lr", type=float, default=0.1)
     p.add_argument("--train-limit", type=int, default=5000)
     p.add_argument("--test-limit", type=int, default=2000)
     p.add_argument("--omniglot-classes", type=int, default=100)
@@ -238,6 +243,9 @@ def main() -> None:
         nargs="+",
         default=None,
         help="family folders (parts) of the full family saved by --save-full, instead of training it",
+    )
+    p.add_argument(
+        "--skip-full-eval", action="store_true", help="with --load-full: no point for the full family"
     )
     p.add_argument(
         "--full-finetune",
