@@ -292,3 +292,23 @@ class Servers:
         for t in self._threads:
             t.join(HANG_GUARD_S)
         assert not any(t.is_alive() for t in self._threads), "a serving thread did not stop"
+
+
+def make_model(backbone: str = "test_resnet", names=("a", "b"), config=None) -> AdapterModel:
+    """A timm test backbone with perturbed domains `names` (3, 4, ... classes), in eval mode."""
+    torch.manual_seed(0)
+    model = AdapterModel(timm.create_model(backbone), config).eval()
+    for i, name in enumerate(names):
+        model.add_domain(name, num_classes=3 + i)
+        perturb(model, name, seed=i)
+    return model
+
+
+def run(model: AdapterModel, x: torch.Tensor, domain: str) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x, domain=domain)
+
+
+def fresh(model: AdapterModel, x: torch.Tensor, domain: str) -> torch.Tensor:
+    """The same model with empty caches (a deep copy) gives the reference bits."""
+    return run(copy.deepcopy(model).eval(), x, domain)

@@ -4,36 +4,17 @@ import copy
 import threading
 
 import pytest
-import timm
 import torch
-from checks import HANG_GUARD_S, Servers, input_for, perturb, train_steps
+from checks import HANG_GUARD_S, Servers, fresh, input_for, perturb, run, train_steps
+from checks import make_model as make
 
-from adapterkit import AdapterConfig, AdapterModel
+from adapterkit import AdapterConfig
 from adapterkit.compress import append_domain
 from adapterkit.layers import AdaptedConv2d, AdaptedLinear, FusedWeights, LowRankAdapter, configure_fusion
 
 
-def make(backbone="test_resnet", names=("a", "b"), config=None):
-    torch.manual_seed(0)
-    model = AdapterModel(timm.create_model(backbone), config).eval()
-    for i, name in enumerate(names):
-        model.add_domain(name, num_classes=3 + i)
-        perturb(model, name, seed=i)
-    return model
-
-
 def fused_layers(model):
     return [m for m in model.layers().values() if isinstance(m, (AdaptedConv2d, AdaptedLinear)) and m.fusable]
-
-
-def run(model, x, domain):
-    with torch.no_grad():
-        return model(x, domain=domain)
-
-
-def fresh(model, x, domain):
-    """The same model with empty caches (a deep copy) gives the reference bits."""
-    return run(copy.deepcopy(model).eval(), x, domain)
 
 
 @pytest.mark.parametrize("backbone", ["test_resnet", "test_efficientnet", "test_vit", "test_convnext"])

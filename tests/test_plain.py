@@ -4,27 +4,13 @@ no extra weights."""
 import copy
 
 import pytest
-import timm
 import torch
-from checks import input_for, perturb, train_steps
+from checks import fresh, input_for, perturb, run, train_steps
+from checks import make_model as make
 
-from adapterkit import AdapterConfig, AdapterModel
+from adapterkit import AdapterConfig
 from adapterkit.compress import append_domain
 from adapterkit.layers import AdaptedConv2d, AdaptedLinear, DomainLayer, configure_fusion
-
-
-def make(backbone="test_resnet", names=("a", "b"), config=None):
-    torch.manual_seed(0)
-    model = AdapterModel(timm.create_model(backbone), config).eval()
-    for i, name in enumerate(names):
-        model.add_domain(name, num_classes=3 + i)
-        perturb(model, name, seed=i)
-    return model
-
-
-def run(model, x, domain):
-    with torch.no_grad():
-        return model(x, domain=domain)
 
 
 def wrapped(model, x, domain):
@@ -36,10 +22,6 @@ def wrapped(model, x, domain):
 def tree(model, domain):
     with torch.no_grad():
         return model._plain.module(model.backbone, domain)
-
-
-def fresh(model, x, domain):
-    return run(copy.deepcopy(model).eval(), x, domain)
 
 
 @pytest.mark.parametrize("backbone", ["test_resnet", "test_efficientnet", "test_vit", "test_convnext"])
