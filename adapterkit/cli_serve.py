@@ -95,6 +95,10 @@ def serve(
             help="the backbone weights file the family was trained on, if it moved", show_default=False
         ),
     ] = None,
+    freeze_gc: Annotated[
+        bool,
+        typer.Option(help="keep the startup objects out of full garbage collections (shorter tail latency)"),
+    ] = True,
 ) -> None:
     """Serve a family over HTTP: predict with per-image domains, list, hot-add and remove domains.
 
@@ -123,6 +127,7 @@ def serve(
         source=repo,
         revision=revision,
         fusion_capacity=fusion_capacity,
+        freeze_gc=freeze_gc,
     )
     admin = (
         "admin endpoints on" if token else f"read-only: no admin token (--admin-token-file or ${TOKEN_ENV})"

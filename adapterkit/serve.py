@@ -235,6 +235,14 @@ class Service:
         self.metrics.removals.inc()
 
 
+def freeze_startup_objects() -> None:
+    """After one full collection, move every object alive out of the cyclic garbage collector's reach
+    (`gc.freeze()`): a server's startup objects (about 400,000) then no longer make each full
+    collection stall requests for 0.2-0.4 s; objects made later are collected as usual."""
+    gc.collect()
+    gc.freeze()
+
+
 def create_app(
     model: AdapterModel,
     *,
@@ -268,10 +276,9 @@ def create_app(
         fusion_capacity: domains whose fused eval weights each adapted layer keeps (`configure_fusion`)
             for one-domain batches; raise it above 4 when those rotate over more domains (a batch that
             mixes domains runs gathered and needs none). None keeps the model's.
-        freeze_gc: at startup, after one full collection, move every object then alive (the model,
-            torch, the web stack: about 400,000 objects) out of the cyclic garbage collector's reach
-            (`gc.freeze()`), so that its full collections no longer stall requests for 0.2-0.4 s;
-            objects made later (hot-added domains included) are collected as usual.
+        freeze_gc: at startup, `freeze_startup_objects()` (the model, torch, the web stack), so that
+            full garbage collections no longer stall requests for 0.2-0.4 s; objects made later
+            (hot-added domains included) are collected as usual.
 
     Example:
         >>> app = create_app(AdapterModel.from_pretrained("family/"), admin_token=token)
@@ -295,8 +302,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if freeze_gc:
-            gc.collect()
-            gc.freeze()
+            freeze_startup_objects()
         service.batcher.start()
         try:
             yield

@@ -98,11 +98,13 @@ class Family:
     the change log."""
 
     def __init__(self, family_id: str, options: dict[str, Any], domains: list[str] | None) -> None:
-        from .serve import create_app, load_family
+        from .serve import create_app, freeze_startup_objects, load_family
 
         model, repo, revision = load_family(family_id, domains=domains, device=options.get("device", "cpu"))
         self.id = family_id
         self.app = create_app(model, source=repo, revision=revision, **options.get("app", {}))
+        if options.get("app", {}).get("freeze_gc", True):  # Ray Serve runs no ASGI lifespan
+            freeze_startup_objects()
         self.service = self.app.state.service
         self.applied = 0
         self.own: set[int] = set()  # changes this replica made itself (already applied)

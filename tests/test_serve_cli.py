@@ -51,7 +51,7 @@ def test_serve_command_serves_predicts_and_hot_adds(family, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("ADAPTERKIT_ADMIN_TOKEN", None)
     process = subprocess.Popen(
-        [*command(), *args, "--torch-threads", "1", "--max-wait-ms", "1"],
+        [*command(), *args, "--torch-threads", "1", "--max-wait-ms", "1", "--no-freeze-gc"],
         env=env,
         stderr=subprocess.PIPE,
         text=True,
@@ -96,7 +96,9 @@ def test_the_token_is_never_a_command_line_value():
     from adapterkit.cli import app
 
     result = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
-    assert result.exit_code == 0 and "--admin-token-file" in result.output
+    assert (
+        result.exit_code == 0 and "--admin-token-file" in result.output and "--no-freeze-gc" in result.output
+    )
     assert "--admin-token " not in result.output
     result = CliRunner().invoke(app, ["serve", "fam", "--admin-token", "secret-value"])
     assert result.exit_code != 0
