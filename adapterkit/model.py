@@ -40,6 +40,7 @@ from .router import (
     DomainSignature,
     Route,
     collect_features,
+    feature_maps,
     route,
     style_features,
 )
@@ -367,17 +368,24 @@ class AdapterModel(
         batches: Iterable[torch.Tensor],
         budget: float | None = SIGNATURE_SHARE,
         components: int = COMPONENTS,
+        maps: int = 0,
     ) -> DomainSignature:
         """Record `domain`'s signature from batches of its (preprocessed) images; other domains' stay
         as they are. `train_domain` does this on the training images; use it for domains you train
         yourself or loaded without one. `budget`: the signature's bytes at most, as a share of the
         domain's adapter bytes (it keeps as many of the `components` mixture components as fit, at
-        least one); None: no cap."""
+        least one); None: no cap. `maps`: the backbone's first feature maps the signature reads
+        (`router.style_features`; 0: every stage's but the last); every domain's must agree."""
         self._check_known(domain)
+        stages = len(getattr(self.backbone, "feature_info", ())) or 1
+        if isinstance(maps, bool) or not isinstance(maps, int) or not 0 <= maps <= stages:
+            raise ValueError(f"maps={maps!r}: use 0 (the default) or 1-{stages}, the backbone's feature maps")
         state = self.domain_state_dict(domain)
         nbytes = sum(t.numel() * t.element_size() for k, t in state.items() if not k.startswith("signature."))
         cap = None if budget is None else int(budget * nbytes)
-        signature = DomainSignature.fit(collect_features(self, batches), components, max_bytes=cap)
+        features = collect_features(self, batches, maps=maps)
+        signature = DomainSignature.fit(features, components, max_bytes=cap)
+        signature.maps.fill_(maps)
         with self._lock:
             self._check_known(domain)
             self.signatures[domain] = signature
@@ -392,9 +400,10 @@ class AdapterModel(
                 f"routing needs a signature for every domain; {missing or 'all'} have none (trained before "
                 "signatures existed, or added without training): call model.fit_signature(domain, batches)"
             )
+        signatures = {n: self.signatures[n] for n in names}
         with torch.no_grad():
-            features = style_features(self.backbone, x)
-        return route(features, {n: self.signatures[n] for n in names})
+            features = style_features(self.backbone, x, feature_maps(signatures))
+        return route(features, signatures)
 
     # ----------------------------------------------------------------- shared basis
     def basis(self) -> dict[str, torch.Tensor]:

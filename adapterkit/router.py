@@ -39,7 +39,8 @@ EM_STEPS = 30
 # means stay float32, with fewer components if the budget says so.
 STORAGE = torch.float16
 ROUNDING = 0.01
-FLOATS = (torch.float16, torch.bfloat16, torch.float32)  # what a signature file may hold (older: float32)
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+FIXED_BYTES = 8  # a signature's bytes besides its components: threshold (float32) and maps (int32)  # what a signature file may hold (older: float32)
 
 
 class DomainSignature(nn.Module):
@@ -54,8 +55,12 @@ class DomainSignature(nn.Module):
         self.register_buffer("log_var", torch.zeros(components, num_features, device=device, dtype=STORAGE))
         self.register_buffer("log_weight", torch.full((components,), -math.log(components), device=device))
         self.register_buffer("threshold", torch.tensor(-math.inf, device=device))
+        # feature maps the signature reads (`style_features`); 0: every stage's but the last (the default,
+        # and what signatures written before this buffer read)
+        self.register_buffer("maps", torch.tensor(0, device=device, dtype=torch.int32))
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        state_dict.setdefault(prefix + "maps", torch.tensor(0, dtype=torch.int32))  # written before `maps`
         for name in ("mean", "log_var"):
             t = state_dict.get(prefix + name)
             if isinstance(t, torch.Tensor) and t.dtype != getattr(self, name).dtype:
@@ -99,7 +104,7 @@ class DomainSignature(nn.Module):
             k = components
             if max_bytes is not None:
                 per_component = features.shape[1] * (mean_dtype.itemsize + STORAGE.itemsize) + 4
-                k = max(1, min(components, (max_bytes - 4) // per_component))
+                k = max(1, min(components, (max_bytes - FIXED_BYTES) // per_component))
             signature = cls._mixture(features, k)
             exact = signature.score(features)
             signature.mean = signature.mean.to(mean_dtype)
@@ -152,7 +157,8 @@ class Route:
 
 
 def route(features: torch.Tensor, signatures: dict[str, DomainSignature]) -> Route:
-    """Score `features` (N x F) against every signature; see the module docstring."""
+    """Score `features` (N x F, `style_features` of `feature_maps(signatures)`) against every signature;
+    see the module docstring."""
     names = list(signatures)
     wrong = unreadable(signatures, features.shape[1])
     if wrong:
@@ -162,6 +168,18 @@ def route(features: torch.Tensor, signatures: dict[str, DomainSignature]) -> Rou
         )
     scores = torch.stack([signatures[n].score(features) for n in names], dim=1)
     return decide(scores, signatures)
+
+
+def feature_maps(signatures: dict[str, DomainSignature]) -> int:
+    """The feature maps every signature reads (`maps` of `style_features`): one pass serves all of them,
+    so they must agree."""
+    maps = {name: int(s.maps) for name, s in signatures.items()}
+    if len(set(maps.values())) > 1:
+        raise ValueError(
+            f"the signatures read different feature maps ({maps}; 0: every stage's but the last), so one "
+            "pass cannot score them all: refit them with one `maps` (model.fit_signature(..., maps=))"
+        )
+    return next(iter(maps.values()), 0)
 
 
 def unreadable(signatures: dict[str, DomainSignature], width: int) -> list[str]:
@@ -191,18 +209,20 @@ def decide(scores: torch.Tensor, signatures: dict[str, DomainSignature]) -> Rout
     )
 
 
-def style_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def style_features(backbone: nn.Module, x: torch.Tensor, maps: int = 0) -> torch.Tensor:
     """What signatures read: per channel, the spatial mean and log standard deviation of the stem's and
     every stage's output but the last (what tells a digit from a traffic sign is image statistics, which
     the early stages carry; on the real sequence dropping the last stage routed better, and the pass
     stops there: two thirds of a CIFAR ResNet's FLOPs, 0.82x of its time), then for each of those maps the
     mean of its central half minus its mean (layout: an object in the middle, or a texture everywhere;
-    mean routing 0.956 -> 0.969 on the real sequence). Backbones with one stage read it; backbones
-    without timm's `forward_intermediates` give their pooled features only."""
+    mean routing 0.956 -> 0.969 on the real sequence). `maps` > 0 reads the first `maps` of timm's
+    `feature_info` maps instead (the stem is the first): a shorter pass, for larger images, where the
+    early maps route as well (docs/routing.md). Backbones with one stage read it; backbones without
+    timm's `forward_intermediates` give their pooled features only."""
     if not hasattr(backbone, "forward_intermediates"):
         return backbone(x).flatten(1).float()
     stages = len(getattr(backbone, "feature_info", ())) or 1
-    take = list(range(max(stages - 1, 1)))
+    take = list(range(maps if maps > 0 else max(stages - 1, 1)))
     rows, centres = [], []
     for t in backbone.forward_intermediates(x, indices=take, stop_early=True, intermediates_only=True):
         t = t.float()
@@ -216,16 +236,17 @@ def style_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def collect_features(
-    model: AdapterModel, batches: Iterable[torch.Tensor], limit: int = MAX_IMAGES
+    model: AdapterModel, batches: Iterable[torch.Tensor], limit: int = MAX_IMAGES, maps: int = 0
 ) -> torch.Tensor:
-    """`style_features` of the plain frozen backbone (no domain) for up to `limit` images, in eval mode."""
+    """`style_features` (of `maps`) of the plain frozen backbone (no domain) for up to `limit` images, in
+    eval mode."""
     rows, seen = [], 0
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for x in batches:
-                rows.append(style_features(model.backbone, x[: limit - seen]))
+                rows.append(style_features(model.backbone, x[: limit - seen], maps))
                 seen += rows[-1].shape[0]
                 if seen >= limit:
                     break

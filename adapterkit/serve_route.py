@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .router import decide, style_features, unreadable
+from .router import decide, feature_maps, style_features, unreadable
 from .serve_errors import ServeError
 from .serve_images import decode_image
 from .serve_predict import prediction
@@ -77,8 +77,9 @@ def signature_mismatch(wrong: list[str]) -> ServeError:
     return ServeError(
         409,
         "no_signature",
-        f"the signatures of {wrong} were fitted on other features (another backbone or adapterkit version), "
-        "so images cannot be routed: name each image's domain, or refit them with model.fit_signature",
+        f"the signatures of {wrong} were fitted on other features (another backbone or adapterkit version, "
+        "or different `maps`), so images cannot be routed: name each image's domain, or refit them with "
+        "model.fit_signature",
         missing=wrong,
     )
 
@@ -167,6 +168,10 @@ class Router:
         if missing or not names:
             return [no_signature(missing)] * len(items)
         signatures = {d: self.model.signatures[d] for d in names}
+        try:
+            maps = feature_maps(signatures)
+        except ValueError:
+            return [signature_mismatch(names)] * len(items)
         scores = torch.full((len(items), len(names)), -math.inf)
         keys = {}
         for key, members in self.groups().items():
@@ -176,7 +181,7 @@ class Router:
                 continue
             x = torch.stack([items[j].views[key] for j in rows]).to(self.domains.device)
             with torch.inference_mode():
-                features = style_features(self.model.backbone, x)
+                features = style_features(self.model.backbone, x, maps)
                 wrong = unreadable({d: signatures[d] for d in members}, features.shape[1])
                 if wrong:
                     return [signature_mismatch(wrong)] * len(items)

@@ -7,7 +7,9 @@ the test images of every domain known so far are routed and the earlier signatur
 bit-identical. Unknown detection: CIFAR-10 test images (a domain never added) against the five domains'
 test images, AUROC of max_d(score_d - threshold_d), and each of the five held out in turn against the
 other four. Cost: a batch of 64 with `domain="auto"` vs the
-same batch with its true domain given (median of alternating runs, one thread), with 5 and 50 domains.
+same batch with its true domain given (median of alternating runs, one thread), with 5 and 50 domains,
+and `model.route` alone (`route_ratio`). `--maps 2 --components 10`: signatures that read the stem and
+the first stage only (a shorter routing pass), with as many components as fit the same byte budget.
 
     python benchmarks/bench_router.py --out benchmarks/results/router.json
 """
@@ -31,7 +33,7 @@ from data import DEFAULT_DATA_ROOT, DOMAINS  # noqa: E402
 
 from adapterkit import AdapterModel  # noqa: E402
 from adapterkit.data import DomainDataset, open_data  # noqa: E402
-from adapterkit.router import route, style_features  # noqa: E402
+from adapterkit.router import COMPONENTS, feature_maps, route, style_features  # noqa: E402
 from adapterkit.transforms import Preprocess, resolve_data_config  # noqa: E402
 
 SWEEP_COMPONENTS = 10  # at most, in the budget sweep (the product's default is 5)
@@ -72,7 +74,8 @@ def held_out(model: AdapterModel, data: dict) -> dict[str, dict[str, float]]:
     """Each domain in turn held out as the unknown one: the AUROC of its test images against the other
     four domains' (signatures of those four only), by the calibrated margin and by the best score, and
     the share of its images flagged unknown."""
-    features = {d: style_features(model.backbone, data[d][1]) for d in ORDERS[0] + ["cifar10"]}
+    maps = feature_maps(dict(model.signatures))
+    features = {d: style_features(model.backbone, data[d][1], maps) for d in ORDERS[0] + ["cifar10"]}
     out = {}
     for held in ORDERS[0] + ["cifar10"]:
         known = {d: model.signatures[d] for d in ORDERS[0] if d != held}
@@ -88,7 +91,7 @@ def held_out(model: AdapterModel, data: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def budget_sweep(weights: Path, data: dict, budgets: list[float]) -> dict[str, dict]:
+def budget_sweep(weights: Path, data: dict, budgets: list[float], maps: int) -> dict[str, dict]:
     """Mean routing of the five domains with signatures fitted at other byte budgets (share of the
     domain's bytes): how many components the budget buys and what they route."""
     model = AdapterModel.from_backbone("cifar_resnet56", pretrained=weights).eval()
@@ -97,7 +100,9 @@ def budget_sweep(weights: Path, data: dict, budgets: list[float]) -> dict[str, d
     out = {}
     for budget in budgets:
         for d in ORDERS[0]:
-            model.fit_signature(d, data[d][0].split(256), budget=budget, components=SWEEP_COMPONENTS)
+            model.fit_signature(
+                d, data[d][0].split(256), budget=budget, components=SWEEP_COMPONENTS, maps=maps
+            )
         routing = {d: sum(b == d for b in model.route(data[d][1]).best) / len(data[d][1]) for d in ORDERS[0]}
         out[str(budget)] = {
             "components": model.signatures["gtsrb"].mean.shape[0],
@@ -121,15 +126,17 @@ def timed(fn, repeats: int) -> list[float]:
 
 
 def cost(model: AdapterModel, x: torch.Tensor, domain: str, repeats: int) -> dict[str, float]:
-    known, auto = [], []
+    known, auto, routing = [], [], []
     with torch.no_grad():
-        for _ in range(repeats):  # alternating, so load changes hit both alike
+        for _ in range(repeats):  # alternating, so load changes hit all alike
             known += timed(lambda: model(x, domain=domain), 1)
             auto += timed(lambda: model(x, domain="auto"), 1)
+            routing += timed(lambda: model.route(x), 1)
     return {
         "known_ms": 1e3 * statistics.median(known),
         "auto_ms": 1e3 * statistics.median(auto),
         "ratio": statistics.median(a / k for a, k in zip(auto, known, strict=True)),
+        "route_ratio": statistics.median(r / k for r, k in zip(routing, known, strict=True)),
     }
 
 
@@ -141,6 +148,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--budgets", type=float, nargs="*", default=[], help="also fit at these byte budgets")
+    p.add_argument("--components", type=int, default=COMPONENTS, help="most mixture components per signature")
+    p.add_argument(
+        "--maps", type=int, default=0, help="feature maps signatures read (0: all stages' but the last)"
+    )
     p.add_argument("--out", type=Path, default=HERE / "results" / "router.json")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -164,7 +175,7 @@ def main() -> None:
                 d: {k: v.clone() for k, v in model.signatures[d].state_dict().items()}
                 for d in model.signatures
             }
-            model.fit_signature(name, data[name][0].split(256))
+            model.fit_signature(name, data[name][0].split(256), components=args.components, maps=args.maps)
             same = all(
                 torch.equal(t, model.signatures[d].state_dict()[k])
                 for d, s in frozen.items()
@@ -207,7 +218,7 @@ def main() -> None:
         model.signatures[name] = model.signatures[ORDERS[0][i % 5]]
     results["cost_50_domains"] = cost(model, x, "gtsrb", args.repeats)
     sig = sum(t.numel() * t.element_size() for t in model.signatures["gtsrb"].state_dict().values())
-    results["budgets"] = budget_sweep(weights, data, args.budgets)
+    results["budgets"] = budget_sweep(weights, data, args.budgets, args.maps)
     results["signature_bytes"], results["domain_bytes"] = sig, model.domain_cost("gtsrb")["bytes"]
     print({k: v for k, v in results.items() if k != "orders"})
     write_report(

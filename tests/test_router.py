@@ -79,6 +79,30 @@ def test_signatures_never_change_when_domains_come_and_go(model):
     assert "extra" not in model.signatures
 
 
+def test_signatures_can_read_fewer_feature_maps_and_must_agree(model, tmp_path):
+    """`maps`: a shorter routing pass over the backbone's first feature maps; the choice travels with the
+    domain's file, and every domain's signature must read the same maps."""
+    short = AdapterModel.from_backbone("test_resnet")
+    for i, colour in enumerate(COLOURS):
+        short.add_domain(colour, num_classes=2 + i)
+        short.fit_signature(colour, batches(images(colour, 96, seed=i)), maps=1)
+    short.eval()
+    assert int(short.signatures["red"].maps) == 1
+    assert short.signatures["red"].num_features < model.signatures["red"].num_features
+    x = torch.cat([images(c, 8, seed=100 + i) for i, c in enumerate(COLOURS)])
+    assert short.route(x).best == [c for c in COLOURS for _ in range(8)]
+    save_family(short, tmp_path / "short")
+    loaded = AdapterModel.from_pretrained(tmp_path / "short")
+    assert int(loaded.signatures["red"].maps) == 1
+    a, b = short.route(x), loaded.route(x)  # (the family lists its domains by name)
+    assert all(torch.equal(a.scores[:, a.names.index(n)], b.scores[:, b.names.index(n)]) for n in COLOURS)
+    short.fit_signature("red", batches(images("red", 96, seed=0)))  # the default: every stage's but the last
+    with pytest.raises(ValueError, match="read different feature maps.*refit them with one `maps`"):
+        short.route(x)
+    with pytest.raises(ValueError, match="maps=9"):
+        short.fit_signature("red", batches(images("red", 16, seed=0)), maps=9)
+
+
 def test_signature_is_small():
     model = AdapterModel.from_backbone("cifar_resnet56")  # a real architecture (test_* models are tiny)
     model.add_domain("red", num_classes=10)
@@ -114,7 +138,10 @@ def test_a_single_gaussian_signature_written_before_mixtures_still_loads(tmp_pat
         state["signature.mean"][0],
         state["signature.log_var"][0],
     )
-    del state["signature.log_weight"]  # the layout of the first release: mean, log_var (F,), threshold
+    del (
+        state["signature.log_weight"],
+        state["signature.maps"],
+    )  # the first release: mean, log_var (F,), threshold
     save_file(state, path, metadata=metadata)
     entry_path = tmp_path / "fam" / domain_entry_file("red")
     entry = json.loads(entry_path.read_text())
