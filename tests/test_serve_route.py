@@ -15,6 +15,7 @@ from PIL import Image
 from serve_support import ADMIN, b64, build_family, metric, perturb, predict_json, running
 
 from adapterkit import AdapterModel
+from adapterkit.router import DomainSignature
 from adapterkit.serve import create_app
 from adapterkit.transforms import Preprocess, resolve_data_config
 
@@ -188,8 +189,6 @@ def test_the_schema_says_the_domain_may_be_left_out(served):
 
 
 def test_a_signature_fitted_on_other_features_is_refused_by_name(served):
-    from adapterkit.router import DomainSignature
-
     model, client, _ = served
     good = model.signatures["red"]
     model.signatures["red"] = DomainSignature(7, 1)  # as from another backbone
@@ -201,3 +200,19 @@ def test_a_signature_fitted_on_other_features_is_refused_by_name(served):
         model.signatures["red"] = good
     routed = client.post("/v1/predict", json={"images": [{"data": b64(photo("red", seed=3))}]})
     assert routed.json()["predictions"][0]["domain"] == "red"
+
+
+def test_signatures_reading_different_feature_maps_are_refused(served):
+    model, client, _ = served
+    good = model.signatures["red"]
+    other = DomainSignature(good.num_features, good.mean.shape[0])
+    other.load_state_dict(good.state_dict())
+    other.maps.fill_(1)  # fitted with fit_signature(..., maps=1), the others with the default
+    model.signatures["red"] = other
+    try:
+        refused = client.post("/v1/predict", json={"images": [{"data": b64(photo("red", seed=3))}]})
+        assert refused.status_code == 409, refused.text
+        assert "maps" in refused.text and "fit_signature" in refused.text
+    finally:
+        model.signatures["red"] = good
+    assert client.get("/healthz").status_code == 200
