@@ -368,15 +368,19 @@ class AdapterModel(
         batches: Iterable[torch.Tensor],
         budget: float | None = SIGNATURE_SHARE,
         components: int = COMPONENTS,
-        maps: int = 0,
+        maps: int | None = None,
     ) -> DomainSignature:
         """Record `domain`'s signature from batches of its (preprocessed) images; other domains' stay
         as they are. `train_domain` does this on the training images; use it for domains you train
         yourself or loaded without one. `budget`: the signature's bytes at most, as a share of the
         domain's adapter bytes (it keeps as many of the `components` mixture components as fit, at
         least one); None: no cap. `maps`: the backbone's first feature maps the signature reads
-        (`router.style_features`; 0: every stage's but the last); every domain's must agree."""
+        (`router.style_features`; 0: every stage's but the last); every domain's must agree, so None
+        reads what the other domains' signatures read (0 when there are none)."""
         self._check_known(domain)
+        if maps is None:
+            others = [s for d, s in self.signatures.items() if d != domain]
+            maps = int(others[0].maps) if others else 0
         stages = len(getattr(self.backbone, "feature_info", ())) or 1
         if isinstance(maps, bool) or not isinstance(maps, int) or not 0 <= maps <= stages:
             raise ValueError(f"maps={maps!r}: use 0 (the default) or 1-{stages}, the backbone's feature maps")

@@ -96,7 +96,10 @@ def test_signatures_can_read_fewer_feature_maps_and_must_agree(model, tmp_path):
     assert int(loaded.signatures["red"].maps) == 1
     a, b = short.route(x), loaded.route(x)  # (the family lists its domains by name)
     assert all(torch.equal(a.scores[:, a.names.index(n)], b.scores[:, b.names.index(n)]) for n in COLOURS)
-    short.fit_signature("red", batches(images("red", 96, seed=0)))  # the default: every stage's but the last
+    short.add_domain("extra", num_classes=2)
+    assert int(short.fit_signature("extra", batches(images("red", 32, seed=1))).maps) == 1  # as the others
+    short.remove_domain("extra")
+    short.fit_signature("red", batches(images("red", 96, seed=0)), maps=0)  # every stage's but the last
     with pytest.raises(ValueError, match="read different feature maps.*refit them with one `maps`"):
         short.route(x)
     with pytest.raises(ValueError, match="maps=9"):
