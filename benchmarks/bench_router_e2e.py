@@ -14,6 +14,7 @@ is right; `auto_best` ignores the unknown threshold (what `domain="auto"` itself
     python benchmarks/bench_router_e2e.py --out benchmarks/results/router_e2e.json
     python benchmarks/bench_router_e2e.py --family /tmp/fam   # keep the trained family there; run again
         with --family /tmp/fam --refit-signatures: the same adapters, signatures fitted by this version
+        (`--maps 2 --components 10`: signatures that read the stem and first stage only)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from adapterkit import AdapterModel  # noqa: E402
 from adapterkit.data import DomainDataset, open_data  # noqa: E402
 from adapterkit.family import save_family  # noqa: E402
 from adapterkit.metrics import decathlon_score  # noqa: E402
+from adapterkit.router import COMPONENTS  # noqa: E402
 from adapterkit.train import TrainConfig, train_domain  # noqa: E402
 from adapterkit.transforms import Preprocess, resolve_data_config  # noqa: E402
 
@@ -107,7 +109,7 @@ def train_all(args: argparse.Namespace, weights: Path, family: Path) -> dict[str
         )
         data_config = {"input_size": args.image_size}
         train_domain(model, name, load(args, name, "train"), config=config, data_config=data_config)
-        model.fit_signature(name, signature_batches(args, model, name), budget=args.signature_budget)
+        fit_signature(args, model, name)
         trained[name] = {"train_s": time.perf_counter() - start}
         print(f"trained {name} in {trained[name]['train_s']:.0f} s", flush=True)
     save_family(model, family)
@@ -118,8 +120,18 @@ def refit_signatures(args: argparse.Namespace, family: Path) -> None:
     """Refit every domain's signature from its training images (as `train_domain` does) and save."""
     model = AdapterModel.from_pretrained(family)
     for name in ORDERS[0]:
-        model.fit_signature(name, signature_batches(args, model, name), budget=args.signature_budget)
+        fit_signature(args, model, name)
     save_family(model, family)
+
+
+def fit_signature(args: argparse.Namespace, model: AdapterModel, name: str) -> None:
+    model.fit_signature(
+        name,
+        signature_batches(args, model, name),
+        budget=args.signature_budget,
+        components=args.components,
+        maps=args.maps,
+    )
 
 
 def signature_batches(args: argparse.Namespace, model: AdapterModel, name: str):
@@ -178,6 +190,10 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=32, help="input size the domains are trained at")
     p.add_argument(
         "--signature-budget", type=float, default=0.01, help="signature bytes, share of the domain's bytes"
+    )
+    p.add_argument("--components", type=int, default=COMPONENTS, help="most mixture components per signature")
+    p.add_argument(
+        "--maps", type=int, default=0, help="feature maps signatures read (0: all stages' but the last)"
     )
     p.add_argument("--family", type=Path, help="keep the trained family here, or reuse the one already there")
     p.add_argument("--refit-signatures", action="store_true", help="refit a reused family's signatures")
