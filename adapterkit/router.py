@@ -39,8 +39,8 @@ EM_STEPS = 30
 # means stay float32, with fewer components if the budget says so.
 STORAGE = torch.float16
 ROUNDING = 0.01
-FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-FIXED_BYTES = 8  # a signature's bytes besides its components: threshold (float32) and maps (int32)  # what a signature file may hold (older: float32)
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)  # what a signature file may hold (older: float32)
+FIXED_BYTES = 8  # a signature's bytes besides its components: threshold (float32) and maps (int32)
 
 
 class DomainSignature(nn.Module):
