@@ -8,7 +8,8 @@ images (SGD 0.9, lr 0.1 for every tensor, cosine, weight decay "auto"). Families
 - joint-svd:    the full family compressed jointly at K = `--joint` (shares of C), evaluated as is and
                 after `--finetune-steps` steps of each domain's gamma (+ norms, head), beta frozen;
 - projection:   the full family's adapters appended one domain after another, each projected on the
-                basis plus at most `--projection` (share of C) new columns per layer, then its gamma
+                basis plus at most `--projection` (share of C) new columns per layer (or, with
+                `--projection-energy e`, as many as keep that share of the residual's energy), then its gamma
                 (+ norms, head) fine-tuned for `--finetune-steps` steps; old domains frozen;
 - factored:     each domain trained directly in factored form (`train_domain(factored=True,
                 new_columns=b)` for b in `--factored`: gamma on the frozen basis plus b*C own columns
@@ -156,16 +157,18 @@ def run(args: argparse.Namespace, points: Points) -> None:
         points.append(
             point("factored", f"{b}C", seq.model, acc, bit_identical=seq.identical, seconds=time.time() - t1)
         )
-    for b in args.projection:
+    budgets = [(f"{b}C", {"new_columns": b}) for b in args.projection]
+    budgets += [(f"energy {e}", {"energy": e}) for e in args.projection_energy]
+    for label, budget in budgets:
         seq = Sequence(copy.deepcopy(full), 32)
         for name in args.order:
-            append_domain(seq.model, name, new_columns=b)
+            append_domain(seq.model, name, **budget)
             if args.finetune_steps:  # 0: the projection as is
                 train_domain(seq.model, name, data[name][0], config=ft(name), resume=True)
             seq.added(name)
         family = "projection+ft" if args.finetune_steps else "projection"
         points.append(
-            point(family, f"{b}C", seq.model, accuracies(seq.model, data), bit_identical=seq.identical)
+            point(family, label, seq.model, accuracies(seq.model, data), bit_identical=seq.identical)
         )
     for k in args.joint:
         joint = copy.deepcopy(full)
@@ -228,6 +231,13 @@ def main() -> None:
     p.add_argument("--omniglot-classes", type=int, default=100)
     p.add_argument("--joint", type=float, nargs="*", default=[0.25, 0.5, 0.75])
     p.add_argument("--projection", type=float, nargs="*", default=[0.125, 0.25])
+    p.add_argument(
+        "--projection-energy",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also project with columns per layer by the share of the residual's energy they keep",
+    )
     p.add_argument("--factored", type=float, nargs="*", default=[0.0625, 0.125, 0.1875])
     p.add_argument("--save-full", type=Path, default=None, help="save the trained full family here")
     p.add_argument(
