@@ -381,9 +381,6 @@ class AdapterModel(
         if maps is None:
             others = [s for d, s in self.signatures.items() if d != domain]
             maps = int(others[0].maps) if others else 0
-        stages = len(getattr(self.backbone, "feature_info", ())) or 1
-        if isinstance(maps, bool) or not isinstance(maps, int) or not 0 <= maps <= stages:
-            raise ValueError(f"maps={maps!r}: use 0 (the default) or 1-{stages}, the backbone's feature maps")
         state = self.domain_state_dict(domain)
         nbytes = sum(t.numel() * t.element_size() for k, t in state.items() if not k.startswith("signature."))
         cap = None if budget is None else int(budget * nbytes)

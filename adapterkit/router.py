@@ -221,8 +221,7 @@ def style_features(backbone: nn.Module, x: torch.Tensor, maps: int = 0) -> torch
     timm's `forward_intermediates` give their pooled features only."""
     if not hasattr(backbone, "forward_intermediates"):
         return backbone(x).flatten(1).float()
-    stages = len(getattr(backbone, "feature_info", ())) or 1
-    take = list(range(maps if maps > 0 else max(stages - 1, 1)))
+    take = list(range(maps if maps > 0 else max(_feature_map_count(backbone) - 1, 1)))
     rows, centres = [], []
     for t in backbone.forward_intermediates(x, indices=take, stop_early=True, intermediates_only=True):
         t = t.float()
@@ -235,11 +234,18 @@ def style_features(backbone: nn.Module, x: torch.Tensor, maps: int = 0) -> torch
     return torch.cat(rows + centres, dim=1)
 
 
+def _feature_map_count(backbone: nn.Module) -> int:
+    return len(getattr(backbone, "feature_info", ())) or 1
+
+
 def collect_features(
     model: AdapterModel, batches: Iterable[torch.Tensor], limit: int = MAX_IMAGES, maps: int = 0
 ) -> torch.Tensor:
     """`style_features` (of `maps`) of the plain frozen backbone (no domain) for up to `limit` images, in
     eval mode."""
+    count = _feature_map_count(model.backbone)
+    if isinstance(maps, bool) or not isinstance(maps, int) or not 0 <= maps <= count:
+        raise ValueError(f"maps={maps!r}: use 0 (the default) or 1-{count}, the backbone's feature maps")
     rows, seen = [], 0
     was_training = model.training
     model.eval()
