@@ -2,7 +2,7 @@
 
 A domain's signature is a mixture of K diagonal Gaussians (`COMPONENTS`) of the frozen backbone's style
 features on that domain's images (per component a weight, a mean and a log-variance per feature: about
-2 K F numbers, stored in half precision) plus a calibrated threshold: the score below
+2 K F numbers, stored as 8-bit codes) plus a calibrated threshold: the score below
 which only `REJECT` of the domain's own images fall. Each signature is fitted from its own domain's images
 alone and never changes afterwards, so adding or removing a domain changes no other domain's signature,
 bit for bit: routing is incremental, with nothing shared to retrain.
@@ -30,24 +30,49 @@ if TYPE_CHECKING:
 SIGNATURE_SHARE = 0.01  # a signature's bytes at most, as a share of its domain's (fit_signature's budget)
 REJECT = 0.01  # share of a domain's own images the threshold may call unknown
 MAX_IMAGES = 4096  # images a signature is fitted on (the rest add nothing measurable)
-COMPONENTS = 5  # Gaussians per signature, within the 1 % size budget; on the real sequence 1 -> 3 -> 5
-# took mean routing from 0.89 to 0.946 to 0.956 (docs/benchmarks.md, "Routing")
+COMPONENTS = 6  # Gaussians per signature: what the 1 % budget buys the CIFAR ResNets in 8-bit codes; on the
+# real sequence (64 px) 5 -> 6 components took mean routing from 0.977 to 0.981 (docs/benchmarks.md, "Routing")
 EM_STEPS = 30
-# Means and log-variances in half precision (a relative error of at most 2^-11). Where rounding the means
-# would move any fitting image's score by more than `ROUNDING` (per feature; scores of different domains
-# differ by about 1: a mean far from zero in standard deviations, or beyond half precision's range), the
-# means stay float32, with fewer components if the budget says so.
+# Means and log-variances are stored as 8-bit codes, per feature an offset and a step in half precision
+# (`mean_range`, `log_var_range`: 2 x F), half the bytes of half precision, so twice the components fit a
+# budget. Where decoding would move any fitting image's score by more than `ROUNDING` (per feature; scores of
+# different domains differ by about 1), they are stored in half precision instead, and where that still
+# moves them (a mean far from zero in standard deviations, or beyond half precision's range), the means in
+# float32, with fewer components if the budget says so.
+CODES = torch.uint8
 STORAGE = torch.float16
 ROUNDING = 0.01
-FLOATS = (torch.float16, torch.bfloat16, torch.float32)  # what a signature file may hold (older: float32)
+FORMS = (CODES, torch.float16, torch.float32)  # the means' storage, in order of preference
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)  # floats a signature file may hold (older: float32)
 FIXED_BYTES = 8  # a signature's bytes besides its components: threshold (float32) and maps (int32)
+
+
+def _bytes(form: torch.dtype, num_features: int) -> tuple[int, int]:
+    """A signature's bytes stored in `form`: (per component, fixed)."""
+    if form == CODES:
+        return 2 * num_features + 4, FIXED_BYTES + 4 * num_features * STORAGE.itemsize
+    return num_features * (form.itemsize + STORAGE.itemsize) + 4, FIXED_BYTES
+
+
+def _encode(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit codes of `t` (K x F) and, per feature, the offset and step that decode them (2 x F, half
+    precision): the offset rounded down and the step up, so the codes span every component."""
+    t = t.float()
+    low, high = t.min(dim=0).values, t.max(dim=0).values
+    offset = low.to(STORAGE)
+    offset = torch.where(offset.float() > low, offset.nextafter(torch.full_like(offset, -math.inf)), offset)
+    step = ((high - offset.float()) / 255).to(STORAGE)
+    short = offset.float() + 255 * step.float() < high
+    step = torch.where(short, step.nextafter(torch.full_like(step, math.inf)), step)
+    codes = (t - offset.float()) / torch.where(step > 0, step.float(), torch.ones_like(low))
+    return codes.round().clamp(0, 255).to(CODES), torch.stack([offset, step])
 
 
 class DomainSignature(nn.Module):
     """One domain's feature statistics, a mixture of K diagonal Gaussians (`mean` and `log_var`: K x F,
-    in half precision, `mean` in float32 where it has to; `log_weight`: K), and its unknown-sample
-    `threshold`. A signature loaded from a file keeps the file's precision (those written before half
-    precision stay float32, bit for bit)."""
+    8-bit codes with their `*_range`, or half precision, `mean` in float32 where it has to; `log_weight`:
+    K), and its unknown-sample `threshold`. A signature loaded from a file keeps the file's storage (those
+    written before codes stay half precision or float32, bit for bit)."""
 
     def __init__(self, num_features: int, components: int = 1, device: torch.device | None = None) -> None:
         super().__init__()
@@ -58,16 +83,43 @@ class DomainSignature(nn.Module):
         # feature maps the signature reads (`style_features`); 0: every stage's but the last (the default,
         # and what signatures written before this buffer read)
         self.register_buffer("maps", torch.tensor(0, device=device, dtype=torch.int32))
+        self.register_buffer("mean_range", None)  # offset and step per feature, when `mean` holds codes
+        self.register_buffer("log_var_range", None)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
         state_dict.setdefault(prefix + "maps", torch.tensor(0, dtype=torch.int32))  # written before `maps`
         for name in ("mean", "log_var"):
-            t = state_dict.get(prefix + name)
-            if isinstance(t, torch.Tensor) and t.dtype != getattr(self, name).dtype:
-                if t.dtype not in FLOATS:
-                    raise RuntimeError(f"signature.{name} is {t.dtype}; expected one of {FLOATS}")
-                setattr(self, name, getattr(self, name).to(t.dtype))
+            t, span = state_dict.get(prefix + name), state_dict.get(prefix + name + "_range")
+            if not isinstance(t, torch.Tensor):
+                continue  # strict loading names the missing key
+            if t.dtype not in (CODES, *FLOATS):
+                raise RuntimeError(f"signature.{name} is {t.dtype}; expected one of {(CODES, *FLOATS)}")
+            coded = t.dtype == CODES
+            if coded != isinstance(span, torch.Tensor) or (
+                coded and (span.dtype not in FLOATS or tuple(span.shape) != (2, t.shape[-1]))
+            ):
+                raise RuntimeError(
+                    f"signature.{name} ({t.dtype}) needs signature.{name}_range (2 x F floats) exactly when "
+                    "it holds 8-bit codes"
+                )
+            setattr(self, name, getattr(self, name).to(t.dtype))
+            setattr(self, name + "_range", torch.empty_like(span, device=t.device) if coded else None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _decoded(self, name: str) -> torch.Tensor:
+        t, span = getattr(self, name), getattr(self, name + "_range")
+        return t.float() if span is None else span[0].float() + t.float() * span[1].float()
+
+    def _store(self, form: torch.dtype) -> DomainSignature:
+        """Store the means (and, as 8-bit codes, the log-variances) in `form`; returns self."""
+        if form == CODES:
+            for name in ("mean", "log_var"):
+                codes, span = _encode(getattr(self, name))
+                setattr(self, name, codes)
+                setattr(self, name + "_range", span)
+        else:
+            self.mean = self.mean.to(form)
+        return self
 
     @property
     def num_features(self) -> int:
@@ -75,7 +127,7 @@ class DomainSignature(nn.Module):
 
     def score(self, features: torch.Tensor) -> torch.Tensor:
         """Mixture log-likelihood per feature (without the constant) of each row of `features`."""
-        mean, log_var = self.mean.float(), self.log_var.float()
+        mean, log_var = self._decoded("mean"), self._decoded("log_var")
         z = (features.float()[:, None] - mean) ** 2 * torch.exp(-log_var)
         per_component = -0.5 * (z + log_var).sum(dim=2) + self.log_weight
         return per_component.logsumexp(dim=1) / self.num_features
@@ -100,17 +152,16 @@ class DomainSignature(nn.Module):
                 f"a signature needs at least 4 feature rows (N x F), got shape {tuple(features.shape)}"
             )
         components = max(1, min(components, features.shape[0] // 8))
-        for mean_dtype in (STORAGE, torch.float32):
+        for form in FORMS:
             k = components
             if max_bytes is not None:
-                per_component = features.shape[1] * (mean_dtype.itemsize + STORAGE.itemsize) + 4
-                k = max(1, min(components, (max_bytes - FIXED_BYTES) // per_component))
+                per_component, fixed = _bytes(form, features.shape[1])
+                k = max(1, min(components, (max_bytes - fixed) // per_component))
             signature = cls._mixture(features, k)
             exact = signature.score(features)
-            signature.mean = signature.mean.to(mean_dtype)
-            if (signature.score(features) - exact).abs().max() <= ROUNDING:
+            if (signature._store(form).score(features) - exact).abs().max() <= ROUNDING:
                 break
-        held_out = cls._mixture(features[0::2], k).score(features[1::2])
+        held_out = cls._mixture(features[0::2], k)._store(form).score(features[1::2])
         signature.threshold.copy_(torch.quantile(held_out, reject))
         return signature
 

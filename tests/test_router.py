@@ -159,10 +159,11 @@ def test_a_float32_signature_written_before_half_precision_loads_bit_for_bit(tmp
     model = AdapterModel.from_backbone("test_resnet")
     model.add_domain("red", num_classes=2)
     features = collect_features(model, batches(images("red", 64, seed=3)))
-    old = DomainSignature.fit(features, components=3)
-    old.log_var = (
-        old.log_var.float() + 1e-4
-    )  # what earlier releases wrote: float32, not representable in half
+    # what earlier releases wrote: float32, not representable in half
+    old = DomainSignature(features.shape[1], 3)
+    old.mean.copy_(features[:3])
+    old.log_var = torch.full_like(old.mean, 0.1 + 1e-4)
+    old.threshold.fill_(-3.0)
     model.signatures["red"] = old
     save_family(model, tmp_path / "fam")
     loaded = AdapterModel.from_pretrained(tmp_path / "fam")
@@ -172,10 +173,24 @@ def test_a_float32_signature_written_before_half_precision_loads_bit_for_bit(tmp
     assert torch.equal(loaded.route(x).scores, model.route(x).scores)
 
 
-def test_means_are_half_precision_only_where_rounding_leaves_the_scores_in_place():
+def test_signatures_are_8_bit_codes_and_a_file_must_carry_their_ranges(model, tmp_path):
+    signature = model.signatures["red"]
+    assert signature.mean.dtype == signature.log_var.dtype == torch.uint8
+    assert signature.mean_range.shape == signature.log_var_range.shape == (2, signature.num_features)
+    save_family(model, tmp_path / "fam")
+    state = {k: v for k, v in model.signatures["red"].state_dict().items() if k != "mean_range"}
+    with pytest.raises(RuntimeError, match="signature.mean_range"):
+        DomainSignature(signature.num_features, signature.mean.shape[0]).load_state_dict(state)
+
+
+def test_codes_or_half_precision_only_where_rounding_leaves_the_scores_in_place():
     g = torch.Generator().manual_seed(0)
     near = torch.randn(256, 16, generator=g)
-    assert DomainSignature.fit(near).mean.dtype == torch.float16
+    assert DomainSignature.fit(near).mean.dtype == torch.uint8
+    # tight clusters at 10 and 20: 10 falls between two codes of the range 0-20, 40 standard deviations off
+    noise = torch.randn(300, 16, generator=torch.Generator().manual_seed(0))
+    steep = torch.cat([noise[:100], 10 + 1e-3 * noise[100:200], 20 + 1e-3 * noise[200:]])
+    assert DomainSignature.fit(steep, components=4).mean.dtype == torch.float16
     for far in (1e4 + 1e-2 * near, 1e6 + near):  # half precision's spacing there, and beyond its range
         signature = DomainSignature.fit(far, max_bytes=16 * 6 * 3 + 8)
         assert signature.mean.dtype == torch.float32
