@@ -39,6 +39,21 @@ def batches(x: torch.Tensor, size: int = 16):
     return (x[i : i + size] for i in range(0, len(x), size))
 
 
+def rewrite_domain_file(family, name: str, edit) -> None:
+    """Apply `edit` to a saved domain's tensors, as another release (or a damaged file) would have them,
+    keeping the family's checksum of the file right."""
+    path = family / domain_file(name)
+    state = load_file(path)
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    edit(state)
+    save_file(state, path, metadata=metadata)
+    entry_path = family / domain_entry_file(name)
+    entry = json.loads(entry_path.read_text())
+    entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    entry_path.write_text(json.dumps(entry))
+
+
 @pytest.fixture(scope="module")
 def model():
     model = AdapterModel.from_backbone("test_resnet")
@@ -127,29 +142,21 @@ def test_signature_travels_with_the_domain_file(model, tmp_path):
 
 
 def test_a_single_gaussian_signature_written_before_mixtures_still_loads(tmp_path):
-
     model = AdapterModel.from_backbone("test_resnet")
     model.add_domain("red", num_classes=2)
     features = collect_features(model, batches(images("red", 64, seed=3)))
-    model.signatures["red"] = DomainSignature.fit(features, components=1)
+    first = DomainSignature(features.shape[1], 1)  # the first release: float32 mean, log_var (F,), threshold
+    first.mean.copy_(features.mean(dim=0))
+    first.log_var = features.var(dim=0).clamp_min(1e-3).log()[None]
+    first.threshold.fill_(-3.0)
+    model.signatures["red"] = first
     save_family(model, tmp_path / "fam")
-    path = tmp_path / "fam" / domain_file("red")
-    state = load_file(path)
-    with safe_open(path, "pt") as f:
-        metadata = f.metadata()
-    state["signature.mean"], state["signature.log_var"] = (
-        state["signature.mean"][0],
-        state["signature.log_var"][0],
-    )
-    del (
-        state["signature.log_weight"],
-        state["signature.maps"],
-    )  # the first release: mean, log_var (F,), threshold
-    save_file(state, path, metadata=metadata)
-    entry_path = tmp_path / "fam" / domain_entry_file("red")
-    entry = json.loads(entry_path.read_text())
-    entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    entry_path.write_text(json.dumps(entry))
+
+    def first_release(state: dict) -> None:
+        state["signature.mean"], state["signature.log_var"] = first.mean[0], first.log_var[0]
+        del state["signature.log_weight"], state["signature.maps"]
+
+    rewrite_domain_file(tmp_path / "fam", "red", first_release)
     loaded = AdapterModel.from_pretrained(tmp_path / "fam")
     x = images("red", 4, seed=8)
     assert torch.equal(loaded.route(x).scores, model.route(x).scores)
@@ -178,9 +185,9 @@ def test_signatures_are_8_bit_codes_and_a_file_must_carry_their_ranges(model, tm
     assert signature.mean.dtype == signature.log_var.dtype == torch.uint8
     assert signature.mean_range.shape == signature.log_var_range.shape == (2, signature.num_features)
     save_family(model, tmp_path / "fam")
-    state = {k: v for k, v in model.signatures["red"].state_dict().items() if k != "mean_range"}
-    with pytest.raises(RuntimeError, match="signature.mean_range"):
-        DomainSignature(signature.num_features, signature.mean.shape[0]).load_state_dict(state)
+    rewrite_domain_file(tmp_path / "fam", "red", lambda state: state.pop("signature.mean_range"))
+    with pytest.raises(ValueError, match="'red'.*signature.mean_range.*re-save the domain"):
+        AdapterModel.from_pretrained(tmp_path / "fam")
 
 
 def test_codes_or_half_precision_only_where_rounding_leaves_the_scores_in_place():
