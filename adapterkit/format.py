@@ -7,8 +7,9 @@
     README.md                    model card
 
 Each domain's metadata lives next to its tensors, so adding files never drops a domain: a folder or a
-repo holds the domains whose two files it holds (format version 2). Version 1 kept the domain table in
-`adapterkit.json`; it is still read.
+repo holds the domains whose two files it holds (format versions 2 and 3; 3 marks domain files whose
+routing signatures may hold 8-bit codes, which releases before it cannot read). Version 1 kept the domain
+table in `adapterkit.json`; it is still read.
 
 Only JSON and safetensors are read or written; nothing is pickled. This module imports neither torch
 nor safetensors at import time, so commands that only read JSON start fast.
@@ -29,8 +30,8 @@ from .config import check_domain_name
 if TYPE_CHECKING:
     import torch
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 3: version 2's files, with signatures that may hold 8-bit codes (router.py)
+READABLE_VERSIONS = (1, 2, 3)
 CONFIG_FILE = "adapterkit.json"
 BASIS_FILE = "basis.safetensors"
 DOMAINS_DIR = "domains"

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from adapterkit import AdapterModel
 from adapterkit.family import save_family
+from adapterkit.format import FORMAT_VERSION
 from adapterkit.hub import list_domains, pull_family, push_folder
 from adapterkit.inject import create_backbone
 
@@ -50,7 +51,7 @@ def test_version_2_layout_and_readable_files(tmp_path):
         "domains/b.safetensors",
     ]
     config = json.loads((tmp_path / "fam" / "adapterkit.json").read_text())
-    assert config["format_version"] == 2 and "domains" not in config
+    assert config["format_version"] == FORMAT_VERSION == 3 and "domains" not in config
     entry = json.loads((tmp_path / "fam" / "domains" / "a.json").read_text())
     assert entry["name"] == "a" and entry["num_classes"] == 3 and len(entry["sha256"]) == 64
     modes = {oct((tmp_path / "fam" / f).stat().st_mode & 0o777) for f in files if "." in f}
