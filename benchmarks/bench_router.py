@@ -8,7 +8,7 @@ bit-identical. Unknown detection: CIFAR-10 test images (a domain never added) ag
 test images, AUROC of max_d(score_d - threshold_d), and each of the five held out in turn against the
 other four. Cost: a batch of 64 with `domain="auto"` vs the
 same batch with its true domain given (median of alternating runs, one thread), with 5 and 50 domains,
-and `model.route` alone (`route_ratio`). `--maps 2 --components 10`: signatures that read the stem and
+and `model.route` alone (`route_ratio`). `--maps 2 --components 16`: signatures that read the stem and
 the first stage only (a shorter routing pass), with as many components as fit the same byte budget.
 
     python benchmarks/bench_router.py --out benchmarks/results/router.json

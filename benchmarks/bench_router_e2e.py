@@ -14,7 +14,7 @@ is right; `auto_best` ignores the unknown threshold (what `domain="auto"` itself
     python benchmarks/bench_router_e2e.py --out benchmarks/results/router_e2e.json
     python benchmarks/bench_router_e2e.py --family /tmp/fam   # keep the trained family there; run again
         with --family /tmp/fam --refit-signatures: the same adapters, signatures fitted by this version
-        (`--maps 2 --components 10`: signatures that read the stem and first stage only)
+        (`--maps 2 --components 16`: signatures that read the stem and first stage only)
 """
 
 from __future__ import annotations
