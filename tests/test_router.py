@@ -4,7 +4,6 @@ flagged, and signatures travel with the domain's file."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
@@ -15,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from adapterkit import AdapterModel
 from adapterkit.family import save_family
-from adapterkit.format import domain_entry_file, domain_file
+from adapterkit.format import domain_entry_file, domain_file, sha256
 from adapterkit.router import COMPONENTS, DomainSignature, collect_features
 
 COLOURS = {"red": (2.0, -1.0, -1.0), "green": (-1.0, 2.0, -1.0), "blue": (-1.0, -1.0, 2.0)}
@@ -50,7 +49,7 @@ def rewrite_domain_file(family, name: str, edit) -> None:
     save_file(state, path, metadata=metadata)
     entry_path = family / domain_entry_file(name)
     entry = json.loads(entry_path.read_text())
-    entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    entry["sha256"] = sha256(path.read_bytes())
     entry_path.write_text(json.dumps(entry))
 
 
