@@ -62,11 +62,12 @@ def load(root: Path, order: list[str], train_limit: int, test_limit: int, omnigl
     return data
 
 
-def config(name: str, steps: int, batch: int, lr: float = 0.1) -> TrainConfig:
+def config(name: str, steps: int, batch: int, lr: float = 0.1, seed: int = 0) -> TrainConfig:
     flip = name not in NO_FLIP
     return TrainConfig(
-        steps=steps, batch_size=batch, lr=lr, flip=flip, progress=False, threads=1, check_images=100
-    )
+        steps=steps, batch_size=batch, lr=lr, flip=flip, progress=False, threads=1, check_images=100,
+        seed=seed,
+    )  # fmt: skip
 
 
 def accuracies(model: AdapterModel, data: dict) -> dict[str, float]:
@@ -121,7 +122,9 @@ def full_family(args: argparse.Namespace, data: dict, plain: AdapterModel, weigh
         return full
     t0, full = time.time(), copy.deepcopy(plain)
     for name in args.full_domains or args.order:
-        m = train_domain(full, name, data[name][0], config=config(name, args.steps, args.batch))
+        m = train_domain(
+            full, name, data[name][0], config=config(name, args.steps, args.batch, seed=args.seed)
+        )
         print(f"trained full {name}: {m['seconds']:.0f} s", flush=True)
     if args.save_full:
         full.save_pretrained(args.save_full)
@@ -135,8 +138,8 @@ def run(args: argparse.Namespace, points: Points) -> None:
     data = load(args.data_root, args.order, args.train_limit, args.test_limit, args.omniglot_classes)
     weights = args.data_root / "resnet_cifar10" / f"{args.backbone.split('_')[-1]}.safetensors"
     plain = AdapterModel(create_backbone(args.backbone, pretrained=weights))
-    cfg = lambda n, steps: config(n, steps, args.batch)  # noqa: E731
-    ft = lambda n: config(n, args.finetune_steps, args.batch, args.finetune_lr)  # noqa: E731
+    cfg = lambda n, steps: config(n, steps, args.batch, seed=args.seed)  # noqa: E731
+    ft = lambda n: config(n, args.finetune_steps, args.batch, args.finetune_lr, args.seed)  # noqa: E731
     full = full_family(args, data, plain, weights, points)
     if full is None:
         return
@@ -226,6 +229,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--finetune-steps", type=int, default=30, help="0: projections evaluated as they are")
     p.add_argument("--finetune-lr", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0, help="training seed (head init, batch order, augmentation)")
     p.add_argument("--train-limit", type=int, default=5000)
     p.add_argument("--test-limit", type=int, default=2000)
     p.add_argument("--omniglot-classes", type=int, default=100)
