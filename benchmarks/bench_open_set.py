@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
@@ -38,7 +39,10 @@ from data import DEFAULT_DATA_ROOT, DOMAINS  # noqa: E402
 from adapterkit import AdapterModel  # noqa: E402
 
 DOMAINS_ = ORDERS[0]
-FLOOR = 1e-3  # log(p + FLOOR): an energy below every calibration image's counts as p = 0
+FLOOR = 1e-3  # log(p + FLOOR): a value below every calibration image's counts as p = 0
+GRID = [
+    (a, b) for a in (0.0, 0.05, 0.1, 0.2, 0.5) for b in (0.0, 0.1, 0.2, 0.5)
+]  # best + a log p_sig + b log p_e
 
 
 @torch.no_grad()
@@ -52,7 +56,10 @@ def collect(model: AdapterModel, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"scores": torch.cat(scores), "energy": torch.cat(energy)}
 
 
-def held_out(model: AdapterModel, sets: dict, held: str, lambdas: list[float]) -> dict[str, float]:
+def held_out(model: AdapterModel, sets: dict, held: str, lambdas: list[float]) -> dict:
+    """AUROC of known (the other domains' test images) vs `held`'s test images for each score; and for
+    `best + a log p_sig + b log p_energy` over GRID, each test set split in halves (even and odd images):
+    the AUROC on each half, so a weight chosen on one half can be judged on the other."""
     known = [d for d in DOMAINS_ if d != held]
     cols = [DOMAINS_.index(d) for d in known]
     thresholds = torch.stack([model.signatures[d].threshold for d in known])
@@ -62,23 +69,53 @@ def held_out(model: AdapterModel, sets: dict, held: str, lambdas: list[float]) -
         energy = entry["energy"][:, cols].gather(1, arg[:, None])[:, 0]
         return best, arg, energy
 
-    calibration = []  # per known domain, the sorted energies of its own images routed to it
+    calibration = []  # per known domain, its own images routed to it: sorted scores and energies
     for j, d in enumerate(known):
         best, arg, energy = routed(sets[f"{d}|train"])
-        calibration.append(energy[arg == j].sort().values)
+        calibration.append((best[arg == j].sort().values, energy[arg == j].sort().values))
 
     def scores(name: str) -> dict[str, torch.Tensor]:
         best, arg, energy = routed(sets[f"{name}|test"])
-        p = torch.zeros_like(energy)
-        for j, cal in enumerate(calibration):  # share of calibration energies <= the image's
+        p_sig, p = torch.zeros_like(best), torch.zeros_like(energy)
+        for j, (cal_sig, cal) in enumerate(calibration):  # share of calibration values <= the image's
             mine = arg == j
+            p_sig[mine] = torch.searchsorted(cal_sig, best[mine], right=True) / len(cal_sig)
             p[mine] = torch.searchsorted(cal, energy[mine], right=True) / len(cal)
-        out = {"best": best, "margin": best - thresholds[arg], "energy": energy}
-        return out | {f"combined {lam}": best + lam * (p + FLOOR).log() for lam in lambdas}
+        log_sig, log_e = (p_sig + FLOOR).log(), (p + FLOOR).log()
+        out = {"best": best, "margin": best - thresholds[arg], "energy": energy, "log p_sig": log_sig}
+        out |= {f"combined {lam}": best + lam * log_e for lam in lambdas}
+        out |= {f"grid {a} {b}": best + a * log_sig + b * log_e for a, b in GRID}
+        return out
 
     inside = [scores(d) for d in known]
     outside = scores(held)
-    return {k: auroc(torch.cat([s[k] for s in inside]), outside[k]) for k in outside}
+
+    def area(key: str, half: slice) -> float:
+        return auroc(torch.cat([s[key][half] for s in inside]), outside[key][half])
+
+    every = slice(None)
+    return {
+        k: area(k, every) if not k.startswith("grid") else [area(k, slice(h, None, 2)) for h in (0, 1)]
+        for k in outside
+    }
+
+
+def choose(results: dict) -> dict:
+    """The GRID weights with the highest lowest AUROC over the held-out sets on one half, and what they
+    give on the other half."""
+    out = {}
+    for fit, judge in ((0, 1), (1, 0)):
+        lowest = {
+            k: min(r[k][fit] for r in results.values()) for k in results["cifar10"] if k.startswith("grid")
+        }
+        key = max(lowest, key=lowest.get)
+        out[f"chosen on half {fit}"] = {
+            "weights": key,
+            "lowest, chosen half": lowest[key],
+            "lowest, other half": min(r[key][judge] for r in results.values()),
+            "other half": {h: r[key][judge] for h, r in results.items()},
+        }
+    return out
 
 
 def main() -> None:
@@ -92,24 +129,39 @@ def main() -> None:
     p.add_argument("--calibration", type=int, default=500, help="training images per domain for p")
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.1, 0.2, 0.4])
     p.add_argument("--out", type=Path, default=HERE / "results" / "open_set.json")
+    p.add_argument("--cache", type=Path, help="safetensors file of the collected scores (read if present)")
     args = p.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
     model = AdapterModel.from_pretrained(args.family).eval()
     sets = {}
-    for name in DOMAINS_ + ["cifar10"]:
+    if args.cache and args.cache.is_file():
+        flat = load_file(args.cache)
+        sets = {k.rsplit("|", 1)[0]: {} for k in flat}
+        for k, t in flat.items():
+            sets[k.rsplit("|", 1)[0]][k.rsplit("|", 1)[1]] = t
+    for name in DOMAINS_ + ["cifar10"] if not sets else []:
         for split, limit, seed in (("test", args.test_limit, 0), ("train", args.calibration, 1)):
             if name == "cifar10" and split == "train":
                 continue
             kw = {"num_classes": 100} if name == "omniglot" else {}
             data = DOMAINS[name](args.data_root, split, **kw)
             sets[f"{name}|{split}"] = collect(model, tensors(model, data, limit, args.image_size, seed))
+    if args.cache and not args.cache.is_file():
+        save_file({f"{k}|{n}": t.contiguous() for k, v in sets.items() for n, t in v.items()}, args.cache)
     results = {held: held_out(model, sets, held, args.lambdas) for held in DOMAINS_ + ["cifar10"]}
-    for key in results["cifar10"]:
+    for key in (k for k in results["cifar10"] if not k.startswith("grid")):
         row = [results[h][key] for h in results]
         print(f"{key:14s}", " ".join(f"{v:.3f}" for v in row), f"min {min(row):.3f}")
-    config = vars(args) | {k: str(getattr(args, k)) for k in ("data_root", "out", "family")}
-    write_report(args.out, "open_set", config, {"auroc": results}, start)
+    chosen = choose(results)
+    for name, c in chosen.items():
+        print(
+            name,
+            c["weights"],
+            f"lowest {c['lowest, chosen half']:.3f} -> other half {c['lowest, other half']:.3f}",
+        )
+    config = vars(args) | {k: str(getattr(args, k)) for k in ("data_root", "out", "family", "cache")}
+    write_report(args.out, "open_set", config, {"auroc": results, "grid": chosen}, start)
 
 
 if __name__ == "__main__":
