@@ -30,8 +30,10 @@ from .config import check_domain_name
 if TYPE_CHECKING:
     import torch
 
-FORMAT_VERSION = 3  # 3: version 2's files, with signatures that may hold 8-bit codes (router.py)
-READABLE_VERSIONS = (1, 2, 3)
+# 3: version 2's files, with signatures that may hold 8-bit codes; 4: signatures that may also hold an
+# open-set calibration (signature.py)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 CONFIG_FILE = "adapterkit.json"
 BASIS_FILE = "basis.safetensors"
 DOMAINS_DIR = "domains"

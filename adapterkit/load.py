@@ -19,7 +19,7 @@ from torch import nn
 from .config import AdapterConfig, DomainInfo, check_domain_name
 from .format import BASIS_FILE, domain_file, read_config, read_safetensors
 from .inject import fingerprint, rebuild_backbone, reparameterize
-from .router import DomainSignature
+from .signature import DomainSignature
 from .sources import Source, open_source
 
 if TYPE_CHECKING:

@@ -34,16 +34,8 @@ from .inject import (
 from .layers import DomainLayer, DomainRouter
 from .layers.gathered import Mixed, NotGatherable
 from .layers.plain import PlainPasses
-from .router import (
-    COMPONENTS,
-    SIGNATURE_SHARE,
-    DomainSignature,
-    Route,
-    collect_features,
-    feature_maps,
-    route,
-    style_features,
-)
+from .router import Route, collect, decide_open, feature_maps, route, style_features
+from .signature import COMPONENTS, SIGNATURE_SHARE, DomainSignature
 
 logger = logging.getLogger(__name__)
 
@@ -372,7 +364,8 @@ class AdapterModel(
     ) -> DomainSignature:
         """Record `domain`'s signature from batches of its (preprocessed) images; other domains' stay
         as they are. `train_domain` does this on the training images; use it for domains you train
-        yourself or loaded without one. `budget`: the signature's bytes at most, as a share of the
+        yourself or loaded without one. The domain runs over the same images too: its head's energies
+        calibrate the unknown decision of `route(x, classify=True)` (router.py). `budget`: the signature's bytes at most, as a share of the
         domain's adapter bytes (it keeps as many of the `components` mixture components as fit, at
         least one); None: no cap. `maps`: the backbone's first feature maps the signature reads
         (`router.style_features`; 0: every stage's but the last); every domain's must agree, so None
@@ -384,16 +377,22 @@ class AdapterModel(
         state = self.domain_state_dict(domain)
         nbytes = sum(t.numel() * t.element_size() for k, t in state.items() if not k.startswith("signature."))
         cap = None if budget is None else int(budget * nbytes)
-        features = collect_features(self, batches, maps=maps)
-        signature = DomainSignature.fit(features, components, max_bytes=cap)
+        features, energies = collect(self, batches, maps=maps, domain=domain)
+        signature = DomainSignature.fit(features, components, max_bytes=cap, energies=energies)
         signature.maps.fill_(maps)
         with self._lock:
             self._check_known(domain)
             self.signatures[domain] = signature
         return signature
 
-    def route(self, x: torch.Tensor) -> Route:
-        """The domain of each sample (None: unknown), its confidence and every domain's score."""
+    def route(self, x: torch.Tensor, *, classify: bool = False) -> Route:
+        """The domain of each sample (None: unknown), its confidence and every domain's score.
+
+        By the signatures alone, before any domain runs; with `classify=True` each sample then runs
+        through its best domain (one mixed batch, as `domain="auto"`), `logits` holds the result, and a
+        sample is unknown when its open score (signature score, and where the image sits among its
+        domain's own images by that score and by the domain's head energy) is below the domain's
+        calibrated threshold: this catches more images of unknown domains (docs/routing.md)."""
         names = [d for d in self._domains if d in self.signatures]
         missing = [d for d in self._domains if d not in self.signatures]
         if not names or missing:
@@ -404,7 +403,10 @@ class AdapterModel(
         signatures = {n: self.signatures[n] for n in names}
         with torch.no_grad():
             features = style_features(self.backbone, x, feature_maps(signatures))
-        return route(features, signatures)
+            routed = route(features, signatures)
+            if not classify:
+                return routed
+            return decide_open(routed, self(x, domain=routed.best), signatures)
 
     # ----------------------------------------------------------------- shared basis
     def basis(self) -> dict[str, torch.Tensor]:

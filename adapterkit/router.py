@@ -1,21 +1,17 @@
-"""Domain signatures: route an image to its domain when nobody says which, without forgetting.
-
-A domain's signature is a mixture of K diagonal Gaussians (`COMPONENTS`) of the frozen backbone's style
-features on that domain's images (per component a weight, a mean and a log-variance per feature: about
-2 K F numbers, stored as 8-bit codes) plus a calibrated threshold: the score below
-which only `REJECT` of the domain's own images fall. Each signature is fitted from its own domain's images
-alone and never changes afterwards, so adding or removing a domain changes no other domain's signature,
-bit for bit: routing is incremental, with nothing shared to retrain.
+"""Route an image to its domain when nobody says which, without forgetting (signatures: `signature.py`).
 
 Routing costs one pass of the plain frozen backbone (the features every signature reads) plus O(F) per
 domain: with the domain's own forward, at most 2 forwards per image whatever the number of domains.
-The score of domain d is the mixture's log-likelihood divided by F; the chosen domain is the best
-score, its confidence the posterior under equal priors, and a sample whose best score is below that
-domain's threshold is unknown (None).
+The score of domain d is its signature's log-likelihood per feature; the chosen domain is the best
+score, its confidence the posterior under equal priors. Before any domain runs, a sample whose best score
+is below that domain's threshold is unknown (None, `decide`); once it ran through its best domain, a
+sample is unknown when its open score is below the domain's `open_threshold` (`decide_open`), which
+also reads the domain's head: the decision `route(x, classify=True)` and the inference service make.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,168 +20,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .signature import MAX_IMAGES, DomainSignature, open_scores
+
 if TYPE_CHECKING:
     from .model import AdapterModel
-
-SIGNATURE_SHARE = 0.01  # a signature's bytes at most, as a share of its domain's (fit_signature's budget)
-REJECT = 0.01  # share of a domain's own images the threshold may call unknown
-MAX_IMAGES = 4096  # images a signature is fitted on (the rest add nothing measurable)
-COMPONENTS = 6  # Gaussians per signature: what the 1 % budget buys the CIFAR ResNets in 8-bit codes; on the
-# real sequence (64 px) 5 -> 6 components took mean routing from 0.977 to 0.981 (docs/benchmarks.md, "Routing")
-EM_STEPS = 30
-# Means and log-variances are stored as 8-bit codes, per feature an offset and a step in half precision
-# (`mean_range`, `log_var_range`: 2 x F), half the bytes of half precision, so twice the components fit a
-# budget. Where decoding would move any fitting image's score by more than `ROUNDING` (per feature; scores of
-# different domains differ by about 1), they are stored in half precision instead, and where that still
-# moves them (a mean far from zero in standard deviations, or beyond half precision's range), the means in
-# float32, with fewer components if the budget says so.
-CODES = torch.uint8
-STORAGE = torch.float16
-ROUNDING = 0.01
-FORMS = (CODES, torch.float16, torch.float32)  # the means' storage, in order of preference
-FLOATS = (torch.float16, torch.bfloat16, torch.float32)  # floats a signature file may hold (older: float32)
-FIXED_BYTES = 8  # a signature's bytes besides its components: threshold (float32) and maps (int32)
-
-
-def _bytes(form: torch.dtype, num_features: int) -> tuple[int, int]:
-    """A signature's bytes stored in `form`: (per component, fixed)."""
-    if form == CODES:
-        return 2 * num_features + 4, FIXED_BYTES + 4 * num_features * STORAGE.itemsize
-    return num_features * (form.itemsize + STORAGE.itemsize) + 4, FIXED_BYTES
-
-
-def _encode(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """8-bit codes of `t` (K x F) and, per feature, the offset and step that decode them (2 x F, half
-    precision): the offset rounded down and the step up, so the codes span every component."""
-    t = t.float()
-    low, high = t.min(dim=0).values, t.max(dim=0).values
-    offset = low.to(STORAGE)
-    offset = torch.where(offset.float() > low, offset.nextafter(torch.full_like(offset, -math.inf)), offset)
-    step = ((high - offset.float()) / 255).to(STORAGE)
-    short = offset.float() + 255 * step.float() < high
-    step = torch.where(short, step.nextafter(torch.full_like(step, math.inf)), step)
-    codes = (t - offset.float()) / torch.where(step > 0, step.float(), torch.ones_like(low))
-    return codes.round().clamp(0, 255).to(CODES), torch.stack([offset, step])
-
-
-class DomainSignature(nn.Module):
-    """One domain's feature statistics, a mixture of K diagonal Gaussians (`mean` and `log_var`: K x F,
-    8-bit codes with their `*_range`, or half precision, `mean` in float32 where it has to; `log_weight`:
-    K), and its unknown-sample `threshold`. A signature loaded from a file keeps the file's storage (those
-    written before codes stay half precision or float32, bit for bit)."""
-
-    def __init__(self, num_features: int, components: int = 1, device: torch.device | None = None) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(components, num_features, device=device))
-        self.register_buffer("log_var", torch.zeros(components, num_features, device=device, dtype=STORAGE))
-        self.register_buffer("log_weight", torch.full((components,), -math.log(components), device=device))
-        self.register_buffer("threshold", torch.tensor(-math.inf, device=device))
-        # feature maps the signature reads (`style_features`); 0: every stage's but the last (the default,
-        # and what signatures written before this buffer read)
-        self.register_buffer("maps", torch.tensor(0, device=device, dtype=torch.int32))
-        self.register_buffer("mean_range", None)  # offset and step per feature, when `mean` holds codes
-        self.register_buffer("log_var_range", None)
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
-        state_dict.setdefault(prefix + "maps", torch.tensor(0, dtype=torch.int32))  # written before `maps`
-        for name in ("mean", "log_var"):
-            t, span = state_dict.get(prefix + name), state_dict.get(prefix + name + "_range")
-            if not isinstance(t, torch.Tensor):
-                continue  # strict loading names the missing key
-            if t.dtype not in (CODES, *FLOATS):
-                raise RuntimeError(f"signature.{name} is {t.dtype}; expected one of {(CODES, *FLOATS)}")
-            coded = t.dtype == CODES
-            if coded != isinstance(span, torch.Tensor) or (
-                coded and (span.dtype not in FLOATS or tuple(span.shape) != (2, t.shape[-1]))
-            ):
-                raise RuntimeError(
-                    f"signature.{name} ({t.dtype}) needs signature.{name}_range (2 x F floats) exactly when "
-                    "it holds 8-bit codes"
-                )
-            setattr(self, name, getattr(self, name).to(t.dtype))
-            setattr(self, name + "_range", torch.empty_like(span, device=t.device) if coded else None)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def _decoded(self, name: str) -> torch.Tensor:
-        t, span = getattr(self, name), getattr(self, name + "_range")
-        return t.float() if span is None else span[0].float() + t.float() * span[1].float()
-
-    def _store(self, form: torch.dtype) -> DomainSignature:
-        """Store the means (and, as 8-bit codes, the log-variances) in `form`; returns self."""
-        if form == CODES:
-            for name in ("mean", "log_var"):
-                codes, span = _encode(getattr(self, name))
-                setattr(self, name, codes)
-                setattr(self, name + "_range", span)
-        else:
-            self.mean = self.mean.to(form)
-        return self
-
-    @property
-    def num_features(self) -> int:
-        return self.mean.shape[1]
-
-    def score(self, features: torch.Tensor) -> torch.Tensor:
-        """Mixture log-likelihood per feature (without the constant) of each row of `features`."""
-        mean, log_var = self._decoded("mean"), self._decoded("log_var")
-        z = (features.float()[:, None] - mean) ** 2 * torch.exp(-log_var)
-        per_component = -0.5 * (z + log_var).sum(dim=2) + self.log_weight
-        return per_component.logsumexp(dim=1) / self.num_features
-
-    @classmethod
-    @torch.no_grad()
-    def fit(
-        cls,
-        features: torch.Tensor,
-        components: int = COMPONENTS,
-        reject: float = REJECT,
-        max_bytes: int | None = None,
-    ) -> DomainSignature:
-        """The signature of `features` (N x F, N >= 4 per component), fitted by EM from a fixed seed
-        (the same features always give the same signature). The threshold is calibrated out of sample:
-        the `reject` quantile of the scores of every other row under a mixture fitted on the remaining
-        rows (scores of the rows a model was fitted on are optimistic when F is close to N). With
-        `max_bytes` (e.g. 1 % of the domain's adapter bytes) it uses as many components as fit in it, at
-        least one."""
-        if features.dim() != 2 or features.shape[0] < 4:
-            raise ValueError(
-                f"a signature needs at least 4 feature rows (N x F), got shape {tuple(features.shape)}"
-            )
-        components = max(1, min(components, features.shape[0] // 8))
-        for form in FORMS:
-            k = components
-            if max_bytes is not None:
-                per_component, fixed = _bytes(form, features.shape[1])
-                k = max(1, min(components, (max_bytes - fixed) // per_component))
-            signature = cls._mixture(features, k)
-            exact = signature.score(features)
-            if (signature._store(form).score(features) - exact).abs().max() <= ROUNDING:
-                break
-        held_out = cls._mixture(features[0::2], k)._store(form).score(features[1::2])
-        signature.threshold.copy_(torch.quantile(held_out, reject))
-        return signature
-
-    @classmethod
-    def _mixture(cls, features: torch.Tensor, components: int, steps: int = EM_STEPS) -> DomainSignature:
-        f = features.double()
-        # A floor keeps constant features (dead ReLUs) from making every other image infinitely unlikely.
-        floor = 1e-3 * float(f.var(dim=0).mean()) + 1e-12
-        start = torch.randperm(f.shape[0], generator=torch.Generator().manual_seed(0))[:components]
-        mean, var = f[start.to(f.device)], f.var(dim=0).expand(components, -1).clamp_min(floor)
-        weight = torch.full((components,), 1.0 / components, dtype=f.dtype, device=f.device)
-        for _ in range(steps if components > 1 else 0):
-            log_p = -0.5 * ((f[:, None] - mean) ** 2 / var + var.log()).sum(dim=2) + weight.log()
-            r = log_p.softmax(dim=1)  # responsibilities, N x K
-            n = r.sum(dim=0).clamp_min(1e-9)
-            weight, mean = n / n.sum(), (r.T @ f) / n[:, None]
-            var = ((r.T @ f**2) / n[:, None] - mean**2).clamp_min(floor)
-        if components == 1:
-            mean, var = f.mean(dim=0, keepdim=True), f.var(dim=0, keepdim=True).clamp_min(floor)
-        signature = cls(f.shape[1], components, device=features.device)
-        signature.mean.copy_(mean)
-        signature.log_var.copy_(var.log())  # rounded to STORAGE: the threshold is calibrated on rounded ones
-        signature.log_weight.copy_(weight.log().float())
-        return signature
 
 
 @dataclass
@@ -198,6 +36,10 @@ class Route:
         confidence: posterior of the best domain under equal priors (N,).
         scores: per-domain scores (N x D), columns in `names` order.
         names: the domains that have a signature.
+        logits: each sample's logits through its best domain, after `route(x, classify=True)`.
+        open_scores: then each sample's open score (higher: more like its domain's own images; NaN where
+            the signature has no open-set calibration): the per-domain `open_threshold` decides
+            `domains`; ranked across domains, it is the unknown detector measured in docs/benchmarks.md.
     """
 
     domains: list[str | None]
@@ -205,6 +47,8 @@ class Route:
     confidence: torch.Tensor
     scores: torch.Tensor
     names: list[str]
+    logits: torch.Tensor | None = None
+    open_scores: torch.Tensor | None = None
 
 
 def route(features: torch.Tensor, signatures: dict[str, DomainSignature]) -> Route:
@@ -260,6 +104,39 @@ def decide(scores: torch.Tensor, signatures: dict[str, DomainSignature]) -> Rout
     )
 
 
+def open_decisions(
+    best: torch.Tensor, logits: torch.Tensor, chosen: list[DomainSignature]
+) -> tuple[list[bool | None], torch.Tensor]:
+    """Per sample (routed to the domain of `chosen[i]`, with signature score `best[i]` and that domain's
+    `logits[i]`): whether its open score reaches the domain's `open_threshold` (known), or None where the
+    signature has no open-set calibration (written before it); and the open scores (NaN there)."""
+    known: list[bool | None] = [None] * len(chosen)
+    scores = torch.full((len(chosen),), math.nan, device=logits.device)
+    rows = [i for i, s in enumerate(chosen) if s.open_threshold is not None]
+    if rows:
+        index = torch.tensor(rows, device=logits.device)
+        picked = [chosen[i] for i in rows]
+        energy = logits.index_select(0, index).float().logsumexp(dim=1)  # (-inf padding adds nothing)
+        scores[index] = open_scores(best.to(logits.device).index_select(0, index), energy, picked)
+        thresholds = torch.stack([s.open_threshold.to(scores.device) for s in picked])
+        for i, fits in zip(rows, (scores[index] >= thresholds).tolist(), strict=True):
+            known[i] = fits
+    return known, scores
+
+
+def decide_open(route: Route, logits: torch.Tensor, signatures: dict[str, DomainSignature]) -> Route:
+    """The route once each sample ran through its best domain (`logits`): a sample whose best domain
+    carries the open-set calibration is unknown when its open score is below that domain's
+    `open_threshold`; otherwise (signatures written before it) the signature threshold's decision stands."""
+    best = route.scores.max(dim=1).values
+    known, scores = open_decisions(best, logits, [signatures[name] for name in route.best])
+    domains = [
+        d if k is None else (b if k else None)
+        for d, b, k in zip(route.domains, route.best, known, strict=True)
+    ]
+    return dataclasses.replace(route, domains=domains, logits=logits, open_scores=scores)
+
+
 def style_features(backbone: nn.Module, x: torch.Tensor, maps: int = 0) -> torch.Tensor:
     """What signatures read: per channel, the spatial mean and log standard deviation of the stem's and
     every stage's output but the last (what tells a digit from a traffic sign is image statistics, which
@@ -294,16 +171,31 @@ def collect_features(
 ) -> torch.Tensor:
     """`style_features` (of `maps`) of the plain frozen backbone (no domain) for up to `limit` images, in
     eval mode."""
+    return collect(model, batches, limit, maps)[0]
+
+
+def collect(
+    model: AdapterModel,
+    batches: Iterable[torch.Tensor],
+    limit: int = MAX_IMAGES,
+    maps: int = 0,
+    domain: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`collect_features`, and with `domain` also that domain's head energy (logsumexp of its logits) on
+    the same images, in eval mode: what `DomainSignature.fit(..., energies=)` calibrates on."""
     count = _feature_map_count(model.backbone)
     if isinstance(maps, bool) or not isinstance(maps, int) or not 0 <= maps <= count:
         raise ValueError(f"maps={maps!r}: use 0 (the default) or 1-{count}, the backbone's feature maps")
-    rows, seen = [], 0
+    rows, energies, seen = [], [], 0
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for x in batches:
-                rows.append(style_features(model.backbone, x[: limit - seen], maps))
+                x = x[: limit - seen]
+                rows.append(style_features(model.backbone, x, maps))
+                if domain is not None:
+                    energies.append(model(x, domain=domain).float().logsumexp(dim=1))
                 seen += rows[-1].shape[0]
                 if seen >= limit:
                     break
@@ -311,4 +203,4 @@ def collect_features(
         model.train(was_training)
     if not rows:
         raise ValueError("no images to fit a signature on")
-    return torch.cat(rows)
+    return torch.cat(rows), torch.cat(energies) if energies else None

@@ -5,9 +5,11 @@ once per distinct data config among the loaded domains (usually one). A domain's
 its own images preprocessed with its own config (`train_domain`), so each domain is scored on the image
 as preprocessed with that config: in the batch worker, one pass of the plain frozen backbone's early
 stages per distinct config (`router.style_features`), every signature's score, then one decision over
-all domains (`router.decide`: best domain, confidence, unknown below its threshold). With a single
-config this is exactly `model.route(x)`. The image then joins the batch's mixed-domain forward with its
-chosen domain's tensor.
+all domains (`router.decide`: best domain, confidence). The image then joins the batch's mixed-domain
+forward with its best domain's tensor, and after it is unknown when its open score is below that domain's
+`open_threshold` (`router.open_decisions`); a signature without the open-set calibration (fitted before
+it) decides before the forward, by its threshold, and its unknown images skip the forward. With a single
+config this is exactly `model.route(x, classify=True)`.
 
 A routed image's answer carries `"routed": true`, `"unknown": false` and the routing `"confidence"` next
 to the usual fields. An image that fits no loaded domain is answered (status 200) without a class:
@@ -20,6 +22,7 @@ routing of the images that were already preprocessed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -27,8 +30,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
-from .router import decide, feature_maps, style_features, unreadable
+from .router import decide, feature_maps, open_decisions, style_features, unreadable
 from .serve_errors import ServeError
 from .serve_images import decode_image
 from .serve_predict import prediction
@@ -46,13 +50,17 @@ __all__ = ["AUTO", "Router", "Routed", "answer", "no_signature"]
 @dataclass
 class Routed:
     """Where routing sent one image: `domain` (None: unknown), the `nearest` domain, the confidence, the
-    chosen domain's labels (read while it was certainly loaded) and the data config of its tensor."""
+    chosen domain's labels (read while it was certainly loaded), the data config of its tensor, and
+    whether the unknown decision waits for the domain's logits (its signature has the open-set
+    calibration)."""
 
     domain: str | None
     nearest: str
     confidence: float
     labels: list[str] | None = None
     key: str | None = None
+    score: float = -math.inf  # the nearest domain's signature score
+    pending: bool = False  # runs through `nearest`, known or not once its logits are in (open_decisions)
 
 
 def no_signature(missing: list[str]) -> ServeError:
@@ -160,7 +168,26 @@ class Router:
                     headers={"Retry-After": "1"},
                 )
             results[i] = result
+        self._decide_open([(items[i], results[i]) for i in run if isinstance(results[i], torch.Tensor)])
         return results
+
+    def _decide_open(self, done: list[tuple[Item, torch.Tensor]]) -> None:
+        """After the forward: an image whose decision was pending becomes unknown when its open score is
+        below its domain's `open_threshold` (`router.open_decisions`)."""
+        with self.domains.forward_lock:  # no removal between reading a signature and deciding
+            signatures = self.model.signatures
+            pending = [(item, row) for item, row in done if item.routed and item.routed.pending]
+            pending = [(item, row) for item, row in pending if item.domain in signatures]
+            if not pending:
+                return
+            chosen = [signatures[item.domain] for item, _ in pending]
+            best = torch.tensor([item.routed.score for item, _ in pending])
+            width = max(row.shape[0] for _, row in pending)
+            pad = [F.pad(row, (0, width - row.shape[0]), value=-math.inf) for _, row in pending]
+            known = open_decisions(best, torch.stack(pad), chosen)[0]
+        for (item, _), fits in zip(pending, known, strict=True):
+            if not fits:
+                item.routed = dataclasses.replace(item.routed, domain=None, labels=None)
 
     def _route(self, items: list[Item]) -> list[Any]:
         names = list(self.model.domains)
@@ -189,12 +216,16 @@ class Router:
                     scores[rows, names.index(d)] = signatures[d].score(features).float().cpu()
                     keys[d] = key
         route = decide(scores, signatures)
+        best = scores.max(dim=1).values.tolist()
         scored = torch.isfinite(scores).any(dim=1).tolist()
         out = []
         for j, (chosen, ok) in enumerate(zip(route.domains, scored, strict=True)):
-            chosen = chosen if ok else None
+            nearest = route.best[j]
+            pending = ok and signatures[nearest].open_threshold is not None
+            chosen = nearest if pending else chosen if ok else None
             labels = self.model.domain_info(chosen).labels if chosen is not None else None
-            out.append(Routed(chosen, route.best[j], float(route.confidence[j]), labels, keys.get(chosen)))
+            confidence = float(route.confidence[j])
+            out.append(Routed(chosen, nearest, confidence, labels, keys.get(chosen), best[j], pending))
         return out
 
 

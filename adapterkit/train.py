@@ -30,7 +30,7 @@ from .config import check_domain_name
 from .data import DomainDataset, Source, check_data, open_data
 from .loop import Job, checkpoint_folder, evaluate_dataset, fit, seeded, threads
 from .model import AdapterModel
-from .router import MAX_IMAGES
+from .signature import MAX_IMAGES
 from .train_config import AUTO_WEIGHT_DECAY, TrainConfig, auto_weight_decay, learning_rate
 from .transforms import Preprocess, resolve_data_config
 

@@ -34,9 +34,11 @@ sys.path.insert(0, str(HERE.parent / "examples"))
 sys.path.insert(0, str(HERE))
 from _common import write_report  # noqa: E402
 from bench_router import ORDERS, auroc, tensors  # noqa: E402
+from bench_router_e2e import refit_signatures  # noqa: E402
 from data import DEFAULT_DATA_ROOT, DOMAINS  # noqa: E402
 
 from adapterkit import AdapterModel  # noqa: E402
+from adapterkit.signature import COMPONENTS, open_scores  # noqa: E402
 
 DOMAINS_ = ORDERS[0]
 FLOOR = 1e-3  # log(p + FLOOR): a value below every calibration image's counts as p = 0
@@ -83,6 +85,11 @@ def held_out(model: AdapterModel, sets: dict, held: str, lambdas: list[float]) -
             p[mine] = torch.searchsorted(cal, energy[mine], right=True) / len(cal)
         log_sig, log_e = (p_sig + FLOOR).log(), (p + FLOOR).log()
         out = {"best": best, "margin": best - thresholds[arg], "energy": energy, "log p_sig": log_sig}
+        chosen = [model.signatures[known[j]] for j in arg.tolist()]
+        if all(s.open_threshold is not None for s in chosen):  # the shipped open score and its decision
+            shipped = open_scores(best, energy, chosen)
+            out["open score"] = shipped
+            out["open margin"] = shipped - torch.stack([s.open_threshold for s in chosen])
         out |= {f"combined {lam}": best + lam * log_e for lam in lambdas}
         out |= {f"grid {a} {b}": best + a * log_sig + b * log_e for a, b in GRID}
         return out
@@ -94,7 +101,14 @@ def held_out(model: AdapterModel, sets: dict, held: str, lambdas: list[float]) -
         return auroc(torch.cat([s[key][half] for s in inside]), outside[key][half])
 
     every = slice(None)
-    return {
+    flagged = {}
+    for key in ("margin", "open margin"):
+        if key in outside:
+            flagged[key] = {
+                "held out": float((outside[key] < 0).double().mean()),
+                "known": float((torch.cat([s[key] for s in inside]) < 0).double().mean()),
+            }
+    return {"flagged unknown": flagged} | {
         k: area(k, every) if not k.startswith("grid") else [area(k, slice(h, None, 2)) for h in (0, 1)]
         for k in outside
     }
@@ -118,6 +132,22 @@ def choose(results: dict) -> dict:
     return out
 
 
+def refit(args: argparse.Namespace) -> None:
+    """Refit every domain's signature from its training images as bench_router_e2e.py fits them (same
+    images, same order, so the same mixtures), now with the domain's head energies."""
+    before = AdapterModel.from_pretrained(args.family)
+    e2e = argparse.Namespace(
+        data_root=args.data_root, train_limit=4096, omniglot_classes=100, signature_budget=0.01,
+        components=COMPONENTS, maps=0,
+    )  # fmt: skip
+    refit_signatures(e2e, args.family)
+    after = AdapterModel.from_pretrained(args.family)
+    for d in DOMAINS_:  # the scores of a cache collected before stay valid only if the mixtures did
+        old, new = before.signatures[d].state_dict(), after.signatures[d].state_dict()
+        same = all(torch.equal(t, new[k]) for k, t in old.items())
+        print(f"{d}: mixture {'unchanged' if same else 'CHANGED: recollect the cache'}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -130,9 +160,16 @@ def main() -> None:
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.1, 0.2, 0.4])
     p.add_argument("--out", type=Path, default=HERE / "results" / "open_set.json")
     p.add_argument("--cache", type=Path, help="safetensors file of the collected scores (read if present)")
+    p.add_argument(
+        "--refit-signatures",
+        action="store_true",
+        help="first refit the family's signatures in place with this version (open-set calibration included)",
+    )
     args = p.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
+    if args.refit_signatures:
+        refit(args)
     model = AdapterModel.from_pretrained(args.family).eval()
     sets = {}
     if args.cache and args.cache.is_file():
@@ -150,7 +187,7 @@ def main() -> None:
     if args.cache and not args.cache.is_file():
         save_file({f"{k}|{n}": t.contiguous() for k, v in sets.items() for n, t in v.items()}, args.cache)
     results = {held: held_out(model, sets, held, args.lambdas) for held in DOMAINS_ + ["cifar10"]}
-    for key in (k for k in results["cifar10"] if not k.startswith("grid")):
+    for key in (k for k in results["cifar10"] if not k.startswith(("grid", "flagged"))):
         row = [results[h][key] for h in results]
         print(f"{key:14s}", " ".join(f"{v:.3f}" for v in row), f"min {min(row):.3f}")
     chosen = choose(results)

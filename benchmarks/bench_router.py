@@ -33,7 +33,8 @@ from data import DEFAULT_DATA_ROOT, DOMAINS  # noqa: E402
 
 from adapterkit import AdapterModel  # noqa: E402
 from adapterkit.data import DomainDataset, open_data  # noqa: E402
-from adapterkit.router import COMPONENTS, feature_maps, route, style_features  # noqa: E402
+from adapterkit.router import feature_maps, route, style_features  # noqa: E402
+from adapterkit.signature import COMPONENTS  # noqa: E402
 from adapterkit.transforms import Preprocess, resolve_data_config  # noqa: E402
 
 SWEEP_COMPONENTS = 10  # at most, in the budget sweep (the product's default is 6)

@@ -40,7 +40,7 @@ from adapterkit import AdapterModel  # noqa: E402
 from adapterkit.data import DomainDataset, open_data  # noqa: E402
 from adapterkit.family import save_family  # noqa: E402
 from adapterkit.metrics import decathlon_score  # noqa: E402
-from adapterkit.router import COMPONENTS  # noqa: E402
+from adapterkit.signature import COMPONENTS  # noqa: E402
 from adapterkit.train import TrainConfig, train_domain  # noqa: E402
 from adapterkit.transforms import Preprocess, resolve_data_config  # noqa: E402
 

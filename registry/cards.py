@@ -163,7 +163,7 @@ def family_summary(data: bytes | None) -> dict[str, Any] | None:
     doc = _json_object(data)
     if doc is None:
         return None
-    version = 2 if doc.get("format_version") in (2, 3) else 1  # 3: version 2's layout
+    version = 2 if doc.get("format_version") in (2, 3, 4) else 1  # 3 and 4: version 2's layout
     if version == 1 and not isinstance(doc.get("domains"), dict):
         return None
     backbone = doc.get("backbone")

@@ -51,7 +51,7 @@ def test_version_2_layout_and_readable_files(tmp_path):
         "domains/b.safetensors",
     ]
     config = json.loads((tmp_path / "fam" / "adapterkit.json").read_text())
-    assert config["format_version"] == FORMAT_VERSION == 3 and "domains" not in config
+    assert config["format_version"] == FORMAT_VERSION == 4 and "domains" not in config
     entry = json.loads((tmp_path / "fam" / "domains" / "a.json").read_text())
     assert entry["name"] == "a" and entry["num_classes"] == 3 and len(entry["sha256"]) == 64
     modes = {oct((tmp_path / "fam" / f).stat().st_mode & 0o777) for f in files if "." in f}

@@ -5,6 +5,7 @@ flagged, and signatures travel with the domain's file."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from adapterkit import AdapterModel
 from adapterkit.family import save_family
 from adapterkit.format import domain_entry_file, domain_file, sha256
-from adapterkit.router import COMPONENTS, DomainSignature, collect_features
+from adapterkit.router import collect_features, open_decisions
+from adapterkit.signature import COMPONENTS, OPEN_BUFFERS, PROBS, DomainSignature
 
 COLOURS = {"red": (2.0, -1.0, -1.0), "green": (-1.0, 2.0, -1.0), "blue": (-1.0, -1.0, 2.0)}
 
@@ -81,6 +83,52 @@ def test_unknown_images_are_flagged(model):
     routed = model.route(unknown(16, seed=5))
     assert routed.domains == [None] * 16
     assert all(b in COLOURS for b in routed.best)  # the best guess is still reported
+
+
+def test_classify_runs_each_image_through_its_best_domain_and_flags_unknown_ones_after_it(model):
+    x = torch.cat([images(c, 8, seed=100 + i) for i, c in enumerate(COLOURS)])
+    truth = [c for c in COLOURS for _ in range(8)]
+    routed = model.route(x, classify=True)
+    with torch.no_grad():
+        assert torch.equal(routed.logits, model(x, domain="auto"))
+    assert routed.best == truth and all(d in (t, None) for d, t in zip(routed.domains, truth, strict=True))
+    assert sum(d is None for d in routed.domains) <= 2  # calibrated to call ~1 % of own images unknown
+    assert routed.open_scores.shape == (24,) and not bool(routed.open_scores.isnan().any())
+    assert model.route(x).logits is None  # by the signatures alone, no domain runs
+    assert model.route(unknown(16, seed=5), classify=True).domains == [None] * 16
+    signature = model.signatures["red"]
+    assert signature.score_quantiles.shape == signature.energy_quantiles.shape == (len(PROBS),)
+    assert bool((signature.score_quantiles.diff() >= 0).all()) and signature.open_threshold.dim() == 0
+
+
+def test_an_image_its_domain_head_finds_atypical_is_unknown_though_its_signature_fits():
+    """The open score adds where the image's head energy sits among its domain's own images: with the
+    signature score typical, an energy below every own image's turns the decision to unknown."""
+    g = torch.Generator().manual_seed(0)
+    features, energies = torch.randn(512, 64, generator=g), 5 + 0.1 * torch.randn(512, generator=g)
+    signature = DomainSignature.fit(features, energies=energies)
+    typical = signature.score_quantiles[len(PROBS) // 2].repeat(3)  # the median held-out score
+    logits = torch.stack([torch.tensor([e - math.log(2), e - math.log(2)]) for e in (5.0, 4.95, -3.0)])
+    known, scores = open_decisions(typical, logits, [signature] * 3)
+    assert known == [True, True, False] and scores[0] > scores[1] > scores[2]
+    known, scores = open_decisions(typical, logits, [DomainSignature.fit(features)] * 3)  # uncalibrated
+    assert known == [None] * 3 and bool(scores.isnan().all())
+    with pytest.raises(ValueError, match="one value per feature row"):
+        DomainSignature.fit(features, energies=energies[:-1])
+
+
+def test_signatures_without_the_open_set_calibration_load_and_keep_their_threshold(model, tmp_path):
+    save_family(model, tmp_path / "fam")
+    drop = lambda state: [state.pop(f"signature.{k}") for k in OPEN_BUFFERS]  # noqa: E731
+    rewrite_domain_file(tmp_path / "fam", "red", drop)
+    loaded = AdapterModel.from_pretrained(tmp_path / "fam")
+    assert loaded.signatures["red"].open_threshold is None
+    assert torch.equal(loaded.signatures["green"].open_threshold, model.signatures["green"].open_threshold)
+    x = torch.cat([images("red", 4, seed=11), unknown(2, seed=12)])
+    assert loaded.route(x, classify=True).domains == loaded.route(x).domains  # the signature's threshold
+    rewrite_domain_file(tmp_path / "fam", "green", lambda state: state.pop("signature.open_threshold"))
+    with pytest.raises(ValueError, match="'green'.*open-set calibration needs all"):
+        AdapterModel.from_pretrained(tmp_path / "fam")
 
 
 def test_signatures_never_change_when_domains_come_and_go(model):

@@ -6,6 +6,7 @@ preprocessing, and refuses to route (409, naming the fix) while a loaded domain 
 from __future__ import annotations
 
 import io
+import math
 
 import httpx
 import numpy as np
@@ -15,8 +16,8 @@ from PIL import Image
 from serve_support import ADMIN, b64, build_family, metric, perturb, predict_json, running
 
 from adapterkit import AdapterModel
-from adapterkit.router import DomainSignature
 from adapterkit.serve import create_app
+from adapterkit.signature import DomainSignature
 from adapterkit.transforms import Preprocess, resolve_data_config
 
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -131,16 +132,24 @@ def test_an_image_of_no_loaded_domain_is_unknown_without_a_class(served):
 
 
 def test_routing_in_the_server_is_model_route_when_the_domains_share_a_config(served):
+    """The server decides as `model.route(x, classify=True)`: unknown after the forward, by the open score;
+    raising a domain's `open_threshold` above every score makes its images unknown, though their
+    signature scores clear its threshold."""
     _, _, path = served
     model = AdapterModel.from_pretrained(path, domains=["red", "blue"])
     data = [photo(c, seed=300 + i) for i, c in enumerate(("red", "blue", "red"))] + [checkerboard(seed=9)]
-    expected = model.route(preprocessed(model, "red", data))
+    x = preprocessed(model, "red", data)
     with running(create_app(model)) as url, httpx.Client(base_url=url, timeout=60) as client:
-        answer = client.post("/v1/predict", json={"images": [{"data": b64(x)} for x in data]})
-    got = answer.json()["predictions"]
-    assert [p["domain"] for p in got] == expected.domains
-    assert [p.get("nearest", p["domain"]) for p in got] == expected.best
-    assert torch.allclose(torch.tensor([p["confidence"] for p in got]), expected.confidence)
+        for strict in (False, True):
+            if strict:
+                model.signatures["red"].open_threshold.fill_(math.inf)
+            expected = model.route(x, classify=True)
+            answer = client.post("/v1/predict", json={"images": [{"data": b64(image)} for image in data]})
+            got = answer.json()["predictions"]
+            assert [p["domain"] for p in got] == expected.domains
+            assert [p.get("nearest", p["domain"]) for p in got] == expected.best
+            assert torch.allclose(torch.tensor([p["confidence"] for p in got]), expected.confidence)
+    assert expected.domains == [None, "blue", None, None] != model.route(x).domains
 
 
 def test_a_domain_without_a_signature_makes_routing_refuse_and_named_requests_still_work(served, tmp_path):
