@@ -365,11 +365,12 @@ class AdapterModel(
         """Record `domain`'s signature from batches of its (preprocessed) images; other domains' stay
         as they are. `train_domain` does this on the training images; use it for domains you train
         yourself or loaded without one. The domain runs over the same images too: its head's energies
-        calibrate the unknown decision of `route(x, classify=True)` (router.py). `budget`: the signature's bytes at most, as a share of the
-        domain's adapter bytes (it keeps as many of the `components` mixture components as fit, at
-        least one); None: no cap. `maps`: the backbone's first feature maps the signature reads
-        (`router.style_features`; 0: every stage's but the last); every domain's must agree, so None
-        reads what the other domains' signatures read (0 when there are none)."""
+        calibrate the unknown decision of `route(x, classify=True)` (router.py). `budget`: the
+        signature's bytes at most, as a share of the domain's adapter bytes (it keeps as many of the
+        `components` mixture components as fit, at least one); None: no cap. `maps`: the backbone's
+        first feature maps the signature reads (`router.style_features`; 0: every stage's but the last);
+        every domain's must agree, so None reads what the other domains' signatures read (0 when there
+        are none)."""
         self._check_known(domain)
         if maps is None:
             others = [s for d, s in self.signatures.items() if d != domain]

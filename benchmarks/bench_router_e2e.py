@@ -69,8 +69,8 @@ def classify(model: AdapterModel, x: torch.Tensor, name: str, auto: bool) -> dic
         return {"pred": torch.cat([model(b, domain=name).argmax(1) for b in x.split(BATCH)])}
     preds, chosen, best = [], [], []
     for b in x.split(BATCH):
-        routed = model.route(b)
-        preds.append(model(b, domain=routed.best).argmax(1))  # what domain="auto" runs
+        routed = model.route(b, classify=True)  # the decision after the forward, as the service makes it
+        preds.append(routed.logits.argmax(1))  # what domain="auto" runs
         chosen += routed.domains
         best += routed.best
     return {"pred": torch.cat(preds), "chosen": chosen, "best": best}

@@ -119,8 +119,12 @@ def test_an_image_its_domain_head_finds_atypical_is_unknown_though_its_signature
 
 def test_signatures_without_the_open_set_calibration_load_and_keep_their_threshold(model, tmp_path):
     save_family(model, tmp_path / "fam")
-    drop = lambda state: [state.pop(f"signature.{k}") for k in OPEN_BUFFERS]  # noqa: E731
-    rewrite_domain_file(tmp_path / "fam", "red", drop)
+
+    def written_before_it(state: dict) -> None:
+        for key in OPEN_BUFFERS:
+            del state[f"signature.{key}"]
+
+    rewrite_domain_file(tmp_path / "fam", "red", written_before_it)
     loaded = AdapterModel.from_pretrained(tmp_path / "fam")
     assert loaded.signatures["red"].open_threshold is None
     assert torch.equal(loaded.signatures["green"].open_threshold, model.signatures["green"].open_threshold)
