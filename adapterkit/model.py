@@ -361,6 +361,7 @@ class AdapterModel(
         budget: float | None = SIGNATURE_SHARE,
         components: int = COMPONENTS,
         maps: int | None = None,
+        calibration: Iterable[torch.Tensor] | None = None,
     ) -> DomainSignature:
         """Record `domain`'s signature from batches of its (preprocessed) images; other domains' stay
         as they are. `train_domain` does this on the training images; use it for domains you train
@@ -370,7 +371,8 @@ class AdapterModel(
         `components` mixture components as fit, at least one); None: no cap. `maps`: the backbone's
         first feature maps the signature reads (`router.style_features`; 0: every stage's but the last);
         every domain's must agree, so None reads what the other domains' signatures read (0 when there
-        are none)."""
+        are none). `calibration`: batches of the domain's images it did not train on (a validation
+        split); the unknown decision is calibrated on them (`train_domain` passes its `eval_data`)."""
         self._check_known(domain)
         if maps is None:
             others = [s for d, s in self.signatures.items() if d != domain]
@@ -379,7 +381,10 @@ class AdapterModel(
         nbytes = sum(t.numel() * t.element_size() for k, t in state.items() if not k.startswith("signature."))
         cap = None if budget is None else int(budget * nbytes)
         features, energies = collect(self, batches, maps=maps, domain=domain)
-        signature = DomainSignature.fit(features, components, max_bytes=cap, energies=energies)
+        held = None if calibration is None else collect(self, calibration, maps=maps, domain=domain)
+        signature = DomainSignature.fit(
+            features, components, max_bytes=cap, energies=energies, calibration=held
+        )
         signature.maps.fill_(maps)
         with self._lock:
             self._check_known(domain)

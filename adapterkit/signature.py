@@ -150,6 +150,7 @@ class DomainSignature(nn.Module):
         reject: float = REJECT,
         max_bytes: int | None = None,
         energies: torch.Tensor | None = None,
+        calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> DomainSignature:
         """The signature of `features` (N x F, N >= 4 per component), fitted by EM from a fixed seed
         (the same features always give the same signature). The threshold is calibrated out of sample:
@@ -157,7 +158,10 @@ class DomainSignature(nn.Module):
         rows (scores of the rows a model was fitted on are optimistic when F is close to N). With
         `max_bytes` (e.g. 1 % of the domain's adapter bytes) it uses as many components as fit in it, at
         least one. With `energies` (N: the domain's head energy, logsumexp of its logits, on the same
-        images) it also keeps the open-set calibration that `open_scores` reads."""
+        images) it also keeps the open-set calibration that `open_scores` reads, from those images, or
+        from `calibration` (features and energies of images the domain did not train on) when given: a
+        head is surer of its own training images than of new ones, so a calibration on them calls more
+        than `reject` of new images unknown."""
         if features.dim() != 2 or features.shape[0] < 4:
             raise ValueError(
                 f"a signature needs at least 4 feature rows (N x F), got shape {tuple(features.shape)}"
@@ -177,17 +181,24 @@ class DomainSignature(nn.Module):
                 break
         held_out = cls._mixture(features[0::2], k)._store(form).score(features[1::2])
         signature.threshold.copy_(torch.quantile(held_out, reject))
-        if energies is not None:
-            signature._calibrate_open(held_out, energies.float(), reject)
+        if calibration is not None:
+            if energies is None or calibration[0].shape[0] != calibration[1].shape[0]:
+                raise ValueError("a calibration needs the fitting images' energies and one energy per row")
+            scores = signature.score(calibration[0])
+            signature._calibrate_open(scores, calibration[1].float(), calibration[1].float(), reject)
+        elif energies is not None:
+            signature._calibrate_open(held_out, energies[1::2].float(), energies.float(), reject)
         return signature
 
-    def _calibrate_open(self, held_out: torch.Tensor, energies: torch.Tensor, reject: float) -> None:
-        """Quantiles of the held-out scores and of every fitting image's energy, and the `reject` quantile
-        of the held-out images' own open scores."""
-        probs = torch.tensor(PROBS, device=held_out.device)
-        self.score_quantiles = torch.quantile(held_out.float(), probs)
-        self.energy_quantiles = torch.quantile(energies, probs)
-        own = open_scores(held_out, energies[1::2], [self] * len(held_out))
+    def _calibrate_open(
+        self, scores: torch.Tensor, energies: torch.Tensor, pool: torch.Tensor, reject: float
+    ) -> None:
+        """Quantiles of the out-of-sample `scores` and of the energies `pool`, and the `reject` quantile of
+        the open scores of those images (`scores` and `energies` row by row)."""
+        probs = torch.tensor(PROBS, device=scores.device)
+        self.score_quantiles = torch.quantile(scores.float(), probs)
+        self.energy_quantiles = torch.quantile(pool, probs)
+        own = open_scores(scores, energies, [self] * len(scores))
         self.open_threshold = torch.quantile(own, reject)
 
     @classmethod

@@ -80,7 +80,8 @@ def train_domain(
     Args:
         train_data: a `datasets.Dataset`, an image folder, a `save_to_disk` folder or a torch Dataset
             of (image, label).
-        eval_data: the same kinds; evaluated once at the end.
+        eval_data: the same kinds; evaluated once at the end, and the domain's unknown decision (routing)
+            is calibrated on it.
         num_classes: for a new domain (default: the data's class names, else the largest label + 1).
         labels: class names for a new domain (default: the data's, if any).
         data_config: per-domain overrides of timm's data config (`input_size`, `mean`, `std`, ...).
@@ -152,7 +153,7 @@ def train_domain(
         metrics = fit(_domain_job(model, domain), train_set, eval_set, config, acc, resume, callback)
     finally:
         model.set_trainable(domain, was_trainable)
-    _fit_signature(model, domain, source, dcfg, config, acc)
+    _fit_signature(model, domain, source, dcfg, config, acc, eval_set)
     if "accuracy" in metrics:
         model.domain_info(domain).metrics["accuracy"] = metrics["accuracy"]
     return metrics
@@ -264,21 +265,30 @@ def make_accelerator(
 
 # ---------------------------------------------------------------------- helpers
 def _fit_signature(
-    model: AdapterModel, domain: str, source: Source, dcfg: dict, config: TrainConfig, acc: Accelerator
+    model: AdapterModel,
+    domain: str,
+    source: Source,
+    dcfg: dict,
+    config: TrainConfig,
+    acc: Accelerator,
+    eval_set: DomainDataset | None,
 ) -> None:
-    """The domain's routing signature from its training images, preprocessed as for evaluation (see
-    router.py); every process computes the same one."""
+    """The domain's routing signature from its training images, preprocessed as for evaluation, its unknown
+    decision calibrated on the evaluation images when there are some (see signature.py); every process
+    computes the same one."""
     dataset = DomainDataset(source, Preprocess(dcfg, grayscale=config.grayscale))
     batch = config.eval_batch_size or 2 * config.batch_size
-    indices = range(min(len(dataset), MAX_IMAGES))
-    loader = DataLoader(
-        Subset(dataset, indices),
-        batch_size=batch,
-        num_workers=config.num_workers,
-        generator=torch.Generator(),
-    )
+
+    def images(data: DomainDataset):
+        subset = Subset(data, range(min(len(data), MAX_IMAGES)))
+        loader = DataLoader(
+            subset, batch_size=batch, num_workers=config.num_workers, generator=torch.Generator()
+        )
+        return (x.to(acc.device) for x, _ in loader)
+
     with threads(config.threads):
-        model.fit_signature(domain, (x.to(acc.device) for x, _ in loader))
+        held = None if eval_set is None else images(eval_set)
+        model.fit_signature(domain, images(dataset), calibration=held)
 
 
 def _add_fresh(

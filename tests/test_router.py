@@ -117,6 +117,27 @@ def test_an_image_its_domain_head_finds_atypical_is_unknown_though_its_signature
         DomainSignature.fit(features, energies=energies[:-1])
 
 
+def test_the_unknown_decision_is_calibrated_on_images_the_domain_did_not_train_on():
+    """A head is surer of its training images than of new ones: calibrated on its training images, the
+    decision calls more than 1 % of new images unknown; calibrated on held-out ones (`calibration`,
+    `train_domain`'s eval_data), about 1 %."""
+    g = torch.Generator().manual_seed(1)
+    features, new_features = torch.randn(2048, 32, generator=g), torch.randn(4096, 32, generator=g)
+    seen, new = 6 + 0.5 * torch.randn(2048, generator=g), 5 + 0.5 * torch.randn(4096, generator=g)
+    on_training = DomainSignature.fit(features, energies=seen)
+    calibrated = DomainSignature.fit(features, energies=seen, calibration=(new_features[:2048], new[:2048]))
+    assert torch.equal(calibrated.mean, on_training.mean)  # the mixture comes from the training images
+
+    def flagged(signature: DomainSignature) -> float:
+        best = signature.score(new_features[2048:])
+        logits = new[2048:, None].expand(-1, 1)  # one class: the energy is the logit
+        return sum(k is False for k in open_decisions(best, logits, [signature] * 2048)[0]) / 2048
+
+    assert flagged(on_training) > 0.05 and 0.003 < flagged(calibrated) < 0.025
+    with pytest.raises(ValueError, match="one energy per row"):
+        DomainSignature.fit(features, energies=seen, calibration=(new_features, new[:5]))
+
+
 def test_signatures_without_the_open_set_calibration_load_and_keep_their_threshold(model, tmp_path):
     save_family(model, tmp_path / "fam")
 
@@ -290,17 +311,19 @@ def test_train_domain_records_a_signature():
 
     from adapterkit.train import TrainConfig, train_domain
 
-    model = AdapterModel.from_backbone("test_resnet")
     data = TensorDataset(images("red", 32, seed=1), torch.arange(32) % 2)
-    train_domain(
-        model,
-        "red",
-        data,
-        config=TrainConfig(steps=1, batch_size=8, progress=False),
-        data_config={"input_size": (3, 32, 32)},
-    )
-    assert "red" in model.signatures
-    assert torch.isfinite(model.signatures["red"].threshold)
+    held = TensorDataset(images("red", 16, seed=2), torch.arange(16) % 2)
+    signatures = []
+    for eval_data in (None, held):
+        model = AdapterModel.from_backbone("test_resnet")
+        config = TrainConfig(steps=1, batch_size=8, progress=False)
+        train_domain(model, "red", data, eval_data, config=config, data_config={"input_size": (3, 32, 32)})
+        signatures.append(model.signatures["red"])
+    plain, calibrated = signatures
+    assert torch.isfinite(plain.threshold) and plain.open_threshold is not None
+    # the mixture comes from the training images; the unknown decision is calibrated on eval_data
+    assert torch.equal(plain.mean, calibrated.mean) and torch.equal(plain.threshold, calibrated.threshold)
+    assert not torch.equal(plain.energy_quantiles, calibrated.energy_quantiles)
 
 
 def test_a_signature_keeps_to_its_share_of_the_domain_bytes(model):
