@@ -72,8 +72,9 @@ class DomainSignature(nn.Module):
     """One domain's feature statistics, a mixture of K diagonal Gaussians (`mean` and `log_var`: K x F,
     8-bit codes with their `*_range`, or half precision, `mean` in float32 where it has to; `log_weight`:
     K), its unknown-sample `threshold`, and (fitted with energies) its open-set calibration: quantiles
-    at PROBS of its held-out scores and of its head's energies, and `open_threshold` (see `open_scores`). A signature loaded from a file keeps the file's storage (those
-    written before codes stay half precision or float32, bit for bit)."""
+    at PROBS of its held-out scores and of its head's energies, and `open_threshold` (see `open_scores`).
+    A signature loaded from a file keeps the file's storage (those written before codes stay half
+    precision or float32, bit for bit)."""
 
     def __init__(self, num_features: int, components: int = 1, device: torch.device | None = None) -> None:
         super().__init__()

@@ -1,22 +1,25 @@
-"""Unknown-domain detection with the routed domain's head (issue 16.3, an experiment, not shipped).
+"""Unknown-domain detection (issue 16.3): the signature score, the routed domain's head, and the open score.
 
-The shipped decision calls an image unknown when its best signature score is below that domain's
-threshold: it reads the frozen backbone's early features only. This measures whether the routed domain's
-own classifier adds to it. For a family trained by `bench_router_e2e.py --family DIR` (the five real
-domains), each domain in turn (and CIFAR-10, a domain no family member saw) is held out: the signatures of
-the other four route the test images of all, and each image is scored by
+For a family trained by `bench_router_e2e.py --family DIR` (the five real domains), each domain in turn
+(and CIFAR-10, a domain no family member saw) is held out: the signatures of the other four route the test
+images of all, and each image is scored by
 
-- `best`: the best signature score (what the shipped threshold compares);
-- `margin`: the best score minus the chosen domain's threshold (the shipped decision);
+- `best`: the best signature score; `margin`: best minus the chosen domain's threshold (the decision
+  before the forward, `route(x)`);
 - `energy`: the logsumexp of the chosen domain's logits (the classifier's confidence);
-- `combined λ`: best + λ log(p + 0.001), where p is the share of the chosen domain's own calibration
-  images (`--calibration` training images, routed to it) whose energy is at most the image's: each
-  domain calibrated on its own images only, so it stays incremental.
+- `open score` (shipped: `route(x, classify=True)`, the service) and `open margin` (minus the domain's
+  `open_threshold`), from the calibration each signature holds (`--refit-signatures` fits it);
+- `log p_sig`, `combined λ` (best + λ log(p_energy + 0.001)) and `grid a b` (best + a log p_sig + b log
+  p_energy, on each half of every test set): the statistics the open score was chosen from, each p the
+  share of the chosen domain's own `--calibration` training images (routed to it) at or below the image.
 
-It reports the AUROC of known (the other four domains' test images) vs held-out images for each score.
+It reports the AUROC of known (the other four domains' test images) vs held-out images for each score, the
+share flagged unknown at the thresholds, and (`calibration`) each domain's own test images flagged with the
+open-set calibration from its training images vs from held-out images.
 
     python benchmarks/bench_router_e2e.py --image-size 64 --family /tmp/fam64   # trains the family
-    python benchmarks/bench_open_set.py --family /tmp/fam64 --image-size 64 --out benchmarks/results/open_set_64px.json
+    python benchmarks/bench_open_set.py --family /tmp/fam64 --image-size 64 --refit-signatures \
+        --cache /tmp/os64.safetensors --out benchmarks/results/open_set_64px.json
 """
 
 from __future__ import annotations
