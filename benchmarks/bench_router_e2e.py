@@ -6,10 +6,11 @@ domain's signature from its training images) and the family is saved. A full per
 training reads the frozen backbone and its own data only, so it does not depend on the order: each
 order then rebuilds the family by arrival (`from_pretrained` with the first domain, `load_domain` for
 each next one) and, after each arrival, classifies the test images of every domain known so far
-twice: with the true domain, and routed (`model.route`, then each image through its chosen domain in
-one mixed batch, as `model(x, domain="auto")` does). A routed image counts as right only if it was
-routed to its own domain (an image routed to another domain or called unknown is wrong) and the class
-is right; `auto_best` ignores the unknown threshold (what `domain="auto"` itself does).
+twice: with the true domain, and routed (`model.route(x, classify=True)`: each image through its best
+domain in one mixed batch, as `model(x, domain="auto")` does, then the unknown decision the service makes).
+A routed image counts as right only if it was routed to its own domain (an image routed to another domain
+or called unknown is wrong) and the class is right; `auto_best` ignores the unknown decision (what
+`domain="auto"` itself does).
 
     python benchmarks/bench_router_e2e.py --out benchmarks/results/router_e2e.json
     python benchmarks/bench_router_e2e.py --family /tmp/fam   # keep the trained family there; run again
