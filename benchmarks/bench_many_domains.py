@@ -14,13 +14,15 @@ process; this process then loads all of it with `AdapterModel.from_pretrained` a
   `mixed_execution="auto"` picks;
 - over HTTP: the family behind `create_app` (a server process), 32 closed-loop clients sending one-image
   requests whose domains are drawn uniformly from 1, 8, 32 or all domains; throughput and latency against
-  the one-domain load in the same repeat (bench_serve.py's load generator).
+  the one-domain load in the same repeat (bench_serve.py's load generator), with the server's mean images
+  and distinct domains per forward and its forward time per image over each run (read from /metrics).
 
 Models: the CIFAR ResNet-56 at 32 px with the real weights of ../shared/data (overhead-bound on CPU), and
 ResNet-50 at `--r50-px` with random calibrated weights (compute-bound). One torch thread.
 
     PYTHONPATH=. python benchmarks/bench_many_domains.py                     # both models, 200 domains
     PYTHONPATH=. python benchmarks/bench_many_domains.py --models r56 --domains 40 --repeats 3   # smoke
+    PYTHONPATH=. python benchmarks/bench_many_domains.py --models r50 --http-only  # the service only
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import torch
 from _common import calibrated_backbone, interleaved, perturb, write_report
 from bench_serve import bodies, closed_loop, free_port
+from prometheus_client.parser import text_string_to_metric_families
 
 from adapterkit import AdapterModel
 from adapterkit.layers.gathered import Mixed
@@ -49,6 +53,13 @@ from adapterkit.layers.gathered import Mixed
 HERE = Path(__file__).resolve().parent
 R56_WEIGHTS = HERE.parent.parent / "shared" / "data" / "resnet_cifar10" / "resnet56.safetensors"
 BATCH = 32
+TOTALS = {  # the server's metrics a run reads (/metrics)
+    "adapterkit_batch_size_count": "count",
+    "adapterkit_batch_size_sum": "images",
+    "adapterkit_batch_domains_sum": "domains",
+    "adapterkit_forward_seconds_sum": "forward",
+}
+BATCH_KEYS = ("mean_batch", "mean_domains", "forward_ms_per_image")
 
 
 def backbone(kind: str, px: int):
@@ -161,9 +172,32 @@ def payloads(kind: str, k: int, n: int = 64) -> list[bytes]:
     return out
 
 
+def batch_totals(url: str) -> dict[str, float]:
+    """The server's running totals of forwards, images and distinct domains per forward, and forward
+    seconds (its /metrics), to tell a slower forward from smaller batches."""
+    text = httpx.get(f"{url}/metrics").text
+    samples = (s for family in text_string_to_metric_families(text) for s in family.samples)
+    totals = {TOTALS[s.name]: s.value for s in samples if s.name in TOTALS}
+    return totals
+
+
+def timed_run(url: str, payloads: list[bytes], window: float) -> dict:
+    """One closed-loop run of 32 clients, with the server's batches over the run: mean images and
+    domains per forward, and forward milliseconds per image."""
+    before = batch_totals(url)
+    out = asyncio.run(closed_loop(url, payloads, BATCH, 1.0, window))
+    after = batch_totals(url)
+    d = {k: after[k] - before[k] for k in after}
+    out["mean_batch"] = d["images"] / d["count"]
+    out["mean_domains"] = d["domains"] / d["count"]
+    out["forward_ms_per_image"] = 1e3 * d["forward"] / d["images"]
+    return out
+
+
 def http_spread(kind: str, px: int, n: int, folder: Path, repeats: int, window: float) -> dict:
     """32 closed-loop clients over 1, 8, 32 and n domains against the served family; each spread's
-    throughput over the one-domain throughput of the same repeat (rotated order, medians)."""
+    throughput over the one-domain throughput of the same repeat (rotated order, medians), and the
+    server's mean batch size, domains per batch and forward time per image over those runs."""
     gc.collect()
     gc.freeze()  # the load generator's own full collections would stall every client (the server freezes its)
     port = free_port()
@@ -181,7 +215,7 @@ def http_spread(kind: str, px: int, n: int, folder: Path, repeats: int, window: 
             asyncio.run(closed_loop(url, bodies_of[k], BATCH, 0.0, window / 2))
         for r in range(repeats):
             for k in spreads[r % len(spreads) :] + spreads[: r % len(spreads)]:
-                runs[k].append(asyncio.run(closed_loop(url, bodies_of[k], BATCH, 1.0, window)))
+                runs[k].append(timed_run(url, bodies_of[k], window))
     finally:
         process.stdin.close()
         process.wait(120)
@@ -194,6 +228,7 @@ def http_spread(kind: str, px: int, n: int, folder: Path, repeats: int, window: 
             "p50_ms": statistics.median(x["p50_ms"] for x in runs[k]),
             "p99_ms": statistics.median(x["p99_ms"] for x in runs[k]),
             "failed": sum(x["failed"] for x in runs[k]),
+            **{key: statistics.median(x[key] for x in runs[k]) for key in BATCH_KEYS},
         }
     return out
 
@@ -231,6 +266,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--r50-px", type=int, default=128)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "many_domains.json")
+    parser.add_argument("--http-only", action="store_true", help="skip the in-process batches and policy")
     parser.add_argument("--window", default="r56=5,r50=12", help="measured seconds per HTTP run, per model")
     parser.add_argument("--build", nargs=3, help=argparse.SUPPRESS)  # kind px folder (child process)
     parser.add_argument("--serve", nargs=4, help=argparse.SUPPRESS)  # kind px folder port (child process)
@@ -262,8 +298,10 @@ def main() -> None:
             ]
             subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             model, memory = load(kind, px, args.domains, folder)
-            results[kind] = {"px": px, **memory, "batches": spread(model, args.domains, px, args.repeats)}
-            results[kind]["policy"] = policy(model, px, args.repeats)
+            results[kind] = {"px": px, **memory}
+            if not args.http_only:
+                results[kind]["batches"] = spread(model, args.domains, px, args.repeats)
+                results[kind]["policy"] = policy(model, px, args.repeats)
             del model
             gc.collect()
             http = http_spread(kind, px, args.domains, folder, args.repeats, windows[kind])
