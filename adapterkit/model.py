@@ -2,7 +2,8 @@
 
 Longer than our ~400-line rule on purpose: `AdapterModel` is the one owner of the domain table and of the
 shared basis (docs/architecture.md), so every method that changes them lives here, behind one lock and
-one set of checks; the stages it hands off to (load, save, push, export) stay in their own modules.
+one set of checks; what only reads them lives in its own module (mixed batches: `mixed.py`; routing:
+`router.py`; load, save, push, export: their stages).
 """
 
 from __future__ import annotations
@@ -32,19 +33,13 @@ from .inject import (
     weights_record,
 )
 from .layers import DomainLayer, DomainRouter
-from .layers.gathered import Mixed, NotGatherable
+from .layers.gathered import Mixed
 from .layers.plain import PlainPasses
-from .router import Route, collect, decide_open, feature_maps, route, style_features
+from .mixed import MixedExecution, padded_rows
+from .router import Route, fit_signature, route_batch
 from .signature import COMPONENTS, SIGNATURE_SHARE, DomainSignature
 
 logger = logging.getLogger(__name__)
-
-# mixed_execution="auto" runs a batch one domain at a time when its domains have GROUPED_IMAGES images each on
-# average, or when there are at most GROUPED_DOMAINS of them with GROUPED_FEW images each: measured on CPU,
-# grouped execution wins there on the CIFAR ResNet-56 and ResNet-50 (fused weights, each pass a fair batch)
-# and gathered execution on smaller groups (docs/benchmarks.md, "Many domains in one process").
-GROUPED_IMAGES, GROUPED_DOMAINS, GROUPED_FEW = 8, 4, 4
-MIXED_EXECUTION = ("auto", "gathered", "grouped")
 
 
 class _Lock:
@@ -122,10 +117,7 @@ class AdapterModel(
         self._frozen: set[str] = set()  # domains whose tensors never change (published ones)
         self._lock = _Lock()
         self.default_domain: str | None = None
-        # how an eval-mode batch that mixes domains runs: "gathered" (one pass, each sample's domain
-        # tensors gathered; layers/gathered.py), "grouped" (one pass per domain, fused weights) or "auto"
-        self._mixed_execution = "auto"
-        self._gatherable: bool | None = None  # whether it can (a property of the backbone's code)
+        self._mixed = MixedExecution(backbone, self.router)  # how a batch of several domains runs (mixed.py)
         self._plain = PlainPasses()  # eval-mode one-domain passes without wrapper code (layers/plain.py)
         self.basis_history: list[dict[str, Any]] = []  # the basis operations that built `basis()`
 
@@ -374,18 +366,7 @@ class AdapterModel(
         are none). `calibration`: batches of the domain's images it did not train on (a validation
         split); the unknown decision is calibrated on them (`train_domain` passes its `eval_data`)."""
         self._check_known(domain)
-        if maps is None:
-            others = [s for d, s in self.signatures.items() if d != domain]
-            maps = int(others[0].maps) if others else 0
-        state = self.domain_state_dict(domain)
-        nbytes = sum(t.numel() * t.element_size() for k, t in state.items() if not k.startswith("signature."))
-        cap = None if budget is None else int(budget * nbytes)
-        features, energies = collect(self, batches, maps=maps, domain=domain)
-        held = None if calibration is None else collect(self, calibration, maps=maps, domain=domain)
-        signature = DomainSignature.fit(
-            features, components, max_bytes=cap, energies=energies, calibration=held
-        )
-        signature.maps.fill_(maps)
+        signature = fit_signature(self, domain, batches, budget, components, maps, calibration)
         with self._lock:
             self._check_known(domain)
             self.signatures[domain] = signature
@@ -399,20 +380,7 @@ class AdapterModel(
         sample is unknown when its open score (signature score, and where the image sits among its
         domain's own images by that score and by the domain's head energy) is below the domain's
         calibrated threshold: this catches more images of unknown domains (docs/routing.md)."""
-        names = [d for d in self._domains if d in self.signatures]
-        missing = [d for d in self._domains if d not in self.signatures]
-        if not names or missing:
-            raise ValueError(
-                f"routing needs a signature for every domain; {missing or 'all'} have none (trained before "
-                "signatures existed, or added without training): call model.fit_signature(domain, batches)"
-            )
-        signatures = {n: self.signatures[n] for n in names}
-        with torch.no_grad():
-            features = style_features(self.backbone, x, feature_maps(signatures))
-            routed = route(features, signatures)
-            if not classify:
-                return routed
-            return decide_open(routed, self(x, domain=routed.best), signatures)
+        return route_batch(self, x, classify)
 
     # ----------------------------------------------------------------- shared basis
     def basis(self) -> dict[str, torch.Tensor]:
@@ -543,58 +511,21 @@ class AdapterModel(
         if isinstance(domains, str):
             return self._forward_one(x, domains)
         mixed = Mixed.of(domains, x.device)
-        if self._gathers(x, mixed):
+        width = max(self._domains[d].num_classes for d in mixed.domains)
+        if self._mixed.gathers(x, mixed, self.training):
             with self.router.use(mixed):
                 features = self.backbone(x).flatten(1)
-            return self._rows(mixed, lambda d, rows: self.heads[d](features.index_select(0, rows)))
-        return self._rows(mixed, lambda d, rows: self._forward_one(x.index_select(0, rows), d))
+            return padded_rows(mixed, width, lambda d, rows: self.heads[d](features.index_select(0, rows)))
+        return padded_rows(mixed, width, lambda d, rows: self._forward_one(x.index_select(0, rows), d))
 
     @property
     def mixed_execution(self) -> str:
         """How an eval-mode batch that mixes domains runs: `auto`, `gathered` or `grouped` (see `forward`)."""
-        return self._mixed_execution
+        return self._mixed.mode
 
     @mixed_execution.setter
     def mixed_execution(self, value: str) -> None:
-        if value not in MIXED_EXECUTION:
-            raise ValueError(f"mixed_execution={value!r}: use one of {MIXED_EXECUTION}")
-        self._mixed_execution = value
-
-    def _gathers(self, x: torch.Tensor, mixed: Mixed) -> bool:
-        """Whether this mixed batch runs gathered (see `forward`)."""
-        if self.training or self._mixed_execution == "grouped":
-            return False
-        per_domain, n = x.shape[0] / len(mixed.domains), len(mixed.domains)
-        fair = per_domain >= GROUPED_IMAGES or (n <= GROUPED_DOMAINS and per_domain >= GROUPED_FEW)
-        return not (self._mixed_execution == "auto" and fair) and self._can_gather(x, mixed)
-
-    def _can_gather(self, x: torch.Tensor, mixed: Mixed) -> bool:
-        """Whether every layer sees the batch's samples as its rows, found once per model by running one
-        and two samples gathered: a layer that reads its weight itself, runs on windows or on a fixed-size
-        table (relative positions) fails one of the two (layers/gathered.py)."""
-        if self._gatherable is None:
-            try:
-                with torch.no_grad():
-                    for n in (1, 2):
-                        probe = Mixed.of(list(mixed.domains[:n]), x.device)
-                        with self.router.use(probe):
-                            self.backbone(x[:n])
-                self._gatherable = True
-            except NotGatherable as e:
-                logger.info("mixed batches run one domain group at a time: %s", e)
-                self._gatherable = False
-        return self._gatherable
-
-    def _rows(self, mixed: Mixed, logits_of: Any) -> torch.Tensor:
-        """Each domain's logits for its rows (`logits_of(domain, rows)`), in one `-inf`-padded tensor."""
-        width = max(self._domains[d].num_classes for d in mixed.domains)
-        out = None
-        for d, rows in zip(mixed.domains, mixed.rows, strict=True):
-            logits = logits_of(d, rows)
-            if out is None:
-                out = logits.new_full((mixed.index.shape[0], width), float("-inf"))
-            out[rows, : logits.shape[1]] = logits
-        return out
+        self._mixed.mode = value
 
     def _resolve_domains(self, domain: str | Sequence[str] | None, batch: int) -> str | list[str]:
         """The call's domain (one name) or one per sample, each checked once."""

@@ -204,3 +204,44 @@ def collect(
     if not rows:
         raise ValueError("no images to fit a signature on")
     return torch.cat(rows), torch.cat(energies) if energies else None
+
+
+def fit_signature(
+    model: AdapterModel,
+    domain: str,
+    batches: Iterable[torch.Tensor],
+    budget: float | None,
+    components: int,
+    maps: int | None,
+    calibration: Iterable[torch.Tensor] | None,
+) -> DomainSignature:
+    """`domain`'s signature from its images, for `AdapterModel.fit_signature` to store (see there)."""
+    if maps is None:  # what the other domains' signatures read
+        others = [s for d, s in model.signatures.items() if d != domain]
+        maps = int(others[0].maps) if others else 0
+    state = model.domain_state_dict(domain)
+    nbytes = sum(t.numel() * t.element_size() for k, t in state.items() if not k.startswith("signature."))
+    cap = None if budget is None else int(budget * nbytes)
+    features, energies = collect(model, batches, maps=maps, domain=domain)
+    held = None if calibration is None else collect(model, calibration, maps=maps, domain=domain)
+    signature = DomainSignature.fit(features, components, max_bytes=cap, energies=energies, calibration=held)
+    signature.maps.fill_(maps)
+    return signature
+
+
+def route_batch(model: AdapterModel, x: torch.Tensor, classify: bool) -> Route:
+    """`AdapterModel.route`: the signatures' decision, or with `classify` the decision after each sample
+    ran through its best domain (one mixed batch)."""
+    names = [d for d in model.domains if d in model.signatures]
+    missing = [d for d in model.domains if d not in model.signatures]
+    if not names or missing:
+        raise ValueError(
+            f"routing needs a signature for every domain; {missing or 'all'} have none (trained before "
+            "signatures existed, or added without training): call model.fit_signature(domain, batches)"
+        )
+    signatures = {n: model.signatures[n] for n in names}
+    with torch.no_grad():
+        routed = route(style_features(model.backbone, x, feature_maps(signatures)), signatures)
+        if not classify:
+            return routed
+        return decide_open(routed, model(x, domain=routed.best), signatures)

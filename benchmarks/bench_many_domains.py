@@ -249,7 +249,9 @@ def policy(model: AdapterModel, px: int, repeats: int) -> dict:
             model.mixed_execution = "auto"
             out[f"{n}x{u}"] = {
                 **{f"{how}_vs_one": 1 / timed[how]["ratio"] for how in ("gathered", "grouped")},
-                "auto_picks": "gathered" if model._gathers(x, Mixed.of(domains, x.device)) else "grouped",
+                "auto_picks": "gathered"
+                if model._mixed.gathers(x, Mixed.of(domains, x.device), False)
+                else "grouped",
             }
     return out
 

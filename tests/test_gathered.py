@@ -58,7 +58,7 @@ def test_one_pass_equals_each_domain_alone(backbone, config):
     model = make(backbone, config)
     x = input_for(model.backbone, batch=len(DOMAINS))
     gathered, grouped = both(model, x)
-    assert model._gatherable is True
+    assert model._mixed.gatherable is True
     assert_rounding(gathered, grouped)
     alone = [model(x[i : i + 1], domain=d) for i, d in enumerate(DOMAINS)]
     for i, row in enumerate(alone):
@@ -99,7 +99,7 @@ def test_layers_whose_rows_are_not_samples_run_domain_groups(backbone):
     model = make(backbone)
     x = input_for(model.backbone, batch=len(DOMAINS))
     gathered, grouped = both(model, x)
-    assert model._gatherable is False
+    assert model._mixed.gatherable is False
     assert torch.equal(gathered, grouped)
 
 
@@ -112,7 +112,7 @@ def test_training_mode_runs_domain_groups():
     grouped = copy.deepcopy(model)
     grouped.mixed_execution = "grouped"
     assert torch.equal(gathered, grouped(x, domain=DOMAINS))
-    assert model._gatherable is None
+    assert model._mixed.gatherable is None
 
 
 def test_serving_changes_no_tensor():
@@ -129,13 +129,13 @@ def test_auto_groups_few_domains_with_fair_batches_and_gathers_the_rest():
     x = input_for(model.backbone, batch=8)
     with torch.inference_mode():
         auto = model(x, domain=["a", "b"] * 4)  # 2 domains, 4 images each: one pass per domain
-        assert model._gatherable is None
+        assert model._mixed.gatherable is None
         model.mixed_execution = "grouped"
         assert torch.equal(auto, model(x, domain=["a", "b"] * 4))
         model.mixed_execution = "auto"
         spread = ["a", "b", "c", "a", "b", "c", "a", "b"]  # 3 domains, fewer than 4 images each: gathered
         gathered = model(x, domain=spread)
-    assert model._gatherable is True
+    assert model._mixed.gatherable is True
     model.mixed_execution = "grouped"
     assert_rounding(gathered, model(x, domain=spread).detach())
 
@@ -154,7 +154,7 @@ def test_mixed_execution_names_its_choices():
 def test_auto_policy(images, domains, gathers):
     """Grouped when the domains average 8 images, or 4 with at most 4 domains (measured faster there)."""
     model = make()
-    model._gatherable = True  # the backbone's probe is another test's: only the policy here
+    model._mixed.gatherable = True  # the backbone's probe is another test's: only the policy here
     x = input_for(model.backbone, batch=images, size=32)
     names = [f"d{i % domains}" for i in range(images)]
-    assert model._gathers(x, Mixed.of(names, x.device)) is gathers
+    assert model._mixed.gathers(x, Mixed.of(names, x.device), training=False) is gathers
