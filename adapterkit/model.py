@@ -537,6 +537,8 @@ class AdapterModel(
         if isinstance(domain, str):
             return self._check_known(domain)
         domain = list(domain)
+        if not domain:
+            raise ValueError("domain=[]: pass one domain per sample, or one name (an empty batch then runs)")
         if len(domain) != batch:
             raise ValueError(f"got {len(domain)} domains for a batch of {batch}; pass one per sample")
         unique = list(dict.fromkeys(domain))

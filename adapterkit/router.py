@@ -244,4 +244,6 @@ def route_batch(model: AdapterModel, x: torch.Tensor, classify: bool) -> Route:
         routed = route(style_features(model.backbone, x, feature_maps(signatures)), signatures)
         if not classify:
             return routed
+        if not routed.best:  # an empty batch: nothing to run
+            return dataclasses.replace(routed, logits=x.new_zeros(0, 0), open_scores=x.new_zeros(0))
         return decide_open(routed, model(x, domain=routed.best), signatures)

@@ -186,7 +186,7 @@ class Router:
             pad = [F.pad(row, (0, width - row.shape[0]), value=-math.inf) for _, row in pending]
             known = open_decisions(best, torch.stack(pad), chosen)[0]
         for (item, _), fits in zip(pending, known, strict=True):
-            if not fits:
+            if fits is False:  # (None: a domain re-added meanwhile without the calibration keeps it)
                 item.routed = dataclasses.replace(item.routed, domain=None, labels=None)
 
     def _route(self, items: list[Item]) -> list[Any]:

@@ -12,6 +12,7 @@ adding or removing a domain changes no other domain's signature, bit for bit (ro
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -162,7 +163,8 @@ class DomainSignature(nn.Module):
         images) it also keeps the open-set calibration that `open_scores` reads, from those images, or
         from `calibration` (features and energies of images the domain did not train on) when given: a
         head is surer of its own training images than of new ones, so a calibration on them calls more
-        than `reject` of new images unknown."""
+        than `reject` of new images unknown. A `calibration` of fewer than 1 / `reject` images cannot place
+        that quantile: then the training images calibrate, with a warning."""
         if features.dim() != 2 or features.shape[0] < 4:
             raise ValueError(
                 f"a signature needs at least 4 feature rows (N x F), got shape {tuple(features.shape)}"
@@ -185,6 +187,15 @@ class DomainSignature(nn.Module):
         if calibration is not None:
             if energies is None or calibration[0].shape[0] != calibration[1].shape[0]:
                 raise ValueError("a calibration needs the fitting images' energies and one energy per row")
+            if calibration[0].shape[0] < math.ceil(1 / reject):
+                warnings.warn(
+                    f"{calibration[0].shape[0]} calibration images are too few to place the {reject:g} "
+                    f"quantile of the unknown decision (at least {math.ceil(1 / reject)}): it is calibrated "
+                    "on the training images instead; pass more held-out images to calibrate on them",
+                    stacklevel=3,  # (the caller of fit, past torch.no_grad's wrapper)
+                )
+                calibration = None
+        if calibration is not None:
             scores = signature.score(calibration[0])
             signature._calibrate_open(scores, calibration[1].float(), calibration[1].float(), reject)
         elif energies is not None:
@@ -227,14 +238,16 @@ class DomainSignature(nn.Module):
 
 def _cdf(quantiles: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """The share of a domain's own images at or below each value, interpolated linearly between its
-    quantiles at PROBS (0 below the lowest, 1 above the highest)."""
-    q, probs = quantiles.float(), torch.tensor(PROBS, device=values.device)
+    quantiles at PROBS (0 below the lowest, 1 above the highest; NaN for NaN). The values may sit on
+    another device than the signature (the service answers from logits on the CPU)."""
+    q, probs = quantiles.to(values.device, torch.float32), torch.tensor(PROBS, device=values.device)
     above = torch.searchsorted(q, values.float().contiguous(), right=True)  # quantiles <= each value
     lo, hi = (above - 1).clamp(0, len(q) - 1), above.clamp(max=len(q) - 1)
     span = q[hi] - q[lo]
     t = torch.where(span > 0, (values - q[lo]) / torch.where(span > 0, span, 1), 0).clamp(0, 1)
     p = probs[lo] + t * (probs[hi] - probs[lo])
-    return torch.where(above == 0, 0.0, torch.where(above == len(q), 1.0, p))
+    p = torch.where(above == 0, 0.0, torch.where(above == len(q), 1.0, p))
+    return torch.where(values.isnan(), math.nan, p)  # (searchsorted sorts NaN above every quantile)
 
 
 def open_scores(
@@ -243,7 +256,7 @@ def open_scores(
     """Per sample, the open score of its routed domain (`signatures[i]`, which needs the open-set
     calibration of `fit(..., energies=)`): its signature score `best` plus OPEN_WEIGHTS times the log of
     where the score and the head energy (`energies`: logsumexp of that domain's logits) sit among the
-    domain's own images. Below the domain's `open_threshold`: unknown."""
+    domain's own images. Below the domain's `open_threshold`, or NaN (NaN logits): unknown."""
     a, b = OPEN_WEIGHTS
     out = torch.empty_like(best, dtype=torch.float32)
     for signature in dict.fromkeys(signatures):  # each distinct domain once, over its samples

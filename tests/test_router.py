@@ -99,6 +99,10 @@ def test_classify_runs_each_image_through_its_best_domain_and_flags_unknown_ones
     signature = model.signatures["red"]
     assert signature.score_quantiles.shape == signature.energy_quantiles.shape == (len(PROBS),)
     assert bool((signature.score_quantiles.diff() >= 0).all()) and signature.open_threshold.dim() == 0
+    empty = model.route(x[:0], classify=True)  # an empty batch runs nothing and answers nothing
+    assert empty.domains == [] and empty.logits.shape == (0, 0) and empty.open_scores.shape == (0,)
+    with pytest.raises(ValueError, match=r"domain=\[\]"):
+        model(x[:0], domain=[])
 
 
 def test_an_image_its_domain_head_finds_atypical_is_unknown_though_its_signature_fits():
@@ -115,6 +119,18 @@ def test_an_image_its_domain_head_finds_atypical_is_unknown_though_its_signature
     assert known == [None] * 3 and bool(scores.isnan().all())
     with pytest.raises(ValueError, match="one value per feature row"):
         DomainSignature.fit(features, energies=energies[:-1])
+
+
+def test_an_image_with_nan_logits_is_unknown():
+    """NaN logits (a broken input or model) are no evidence that an image is typical: unknown, with a NaN
+    open score, whatever its signature score (torch's searchsorted would rank NaN above every quantile)."""
+    g = torch.Generator().manual_seed(0)
+    features, energies = torch.randn(512, 64, generator=g), 5 + 0.1 * torch.randn(512, generator=g)
+    signature = DomainSignature.fit(features, energies=energies)
+    typical = signature.score_quantiles[len(PROBS) // 2].repeat(2)
+    logits = torch.tensor([[5.0 - math.log(2), 5.0 - math.log(2)], [math.nan, 0.0]])
+    known, scores = open_decisions(typical, logits, [signature.double()] * 2)  # (another dtype: converted)
+    assert known == [True, False] and math.isnan(scores[1])
 
 
 def test_the_unknown_decision_is_calibrated_on_images_the_domain_did_not_train_on():
@@ -136,6 +152,9 @@ def test_the_unknown_decision_is_calibrated_on_images_the_domain_did_not_train_o
     assert flagged(on_training) > 0.05 and 0.003 < flagged(calibrated) < 0.025
     with pytest.raises(ValueError, match="one energy per row"):
         DomainSignature.fit(features, energies=seen, calibration=(new_features, new[:5]))
+    with pytest.warns(UserWarning, match="10 calibration images are too few"):  # a 1 % quantile of 10
+        few = DomainSignature.fit(features, energies=seen, calibration=(new_features[:10], new[:10]))
+    assert all(torch.equal(getattr(few, k), getattr(on_training, k)) for k in OPEN_BUFFERS)
 
 
 def test_signatures_without_the_open_set_calibration_load_and_keep_their_threshold(model, tmp_path):
@@ -312,7 +331,7 @@ def test_train_domain_records_a_signature():
     from adapterkit.train import TrainConfig, train_domain
 
     data = TensorDataset(images("red", 32, seed=1), torch.arange(32) % 2)
-    held = TensorDataset(images("red", 16, seed=2), torch.arange(16) % 2)
+    held = TensorDataset(images("red", 112, seed=2), torch.arange(112) % 2)  # >= 100: a 1 % quantile
     signatures = []
     for eval_data in (None, held):
         model = AdapterModel.from_backbone("test_resnet")
