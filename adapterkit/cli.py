@@ -6,10 +6,11 @@
     adapterkit push FAMILY REPO_ID      adapterkit pull REPO_ID FAMILY
     adapterkit list [--backbone NAME]   adapterkit info REPO_ID_OR_FAMILY
     adapterkit serve SOURCE [--domain NAME ...] [--port N]
+    adapterkit predict SOURCE IMAGE... [--domain NAME|auto] [--json]
 
 The commands live in `cli_train.py` (train), `cli_eval.py` (eval), `cli_model.py` (export, and what
 every command that runs a model shares), `cli_hub.py` (push, pull, list, info: files and the Hub
-only) and `cli_serve.py` (serve); the `app.command` lines below are the whole command tree. Those
+only), `cli_serve.py` (serve) and `cli_predict.py` (predict); the `app.command` lines below are the whole command tree. Those
 modules import torch, timm and the Hub client inside the command functions, so `--help`, `--version`, `list` and `info` start without loading
 a model stack (`cli_output.py`: tables and messages; `cli_errors.py`: what an expected failure says).
 Every expected failure prints one line naming the problem and the fix and exits with 2; `--verbose`
@@ -27,7 +28,7 @@ from typing import Annotated
 
 import typer
 
-from . import __version__, cli_eval, cli_hub, cli_model, cli_serve, cli_train
+from . import __version__, cli_eval, cli_hub, cli_model, cli_predict, cli_serve, cli_train
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 app = typer.Typer(
@@ -46,6 +47,7 @@ app.command("pull", context_settings=CONTEXT)(cli_hub.pull)
 app.command("list", context_settings=CONTEXT)(cli_hub.list_)
 app.command("info", context_settings=CONTEXT)(cli_hub.info)
 app.command("serve", context_settings=CONTEXT)(cli_serve.serve)
+app.command("predict", context_settings=CONTEXT)(cli_predict.predict)
 
 
 @dataclass

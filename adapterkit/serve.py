@@ -115,7 +115,7 @@ class Service:
         try:
             parsed = await self._read(request)
             domains = parsed.domains
-            answer = await self._predict(parsed)
+            answer = await self.respond(parsed)
             status = 200
             return answer
         except ServeError as e:
@@ -145,8 +145,11 @@ class Service:
             )
         return parsed
 
-    async def _predict(self, parsed: Parsed) -> dict[str, Any]:
+    async def respond(self, parsed: Parsed, names: list[str] | None = None) -> dict[str, Any]:
+        """The answer to a predict request once read (`POST /v1/predict`'s JSON; `adapterkit predict`
+        calls it without HTTP); `names` name the images in errors (default `image 0`, `image 1`, ...)."""
         loop = asyncio.get_running_loop()
+        names = names or [f"image {i}" for i in range(len(parsed.images))]
         labels = {}
         for d in dict.fromkeys(parsed.domains):
             if d == AUTO:
@@ -159,8 +162,8 @@ class Service:
         with self.batcher.expecting(len(parsed.images)):
             tensors = await asyncio.gather(
                 *(
-                    loop.run_in_executor(self.pool, self._prepare, data, d, f"image {i}")
-                    for i, (data, d) in enumerate(zip(parsed.images, parsed.domains, strict=True))
+                    loop.run_in_executor(self.pool, self._prepare, data, d, what)
+                    for data, d, what in zip(parsed.images, parsed.domains, names, strict=True)
                 )
             )
             items = [

@@ -50,7 +50,7 @@ def decode_image(data: bytes, what: str, max_pixels: int = DEFAULT_MAX_PIXELS) -
         raise ServeError(
             400,
             "invalid_image",
-            f"{what} is not an image this server reads; send {', '.join(FORMATS)} files",
+            f"{what} is not an image adapterkit reads; send {', '.join(FORMATS)} files",
         ) from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         code = "truncated_image" if "truncat" in str(e).lower() else "corrupt_image"

@@ -1,0 +1,142 @@
+"""`adapterkit predict SOURCE IMAGE...`: classify image files with a family, without a server.
+
+The answers are the inference service's (`Service.respond`, the code behind `POST /v1/predict`): each
+image decoded with the same limits, preprocessed with its domain's recorded data config, and the images
+run as mixed-domain batches; `--domain auto` routes each image by the domains' signatures and may answer
+that it fits none. A folder argument stands for the image files directly inside it, sorted by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .cli_errors import CliError
+from .cli_model import plural
+from .cli_output import print_table, status
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def image_files(paths: list[Path]) -> list[Path]:
+    """The files to classify: each file as given, each folder's image files (by suffix), sorted."""
+    files = []
+    for path in paths:
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not inside:
+                raise CliError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)}); pass image files")
+            files += inside
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise CliError(f"{path} does not exist; pass image files or folders of them")
+    return files
+
+
+def pick_domain(domain: str | None, loaded: list[str], routable: bool) -> str:
+    """The domain to ask for: the one given, the only one loaded, or `auto` when every domain can route."""
+    if domain is not None:
+        return domain
+    if len(loaded) == 1:
+        return loaded[0]
+    if routable:
+        return "auto"
+    raise CliError(
+        f"the family has {len(loaded)} domains ({', '.join(loaded)}) and not every one has a signature to "
+        "route by: pass --domain NAME"
+    )
+
+
+def rows(files: list[Path], predictions: list[dict[str, Any]]) -> list[list[object]]:
+    """One table row per image: its file, domain (`unknown` when routing found none), label and score."""
+    out = []
+    for path, p in zip(files, predictions, strict=True):
+        if p.get("unknown"):
+            out.append([str(path), f"unknown (nearest {p['nearest']})", "", p["confidence"]])
+        else:
+            out.append([str(path), p["domain"], p["label"], p["score"]])
+    return out
+
+
+async def _predict(service: Any, files: list[Path], domain: str, top_k: int) -> list[dict[str, Any]]:
+    from .serve_predict import Parsed
+
+    answers = []
+    for start in range(0, len(files), service.max_images):  # as requests of at most max_images images
+        chunk = files[start : start + service.max_images]
+        images = [path.read_bytes() for path in chunk]
+        parsed = Parsed(images, [domain] * len(chunk), top_k=top_k)
+        answer = await service.respond(parsed, names=[str(path) for path in chunk])
+        answers += [{"image": str(path), **p} for path, p in zip(chunk, answer["predictions"], strict=True)]
+    return answers
+
+
+def predict(
+    source: Annotated[
+        str, typer.Argument(help="family folder, or Hub/registry repo id with an optional @revision")
+    ],
+    images: Annotated[list[Path], typer.Argument(help="image files, or folders of them", show_default=False)],
+    domain: Annotated[
+        str | None,
+        typer.Option(
+            help="the images' domain, or auto to route each one \\[default: the only domain, else auto]",
+            show_default=False,
+        ),
+    ] = None,
+    top_k: Annotated[int, typer.Option(min=1, max=100, help="classes listed per image in --json")] = 5,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print the service's JSON answers, one per line")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="images per forward")] = 32,
+    threads: Annotated[int, typer.Option(min=1, help="threads decoding and preprocessing images")] = 2,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps")] = "cpu",
+    backbone_weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="the backbone weights file the family was trained on, if it moved", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """Classify image files with a family's domains, as the inference service would answer them.
+
+    Example: adapterkit predict fam/ cat.png photos/ --domain pets
+    """
+    files = image_files(images)
+    from .serve import Service, load_family
+    from .serve_errors import ServeError
+    from .serve_images import DEFAULT_MAX_PIXELS
+
+    only = None if domain in (None, "auto") else [domain]  # load only the files it needs
+    model, repo, revision = load_family(
+        source, domains=only, device=device, backbone_weights=backbone_weights
+    )
+    domain = pick_domain(domain, model.domains, all(d in model.signatures for d in model.domains))
+    service = Service(
+        model,
+        max_batch_size=batch_size,
+        max_wait_ms=0.0,
+        queue_size=max(256, batch_size),
+        admin_token=None,
+        threads=threads,
+        max_body_bytes=0,  # (no request bodies: files are read here)
+        max_pixels=DEFAULT_MAX_PIXELS,
+        max_images=max(64, batch_size),
+        source=repo,
+        revision=revision,
+    )
+    status(f"classifying {plural(len(files), 'image')} with {plural(len(model.domains), 'domain')} of {repo}")
+    try:
+        answers = asyncio.run(_predict(service, files, domain, top_k))
+    except ServeError as e:
+        raise CliError(e.message) from None
+    finally:
+        service.close()
+    if as_json:
+        print("\n".join(json.dumps(a) for a in answers))
+    else:
+        print_table(["image", "domain", "label", "score"], rows(files, answers))

@@ -1,0 +1,106 @@
+"""`adapterkit predict SOURCE IMAGE...`: the real command answers image files as the inference service
+answers the same images over HTTP, routes with `--domain auto`, and names the file or the option at fault."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from cli_support import cli, table
+from PIL import Image
+from serve_support import build_family, image_bytes, predict_json, running
+
+from adapterkit import AdapterModel
+from adapterkit.cli_errors import CliError
+from adapterkit.cli_predict import image_files, pick_domain
+from adapterkit.serve import create_app
+from adapterkit.transforms import Preprocess, resolve_data_config
+
+COLOURS = {"red": (200, 30, 30), "blue": (30, 30, 200)}
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return build_family(tmp_path_factory.mktemp("predict") / "fam")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    for i in range(3):
+        (folder / f"img{i}.png").write_bytes(image_bytes(i))
+    (folder / "notes.txt").write_text("not an image, and not picked from a folder")
+    return folder
+
+
+def test_answers_are_the_services_answers_for_the_same_images(family, photos):
+    files = sorted(photos.glob("*.png"))
+    done = cli("predict", str(family), *map(str, files), "--domain", "a", "--json", "--top-k", "2")
+    assert done.returncode == 0, done.stderr
+    answers = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [a["image"] for a in answers] == [str(f) for f in files]
+    with running(create_app(AdapterModel.from_pretrained(family))) as url, httpx.Client(base_url=url) as c:
+        served = predict_json(c, [("a", f.read_bytes()) for f in files], top_k=2).json()["predictions"]
+    for answer, want in zip(answers, served, strict=True):
+        assert answer["domain"] == "a" and answer["label"] == want["label"] in ("cat", "dog", "eel")
+        assert [k["index"] for k in answer["top_k"]] == [k["index"] for k in want["top_k"]]
+        assert answer["score"] == pytest.approx(want["score"], rel=1e-5)
+    assert "classifying 3 images with 1 domain" in done.stderr  # only the named domain was loaded
+
+    table_run = cli("predict", str(family), str(photos), "--domain", "b")  # a folder: its image files
+    assert table_run.returncode == 0, table_run.stderr
+    rows = table(table_run.stdout)
+    assert rows[0] == ["image", "domain", "label", "score"] and [r[1] for r in rows[1:]] == ["b"] * 3
+
+
+def test_bad_input_names_the_file_or_the_option(family, photos, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(image_bytes(0)[:40])  # a truncated PNG
+    done = cli("predict", str(family), str(photos / "img0.png"), str(broken), "--domain", "a")
+    error = done.stderr.splitlines()[-1]  # (after the status line)
+    assert done.returncode == 2 and error.startswith("adapterkit predict: error: ") and str(broken) in error
+    unknown = cli("predict", str(family), str(photos / "img0.png"), "--domain", "zebra")
+    assert unknown.returncode == 2 and "zebra" in unknown.stderr
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CliError, match="holds no image files"):
+        image_files([tmp_path / "empty"])
+    with pytest.raises(CliError, match="does not exist"):
+        image_files([tmp_path / "missing.png"])
+    with pytest.raises(CliError, match="pass --domain NAME"):
+        pick_domain(None, ["a", "b"], routable=False)
+    assert pick_domain(None, ["a"], routable=False) == "a" and pick_domain(None, ["a", "b"], True) == "auto"
+
+
+def colour_png(colour: str, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(COLOURS[colour]) + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_auto_routes_each_image_and_says_when_it_fits_no_domain(tmp_path):
+    model = AdapterModel.from_backbone("test_resnet")
+    for colour in COLOURS:
+        model.add_domain(colour, num_classes=2, data_config={"input_size": 32})
+        # the domain's own eval preprocessing, as the service applies it
+        preprocess = Preprocess(
+            resolve_data_config(model.pretrained_cfg, model.domain_info(colour).data_config)
+        )
+        x = torch.stack([preprocess(Image.open(io.BytesIO(colour_png(colour, k)))) for k in range(128)])
+        model.fit_signature(colour, x.split(16), budget=None)  # (test_resnet's domains are a few KB)
+    model.save_pretrained(tmp_path / "fam")
+    for i, colour in enumerate(COLOURS):
+        (tmp_path / f"{i}_{colour}.png").write_bytes(colour_png(colour, 1000 + i))
+    board = (np.indices((32, 32)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    Image.fromarray(np.repeat(board[:, :, None], 3, axis=2)).save(tmp_path / "2_board.png")
+    files = sorted(str(p) for p in tmp_path.glob("*.png"))
+    done = cli("predict", str(tmp_path / "fam"), *files, "--json")  # two domains with signatures: auto
+    assert done.returncode == 0, done.stderr
+    answers = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [a["domain"] for a in answers] == ["red", "blue", None]
+    assert answers[2]["unknown"] is True and answers[0]["routed"] is True
