@@ -43,6 +43,20 @@ def assert_rounding(gathered, grouped):
     assert (gathered - grouped)[finite].abs().max() <= 1e-5 * scale
 
 
+@pytest.mark.parametrize("backbone", ["test_resnet", "test_vit", "test_efficientnet"])
+def test_one_pass_runs_under_bf16_autocast(backbone):
+    """Under autocast a layer's output is bf16 while the adapters are float32: the gathered products run
+    in the output's dtype (in-place products are not autocast), to bf16 rounding of the grouped ones."""
+    model = make(backbone)
+    x = input_for(model.backbone, batch=len(DOMAINS))
+    with torch.autocast("cpu", torch.bfloat16):
+        gathered, grouped = both(model, x)
+    finite = torch.isfinite(grouped)
+    assert torch.equal(torch.isfinite(gathered), finite)
+    error = (gathered.float() - grouped.float())[finite].abs().max() / grouped[finite].float().abs().max()
+    assert float(error) <= 3e-2
+
+
 @pytest.mark.parametrize(
     "backbone,config",
     [

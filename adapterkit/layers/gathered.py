@@ -101,13 +101,22 @@ def _columns(
 ) -> torch.Tensor:
     """Each sample's adapter applied to the columns of `x` (N, in, P): added into `into` (N, out, P) in
     place, or a new tensor."""
+    if into is not None:
+        matrix, x, gamma = _like(into, matrix, x, gamma)
     if gamma is not None:
         x = torch.bmm(gamma.transpose(1, 2), x)
     return torch.bmm(matrix, x) if into is None else into.baddbmm_(matrix, x)
 
 
+def _like(out: torch.Tensor, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """`tensors` in `out`'s dtype: under autocast a layer's output may be bf16 while the adapter and the
+    input it reads are float32, and in-place products (`baddbmm_`) are not autocast."""
+    return tuple(t if t is None or t.dtype == out.dtype else t.to(out.dtype) for t in tensors)
+
+
 def _add_rows(y: torch.Tensor, x: torch.Tensor, matrix: torch.Tensor, gamma: torch.Tensor | None) -> None:
     """`y` (N, P, out) += each sample's adapter applied to the rows of `x` (N, P, in), in place."""
+    matrix, x, gamma = _like(y, matrix, x, gamma)
     if gamma is not None:
         x = torch.bmm(x, gamma)
     y.baddbmm_(x, matrix.transpose(1, 2))
