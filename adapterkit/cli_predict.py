@@ -94,6 +94,12 @@ def predict(
     ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="images per forward")] = 32,
     threads: Annotated[int, typer.Option(min=1, help="threads decoding and preprocessing images")] = 2,
+    torch_threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="torch CPU threads for the forward \\[default: torch's]", show_default=False
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps")] = "cpu",
     backbone_weights: Annotated[
         Path | None,
@@ -107,10 +113,14 @@ def predict(
     Example: adapterkit predict fam/ cat.png photos/ --domain pets
     """
     files = image_files(images)
+    import torch
+
     from .serve import Service, load_family
     from .serve_errors import ServeError
     from .serve_images import DEFAULT_MAX_PIXELS
 
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
     only = None if domain in (None, "auto") else [domain]  # load only the files it needs
     model, repo, revision = load_family(
         source, domains=only, device=device, backbone_weights=backbone_weights

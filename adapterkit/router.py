@@ -240,10 +240,13 @@ def route_batch(model: AdapterModel, x: torch.Tensor, classify: bool) -> Route:
             "signatures existed, or added without training): call model.fit_signature(domain, batches)"
         )
     signatures = {n: model.signatures[n] for n in names}
+    if x.shape[0] == 0:  # an empty batch: nothing to score or run
+        empty = Route([], [], x.new_zeros(0), x.new_zeros(0, len(names)), names)
+        return (
+            dataclasses.replace(empty, logits=x.new_zeros(0, 0), open_scores=x.new_zeros(0))
+            if classify
+            else empty
+        )
     with torch.no_grad():
         routed = route(style_features(model.backbone, x, feature_maps(signatures)), signatures)
-        if not classify:
-            return routed
-        if not routed.best:  # an empty batch: nothing to run
-            return dataclasses.replace(routed, logits=x.new_zeros(0, 0), open_scores=x.new_zeros(0))
-        return decide_open(routed, model(x, domain=routed.best), signatures)
+        return decide_open(routed, model(x, domain=routed.best), signatures) if classify else routed

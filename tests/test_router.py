@@ -101,6 +101,7 @@ def test_classify_runs_each_image_through_its_best_domain_and_flags_unknown_ones
     assert bool((signature.score_quantiles.diff() >= 0).all()) and signature.open_threshold.dim() == 0
     empty = model.route(x[:0], classify=True)  # an empty batch runs nothing and answers nothing
     assert empty.domains == [] and empty.logits.shape == (0, 0) and empty.open_scores.shape == (0,)
+    assert model.route(x[:0]).scores.shape == (0, 3) and model.route(x[:0]).logits is None
     with pytest.raises(ValueError, match=r"domain=\[\]"):
         model(x[:0], domain=[])
 
