@@ -18,6 +18,7 @@ import typer
 from .cli_errors import CliError
 from .cli_model import plural
 from .cli_output import print_table, status
+from .cli_serve import BackboneWeights, Device, TorchThreads
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -94,19 +95,9 @@ def predict(
     ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="images per forward")] = 32,
     threads: Annotated[int, typer.Option(min=1, help="threads decoding and preprocessing images")] = 2,
-    torch_threads: Annotated[
-        int | None,
-        typer.Option(
-            min=1, help="torch CPU threads for the forward \\[default: torch's]", show_default=False
-        ),
-    ] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps")] = "cpu",
-    backbone_weights: Annotated[
-        Path | None,
-        typer.Option(
-            help="the backbone weights file the family was trained on, if it moved", show_default=False
-        ),
-    ] = None,
+    torch_threads: TorchThreads = None,
+    device: Device = "cpu",
+    backbone_weights: BackboneWeights = None,
 ) -> None:
     """Classify image files with a family's domains, as the inference service would answer them.
 

@@ -21,6 +21,16 @@ from .cli_model import plural
 from .cli_output import status
 
 TOKEN_ENV = "ADAPTERKIT_ADMIN_TOKEN"
+# options `serve` and `predict` share
+TorchThreads = Annotated[
+    int | None,
+    typer.Option(min=1, help="torch CPU threads for the forward \\[default: torch's]", show_default=False),
+]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps")]
+BackboneWeights = Annotated[
+    Path | None,
+    typer.Option(help="the backbone weights file the family was trained on, if it moved", show_default=False),
+]
 
 
 def admin_token(token_file: Path | None) -> str | None:
@@ -67,13 +77,8 @@ def serve(
     ] = 5.0,
     queue_size: Annotated[int, typer.Option(min=1, help="images that may wait; then 503")] = 256,
     threads: Annotated[int, typer.Option(min=1, help="threads decoding and preprocessing images")] = 2,
-    torch_threads: Annotated[
-        int | None,
-        typer.Option(
-            min=1, help="torch CPU threads for the forward \\[default: torch's]", show_default=False
-        ),
-    ] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps")] = "cpu",
+    torch_threads: TorchThreads = None,
+    device: Device = "cpu",
     admin_token_file: Annotated[
         Path | None,
         typer.Option(
@@ -89,12 +94,7 @@ def serve(
             min=0, help="domains whose fused weights each layer keeps \\[default: 4]", show_default=False
         ),
     ] = None,
-    backbone_weights: Annotated[
-        Path | None,
-        typer.Option(
-            help="the backbone weights file the family was trained on, if it moved", show_default=False
-        ),
-    ] = None,
+    backbone_weights: BackboneWeights = None,
     freeze_gc: Annotated[
         bool,
         typer.Option(help="keep the startup objects out of full garbage collections (shorter tail latency)"),

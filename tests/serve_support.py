@@ -84,6 +84,15 @@ def image_bytes(seed: int, size: int = 36, fmt: str = "PNG", mode: str = "RGB") 
     return buffer.getvalue()
 
 
+def colour_photo(colour: tuple[int, int, int], seed: int, size: int = 32) -> bytes:
+    """A PNG of one colour with pixel noise (images of a colour domain)."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(colour) + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from cli_support import cli, table
 from PIL import Image
-from serve_support import build_family, image_bytes, predict_json, running
+from serve_support import build_family, colour_photo, image_bytes, predict_json, running
 
 from adapterkit import AdapterModel
 from adapterkit.cli_errors import CliError
@@ -75,14 +75,6 @@ def test_bad_input_names_the_file_or_the_option(family, photos, tmp_path):
     assert pick_domain(None, ["a"], routable=False) == "a" and pick_domain(None, ["a", "b"], True) == "auto"
 
 
-def colour_png(colour: str, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    pixels = np.clip(np.array(COLOURS[colour]) + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def test_auto_routes_each_image_and_says_when_it_fits_no_domain(tmp_path):
     model = AdapterModel.from_backbone("test_resnet")
     for colour in COLOURS:
@@ -91,11 +83,13 @@ def test_auto_routes_each_image_and_says_when_it_fits_no_domain(tmp_path):
         preprocess = Preprocess(
             resolve_data_config(model.pretrained_cfg, model.domain_info(colour).data_config)
         )
-        x = torch.stack([preprocess(Image.open(io.BytesIO(colour_png(colour, k)))) for k in range(128)])
+        x = torch.stack(
+            [preprocess(Image.open(io.BytesIO(colour_photo(COLOURS[colour], k)))) for k in range(128)]
+        )
         model.fit_signature(colour, x.split(16), budget=None)  # (test_resnet's domains are a few KB)
     model.save_pretrained(tmp_path / "fam")
     for i, colour in enumerate(COLOURS):
-        (tmp_path / f"{i}_{colour}.png").write_bytes(colour_png(colour, 1000 + i))
+        (tmp_path / f"{i}_{colour}.png").write_bytes(colour_photo(COLOURS[colour], 1000 + i))
     board = (np.indices((32, 32)).sum(axis=0) % 2 * 255).astype(np.uint8)
     Image.fromarray(np.repeat(board[:, :, None], 3, axis=2)).save(tmp_path / "2_board.png")
     files = sorted(str(p) for p in tmp_path.glob("*.png"))

@@ -11,12 +11,11 @@ import io
 import os
 
 import httpx
-import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
 from PIL import Image
-from serve_support import b64, perturb, running
+from serve_support import b64, colour_photo, perturb, running
 from torch.utils.data import TensorDataset
 
 from adapterkit import AdapterModel
@@ -97,14 +96,6 @@ def test_an_exported_domain_computes_what_the_model_does():
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
 
 
-def photo(colour: str, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    pixels = np.clip(np.array(COLOURS[colour]) + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def test_the_service_routes_images_on_the_device():
     """Routing and the unknown decision after the forward, with the model on the device and the answers'
     logits on the CPU (a device mismatch there failed every batch that held a routed image)."""
@@ -115,10 +106,12 @@ def test_the_service_routes_images_on_the_device():
         preprocess = Preprocess(
             resolve_data_config(model.pretrained_cfg, model.domain_info(colour).data_config)
         )
-        x = torch.stack([preprocess(Image.open(io.BytesIO(photo(colour, k)))) for k in range(128)])
+        x = torch.stack(
+            [preprocess(Image.open(io.BytesIO(colour_photo(COLOURS[colour], k)))) for k in range(128)]
+        )
         model.fit_signature(colour, x.split(16), budget=None)
     model = model.to(DEVICE).eval()
-    images = [{"data": b64(photo(colour, 1000 + i))} for i, colour in enumerate(COLOURS)]
+    images = [{"data": b64(colour_photo(COLOURS[colour], 1000 + i))} for i, colour in enumerate(COLOURS)]
     with running(create_app(model, max_wait_ms=20)) as url, httpx.Client(base_url=url, timeout=60) as client:
         answer = client.post("/v1/predict", json={"images": images, "return_logits": True})
     assert answer.status_code == 200, answer.text
