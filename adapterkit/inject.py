@@ -189,3 +189,24 @@ def inject(backbone: nn.Module, config: AdapterConfig, router: DomainRouter) -> 
             wrapper = AdaptedConv2d(base, router, target.rule, rank=config.rank, dropout=config.dropout)
         setattr(parent, child, wrapper)
     return targets
+
+
+def adapted_layers(backbone: nn.Module) -> dict[str, DomainLayer]:
+    """The backbone's adapted layers by module name, in `named_modules` order. The walk stops at each
+    adapted layer, so its cost does not grow with the domains loaded (each adds modules below them)."""
+    found: dict[str, DomainLayer] = {}
+    stack: list[tuple[str, nn.Module]] = [("", backbone)]
+    seen: set[int] = set()
+    while stack:
+        prefix, module = stack.pop()
+        if id(module) in seen:  # (a module registered twice counts once, as in `named_modules`)
+            continue
+        seen.add(id(module))
+        if isinstance(module, DomainLayer):
+            found[prefix] = module
+            continue
+        children = [
+            (f"{prefix}.{n}" if prefix else n, m) for n, m in module._modules.items() if m is not None
+        ]
+        stack.extend(reversed(children))
+    return found

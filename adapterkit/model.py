@@ -24,6 +24,7 @@ from .basis import check_extends
 from .compress import FACTORABLE, column_budget
 from .config import AdapterConfig, DomainInfo, check_domain_name, resolve_num_classes
 from .inject import (
+    adapted_layers,
     create_backbone,
     fingerprint,
     inject,
@@ -157,7 +158,7 @@ class AdapterModel(
 
     def layers(self) -> dict[str, DomainLayer]:
         """Adapted layers by their module name in the backbone (as in the unwrapped backbone)."""
-        return {n: m for n, m in self.backbone.named_modules() if isinstance(m, DomainLayer)}
+        return adapted_layers(self.backbone)
 
     # ----------------------------------------------------------------- domains
     @property

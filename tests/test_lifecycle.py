@@ -10,6 +10,7 @@ from checks import input_for, perturb
 
 from adapterkit import AdapterConfig, AdapterModel
 from adapterkit.compress import append_domain
+from adapterkit.layers import DomainLayer
 
 
 def state(model: AdapterModel, domain: str) -> dict[str, torch.Tensor]:
@@ -36,6 +37,17 @@ def test_loaded_model_is_in_eval_mode_with_frozen_domains(saved):
     assert not model.training
     assert not any(model.is_trainable(d) for d in model.domains)
     assert not any(p.requires_grad for d in model.domains for p in model.trainable_parameters(d))
+
+
+def test_loaded_domains_equal_the_saved_ones_and_own_their_tensors(saved):
+    original, path = saved
+    model = AdapterModel.from_pretrained(path)
+    assert model.layers() == {n: m for n, m in model.backbone.named_modules() if isinstance(m, DomainLayer)}
+    for d in model.domains:
+        assert same(state(model, d), state(original, d))
+    backbone = {t.data_ptr() for k, t in model.backbone.state_dict().items() if ".adapters." not in k}
+    per_domain = [{t.data_ptr() for t in model.domain_state_dict(d).values()} for d in model.domains]
+    assert not per_domain[0] & per_domain[1] and not (per_domain[0] | per_domain[1]) & backbone
 
 
 def test_train_mode_forwards_never_change_a_loaded_domain(saved):

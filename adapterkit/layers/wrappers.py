@@ -17,6 +17,7 @@ import copy
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import chain
 
 import torch
 import torch.nn.functional as F
@@ -116,14 +117,7 @@ class DomainLayer(nn.Module):
             adapter = self.new_adapter(factored=False)
         else:
             adapter = self.new_adapter()
-        expected = adapter.state_dict()
-        if set(expected) != set(state):
-            raise ValueError(f"expected tensors {sorted(expected)}, found {sorted(state)}")
-        for key, t in state.items():
-            if tuple(t.shape) != tuple(expected[key].shape):
-                raise ValueError(
-                    f"{key}: shape {tuple(t.shape)} does not fit this layer ({tuple(expected[key].shape)})"
-                )
+        _check_state(adapter.state_dict(), state)
         adapter.load_state_dict(state)
         return adapter
 
@@ -133,6 +127,17 @@ class DomainLayer(nn.Module):
         if self.fused is not None:
             self.fused.clear()  # also catches weights edited through `.data` (no version bump)
         return self
+
+
+def _check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    """That `state` has exactly the tensors of `expected`, each of its shape."""
+    if set(expected) != set(state):
+        raise ValueError(f"expected tensors {sorted(expected)}, found {sorted(state)}")
+    for key, t in state.items():
+        if tuple(t.shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"{key}: shape {tuple(t.shape)} does not fit this layer ({tuple(expected[key].shape)})"
+            )
 
 
 def _factors(adapter: nn.Module, beta: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -394,6 +399,18 @@ class DomainNorm(DomainLayer):
         norm = copy.deepcopy(self.base_layer)
         norm.requires_grad_(True)
         return norm
+
+    def adapter_from_state(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        """A copy of the backbone's norm holding `state`'s tensors (copied once, in the norm's dtypes), built
+        without first copying the backbone's tensors."""
+        base = self.base_layer
+        _check_state(base.state_dict(), state)
+        replace: dict[int, torch.Tensor] = {}
+        for key, t in chain(base.named_parameters(), base.named_buffers()):
+            if key in state:
+                own = state[key].to(t.device, t.dtype, copy=True)
+                replace[id(t)] = nn.Parameter(own) if isinstance(t, nn.Parameter) else own
+        return copy.deepcopy(base, replace).requires_grad_(True)  # deepcopy reuses what its memo holds
 
     # read by modules that normalise with a norm's tensors themselves: the active domain's copy
     weight, bias, eps = _domain_setting("weight"), _domain_setting("bias"), _domain_setting("eps")
