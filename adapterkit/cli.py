@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated
@@ -79,6 +80,23 @@ def _options(
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
+    # a library's warning is a status line, like the commands' own (--verbose: Python's, with its source)
+    if not verbose:
+        warnings.showwarning = _warning_line
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    from .cli_output import status
+
+    status(f"warning: {message}")
+
+
+def _verbose_first(args: list[str]) -> list[str]:
+    """`--verbose` (or `-v`) anywhere before `--` moved in front of the command, where typer reads it: errors
+    say "rerun with --verbose", and users add it at the end."""
+    end = args.index("--") if "--" in args else len(args)
+    flags = {i for i in range(end) if args[i] in ("--verbose", "-v")}
+    return ["--verbose", *(a for i, a in enumerate(args) if i not in flags)] if flags else args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,13 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     session = Session()
     command = typer.main.get_command(app)
+    args = _verbose_first(list(sys.argv[1:] if argv is None else argv))
     try:
-        command.main(
-            args=list(sys.argv[1:] if argv is None else argv),
-            prog_name="adapterkit",
-            standalone_mode=True,
-            obj=session,
-        )
+        with warnings.catch_warnings():  # (the command may show warnings its own way: restored after it)
+            command.main(args=args, prog_name="adapterkit", standalone_mode=True, obj=session)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except Exception as e:  # noqa: BLE001  (reported in one line; --verbose shows the traceback)

@@ -42,10 +42,14 @@ Job = tuple[str, Path]
 
 def evaluate(
     family: Annotated[
-        list[Path], typer.Option(help="family folder; repeat for one matrix row per family (e.g. snapshots)")
+        list[Path],
+        typer.Option(
+            metavar="DIR", help="family folder; repeat for one matrix row per family (e.g. snapshots)"
+        ),
     ],
     data: Annotated[
-        list[str], typer.Option(help="[DOMAIN=]DIR, repeatable; DIR's test/ or val/ split if it has one")
+        list[str],
+        typer.Option(metavar="[DOMAIN=]DIR", help="repeatable; DIR's test/ or val/ split if it has one"),
     ],
     domain: Annotated[
         str | None,
@@ -56,6 +60,7 @@ def evaluate(
     output: Annotated[
         list[Path] | None,
         typer.Option(
+            metavar="FILE",
             help="write the accuracy matrix: .json (with metrics and the files evaluated) or .csv; repeatable",
             show_default=False,
         ),
@@ -74,7 +79,8 @@ def evaluate(
     baseline_error: Annotated[
         list[str] | None,
         typer.Option(
-            help="DOMAIN=ERROR (a fraction) of the baseline, one per domain: adds the Decathlon score",
+            metavar="DOMAIN=ERROR",
+            help="the baseline's error (a fraction), one per domain: adds the Decathlon score",
             show_default=False,
         ),
     ] = None,

@@ -28,7 +28,9 @@ Revision = Annotated[
 ]
 Domains = Annotated[
     list[str] | None,
-    typer.Option("--domain", help="only this domain (repeatable) \\[default: all]", show_default=False),
+    typer.Option(
+        "--domain", metavar="NAME", help="only this domain (repeatable) \\[default: all]", show_default=False
+    ),
 ]
 
 
@@ -120,9 +122,13 @@ def list_(
     families = list_families(backbone, domain=domain, author=author, search=search, token=token)
     rows = []
     for m in families:
-        card = m.card_data or {}
-        domains = [t.removeprefix("domain:") for t in (m.tags or []) if t.startswith("domain:")]
-        rows.append([m.id, card.get("base_model", "") or "", ", ".join(domains)])
+        tags = m.tags or []
+        domains = [t.removeprefix("domain:") for t in tags if t.startswith("domain:")]
+        # the backbone tag names every backbone; the card's base_model only Hub-hosted ones
+        named = [t.removeprefix("backbone:") for t in tags if t.startswith("backbone:")]
+        rows.append(
+            [m.id, named[0] if named else (m.card_data or {}).get("base_model") or "", ", ".join(domains)]
+        )
     print_table(["family", "backbone", "domains"], rows)
     print(f"{len(rows)} famil{'y' if len(rows) == 1 else 'ies'} on {endpoint()}")
 
@@ -150,12 +156,13 @@ def info(
     Example: adapterkit info alice/my-family
     """
     from .format import read_config
-    from .sources import open_source
+    from .sources import check_repo_id, open_source
 
     local = Path(source).is_dir()
     if local:
         require_family(Path(source))
     else:
+        check_repo_id(source)
         require_endpoint()
     opened = open_source(source, **({} if local else {"revision": revision, "token": token}))
     config = read_config(opened.fetch, opened.files, where=source)

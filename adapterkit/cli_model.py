@@ -1,6 +1,7 @@
 """`adapterkit export`, and what every command that runs a model shares (`train` is in
 `cli_train.py`, `eval` in `cli_eval.py`): reading a family's config without torch, opening it on the
-backbone it recorded, and `--threads`.
+backbone it recorded, building a new family's model on pretrained, file or random weights, and
+`--threads`.
 
 Every command after `train` created a family rebuilds the backbone the family recorded, without
 backbone flags (`--backbone-weights FILE` when a recorded weights file moved). torch, timm and the
@@ -139,6 +140,51 @@ def open_family(family: Path, config: dict[str, Any], domains: list[str], weight
         raise
 
 
+def new_model(name: str, adapter_config: Any, pretrained: str | None, random_init: bool):
+    """A new family's model: timm's pretrained weights, a weights file, or (explicitly) random ones."""
+    from .model import AdapterModel
+
+    if random_init and pretrained is not None:
+        raise CliError("--random-init and --pretrained contradict each other; pass one of them")
+    if random_init:  # seed 0, recorded: every later command rebuilds the same weights
+        status(f"warning: {name} starts from random weights (--random-init), not pretrained ones")
+        return AdapterModel.from_backbone(name, adapter_config, pretrained=False)
+    weights: bool | Path = True if pretrained in (None, "timm") else Path(pretrained)
+    if weights is not True:
+        return AdapterModel.from_backbone(name, adapter_config, pretrained=weights)
+    if not _downloadable(name):
+        raise CliError(
+            f"backbone {name!r} has no weights timm can download (its pretrained config names no URL, Hub "
+            "repo or file); pass --pretrained FILE.safetensors, or --random-init"
+        )
+    try:
+        with cache_if_unreachable(not name.startswith("local-dir:")):
+            return AdapterModel.from_backbone(name, adapter_config, pretrained=True)
+    except Exception as e:
+        if not _known_architecture(name):
+            raise
+        raise CliError(
+            f"no pretrained weights for backbone {name!r} ({short_reason(e)}); go online (or set "
+            "HF_ENDPOINT) so timm can download them, pass --pretrained FILE.safetensors, or --random-init"
+        ) from e
+
+
+def _downloadable(name: str) -> bool:
+    """False only for a known timm name whose pretrained config has no source (the CIFAR ResNets)."""
+    import timm
+
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return True
+    cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True)
+    return cfg is None or bool(cfg.url or cfg.hf_hub_id or cfg.file)
+
+
+def _known_architecture(name: str) -> bool:
+    import timm
+
+    return name.startswith(("hf-hub:", "local-dir:")) or timm.is_model(name)
+
+
 def data_split(path: Path, preferred: tuple[str, ...]):
     from .data import open_splits
 
@@ -175,4 +221,6 @@ def export(
         save_for_hf(
             exported, output, model_config=model_config, safe_serialization=True, data_config=data_config
         )
-    print(f"exported {domain!r} to {output}: timm.create_model('local-dir:{output}', pretrained=True)")
+        ours = type(exported).__module__.startswith(__package__)  # the paper's ResNets, registered by us
+    load = f"timm.create_model('local-dir:{output}', pretrained=True)"
+    print(f"exported {domain!r} to {output}: {'import adapterkit.backbones; ' if ours else ''}{load}")

@@ -3,7 +3,9 @@
 The answers are the inference service's (`Service.respond`, the code behind `POST /v1/predict`): each
 image decoded with the same limits, preprocessed with its domain's recorded data config, and the images
 run as mixed-domain batches; `--domain auto` routes each image by the domains' signatures and may answer
-that it fits none. A folder argument stands for the image files directly inside it, sorted by name.
+that it fits none. A folder argument stands for the image files inside it at any depth (a class-folder
+split works as it is), sorted by path. An image that cannot be classified (not an image, too large) gets a
+row saying why; the others are still answered, and the command then exits with 2.
 """
 
 from __future__ import annotations
@@ -18,19 +20,30 @@ import typer
 from .cli_errors import CliError
 from .cli_model import plural
 from .cli_output import print_table, status
-from .cli_serve import BackboneWeights, Device, TorchThreads
+from .cli_serve import BackboneWeights, DecodeThreads, Device, MaxPixels, TorchThreads, check_device
 
+# the service's errors about one image (the others in its request are still answerable)
+IMAGE_ERRORS = {
+    "empty_image",
+    "invalid_image",
+    "truncated_image",
+    "corrupt_image",
+    "image_too_large",
+    "unsupported_image",
+}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
 def image_files(paths: list[Path]) -> list[Path]:
-    """The files to classify: each file as given, each folder's image files (by suffix), sorted."""
+    """The files to classify: each file as given, each folder's image files at any depth (by suffix), sorted."""
     files = []
     for path in paths:
         if path.is_dir():
-            inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            inside = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not inside:
-                raise CliError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)}); pass image files")
+                raise CliError(
+                    f"{path} holds no image files at any depth ({', '.join(IMAGE_SUFFIXES)}); pass image files"
+                )
             files += inside
         elif path.is_file():
             files.append(path)
@@ -54,26 +67,50 @@ def pick_domain(domain: str | None, loaded: list[str], routable: bool) -> str:
 
 
 def rows(files: list[Path], predictions: list[dict[str, Any]]) -> list[list[object]]:
-    """One table row per image: its file, domain (`unknown` when routing found none), label and score."""
+    """One table row per image: its file, domain (`unknown` when routing found none, `error` when the image
+    could not be classified), label (or why not) and score (for `unknown`, the routing confidence)."""
     out = []
     for path, p in zip(files, predictions, strict=True):
-        if p.get("unknown"):
+        if "error" in p:
+            out.append([str(path), "error", p["error"]["message"], ""])
+        elif p.get("unknown"):
             out.append([str(path), f"unknown (nearest {p['nearest']})", "", p["confidence"]])
         else:
             out.append([str(path), p["domain"], p["label"], p["score"]])
     return out
 
 
-async def _predict(service: Any, files: list[Path], domain: str, top_k: int) -> list[dict[str, Any]]:
+async def _ask(service: Any, chunk: list[Path], domain: str, top_k: int) -> list[dict[str, Any]]:
+    """The service's answers for `chunk`, as one request."""
     from .serve_predict import Parsed
 
+    parsed = Parsed([path.read_bytes() for path in chunk], [domain] * len(chunk), top_k=top_k)
+    answer = await service.respond(parsed, names=[str(path) for path in chunk])
+    return [{"image": str(path), **p} for path, p in zip(chunk, answer["predictions"], strict=True)]
+
+
+async def _predict(service: Any, files: list[Path], domain: str, top_k: int) -> list[dict[str, Any]]:
+    """Answers for every file, in requests of at most `max_images`; a request that fails on one image
+    (the service answers a request whole) is asked again image by image, and an image it cannot read is
+    answered with its error."""
+    from .serve_errors import ServeError
+
     answers = []
-    for start in range(0, len(files), service.max_images):  # as requests of at most max_images images
+    for start in range(0, len(files), service.max_images):
         chunk = files[start : start + service.max_images]
-        images = [path.read_bytes() for path in chunk]
-        parsed = Parsed(images, [domain] * len(chunk), top_k=top_k)
-        answer = await service.respond(parsed, names=[str(path) for path in chunk])
-        answers += [{"image": str(path), **p} for path, p in zip(chunk, answer["predictions"], strict=True)]
+        try:
+            answers += await _ask(service, chunk, domain, top_k)
+            continue
+        except ServeError as e:
+            if e.code not in IMAGE_ERRORS:
+                raise
+        for path in chunk:
+            try:
+                answers += await _ask(service, [path], domain, top_k)
+            except ServeError as e:
+                if e.code not in IMAGE_ERRORS:
+                    raise
+                answers.append({"image": str(path), "error": {"code": e.code, "message": e.message}})
     return answers
 
 
@@ -89,14 +126,15 @@ def predict(
             show_default=False,
         ),
     ] = None,
-    top_k: Annotated[int, typer.Option(min=1, max=100, help="classes listed per image in --json")] = 5,
+    top_k: Annotated[int, typer.Option(min=1, max=1000, help="classes listed per image in --json")] = 5,
     as_json: Annotated[
         bool, typer.Option("--json", help="print the service's JSON answers, one per line")
     ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="images per forward")] = 32,
-    threads: Annotated[int, typer.Option(min=1, help="threads decoding and preprocessing images")] = 2,
+    decode_threads: DecodeThreads = 2,
     torch_threads: TorchThreads = None,
     device: Device = "cpu",
+    max_pixels: MaxPixels = 40_000_000,
     backbone_weights: BackboneWeights = None,
 ) -> None:
     """Classify image files with a family's domains, as the inference service would answer them.
@@ -108,8 +146,8 @@ def predict(
 
     from .serve import Service, load_family
     from .serve_errors import ServeError
-    from .serve_images import DEFAULT_MAX_PIXELS
 
+    check_device(device)
     if torch_threads is not None:
         torch.set_num_threads(torch_threads)
     only = None if domain in (None, "auto") else [domain]  # load only the files it needs
@@ -123,9 +161,9 @@ def predict(
         max_wait_ms=0.0,
         queue_size=max(256, batch_size),
         admin_token=None,
-        threads=threads,
+        threads=decode_threads,
         max_body_bytes=0,  # (no request bodies: files are read here)
-        max_pixels=DEFAULT_MAX_PIXELS,
+        max_pixels=max_pixels,
         max_images=max(64, batch_size),
         source=repo,
         revision=revision,
@@ -141,3 +179,6 @@ def predict(
         print("\n".join(json.dumps(a) for a in answers))
     else:
         print_table(["image", "domain", "label", "score"], rows(files, answers))
+    failed = sum("error" in a for a in answers)
+    if failed:
+        raise CliError(f"{failed} of {plural(len(files), 'image')} could not be classified (see their rows)")

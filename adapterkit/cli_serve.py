@@ -22,15 +22,57 @@ from .cli_output import status
 
 TOKEN_ENV = "ADAPTERKIT_ADMIN_TOKEN"
 # options `serve` and `predict` share
+# (not `--threads`, which is torch's threads in train, eval and export)
+DecodeThreads = Annotated[
+    int, typer.Option("--decode-threads", min=1, help="threads decoding and preprocessing images")
+]
 TorchThreads = Annotated[
     int | None,
     typer.Option(min=1, help="torch CPU threads for the forward \\[default: torch's]", show_default=False),
 ]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps")]
+MaxPixels = Annotated[int, typer.Option(min=1, help="largest image decoded, in pixels (decompression bombs)")]
 BackboneWeights = Annotated[
     Path | None,
     typer.Option(help="the backbone weights file the family was trained on, if it moved", show_default=False),
 ]
+
+
+def check_device(device: str) -> None:
+    """A one-line error for a device torch does not know, or that this machine lacks."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as e:
+        raise CliError(
+            f"--device {device!r} is not a device torch knows; pass cpu, cuda, cuda:1 or mps"
+        ) from e
+    if parsed.type == "cuda" and (
+        not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()
+    ):
+        raise CliError(
+            f"--device {device}: this machine has {plural(torch.cuda.device_count(), 'CUDA device')} "
+            "usable by torch; pass --device cpu, or an index below that count"
+        )
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise CliError(f"--device {device}: MPS is not available on this machine; pass --device cpu")
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail at once, not after loading the family, when `host:port` cannot be listened on."""
+    import socket
+
+    if port == 0:
+        return
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+    except OSError as e:
+        raise CliError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}); pass another --port or stop what holds it"
+        ) from e
 
 
 def admin_token(token_file: Path | None) -> str | None:
@@ -76,7 +118,7 @@ def serve(
         float, typer.Option(min=0, max=60000, help="how long a batch waits for more images")
     ] = 5.0,
     queue_size: Annotated[int, typer.Option(min=1, help="images that may wait; then 503")] = 256,
-    threads: Annotated[int, typer.Option(min=1, help="threads decoding and preprocessing images")] = 2,
+    decode_threads: DecodeThreads = 2,
     torch_threads: TorchThreads = None,
     device: Device = "cpu",
     admin_token_file: Annotated[
@@ -87,7 +129,7 @@ def serve(
         ),
     ] = None,
     max_body_mb: Annotated[float, typer.Option(min=0.001, help="largest request body")] = 32.0,
-    max_pixels: Annotated[int, typer.Option(min=1, help="largest image, in pixels")] = 40_000_000,
+    max_pixels: MaxPixels = 40_000_000,
     fusion_capacity: Annotated[
         int | None,
         typer.Option(
@@ -105,11 +147,13 @@ def serve(
     Example: ADAPTERKIT_ADMIN_TOKEN=$(cat token) adapterkit serve fam/ --domain gtsrb --port 8000
     """
     token = admin_token(admin_token_file)
+    check_port(host, port)
     import torch
     import uvicorn
 
     from .serve import create_app, load_family
 
+    check_device(device)
     if torch_threads is not None:
         torch.set_num_threads(torch_threads)
     model, repo, revision = load_family(
@@ -121,7 +165,7 @@ def serve(
         max_wait_ms=max_wait_ms,
         queue_size=queue_size,
         admin_token=token,
-        threads=threads,
+        threads=decode_threads,
         max_body_bytes=int(max_body_mb * 1024 * 1024),
         max_pixels=max_pixels,
         source=repo,

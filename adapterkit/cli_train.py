@@ -15,14 +15,14 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli_errors import CliError, short_reason
+from .cli_errors import CliError
 from .cli_model import (
     DEFAULT_THREADS,
     Progress,
     Threads,
-    cache_if_unreachable,
     data_split,
     family_config,
+    new_model,
     open_family,
     plural,
     require_folder,
@@ -57,36 +57,6 @@ class Precision(str, Enum):
 class Grayscale(str, Enum):
     convert = "convert"
     error = "error"
-
-
-def new_model(name: str, adapter_config: Any, pretrained: str | None, random_init: bool):
-    """A new family's model: timm's pretrained weights, a weights file, or (explicitly) random ones."""
-    from .model import AdapterModel
-
-    if random_init and pretrained is not None:
-        raise CliError("--random-init and --pretrained contradict each other; pass one of them")
-    if random_init:  # seed 0, recorded: every later command rebuilds the same weights
-        status(f"warning: {name} starts from random weights (--random-init), not pretrained ones")
-        return AdapterModel.from_backbone(name, adapter_config, pretrained=False)
-    weights: bool | Path = True if pretrained in (None, "timm") else Path(pretrained)
-    if weights is not True:
-        return AdapterModel.from_backbone(name, adapter_config, pretrained=weights)
-    try:
-        with cache_if_unreachable(not name.startswith("local-dir:")):
-            return AdapterModel.from_backbone(name, adapter_config, pretrained=True)
-    except Exception as e:
-        if not _known_architecture(name):
-            raise
-        raise CliError(
-            f"no pretrained weights for backbone {name!r} ({short_reason(e)}); go online (or set "
-            "HF_ENDPOINT) so timm can download them, pass --pretrained FILE.safetensors, or --random-init"
-        ) from e
-
-
-def _known_architecture(name: str) -> bool:
-    import timm
-
-    return name.startswith(("hf-hub:", "local-dir:")) or timm.is_model(name)
 
 
 # ---------------------------------------------------------------------- train
@@ -137,7 +107,7 @@ def _domains_to_open(
 
 
 def _train_config(**options: Any):
-    from .train import TrainConfig
+    from .train_config import TrainConfig
 
     for name, example in (("weight_decay", "0.0005"), ("adapter_lr_scale", "3.5")):
         value = options[name]
@@ -218,16 +188,16 @@ def train(
     epochs: Annotated[
         int | None,
         typer.Option(
-            help="epochs \\[default: 1 unless --steps]", rich_help_panel="Training", show_default=False
+            min=1, help="epochs \\[default: 1 unless --steps]", rich_help_panel="Training", show_default=False
         ),
     ] = None,
     steps: Annotated[
         int | None,
         typer.Option(
-            help="optimizer steps instead of epochs", rich_help_panel="Training", show_default=False
+            min=1, help="optimizer steps instead of epochs", rich_help_panel="Training", show_default=False
         ),
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="per process", rich_help_panel="Training")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="per process", rich_help_panel="Training")] = 32,
     lr: Annotated[float, typer.Option(rich_help_panel="Training")] = 0.1,
     optimizer: Annotated[Optimizer, typer.Option(rich_help_panel="Training")] = Optimizer.sgd,
     schedule: Annotated[Schedule, typer.Option(rich_help_panel="Training")] = Schedule.cosine,
@@ -301,6 +271,8 @@ def train(
     existing = family_config(family)  # flags are checked before torch is imported: wrong ones fail at once
     if existing is None and not backbone:
         raise CliError(f"{family} is not a family yet: pass --backbone NAME (a timm model) to create it")
+    if pretrained not in (None, "timm") and not random_init and not Path(pretrained).is_file():
+        raise CliError(f"--pretrained {pretrained}: no such file; pass the backbone's .safetensors weights")
     if existing is not None:
         _existing_flags(family, existing, backbone, pretrained, random_init)
         to_open = _domains_to_open(family, existing, domain, overwrite, resume)

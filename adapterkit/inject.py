@@ -41,6 +41,7 @@ def create_backbone(
     """`timm.create_model` for a timm name, `hf-hub:` or `local-dir:` name; a str/Path `pretrained` is a
     weights file (safetensors). Random weights come from `seed`, without touching the global RNG, so
     the same call always builds the same backbone."""
+    path = None
     if isinstance(pretrained, (str, Path)):
         path = Path(pretrained)
         if not path.is_file():
@@ -60,6 +61,12 @@ def create_backbone(
             raise ValueError(
                 f"{name!r} is not a timm model; check timm.list_models(), or use 'hf-hub:org/name' or "
                 "'local-dir:/path' for a timm-format checkpoint"
+            ) from e
+        if path is not None and "state_dict" in str(e):  # the file's tensors are another architecture's
+            first = str(e).strip().splitlines()[0].rstrip(":. ")
+            raise ValueError(
+                f"{path} does not hold weights for {name} ({first}: its tensor names or shapes differ); "
+                f"pass the weights file of {name}"
             ) from e
         raise
 

@@ -26,21 +26,30 @@ if TYPE_CHECKING:
     from .model import AdapterModel
 
 
-def check_fingerprint(actual: str, config: dict[str, Any], source: str, force: bool) -> None:
-    """Refuse a backbone whose weights differ from the family's, unless forced."""
+FORCE_ADVICE = (
+    "Load the exact backbone weights, or pass force=True to attach the adapters anyway (outputs will not "
+    "match the published ones)."
+)
+
+
+def check_fingerprint(
+    actual: str, config: dict[str, Any], source: str, force: bool, advice: str = FORCE_ADVICE
+) -> None:
+    """Refuse a backbone whose weights differ from the family's, unless forced; `advice` says what to do."""
     expected = config["backbone"]["fingerprint"]
     if actual != expected and not force:
         raise ValueError(
             f"the backbone's weights differ from the ones {source} was trained on "
             f"(fingerprint {actual[:19]}... vs {expected[:19]}...; backbone "
-            f"{config['backbone'].get('name')!r}). Load the exact backbone weights, or pass force=True to attach "
-            "the adapters anyway (outputs will not match the published ones)."
+            f"{config['backbone'].get('name')!r}). {advice}"
         )
 
 
-def check_backbone(model: AdapterModel, config: dict[str, Any], source: str, force: bool) -> None:
+def check_backbone(
+    model: AdapterModel, config: dict[str, Any], source: str, force: bool, advice: str = FORCE_ADVICE
+) -> None:
     """Refuse a backbone whose weights or adapter plan differ from the family's."""
-    check_fingerprint(model.fingerprint, config, source, force)
+    check_fingerprint(model.fingerprint, config, source, force, advice)
     layers = {t.name: {"rule": t.rule, "kind": t.kind} for t in model.targets}
     if layers != config["layers"]:
         diff = sorted(set(layers).symmetric_difference(config["layers"]))[:5]
@@ -191,7 +200,7 @@ def load_family(
         force: attach even if the backbone's fingerprint differs.
     """
     src = open_source(source, **hub_kwargs)
-    config = read_config(src.fetch, src.files, domains, where=source)
+    config = read_config(src.fetch, src.files, domains, where=src.label)
     names = list(config["domains"])
     module, name, record = _backbone_for(config, source, backbone, backbone_weights)
     module = reparameterize(module)
@@ -235,7 +244,7 @@ def load_domain(
             f"domain {target!r} is already loaded; unload_domain({target!r}) first to replace it"
         )
     src = open_source(source, **hub_kwargs)
-    config = read_config(src.fetch, src.files, [name], where=source)
+    config = read_config(src.fetch, src.files, [name], where=src.label)
     check_backbone(model, config, source, force)
     basis = read_basis(model, src, config)
     info, adapters, head, signature = build_domain(

@@ -165,7 +165,8 @@ class Domains:
         except ValueError as e:
             raise ServeError(422, "invalid_source", f"{source}: {e}") from e
         try:
-            check_backbone(self.model, config, src.label, force=False)
+            advice = "This service adds only domains trained on its own backbone weights: add one of those."
+            check_backbone(self.model, config, src.label, force=False, advice=advice)
         except ValueError as e:
             raise ServeError(409, "backbone_mismatch", str(e)) from e
         return src.revision  # the commit a Hub source was pinned to (None for a folder)

@@ -64,8 +64,8 @@ def _too_large(what: str, size: str, max_pixels: int) -> ServeError:
     return ServeError(
         413,
         "image_too_large",
-        f"{what} is too large ({size}); this server decodes at most {max_pixels} pixels per image: "
-        "resize it before sending",
+        f"{what} is too large ({size}); images are decoded up to {max_pixels} pixels (--max-pixels): "
+        "resize it",
         max_pixels=max_pixels,
     )
 

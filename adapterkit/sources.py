@@ -8,12 +8,14 @@ versions of a family, and a subset of domains downloads only theirs. Imports no 
 
 from __future__ import annotations
 
-import os
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .format import CONFIG_FILE, Fetch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,6 +92,15 @@ def hub_source(
                     sha, files = _cached(repo_id, revision, options)
                 except EntryNotFoundError:
                     raise unreachable(e) from e
+                label = f"the cached copy of {label} ({endpoint()} cannot be reached)"
+                logger.warning(
+                    "cannot reach %s: using %s's cached snapshot %s, with only the files downloaded before "
+                    "(%d); start the registry or check HF_ENDPOINT for the whole family",
+                    endpoint(),
+                    repo_id,
+                    sha[:12],
+                    len(files),
+                )
             else:
                 sha, files = info.sha, sorted(s.rfilename for s in info.siblings or [])
                 if CONFIG_FILE in files:  # by branch name once, so the cache knows the branch offline
@@ -135,6 +146,15 @@ def open_source(source: str | Path, **hub_kwargs: Any) -> Source:
         if hub_kwargs.get("revision"):
             raise ValueError(f"revision= applies to Hub repos; {source} is a local folder")
         return local_source(Path(source))
-    if os.sep in str(source) and not Path(source).exists() and str(source).startswith((".", "/")):
-        raise FileNotFoundError(f"{source} does not exist: give a family folder or a Hub repo id (org/name)")
+    check_repo_id(source)
     return hub_source(str(source), **hub_kwargs)
+
+
+def check_repo_id(source: str | Path) -> None:
+    """Raise FileNotFoundError for a source that is not a folder and cannot be a family's repo id
+    (org/name): a mistyped folder, rather than a Hub lookup that fails on something else."""
+    text = str(source)
+    if "/" not in text or (text.startswith((".", "/")) and not Path(source).exists()):
+        raise FileNotFoundError(
+            f"{source}: no such folder in {Path.cwd()}; give a family folder, or a Hub repo id as org/name"
+        )

@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import adapterkit.backbones  # noqa: F401  (registers the models)
+from adapterkit.inject import create_backbone
 
 CIFAR = ["cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56"]
 ALL = [*CIFAR, "resnet26_decathlon"]
@@ -124,6 +125,10 @@ def test_wrong_weights_fail_strict() -> None:
     path = _weights("cifar_resnet20")
     with pytest.raises(RuntimeError, match="Missing key"):
         timm.create_model("cifar_resnet32", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    with pytest.raises(
+        ValueError, match=f"{path} does not hold weights for cifar_resnet32 .*pass the weights"
+    ):
+        create_backbone("cifar_resnet32", pretrained=path)  # one line, as the command line shows it
 
 
 def test_real_accuracy_smoke() -> None:

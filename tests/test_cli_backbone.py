@@ -5,6 +5,8 @@ has needs --overwrite or --resume."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import uuid
 
 import timm
@@ -52,6 +54,23 @@ def test_random_init_warns_and_is_rebuilt(tmp_path, capsys):
     out = tmp_path / "exported"
     assert main(["export", "--family", str(family), "--domain", "a", "--output", str(out)]) == 0
     assert (out / "model.safetensors").is_file()
+
+
+def test_a_backbone_without_downloadable_weights_says_to_pass_them(tmp_path, capsys):
+    data, family = image_folder(tmp_path / "data"), tmp_path / "fam"
+    args = ["train", "--family", str(family), "--domain", "a", "--data", str(data), "--steps", "1", *TRAIN]
+    assert main([*args, "--backbone", "cifar_resnet20"]) == 2  # timm has no source for its weights
+    err = capsys.readouterr().err
+    assert (
+        "'cifar_resnet20' has no weights timm can download" in err and "--pretrained FILE.safetensors" in err
+    )
+    assert "cannot reach" not in err and not family.exists()
+    assert main([*args, "--backbone", "cifar_resnet20", "--random-init"]) == 0
+    out = tmp_path / "exported"
+    assert main(["export", "--family", str(family), "--domain", "a", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out.strip().partition(": ")[2]  # what to run to load it, in a fresh Python
+    code = f"import timm; {printed}"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
 
 
 def test_an_existing_domain_needs_overwrite_or_resume(tmp_path, capsys):

@@ -144,6 +144,18 @@ def test_bad_learning_rate_factors(family, tmp_path):
     assert "head_lr_scale=-1.0 must be a positive number" in fails(*args, "--head-lr-scale", "-1")
 
 
+def test_flag_errors_are_one_line_and_write_nothing(tmp_path):
+    data = image_folder(tmp_path / "data")
+    args = ["train", "--family", str(tmp_path / "new"), "--domain", "a", "--data", str(data), *TRAIN]
+    missing = fails(*args, "--backbone", "test_resnet", "--pretrained", "nope.safetensors")
+    assert "--pretrained nope.safetensors: no such file" in missing
+    assert "--weight-decay 'x' is not a number" in fails(
+        *args, "--backbone", "test_resnet", "--weight-decay", "x"
+    )
+    assert cli(*args, "--backbone", "test_resnet", "--steps", "0").returncode == 2  # (typer's range check)
+    assert not (tmp_path / "new").exists()
+
+
 def test_verbose_shows_the_traceback(tmp_path):
     (tmp_path / "empty").mkdir()
     quiet = cli("info", str(tmp_path / "empty"))
@@ -151,3 +163,5 @@ def test_verbose_shows_the_traceback(tmp_path):
     assert quiet.returncode == loud.returncode == 2
     assert "Traceback" not in quiet.stderr and "Traceback (most recent call last)" in loud.stderr
     assert loud.stderr.strip().splitlines()[-1] == quiet.stderr.strip()
+    after = cli("info", str(tmp_path / "empty"), "--verbose")  # also after the command, as errors suggest
+    assert after.returncode == 2 and "Traceback (most recent call last)" in after.stderr

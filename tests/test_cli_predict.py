@@ -60,14 +60,29 @@ def test_answers_are_the_services_answers_for_the_same_images(family, photos):
 def test_bad_input_names_the_file_or_the_option(family, photos, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(image_bytes(0)[:40])  # a truncated PNG
-    done = cli("predict", str(family), str(photos / "img0.png"), str(broken), "--domain", "a")
+    big = tmp_path / "big.png"
+    Image.new("RGB", (64, 64)).save(big)  # over --max-pixels 2000 (the photos are 32 x 32)
+    images = [str(photos / "img0.png"), str(broken), str(big)]
+    done = cli("predict", str(family), *images, "--domain", "a", "--max-pixels", "2000")
+    rows = table(done.stdout)[1:]  # every image has its row, the readable one its answer
+    assert [r[:2] for r in rows] == [[images[0], "a"], [images[1], "error"], [images[2], "error"]]
+    assert (
+        rows[1][2].startswith(f"{broken} is not an image")
+        and "decoded up to 2000 pixels (--max-pixels)" in rows[2][2]
+    )
     error = done.stderr.splitlines()[-1]  # (after the status line)
-    assert done.returncode == 2 and error.startswith("adapterkit predict: error: ") and str(broken) in error
+    assert (
+        done.returncode == 2
+        and error == "adapterkit predict: error: 2 of 3 images could not be classified (see their rows)"
+    )
     unknown = cli("predict", str(family), str(photos / "img0.png"), "--domain", "zebra")
     assert unknown.returncode == 2 and "zebra" in unknown.stderr
     (tmp_path / "empty").mkdir()
     with pytest.raises(CliError, match="holds no image files"):
         image_files([tmp_path / "empty"])
+    (tmp_path / "split" / "class1").mkdir(parents=True)  # a class-folder split: the images at any depth
+    (tmp_path / "split" / "class1" / "x.png").write_bytes(image_bytes(0))
+    assert image_files([tmp_path / "split"]) == [tmp_path / "split" / "class1" / "x.png"]
     with pytest.raises(CliError, match="does not exist"):
         image_files([tmp_path / "missing.png"])
     with pytest.raises(CliError, match="pass --domain NAME"):

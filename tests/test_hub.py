@@ -160,6 +160,32 @@ def test_offline_from_cache(registry, published_backbone, tmp_path):
     assert "['a']" in result.stdout
 
 
+def test_unreachable_endpoint_uses_the_cache_and_says_so(registry, published_backbone, tmp_path):
+    token = registry.tokens["alice"]
+    repo = f"alice/{unique('partial')}"
+    family(published_backbone, ["a", "b"]).push_to_hub(repo, token=token)
+    AdapterModel.from_pretrained(repo, domains=["a"], token=token)  # caches the backbone and domain a only
+    result = run_python(
+        f"""
+        from adapterkit import AdapterModel
+        print(AdapterModel.from_pretrained("{repo}").domains)
+        try:
+            AdapterModel.from_pretrained("{repo}", domains=["b"])
+        except KeyError as e:
+            print("error:", e)
+        """,
+        tmp_path,
+        HF_ENDPOINT="http://127.0.0.1:9",  # the registry went away: nothing listens there
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        "cannot reach http://127.0.0.1:9" in result.stderr
+        and "only the files downloaded before" in result.stderr
+    )
+    assert "['a']" in result.stdout
+    assert "error: \"domains ['b'] are not in the cached copy of" in result.stdout
+
+
 def test_hot_add_while_serving(registry, published_backbone, monkeypatch):
     token = registry.tokens["alice"]
     repo = f"alice/{unique('hot')}"

@@ -37,7 +37,8 @@ def test_push_info_list_pull(registry, family_dir, tmp_path, capsys):
     assert rows[0][:2] == ["domain", "classes"] and "accuracy" in rows[0]
     assert [row[:2] for row in rows[1:]] == [["a", "3"], ["b", "4"]]
     assert main(["list", "--domain", "b", "--token", token]) == 0
-    assert repo in [row[0] for row in table(capsys.readouterr().out)[1:]]
+    listed = {row[0]: row for row in table(capsys.readouterr().out)[1:]}
+    assert listed[repo][1:] == [model.backbone_name, "a, b"]  # (its backbone: a bare timm name)
     assert main(["pull", repo, str(tmp_path / "pulled"), "--domain", "b", "--token", token]) == 0
     files = sorted(p.name for p in (tmp_path / "pulled" / "domains").iterdir())
     assert [f for f in files if f.endswith(".safetensors")] == ["b.safetensors"]

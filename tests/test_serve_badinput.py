@@ -152,7 +152,8 @@ def test_admin_endpoints_are_off_without_a_token(family):
 def test_hot_add_from_other_backbone_weights_is_a_conflict(client, tmp_path):
     other = build_family(tmp_path / "other", {"z": (2, 32, None)}, backbone_seed=1)
     r = client.post("/v1/domains", json={"source": str(other), "domain": "z"}, headers=admin())
-    assert "weights differ" in error(r, 409, "backbone_mismatch")["message"]
+    message = error(r, 409, "backbone_mismatch")["message"]
+    assert "weights differ" in message and "own backbone weights" in message and "force" not in message
 
 
 def test_hot_add_of_a_loaded_name_is_a_conflict(client, family):

@@ -11,6 +11,7 @@ import time
 
 import httpx
 import pytest
+import torch
 from serve_support import ADMIN, build_family, free_port, image_bytes, predict_json
 from typer.testing import CliRunner
 
@@ -90,6 +91,28 @@ def test_admin_token_comes_from_a_file_or_the_environment(tmp_path, monkeypatch)
     monkeypatch.setenv(cli_serve.TOKEN_ENV, "short")
     with pytest.raises(CliError, match="shorter than 8"):
         cli_serve.admin_token(None)
+
+
+def test_a_taken_port_or_a_missing_device_is_one_line_before_anything_loads(family, capsys):
+    import socket
+
+    from adapterkit.cli import main
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(CliError, match=f"cannot listen on 127.0.0.1:{port}.*another --port"):
+            cli_serve.check_port("127.0.0.1", port)
+    cli_serve.check_port("127.0.0.1", port)  # free again
+    with pytest.raises(CliError, match="'gpu' is not a device torch knows; pass cpu, cuda"):
+        cli_serve.check_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(CliError, match="0 CUDA devices"):
+            cli_serve.check_device("cuda")
+        assert main(["predict", str(family), str(family / "adapterkit.json"), "--device", "cuda"]) == 2
+        assert "--device cuda: this machine has 0 CUDA devices" in capsys.readouterr().err
+    cli_serve.check_device("cpu")
 
 
 def test_the_token_is_never_a_command_line_value():
