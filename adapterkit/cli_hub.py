@@ -71,7 +71,10 @@ def push(
         token=token,
         force=force,
     )
-    print(f"pushed {', '.join(result.domains)} to {result.repo_id}: {result.commit_url}")
+    if result.changed:
+        print(f"pushed {', '.join(result.domains)} to {result.repo_id}: {result.commit_url}")
+    else:
+        print(f"nothing to push: {result.repo_id} already holds {', '.join(result.domains)} as they are here")
 
 
 def pull(
@@ -90,6 +93,8 @@ def pull(
     """
     from .hub import pull_family
 
+    if family.exists() and not family.is_dir():
+        raise CliError(f"{family} is a file; pass a folder to write the family into")
     require_endpoint()
     try:
         names = pull_family(repo_id, family, domains=domain, revision=revision, token=token, force=force)

@@ -29,6 +29,7 @@ from .cli_model import (
     torch_threads,
 )
 from .cli_output import print_table, status
+from .config import check_domain_name
 from .train_config import HEAD_LR_SCALE
 
 
@@ -235,6 +236,7 @@ def train(
     image_size: Annotated[
         int | None,
         typer.Option(
+            min=1,
             help="input size for this domain \\[default: the backbone's]",
             rich_help_panel="Training",
             show_default=False,
@@ -268,6 +270,7 @@ def train(
 
     Example: adapterkit train --family fam/ --backbone resnet50.a1_in1k --domain gtsrb --data gtsrb/ --no-flip
     """
+    check_domain_name(domain)
     existing = family_config(family)  # flags are checked before torch is imported: wrong ones fail at once
     if existing is None and not backbone:
         raise CliError(f"{family} is not a family yet: pass --backbone NAME (a timm model) to create it")

@@ -43,6 +43,7 @@ class PushResult:
     repo_id: str
     commit_url: str
     domains: list[str]
+    changed: bool = True  # False: the repo already held these files as they are (no new commit)
 
 
 def family_json(config: dict[str, Any]) -> bytes:
@@ -60,6 +61,14 @@ def _basis(source: Source, config: dict[str, Any]) -> dict:
 
 
 def _check_compatible(local: dict[str, Any], remote: dict[str, Any], where: str, force: bool) -> None:
+    """A family has one backbone: another architecture or adapter layout is always refused (its domains
+    could not load); other weights of the same layout only without `force`."""
+    if remote["layers"] != local["layers"]:
+        raise ValueError(
+            f"{where} holds a family on another backbone architecture or adapter layout "
+            f"({remote['backbone'].get('name')!r}, not {local['backbone'].get('name')!r}): its domains and "
+            "these could not load into one model; use a new repo or folder"
+        )
     if remote["backbone"]["fingerprint"] != local["backbone"]["fingerprint"] and not force:
         raise ValueError(
             f"{where} holds a family trained on other backbone weights ({remote['backbone'].get('name')!r}); "
@@ -122,6 +131,12 @@ def _commit(
     api = HfApi(token=token)
     try:
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if private and not api.model_info(repo_id).private:  # create_repo keeps an existing repo's visibility
+            raise PermissionError(
+                f"{repo_id} exists and is public, and private=True (--private) applies only when a repo is "
+                f"created; nothing was pushed. Make it private first (HfApi().update_repo_settings("
+                f"{repo_id!r}, private=True)) or push to a new repo"
+            )
         if branch is not None:
             api.create_branch(repo_id, branch=branch, exist_ok=True)
         remote, source = _remote(api, repo_id, branch)
@@ -142,13 +157,13 @@ def _commit(
         operations = [CommitOperationAdd(path, data) for path, data in files.items()]
         info = api.create_commit(
             repo_id, operations, commit_message=message, revision=branch, parent_commit=source.revision
-        )
+        )  # (the Hub skips a commit that changes nothing and answers the last one)
     except Exception as e:
         error = _hub_error(e, repo_id)
         if error is e:
             raise
         raise error from e
-    return PushResult(repo_id, info.commit_url, sorted(local["domains"]))
+    return PushResult(repo_id, info.commit_url, sorted(local["domains"]), changed=info.oid != source.revision)
 
 
 def push_to_hub(

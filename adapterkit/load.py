@@ -48,15 +48,30 @@ def check_fingerprint(
 def check_backbone(
     model: AdapterModel, config: dict[str, Any], source: str, force: bool, advice: str = FORCE_ADVICE
 ) -> None:
-    """Refuse a backbone whose weights or adapter plan differ from the family's."""
-    check_fingerprint(model.fingerprint, config, source, force, advice)
+    """Refuse a backbone whose adapter plan (architecture) or weights differ from the family's; the plan
+    first, since no `force` can attach adapters to layers that are not there."""
     layers = {t.name: {"rule": t.rule, "kind": t.kind} for t in model.targets}
     if layers != config["layers"]:
-        diff = sorted(set(layers).symmetric_difference(config["layers"]))[:5]
-        raise ValueError(
-            f"the adapter layout of this backbone does not match {source} (differing layers: {diff or 'rules'}); "
-            "use the backbone architecture and AdapterConfig the family was built with"
-        )
+        raise _layout_error(config, source, sorted(set(layers).symmetric_difference(config["layers"])))
+    check_fingerprint(model.fingerprint, config, source, force, advice)
+
+
+def check_architecture(module: nn.Module, config: dict[str, Any], source: str) -> None:
+    """Before a backbone is wrapped: refuse one that lacks a layer the family adapted (another
+    architecture, which no `force` can attach to)."""
+    names = {n for n, _ in module.named_modules()}
+    missing = [n for n in config["layers"] if n not in names]
+    if missing:
+        raise _layout_error(config, source, missing)
+
+
+def _layout_error(config: dict[str, Any], source: str, differing: list[str]) -> ValueError:
+    name = config["backbone"].get("name")
+    return ValueError(
+        f"the adapter layout of this backbone does not match {source} (differing layers: "
+        f"{differing[:5] or 'rules'}); use the backbone architecture{f' ({name!r})' if name else ''} and "
+        "AdapterConfig the family was built with"
+    )
 
 
 def read_basis(model: AdapterModel, source: Source, config: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -205,7 +220,8 @@ def load_family(
     module, name, record = _backbone_for(config, source, backbone, backbone_weights)
     module = reparameterize(module)
     digest = fingerprint(module)
-    check_fingerprint(digest, config, source, force)  # before the backbone is wrapped
+    check_architecture(module, config, source)  # before the backbone is wrapped
+    check_fingerprint(digest, config, source, force)
     adapter_config = AdapterConfig.from_dict(config["adapter_config"])
     model = cls(module, adapter_config, backbone_name=name, backbone_weights=record, _fingerprint=digest)
     check_backbone(model, config, source, force)

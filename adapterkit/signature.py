@@ -12,7 +12,9 @@ adding or removing a domain changes no other domain's signature, bit for bit (ro
 from __future__ import annotations
 
 import math
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -192,7 +194,7 @@ class DomainSignature(nn.Module):
                     f"{calibration[0].shape[0]} calibration images are too few to place the {reject:g} "
                     f"quantile of the unknown decision (at least {math.ceil(1 / reject)}): it is calibrated "
                     "on the training images instead; pass more held-out images to calibrate on them",
-                    stacklevel=3,  # (the caller of fit, past torch.no_grad's wrapper)
+                    stacklevel=_user_level(),
                 )
                 calibration = None
         if calibration is not None:
@@ -265,3 +267,13 @@ def open_scores(
         p_energy = _cdf(signature.energy_quantiles, energies[rows])
         out[rows] = best[rows].float() + a * (p_score + OPEN_FLOOR).log() + b * (p_energy + OPEN_FLOOR).log()
     return out
+
+
+def _user_level() -> int:
+    """The warnings `stacklevel` of the first caller outside adapterkit and torch: a warning names the
+    user's line, whichever of adapterkit's functions led to it."""
+    skip = (str(Path(__file__).parent), str(Path(torch.__file__).parent))
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level

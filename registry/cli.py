@@ -16,22 +16,29 @@ from pathlib import Path
 
 from .auth import SCOPES, TokenStore
 from .context import MB
-from .errors import RegistryError
+from .errors import HubError, RegistryError
 from .storage import Storage
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: pass 0-65535 (0: any free port)")
+    return port
+
+
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
-    p = argparse.ArgumentParser(
-        prog="adapterkit-registry", description=__doc__.splitlines()[0], parents=[common]
-    )
+    p = argparse.ArgumentParser(prog="adapterkit-registry", description=__doc__.splitlines()[0])
+    p.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
+    common = argparse.ArgumentParser(add_help=False)  # also after the command; SUPPRESS keeps the one before
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    root_help = "folder holding the registry state"
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="serve the registry over HTTP", parents=[common])
-    s.add_argument("--root", type=Path, required=True, help="folder holding the registry state")
+    s.add_argument("--root", type=Path, required=True, help=root_help)
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    s.add_argument("--port", type=_port, default=8000, help="port to bind (default: 8000)")
     s.add_argument(
         "--lfs-threshold-mb",
         type=float,
@@ -47,26 +54,31 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("token", help="create, list or revoke tokens")
     tsub = t.add_subparsers(dest="token_command", required=True)
     c = tsub.add_parser("create", help="create a token and print it", parents=[common])
-    c.add_argument("--root", type=Path, required=True)
+    c.add_argument("--root", type=Path, required=True, help=root_help + " (created if needed)")
     c.add_argument("--user", required=True, help="user name; the token may write to this namespace")
-    c.add_argument("--scope", choices=SCOPES, default="write")
+    c.add_argument(
+        "--scope",
+        choices=SCOPES,
+        default="write",
+        help="write (default): push to its namespaces; read: read only",
+    )
     c.add_argument(
         "--org", action="append", default=[], help="extra namespace the token may use (repeatable)"
     )
     c.add_argument("--name", default="", help="free-form label")
     ls = tsub.add_parser("list", help="list tokens (ids, users, scopes; never the secrets)", parents=[common])
-    ls.add_argument("--root", type=Path, required=True)
+    ls.add_argument("--root", type=Path, required=True, help=root_help)
     r = tsub.add_parser("revoke", help="revoke a token by id", parents=[common])
-    r.add_argument("--root", type=Path, required=True)
+    r.add_argument("--root", type=Path, required=True, help=root_help)
     r.add_argument("--id", required=True, help="token id as shown by `token list`")
 
     f = sub.add_parser(
         "fsck", help="check that every revision is complete and every blob intact", parents=[common]
     )
-    f.add_argument("--root", type=Path, required=True)
+    f.add_argument("--root", type=Path, required=True, help=root_help)
     f.add_argument("--quick", action="store_true", help="skip re-hashing blobs")
     g = sub.add_parser("gc", help="remove blobs that no revision references", parents=[common])
-    g.add_argument("--root", type=Path, required=True)
+    g.add_argument("--root", type=Path, required=True, help=root_help)
     g.add_argument(
         "--grace-s",
         type=float,
@@ -82,6 +94,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .app import create_app
     from .context import RegistryConfig
+
+    _check_port(args.host, args.port)  # before the root is created or anything is printed
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -103,6 +117,21 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    if port == 0:
+        return
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+    except OSError as e:
+        raise OSError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}); pass another --port or stop what holds it"
+        ) from e
+
+
 def _token(args: argparse.Namespace) -> int:
     # `token create` is the first step on a new root; list/revoke on a mistyped --root must not
     # look like an empty token list.
@@ -116,7 +145,7 @@ def _token(args: argparse.Namespace) -> int:
             print(f"{t['id']}  {t['user']:<16} {t['scope']:<5} {t['created']}  {t['name']}{orgs}")
     elif not store.revoke(args.id):
         print(f"error: no token with id {args.id!r}; see `adapterkit-registry token list`.", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 
@@ -161,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"serve": _serve, "token": _token, "fsck": _fsck, "gc": _gc}
     try:
         return commands[args.command](args)
-    except (RegistryError, ValueError, OSError) as e:
+    except (RegistryError, HubError, ValueError, OSError) as e:
         if args.verbose:
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -159,6 +159,29 @@ def test_push_refuses_a_family_on_other_weights(registry, tmp_path):
     with pytest.raises(ValueError, match="other backbone weights"):
         other.push_to_hub(repo, token=token)
     assert sorted(list_domains(repo, token=token)) == ["a"]
+    # another architecture: refused even with force, whose domains could not load beside these
+    vit = AdapterModel.from_backbone("test_vit")
+    vit.add_domain("v", num_classes=2)
+    for force in (False, True):
+        with pytest.raises(ValueError, match="another backbone architecture"):
+            vit.push_to_hub(repo, token=token, force=force)
+        vit.save_pretrained(tmp_path / "vit")
+        with pytest.raises(ValueError, match="another backbone architecture"):
+            pull_family(repo, tmp_path / "vit", token=token, force=force)
+    assert sorted(list_domains(repo, token=token)) == ["a"]
+    assert AdapterModel.from_pretrained(repo, token=token).domains == ["a"]
+
+
+def test_push_twice_and_private_on_a_public_repo(registry, tmp_path):
+    token = registry.tokens["alice"]
+    make(("a",)).save_pretrained(tmp_path / "fam")
+    repo = f"alice/{unique('twice')}"
+    first = push_folder(tmp_path / "fam", repo, token=token)
+    again = push_folder(tmp_path / "fam", repo, token=token)  # the same files: no new commit
+    assert first.changed and not again.changed and again.commit_url == first.commit_url
+    with pytest.raises(PermissionError, match="exists and is public.*nothing was pushed"):
+        make(("a", "b")).push_to_hub(repo, private=True, token=token)
+    assert sorted(list_domains(repo, token=token)) == ["a"]
 
 
 def test_model_card_is_valid_hub_metadata_with_a_snippet_that_runs(registry, tmp_path):

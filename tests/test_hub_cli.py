@@ -31,6 +31,8 @@ def test_push_info_list_pull(registry, family_dir, tmp_path, capsys):
     token = registry.tokens["alice"]
     assert main(["push", str(fam), repo, "--token", token]) == 0
     assert f"to {repo}:" in capsys.readouterr().out
+    assert main(["push", str(fam), repo, "--token", token]) == 0
+    assert f"nothing to push: {repo} already holds a, b as they are here" in capsys.readouterr().out
     assert main(["info", repo, "--token", token]) == 0
     out = capsys.readouterr().out
     rows = table(out)

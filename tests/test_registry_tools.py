@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
@@ -79,6 +80,26 @@ def test_module_entry_point_and_token_cli(tmp_path):
     bad = subprocess.run(
         [*cmd, "token", "create", "--root", str(root), "--user", "../x"], capture_output=True, text=True
     )
-    assert bad.returncode != 0 and "Invalid" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.startswith("error: Invalid") and "Traceback" not in bad.stderr
     fsck = subprocess.run([*cmd, "fsck", "--root", str(root)], capture_output=True, text=True)
     assert fsck.returncode == 0 and "ok" in fsck.stdout
+
+
+def test_registry_cli_refusals_are_one_line(tmp_path):
+    from adapterkit_registry.cli import main
+
+    with socket.socket() as holder:  # a taken port: refused before the root is created
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert main(["serve", "--root", str(tmp_path / "new"), "--port", str(port)]) == 2
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(SystemExit) as out_of_range:
+        main(["serve", "--root", str(tmp_path / "new"), "--port", "99999"])
+    assert out_of_range.value.code == 2
+    assert main(["token", "revoke", "--root", str(tmp_path / "new"), "--id", "x"]) == 2  # no root
+    with pytest.raises(Exception, match="not a registry root"):  # --verbose before or after the command
+        main(["--verbose", "fsck", "--root", str(tmp_path / "nope")])
+    with pytest.raises(Exception, match="not a registry root"):
+        main(["fsck", "--root", str(tmp_path / "nope"), "--verbose"])
+    assert main(["fsck", "--root", str(tmp_path / "nope")]) == 2

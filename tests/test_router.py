@@ -153,8 +153,9 @@ def test_the_unknown_decision_is_calibrated_on_images_the_domain_did_not_train_o
     assert flagged(on_training) > 0.05 and 0.003 < flagged(calibrated) < 0.025
     with pytest.raises(ValueError, match="one energy per row"):
         DomainSignature.fit(features, energies=seen, calibration=(new_features, new[:5]))
-    with pytest.warns(UserWarning, match="10 calibration images are too few"):  # a 1 % quantile of 10
+    with pytest.warns(UserWarning, match="10 calibration images are too few") as caught:  # a 1 % quantile
         few = DomainSignature.fit(features, energies=seen, calibration=(new_features[:10], new[:10]))
+    assert caught[0].filename == __file__  # the warning names the caller's line, not adapterkit's
     assert all(torch.equal(getattr(few, k), getattr(on_training, k)) for k in OPEN_BUFFERS)
 
 
