@@ -20,17 +20,16 @@ import typer
 from .cli_errors import CliError
 from .cli_model import plural
 from .cli_output import print_table, status
-from .cli_serve import BackboneWeights, DecodeThreads, Device, MaxPixels, TorchThreads, check_device
+from .cli_serve import (
+    MAX_PIXELS,
+    BackboneWeights,
+    DecodeThreads,
+    Device,
+    MaxPixels,
+    TorchThreads,
+    check_device,
+)
 
-# the service's errors about one image (the others in its request are still answerable)
-IMAGE_ERRORS = {
-    "empty_image",
-    "invalid_image",
-    "truncated_image",
-    "corrupt_image",
-    "image_too_large",
-    "unsupported_image",
-}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -94,6 +93,7 @@ async def _predict(service: Any, files: list[Path], domain: str, top_k: int) -> 
     (the service answers a request whole) is asked again image by image, and an image it cannot read is
     answered with its error."""
     from .serve_errors import ServeError
+    from .serve_images import IMAGE_ERRORS
 
     answers = []
     for start in range(0, len(files), service.max_images):
@@ -134,7 +134,7 @@ def predict(
     decode_threads: DecodeThreads = 2,
     torch_threads: TorchThreads = None,
     device: Device = "cpu",
-    max_pixels: MaxPixels = 40_000_000,
+    max_pixels: MaxPixels = MAX_PIXELS,
     backbone_weights: BackboneWeights = None,
 ) -> None:
     """Classify image files with a family's domains, as the inference service would answer them.

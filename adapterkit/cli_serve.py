@@ -32,6 +32,7 @@ TorchThreads = Annotated[
 ]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps")]
 MaxPixels = Annotated[int, typer.Option(min=1, help="largest image decoded, in pixels (decompression bombs)")]
+MAX_PIXELS = 40_000_000  # serve_images.DEFAULT_MAX_PIXELS, without importing torch here
 BackboneWeights = Annotated[
     Path | None,
     typer.Option(help="the backbone weights file the family was trained on, if it moved", show_default=False),
@@ -129,7 +130,7 @@ def serve(
         ),
     ] = None,
     max_body_mb: Annotated[float, typer.Option(min=0.001, help="largest request body")] = 32.0,
-    max_pixels: MaxPixels = 40_000_000,
+    max_pixels: MaxPixels = MAX_PIXELS,
     fusion_capacity: Annotated[
         int | None,
         typer.Option(

@@ -25,6 +25,17 @@ if TYPE_CHECKING:
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 DEFAULT_MAX_PIXELS = 40_000_000  # a 6,300 x 6,300 photo; a decoded RGB image of this size is 120 MB
+# the codes of the errors below, each about one image (the other images of its request are answerable)
+IMAGE_ERRORS = frozenset(
+    {
+        "empty_image",
+        "invalid_image",
+        "truncated_image",
+        "corrupt_image",
+        "image_too_large",
+        "unsupported_image",
+    }
+)
 
 
 def decode_image(data: bytes, what: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -154,3 +154,9 @@ def test_serve_function_loads_and_serves_a_family(family):
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
+
+
+def test_the_command_lines_pixel_limit_is_the_services():
+    from adapterkit.serve_images import DEFAULT_MAX_PIXELS
+
+    assert cli_serve.MAX_PIXELS == DEFAULT_MAX_PIXELS  # (cli_serve imports no torch, so it repeats it)

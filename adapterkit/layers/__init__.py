@@ -2,7 +2,8 @@
 
 from .adapters import FullAdapter, LowRankAdapter
 from .fused import FusedWeights, configure_fusion
-from .wrappers import AdaptedConv2d, AdaptedLinear, DomainLayer, DomainNorm, DomainRouter, not_foldable_reason
+from .norm import DomainNorm
+from .wrappers import AdaptedConv2d, AdaptedLinear, DomainLayer, DomainRouter, not_foldable_reason
 
 __all__ = [
     "AdaptedConv2d",

@@ -29,7 +29,8 @@ from torch import nn
 from .adapters import FullAdapter, LowRankAdapter
 
 if TYPE_CHECKING:
-    from .wrappers import AdaptedConv2d, AdaptedLinear, DomainNorm
+    from .norm import DomainNorm
+    from .wrappers import AdaptedConv2d, AdaptedLinear
 
 
 # Stacking each sample's full adapter matrix copies samples x matrix elements; past this many elements per

@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from .fused import epoch
-from .wrappers import AdaptedConv2d, AdaptedLinear, DomainLayer, DomainNorm
+from .norm import DomainNorm
+from .wrappers import AdaptedConv2d, AdaptedLinear, DomainLayer
 
 _VERSION = operator.attrgetter("_version")
 _DATA_PTR = torch.Tensor.data_ptr

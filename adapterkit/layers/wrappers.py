@@ -17,7 +17,6 @@ import copy
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from itertools import chain
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +26,7 @@ from .adapters import FullAdapter, LowRankAdapter
 from .folded import foldable_in_training, folded_conv2d, folded_linear, tap_input
 from .folding import conv_tap, merge_series, not_foldable_reason, pair
 from .fused import FusedWeights, merge_conv, merge_linear
-from .gathered import Mixed, NotGatherable, conv_forward, linear_forward, norm_forward
+from .gathered import Mixed, NotGatherable, conv_forward, linear_forward
 
 RULES = ("parallel", "series", "lowrank", "grouped")
 
@@ -59,16 +58,6 @@ class DomainRouter:
 def _setting(name: str) -> property:
     """A read-only view of `base_layer.<name>` (a layer setting such as `out_channels`)."""
     return property(lambda self: getattr(self.base_layer, name), doc=f"`base_layer.{name}`")
-
-
-def _domain_setting(name: str) -> property:
-    """A read-only view of `<name>` of the active domain's copy of a norm (of `base_layer` without one)."""
-
-    def get(self: DomainLayer) -> object:
-        norm = self.route()[1]
-        return getattr(self.base_layer if norm is None else norm, name)
-
-    return property(get, doc=f"`{name}` of the domain's norm")
 
 
 class DomainLayer(nn.Module):
@@ -117,7 +106,7 @@ class DomainLayer(nn.Module):
             adapter = self.new_adapter(factored=False)
         else:
             adapter = self.new_adapter()
-        _check_state(adapter.state_dict(), state)
+        check_state(adapter.state_dict(), state)
         adapter.load_state_dict(state)
         return adapter
 
@@ -129,7 +118,7 @@ class DomainLayer(nn.Module):
         return self
 
 
-def _check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
     """That `state` has exactly the tensors of `expected`, each of its shape."""
     if set(expected) != set(state):
         raise ValueError(f"expected tensors {sorted(expected)}, found {sorted(state)}")
@@ -384,46 +373,3 @@ class AdaptedLinear(DomainLayer):
         lin.weight.copy_(merge_linear(lin.weight, self.adapters[domain].weight(self.beta)))
         lin.requires_grad_(True)
         return lin
-
-
-class DomainNorm(DomainLayer):
-    """One copy of a normalisation layer per domain: affine parameters and running statistics.
-
-    Works for any norm module (BatchNorm1d/2d, timm BatchNormAct2d with its activation, LayerNorm,
-    GroupNorm, ...): each domain starts from a deep copy of the backbone's layer.
-    """
-
-    rule = "norm"
-
-    def new_adapter(self, **kwargs) -> nn.Module:
-        norm = copy.deepcopy(self.base_layer)
-        norm.requires_grad_(True)
-        return norm
-
-    def adapter_from_state(self, state: dict[str, torch.Tensor]) -> nn.Module:
-        """A copy of the backbone's norm holding `state`'s tensors (copied once, in the norm's dtypes), built
-        without first copying the backbone's tensors."""
-        base = self.base_layer
-        _check_state(base.state_dict(), state)
-        replace: dict[int, torch.Tensor] = {}
-        for key, t in chain(base.named_parameters(), base.named_buffers()):
-            if key in state:
-                own = state[key].to(t.device, t.dtype, copy=True)
-                replace[id(t)] = nn.Parameter(own) if isinstance(t, nn.Parameter) else own
-        return copy.deepcopy(base, replace).requires_grad_(True)  # deepcopy reuses what its memo holds
-
-    # read by modules that normalise with a norm's tensors themselves: the active domain's copy
-    weight, bias, eps = _domain_setting("weight"), _domain_setting("bias"), _domain_setting("eps")
-    running_mean, running_var = _domain_setting("running_mean"), _domain_setting("running_var")
-    num_features, normalized_shape = _domain_setting("num_features"), _domain_setting("normalized_shape")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if type(domain := self.router.domain) is Mixed:
-            return norm_forward(self, x, domain)
-        norm = self.route(domain)[1]
-        return self._modules["base_layer"](x) if norm is None else norm(x)
-
-    def fold(self, domain: str) -> nn.Module:
-        norm = copy.deepcopy(self.adapters[domain])
-        norm.train(False)
-        return norm
