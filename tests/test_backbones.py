@@ -151,3 +151,15 @@ def test_real_accuracy_smoke() -> None:
     with torch.no_grad():
         accuracy = (model(x).argmax(-1) == labels).float().mean().item()
     assert accuracy > 0.6
+
+
+def test_building_a_backbone_leaves_the_callers_rng_alone() -> None:
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    first = create_backbone("test_resnet", seed=3)  # timm draws from the global RNG: a restored fork of it
+    assert torch.equal(torch.get_rng_state(), before)
+    again = create_backbone("test_resnet", seed=3)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True)
+    )
