@@ -144,8 +144,9 @@ def predict(
     files = image_files(images)
     import torch
 
-    from .serve import Service, load_family
+    from .serve import Service
     from .serve_errors import ServeError
+    from .serve_run import load_family
 
     check_device(device)
     if torch_threads is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -21,6 +22,15 @@ from .cli_model import plural
 from .cli_output import status
 
 TOKEN_ENV = "ADAPTERKIT_ADMIN_TOKEN"
+
+
+class LogLevel(str, Enum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
 # options `serve` and `predict` share
 # (not `--threads`, which is torch's threads in train, eval and export)
 DecodeThreads = Annotated[
@@ -60,16 +70,16 @@ def check_device(device: str) -> None:
         raise CliError(f"--device {device}: MPS is not available on this machine; pass --device cpu")
 
 
-def check_port(host: str, port: int) -> None:
-    """Fail at once, not after loading the family, when `host:port` cannot be listened on."""
+def check_port(host: str, port: int) -> int:
+    """The port to listen on (port 0: a free one, so that the address printed is the real one); fails at
+    once, not after loading the family, when `host:port` cannot be listened on."""
     import socket
 
-    if port == 0:
-        return
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
             probe.bind((host, port))
+            return probe.getsockname()[1]
     except OSError as e:
         raise CliError(
             f"cannot listen on {host}:{port} ({e.strerror or e}); pass another --port or stop what holds it"
@@ -91,6 +101,8 @@ def admin_token(token_file: Path | None) -> str | None:
             raise CliError(f"the admin token file {token_file} is empty; write a long random token into it")
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             status(f"warning: {token_file} is readable by other users; chmod 600 {token_file}")
+        if os.environ.get(TOKEN_ENV, "").strip() not in ("", token):
+            status(f"warning: ${TOKEN_ENV} is set too; the token of {token_file} is the one used")
     else:
         token = os.environ.get(TOKEN_ENV, "").strip()
         if not token:
@@ -113,7 +125,9 @@ def serve(
         ),
     ] = None,
     host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="port to listen on (0: a free one, printed)")
+    ] = 8000,
     max_batch_size: Annotated[int, typer.Option(min=1, help="images per forward (1: no batching)")] = 32,
     max_wait_ms: Annotated[
         float, typer.Option(min=0, max=60000, help="how long a batch waits for more images")
@@ -142,17 +156,28 @@ def serve(
         bool,
         typer.Option(help="keep the startup objects out of full garbage collections (shorter tail latency)"),
     ] = True,
+    log_level: Annotated[
+        LogLevel,
+        typer.Option(help="info: startup, address, admin changes and refusals, stop; warning: problems"),
+    ] = LogLevel.info,
+    access_log: Annotated[bool, typer.Option(help="log one line per request")] = False,
+    graceful_timeout: Annotated[
+        float, typer.Option(min=0, help="seconds to answer the requests in flight after SIGTERM/Ctrl-C")
+    ] = 20.0,
+    root_path: Annotated[
+        str, typer.Option(help="path prefix a reverse proxy serves this under (/ak), for /docs and links")
+    ] = "",
 ) -> None:
     """Serve a family over HTTP: predict with per-image domains, list, hot-add and remove domains.
 
     Example: ADAPTERKIT_ADMIN_TOKEN=$(cat token) adapterkit serve fam/ --domain gtsrb --port 8000
     """
     token = admin_token(admin_token_file)
-    check_port(host, port)
+    port = check_port(host, port)
     import torch
-    import uvicorn
 
-    from .serve import create_app, load_family
+    from .serve import create_app
+    from .serve_run import load_family, run_server
 
     check_device(device)
     if torch_threads is not None:
@@ -181,4 +206,12 @@ def serve(
         f"serving {plural(len(model.domains), 'domain')} of {repo} on http://{host}:{port} ({admin}; "
         f"{plural(torch.get_num_threads(), 'torch thread')}, batches of up to {max_batch_size}); API at /docs"
     )
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+    run_server(
+        app,
+        host,
+        port,
+        log_level=log_level.value,
+        access_log=access_log,
+        graceful_timeout=graceful_timeout,
+        root_path=root_path,
+    )

@@ -22,11 +22,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
-from .transforms import GRAYSCALE_MODES, Preprocess, to_pil
+from .transforms import GRAYSCALE_MODES, ImageFormatError, Preprocess, to_pil
 
 logger = logging.getLogger(__name__)
 
 SHOW_FAILURES = 20  # undecodable images named in one error (all are counted)
+SPLITS = ("train", "test", "val", "validation")  # folder names open_splits reads as splits
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 
@@ -97,6 +98,16 @@ class FolderSource(Source):
         if not root.is_dir():
             raise FileNotFoundError(f"{root} is not a folder; pass an image folder (root/<class>/<image>)")
         classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if (
+            classes
+            and set(classes) <= set(SPLITS)
+            and any(p.is_dir() for c in classes for p in (root / c).iterdir())
+        ):
+            raise ValueError(
+                f"{root} holds the splits {', '.join(f'{c}/' for c in classes)}, not classes: pass one split "
+                f"(train_domain(model, name, '{root / ('train' if 'train' in classes else classes[0])}', eval_data=...)); "
+                "adapterkit.data.open_splits reads them all"
+            )
         self.paths: list[Path] = []
         targets: list[int] = []
         for label, name in enumerate(classes):
@@ -185,9 +196,14 @@ def open_data(data: Any, image_column: str = "image", label_column: str = "label
         return FolderSource(path)
     if isinstance(data, Dataset):
         return TorchSource(data)
+    hint = ""
+    if isinstance(data, torch.utils.data.DataLoader):
+        hint = " (for a DataLoader, pass loader.dataset: batching and augmentation are adapterkit's)"
+    elif isinstance(data, (list, tuple)):
+        hint = " (for a list of (image, label) pairs, torch.utils.data.TensorDataset(images, labels))"
     raise TypeError(
         f"cannot read training data of type {type(data).__name__}: pass a datasets.Dataset, an image folder "
-        "path, or a torch Dataset yielding (image, label)"
+        f"path, or a torch Dataset yielding (image, label){hint}"
     )
 
 
@@ -199,7 +215,7 @@ def open_splits(path: str | Path) -> dict[str, Source]:
     path = Path(path)
     if (path / "dataset_dict.json").is_file():
         return {name: open_data(ds) for name, ds in datasets.load_from_disk(str(path)).items()}
-    splits = {s: path / s for s in ("train", "test", "val", "validation") if (path / s).is_dir()}
+    splits = {s: path / s for s in SPLITS if (path / s).is_dir()}
     if "train" in splits or "test" in splits:
         return {s: open_data(p) for s, p in splits.items()}
     return {"train": open_data(path)}
@@ -298,17 +314,21 @@ def check_data(
     n = len(source)
     if n == 0:
         raise ValueError(f"the {what} is empty: point it at a folder or dataset with images")
-    labels = source.labels()
-    if labels.dtype.kind not in "iu":
-        raise ValueError(f"the {what}'s labels are {labels.dtype}, not integers: map class names to 0..C-1")
-    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    labels = read_labels(source, what)
+    if labels.min(initial=0) < 0:
+        i = int(np.argmin(labels))
+        raise ValueError(
+            f"{source.describe(i)} of the {what} has label {int(labels[i])}: class indices start at 0; "
+            "fix the labels (or drop the unlabelled images)"
+        )
+    bad = np.flatnonzero(labels >= num_classes)
     if len(bad):
         i = int(bad[0])
         raise ValueError(
             f"{len(bad)} label(s) of the {what} are outside 0..{num_classes - 1}: {source.describe(i)} has label "
             f"{int(labels[i])}. Fix the labels, or add the domain with num_classes={int(labels.max()) + 1}"
         )
-    _check_classes(source, labels, min_classes, what)
+    _check_classes(source, labels, min_classes, what, num_classes)
     if check_images is None or n <= check_images:
         sample = range(n)
     else:
@@ -322,6 +342,9 @@ def check_data(
             continue
         converted += image.mode in GRAYSCALE_MODES
         preprocess.mode(image, f"{source.describe(i)} of the {what}")
+    if failed and isinstance(failed[0][1], ImageFormatError):  # one form for all: the first one says it
+        i, e = failed[0]
+        raise ImageFormatError(f"{source.describe(i)} of the {what}: {e}") from None
     if failed:
         raise ValueError(_undecodable(source, failed, what, len(sample), n)) from failed[0][1]
     if converted and preprocess.data_config["input_size"][0] == 3:
@@ -329,9 +352,37 @@ def check_data(
     return labels
 
 
-def _check_classes(source: Source, labels: np.ndarray, min_classes: int, what: str) -> None:
+def read_labels(source: Source, what: str = "data") -> np.ndarray:
+    """Every label of `source`, checked to be one integer class index per item."""
+    labels = source.labels()
+    if labels.ndim != 1:
+        raise ValueError(
+            f"the {what}'s labels have shape {tuple(labels.shape[1:])} per item, not one class index: pass "
+            "class indices 0..C-1 (for one-hot labels, label.argmax())"
+        )
+    if labels.dtype.kind in "USO":
+        raise ValueError(
+            f"the {what}'s labels are {labels[:1].tolist()[0]!r}-like names, not class indices: map them to "
+            "0..C-1 and pass the names as labels= (an image folder's subfolders do this; for a "
+            "datasets.Dataset, ds.class_encode_column('label'))"
+        )
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"the {what}'s labels are {labels.dtype}, not integers: map class names to 0..C-1")
+    return labels
+
+
+def _check_classes(source: Source, labels: np.ndarray, min_classes: int, what: str, num_classes: int) -> None:
     present = np.unique(labels)
     if len(present) >= min_classes:
+        absent = sorted(set(range(num_classes)) - set(present.tolist()))
+        if absent and min_classes > 1:  # training data
+            logger.warning(
+                "%s: class(es) %s of 0..%d have no images%s",
+                what,
+                absent[:5] + (["..."] if len(absent) > 5 else []),
+                num_classes - 1,
+                " (labels counted from 1? class indices start at 0)" if absent[0] == 0 else "",
+            )
         return
     names = source.class_names
     found = ", ".join(repr(names[c]) if names and c < len(names) else str(c) for c in present)

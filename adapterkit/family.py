@@ -21,11 +21,12 @@ from .format import (
     domain_file,
     json_bytes,
     read_config,
+    read_safetensors,
     save_canonical,
     sha256,
     write_if_changed,
 )
-from .sources import local_source
+from .sources import Source, local_source
 
 if TYPE_CHECKING:
     from .model import AdapterModel
@@ -115,16 +116,49 @@ def family_files(
     return files
 
 
-def folder_entries(directory: Path, fingerprint: str) -> dict[str, dict]:
-    """Entries of the domains a folder already holds (any version); a family on other weights is refused."""
+def family_basis(source: Source, config: dict[str, Any]) -> dict:
+    """The shared basis a family's files hold (layer -> beta), or {} without one."""
+    if not config.get("basis"):
+        return {}
+    tensors, _ = read_safetensors(source.fetch(BASIS_FILE), BASIS_FILE)
+    return {k.removesuffix(".beta"): t for k, t in tensors.items()}
+
+
+def check_compatible(
+    local: dict[str, Any], remote: dict[str, Any], where: str, force: bool | None, new: str = "repo or folder"
+) -> None:
+    """A family has one backbone: another architecture or adapter layout (rules, topology) is always
+    refused (its domains could not load); other weights of the same layout only with `force` (None: no
+    force to offer)."""
+    if remote["layers"] != local["layers"]:
+        raise ValueError(
+            f"{where} holds a family on another backbone architecture or adapter layout "
+            f"({remote['backbone'].get('name')!r}, not {local['backbone'].get('name')!r}; or another "
+            f"AdapterConfig): its domains and these could not load into one model; use a new {new}"
+        )
+    if remote["backbone"]["fingerprint"] != local["backbone"]["fingerprint"] and not force:
+        anyway = "" if force is None else ", or pass force=True (--force) to publish there anyway"
+        raise ValueError(
+            f"{where} holds a family trained on other backbone weights ({remote['backbone'].get('name')!r}); "
+            f"use a new {new}{anyway}"
+        )
+
+
+def folder_entries(model: AdapterModel, directory: Path) -> dict[str, dict]:
+    """Entries of the domains a folder already holds (any version). A family of another layout or on
+    other weights, or whose basis the model's does not extend, is refused: saving would break its domains."""
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} is a file: save_pretrained writes a folder; pass a folder's path")
     if not (directory / CONFIG_FILE).is_file():
         return {}
     source = local_source(directory)
     config = read_config(source.fetch, source.files)
-    if config.get("backbone", {}).get("fingerprint") != fingerprint:
-        raise ValueError(
-            f"{directory} holds a family trained on other backbone weights ({config['backbone'].get('name')!r}); "
-            "save into a new folder (its domains would not fit this backbone)"
+    check_compatible(family_config(model), config, str(directory), force=None, new="folder to save into")
+    if config.get("basis"):
+        from .basis import check_extends
+
+        check_extends(
+            family_basis(source, config), model.basis(), f"this model's basis (against {directory})"
         )
     return {n: e for n, e in config["domains"].items() if (directory / domain_file(n)).is_file()}
 
@@ -133,7 +167,7 @@ def save_family(model: AdapterModel, directory: str | Path, domains: Iterable[st
     """Write a family folder. Domains already in the folder (same backbone) are kept, and a file is
     rewritten only when its bytes change, so adding a domain writes its two files (and the basis)."""
     directory = Path(directory)
-    others = folder_entries(directory, model.fingerprint)
+    others = folder_entries(model, directory)
     files = family_files(model, domains, others)
     for name, entry in others.items():  # a version-1 folder: give its domains their own entries
         if not (directory / domain_entry_file(name)).is_file() and domain_entry_file(name) not in files:

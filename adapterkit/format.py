@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterable
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import check_domain_name
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -163,12 +166,43 @@ def read_config(
     table = config.get("domains", {}) if version == 1 else dict.fromkeys(domain_names(files or []))
     for name in table:
         check_domain_name(name)
+    halves = [] if version == 1 else _half_domains(files or [], table)
     names = list(table) if domains is None else list(domains)
     missing = [n for n in names if n not in table]
     if missing:
-        raise KeyError(f"domains {missing} are not in {where} (it has: {', '.join(table) or 'none'})")
+        half = [f"{n} has only {halves[n]}" for n in missing if n in halves]
+        raise KeyError(
+            f"domains {missing} are not in {where} (it has: {', '.join(table) or 'none'})"
+            + (f"; {'; '.join(half)} (a domain needs both its .json and .safetensors)" if half else "")
+        )
+    if domains is None and halves:
+        logger.warning(
+            "%s: domain(s) %s have one of their two files and are not loaded (%s); copy or push the missing one",
+            where,
+            ", ".join(halves),
+            "; ".join(f"{n}: {f}" for n, f in halves.items()),
+        )
     config["domains"] = {n: table[n] if version == 1 else read_domain_entry(fetch, n) for n in names}
     return config
+
+
+def _half_domains(paths: list[str], complete: dict) -> dict[str, str]:
+    """Domains of which a listing holds one of the two files: name -> the file it has."""
+    halves = {}
+    for path in paths:
+        folder, _, file = path.rpartition("/")
+        stem, dot, ext = file.rpartition(".")
+        if folder == DOMAINS_DIR and ext in ("json", "safetensors") and stem not in complete:
+            halves[stem] = path
+    return {n: p for n, p in sorted(halves.items()) if _safe(n)}
+
+
+def _safe(name: str) -> bool:
+    try:
+        check_domain_name(name)
+    except ValueError:
+        return False
+    return True
 
 
 def read_domain_entry(fetch: Fetch, name: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .card import backbone_tag, domain_tag, model_card
+from .family import check_compatible, family_basis
 from .format import (
     BASIS_FILE,
     CONFIG_FILE,
@@ -25,7 +26,6 @@ from .format import (
     domain_file,
     json_bytes,
     read_config,
-    read_safetensors,
 )
 from .sources import Source, endpoint, hub_source, is_connection_error, local_source, unreachable
 
@@ -51,29 +51,6 @@ def family_json(config: dict[str, Any]) -> bytes:
     return json_bytes(
         {k: v for k, v in config.items() if k != "domains"} | {"format_version": FORMAT_VERSION}
     )
-
-
-def _basis(source: Source, config: dict[str, Any]) -> dict:
-    if not config.get("basis"):
-        return {}
-    tensors, _ = read_safetensors(source.fetch(BASIS_FILE), BASIS_FILE)
-    return {k.removesuffix(".beta"): t for k, t in tensors.items()}
-
-
-def _check_compatible(local: dict[str, Any], remote: dict[str, Any], where: str, force: bool) -> None:
-    """A family has one backbone: another architecture or adapter layout is always refused (its domains
-    could not load); other weights of the same layout only without `force`."""
-    if remote["layers"] != local["layers"]:
-        raise ValueError(
-            f"{where} holds a family on another backbone architecture or adapter layout "
-            f"({remote['backbone'].get('name')!r}, not {local['backbone'].get('name')!r}): its domains and "
-            "these could not load into one model; use a new repo or folder"
-        )
-    if remote["backbone"]["fingerprint"] != local["backbone"]["fingerprint"] and not force:
-        raise ValueError(
-            f"{where} holds a family trained on other backbone weights ({remote['backbone'].get('name')!r}); "
-            "use a new repo or folder, or pass force=True (--force) to publish there anyway"
-        )
 
 
 def _hub_error(error: Exception, repo_id: str) -> Exception:
@@ -142,11 +119,12 @@ def _commit(
         remote, source = _remote(api, repo_id, branch)
         table = dict(local["domains"])
         if remote is not None:
-            _check_compatible(local, remote, repo_id, force)
+            check_compatible(local, remote, repo_id, force)
             if remote.get("basis") and not force:
                 from .basis import check_extends
 
-                check_extends(_basis(source, remote), local_basis(), f"the pushed basis (against {repo_id})")
+                pushed = f"the pushed basis (against {repo_id})"
+                check_extends(family_basis(source, remote), local_basis(), pushed)
             for name, entry in remote["domains"].items():
                 table.setdefault(name, entry)
                 if remote["format_version"] == 1 and domain_entry_file(name) not in files:
@@ -236,7 +214,7 @@ def push_folder(
     message = commit_message or f"adapterkit: push {', '.join(names)}"
     return _commit(
         config,
-        lambda: _basis(source, config) if config.get("basis") else {},
+        lambda: family_basis(source, config) if config.get("basis") else {},
         files,
         repo_id,
         private=private,
@@ -272,11 +250,11 @@ def pull_family(
     local = read_config(here.fetch, here.files) if here else None
     keep_local_basis = False
     if local is not None:
-        _check_compatible(remote, local, str(out), force)
+        check_compatible(remote, local, str(out), force)
         if local.get("basis") and remote.get("basis"):
             from .basis import check_extends
 
-            ours, theirs = _basis(here, local), _basis(source, remote)
+            ours, theirs = family_basis(here, local), family_basis(source, remote)
             keep_local_basis = any(ours[n].shape[1] > theirs.get(n, ours[n][:, :0]).shape[1] for n in ours)
             if keep_local_basis:
                 check_extends(theirs, ours, f"the basis of {repo_id} (against {out})")

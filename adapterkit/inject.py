@@ -62,6 +62,11 @@ def create_backbone(
                 f"{name!r} is not a timm model; check timm.list_models(), or use 'hf-hub:org/name' or "
                 "'local-dir:/path' for a timm-format checkpoint"
             ) from e
+        if "No pretrained weights exist" in str(e):
+            raise ValueError(
+                f"timm has no downloadable weights for {name!r}: pass pretrained=PATH, a safetensors file of "
+                "its weights (or pretrained=False for random ones)"
+            ) from e
         if path is not None and "state_dict" in str(e):  # the file's tensors are another architecture's
             first = str(e).strip().splitlines()[0].rstrip(":. ")
             raise ValueError(

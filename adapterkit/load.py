@@ -180,6 +180,17 @@ def _signature(state: dict | None, what: str, device) -> DomainSignature | None:
     return signature
 
 
+HUB_KEYS = {"revision", "token", "cache_dir", "local_files_only", "force_download"}  # passed to the Hub
+
+
+def _architecture(name: str) -> str | None:
+    """A timm name without its pretrained tag (`resnet50.a1_in1k` -> `resnet50`); None for `hf-hub:` and
+    `local-dir:` names, whose architecture is in their files."""
+    from timm.models import get_arch_name
+
+    return None if ":" in name else get_arch_name(name)
+
+
 def _backbone_for(config: dict[str, Any], source: str, backbone: str | nn.Module | None, weights: Any):
     """(module, name, weights record): the recorded backbone rebuilt, or the one the caller gives."""
     recorded = config["backbone"]
@@ -188,6 +199,13 @@ def _backbone_for(config: dict[str, Any], source: str, backbone: str | nn.Module
     name = backbone or recorded["name"]
     if name is None:
         raise ValueError(f"{source} was built on an nn.Module backbone with no name; pass backbone=<module>")
+    archs = {_architecture(name), _architecture(recorded["name"] or name)}
+    if None not in archs and len(archs) > 1:
+        raise ValueError(
+            f"{source} was trained on backbone {recorded['name']!r}, and backbone={name!r} is another "
+            "architecture, whose layers its domains do not fit: leave backbone= out (the recorded backbone is "
+            "rebuilt), or pass the module it was trained on"
+        )
     module, record = rebuild_backbone(
         name, recorded.get("weights") if name == recorded["name"] else None, weights
     )
@@ -214,6 +232,14 @@ def load_family(
         backbone_weights: a local safetensors file to use instead of a recorded one that has moved.
         force: attach even if the backbone's fingerprint differs.
     """
+    unknown = sorted(set(hub_kwargs) - HUB_KEYS)
+    if unknown:
+        raise TypeError(
+            f"unknown argument(s) {unknown}: from_pretrained takes domains, backbone, "
+            f"backbone_weights, force and {sorted(HUB_KEYS)}"
+        )
+    if isinstance(domains, str):
+        raise TypeError(f"domains={domains!r}: pass a list of names, domains=[{domains!r}]")
     src = open_source(source, **hub_kwargs)
     config = read_config(src.fetch, src.files, domains, where=src.label)
     names = list(config["domains"])

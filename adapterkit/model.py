@@ -39,6 +39,7 @@ from .layers.plain import PlainPasses
 from .mixed import MixedExecution, padded_rows
 from .router import Route, fit_signature, route_batch
 from .signature import COMPONENTS, SIGNATURE_SHARE, DomainSignature
+from .transforms import check_batch
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,10 @@ class AdapterModel(
         # wrapping); hashing a large backbone's weights again would cost as long.
         super().__init__()
         self._hub_mixin_config = None  # we write adapterkit.json ourselves; no config.json
+        if config is not None and not isinstance(config, AdapterConfig):
+            raise TypeError(
+                f"config is a {type(config).__name__}: pass AdapterConfig(...) (AdapterConfig(**d) from a dict)"
+            )
         self.config = config or AdapterConfig()
         self.backbone_name = backbone_name
         self.backbone_weights = backbone_weights  # where the weights come from (docs/format.md)
@@ -148,11 +153,11 @@ class AdapterModel(
         """
         if isinstance(backbone, nn.Module):
             return cls(backbone, config)
+        module = create_backbone(backbone, pretrained, seed=seed, **timm_kwargs)
         if pretrained is False:
             logger.warning(
                 "%s: random backbone weights (seed %d); pass pretrained=True for trained ones", backbone, seed
             )
-        module = create_backbone(backbone, pretrained, seed=seed, **timm_kwargs)
         weights = weights_record(backbone, pretrained, seed)
         return cls(module, config, backbone_name=backbone, backbone_weights=weights)
 
@@ -336,6 +341,36 @@ class AdapterModel(
     def is_trainable(self, name: str) -> bool:
         return self._check_known(name) not in self._frozen
 
+    @contextmanager
+    def rollback(self, name: str) -> Iterator[None]:
+        """On any error in the block, put `name` back as it was before: removed if it was new, else its
+        modules, tensors (norm statistics included), entry, signature and trainable flag restored."""
+        if name not in self._domains:
+            try:
+                yield
+            except BaseException:
+                if name in self._domains:
+                    self.remove_domain(name)
+                raise
+            return
+        info, trainable = copy.deepcopy(self._domains[name]), self.is_trainable(name)
+        adapters = {n: layer.adapters[name] for n, layer in self.layers().items()}
+        head, signature = self.heads[name], self.signatures[name] if name in self.signatures else None
+        saved = [(m, copy.deepcopy(m.state_dict())) for m in [*adapters.values(), head]]
+        default = self.default_domain == name
+        try:
+            yield
+        except BaseException:
+            with self._lock:
+                if name in self._domains:
+                    self.remove_domain(name)
+                for module, state in saved:
+                    module.load_state_dict(state)
+                self.publish_domain(info, adapters, head, signature=signature, trainable=trainable)
+                if default:
+                    self.default_domain = name
+            raise
+
     def _domain_modules(self, name: str) -> list[nn.Module]:
         return [layer.adapters[name] for layer in self.layers().values()] + [self.heads[name]]
 
@@ -499,13 +534,23 @@ class AdapterModel(
         sample. `domain="auto"` sends each sample to its best-scoring domain (`route(x)` also says which
         samples fit no domain, and how confident each choice is).
         """
-        if not isinstance(x, torch.Tensor) or x.dim() < 2:
-            raise ValueError(f"expected an image batch tensor (N, C, H, W), got {type(x).__name__}")
-        if self.in_chans is not None and x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"the backbone expects {self.in_chans} input channels, got {x.shape[1]}: convert images "
-                f"(for example PIL's image.convert('RGB') or x.expand(-1, {self.in_chans}, -1, -1))"
-            )
+        check_batch(x, self.in_chans)
+        try:
+            return self._forward(x, domain)
+        except RuntimeError as e:
+            weight = next(self.backbone.parameters())
+            if x.dtype != weight.dtype:
+                raise ValueError(
+                    f"the images are {x.dtype} and the model is {weight.dtype}: pass x.to({weight.dtype}) "
+                    f"(or run under torch.autocast)"
+                ) from e
+            if x.device != weight.device:
+                raise ValueError(
+                    f"the images are on {x.device} and the model on {weight.device}: pass x.to({str(weight.device)!r})"
+                ) from e
+            raise
+
+    def _forward(self, x: torch.Tensor, domain: str | Sequence[str] | None) -> torch.Tensor:
         if domain == "auto":
             domain = self.route(x).best
         domains = self._resolve_domains(domain, x.shape[0])
@@ -587,6 +632,25 @@ class AdapterModel(
 
         return export_domain(self, name)
 
+    def save_pretrained(  # type: ignore[override]
+        self,
+        save_directory: str | Path,
+        *,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        **push_kwargs: Any,
+    ) -> str | None:
+        """Write the family folder (`family.save_family`: the folder's other domains are kept; a family of
+        another layout, on other weights or with a basis this model's does not extend is refused before
+        anything is written). With `push_to_hub=True` also push to `repo_id` (default: the folder's name),
+        passing `push_kwargs` to `push_to_hub`, and return the commit URL."""
+        if push_kwargs and not push_to_hub:
+            raise TypeError(
+                f"save_pretrained got {sorted(push_kwargs)}, which apply only with push_to_hub=True"
+            )
+        self._save_pretrained(Path(save_directory))
+        return self.push_to_hub(repo_id or Path(save_directory).name, **push_kwargs) if push_to_hub else None
+
     def _save_pretrained(self, save_directory: Path) -> None:
         from .family import save_family
 
@@ -612,11 +676,12 @@ class AdapterModel(
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, **kwargs: Any) -> AdapterModel:  # type: ignore[override]
-        from .load import load_family
+        from .load import HUB_KEYS, load_family
 
-        hub_keys = ("revision", "token", "cache_dir", "local_files_only", "force_download")
-        hub_kwargs = {k: kwargs.pop(k) for k in hub_keys if kwargs.get(k) not in (None, False)}
-        return load_family(cls, model_id, **hub_kwargs, **kwargs)
+        hub_kwargs = {k: kwargs.pop(k) for k in HUB_KEYS if k in kwargs}
+        return load_family(
+            cls, model_id, **{k: v for k, v in hub_kwargs.items() if v not in (None, False)}, **kwargs
+        )
 
     def push_to_hub(  # type: ignore[override]
         self,

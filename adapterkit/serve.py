@@ -1,8 +1,8 @@
 """Serve a family over HTTP: per-image domains, mixed-domain batching across requests, hot-add.
 
-    from adapterkit.serve import create_app, serve
+    from adapterkit.serve import create_app
     app = create_app(model, admin_token="...")        # an ASGI app: uvicorn, hypercorn, Ray Serve...
-    serve("alice/decathlon-r56@v1", port=8000)        # loads the family and runs uvicorn
+    # adapterkit.serve_run.serve("alice/decathlon-r56@v1", port=8000): loads the family, runs uvicorn
 
 Endpoints (docs/serve.md): `POST /v1/predict`, `GET /v1/domains`, `POST /v1/domains` and
 `DELETE /v1/domains/{name}` (admin bearer token), `GET /healthz`, `GET /readyz`, `GET /metrics`,
@@ -24,7 +24,6 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -34,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .serve_batching import Batcher, Item, QueueFull
-from .serve_domains import Domains, split_source, unknown_domain
+from .serve_domains import Domains, unknown_domain
 from .serve_errors import (
     BodyLimit,
     ServeError,
@@ -53,7 +52,7 @@ if TYPE_CHECKING:
     from .model import AdapterModel
 
 logger = logging.getLogger(__name__)
-__all__ = ["create_app", "load_family", "serve", "Service"]
+__all__ = ["create_app", "Service"]
 INLINE_PARSE_BYTES = 64 * 1024  # JSON bodies up to this size are parsed on the event loop
 
 
@@ -210,7 +209,14 @@ class Service:
                 "--admin-token-file FILE or ADAPTERKIT_ADMIN_TOKEN",
             )
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        client = request.client.host if request.client else "?"
         if scheme.lower() != "bearer" or not token.strip():
+            logger.warning(
+                "admin request without a token refused: %s %s from %s",
+                request.method,
+                request.url.path,
+                client,
+            )
             raise ServeError(
                 401,
                 "unauthorized",
@@ -218,6 +224,12 @@ class Service:
                 headers={"WWW-Authenticate": 'Bearer realm="adapterkit"'},
             )
         if not hmac.compare_digest(token.strip().encode(), self.admin_token.encode()):
+            logger.warning(
+                "admin request with a wrong token refused: %s %s from %s",
+                request.method,
+                request.url.path,
+                client,
+            )
             raise ServeError(403, "forbidden", "wrong admin token; use the token the server was started with")
 
     async def hot_add(self, source: str, domain: str, revision: str | None, as_name: str | None) -> dict:
@@ -230,12 +242,17 @@ class Service:
             status = "ok"
             return out
         finally:
-            self.metrics.hot_add.labels(status).observe(time.perf_counter() - start)
+            took = time.perf_counter() - start
+            self.metrics.hot_add.labels(status).observe(took)
+            logger.info(
+                "hot-add of %s from %s: %s in %.0f ms", as_name or domain, source, status, took * 1000
+            )
 
     async def remove(self, name: str) -> None:
         await asyncio.get_running_loop().run_in_executor(self.admin_pool, self.domains.remove, name)
         self.preprocessors.forget(name)
         self.metrics.removals.inc()
+        logger.info("removed domain %s", name)
 
 
 def freeze_startup_objects() -> None:
@@ -327,69 +344,3 @@ def create_app(
     app.add_exception_handler(Exception, internal_error_handler)
     add_routes(app, service)
     return app
-
-
-def load_family(
-    source: str,
-    *,
-    domains: list[str] | None = None,
-    revision: str | None = None,
-    device: str = "cpu",
-    backbone_weights: str | Path | None = None,
-) -> tuple[AdapterModel, str, str | None]:
-    """(model, source, revision): a family from a folder or a Hub repo id with an optional `@revision`,
-    on the backbone it records, moved to `device`, in eval mode; a Hub revision comes back as the commit
-    it was read at."""
-    from .model import AdapterModel
-
-    repo, at = split_source(source)
-    if at is not None and revision is not None and at != revision:
-        raise ValueError(f"{source} and revision={revision!r} disagree; give the revision once")
-    revision = revision or at
-    if not Path(repo).is_dir():  # a Hub repo: pin the branch or tag to its commit, reported by /v1/domains
-        from .sources import open_source
-
-        revision = open_source(repo, revision=revision).revision or revision
-    model = AdapterModel.from_pretrained(
-        repo, domains=domains, revision=revision, backbone_weights=backbone_weights
-    )
-    return model.to(device).eval(), repo, revision
-
-
-def serve(
-    source: str,
-    *,
-    domains: list[str] | None = None,
-    revision: str | None = None,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    device: str = "cpu",
-    torch_threads: int | None = None,
-    backbone_weights: str | Path | None = None,
-    log_level: str = "info",
-    **app_options: Any,
-) -> None:
-    """Load a family (folder, or Hub/registry repo id with an optional `@revision`) and serve it with
-    uvicorn until interrupted.
-
-    Args:
-        domains: load only these (default all); more can be hot-added later.
-        device: where the model runs (`cpu`, `cuda`, `cuda:1`, `mps`).
-        torch_threads: torch's intra-op CPU threads (default: torch's choice).
-        backbone_weights: the backbone weights file the family was trained on, if it moved since.
-        **app_options: `create_app`'s options (max_batch_size, max_wait_ms, admin_token, threads, ...).
-
-    Example:
-        >>> serve("alice/decathlon-r56@v1", port=8000, admin_token=os.environ["ADAPTERKIT_ADMIN_TOKEN"])
-    """
-    import torch
-    import uvicorn
-
-    if torch_threads is not None:
-        torch.set_num_threads(torch_threads)
-    model, repo, revision = load_family(
-        source, domains=domains, revision=revision, device=device, backbone_weights=backbone_weights
-    )
-    app = create_app(model, source=repo, revision=revision, **app_options)
-    logger.info("serving %d domains of %s on http://%s:%d", len(model.domains), repo, host, port)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)

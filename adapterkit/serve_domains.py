@@ -130,6 +130,12 @@ class Domains:
                     check_domain_name(value)
                 except ValueError as e:
                     raise ServeError(422, "invalid_domain_name", str(e)) from e
+        source, at = split_source(source)  # `org/name@rev`, as `adapterkit serve` takes it
+        if at is not None and revision is not None and at != revision:
+            raise ServeError(
+                422, "invalid_source", f"{source}@{at} and revision {revision!r} disagree; give one"
+            )
+        revision = revision or at
         target = as_name or domain
         with self.admin_lock:
             if target in self.model.domains:
@@ -154,7 +160,7 @@ class Domains:
         from .sources import open_source
 
         try:
-            src = open_source(source, revision=revision)
+            src = open_source(source, revision=revision, cache_fallback=False)
             config = read_config(src.fetch, src.files, [domain], where=src.label)
         except FileNotFoundError as e:
             raise ServeError(404, "source_not_found", f"{e}") from e

@@ -98,7 +98,8 @@ class Family:
     the change log."""
 
     def __init__(self, family_id: str, options: dict[str, Any], domains: list[str] | None) -> None:
-        from .serve import create_app, freeze_startup_objects, load_family
+        from .serve import create_app, freeze_startup_objects
+        from .serve_run import load_family
 
         model, repo, revision = load_family(family_id, domains=domains, device=options.get("device", "cpu"))
         self.id = family_id

@@ -153,5 +153,6 @@ class CountRequests:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
+            # FastAPI's routes carry their template; its fixed-path pages (/docs, /openapi.json) only an endpoint
+            route = getattr(scope.get("route"), "path", scope["path"] if "endpoint" in scope else "unmatched")
             self.service.metrics.http.labels(route, scope["method"], str(status)).inc()

@@ -68,8 +68,11 @@ def hub_source(
     cache_dir: str | Path | None = None,
     local_files_only: bool = False,
     force_download: bool = False,
+    cache_fallback: bool = True,
 ) -> Source:
-    """A Hub repo at one commit. Offline (`local_files_only`), the cached snapshot is used."""
+    """A Hub repo at one commit. Offline (`local_files_only`, HF_HUB_OFFLINE=1), the cached snapshot is
+    used; so it is, with a warning, when the server cannot be reached, unless `cache_fallback=False` (a
+    service must serve what its source holds now, or not start)."""
     from huggingface_hub import HfApi, constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -85,6 +88,10 @@ def hub_source(
             except Exception as e:
                 if not is_connection_error(e):
                     raise
+                if not cache_fallback:
+                    raise ConnectionError(
+                        f"{unreachable(e)}; HF_HUB_OFFLINE=1 uses the copy in the local cache"
+                    ) from e
                 options["local_files_only"] = (
                     True  # unreachable: what the cache holds, as hf_hub_download does
                 )
@@ -141,7 +148,8 @@ def _cached(repo_id: str, revision: str | None, options: dict[str, Any]) -> tupl
 
 
 def open_source(source: str | Path, **hub_kwargs: Any) -> Source:
-    """A local family folder, or a Hub repo id (`hub_kwargs`: revision, token, cache_dir, ...)."""
+    """A local family folder, or a Hub repo id (`hub_kwargs`: revision, token, cache_dir, ...,
+    cache_fallback; see `hub_source`)."""
     if Path(source).is_dir():
         if hub_kwargs.get("revision"):
             raise ValueError(f"revision= applies to Hub repos; {source} is a local folder")
@@ -154,6 +162,8 @@ def check_repo_id(source: str | Path) -> None:
     """Raise FileNotFoundError for a source that is not a folder and cannot be a family's repo id
     (org/name): a mistyped folder, rather than a Hub lookup that fails on something else."""
     text = str(source)
+    if Path(source).is_file():
+        raise NotADirectoryError(f"{source} is a file; a family is a folder: pass {Path(source).parent}")
     if "/" not in text or (text.startswith((".", "/")) and not Path(source).exists()):
         raise FileNotFoundError(
             f"{source}: no such folder in {Path.cwd()}; give a family folder, or a Hub repo id as org/name"

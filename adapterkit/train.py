@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Subset
 
 from .config import check_domain_name
-from .data import DomainDataset, Source, check_data, open_data
+from .data import DomainDataset, Source, check_data, open_data, read_labels
 from .loop import Job, checkpoint_folder, evaluate_dataset, fit, seeded, threads
 from .model import AdapterModel
 from .signature import MAX_IMAGES
@@ -76,6 +76,9 @@ def train_domain(
     a sample of images; see `check_data`). The domain's data config (the backbone's timm config with
     `data_config` overrides) is stored with the domain; its accuracy goes into `domain_info().metrics`.
     A new domain's head is initialised from `config.seed`; the caller's RNG state is never changed.
+    The trained domain is returned frozen, as a loaded one (its tensors, norm statistics included, never
+    change until `model.set_trainable(domain)`); if training fails, the domain is left as it was before
+    (absent if it was new), so a retry starts clean.
 
     Args:
         train_data: a `datasets.Dataset`, an image folder, a `save_to_disk` folder or a torch Dataset
@@ -110,6 +113,14 @@ def train_domain(
             fail their checks, or the checkpoint was written with other settings.
     """
     config = config or TrainConfig()
+    if not isinstance(config, TrainConfig):
+        raise TypeError(
+            f"config is a {type(config).__name__}: pass TrainConfig(...) (TrainConfig(**d) from a dict)"
+        )
+    if resume is not False and overwrite:
+        raise ValueError("overwrite=True trains the domain afresh and resume= continues it: pass one of them")
+    if new_columns is not None and not factored:
+        raise ValueError("new_columns= sizes a factored domain's own columns: pass factored=True with it")
     continuing = domain in model.domains and not overwrite
     if (factored or new_columns is not None) and continuing:
         raise ValueError(
@@ -139,23 +150,25 @@ def train_domain(
     source = open_data(train_data, config.image_column, config.label_column)
     if num_classes is None:
         num_classes = (
-            len(source.class_names) if source.class_names else int(source.labels().max(initial=-1)) + 1
+            len(source.class_names)
+            if source.class_names
+            else int(read_labels(source, "training data").max(initial=-1)) + 1
         )
     dcfg = resolve_data_config(model.pretrained_cfg, {**stored, **(data_config or {})})
     train_set, eval_set = _datasets(source, eval_data, num_classes, dcfg, config, acc.num_processes)
-    if not continuing:
-        names = labels or (source.class_names if len(source.class_names or ()) == num_classes else None)
-        _add_fresh(model, domain, num_classes, names, dcfg, config.seed, factored, new_columns)
-    model.domain_info(domain).data_config = dcfg
-    was_trainable = model.is_trainable(domain)
-    model.set_trainable(domain)  # a loaded (frozen) domain learns only while it is being trained
-    try:
+    with model.rollback(domain):  # an error from here on leaves the domain as it was (or absent)
+        if not continuing:
+            names = labels or (source.class_names if len(source.class_names or ()) == num_classes else None)
+            _add_fresh(model, domain, num_classes, names, dcfg, config.seed, factored, new_columns)
+        model.domain_info(domain).data_config = dcfg
+        model.set_trainable(domain)  # learns only while it is being trained
         metrics = fit(_domain_job(model, domain), train_set, eval_set, config, acc, resume, callback)
-    finally:
-        model.set_trainable(domain, was_trainable)
-    _fit_signature(model, domain, source, dcfg, config, acc, eval_set)
-    if "accuracy" in metrics:
-        model.domain_info(domain).metrics["accuracy"] = metrics["accuracy"]
+        model.set_trainable(domain, False)
+        _fit_signature(model, domain, source, dcfg, config, acc, eval_set)
+        info = model.domain_info(domain)
+        info.metrics.pop("accuracy", None)  # an accuracy of earlier training no longer holds
+        if "accuracy" in metrics:
+            info.metrics["accuracy"] = metrics["accuracy"]
     return metrics
 
 

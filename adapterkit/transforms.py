@@ -61,20 +61,75 @@ def resolve_data_config(
     return out
 
 
+class ImageFormatError(ValueError):
+    """An image in a form adapterkit does not read (layout, value range): every such image fails alike."""
+
+
 def to_pil(image: Any) -> Image.Image:
     """A PIL image from a PIL image, an (H, W[, C]) array or a (C, H, W) tensor (uint8, or float in [0, 1])."""
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, torch.Tensor):
         t = image.detach().cpu()
+        if t.dim() == 3 and t.shape[0] not in (1, 3, 4) and t.shape[-1] in (1, 3, 4):
+            raise ImageFormatError(
+                f"a tensor of shape {tuple(t.shape)} is (H, W, C): image tensors are (C, H, W); "
+                "pass image.permute(2, 0, 1)"
+            )
+        if t.dim() not in (2, 3):
+            raise ImageFormatError(
+                f"a tensor of shape {tuple(t.shape)} is not one image: pass (C, H, W) tensors, one per item"
+            )
         image = (t.permute(1, 2, 0) if t.dim() == 3 else t).numpy()
     if isinstance(image, np.ndarray):
+        if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[2] not in (1, 3, 4):
+            raise ImageFormatError(
+                f"an array of shape {image.shape} is (C, H, W): image arrays are (H, W, C); "
+                "pass image.transpose(1, 2, 0)"
+            )
         if image.dtype != np.uint8:
-            image = (np.clip(image.astype(np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)
+            image = _unit_range(image.astype(np.float32))
         if image.ndim == 3 and image.shape[2] == 1:
             image = image[:, :, 0]
         return Image.fromarray(image)
     raise TypeError(f"cannot read an image of type {type(image).__name__}; use PIL images, arrays or tensors")
+
+
+def check_batch(x: Any, in_chans: int | None) -> None:
+    """That `x` is what a model's forward takes: a float (N, C, H, W) batch of `in_chans` channels;
+    otherwise a ValueError that says how to get there."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"expected an image batch tensor (N, C, H, W), got {type(x).__name__}")
+    if x.dim() == 3 and (in_chans is None or x.shape[0] == in_chans):
+        raise ValueError(f"got one image {tuple(x.shape)}, not a batch: pass x.unsqueeze(0)")
+    if x.dim() < 2:
+        raise ValueError(f"expected an image batch tensor (N, C, H, W), got shape {tuple(x.shape)}")
+    if in_chans is not None and x.shape[1] != in_chans:
+        if x.dim() == 4 and x.shape[-1] == in_chans:
+            raise ValueError(f"got a (N, H, W, C) batch {tuple(x.shape)}: pass x.permute(0, 3, 1, 2)")
+        raise ValueError(
+            f"the backbone expects {in_chans} input channels, got {x.shape[1]}: convert images "
+            f"(for example PIL's image.convert('RGB') or x.expand(-1, {in_chans}, -1, -1))"
+        )
+    if not x.is_floating_point():
+        raise ValueError(
+            f"got {x.dtype} images: the model takes float images normalised as the domain's data config "
+            "says (adapterkit.transforms.Preprocess does it; by hand, x.float() / 255, then its mean and std)"
+        )
+
+
+def _unit_range(image: np.ndarray) -> np.ndarray:
+    """A float image in [0, 1] as uint8; values outside (normalised or 0..255 images) are refused."""
+    if image.size and not np.isfinite(image).all():
+        raise ImageFormatError("the image holds NaN or infinite values")
+    lo, hi = (float(image.min()), float(image.max())) if image.size else (0.0, 0.0)
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise ImageFormatError(
+            f"float pixel values in [{lo:.3g}, {hi:.3g}], not 0..1: pass raw images (PIL, uint8, or floats "
+            "in 0..1); adapterkit normalises them with the domain's data config, so drop Normalize(...) "
+            "from your transform, and divide 0..255 floats by 255"
+        )
+    return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 @dataclass(frozen=True)

@@ -184,9 +184,16 @@ def run(args: argparse.Namespace, work: Path) -> None:
                 while not stop.is_set():
                     seen.append(torch.equal(served(x0, domain=first), y0))
 
+        def calls_reach(n: int) -> None:  # (bounded: the served thread makes a call every few ms)
+            deadline = time.monotonic() + 30
+            while len(seen) < n and time.monotonic() < deadline:
+                time.sleep(0.005)
+
         thread = threading.Thread(target=serve)
         thread.start()
+        calls_reach(3)  # served calls before the hot-add, during it, and after it
         served.load_domain("demo/quickstart", second, token=token)
+        calls_reach(len(seen) + 3)
         stop.set()
         thread.join()
         x1, y1 = probe[second]

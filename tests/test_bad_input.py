@@ -77,6 +77,29 @@ def test_wrong_input_channels(family):
         model(x, domain="a")
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda x: x[0], r"one image \(3, \d+, \d+\), not a batch: pass x.unsqueeze\(0\)"),
+        (lambda x: x.permute(0, 2, 3, 1), r"\(N, H, W, C\) batch .*x.permute\(0, 3, 1, 2\)"),
+        (
+            lambda x: (x * 255).to(torch.uint8),
+            r"torch.uint8 images: the model takes float images.*Preprocess",
+        ),
+        (
+            lambda x: x.double(),
+            r"images are torch.float64 and the model is torch.float32: pass x.to\(torch.float32\)",
+        ),
+    ],
+)
+def test_batches_in_another_form_say_how_to_convert(family, change, message):
+    model, backbone, _ = family
+    x = input_for(backbone).abs().clamp(0, 1)
+    for domain in ("a", ["a", "b"]):
+        with pytest.raises(ValueError, match=message):
+            model(change(x), domain=domain)  # checked before the domains are
+
+
 def test_domain_list_length(family):
     model, backbone, _ = family
     with pytest.raises(ValueError, match="got 3 domains for a batch of 2"):
@@ -198,3 +221,36 @@ def test_adding_a_domain_keeps_old_files_byte_identical(family):
     new = {p.name: p.read_bytes() for p in (path / "domains").iterdir()}
     assert set(new) == set(old) | {"c.safetensors", "c.json"}
     assert all(new[k] == v for k, v in old.items())
+
+
+def test_a_backbone_name_of_another_architecture_is_refused_before_anything_is_built(family):
+    _, _, path = family
+    config = json.loads((path / "adapterkit.json").read_text())
+    config["backbone"]["name"] = "test_resnet"
+    (path / "adapterkit.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ValueError, match="trained on backbone 'test_resnet', and backbone='cifar_resnet20' is another"
+    ):
+        load_family(AdapterModel, str(path), backbone="cifar_resnet20")
+
+
+def test_from_pretrained_arguments_that_cannot_be_meant(family):
+    _, backbone, path = family
+    with pytest.raises(TypeError, match=r"unknown argument\(s\) \['domian'\]"):
+        AdapterModel.from_pretrained(path, domian=["a"], backbone=backbone)
+    with pytest.raises(TypeError, match=r"domains='a': pass a list of names, domains=\['a'\]"):
+        AdapterModel.from_pretrained(path, domains="a", backbone=backbone)
+    with pytest.raises(NotADirectoryError, match="adapterkit.json is a file; a family is a folder: pass"):
+        AdapterModel.from_pretrained(path / "adapterkit.json", backbone=backbone)
+    assert AdapterModel.from_pretrained(path, domains=["a"], backbone=backbone, revision=None).domains == [
+        "a"
+    ]
+
+
+def test_a_domain_with_one_of_its_two_files_is_named(family, caplog):
+    _, backbone, path = family
+    (path / "domains" / "b.safetensors").unlink()
+    with pytest.raises(KeyError, match=r"b has only domains/b.json \(a domain needs both"):
+        load_family(AdapterModel, str(path), domains=["b"], backbone=backbone)
+    assert load_family(AdapterModel, str(path), backbone=backbone).domains == ["a"]
+    assert "domain(s) b have one of their two files and are not loaded (b: domains/b.json)" in caplog.text

@@ -46,3 +46,133 @@ def test_loose_images_next_to_class_folders_are_ignored_with_a_warning(tmp_path,
     train_domain(model, "d", root, config=cfg(steps=1), data_config=SIZE)
     assert model.domain_info("d").labels == ["a", "b"]
     assert "1 images outside the class subfolders are ignored" in caplog.text
+
+
+def _tensors(labels, n=8):
+    import torch
+    from torch.utils.data import TensorDataset
+
+    return TensorDataset(torch.rand(n, 3, 32, 32), labels)
+
+
+def test_a_folder_of_splits_is_not_read_as_classes(tmp_path):
+    _image_folder(tmp_path / "data" / "train")
+    _image_folder(tmp_path / "data" / "test")
+    model = make_model()
+    with pytest.raises(
+        ValueError, match=r"holds the splits test/, train/, not classes: pass one split .*data/train"
+    ):
+        train_domain(model, "d", tmp_path / "data", config=cfg(steps=1), data_config=SIZE)
+    assert model.domains == []
+    train_domain(
+        model, "d", tmp_path / "data" / "train", tmp_path / "data" / "test", cfg(steps=1), data_config=SIZE
+    )
+    assert model.domain_info("d").labels == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        ("one-hot", r"labels have shape \(2,\) per item, not one class index.*argmax"),
+        ("names", r"labels are 'cat'-like names, not class indices.*labels=.*class_encode_column"),
+        ("negative", r"item 0 of the training data has label -1: class indices start at 0"),
+    ],
+)
+def test_labels_that_are_not_class_indices_are_named_with_the_fix(labels, message):
+    import torch
+    from torch.utils.data import Dataset
+
+    class Named(Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return torch.rand(3, 32, 32), ["cat", "dog"][i % 2]
+
+    data = {
+        "one-hot": lambda: _tensors(torch.nn.functional.one_hot(torch.arange(8) % 2, 2)),
+        "names": Named,
+        "negative": lambda: _tensors(torch.arange(8) % 3 - 1),
+    }[labels]()
+    model = make_model()
+    with pytest.raises(ValueError, match=message):
+        train_domain(model, "d", data, config=cfg(steps=1), num_classes=2, data_config=SIZE)
+    assert model.domains == []
+
+
+def test_a_failed_training_leaves_the_domain_as_it_was(tmp_path):
+    import torch
+    from torch.utils.data import Dataset
+
+    class Fails(Dataset):  # passes the checks (8 images read), fails in training
+        calls = 0
+
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            self.calls += 1
+            if self.calls > 8:
+                raise OSError(f"disk error reading item {i}")
+            return torch.rand(3, 32, 32), i % 2
+
+        targets = [i % 2 for i in range(64)]
+
+    model = make_model()
+    with pytest.raises(ValueError, match="cannot be used: disk error"):
+        train_domain(model, "d", Fails(), config=cfg(steps=4, check_images=8), data_config=SIZE)
+    assert model.domains == []  # a new domain is not left half-trained
+    train_domain(model, "d", _tensors(torch.arange(8) % 2), config=cfg(steps=2), data_config=SIZE)
+    assert not model.is_trainable("d")  # returned frozen, as a loaded domain
+    before = {k: t.clone() for k, t in model.domain_state_dict("d").items()}
+    info = model.domain_info("d")
+    for kwargs in ({"resume": True}, {"overwrite": True}):
+        with pytest.raises(ValueError, match="cannot be used: disk error"):
+            train_domain(model, "d", Fails(), config=cfg(steps=4, check_images=8), data_config=SIZE, **kwargs)
+        after = model.domain_state_dict("d")
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        assert model.domain_info("d") == info and not model.is_trainable("d")
+    model.train()
+    with torch.no_grad():  # a train-mode call does not move a trained domain's norm statistics
+        model(torch.rand(4, 3, 32, 32), domain="d")
+    assert all(torch.equal(before[k], t) for k, t in model.domain_state_dict("d").items())
+
+
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        (
+            lambda t: t * 255,
+            r"item 0 of the training data: float pixel values in \[0, 2\d\d\], not 0..1.*Normalize",
+        ),
+        (lambda t: (t - 0.5) / 0.25, r"float pixel values in \[-2, 2\], not 0..1: pass raw images"),
+        (lambda t: t.permute(0, 2, 3, 1), r"shape \(32, 32, 3\) is \(H, W, C\).*permute\(2, 0, 1\)"),
+        (lambda t: t.unsqueeze(1), r"shape \(1, 3, 32, 32\) is not one image"),
+        (lambda t: t.where(t > 0.01, float("nan")), r"NaN or infinite"),
+    ],
+)
+def test_images_in_a_form_adapterkit_does_not_read_are_named_with_the_fix(images, message):
+    import torch
+    from torch.utils.data import TensorDataset
+
+    x = torch.rand(8, 3, 32, 32).clamp(0.02, 1.0)
+    x[0, 0, 0, 0], x[0, 0, 0, 1] = 0.0, 1.0  # the whole range: normalised, it reaches -2 and 2
+    model = make_model()
+    with pytest.raises(ValueError, match=message):
+        train_domain(
+            model, "d", TensorDataset(images(x), torch.arange(8) % 2), config=cfg(steps=1), data_config=SIZE
+        )
+    assert model.domains == []
+
+
+def test_a_list_or_a_data_loader_is_refused_with_what_to_pass_instead():
+    import torch
+    from torch.utils.data import DataLoader
+
+    data = _tensors(torch.arange(8) % 2)
+    for given, hint in (
+        (DataLoader(data), r"pass loader\.dataset"),
+        (list(data), r"TensorDataset\(images, labels\)"),
+    ):
+        with pytest.raises(TypeError, match=hint):
+            train_domain(make_model(), "d", given, config=cfg(steps=1), data_config=SIZE)

@@ -218,7 +218,7 @@ def test_model_card_is_valid_hub_metadata_with_a_snippet_that_runs(registry, tmp
 def test_saving_into_a_folder_of_another_family_is_refused(tmp_path):
     make(("a",)).save_pretrained(tmp_path / "fam")
     before = {p: p.read_bytes() for p in (tmp_path / "fam").rglob("*") if p.is_file()}
-    with pytest.raises(ValueError, match="other backbone weights.*new folder"):
+    with pytest.raises(ValueError, match="other backbone weights.*new folder to save into"):
         make(("b",), seed=3).save_pretrained(tmp_path / "fam")
     assert {p: p.read_bytes() for p in (tmp_path / "fam").rglob("*") if p.is_file()} == before
 
@@ -248,3 +248,28 @@ def test_building_a_random_backbone_leaves_the_callers_rng_alone():
     torch.manual_seed(123)
     AdapterModel.from_backbone("test_resnet", seed=5)  # timm's initialisation runs on a fork of the RNG
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_saving_another_layout_or_a_refactorised_basis_into_a_family_is_refused(tmp_path):
+    from adapterkit import AdapterConfig
+    from adapterkit.compress import refactorize
+
+    fam = tmp_path / "fam"
+    model = make(("a", "b"))
+    refactorize(model, basis_rank=0.5, apply=True)
+    model.save_pretrained(fam)
+    before = {p: p.read_bytes() for p in fam.rglob("*") if p.is_file()}
+    series = make(("s",), config=AdapterConfig(topology="series"))  # the same backbone weights
+    with pytest.raises(ValueError, match="adapter layout.*AdapterConfig.*new folder to save into"):
+        series.save_pretrained(fam)
+    again = make(("a", "b"))
+    refactorize(again, basis_rank=0.25, apply=True)  # another basis: a and b would change
+    with pytest.raises(ValueError, match="does not extend"):
+        again.save_pretrained(fam)
+    assert {p: p.read_bytes() for p in fam.rglob("*") if p.is_file()} == before
+    loaded = AdapterModel.from_pretrained(fam)
+    assert torch.equal(logits(loaded, "a"), logits(model, "a"))
+    # a file where the folder would go: named, nothing written
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file.*folder"):
+        model.save_pretrained(tmp_path / "file")

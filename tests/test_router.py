@@ -332,8 +332,10 @@ def test_train_domain_records_a_signature():
 
     from adapterkit.train import TrainConfig, train_domain
 
-    data = TensorDataset(images("red", 32, seed=1), torch.arange(32) % 2)
-    held = TensorDataset(images("red", 112, seed=2), torch.arange(112) % 2)  # >= 100: a 1 % quantile
+    data = TensorDataset(images("red", 32, seed=1).clamp(0, 1), torch.arange(32) % 2)
+    held = TensorDataset(
+        images("red", 112, seed=2).clamp(0, 1), torch.arange(112) % 2
+    )  # >= 100: a 1 % quantile
     signatures = []
     for eval_data in (None, held):
         model = AdapterModel.from_backbone("test_resnet")

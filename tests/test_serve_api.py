@@ -121,6 +121,11 @@ def test_health_readiness_and_openapi(server):
     assert {"application/json", "multipart/form-data"} <= set(body)
     assert "PredictRequest" in schema["components"]["schemas"]
     assert client.get("/docs").status_code == 200
+    assert client.get("/no-such-page").status_code == 404
+    text = client.get("/metrics").text
+    for route in ("/docs", "/openapi.json"):  # counted under their own path, not as unmatched
+        assert metric(text, "adapterkit_http_requests_total", route=route, method="GET", status="200") >= 1
+    assert metric(text, "adapterkit_http_requests_total", route="unmatched", method="GET", status="404") >= 1
 
 
 def test_metrics_count_requests_batches_and_domains(server):

@@ -4,6 +4,7 @@ token from a file or the environment (never a command-line value), and `repo@rev
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 
 from adapterkit import cli_serve
 from adapterkit.cli_errors import CliError
-from adapterkit.serve import load_family
+from adapterkit.serve_run import load_family
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +69,53 @@ def test_serve_command_serves_predicts_and_hot_adds(family, tmp_path):
             auth = {"Authorization": f"Bearer {ADMIN}"}
             assert client.post("/v1/domains", json=body, headers=auth).status_code == 201
             assert predict_json(client, [("b", image_bytes(1))]).status_code == 200
+            wrong = {"Authorization": "Bearer not-the-admin-token"}
+            assert client.delete("/v1/domains/b", headers=wrong).status_code == 403
+            assert client.delete("/v1/domains/b", headers=auth).status_code == 200
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGTERM)  # as systemd, docker and Kubernetes stop it
         _, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
     assert f"serving 1 domain of {family} on {url} (admin endpoints on" in err
+    assert f"hot-add of b from {family}: ok in" in err and "removed domain b" in err
+    assert "admin request with a wrong token refused: DELETE /v1/domains/b from 127.0.0.1" in err
+    assert "not-the-admin-token" not in err and ADMIN not in err
+    assert "stopped by SIGTERM; the requests in flight were answered" in err
+
+
+def test_port_0_serves_on_a_free_port_and_says_which(family):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [*command(), str(family), "--domain", "a", "--port", "0", "--log-level", "warning"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = process.stderr.readline()
+        port = int(re.search(r"on http://127.0.0.1:(\d+) ", line).group(1))
+        assert port != 0
+        wait_ready(f"http://127.0.0.1:{port}", process)
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 0 and "stopped by" not in err  # (--log-level warning: no info lines)
+
+
+def test_an_unreachable_registry_is_an_error_not_a_cached_copy(family, registry, tmp_path, monkeypatch):
+    from adapterkit import AdapterModel
+    from adapterkit.sources import open_source
+
+    repo = "alice/serve-cli-unreachable"
+    AdapterModel.from_pretrained(family).push_to_hub(repo, token=registry.tokens["alice"])
+    cache = tmp_path / "cache"
+    open_source(repo, cache_dir=cache)  # a snapshot in the cache (its config only)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(
+        ConnectionError, match="cannot reach .*HF_HUB_OFFLINE=1 uses the copy in the local cache"
+    ):
+        open_source(repo, cache_dir=cache, cache_fallback=False)
+    assert open_source(repo, cache_dir=cache).revision is not None  # a library call may read the cache
 
 
 def test_admin_token_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
@@ -138,11 +181,21 @@ def test_a_repo_source_takes_a_revision_after_an_at_sign(family, registry):
     assert len(revision) == 40  # the branch's commit, so every read (and /v1/domains) names one version
     with pytest.raises(FileNotFoundError):
         load_family(f"{repo}@no-such-branch")
+    # a hot-add takes the same `repo@revision`
+    from adapterkit.serve_domains import Domains
+    from adapterkit.serve_errors import ServeError
+
+    domains = Domains(AdapterModel.from_pretrained(family, domains=[]))
+    with pytest.raises(ServeError, match="disagree") as refused:
+        domains.hot_add(f"{repo}@v1", "a", "main", None)
+    assert refused.value.status == 422
+    added = domains.hot_add(f"{repo}@v1", "a", None, None)
+    assert added["name"] == "a" and added["revision"] == revision
 
 
 def test_serve_function_loads_and_serves_a_family(family):
     port = free_port()
-    code = f"from adapterkit.serve import serve; serve({str(family)!r}, domains=['b'], port={port}, torch_threads=1)"
+    code = f"from adapterkit.serve_run import serve; serve({str(family)!r}, domains=['b'], port={port}, torch_threads=1)"
     process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
