@@ -103,10 +103,10 @@ class FolderSource(Source):
             and set(classes) <= set(SPLITS)
             and any(p.is_dir() for c in classes for p in (root / c).iterdir())
         ):
+            split = root / ("train" if "train" in classes else classes[0])
             raise ValueError(
                 f"{root} holds the splits {', '.join(f'{c}/' for c in classes)}, not classes: pass one split "
-                f"(train_domain(model, name, '{root / ('train' if 'train' in classes else classes[0])}', eval_data=...)); "
-                "adapterkit.data.open_splits reads them all"
+                f"(train_domain(model, name, '{split}', eval_data=...)); adapterkit.data.open_splits reads them all"
             )
         self.paths: list[Path] = []
         targets: list[int] = []

@@ -53,19 +53,33 @@ def domain_entry_file(name: str) -> str:
     return f"{DOMAINS_DIR}/{check_domain_name(name)}.json"
 
 
-def domain_names(paths: list[str]) -> list[str]:
-    """The domains a listing of family files holds complete (both files), sorted."""
-    present = set(paths)
-    names = []
+def _domain_files(paths: list[str]) -> dict[str, set[str]]:
+    """Domain name -> the kinds of its files (`json`, `safetensors`) that a listing of family files holds."""
+    found: dict[str, set[str]] = {}
     for path in paths:
         folder, _, file = path.rpartition("/")
         stem, dot, ext = file.rpartition(".")
-        if folder == DOMAINS_DIR and dot and ext == "json" and f"{DOMAINS_DIR}/{stem}.safetensors" in present:
+        if folder == DOMAINS_DIR and dot and ext in ("json", "safetensors"):
             try:
-                names.append(check_domain_name(stem))
+                found.setdefault(check_domain_name(stem), set()).add(ext)
             except ValueError:
                 continue  # not a file adapterkit writes; never a path we would open
-    return sorted(names)
+    return found
+
+
+def domain_names(paths: list[str]) -> list[str]:
+    """The domains a listing of family files holds complete (both files), sorted."""
+    return sorted(n for n, kinds in _domain_files(paths).items() if len(kinds) == 2)
+
+
+def half_domains(paths: list[str]) -> dict[str, str]:
+    """Domains of which a listing holds only one of the two files: name -> that file."""
+    return {
+        n: f"{DOMAINS_DIR}/{n}.{kind}"
+        for n, kinds in sorted(_domain_files(paths).items())
+        if len(kinds) == 1
+        for kind in kinds
+    }
 
 
 # ---------------------------------------------------------------------- writing
@@ -166,7 +180,7 @@ def read_config(
     table = config.get("domains", {}) if version == 1 else dict.fromkeys(domain_names(files or []))
     for name in table:
         check_domain_name(name)
-    halves = [] if version == 1 else _half_domains(files or [], table)
+    halves = {} if version == 1 else half_domains(files or [])
     names = list(table) if domains is None else list(domains)
     missing = [n for n in names if n not in table]
     if missing:
@@ -184,25 +198,6 @@ def read_config(
         )
     config["domains"] = {n: table[n] if version == 1 else read_domain_entry(fetch, n) for n in names}
     return config
-
-
-def _half_domains(paths: list[str], complete: dict) -> dict[str, str]:
-    """Domains of which a listing holds one of the two files: name -> the file it has."""
-    halves = {}
-    for path in paths:
-        folder, _, file = path.rpartition("/")
-        stem, dot, ext = file.rpartition(".")
-        if folder == DOMAINS_DIR and ext in ("json", "safetensors") and stem not in complete:
-            halves[stem] = path
-    return {n: p for n, p in sorted(halves.items()) if _safe(n)}
-
-
-def _safe(name: str) -> bool:
-    try:
-        check_domain_name(name)
-    except ValueError:
-        return False
-    return True
 
 
 def read_domain_entry(fetch: Fetch, name: str) -> dict[str, Any]:

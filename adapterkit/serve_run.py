@@ -33,8 +33,6 @@ def load_family(
     """(model, source, revision): a family from a folder or a Hub repo id with an optional `@revision`,
     on the backbone it records, moved to `device`, in eval mode; a Hub revision comes back as the commit
     it was read at."""
-    from .model import AdapterModel
-
     repo, at = split_source(source)
     if at is not None and revision is not None and at != revision:
         raise ValueError(f"{source} and revision={revision!r} disagree; give the revision once")
@@ -134,4 +132,7 @@ def run_server(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if caught:
-        logger.info("stopped by %s; the requests in flight were answered", signal.Signals(caught[0]).name)
+        name = signal.Signals(caught[0]).name
+        logger.info(
+            "stopped by %s (the requests in flight had up to %g s to be answered)", name, graceful_timeout
+        )
