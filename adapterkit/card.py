@@ -95,7 +95,7 @@ def model_card(config: dict[str, Any], repo_id: str | None = None) -> str:
         + (f', domains=["{first}"]' if first else "")
         + ")  # eval mode; only these domains' files are downloaded\n"
         + (
-            f"images = torch.randn(2, {backbone.get('in_chans') or 3}, 224, 224)  # preprocess real images with "
+            f"images = torch.randn(2, {_input_size(domains[first], backbone)})  # preprocess real images with "
             f'model.domain_info("{first}").data_config\n'
             f'with torch.no_grad():\n    logits = model(images, domain="{first}")\n'
             if first
@@ -116,3 +116,12 @@ def model_card(config: dict[str, Any], repo_id: str | None = None) -> str:
     return str(
         ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n{{ body }}", body=body)
     )
+
+
+def _input_size(entry: dict[str, Any], backbone: dict[str, Any]) -> str:
+    """`C, H, W` of a domain's images, from its data config (224 px when it records none)."""
+    size = (entry.get("data_config") or {}).get("input_size")
+    if isinstance(size, int):
+        size = [backbone.get("in_chans") or 3, size, size]
+    size = size or [backbone.get("in_chans") or 3, 224, 224]
+    return ", ".join(str(int(v)) for v in size)

@@ -207,20 +207,16 @@ def export(
     """
     config = require_family(family)
     check_domains(family, config, [domain])
+    if output.exists() and not output.is_dir():
+        raise CliError(
+            f"--output {output} is a file; the export is a folder (model.safetensors, config.json)"
+        )
     with torch_threads(threads) as n:
-        from timm.models import save_for_hf
+        from .export import save_export
 
         model = open_family(family, config, [domain], backbone_weights)
         status(f"exporting {domain!r} of {family} ({plural(n, 'thread')})")
-        info = model.domain_info(domain)
-        exported = model.export_domain(domain)
-        keys = ("input_size", "mean", "std", "crop_pct", "interpolation")
-        items = (info.data_config or {}).items()
-        data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in items if k in keys}
-        model_config = {"label_names": list(info.labels)} if info.labels else None
-        save_for_hf(
-            exported, output, model_config=model_config, safe_serialization=True, data_config=data_config
-        )
+        exported = save_export(model, domain, output)
         ours = type(exported).__module__.startswith(__package__)  # the paper's ResNets, registered by us
     load = f"timm.create_model('local-dir:{output}', pretrained=True)"
     print(f"exported {domain!r} to {output}: {'import adapterkit.backbones; ' if ours else ''}{load}")

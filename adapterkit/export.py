@@ -4,15 +4,21 @@ domain's norms and head in place, no adapter module left (zero inference overhea
 from __future__ import annotations
 
 import copy
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from .format import atomic_write
 from .layers import DomainLayer, not_foldable_reason
+from .transforms import resolve_data_config
 
 if TYPE_CHECKING:
     from .model import AdapterModel
+
+SOURCE_KEYS = ("tag", "url", "file", "hf_hub_id", "hf_hub_filename", "origin_url", "paper_name", "paper_ids")
 
 
 def export_domain(model: AdapterModel, domain: str) -> nn.Module:
@@ -66,18 +72,56 @@ def export_domain(model: AdapterModel, domain: str) -> nn.Module:
         with torch.no_grad():
             classifier.weight.copy_(head.weight.view_as(classifier.weight))  # Linear or 1x1 conv head
             classifier.bias.copy_(head.bias)
+    from . import __version__
+
     cfg = dict(getattr(exported, "pretrained_cfg", {}) or {})
+    for key in SOURCE_KEYS:  # the backbone's own weights and results, which these weights no longer are
+        cfg.pop(key, None)
+    cfg["description"] = (
+        f"domain {domain!r} of an adapterkit family on {model.backbone_name or type(model.backbone).__name__} "
+        f"(backbone fingerprint {model.fingerprint}), adapters folded in"
+    )
+    cfg["notes"] = f"exported by adapterkit {__version__}"
     cfg["num_classes"] = info.num_classes
     if info.labels:
         cfg["label_names"] = list(info.labels)
     if info.data_config:
-        cfg.update(
-            {k: v for k, v in info.data_config.items() if k in ("mean", "std", "input_size", "crop_pct")}
-        )
+        cfg.update(_data_config(model, info.data_config))
     exported.pretrained_cfg = cfg
     exported.default_cfg = cfg
     exported.requires_grad_(True)
     return exported.eval()
+
+
+def save_export(model: AdapterModel, domain: str, output: str | Path) -> nn.Module:
+    """Export `domain` (`export_domain`) into a timm model folder: `model.safetensors` and `config.json` with
+    the domain's preprocessing (its data config) and label names, which
+    `timm.create_model("local-dir:OUTPUT", pretrained=True)` loads (for adapterkit's CIFAR ResNets, after
+    `import adapterkit.backbones`). Each file is replaced whole, readable as a family's files are (0666 less
+    the umask). Returns the exported model."""
+    from timm.models import save_for_hf
+
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(
+            f"{output} is a file; the export is a folder (model.safetensors, config.json): pass a folder"
+        )
+    exported = export_domain(model, domain)
+    info = model.domain_info(domain)
+    data_config = _data_config(model, info.data_config)
+    labels = {"label_names": list(info.labels)} if info.labels else None
+    output.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output, prefix=".export-") as tmp:
+        save_for_hf(exported, tmp, model_config=labels, safe_serialization=True, data_config=data_config)
+        for path in sorted(Path(tmp).iterdir()):
+            atomic_write(output / path.name, path.read_bytes())
+    return exported
+
+
+def _data_config(model: AdapterModel, data_config: dict | None) -> dict:
+    """The domain's whole timm data config (its overrides over the backbone's), with tuples as timm has them."""
+    resolved = resolve_data_config(model.pretrained_cfg, data_config)
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in resolved.items()}
 
 
 def _check_head_is_classifier(

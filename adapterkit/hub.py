@@ -27,7 +27,15 @@ from .format import (
     json_bytes,
     read_config,
 )
-from .sources import Source, endpoint, hub_source, is_connection_error, local_source, unreachable
+from .sources import (
+    Source,
+    endpoint,
+    hub_source,
+    is_connection_error,
+    local_source,
+    token_refused,
+    unreachable,
+)
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -71,9 +79,7 @@ def _hub_error(error: Exception, repo_id: str) -> Exception:
     if status == 412:
         return RuntimeError(f"{repo_id} changed while pushing (someone else committed); pull and push again")
     if status == 401:
-        return PermissionError(
-            f"{endpoint()} refused the request: no valid token. Pass token= or set HF_TOKEN (or `hf auth login`)"
-        )
+        return token_refused(error)
     if status == 403:
         return PermissionError(
             f"{endpoint()} refused to write {repo_id}: the token is read-only or the namespace is not yours. "

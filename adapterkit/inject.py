@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +80,12 @@ def create_backbone(
 def weights_record(name: str, pretrained: bool | str | Path, seed: int = 0) -> dict[str, Any]:
     """Where a backbone's weights come from, as a family records it (see docs/format.md)."""
     if isinstance(pretrained, (str, Path)):
-        path = Path(pretrained).resolve()
-        return {"kind": "file", "path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        path = Path(pretrained).absolute()  # as given (a symlink stays the link: its target may be swapped)
+        return {
+            "kind": "file",
+            "path": os.path.normpath(path),
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        }
     if not pretrained:
         return {"kind": "random", "seed": seed}
     if name.startswith("hf-hub:"):

@@ -47,6 +47,17 @@ def unreachable(error: BaseException) -> ConnectionError:
     )
 
 
+def token_refused(error: Exception) -> PermissionError:
+    """What a 401 means: the token sent (token=, HF_TOKEN or a stored login) is missing, unknown, revoked or
+    expired; the server's own reason is kept."""
+    lines = (getattr(error, "server_message", None) or "").strip().splitlines()
+    reason = lines[-1].strip() if lines else ""  # (huggingface_hub may repeat the server's message)
+    return PermissionError(
+        f"{endpoint()} refused the token{f' ({reason})' if reason else ''}: pass a valid one as token= or "
+        "HF_TOKEN (`hf auth login` stores one); an unknown, revoked or expired token is refused even for public repos"
+    )
+
+
 def local_source(directory: Path) -> Source:
     directory = Path(directory)
     files = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
@@ -74,7 +85,12 @@ def hub_source(
     used; so it is, with a warning, when the server cannot be reached, unless `cache_fallback=False` (a
     service must serve what its source holds now, or not start)."""
     from huggingface_hub import HfApi, constants, hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     label = f"{repo_id}@{revision or 'main'}"
     local_files_only = local_files_only or constants.HF_HUB_OFFLINE
@@ -120,6 +136,10 @@ def hub_source(
         raise FileNotFoundError(f"revision {revision!r} does not exist in {repo_id}") from e
     except EntryNotFoundError as e:  # offline and not cached
         raise FileNotFoundError(f"{label} is not in the local cache; download it once online") from e
+    except HfHubHTTPError as e:
+        if getattr(e.response, "status_code", None) == 401:
+            raise token_refused(e) from e
+        raise
 
     def fetch(path: str) -> Path:
         if path not in files:

@@ -98,14 +98,15 @@ def test_random_backbone_is_recorded_and_rebuilt_without_arguments(tmp_path):
 def test_weights_file_is_recorded_and_a_moved_file_is_named(tmp_path):
     import timm
 
+    save_file(timm.create_model("test_resnet").state_dict(), tmp_path / "w-v1.safetensors")
     weights = tmp_path / "w.safetensors"
-    save_file(timm.create_model("test_resnet").state_dict(), weights)
+    weights.symlink_to(tmp_path / "w-v1.safetensors")  # recorded as given, not as the link's target
     model = make(pretrained=weights)
     model.save_pretrained(tmp_path / "fam")
     recorded = json.loads((tmp_path / "fam" / "adapterkit.json").read_text())["backbone"]["weights"]
     assert (
         recorded["kind"] == "file"
-        and recorded["path"] == str(weights.resolve())
+        and recorded["path"] == str(weights.absolute())
         and len(recorded["sha256"]) == 64
     )
     assert torch.equal(logits(AdapterModel.from_pretrained(tmp_path / "fam"), "a"), logits(model, "a"))
@@ -195,6 +196,7 @@ def test_model_card_is_valid_hub_metadata_with_a_snippet_that_runs(registry, tmp
     repo = f"alice/{unique('card')}"
     model = make(("a", "b"))
     model.domain_info("a").metrics["accuracy"] = 0.75  # b has no metrics: the table must stay whole
+    model.domain_info("a").data_config = {"input_size": [3, 40, 40]}  # the snippet's images are that size
     model.push_to_hub(repo, token=token)
     text = open(HfApi(token=token).hf_hub_download(repo, "README.md", cache_dir=tmp_path / "c")).read()
     card = ModelCard(text)
@@ -206,7 +208,7 @@ def test_model_card_is_valid_hub_metadata_with_a_snippet_that_runs(registry, tmp
     table = [line for line in text.splitlines() if line.startswith("|")]
     assert len({line.count("|") for line in table}) == 1  # every row has the header's cells
     snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
-    assert repo in snippet and "<repo_id>" not in snippet
+    assert repo in snippet and "<repo_id>" not in snippet and "torch.randn(2, 3, 40, 40)" in snippet
     env = {**os.environ, "HF_TOKEN": token}
     done = subprocess.run(
         [sys.executable, "-c", snippet + "\nprint(logits.shape)"], capture_output=True, text=True, env=env

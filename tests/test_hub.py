@@ -266,3 +266,16 @@ def test_pinned_revision_reads_that_commits_files(registry, published_backbone, 
     with torch.no_grad():
         assert torch.equal(latest(x, domain="a_at_sha"), old_a)
         assert torch.equal(latest(x, domain="a"), new_a)
+
+
+def test_a_refused_token_says_so_on_push_and_on_read(registry):
+    repo = f"alice/{unique('tokens')}"
+    model = AdapterModel.from_backbone("test_resnet")
+    model.add_domain("a", num_classes=2)
+    model.push_to_hub(repo, token=registry.tokens["alice"])
+    bogus = "akr_" + "0" * 40
+    with pytest.raises(PermissionError, match="refused the token.*pass a valid one as token= or HF_TOKEN"):
+        model.push_to_hub(repo, token=bogus)
+    with pytest.raises(PermissionError, match="refused the token.*even for public repos"):
+        list_domains(repo, token=bogus)  # a public repo, read with a token the server does not know
+    assert list(list_domains(repo)) == ["a"]

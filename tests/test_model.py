@@ -1,5 +1,7 @@
 """AdapterModel invariants on timm's tiny test models and on each adapter option."""
 
+import json
+
 import pytest
 import timm
 import torch
@@ -94,6 +96,46 @@ def test_exported_model_is_plain_timm(tmp_path):
     with torch.no_grad():
         assert torch.equal(again(x), exported(x))
     assert again.pretrained_cfg["label_names"] == list("wxyz")
+
+
+def test_an_export_folder_keeps_the_domains_preprocessing_and_is_readable(tmp_path):
+    import os
+    import stat
+
+    from timm.data import resolve_data_config
+
+    from adapterkit.export import save_export
+
+    model = AdapterModel.from_backbone("test_resnet")
+    config = {"input_size": 48, "crop_mode": "squash", "crop_pct": 0.9, "interpolation": "bilinear"}
+    model.add_domain("d", num_classes=4, labels=list("wxyz"), data_config=config)
+    perturb(model, "d")
+    model.eval()
+    old = os.umask(0o022)
+    try:
+        save_export(model, "d", tmp_path / "export")
+    finally:
+        os.umask(old)
+    files = sorted(p.name for p in (tmp_path / "export").iterdir())
+    assert files == ["config.json", "model.safetensors"]  # no temporary folder left
+    assert all(stat.S_IMODE((tmp_path / "export" / f).stat().st_mode) == 0o644 for f in files)
+    again = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
+    resolved = resolve_data_config(model=again)
+    assert (resolved["crop_mode"], resolved["crop_pct"], resolved["interpolation"]) == (
+        "squash",
+        0.9,
+        "bilinear",
+    )
+    assert resolved["input_size"] == (3, 48, 48) and again.pretrained_cfg["label_names"] == list("wxyz")
+    cfg = json.loads((tmp_path / "export" / "config.json").read_text())["pretrained_cfg"]
+    assert "domain 'd' of an adapterkit family on test_resnet" in cfg["description"]
+    assert model.fingerprint in cfg["description"] and "tag" not in cfg and "origin_url" not in cfg
+    x = input_for(again, size=48)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x, domain="d"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file; the export is a folder"):
+        save_export(model, "d", tmp_path / "file")
 
 
 def test_accounting():

@@ -20,7 +20,9 @@ def test_wheel_holds_package_data_and_builds_without_warnings(tmp_path):
     assert run.returncode == 0, run.stderr
     # setuptools' deprecations turn into build failures on their stated date
     assert "deprecated" not in run.stderr.lower(), run.stderr
-    (wheel,) = tmp_path.glob("adapterkit-*.whl")
+    from adapterkit import __version__
+
+    (wheel,) = tmp_path.glob(f"adapterkit-{__version__}-*.whl")  # the version is written once, in the package
     names = set(zipfile.ZipFile(wheel).namelist())
     templates = {
         f"adapterkit_registry/templates/{p.name}" for p in (ROOT / "registry/templates").glob("*.html")

@@ -103,6 +103,41 @@ def test_interrupted_commit_leaves_previous_state(tmp_path, monkeypatch):
     assert fsck(Storage(tmp_path)) == []
 
 
+def test_a_crash_after_the_commit_point_is_consistent_and_repaired_at_the_next_start(tmp_path, monkeypatch):
+    """Killed between `refs.json` (the commit point) and the commit log's append: the branch shows the
+    commit, fsck finds nothing wrong, and the next start logs the commit."""
+    storage = Storage(tmp_path)
+    key = RepoKey("model", "alice", "late-log")
+    storage.create_repo(key, "alice", private=False)
+    info = storage.blobs.put_bytes(b"data")
+
+    def crash(path, cid):
+        raise OSError("simulated crash before the log append")
+
+    monkeypatch.setattr(storage.log, "append", crash)
+    with pytest.raises(OSError):
+        storage.commit(
+            key,
+            "main",
+            [("add", "a", file_entry(info.sha256, info.sha1, info.size, False))],
+            "alice",
+            "t",
+            "",
+        )
+    monkeypatch.undo()
+    head = storage.refs(key)["branches"]["main"]
+    assert head not in storage.known_commits(key)
+    assert fsck(Storage(tmp_path, create=False)) == []
+    Storage(tmp_path).recover()
+    assert head in Storage(tmp_path, create=False).known_commits(key)
+    assert fsck(Storage(tmp_path, create=False)) == []
+    # a ref to a commit that has no file is still a problem
+    refs = storage.refs(key)
+    refs["branches"]["main"] = "0" * 40
+    (storage.repo_dir(key) / "refs.json").write_text(json.dumps(refs))
+    assert f"alice/late-log: ref points to unknown commit {'0' * 40}" in fsck(Storage(tmp_path, create=False))
+
+
 # --------------------------------------------------------------------------- SIGKILL test
 
 
