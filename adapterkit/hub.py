@@ -10,7 +10,9 @@ only ever added or replaced, so no push or pull can drop another domain.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,6 +90,25 @@ def _hub_error(error: Exception, repo_id: str) -> Exception:
     return error
 
 
+class _EmptyCommitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No files have been modified since last commit" not in record.getMessage()
+
+
+@contextmanager
+def _without_empty_commit_notice() -> Iterator[None]:
+    """huggingface_hub's warning, logged twice, when a commit changes nothing: a push reports that itself."""
+    loggers = [logging.getLogger(f"huggingface_hub.{n}") for n in ("hf_api", "_upload_pipeline")]
+    notice = _EmptyCommitNotice()
+    for log in loggers:
+        log.addFilter(notice)
+    try:
+        yield
+    finally:
+        for log in loggers:
+            log.removeFilter(notice)
+
+
 def _remote(api: HfApi, repo_id: str, branch: str | None) -> tuple[dict | None, Source]:
     source = hub_source(repo_id, revision=branch, token=api.token)
     if CONFIG_FILE not in source.files:
@@ -139,9 +160,10 @@ def _commit(
                     )  # keep version-1 domains
         files["README.md"] = model_card(local | {"domains": dict(sorted(table.items()))}, repo_id).encode()
         operations = [CommitOperationAdd(path, data) for path, data in files.items()]
-        info = api.create_commit(
-            repo_id, operations, commit_message=message, revision=branch, parent_commit=source.revision
-        )  # (the Hub skips a commit that changes nothing and answers the last one)
+        with _without_empty_commit_notice():  # (PushResult.changed says it, once)
+            info = api.create_commit(
+                repo_id, operations, commit_message=message, revision=branch, parent_commit=source.revision
+            )  # (the Hub skips a commit that changes nothing and answers the last one)
     except Exception as e:
         error = _hub_error(e, repo_id)
         if error is e:

@@ -100,6 +100,7 @@ class Service:
         self.admin_token = admin_token
         self.max_body_bytes, self.max_pixels = max_body_bytes, max_pixels
         self.max_images = min(max_images, queue_size)
+        self.stopping = False  # set when the server begins to stop: new predictions get 503, /readyz fails
 
     def close(self) -> None:
         self.batcher.close()
@@ -112,6 +113,14 @@ class Service:
         domains: list[str] = []
         status = 500
         try:
+            if self.stopping:
+                raise ServeError(
+                    503,
+                    "shutting_down",
+                    "the server is stopping and takes no new images; retry (on another replica, or here once "
+                    "it is back)",
+                    headers={"Retry-After": "1"},
+                )
             parsed = await self._read(request)
             domains = parsed.domains
             answer = await self.respond(parsed)

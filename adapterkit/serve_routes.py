@@ -106,7 +106,7 @@ def add_routes(app: FastAPI, service: Service) -> None:
     async def readyz() -> Any:
         """Ready when the batch worker runs and at least one domain is loaded."""
         n = len(service.domains.names)
-        if n == 0 or service.batcher.closed:
+        if n == 0 or service.batcher.closed or service.stopping:
             reason = "no domain is loaded" if n == 0 else "the server is shutting down"
             raise ServeError(503, "not_ready", f"not ready: {reason}")
         return {"status": "ready", "domains": n, "queue_depth": service.batcher.depth}

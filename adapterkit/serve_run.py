@@ -127,7 +127,7 @@ def run_server(
         {sig: signal.signal(sig, lambda n, _: caught.append(n)) for sig in STOP_SIGNALS} if main else {}
     )
     try:
-        uvicorn.Server(config).run()
+        stopping_server(uvicorn.Server(config), app).run()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -136,3 +136,19 @@ def run_server(
         logger.info(
             "stopped by %s (the requests in flight had up to %g s to be answered)", name, graceful_timeout
         )
+
+
+def stopping_server(server: Any, app: Any) -> Any:
+    """`server` (a uvicorn Server), which on its first stop signal also tells `app`'s service to refuse new
+    images (503 `shutting_down`, `Retry-After`) and fail `/readyz`: the requests in flight drain, and a load
+    balancer moves new ones elsewhere instead of having them cancelled at the graceful timeout."""
+    service = getattr(getattr(app, "state", None), "service", None)
+    handle_exit = server.handle_exit
+
+    def stop(sig: int, frame: Any) -> None:
+        if service is not None:
+            service.stopping = True
+        handle_exit(sig, frame)
+
+    server.handle_exit = stop  # (uvicorn installs `self.handle_exit` as the signal handler)
+    return server

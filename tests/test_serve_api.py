@@ -170,3 +170,29 @@ def test_startup_freezes_the_objects_alive_out_of_the_garbage_collector(family):
             assert httpx.get(f"{url}/healthz").status_code == 200
     finally:
         gc.unfreeze()
+
+
+def test_a_stopping_server_refuses_new_images_with_503_and_fails_readiness(family):
+    import signal
+
+    from adapterkit.serve_run import stopping_server
+
+    class Uvicorn:  # the part of uvicorn.Server that stopping_server wraps
+        def __init__(self):
+            self.signals = []
+
+        def handle_exit(self, sig, frame):
+            self.signals.append(sig)
+
+    app = create_app(AdapterModel.from_pretrained(family, domains=["a"]), max_wait_ms=1)
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert predict_json(client, [("a", image_bytes(0))]).status_code == 200
+        server = stopping_server(Uvicorn(), app)
+        server.handle_exit(signal.SIGTERM, None)  # what uvicorn's signal handler calls
+        assert server.signals == [signal.SIGTERM]  # uvicorn still drains and stops
+        refused = predict_json(client, [("a", image_bytes(0))])
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "shutting_down"
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and "shutting down" in ready.json()["error"]["message"]
+        assert client.get("/healthz").status_code == 200  # the process still answers
