@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli_errors import CliError, short_reason
+from .cli_errors import CliError, require_endpoint, short_reason
 from .cli_output import status
 
 # Measured on the shared 2-core machine (README, "Command line"): training a domain (2 epochs, 64 px)
@@ -98,6 +98,23 @@ def require_family(family: Path) -> dict[str, Any]:
     return config
 
 
+def family_or_repo(family: str) -> tuple[Path | str, dict[str, Any], str | None]:
+    """(family, its config, the commit it was read at): a family folder, or a Hub/registry repo id with an
+    optional `@revision` (read with HF_TOKEN or the saved login), pinned to its commit."""
+    from .sources import check_repo_id, split_source
+
+    repo, revision = split_source(family)
+    if Path(repo).exists() or "/" not in repo:
+        return Path(family), require_family(Path(family)), None
+    from .format import read_config
+    from .sources import open_source
+
+    check_repo_id(repo)
+    require_endpoint()
+    source = open_source(repo, revision=revision)
+    return repo, read_config(source.fetch, source.files, where=source.label), source.revision
+
+
 def require_folder(path: Path, flag: str) -> Path:
     if not path.is_dir():
         what = "does not exist" if not path.exists() else "is not a folder"
@@ -115,8 +132,15 @@ def check_domains(family: Path, config: dict[str, Any], names: list[str]) -> Non
         )
 
 
-def open_family(family: Path, config: dict[str, Any], domains: list[str], weights: Path | None):
-    """The family's model with `domains` loaded, on the backbone it recorded."""
+def open_family(
+    family: Path | str,
+    config: dict[str, Any],
+    domains: list[str],
+    weights: Path | None,
+    revision: str | None = None,
+):
+    """The family's model (a folder, or a Hub repo at `revision`) with `domains` loaded, on the backbone
+    it recorded."""
     from .model import AdapterModel
 
     kind = (config["backbone"].get("weights") or {}).get("kind", "timm")
@@ -124,7 +148,9 @@ def open_family(family: Path, config: dict[str, Any], domains: list[str], weight
     needs_hub = weights is None and kind not in ("random", "file") and not name.startswith("local-dir:")
     try:
         with cache_if_unreachable(needs_hub):
-            return AdapterModel.from_pretrained(str(family), domains=domains, backbone_weights=weights)
+            return AdapterModel.from_pretrained(
+                str(family), domains=domains, backbone_weights=weights, revision=revision
+            )
     except ValueError as e:  # the library's advice names Python arguments (force=, backbone=)
         if "fingerprint" in str(e):
             raise CliError(
@@ -195,7 +221,9 @@ def data_split(path: Path, preferred: tuple[str, ...]):
 
 # ---------------------------------------------------------------------- export
 def export(
-    family: Family,
+    family: Annotated[
+        str, typer.Option(help="family folder, or Hub/registry repo id with an optional @revision")
+    ],
     domain: Annotated[str, typer.Option(help="the domain to export")],
     output: Annotated[Path, typer.Option(help="folder for model.safetensors + config.json (timm format)")],
     backbone_weights: BackboneWeights = None,
@@ -205,7 +233,7 @@ def export(
 
     Example: adapterkit export --family fam/ --domain gtsrb --output gtsrb-timm/
     """
-    config = require_family(family)
+    family, config, revision = family_or_repo(family)
     check_domains(family, config, [domain])
     if output.exists() and not output.is_dir():
         raise CliError(
@@ -214,7 +242,7 @@ def export(
     with torch_threads(threads) as n:
         from .export import save_export
 
-        model = open_family(family, config, [domain], backbone_weights)
+        model = open_family(family, config, [domain], backbone_weights, revision)
         status(f"exporting {domain!r} of {family} ({plural(n, 'thread')})")
         exported = save_export(model, domain, output)
         ours = type(exported).__module__.startswith(__package__)  # the paper's ResNets, registered by us

@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .serve_errors import ServeError
+from .sources import split_source
 from .transforms import resolve_data_config
 
 if TYPE_CHECKING:
@@ -35,14 +35,6 @@ def unknown_domain(name: str, loaded: Sequence[str]) -> ServeError:
         "or hot-add it with POST /v1/domains",
         loaded=list(loaded),
     )
-
-
-def split_source(source: str) -> tuple[str, str | None]:
-    """`org/name@rev` -> (`org/name`, `rev`); a local folder (even with an `@`) stays whole."""
-    if "@" not in source or Path(source).exists():
-        return source, None
-    repo, _, revision = source.rpartition("@")
-    return repo, revision or None
 
 
 class Domains:

@@ -15,7 +15,7 @@ from typing import Any
 
 from .model import AdapterModel
 from .serve import create_app
-from .serve_domains import split_source
+from .sources import split_source
 
 logger = logging.getLogger(__name__)
 __all__ = ["load_family", "run_server", "serve"]

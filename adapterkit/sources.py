@@ -178,6 +178,14 @@ def open_source(source: str | Path, **hub_kwargs: Any) -> Source:
     return hub_source(str(source), **hub_kwargs)
 
 
+def split_source(source: str) -> tuple[str, str | None]:
+    """`org/name@rev` -> (`org/name`, `rev`); a local folder (even with an `@`) stays whole."""
+    if "@" not in source or Path(source).exists():
+        return source, None
+    repo, _, revision = source.rpartition("@")
+    return repo, revision or None
+
+
 def check_repo_id(source: str | Path) -> None:
     """Raise FileNotFoundError for a source that is not a folder and cannot be a family's repo id
     (org/name): a mistyped folder, rather than a Hub lookup that fails on something else."""

@@ -5,6 +5,7 @@ import sys
 import uuid
 
 import pytest
+import timm
 import torch
 from checks import input_for, perturb
 from cli_support import table
@@ -50,6 +51,16 @@ def test_push_info_list_pull(registry, family_dir, tmp_path, capsys, caplog):
     x = input_for(model.backbone)
     with torch.no_grad():
         assert torch.equal(pulled(x, domain="b"), model(x, domain="b"))
+    # a deployment pipeline exports straight from the registry, pinned to a revision
+    out = tmp_path / "exported"
+    assert main(["export", "--family", f"{repo}@main", "--domain", "a", "--output", str(out)]) == 0
+    assert f"exported 'a' to {out}" in capsys.readouterr().out
+    exported = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.equal(exported(x), model(x, domain="a"))
+    missing = f"alice/no-such-{uuid.uuid4().hex[:8]}"
+    assert main(["export", "--family", missing, "--domain", "a", "--output", str(out)]) == 2
+    assert f"repo '{missing}' not found" in capsys.readouterr().err
 
 
 def test_push_prints_the_namespace_it_created(registry, family_dir, capsys):
