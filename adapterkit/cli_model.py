@@ -101,14 +101,12 @@ def require_family(family: Path) -> dict[str, Any]:
 def family_or_repo(family: str) -> tuple[Path | str, dict[str, Any], str | None]:
     """(family, its config, the commit it was read at): a family folder, or a Hub/registry repo id with an
     optional `@revision` (read with HF_TOKEN or the saved login), pinned to its commit."""
-    from .sources import check_repo_id, split_source
+    from .format import read_config
+    from .sources import check_repo_id, open_source, split_source
 
     repo, revision = split_source(family)
     if Path(repo).exists() or "/" not in repo:
         return Path(family), require_family(Path(family)), None
-    from .format import read_config
-    from .sources import open_source
-
     check_repo_id(repo)
     require_endpoint()
     source = open_source(repo, revision=revision)

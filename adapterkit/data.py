@@ -22,11 +22,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
-from .transforms import GRAYSCALE_MODES, ImageFormatError, Preprocess, to_pil
+from .transforms import Preprocess
 
 logger = logging.getLogger(__name__)
 
-SHOW_FAILURES = 20  # undecodable images named in one error (all are counted)
 SPLITS = ("train", "test", "val", "validation")  # folder names open_splits reads as splits
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
@@ -282,125 +281,3 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
                 self.rank * self.batch_size : (self.rank + 1) * self.batch_size
             ]
             yield [(self.epoch, int(i)) for i in chunk]
-
-
-# ---------------------------------------------------------------------- validation
-def check_data(
-    source: Source,
-    num_classes: int,
-    preprocess: Preprocess,
-    *,
-    check_images: int | None = 1000,
-    what: str = "data",
-    min_classes: int = 1,
-) -> np.ndarray:
-    """Check every label and (a sample of) the images before anything is trained or written.
-
-    Args:
-        check_images: decode all images when there are at most this many, else a fixed random sample of
-            this many (None: all). An image outside the sample that fails later stops training with
-            the same error.
-        min_classes: how many distinct labels the data must have (2 for training data: one class
-            trains nothing).
-
-    Returns:
-        The labels.
-
-    Raises:
-        ValueError: an empty dataset, a label outside `0..num_classes-1` or not an integer, fewer than
-            `min_classes` classes, images that cannot be decoded (up to `SHOW_FAILURES` of them named,
-            and their count), or a grey image where RGB is required; the message says how to fix it.
-    """
-    n = len(source)
-    if n == 0:
-        raise ValueError(f"the {what} is empty: point it at a folder or dataset with images")
-    labels = read_labels(source, what)
-    if labels.min(initial=0) < 0:
-        i = int(np.argmin(labels))
-        raise ValueError(
-            f"{source.describe(i)} of the {what} has label {int(labels[i])}: class indices start at 0; "
-            "fix the labels (or drop the unlabelled images)"
-        )
-    bad = np.flatnonzero(labels >= num_classes)
-    if len(bad):
-        i = int(bad[0])
-        raise ValueError(
-            f"{len(bad)} label(s) of the {what} are outside 0..{num_classes - 1}: {source.describe(i)} has label "
-            f"{int(labels[i])}. Fix the labels, or add the domain with num_classes={int(labels.max()) + 1}"
-        )
-    _check_classes(source, labels, min_classes, what, num_classes)
-    if check_images is None or n <= check_images:
-        sample = range(n)
-    else:
-        sample = np.sort(np.random.default_rng(0).choice(n, size=check_images, replace=False))
-    converted, failed = 0, []
-    for i in map(int, sample):
-        try:
-            image = to_pil(source.item(i)[0])
-        except (OSError, UnidentifiedImageError, ValueError, TypeError) as e:
-            failed.append((i, e))
-            continue
-        converted += image.mode in GRAYSCALE_MODES
-        preprocess.mode(image, f"{source.describe(i)} of the {what}")
-    if failed and isinstance(failed[0][1], ImageFormatError):  # one form for all: the first one says it
-        i, e = failed[0]
-        raise ImageFormatError(f"{source.describe(i)} of the {what}: {e}") from None
-    if failed:
-        raise ValueError(_undecodable(source, failed, what, len(sample), n)) from failed[0][1]
-    if converted and preprocess.data_config["input_size"][0] == 3:
-        logger.info("%s: %d checked grey images are converted to RGB (3 equal channels)", what, converted)
-    return labels
-
-
-def read_labels(source: Source, what: str = "data") -> np.ndarray:
-    """Every label of `source`, checked to be one integer class index per item."""
-    labels = source.labels()
-    if labels.ndim != 1:
-        raise ValueError(
-            f"the {what}'s labels have shape {tuple(labels.shape[1:])} per item, not one class index: pass "
-            "class indices 0..C-1 (for one-hot labels, label.argmax())"
-        )
-    if labels.dtype.kind in "USO":
-        raise ValueError(
-            f"the {what}'s labels are {labels[:1].tolist()[0]!r}-like names, not class indices: map them to "
-            "0..C-1 and pass the names as labels= (an image folder's subfolders do this; for a "
-            "datasets.Dataset, ds.class_encode_column('label'))"
-        )
-    if labels.dtype.kind not in "iu":
-        raise ValueError(f"the {what}'s labels are {labels.dtype}, not integers: map class names to 0..C-1")
-    return labels
-
-
-def _check_classes(source: Source, labels: np.ndarray, min_classes: int, what: str, num_classes: int) -> None:
-    present = np.unique(labels)
-    if len(present) >= min_classes:
-        absent = sorted(set(range(num_classes)) - set(present.tolist()))
-        if absent and min_classes > 1:  # training data
-            logger.warning(
-                "%s: class(es) %s of 0..%d have no images%s",
-                what,
-                absent[:5] + (["..."] if len(absent) > 5 else []),
-                num_classes - 1,
-                " (labels counted from 1? class indices start at 0)" if absent[0] == 0 else "",
-            )
-        return
-    names = source.class_names
-    found = ", ".join(repr(names[c]) if names and c < len(names) else str(c) for c in present)
-    raise ValueError(
-        f"the {what} has images of {len(present)} class ({found}); a classifier needs at least "
-        f"{min_classes}: add images of the other classes (an image folder needs one subfolder per class, "
-        "root/<class>/<image>)"
-    )
-
-
-def _undecodable(source: Source, failed: list[tuple[int, Exception]], what: str, checked: int, n: int) -> str:
-    """One line per image that cannot be decoded, the first `SHOW_FAILURES` of them, and their count."""
-    if len(failed) == 1:
-        i, e = failed[0]
-        return f"{source.describe(i)} of the {what} cannot be decoded ({e}); remove or replace it"
-    scope = f"of the {checked} checked (check_images=None checks all {n}) " if checked < n else ""
-    lines = [f"    {source.describe(i)}: {e}" for i, e in failed[:SHOW_FAILURES]]
-    if len(failed) > SHOW_FAILURES:
-        lines.append(f"    ... and {len(failed) - SHOW_FAILURES} more")
-    head = f"{len(failed)} images {scope}of the {what} cannot be decoded; remove or replace them:"
-    return "\n".join([head, *lines])

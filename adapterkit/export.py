@@ -13,7 +13,7 @@ from torch import nn
 
 from .format import atomic_write
 from .layers import DomainLayer, not_foldable_reason
-from .transforms import resolve_data_config
+from .transforms import DATA_CONFIG_KEYS, resolve_data_config
 
 if TYPE_CHECKING:
     from .model import AdapterModel
@@ -85,8 +85,10 @@ def export_domain(model: AdapterModel, domain: str) -> nn.Module:
     cfg["num_classes"] = info.num_classes
     if info.labels:
         cfg["label_names"] = list(info.labels)
-    if info.data_config:
-        cfg.update(_data_config(model, info.data_config))
+    resolved = resolve_data_config(
+        model.pretrained_cfg, info.data_config
+    )  # the domain's, over the backbone's
+    cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in resolved.items()})
     exported.pretrained_cfg = cfg
     exported.default_cfg = cfg
     exported.requires_grad_(True)
@@ -107,21 +109,15 @@ def save_export(model: AdapterModel, domain: str, output: str | Path) -> nn.Modu
             f"{output} is a file; the export is a folder (model.safetensors, config.json): pass a folder"
         )
     exported = export_domain(model, domain)
-    info = model.domain_info(domain)
-    data_config = _data_config(model, info.data_config)
-    labels = {"label_names": list(info.labels)} if info.labels else None
+    cfg = exported.pretrained_cfg
+    data_config = {k: cfg[k] for k in DATA_CONFIG_KEYS if k in cfg}  # as export_domain set them
+    labels = {"label_names": cfg["label_names"]} if "label_names" in cfg else None
     output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output, prefix=".export-") as tmp:
         save_for_hf(exported, tmp, model_config=labels, safe_serialization=True, data_config=data_config)
         for path in sorted(Path(tmp).iterdir()):
             atomic_write(output / path.name, path.read_bytes())
     return exported
-
-
-def _data_config(model: AdapterModel, data_config: dict | None) -> dict:
-    """The domain's whole timm data config (its overrides over the backbone's), with tuples as timm has them."""
-    resolved = resolve_data_config(model.pretrained_cfg, data_config)
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in resolved.items()}
 
 
 def _check_head_is_classifier(

@@ -52,10 +52,11 @@ def create_backbone(
         kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(path)}
         pretrained = True
     try:
-        # timm initialises from the global RNG and takes no generator: seed a fork of it, which
-        # fork_rng restores on exit, so the caller's RNG state is exactly as before.
+        # timm initialises on the CPU from the global RNG and takes no generator: seed a fork of the CPU
+        # generator alone (torch.manual_seed would also reseed every CUDA generator, which fork_rng(devices=[])
+        # does not restore), so the caller's RNG state is exactly as before on every device.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             return timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):

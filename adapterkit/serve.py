@@ -218,14 +218,8 @@ class Service:
                 "--admin-token-file FILE or ADAPTERKIT_ADMIN_TOKEN",
             )
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        client = request.client.host if request.client else "?"
         if scheme.lower() != "bearer" or not token.strip():
-            logger.warning(
-                "admin request without a token refused: %s %s from %s",
-                request.method,
-                request.url.path,
-                client,
-            )
+            _log_refusal(request, "without a token")
             raise ServeError(
                 401,
                 "unauthorized",
@@ -233,12 +227,7 @@ class Service:
                 headers={"WWW-Authenticate": 'Bearer realm="adapterkit"'},
             )
         if not hmac.compare_digest(token.strip().encode(), self.admin_token.encode()):
-            logger.warning(
-                "admin request with a wrong token refused: %s %s from %s",
-                request.method,
-                request.url.path,
-                client,
-            )
+            _log_refusal(request, "with a wrong token")
             raise ServeError(403, "forbidden", "wrong admin token; use the token the server was started with")
 
     async def hot_add(self, source: str, domain: str, revision: str | None, as_name: str | None) -> dict:
@@ -262,6 +251,12 @@ class Service:
         self.preprocessors.forget(name)
         self.metrics.removals.inc()
         logger.info("removed domain %s", name)
+
+
+def _log_refusal(request: Request, why: str) -> None:
+    """A refused admin request in the log: method, path and client (never the token)."""
+    client = request.client.host if request.client else "?"
+    logger.warning("admin request %s refused: %s %s from %s", why, request.method, request.url.path, client)
 
 
 def freeze_startup_objects() -> None:

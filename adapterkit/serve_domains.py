@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .serve_errors import ServeError
-from .sources import split_source
+from .sources import pin_source
 from .transforms import resolve_data_config
 
 if TYPE_CHECKING:
@@ -122,12 +122,10 @@ class Domains:
                     check_domain_name(value)
                 except ValueError as e:
                     raise ServeError(422, "invalid_domain_name", str(e)) from e
-        source, at = split_source(source)  # `org/name@rev`, as `adapterkit serve` takes it
-        if at is not None and revision is not None and at != revision:
-            raise ServeError(
-                422, "invalid_source", f"{source}@{at} and revision {revision!r} disagree; give one"
-            )
-        revision = revision or at
+        try:
+            source, revision = pin_source(source, revision)  # `org/name@rev`, as `adapterkit serve` takes it
+        except ValueError as e:
+            raise ServeError(422, "invalid_source", str(e)) from e
         target = as_name or domain
         with self.admin_lock:
             if target in self.model.domains:

@@ -15,7 +15,7 @@ from typing import Any
 
 from .model import AdapterModel
 from .serve import create_app
-from .sources import split_source
+from .sources import pin_source
 
 logger = logging.getLogger(__name__)
 __all__ = ["load_family", "run_server", "serve"]
@@ -33,10 +33,7 @@ def load_family(
     """(model, source, revision): a family from a folder or a Hub repo id with an optional `@revision`,
     on the backbone it records, moved to `device`, in eval mode; a Hub revision comes back as the commit
     it was read at."""
-    repo, at = split_source(source)
-    if at is not None and revision is not None and at != revision:
-        raise ValueError(f"{source} and revision={revision!r} disagree; give the revision once")
-    revision = revision or at
+    repo, revision = pin_source(source, revision)
     if not Path(repo).is_dir():  # a Hub repo: pin the branch or tag to its commit, reported by /v1/domains
         from .sources import open_source
 

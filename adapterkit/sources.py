@@ -186,6 +186,14 @@ def split_source(source: str) -> tuple[str, str | None]:
     return repo, revision or None
 
 
+def pin_source(source: str, revision: str | None = None) -> tuple[str, str | None]:
+    """(repo or folder, revision) from `org/name@rev` and/or `revision`; ValueError when they disagree."""
+    repo, at = split_source(source)
+    if at is not None and revision is not None and at != revision:
+        raise ValueError(f"{source} and revision={revision!r} disagree; give the revision once")
+    return repo, revision or at
+
+
 def check_repo_id(source: str | Path) -> None:
     """Raise FileNotFoundError for a source that is not a folder and cannot be a family's repo id
     (org/name): a mistyped folder, rather than a Hub lookup that fails on something else."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Subset
 
 from .config import check_domain_name
-from .data import DomainDataset, Source, check_data, open_data, read_labels
+from .data import DomainDataset, Source, open_data
+from .data_checks import check_data, checked_datasets, read_labels
 from .loop import Job, checkpoint_folder, evaluate_dataset, fit, seeded, threads
 from .model import AdapterModel
 from .signature import MAX_IMAGES
@@ -155,7 +155,7 @@ def train_domain(
             else int(read_labels(source, "training data").max(initial=-1)) + 1
         )
     dcfg = resolve_data_config(model.pretrained_cfg, {**stored, **(data_config or {})})
-    train_set, eval_set = _datasets(source, eval_data, num_classes, dcfg, config, acc.num_processes)
+    train_set, eval_set = checked_datasets(source, eval_data, num_classes, dcfg, config, acc.num_processes)
     with model.rollback(domain):  # an error from here on leaves the domain as it was (or absent)
         if not continuing:
             names = labels or (source.class_names if len(source.class_names or ()) == num_classes else None)
@@ -194,7 +194,7 @@ def train_model(
     num_classes = _num_classes(model)
     source = open_data(train_data, config.image_column, config.label_column)
     dcfg = resolve_data_config(getattr(model, "pretrained_cfg", {}), data_config)
-    train_set, eval_set = _datasets(source, eval_data, num_classes, dcfg, config, acc.num_processes)
+    train_set, eval_set = checked_datasets(source, eval_data, num_classes, dcfg, config, acc.num_processes)
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
     job = Job(name, model, list(model.parameters()), lambda m, x: m(x), model.state_dict, norms)
     return fit(job, train_set, eval_set, config, acc, resume, callback)
@@ -383,29 +383,3 @@ def _num_classes(model: nn.Module) -> int:
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"{type(model).__name__} has no classifier: reset_classifier(num_classes) first")
     return n
-
-
-def _datasets(
-    source: Source, eval_data: Any, num_classes: int, dcfg: dict, config: TrainConfig, world: int
-) -> tuple[DomainDataset, DomainDataset | None]:
-    """Check both splits and wrap them; raises before anything is trained or written."""
-    pre = Preprocess(dcfg, True, config.flip, config.crop_padding, config.crop_scale, config.grayscale)
-    check_data(
-        source, num_classes, pre, check_images=config.check_images, what="training data", min_classes=2
-    )
-    per_step = config.batch_size * world * config.grad_accum
-    if len(source) < per_step:
-        raise ValueError(
-            f"the training data has {len(source)} images, fewer than one optimizer step needs "
-            f"({config.batch_size} per batch x {world} processes x {config.grad_accum} accumulation): "
-            "lower batch_size or grad_accum"
-        )
-    eval_set = None
-    if eval_data is not None:
-        eval_source = open_data(eval_data, config.image_column, config.label_column)
-        eval_pre = replace(pre, train=False)
-        check_data(
-            eval_source, num_classes, eval_pre, check_images=config.check_images, what="evaluation data"
-        )
-        eval_set = DomainDataset(eval_source, eval_pre)
-    return DomainDataset(source, pre, seed=config.seed), eval_set

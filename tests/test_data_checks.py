@@ -9,7 +9,7 @@ from PIL import Image
 from train_support import SIZE, cfg, fresh_accelerate_state, make_model  # noqa: F401  (autouse fixture)
 from train_support import image_folder as _image_folder
 
-from adapterkit.data import SHOW_FAILURES
+from adapterkit.data_checks import SHOW_FAILURES
 from adapterkit.train import train_domain
 
 

@@ -72,6 +72,13 @@ def test_concurrent_commits_lose_nothing(registry):
     assert len(api.list_repo_commits(repo_id)) == 7
 
 
+def _commit_blob(storage: Storage, key: RepoKey, info) -> str:
+    """Commit a stored blob as file `a` on `main`, straight through the storage layer."""
+    return storage.commit(
+        key, "main", [("add", "a", file_entry(info.sha256, info.sha1, info.size, False))], "alice", "t", ""
+    )
+
+
 def test_interrupted_commit_leaves_previous_state(tmp_path, monkeypatch):
     storage = Storage(tmp_path)
     key = RepoKey("model", "alice", "crashy")
@@ -87,14 +94,7 @@ def test_interrupted_commit_leaves_previous_state(tmp_path, monkeypatch):
 
     monkeypatch.setattr(storage_module, "atomic_write_json", crash_on_refs)
     with pytest.raises(OSError):
-        storage.commit(
-            key,
-            "main",
-            [("add", "a", file_entry(info.sha256, info.sha1, info.size, False))],
-            "alice",
-            "t",
-            "",
-        )
+        _commit_blob(storage, key, info)
     monkeypatch.undo()
     assert storage.refs(key) == before  # the orphan commit file is invisible ...
     assert len(list((storage.repo_dir(key) / "commits").glob("*.json"))) == 2
@@ -116,14 +116,7 @@ def test_a_crash_after_the_commit_point_is_consistent_and_repaired_at_the_next_s
 
     monkeypatch.setattr(storage.log, "append", crash)
     with pytest.raises(OSError):
-        storage.commit(
-            key,
-            "main",
-            [("add", "a", file_entry(info.sha256, info.sha1, info.size, False))],
-            "alice",
-            "t",
-            "",
-        )
+        _commit_blob(storage, key, info)
     monkeypatch.undo()
     head = storage.refs(key)["branches"]["main"]
     assert head not in storage.known_commits(key)
