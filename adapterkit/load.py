@@ -21,6 +21,7 @@ from .format import BASIS_FILE, domain_file, read_config, read_safetensors
 from .inject import fingerprint, rebuild_backbone, reparameterize
 from .signature import DomainSignature
 from .sources import Source, open_source
+from .transforms import resolve_data_config
 
 if TYPE_CHECKING:
     from .model import AdapterModel
@@ -131,6 +132,8 @@ def build_domain(
         ) from e
     if info.name != name:
         raise ValueError(f"{what} at {path} holds domain {info.name!r}; the file was renamed or misplaced")
+    if info.data_config is not None:  # refused here, before a request could allocate what it asks for
+        resolve_data_config(model.pretrained_cfg, info.data_config, what=f"{what} at {path}: data config")
     grouped = _group(model, tensors, what)
     ref = next(model.backbone.parameters())
     adapters = {}

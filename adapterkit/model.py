@@ -39,7 +39,7 @@ from .layers.plain import PlainPasses
 from .mixed import MixedExecution, padded_rows
 from .router import Route, fit_signature, route_batch
 from .signature import COMPONENTS, SIGNATURE_SHARE, DomainSignature
-from .transforms import check_batch
+from .transforms import check_batch, resolve_data_config
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +216,8 @@ class AdapterModel(
         check_domain_name(name)
         if head not in ("new", "backbone"):
             raise ValueError(f"head={head!r}: use 'new' or 'backbone'")
+        if data_config is not None:
+            resolve_data_config(self.pretrained_cfg, data_config, what=f"domain {name!r}: data_config")
         backbone_classes = self.backbone_head.out_features if self.backbone_head is not None else None
         num_classes = resolve_num_classes(name, num_classes, labels, head, backbone_classes)
         if head == "backbone":

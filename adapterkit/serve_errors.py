@@ -8,6 +8,7 @@ before reading it, and stops a chunked body as soon as it passes the limit.
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from starlette.requests import Request
@@ -81,8 +82,15 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def internal_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unexpected error serving %s %s", request.method, request.url.path)
-    message = f"unexpected {type(exc).__name__}: {exc}; this is a bug, please report it with the server log"
+    """A 500 that names an id to find in the server's log, and nothing of the exception (its text can hold
+    paths and values that are the server's business)."""
+    error_id = uuid.uuid4().hex[:12]
+    logger.error(
+        "unexpected error %s serving %s %s", error_id, request.method, request.url.path, exc_info=exc
+    )
+    message = (
+        f"unexpected server error {error_id}; this is a bug: report it with the server log's lines of that id"
+    )
     return ServeError(500, "internal_error", message).response()
 
 

@@ -19,6 +19,8 @@ from PIL import Image
 
 GRAYSCALE_MODES = ("1", "L", "LA", "I;16", "I;16B", "I;16L", "I", "F")
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+MAX_INPUT_SIZE = 4096  # px per side of a domain's input: beyond any classifier, far below a memory bomb
+CROP_MODES = ("center", "squash", "border")
 RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -30,7 +32,7 @@ RESAMPLE = {
 
 
 def resolve_data_config(
-    pretrained_cfg: dict[str, Any], overrides: dict[str, Any] | None = None
+    pretrained_cfg: dict[str, Any], overrides: dict[str, Any] | None = None, what: str = "data config"
 ) -> dict[str, Any]:
     """timm's data config for a backbone (`input_size`, `interpolation`, `mean`, `std`, `crop_pct`,
     `crop_mode`) with per-domain overrides; lists instead of tuples, so it survives JSON unchanged.
@@ -45,7 +47,7 @@ def resolve_data_config(
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(DATA_CONFIG_KEYS))
     if unknown:
-        raise ValueError(f"unknown data config keys {unknown}; use {list(DATA_CONFIG_KEYS)}")
+        raise ValueError(f"{what}: unknown keys {unknown}; use {list(DATA_CONFIG_KEYS)}")
     size = overrides.pop("input_size", None)
     if isinstance(size, int):
         size = (config["input_size"][0], size, size)
@@ -53,12 +55,46 @@ def resolve_data_config(
         config["input_size"] = tuple(size)
     config.update(overrides)
     out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if k in DATA_CONFIG_KEYS}
-    c = len(out["input_size"])
-    if c != 3 or len(out["mean"]) != out["input_size"][0] or len(out["std"]) != out["input_size"][0]:
-        raise ValueError(f"data config {out} is inconsistent: input_size is (C, H, W) with C means and stds")
-    if out["interpolation"] not in RESAMPLE:
-        raise ValueError(f"interpolation={out['interpolation']!r}; use one of {sorted(RESAMPLE)}")
+    check_data_config(out, what)
     return out
+
+
+def check_data_config(config: dict[str, Any], what: str = "data config") -> None:
+    """That a data config is one preprocessing can run within bounds (a family's files are input too: an
+    `input_size` of 30,000 would make every request allocate gigabytes).
+
+    Raises:
+        ValueError: naming the bad field and what it may hold.
+    """
+    size, mean, std = config.get("input_size"), config.get("mean"), config.get("std")
+    if not (isinstance(size, (list, tuple)) and len(size) == 3 and all(_int(v) for v in size)):
+        raise ValueError(f"{what}: input_size={size!r}; use (C, H, W) integers")
+    if not (1 <= size[0] <= 4 and all(1 <= v <= MAX_INPUT_SIZE for v in size[1:])):
+        raise ValueError(f"{what}: input_size={list(size)}: C is 1-4 channels, H and W 1-{MAX_INPUT_SIZE} px")
+    for name, values in (("mean", mean), ("std", std)):
+        if not (isinstance(values, (list, tuple)) and len(values) == size[0]):
+            raise ValueError(f"{what}: {name}={values!r}: give one number per channel ({size[0]})")
+        if not all(_number(v) and math.isfinite(v) and (name == "mean" or v > 0) for v in values):
+            raise ValueError(
+                f"{what}: {name}={list(values)} must be finite numbers" + (name == "std") * " > 0"
+            )
+    if config.get("interpolation") not in RESAMPLE:
+        raise ValueError(
+            f"{what}: interpolation={config.get('interpolation')!r}; use one of {sorted(RESAMPLE)}"
+        )
+    crop_pct = config.get("crop_pct", 1.0)
+    if not (_number(crop_pct) and 0 < crop_pct <= 1):
+        raise ValueError(f"{what}: crop_pct={crop_pct!r}; use a fraction in (0, 1]")
+    if config.get("crop_mode", "center") not in CROP_MODES:
+        raise ValueError(f"{what}: crop_mode={config.get('crop_mode')!r}; use one of {list(CROP_MODES)}")
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 class ImageFormatError(ValueError):

@@ -138,6 +138,7 @@ async def list_repos(ctx: Ctx) -> Response:
             try:
                 head = ctx.storage.refs(key)["branches"]["main"]
                 info = _info(ctx, key, meta, head, blobs=False, full=full)
+                json.dumps(info, ensure_ascii=False).encode()  # text stored before paths had to be UTF-8
             except (HubError, FileNotFoundError):  # deleted meanwhile
                 continue
             except Exception:  # one damaged repo must not break the listing for everyone

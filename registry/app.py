@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import api_lfs, api_read, api_user, api_write, api_xet, web
 from .context import Ctx, Hub, RegistryConfig, json_response
@@ -101,5 +103,42 @@ def create_app(config: RegistryConfig | str | Path) -> Starlette:
 
     methods = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]
     app = Starlette(routes=[Route("/{path:path}", dispatch, methods=methods)])
+    app.add_middleware(BodyIdleTimeout, idle_s=config.body_timeout_s)
     app.state.hub = hub
     return app
+
+
+class BodyIdleTimeout:
+    """ASGI middleware: while a request's body is incomplete, each read waits at most `idle_s` seconds; a
+    body that stalls (or trickles slower than that) ends its request with 408 `RequestTimeout` (through
+    the handler's usual error path) and the connection is closed, so no client holds a connection, a
+    spool file or a worker indefinitely. Once the body is complete, reads pass through untouched
+    (a streaming response waits on them for the client's disconnect)."""
+
+    def __init__(self, app: ASGIApp, idle_s: float) -> None:
+        self.app, self.idle_s = app, idle_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        complete = False
+
+        async def receive_within() -> Message:
+            nonlocal complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.idle_s)
+            except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11)
+                raise HubError(
+                    408,
+                    "RequestTimeout",
+                    f"The request body sent nothing for {self.idle_s:g} s; send it without pauses "
+                    "(the server's --body-timeout).",
+                    headers={"Connection": "close"},
+                ) from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, receive_within, send)

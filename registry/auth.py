@@ -156,12 +156,30 @@ class TokenStore:
         digest = _hash(token)
         db = self._db()
         with self._write(db):
+            self._check_case(db, (user, *orgs))
             db.execute("DELETE FROM tokens WHERE hash = ?", (digest,))
             db.execute(
                 "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (digest[:12], digest, user, scope, json.dumps(list(orgs)), name, now_iso()),
             )
         return token
+
+    @staticmethod
+    def _check_case(db: sqlite3.Connection, names: tuple[str, ...]) -> None:
+        """Refuse a user or organisation whose name differs only in case from a known one: repo ids are
+        case-insensitive (as on the Hub), so `ALICE` could otherwise claim, block or probe `alice`'s repos."""
+        known = {
+            ns
+            for user, orgs in db.execute("SELECT user, orgs FROM tokens")
+            for ns in (user, *json.loads(orgs))
+        }
+        for name in names:
+            clash = next((k for k in known if k.lower() == name.lower() and k != name), None)
+            if clash is not None:
+                raise ValueError(
+                    f"{name!r} differs only in case from the existing user or organisation {clash!r}; "
+                    f"namespaces are case-insensitive: use {clash!r} or another name."
+                )
 
     def revoke(self, token_id: str) -> bool:
         """Revoke the token with this id; returns whether one was removed."""

@@ -49,6 +49,18 @@ def _parser() -> argparse.ArgumentParser:
         "--max-upload-mb", type=float, default=1024, help="largest file / commit content (default: 1024)"
     )
     s.add_argument("--public-url", default=None, help="base URL clients use, when behind a reverse proxy")
+    s.add_argument(
+        "--body-timeout",
+        type=float,
+        default=60,
+        help="seconds a request body may send nothing before the request ends with 408 (default: 60)",
+    )
+    s.add_argument(
+        "--max-connections",
+        type=int,
+        default=512,
+        help="concurrent connections and requests; more are answered 503 (default: 512)",
+    )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     t = sub.add_parser("token", help="create, list or revoke tokens")
@@ -105,6 +117,7 @@ def _serve(args: argparse.Namespace) -> int:
         lfs_threshold_bytes=int(args.lfs_threshold_mb * MB),
         max_upload_bytes=int(args.max_upload_mb * MB),
         public_url=args.public_url,
+        body_timeout_s=args.body_timeout,
     )
     app = create_app(config)
     if not app.state.hub.tokens.list():
@@ -113,7 +126,14 @@ def _serve(args: argparse.Namespace) -> int:
             "`adapterkit-registry token create --root %s --user NAME`.",
             args.root,
         )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=30)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_keep_alive=30,
+        limit_concurrency=args.max_connections,
+    )
     return 0
 
 

@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 from .blobs import BlobInfo, BlobStore, git_blob_sha1
 from .errors import HubError, bad_request, too_large
 from .storage import RepoKey, Storage, file_entry
-from .validation import check_path, is_hex
+from .validation import check_path, is_hex, utf8
 
 BIG = 1 << 20
 """Lines longer than this are scanned instead of parsed whole."""
@@ -195,8 +195,8 @@ def header_text(header: dict[str, Any], field: str, default: str) -> str:
     value = header.get(field)
     if value is None:
         return default
-    if not isinstance(value, str):
-        raise bad_request(f"The commit header's {field!r} must be a string.")
+    if not isinstance(value, str) or not utf8(value):
+        raise bad_request(f"The commit header's {field!r} must be a string of UTF-8 text.")
     return value
 
 

@@ -38,6 +38,8 @@ class RegistryConfig:
         page_size: Entries per page for tree, commits and model listings (`Link` pagination).
         public_url: Base URL clients use (e.g. behind a reverse proxy); default: from the `Host` header.
         signed_url_ttl_s: Lifetime of signed LFS upload URLs, Xet CAS access tokens and signed xorb URLs.
+        body_timeout_s: A request body that sends nothing for this long ends with 408 (a stalled client
+            holds no connection, spool file or worker for longer).
     """
 
     root: Path
@@ -46,11 +48,14 @@ class RegistryConfig:
     page_size: int = 1000
     public_url: str | None = None
     signed_url_ttl_s: int = 3600
+    body_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
         if self.lfs_threshold_bytes < 0 or self.max_upload_bytes <= 0 or self.page_size <= 0:
             raise ValueError("lfs_threshold_bytes must be >= 0; max_upload_bytes and page_size must be > 0.")
+        if not self.body_timeout_s > 0:
+            raise ValueError(f"body_timeout_s={self.body_timeout_s!r} must be > 0 seconds.")
         if self.public_url is not None:
             self.public_url = self.public_url.rstrip("/")
 

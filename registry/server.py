@@ -49,9 +49,11 @@ class RegistryServer:
         page_size: int = 1000,
         public_url: str | None = None,
         log_level: str = "warning",
+        body_timeout_s: float = 60.0,
     ):
         self.config = RegistryConfig(
             root=Path(root),
+            body_timeout_s=body_timeout_s,
             lfs_threshold_bytes=int(lfs_threshold_mb * MB),
             max_upload_bytes=int(max_upload_mb * MB),
             page_size=page_size,

@@ -70,13 +70,14 @@ def check_path(path: str) -> str:
         or path.startswith("/")
         or "\\" in path
         or any(ord(c) < 32 or c == "\x7f" for c in path)
+        or not utf8(path)
         or any(p in ("", ".", "..") for p in parts)
         or any(p.lower() == ".git" for p in parts)
     )
     if bad:
         raise bad_request(
-            f"Invalid path in repo {path!r}: use a relative POSIX path ('dir/file.ext') without '..', '.', "
-            "empty components, backslashes, control characters or '.git'.",
+            f"Invalid path in repo {path!r}: use a relative POSIX path ('dir/file.ext') of UTF-8 text without "
+            "'..', '.', empty components, backslashes, control characters or '.git'.",
             "InvalidPath",
         )
     return path
@@ -111,8 +112,11 @@ def check_new_ref(name: str, kind: str) -> str:
         HubError: 400 `InvalidRevision`.
     """
     check_ref_name(name, f"{kind} name")
-    if name.startswith("refs/"):
-        raise bad_request(f"Invalid {kind} name {name!r}: do not start with 'refs/'.", "InvalidRevision")
+    if name.startswith("refs/") or name == "HEAD":
+        raise bad_request(
+            f"Invalid {kind} name {name!r}: 'HEAD' and names starting with 'refs/' are git's own.",
+            "InvalidRevision",
+        )
     if is_hex(name.lower(), 7, 40):
         raise bad_request(
             f"Invalid {kind} name {name!r}: 7 to 40 hex digits read as a short commit sha; add a letter "
@@ -120,6 +124,16 @@ def check_new_ref(name: str, kind: str) -> str:
             "InvalidRevision",
         )
     return name
+
+
+def utf8(text: str) -> bool:
+    """Whether `text` encodes as UTF-8 (JSON's escapes can carry lone surrogates, which do not, and would
+    break every later response that includes the text)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def is_hex(value: str, min_len: int, max_len: int) -> bool:

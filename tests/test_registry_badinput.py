@@ -91,6 +91,9 @@ CASES = [
     Case("path-absolute", "POST", C, 400, "InvalidPath", nd(file(path="/etc/passwd"))),
     Case("path-git", "POST", C, 400, "InvalidPath", nd(file(path="d/.git/config"))),
     Case("path-backslash", "POST", C, 400, "InvalidPath", nd(file(path="a\\b"))),
+    # a lone surrogate (a JSON escape) cannot be encoded: stored, it broke every listing that showed it
+    Case("path-lone-surrogate", "POST", C, 400, "InvalidPath", nd(file(path="a\ud800.txt"))),
+    Case("summary-lone-surrogate", "POST", C, 400, "BadRequest", nd(file(), header={"summary": "\udc00"})),
     Case("path-nul", "POST", C, 400, "InvalidPath", nd(file(path="a\x00b"))),
     Case("path-empty", "POST", C, 400, "InvalidPath", nd(file(path=""))),
     Case("path-double-slash", "POST", C, 400, "InvalidPath", nd(file(path="a//b"))),
@@ -309,6 +312,7 @@ CASES = [
     # ----- branches and tags
     Case("branch-short-sha", "POST", f"/api/models/{REPO}/branch/abcdef1", 400, "InvalidRevision", json={}),
     Case("branch-full-sha", "POST", f"/api/models/{REPO}/branch/{'a' * 40}", 400, "InvalidRevision", json={}),
+    Case("branch-head", "POST", f"/api/models/{REPO}/branch/HEAD", 400, "InvalidRevision", json={}),
     Case(
         "branch-refs-prefix",
         "POST",

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -154,3 +155,28 @@ def test_lfs_uploads_are_checked(small):
     other = api.create_repo(_name()).repo_id
     r = httpx2.post(f"{small.url}/api/models/{other}/commit/main", content=body, headers=_bearer())
     assert r.status_code == 400 and r.headers["x-error-code"] == "LfsObjectMissing"
+
+
+def test_a_stalled_body_ends_with_408_and_frees_its_connection(tmp_path):
+    """A client that stops sending its body (or trickles it, slow-loris style) holds nothing for long."""
+    from adapterkit_registry import RegistryServer, Storage, fsck
+
+    with RegistryServer(tmp_path / "root", tokens={TOKEN: ("erin", "write")}, body_timeout_s=1) as srv:
+        api = HfApi(endpoint=srv.url, token=TOKEN)
+        api.create_repo("erin/stall")
+        host, port = srv.url.removeprefix("http://").split(":")
+        head = (
+            "POST /api/models/erin/stall/commit/main HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/x-ndjson\r\nContent-Length: 1000\r\n\r\n"
+        )
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(head.encode() + b'{"key": "header"')  # then nothing more
+            answer = b""
+            while chunk := sock.recv(65536):  # until the server closes the connection
+                answer += chunk
+        status, _, rest = answer.partition(b"\r\n")
+        assert status.startswith(b"HTTP/1.1 408") and b"RequestTimeout" in rest, answer[:300]
+        assert b"body-timeout" in rest
+        assert api.model_info("erin/stall").sha == api.list_repo_commits("erin/stall")[0].commit_id
+        assert [f for f in api.list_repo_files("erin/stall") if f != ".gitattributes"] == []
+        assert fsck(Storage(srv.root, create=False), deep=False) == []

@@ -13,6 +13,7 @@ import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx2
+import pytest
 from adapterkit_registry import RegistryServer
 from adapterkit_registry.auth import TokenStore
 
@@ -113,3 +114,19 @@ def test_tokens_json_of_an_older_root_is_imported_once(tmp_path):
     assert store.authenticate("legacy-token-0123456789").user == "old"
     assert store.revoke(digest[:12])
     assert TokenStore(root).authenticate("legacy-token-0123456789") is None  # not imported a second time
+
+
+def test_a_name_differing_only_in_case_from_a_known_namespace_is_refused(tmp_path):
+    """Repo ids are case-insensitive, so `ALICE` would share (and could block or probe) `alice`'s repos."""
+    root = tmp_path / "root"
+    store = TokenStore(root)
+    store.create("alice", "write", orgs=("Lab",))
+    store.create("alice", "read")  # the same user again is fine
+    for user, orgs in (("ALICE", ()), ("bob", ("lab",)), ("lab", ())):
+        with pytest.raises(ValueError, match="differs only in case"):
+            store.create(user, "write", orgs=orgs)
+    assert sorted({t["user"] for t in store.list()}) == ["alice"]
+    run = subprocess.run(
+        [*CLI, "token", "create", "--root", str(root), "--user", "Alice"], capture_output=True, text=True
+    )
+    assert run.returncode != 0 and "differs only in case" in run.stderr and not run.stdout

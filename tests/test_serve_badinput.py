@@ -3,7 +3,10 @@ serving (checked after every test)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
+import logging
 import socket
 from urllib.parse import urlparse
 
@@ -11,9 +14,11 @@ import httpx
 import pytest
 from PIL import Image
 from serve_support import ADMIN, b64, build_family, image_bytes, predict_json, running
+from starlette.requests import Request
 
 from adapterkit import AdapterModel
 from adapterkit.serve import create_app
+from adapterkit.serve_errors import internal_error_handler
 
 MAX_BODY = 200_000
 MAX_PIXELS = 1_000_000
@@ -168,6 +173,23 @@ def test_hot_add_from_a_missing_source_or_domain(client, family, tmp_path):
     assert "'zzz'" in error(r, 404, "domain_not_found")["message"]
 
 
+def test_hot_add_from_a_file_instead_of_a_family_folder(client, family):
+    r = client.post(
+        "/v1/domains", json={"source": str(family / "adapterkit.json"), "domain": "c"}, headers=admin()
+    )
+    assert f"pass {family}" in error(r, 422, "invalid_source")["message"]
+
+
+def test_an_unexpected_error_names_an_id_for_the_log_and_nothing_of_the_exception(caplog):
+    request = Request({"type": "http", "method": "POST", "path": "/v1/predict", "headers": []})
+    with caplog.at_level(logging.ERROR, logger="adapterkit"):
+        r = asyncio.run(internal_error_handler(request, OSError("/srv/secret/family is gone")))
+    message = json.loads(r.body)["error"]["message"]
+    assert r.status_code == 500 and "secret" not in message and "OSError" not in message
+    error_id = message.split()[3].rstrip(";")
+    assert len(error_id) == 12 and error_id in caplog.text and "/srv/secret/family is gone" in caplog.text
+
+
 def test_hot_add_from_a_missing_hub_repo(client, registry):
     r = client.post("/v1/domains", json={"source": "alice/no-such-family", "domain": "c"}, headers=admin())
     error(r, 404, "source_not_found")
@@ -180,3 +202,19 @@ def test_removing_an_unknown_domain(client):
 def test_unknown_path_and_method(client):
     error(client.get("/v2/nothing"), 404, "not_found")
     error(client.put("/v1/predict"), 405, "method_not_allowed")
+
+
+def test_hot_add_of_a_domain_asking_for_a_huge_input_is_refused(client, tmp_path):
+    """A family's files are input too: a domain whose data config asks for 30,000 px inputs would make
+    every request to it allocate gigabytes, so loading it is refused."""
+    evil = build_family(tmp_path / "evil", {"c": (2, 32, None)})
+    model = AdapterModel.from_pretrained(evil)
+    with pytest.raises(ValueError, match="H and W 1-4096 px"):
+        model.add_domain("d", 2, data_config={"input_size": 30000})
+    model.domain_info("c").data_config = {"input_size": [3, 30000, 30000]}  # as a crafted file would say
+    model.save_pretrained(evil)
+    r = client.post("/v1/domains", json={"source": str(evil), "domain": "c"}, headers=admin())
+    assert "30000" in error(r, 422, "invalid_family")["message"]
+    assert [d["name"] for d in client.get("/v1/domains").json()["domains"]] == ["a", "b"]
+    with pytest.raises(ValueError, match=r"c\.safetensors: data config: input_size=\[3, 30000, 30000\]"):
+        AdapterModel.from_pretrained(evil)
