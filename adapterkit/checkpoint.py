@@ -190,7 +190,7 @@ def restore_training(
     """
     state = load_checkpoint(folder) if folder is not None else None
     if state is None:
-        logger.info("no checkpoint in %s: %s starts from step 0", folder, name)
+        logger.warning("no checkpoint of %r in %s: its training starts at step 0", name, folder)
         return None
     fix = f"resume with the settings it was written with, or delete {folder} to start afresh"
     ours = config.trajectory()
@@ -210,7 +210,7 @@ def restore_training(
         for key, t in tensors.items():
             t.copy_(state["tensors"][key])
     optimizer.load_state_dict(state["optimizer"])
-    logger.info("%s resumes at step %d from %s", name, state["step"], folder)
+    logger.info("%r resumes at step %d from %s", name, state["step"], folder)
     return state
 
 

@@ -80,6 +80,7 @@ def _options(
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
+    logging.getLogger("adapterkit.checkpoint").setLevel(logging.INFO)  # where a --resume starts, always
     # a library's warning is a status line, like the commands' own (--verbose: Python's, with its source)
     if not verbose:
         warnings.showwarning = _warning_line

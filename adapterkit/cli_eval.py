@@ -23,6 +23,8 @@ from .cli_errors import CliError
 from .cli_model import (
     DEFAULT_THREADS,
     BackboneWeights,
+    ImageColumn,
+    LabelColumn,
     Progress,
     Threads,
     check_domains,
@@ -84,8 +86,10 @@ def evaluate(
             show_default=False,
         ),
     ] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 64,
     workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes")] = 0,
+    image_column: ImageColumn = "image",
+    label_column: LabelColumn = "label",
     backbone_weights: BackboneWeights = None,
     no_progress: Progress = False,
     threads: Threads = DEFAULT_THREADS,
@@ -101,7 +105,13 @@ def evaluate(
     _check_outputs(output or [], plot, bars, jobs, families)
     from .train import TrainConfig
 
-    cfg = TrainConfig(eval_batch_size=batch_size, num_workers=workers, progress=not no_progress)
+    cfg = TrainConfig(
+        eval_batch_size=batch_size,
+        num_workers=workers,
+        progress=not no_progress,
+        image_column=image_column,
+        label_column=label_column,
+    )
     records, rows = [], []
     with torch_threads(threads) as n:
         many = f"{len(families)} families" if len(families) > 1 else str(families[0][0])
@@ -112,8 +122,17 @@ def evaluate(
             rows += [[str(path), *row] if len(families) > 1 else row for row in table]
     headers = ["domain", "data", "images", "accuracy", "error", "at training"]
     print_table(["family"] * (len(families) > 1) + headers, rows)
-    result = _matrix_result(records, columns, baseline, [set(c["domains"]) for _, c in families])
-    print(_summary(result))
+    held = [set(c["domains"]) for _, c in families]
+    result = _matrix_result(records, columns, baseline, held)
+    print("\n" + _summary(result))
+    order = sorted(range(len(held)), key=lambda i: len(held[i]))
+    if (
+        not result["sequence"]
+        and len(held) > 1
+        and all(held[a] < held[b] for a, b in zip(order, order[1:], strict=False))
+    ):
+        status("note: these families are snapshots of one training sequence in another order; pass --family "
+               f"in training order ({', '.join(str(families[i][0]) for i in order)}) for ACC, BWT and forgetting")  # fmt: skip  # a paragraph of its own: `eval > results.md` keeps the table whole
     _write_outputs(result, output or [], plot, bars)
 
 
@@ -139,8 +158,15 @@ def _eval_jobs(families: list[tuple[Path, dict[str, Any]]], data: list[str], dom
                     f"{where} has domains {', '.join(known)}: pass --domain NAME or --data DOMAIN=DIR"
                 )
         jobs.append((name, require_folder(Path(path), "--data")))
+    names = [n for n, _ in jobs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise CliError(
+            f"--data gives domain {', '.join(map(repr, twice))} more than once; give one data set per domain "
+            "(evaluate other data sets in another run)"
+        )
     if len(families) == 1:
-        check_domains(families[0][0], families[0][1], [n for n, _ in jobs])
+        check_domains(families[0][0], families[0][1], names)
     missing = [n for n, _ in jobs if n not in known]
     if missing:
         raise CliError(
@@ -185,10 +211,6 @@ def _check_outputs(
             raise CliError(f"{flag} {path}: name it {' or '.join(formats)}; the format follows the suffix")
         if not path.parent.is_dir():
             raise CliError(f"{flag} {path}: folder {path.parent} does not exist; create it first")
-    if named and len(columns) != len(jobs):
-        raise CliError(
-            "the matrix has one column per domain: give one --data per domain with --output/--plot/--bars"
-        )
     lacking = [str(path) for path, config in families if not columns <= set(config["domains"])]
     if bars is not None and lacking:
         raise CliError(
@@ -205,19 +227,26 @@ def _check_outputs(
 def _evaluate_family(path: Path, config: dict[str, Any], jobs: list[Job], cfg: Any, weights: Path | None):
     """The family's record for the JSON document, and its rows of the printed table."""
     from .compress import parameter_report
+    from .data import split_folders
     from .train import evaluate as accuracy_of
 
     mine = [(name, where) for name, where in jobs if name in config["domains"]]
     model = open_family(path, config, list(dict.fromkeys(name for name, _ in mine)), weights)
     evaluated, rows = {}, []
     for name, where in mine:
-        part, dataset = data_split(where, ("test", "val", "validation", "train"))
+        part, dataset = data_split(where, ("test", "val", "train"), (cfg.image_column, cfg.label_column))
         if dataset is None:
             raise CliError(f"{where} has no images; give a folder with class subfolders, or test/")
+        split = split_folders(Path(where))
+        if part == "train" and split:
+            raise CliError(
+                f"{where} has a {split['train'].name}/ split but no test/ or val/ one, and eval scores "
+                f"held-out images: add one, or pass {split['train']} to score the training images"
+            )
         accuracy = accuracy_of(model, dataset, name, config=cfg)
         stored = model.domain_info(name).metrics.get("accuracy")
         stored = stored if isinstance(stored, float) and math.isfinite(stored) else None  # JSON has no NaN
-        label = f"{where}" + (f" ({part})" if part != "train" else "")
+        label = f"{where}" + (f" ({split[part].name})" if part in split else "")
         rows.append([name, label, len(dataset), accuracy, 1 - accuracy, stored])
         evaluated[name] = {"accuracy": accuracy, "at_training": stored, "data": str(where), "split": part,
                            "images": len(dataset), "sha256": config["domains"][name].get("sha256")}  # fmt: skip

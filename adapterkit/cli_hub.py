@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli_errors import CliError, check_push_token, endpoint, require_endpoint
+from .cli_errors import CliError, check_push_token, endpoint, offline, require_endpoint
 from .cli_model import check_domains, plural, require_family
 from .cli_output import print_table, status
 
@@ -121,6 +121,8 @@ def list_(
 
     Example: adapterkit list --backbone resnet50.a1_in1k --domain gtsrb
     """
+    if offline():
+        raise CliError("list searches the Hub, which HF_HUB_OFFLINE=1 turns off: unset it to list")
     require_endpoint()
     from .hub import list_families
 

@@ -29,6 +29,8 @@ DEFAULT_THREADS = 1
 Threads = Annotated[int, typer.Option(min=1, help="torch CPU threads (intra-op)")]
 Progress = Annotated[bool, typer.Option("--no-progress", help="no progress bars")]
 Family = Annotated[Path, typer.Option(help="family folder")]
+ImageColumn = Annotated[str, typer.Option(help="image column of a saved datasets folder (--data)")]
+LabelColumn = Annotated[str, typer.Option(help="class-index column of a saved datasets folder (--data)")]
 BackboneWeights = Annotated[
     Path | None,
     typer.Option(
@@ -209,10 +211,10 @@ def _known_architecture(name: str) -> bool:
     return name.startswith(("hf-hub:", "local-dir:")) or timm.is_model(name)
 
 
-def data_split(path: Path, preferred: tuple[str, ...]):
+def data_split(path: Path, preferred: tuple[str, ...], columns: tuple[str, str] = ("image", "label")):
     from .data import open_splits
 
-    splits = open_splits(path)
+    splits = open_splits(path, *columns)
     name = next((s for s in preferred if s in splits), None)
     return (name, splits[name]) if name else (None, None)
 

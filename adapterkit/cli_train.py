@@ -8,6 +8,7 @@ backbone it recorded, and training a domain it already has needs `--overwrite` (
 
 from __future__ import annotations
 
+import re
 import time
 from enum import Enum
 from pathlib import Path
@@ -18,6 +19,8 @@ import typer
 from .cli_errors import CliError
 from .cli_model import (
     DEFAULT_THREADS,
+    ImageColumn,
+    LabelColumn,
     Progress,
     Threads,
     data_split,
@@ -117,7 +120,14 @@ def _train_config(**options: Any):
         except ValueError as e:
             flag = "--" + name.replace("_", "-")
             raise CliError(f"{flag} {value!r} is not a number; pass e.g. {example}, or 'auto'") from e
-    return TrainConfig(**options)
+    try:
+        return TrainConfig(**options)
+    except ValueError as e:  # its message names Python fields: name the flags
+        flags = {name: "--" + name.replace("_", "-") for name in options} | {"num_workers": "--workers"}
+        text = re.sub(
+            r"\b[a-z]+(?:_[a-z]+)+\b|\b(?:epochs|steps|lr)\b", lambda m: flags.get(m[0], m[0]), str(e)
+        )
+        raise CliError(text) from e
 
 
 # Long by declaration only: typer reads each option (type, help, default) from this signature; the body
@@ -195,13 +205,22 @@ def train(
     steps: Annotated[
         int | None,
         typer.Option(
-            min=1, help="optimizer steps instead of epochs", rich_help_panel="Training", show_default=False
+            min=1,
+            help="optimizer steps instead of epochs (a step: batch size x processes x grad-accum images)",
+            rich_help_panel="Training",
+            show_default=False,
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="per process", rich_help_panel="Training")] = 32,
-    lr: Annotated[float, typer.Option(rich_help_panel="Training")] = 0.1,
-    optimizer: Annotated[Optimizer, typer.Option(rich_help_panel="Training")] = Optimizer.sgd,
-    schedule: Annotated[Schedule, typer.Option(rich_help_panel="Training")] = Schedule.cosine,
+    lr: Annotated[
+        float, typer.Option(help="base learning rate (each group scales it)", rich_help_panel="Training")
+    ] = 0.1,
+    optimizer: Annotated[
+        Optimizer, typer.Option(help="sgd: momentum 0.9", rich_help_panel="Training")
+    ] = Optimizer.sgd,
+    schedule: Annotated[
+        Schedule, typer.Option(help="learning-rate schedule over the steps", rich_help_panel="Training")
+    ] = Schedule.cosine,
     weight_decay: Annotated[
         str, typer.Option(help="a number, or auto (by training-set size)", rich_help_panel="Training")
     ] = "auto",
@@ -212,10 +231,19 @@ def train(
     head_lr_scale: Annotated[
         float, typer.Option(help="the new head's lr factor", rich_help_panel="Training")
     ] = HEAD_LR_SCALE,
-    label_smoothing: Annotated[float, typer.Option(rich_help_panel="Training")] = 0.0,
-    mixed_precision: Annotated[Precision, typer.Option(rich_help_panel="Training")] = Precision.no,
-    grad_accum: Annotated[int, typer.Option(min=1, rich_help_panel="Training")] = 1,
-    seed: Annotated[int, typer.Option(rich_help_panel="Training")] = 0,
+    label_smoothing: Annotated[
+        float, typer.Option(help="cross-entropy label smoothing in [0, 1)", rich_help_panel="Training")
+    ] = 0.0,
+    mixed_precision: Annotated[
+        Precision,
+        typer.Option(help="autocast dtype (bf16 on CPU and GPU, fp16 on GPU)", rich_help_panel="Training"),
+    ] = Precision.no,
+    grad_accum: Annotated[
+        int, typer.Option(min=1, help="micro-batches per optimizer step", rich_help_panel="Training")
+    ] = 1,
+    seed: Annotated[
+        int, typer.Option(help="initialisation, data order and augmentation", rich_help_panel="Training")
+    ] = 0,
     workers: Annotated[
         int, typer.Option(min=0, help="DataLoader worker processes", rich_help_panel="Training")
     ] = 0,
@@ -245,14 +273,23 @@ def train(
     grayscale: Annotated[
         Grayscale, typer.Option(help="grey images: convert to RGB, or refuse", rich_help_panel="Training")
     ] = Grayscale.convert,
+    image_column: ImageColumn = "image",
+    label_column: LabelColumn = "label",
     output_dir: Annotated[
         Path | None,
-        typer.Option(help="checkpoints and tracker logs", rich_help_panel="Training", show_default=False),
+        typer.Option(
+            help="checkpoints (with --checkpoint-every) and tracker logs (with --log-with)",
+            rich_help_panel="Training",
+            show_default=False,
+        ),
     ] = None,
     checkpoint_every: Annotated[
         int | None,
         typer.Option(
-            help="optimizer steps between checkpoints", rich_help_panel="Training", show_default=False
+            min=1,
+            help="optimizer steps between checkpoints in --output-dir; --resume continues from the last",
+            rich_help_panel="Training",
+            show_default=False,
         ),
     ] = None,
     log_with: Annotated[
@@ -299,12 +336,13 @@ def train(
         mixed_precision=mixed_precision.value, grad_accum=grad_accum, seed=seed, num_workers=workers,
         flip=not no_flip, crop_padding=crop_padding, grayscale=grayscale.value,
         output_dir=str(output_dir) if output_dir else None, checkpoint_every=checkpoint_every,
-        log_with=log_with, progress=not no_progress,
+        log_with=log_with, progress=not no_progress, image_column=image_column, label_column=label_column,
     )  # fmt: skip
-    part, train_set = data_split(data, ("train",))
+    columns = (image_column, label_column)
+    part, train_set = data_split(data, ("train",), columns)
     if train_set is None:
         raise CliError(f"{data} has no training images; give a folder with class subfolders, or train/")
-    eval_set = eval_data or (data_split(data, ("test", "val", "validation"))[1] if part else None)
+    eval_set = eval_data or (data_split(data, ("test", "val"), columns)[1] if part else None)
     with torch_threads(threads) as n:
         if existing is None:
             model = new_model(backbone, adapter_config, pretrained, random_init)
@@ -322,6 +360,17 @@ def train(
             overwrite=overwrite,
             threads=n,
         )
+
+
+def _interrupted(domain: str, config) -> None:
+    """What an interrupted training left, and how to continue it."""
+    if config.checkpoint_every:
+        folder = Path(config.output_dir) / "checkpoints" / domain
+        status(f"interrupted: {domain!r} was not saved; rerun the command with --resume to continue from "
+               f"the last checkpoint in {folder}")  # fmt: skip
+    else:
+        status(f"interrupted: {domain!r} was not saved; with --output-dir DIR --checkpoint-every N, a rerun "
+               "with --resume continues from the last checkpoint")  # fmt: skip
 
 
 def _fit_and_save(
@@ -343,20 +392,27 @@ def _fit_and_save(
     acc = make_accelerator(config)
     if acc.is_main_process:
         status(
-            f"training {domain!r} into {family} on {model.backbone_name} ({acc.device}, {plural(threads, 'thread')})"
+            f"training {domain!r} into {family} on {model.backbone_name} ({acc.device}, {plural(threads, 'thread')}"
+            + (f", {acc.num_processes} processes)" if acc.num_processes > 1 else ")")
         )
+    if config.output_dir and not (config.checkpoint_every or config.log_with) and acc.is_main_process:
+        status("warning: --output-dir without --checkpoint-every or --log-with writes nothing there")
     start = time.perf_counter()
-    metrics = train_domain(
-        model,
-        domain,
-        train_set,
-        eval_set,
-        config,
-        data_config={"input_size": image_size} if image_size else None,
-        accelerator=acc,
-        resume=resume,
-        overwrite=overwrite,
-    )
+    try:
+        metrics = train_domain(
+            model,
+            domain,
+            train_set,
+            eval_set,
+            config,
+            data_config={"input_size": image_size} if image_size else None,
+            accelerator=acc,
+            resume=resume,
+            overwrite=overwrite,
+        )
+    except KeyboardInterrupt:
+        _interrupted(domain, config)
+        raise typer.Exit(130) from None
     if not acc.is_main_process:
         return
     save_family(model, family, domains=[domain])

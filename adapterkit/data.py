@@ -12,6 +12,7 @@ resumed in the middle of an epoch reproduces the uninterrupted one. Nothing here
 from __future__ import annotations
 
 import io
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,7 +27,9 @@ from .transforms import Preprocess
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "test", "val", "validation")  # folder names open_splits reads as splits
+# Folder (and DatasetDict) names read as splits, ignoring case: name -> split
+SPLITS = {"train": "train", "training": "train", "test": "test", "testing": "test"}
+SPLITS |= {"val": "val", "valid": "val", "validation": "val"}
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 
@@ -58,8 +61,8 @@ class HFSource(Source):
         missing = [c for c in (image_column, label_column) if c not in ds.column_names]
         if missing:
             raise ValueError(
-                f"the dataset has no column {missing[0]!r} (columns: {ds.column_names}); set "
-                "TrainConfig(image_column=..., label_column=...) to the right names"
+                f"the dataset has no column {missing[0]!r} (columns: {ds.column_names}); name its columns "
+                "with TrainConfig(image_column=..., label_column=...), or --image-column/--label-column"
             )
         ds = ds.select_columns([image_column, label_column])
         feature = ds.features[image_column]
@@ -99,10 +102,10 @@ class FolderSource(Source):
         classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if (
             classes
-            and set(classes) <= set(SPLITS)
+            and all(c.lower() in SPLITS for c in classes)
             and any(p.is_dir() for c in classes for p in (root / c).iterdir())
         ):
-            split = root / ("train" if "train" in classes else classes[0])
+            split = root / next((c for c in classes if SPLITS[c.lower()] == "train"), classes[0])
             raise ValueError(
                 f"{root} holds the splits {', '.join(f'{c}/' for c in classes)}, not classes: pass one split "
                 f"(train_domain(model, name, '{split}', eval_data=...)); adapterkit.data.open_splits reads them all"
@@ -165,6 +168,26 @@ class TorchSource(Source):
         return item[0], item[1]
 
 
+class Relabeled(Source):
+    """`source` with label `i` read as `mapping[i]`: its classes matched by name to a domain's."""
+
+    def __init__(self, source: Source, mapping: list[int], class_names: list[str]) -> None:
+        self.source, self.mapping, self.class_names = source, np.asarray(mapping), class_names
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def labels(self) -> np.ndarray:
+        return self.mapping[np.asarray(self.source.labels(), dtype=np.int64)]
+
+    def item(self, i: int) -> tuple[Any, Any]:
+        image, label = self.source.item(i)
+        return image, int(self.mapping[int(label)])
+
+    def describe(self, i: int) -> str:
+        return self.source.describe(i)
+
+
 def _open_image(fp: Any) -> Image.Image:
     image = Image.open(fp)
     image.load()  # decode now: a truncated file must fail here, not later in a transform
@@ -190,7 +213,13 @@ def open_data(data: Any, image_column: str = "image", label_column: str = "label
         return HFSource(data, image_column, label_column)
     if isinstance(data, (str, Path)):
         path = Path(data)
-        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+        if (path / "dataset_dict.json").is_file():
+            splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+            raise ValueError(
+                f"{path} holds the splits {splits} of a DatasetDict: pass one split's folder, e.g. "
+                f"{path / (splits[0] if splits else 'train')}"
+            )
+        if (path / "dataset_info.json").is_file():
             return open_data(datasets.load_from_disk(str(path)), image_column, label_column)
         return FolderSource(path)
     if isinstance(data, Dataset):
@@ -206,18 +235,36 @@ def open_data(data: Any, image_column: str = "image", label_column: str = "label
     )
 
 
-def open_splits(path: str | Path) -> dict[str, Source]:
-    """Splits of a folder: `train/` and `test/` (or `val/`, `validation/`) image folders, a saved
-    `DatasetDict`, or, for a folder with neither, the whole folder as `train`."""
+def split_folders(path: Path) -> dict[str, Path]:
+    """The split subfolders of `path` by split (`train`, `test`, `val`), their names matched ignoring case
+    (`Train/`, `training/`, `valid/`, ...)."""
+    found: dict[str, Path] = {}
+    for p in sorted(path.iterdir()) if path.is_dir() else ():
+        split = SPLITS.get(p.name.lower())
+        if split is not None and p.is_dir():
+            if split in found:
+                raise ValueError(
+                    f"{path} has two {split} splits, {found[split].name}/ and {p.name}/: keep one"
+                )
+            found[split] = p
+    return found
+
+
+def open_splits(
+    path: str | Path, image_column: str = "image", label_column: str = "label"
+) -> dict[str, Source]:
+    """Splits of a folder by split (`train`, `test`, `val`): split image folders (`split_folders`), a
+    saved `DatasetDict`, or, for a folder with neither, the whole folder as `train`."""
     import datasets
 
-    path = Path(path)
+    path, columns = Path(path), (image_column, label_column)
     if (path / "dataset_dict.json").is_file():
-        return {name: open_data(ds) for name, ds in datasets.load_from_disk(str(path)).items()}
-    splits = {s: path / s for s in SPLITS if (path / s).is_dir()}
-    if "train" in splits or "test" in splits:
-        return {s: open_data(p) for s, p in splits.items()}
-    return {"train": open_data(path)}
+        splits = datasets.load_from_disk(str(path))
+        return {SPLITS.get(name.lower(), name): open_data(ds, *columns) for name, ds in splits.items()}
+    folders = split_folders(path)
+    if "train" in folders or "test" in folders:
+        return {s: open_data(p, *columns) for s, p in folders.items()}
+    return {"train": open_data(path, *columns)}
 
 
 class DomainDataset(Dataset):

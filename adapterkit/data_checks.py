@@ -5,19 +5,41 @@ item and the fix (docs/training.md, "Checks before training")."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 from PIL import UnidentifiedImageError
 
-from .data import DomainDataset, Source, open_data
+from .data import DomainDataset, Relabeled, Source, open_data
 from .train_config import TrainConfig
 from .transforms import GRAYSCALE_MODES, ImageFormatError, Preprocess, to_pil
 
 logger = logging.getLogger(__name__)
 
 SHOW_FAILURES = 20  # undecodable images named in one error (all are counted)
+
+
+def align_labels(source: Source, labels: Sequence[str] | None, what: str = "data") -> Source:
+    """`source` with its classes matched by name to a domain's `labels`, when both have names: a test
+    folder without one class, or with its classes in another order, keeps every image's true class (by
+    position, each label after a missing class would shift). Classes the domain does not have are refused.
+    """
+    names = source.class_names
+    if not labels or not names or list(names) == list(labels):
+        return source
+    unknown = [c for c in names if c not in labels]
+    if unknown:
+        raise ValueError(
+            f"{what}: classes {unknown[:10]} are not classes of the domain ({list(labels)[:10]}"
+            f"{' ...' if len(labels) > 10 else ''}): name the class folders as the training data did, "
+            "or evaluate the domain its data belongs to"
+        )
+    missing = [c for c in labels if c not in names]
+    if missing:
+        logger.info("%s has no images of %d of the domain's classes (%s ...)", what, len(missing), missing[0])
+    return Relabeled(source, [list(labels).index(c) for c in names], list(labels))
 
 
 def check_data(
@@ -160,6 +182,7 @@ def checked_datasets(
     eval_set = None
     if eval_data is not None:
         eval_source = open_data(eval_data, config.image_column, config.label_column)
+        eval_source = align_labels(eval_source, source.class_names, "evaluation data")
         eval_pre = replace(pre, train=False)
         check_data(
             eval_source, num_classes, eval_pre, check_images=config.check_images, what="evaluation data"

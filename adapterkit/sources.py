@@ -201,6 +201,7 @@ def check_repo_id(source: str | Path) -> None:
     if Path(source).is_file():
         raise NotADirectoryError(f"{source} is a file; a family is a folder: pass {Path(source).parent}")
     if "/" not in text or (text.startswith((".", "/")) and not Path(source).exists()):
+        where = "" if Path(source).is_absolute() else f" in {Path.cwd()}"
         raise FileNotFoundError(
-            f"{source}: no such folder in {Path.cwd()}; give a family folder, or a Hub repo id as org/name"
+            f"{source}: no such folder{where}; give a family folder, or a Hub repo id as org/name"
         )

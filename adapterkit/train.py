@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Subset
 
 from .config import check_domain_name
-from .data import DomainDataset, Source, open_data
-from .data_checks import check_data, checked_datasets, read_labels
+from .data import SPLITS, DomainDataset, Source, open_data
+from .data_checks import align_labels, check_data, checked_datasets, read_labels
 from .loop import Job, checkpoint_folder, evaluate_dataset, fit, seeded, threads
 from .model import AdapterModel
 from .signature import MAX_IMAGES
@@ -148,6 +149,8 @@ def train_domain(
         check_domain_name(domain)
         checkpoint_folder(config, domain, resume)  # resume=True without output_dir fails before any change
     source = open_data(train_data, config.image_column, config.label_column)
+    if continuing:  # the data's classes matched by name to the domain's
+        source = align_labels(source, model.domain_info(domain).labels, "training data")
     if num_classes is None:
         num_classes = (
             len(source.class_names)
@@ -169,7 +172,34 @@ def train_domain(
         info.metrics.pop("accuracy", None)  # an accuracy of earlier training no longer holds
         if "accuracy" in metrics:
             info.metrics["accuracy"] = metrics["accuracy"]
+        info.metadata["training"] = _record(config, metrics, train_data, len(train_set), eval_set)
     return metrics
+
+
+def _data_name(data: Any) -> str:
+    """A folder's name (with its parent's when it is a split: `gtsrb/train`), never its whole path; else
+    the data's type."""
+    root = Path(data) if isinstance(data, (str, Path)) else getattr(data, "root", None)
+    if not isinstance(root, Path):
+        return type(data).__name__
+    return "/".join(root.parts[-2:]) if root.name.lower() in SPLITS else root.name
+
+
+def _record(config: TrainConfig, metrics: dict, data: Any, images: int, eval_set: Any) -> dict[str, Any]:
+    """How a domain was trained, kept in its metadata (`"training"`) and so in its files: the settings that
+    change its numbers, the data's folder name (not its path) and size, and where training ended."""
+    from . import __version__
+
+    loss = metrics.get("train_loss")
+    return {
+        "adapterkit": __version__,
+        "config": config.trajectory(),
+        "data": _data_name(data),
+        "train_images": images,
+        "eval_images": len(eval_set) if eval_set is not None else 0,
+        "steps": int(metrics["steps"]),
+        "train_loss": loss if isinstance(loss, float) and math.isfinite(loss) else None,
+    }
 
 
 def train_model(
@@ -223,18 +253,20 @@ def evaluate(
         if domain is None:
             raise ValueError(f"the model has domains {model.domains}; pass domain=")
         info = model.domain_info(domain)
-        num_classes, stored = info.num_classes, info.data_config or {}
+        num_classes, stored, labels = info.num_classes, info.data_config or {}, info.labels
 
         def forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
             return m(x, domain=domain)
     else:
-        num_classes, stored = _num_classes(model), {}
+        num_classes, stored, labels = _num_classes(model), {}, None
 
         def forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
             return m(x)
 
     dcfg = resolve_data_config(model.pretrained_cfg, {**stored, **(data_config or {})})
-    source = open_data(data, config.image_column, config.label_column)
+    source = align_labels(
+        open_data(data, config.image_column, config.label_column), labels, "evaluation data"
+    )
     pre = Preprocess(dcfg, grayscale=config.grayscale)
     check_data(source, num_classes, pre, check_images=0, what="evaluation data")
     return evaluate_dataset(model, forward, DomainDataset(source, pre), config, acc, desc or domain)

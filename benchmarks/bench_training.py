@@ -26,6 +26,8 @@ adapterkit; both counts are printed. Two references bound adapterkit's step from
      mmap threshold fixed at 128 KiB (`MALLOC_MMAP_THRESHOLD_`; `--default-malloc` keeps glibc's
      adaptive one, whose heap fragmentation made this figure vary by +-15 % between processes).
      Includes allocator slack and oneDNN scratch space; the median of several processes.
+- Memory format: every variant runs channels-last (`--memory-format`), as `train_domain` trains conv
+  models on CPU (`TrainConfig.channels_last="auto"`); `contiguous` runs them all NCHW.
 - Shared BatchNorm statistics: after the timed steps, how many of the backbone's BatchNorm buffers
   each method changed, and whether the untouched model (PEFT with its adapter disabled; adapterkit's
   other domain) still gives the same logits (PEFT issue #1732).
@@ -64,8 +66,10 @@ BACKBONES = {  # name: (input size, batch size, batch size in --quick)
     "vit_small_patch16_224": (224, 16, 4),
 }
 VARIANTS = ["adapterkit", "floor", "norms", "full", "peft"]
+NCHW = ["adapterkit_nchw", "floor_nchw"]  # on request: the same, NCHW whatever --memory-format says
 QUICK_VARIANTS = ["adapterkit", "floor", "norms", "full"]
 NUM_CLASSES = 10
+FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
 @dataclass
@@ -116,6 +120,7 @@ def frozen(name: str, size: int, norms: bool = False) -> Variant:
 
 def build(name: str, variant: str, size: int, rank: int | None = None) -> Variant:
     """One variant, from the same weights."""
+    variant = variant.removesuffix("_nchw")
     if variant in ("floor", "norms"):
         return frozen(name, size, norms=variant == "norms")
     backbone = calibrated_backbone(name, size)
@@ -152,7 +157,13 @@ def matched_rank(name: str, size: int) -> tuple[int, int]:
     return rank, target
 
 
-def step_fn(v: Variant, x: torch.Tensor, y: torch.Tensor):
+def variant_format(variant: str, fmt: str) -> torch.memory_format:
+    return torch.contiguous_format if variant.endswith("_nchw") else FORMATS[fmt]
+
+
+def step_fn(v: Variant, x: torch.Tensor, y: torch.Tensor, fmt: torch.memory_format):
+    v.model.to(memory_format=fmt)  # the 4-D weights; the values do not change
+    x = x.contiguous(memory_format=fmt)
     opt = torch.optim.SGD(v.params, lr=0.01, momentum=0.9) if v.params else None
     xi = x.detach().requires_grad_(True) if v.input_grad else x
 
@@ -232,7 +243,7 @@ def batchnorm_check(name: str, size: int, built: dict[str, Variant], run) -> dic
     return result, out
 
 
-def throughput(name: str, size: int, batch: int, repeats: int, variants: list[str]) -> dict:
+def throughput(name: str, size: int, batch: int, repeats: int, variants: list[str], fmt: str) -> dict:
     rank, ak_count = matched_rank(name, size)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=g)
@@ -240,7 +251,7 @@ def throughput(name: str, size: int, batch: int, repeats: int, variants: list[st
     built = {v: build(name, v, size, rank) for v in variants}
     counts = {v: sum(p.numel() for p in b.params) for v, b in built.items()}
     assert counts["adapterkit"] == ak_count
-    steps = {v: step_fn(b, x, y)[0] for v, b in built.items()}
+    steps = {v: step_fn(b, x, y, variant_format(v, fmt))[0] for v, b in built.items()}
     times, bn = batchnorm_check(name, size, built, lambda: timed(steps, repeats))
     ratios = {
         f"throughput_vs_{base}_{clock}": {v: throughput_ratio(times, v, base, clock) for v in variants}
@@ -251,6 +262,7 @@ def throughput(name: str, size: int, batch: int, repeats: int, variants: list[st
         "model": name,
         "input": size,
         "batch": batch,
+        "memory_format": fmt,
         "repeats": repeats,
         "trainable_parameters": counts,
         "backbone_parameters": sum(p.numel() for p in calibrated_backbone(name, size).parameters()),
@@ -301,7 +313,7 @@ class TensorMemory(TorchDispatchMode):
         return out
 
 
-def peak_memory_child(name: str, variant: str, size: int, batch: int, rank: int) -> dict:
+def peak_memory_child(name: str, variant: str, size: int, batch: int, rank: int, fmt: str) -> dict:
     """Run in a fresh process: peak RSS of two training steps above the RSS of the built model, then
     the peak of live tensor bytes during a third step (gradients and momentum exist by then)."""
     v = build(name, variant, size, rank)
@@ -309,7 +321,7 @@ def peak_memory_child(name: str, variant: str, size: int, batch: int, rank: int)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=g)
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
-    step, opt = step_fn(v, x, y)
+    step, opt = step_fn(v, x, y, variant_format(variant, fmt))
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     rss_model = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (the peak RSS) to the current RSS
@@ -343,7 +355,7 @@ def _status(field: str) -> int:
 
 
 def peak_memory(
-    name: str, size: int, batch: int, rank: int, repeats: int, malloc_env: dict, variants: list[str]
+    name: str, size: int, batch: int, rank: int, repeats: int, malloc_env: dict, variants: list[str], fmt: str
 ) -> dict:
     out = {}
     env = {**os.environ, **malloc_env}
@@ -353,6 +365,8 @@ def peak_memory(
             cmd = [
                 sys.executable,
                 __file__,
+                "--memory-format",
+                fmt,
                 "--memory-child",
                 name,
                 variant,
@@ -411,24 +425,28 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
     p.add_argument("--quick", action="store_true", help="no PEFT, small batches, 3 repeats, 1 memory process")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, help="a subset (floor and full are always run)")
+    p.add_argument(
+        "--variants", nargs="+", choices=VARIANTS + NCHW, help="a subset (floor and full are always run)"
+    )
     p.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default 5, quick 3)")
     p.add_argument("--memory-repeats", type=int, default=None, help="fresh processes per variant (median)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None, help="default benchmarks/results/training[_quick].json")
     p.add_argument("--default-malloc", action="store_true", help="RSS with glibc's adaptive mmap threshold")
+    p.add_argument("--memory-format", choices=list(FORMATS), default="channels_last")
     p.add_argument("--memory-child", nargs=5, metavar=("MODEL", "VARIANT", "SIZE", "BATCH", "RANK"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_child:
         name, variant, size, batch, rank = args.memory_child
-        print(json.dumps(peak_memory_child(name, variant, int(size), int(batch), int(rank))))
+        child = peak_memory_child(name, variant, int(size), int(batch), int(rank), args.memory_format)
+        print(json.dumps(child))
         return
     repeats = args.repeats or (3 if args.quick else 5)
     memory_repeats = args.memory_repeats or (1 if args.quick else 3)
     variants = QUICK_VARIANTS if args.quick else VARIANTS
     if args.variants:
-        variants = [v for v in VARIANTS if v in {*args.variants, "adapterkit", "floor", "full"}]
+        variants = [v for v in VARIANTS + NCHW if v in {*args.variants, "adapterkit", "floor", "full"}]
     out = args.out or Path(f"benchmarks/results/training{'_quick' if args.quick else ''}.json")
     # A fixed mmap threshold returns every freed tensor of 128 KiB or more to the OS, so RSS follows the
     # live memory; with glibc's adaptive threshold freed tensors stay in its heap, and the peak RSS of
@@ -439,9 +457,11 @@ def main() -> None:
     for name in args.models:
         size, batch, quick_batch = BACKBONES[name]
         batch = quick_batch if args.quick else batch
-        row = throughput(name, size, batch, repeats, variants)
+        row = throughput(name, size, batch, repeats, variants, args.memory_format)
         rank = row["lora_rank"] or 1
-        row["memory"] = peak_memory(name, size, batch, rank, memory_repeats, malloc_env, variants)
+        row["memory"] = peak_memory(
+            name, size, batch, rank, memory_repeats, malloc_env, variants, args.memory_format
+        )
         mem = row["memory"]
         row["memory_ratio_vs_full"] = {
             key: {v: mem[v][key] / mem["full"][key] for v in variants}

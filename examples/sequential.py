@@ -249,12 +249,15 @@ def checks(runs: list[dict], summary: dict[str, dict]) -> list[tuple[str, bool]]
 
 
 def report(runs: list[dict], summary: dict[str, dict], args: argparse.Namespace) -> list[tuple[str, bool]]:
-    cells = lambda m, s, d=4: f"{m:.{d}f} ± {s:.{d}f}"  # noqa: E731
+    cells = lambda m, s, d, n: f"{m:.{d}f}" + (f" ± {s:.{d}f}" if n > 1 else "")  # noqa: E731  (no std of 1 run)
     columns = [*ORDER, "ACC", "Decathlon"]
     rows = [
         [
             method,
-            *(cells(*row[c], 1 if c == "Decathlon" else 4) if c in row else "-" for c in columns),
+            *(
+                cells(*row[c], 1 if c == "Decathlon" else 4, row["runs"][0]) if c in row else "-"
+                for c in columns
+            ),
             f"{row['#par'][0]:.3f}x",
             row["runs"][0],
         ]

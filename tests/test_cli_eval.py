@@ -118,6 +118,7 @@ def test_snapshots_make_the_continual_matrix(families, tmp_path, capsys):
     # Not snapshots in training order: no continual metrics.
     assert main(["eval", *args[2:4], *args[:2], *args[4:], "--output", str(out), "--no-progress"]) == 0
     assert not json.loads(out.read_text())["sequence"] and "acc" not in json.loads(out.read_text())["metrics"]
+    assert f"pass --family in training order ({first}, {second}) for ACC" in capsys.readouterr().err
 
 
 def test_bars_compare_families_on_every_domain(families, tmp_path, capsys):
@@ -155,7 +156,7 @@ def test_bars_compare_families_on_every_domain(families, tmp_path, capsys):
         (["--baseline-error", "pets=12"], "a fraction in (0, 1]"),
         (["--baseline-error", "pets=0.1"], "no error for more"),
         (["--family", "{second}"], "is given twice"),
-        (["--data", "pets={data}", "--output", "{tmp}/r.json"], "one --data per domain"),
+        (["--data", "pets={data}"], "gives domain 'pets' more than once"),
         (["--data", "nope={data}"], "has no domain 'nope'"),
     ],
 )
@@ -179,3 +180,16 @@ def test_help_names_the_matrix_flags(capsys):
     assert main(["eval", "--help"]) == 0
     out = capsys.readouterr().out
     assert all(flag in out for flag in ("--output", "--plot", "--bars", "--baseline-error", "--family"))
+
+
+def test_a_folder_with_only_a_training_split_is_refused_and_splits_are_named(families, tmp_path, capsys):
+    """eval scores held-out images: a folder whose only split is train/ would score the training images."""
+    data, first, _ = families
+    only_train = tmp_path / "only"
+    shutil.copytree(data / "train", only_train / "Training")
+    assert main(["eval", "--family", str(first), "--data", f"pets={only_train}"]) == 2
+    err = capsys.readouterr().err
+    assert "has a Training/ split but no test/ or val/ one" in err and f"pass {only_train / 'Training'}" in err
+    shutil.copytree(data / "test", only_train / "Valid")
+    assert main(["eval", "--family", str(first), "--data", f"pets={only_train}"]) == 0
+    assert f"{only_train} (Valid)" in capsys.readouterr().out  # the split it scored, as named on disk

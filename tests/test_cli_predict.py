@@ -113,3 +113,6 @@ def test_auto_routes_each_image_and_says_when_it_fits_no_domain(tmp_path):
     answers = [json.loads(line) for line in done.stdout.splitlines()]
     assert [a["domain"] for a in answers] == ["red", "blue", None]
     assert answers[2]["unknown"] is True and answers[0]["routed"] is True
+    shown = cli("predict", str(tmp_path / "fam"), *files)  # the table: score is always a class probability
+    row = next(r for r in table(shown.stdout) if r[0].endswith("2_board.png"))
+    assert row[1].startswith("unknown (nearest") and row[2].startswith("(routing confidence") and row[3] == ""

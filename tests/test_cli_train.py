@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import timm
 import torch
@@ -124,3 +127,78 @@ def test_a_moved_weights_file_is_named_by_backbone_weights(tmp_path, capsys):
     args = ["--family", str(family), "--data", f"pets={data}", "--backbone-weights", str(moved)]
     assert main(["eval", *args, "--no-progress"]) == 0
     assert [row[0] for row in table(capsys.readouterr().out)[1:]] == ["pets"]
+
+
+def test_cli_messages_name_flags_and_what_a_run_records(tmp_path, capsys):
+    data, family = image_folder(tmp_path / "data"), tmp_path / "family"
+    args = ["--family", str(family), "--domain", "pets", "--data", str(data), *TRAIN]
+    new = ["--backbone", "test_resnet", "--random-init"]
+    assert main(["train", *args, *new, "--epochs", "1", "--steps", "2"]) == 2
+    assert "give --epochs or --steps, not both" in capsys.readouterr().err  # flags, not TrainConfig fields
+    assert main(["train", *args, *new, "--checkpoint-every", "0"]) == 2  # 0 would checkpoint nothing
+    capsys.readouterr()
+    assert main(["train", *args, *new, "--steps", "2", "--output-dir", str(tmp_path / "out")]) == 0
+    assert "--output-dir without --checkpoint-every or --log-with writes nothing" in capsys.readouterr().err
+    record = AdapterModel.from_pretrained(family).domain_info("pets").metadata["training"]
+    assert record["data"] == "data/train" and record["train_images"] == 18 and record["eval_images"] == 9
+    assert record["steps"] == 2 and record["config"]["steps"] == 2 and record["config"]["seed"] == 0
+    assert "output_dir" not in record["config"] and str(tmp_path) not in str(record)  # no local paths
+    out = tmp_path / "ck"
+    resume = ["--resume", "--output-dir", str(out), "--checkpoint-every", "1", "--steps", "2"]
+    run = cli("train", *args, "--domain", "more", *resume)  # a process of its own: the CLI's logging
+    assert run.returncode == 0, run.stderr
+    assert (
+        f"no checkpoint of 'more' in {out / 'checkpoints' / 'more'}: its training starts at step 0"
+        in run.stderr
+    )
+
+
+def test_columns_of_a_saved_dataset_are_named_by_flags(tmp_path, capsys):
+    import datasets
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    images = [
+        datasets.Image().encode_example(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)) for _ in range(8)
+    ]
+    features = datasets.Features({"img": datasets.Image(), "fine": datasets.ClassLabel(names=["x", "y"])})
+    ds = datasets.Dataset.from_dict({"img": images, "fine": [0, 1] * 4}, features=features)
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "ds"))
+    family = tmp_path / "family"
+    args = ["--family", str(family), "--domain", "d", "--data", str(tmp_path / "ds"), "--steps", "1", *TRAIN]
+    new = ["--backbone", "test_resnet", "--random-init"]
+    assert main(["train", *args, *new]) == 2
+    assert "--image-column/--label-column" in capsys.readouterr().err
+    assert main(["train", *args, *new, "--image-column", "img", "--label-column", "fine"]) == 0
+    assert AdapterModel.from_pretrained(family).domain_info("d").labels == ["x", "y"]
+    cols = ["--image-column", "img", "--label-column", "fine"]
+    assert main(["eval", "--family", str(family), "--data", f"d={tmp_path / 'ds'}", *cols]) == 0
+    assert f"{tmp_path / 'ds'} (test)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"holds the splits \['train', 'test'\] of a DatasetDict: pass one"):
+        from adapterkit.data import open_data
+
+        open_data(tmp_path / "ds")
+
+
+def test_an_interrupted_training_says_what_it_left_and_how_to_continue(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    data, family = image_folder(tmp_path / "data"), tmp_path / "family"
+    cmd = [sys.executable, "-m", "adapterkit.cli", "train", "--family", str(family), "--domain", "pets"]
+    cmd += ["--data", str(data), "--backbone", "test_resnet", "--random-init", "--steps", "100000", *TRAIN]
+    cmd += ["--output-dir", str(tmp_path / "out"), "--checkpoint-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    while "training 'pets'" not in (line := proc.stderr.readline()):  # warnings come first
+        assert line, "the training never started"
+    for _ in range(600):  # until the first checkpoint (at most 60 s)
+        if (tmp_path / "out" / "checkpoints" / "pets" / "checkpoint.json").exists():
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, err
+    assert "interrupted: 'pets' was not saved; rerun the command with --resume" in err
+    assert str(tmp_path / "out" / "checkpoints" / "pets") in err and not family.exists()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 from PIL import Image
 from train_support import SIZE, cfg, fresh_accelerate_state, make_model  # noqa: F401  (autouse fixture)
 from train_support import image_folder as _image_folder
 
+from adapterkit.data import open_splits
 from adapterkit.data_checks import SHOW_FAILURES
-from adapterkit.train import train_domain
+from adapterkit.train import evaluate, train_domain
 
 
 def _folder_with_broken_images(root, broken: int):
@@ -55,19 +57,39 @@ def _tensors(labels, n=8):
     return TensorDataset(torch.rand(n, 3, 32, 32), labels)
 
 
-def test_a_folder_of_splits_is_not_read_as_classes(tmp_path):
-    _image_folder(tmp_path / "data" / "train")
-    _image_folder(tmp_path / "data" / "test")
+@pytest.mark.parametrize("names", [("train", "test"), ("Train", "Test"), ("training", "testing")])
+def test_a_folder_of_splits_is_not_read_as_classes(tmp_path, names):
+    train, test = names
+    _image_folder(tmp_path / "data" / train)
+    _image_folder(tmp_path / "data" / test)
     model = make_model()
-    with pytest.raises(
-        ValueError, match=r"holds the splits test/, train/, not classes: pass one split .*data/train"
-    ):
+    with pytest.raises(ValueError, match=rf"holds the splits .*not classes: pass one split .*data/{train}'"):
         train_domain(model, "d", tmp_path / "data", config=cfg(steps=1), data_config=SIZE)
+    assert set(open_splits(tmp_path / "data")) == {"train", "test"}
     assert model.domains == []
     train_domain(
-        model, "d", tmp_path / "data" / "train", tmp_path / "data" / "test", cfg(steps=1), data_config=SIZE
+        model, "d", tmp_path / "data" / train, tmp_path / "data" / test, cfg(steps=1), data_config=SIZE
     )
     assert model.domain_info("d").labels == ["a", "b"]
+
+
+def test_evaluation_data_is_matched_to_the_domain_by_class_name(tmp_path):
+    """A test folder without one of the domain's classes keeps every image's true class (by position, the
+    classes after the missing one would each take the previous one's label); unknown names are refused."""
+    model = make_model()
+    model.add_domain("d", labels=["a", "b", "c"], data_config=SIZE)
+    with torch.no_grad():
+        model.heads["d"].bias.copy_(torch.tensor([0.0, 0.0, 1e4]))  # always answers "c"
+    model.set_trainable("d", False)
+    missing_a = _image_folder(tmp_path / "bc", classes=("b", "c"))  # 3 images of each
+    assert evaluate(model, missing_a, "d", config=cfg()) == 0.5  # the "c" images, by name (0 by position)
+    assert evaluate(model, _image_folder(tmp_path / "c", classes=("c",)), "d", config=cfg()) == 1.0
+    with pytest.raises(
+        ValueError, match=r"classes \['x'\] are not classes of the domain \(\['a', 'b', 'c'\]"
+    ):
+        evaluate(model, _image_folder(tmp_path / "bx", classes=("b", "x")), "d", config=cfg())
+    train_domain(model, "e", tmp_path / "bc", missing_a, cfg(steps=1), data_config=SIZE)  # same names: as is
+    assert model.domain_info("e").labels == ["b", "c"]
 
 
 @pytest.mark.parametrize(

@@ -84,3 +84,14 @@ def test_console_script_lists_hub_commands():
     assert out.returncode == 0
     for command in ("train", "eval", "export", "push", "pull", "list", "info"):
         assert command in out.stdout
+
+
+def test_list_offline_and_a_missing_absolute_path_say_what_they_are(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert main(["list"]) == 2
+    assert "list searches the Hub, which HF_HUB_OFFLINE=1 turns off" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'nowhere'}: no such folder; give a family folder" in err and " in /" not in err

@@ -16,6 +16,7 @@ from train_support import image_folder as _image_folder
 
 from adapterkit import AdapterConfig
 from adapterkit.data import DomainDataset, open_data
+from adapterkit.layers import AdaptedConv2d
 from adapterkit.train import TrainConfig, auto_weight_decay, evaluate, learning_rate, train_domain
 from adapterkit.transforms import Preprocess
 
@@ -244,3 +245,39 @@ def test_config_validation_and_schedules():
     assert [round(learning_rate(cosine, s, 10), 4) for s in (0, 1, 2, 6)] == [0.5, 1.0, 1.0, 0.5]
     step = TrainConfig(lr=1.0, schedule="step", milestones=(0.5,), gamma=0.1)
     assert learning_rate(step, 4, 10) == 1.0 and learning_rate(step, 5, 10) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("option", [True, "auto"])
+def test_channels_last_training_matches_and_leaves_the_backbone_as_it_was(option):
+    """On CPU, `channels_last` ("auto" there) trains on NHWC maps: the same domain as contiguous training
+    to float rounding, and afterwards the backbone's tensors have their old layout and the old domain its
+    bit-identical logits."""
+    trained, layouts = {}, []
+    for setting in (option, False):
+        model = make_model()
+        model.add_domain("old", num_classes=3, data_config=None)
+        perturb(model, "old")
+        x = torch.rand(2, 3, 32, 32)
+        with torch.no_grad():
+            old_logits = model.eval()(x, domain="old")
+        strides = {k: v.stride() for k, v in model.backbone.state_dict().items()}
+        conv = next(m for m in model.backbone.modules() if isinstance(m, AdaptedConv2d))
+
+        def record(module, args, setting=setting):
+            if module.training:
+                layouts.append((setting, args[0].is_contiguous(memory_format=torch.channels_last)))
+
+        hook = conv.register_forward_pre_hook(record)
+        train_domain(model, "new", Toy(8, 4), config=cfg(steps=2, channels_last=setting), data_config=SIZE)
+        hook.remove()
+        after = model.backbone.state_dict()
+        assert {k: after[k].stride() for k in strides} == strides
+        with torch.no_grad():
+            assert torch.equal(model.eval()(x, domain="old"), old_logits)
+        trained[setting] = model.domain_state_dict("new")
+    assert {cl for s, cl in layouts if s == option} == {True}  # every training forward ran NHWC
+    assert {cl for s, cl in layouts if s is False} == {False}
+    for key, t in trained[option].items():
+        assert torch.allclose(t.float(), trained[False][key].float(), rtol=1e-4, atol=1e-5), key
+    with pytest.raises(ValueError, match="channels_last"):
+        TrainConfig(channels_last="yes")
