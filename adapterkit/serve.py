@@ -276,6 +276,7 @@ def create_app(
     admin_token: str | None = None,
     threads: int = 2,
     max_body_bytes: int = 32 * 1024 * 1024,
+    body_timeout_s: float = 60.0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_images: int = 64,
     source: str | None = None,
@@ -294,6 +295,8 @@ def create_app(
             them off (403).
         threads: threads decoding and preprocessing images.
         max_body_bytes: largest request body (413 before it is read when Content-Length says so).
+        body_timeout_s: longest pause while a request body arrives (408 after it: a stalled client holds
+            its connection no longer).
         max_pixels: largest image, in pixels, checked before decoding (decompression bombs).
         max_images: most images in one request (at most `queue_size`).
         source, revision: where the model's domains came from, reported by `GET /v1/domains`.
@@ -340,7 +343,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = service
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, idle_s=body_timeout_s)
     app.add_exception_handler(ServeError, serve_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(ValidationError, validation_error_handler)

@@ -7,6 +7,7 @@ before reading it, and stops a chunked body as soon as it passes the limit.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from typing import Any
@@ -95,14 +96,16 @@ async def internal_error_handler(request: Request, exc: Exception) -> JSONRespon
 
 
 class BodyLimit:
-    """ASGI middleware: at most `max_bytes` of request body.
+    """ASGI middleware: at most `max_bytes` of request body, with no pause longer than `idle_s`.
 
     A `Content-Length` over the limit is answered 413 at once, before a byte of the body is read; a
-    body without one (chunked) is cut off with 413 as soon as it passes the limit.
+    body without one (chunked) is cut off with 413 as soon as it passes the limit. A body that sends
+    nothing for `idle_s` seconds (a stalled or slow-loris client) ends with 408. Once the body is
+    complete, reads pass through untouched (a response may wait on them for the client's disconnect).
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, idle_s: float = 60.0) -> None:
+        self.app, self.max_bytes, self.idle_s = app, max_bytes, idle_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -117,11 +120,21 @@ class BodyLimit:
             if int(length) > self.max_bytes:
                 await body_too_large(self.max_bytes).response()(scope, receive, send)
                 return
-        seen = 0
+        seen, complete = 0, False
 
         async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.idle_s)
+            except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11)
+                raise ServeError(
+                    408,
+                    "body_timeout",
+                    f"the request body sent nothing for {self.idle_s:g} s: send it without pauses",
+                ) from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:

@@ -141,7 +141,7 @@ def test_bad_learning_rate_factors(family, tmp_path):
     data = image_folder(tmp_path / "data")
     args = ["train", "--family", str(family), "--domain", "b", "--data", str(data), *TRAIN]
     assert "--adapter-lr-scale 'fast' is not a number" in fails(*args, "--adapter-lr-scale", "fast")
-    assert "head_lr_scale=-1.0 must be a positive number" in fails(*args, "--head-lr-scale", "-1")
+    assert "--head-lr-scale=-1.0 must be a positive number" in fails(*args, "--head-lr-scale", "-1")
 
 
 def test_flag_errors_are_one_line_and_write_nothing(tmp_path):

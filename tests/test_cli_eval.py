@@ -189,7 +189,9 @@ def test_a_folder_with_only_a_training_split_is_refused_and_splits_are_named(fam
     shutil.copytree(data / "train", only_train / "Training")
     assert main(["eval", "--family", str(first), "--data", f"pets={only_train}"]) == 2
     err = capsys.readouterr().err
-    assert "has a Training/ split but no test/ or val/ one" in err and f"pass {only_train / 'Training'}" in err
+    assert (
+        "has a Training/ split but no test/ or val/ one" in err and f"pass {only_train / 'Training'}" in err
+    )
     shutil.copytree(data / "test", only_train / "Valid")
     assert main(["eval", "--family", str(first), "--data", f"pets={only_train}"]) == 0
     assert f"{only_train} (Valid)" in capsys.readouterr().out  # the split it scored, as named on disk

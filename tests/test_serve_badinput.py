@@ -111,6 +111,24 @@ def test_body_over_the_limit_is_refused_before_it_is_read(client):
     assert head.startswith(b"HTTP/1.1 413"), head
 
 
+def test_a_stalled_body_ends_with_408(family):
+    """A client that stops sending its body (or trickles it) holds its connection for `body_timeout_s`."""
+    app = create_app(AdapterModel.from_pretrained(family, domains=["a"]), body_timeout_s=1, max_wait_ms=1)
+    with running(app) as url:
+        host, port = urlparse(url).hostname, urlparse(url).port
+        with socket.create_connection((host, port), timeout=30) as s:
+            s.sendall(
+                b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"images": ['
+            )
+            head = b""
+            while b"body_timeout" not in head and (chunk := s.recv(4096)):  # headers and body may come apart
+                head += chunk
+        assert head.startswith(b"HTTP/1.1 408") and b"body_timeout" in head, head
+        with httpx.Client(base_url=url, timeout=30) as client:
+            assert predict_json(client, [("a", image_bytes(0))]).status_code == 200
+
+
 def test_unknown_domain_lists_the_loaded_ones(client):
     body = error(
         predict_json(client, [("a", image_bytes(2)), ("nope", image_bytes(3))]), 404, "unknown_domain"
