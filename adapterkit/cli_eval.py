@@ -125,12 +125,8 @@ def evaluate(
     held = [set(c["domains"]) for _, c in families]
     result = _matrix_result(records, columns, baseline, held)
     print("\n" + _summary(result))
-    order = sorted(range(len(held)), key=lambda i: len(held[i]))
-    if (
-        not result["sequence"]
-        and len(held) > 1
-        and all(held[a] < held[b] for a, b in zip(order, order[1:], strict=False))
-    ):
+    order = sorted(range(len(held)), key=lambda i: len(held[i]))  # would the snapshots in this order be one?
+    if order != list(range(len(held))) and all(held[j] == set(columns[: i + 1]) for i, j in enumerate(order)):
         status("note: these families are snapshots of one training sequence in another order; pass --family "
                f"in training order ({', '.join(str(families[i][0]) for i in order)}) for ACC, BWT and forgetting")  # fmt: skip  # a paragraph of its own: `eval > results.md` keeps the table whole
     _write_outputs(result, output or [], plot, bars)

@@ -411,7 +411,8 @@ def _fit_and_save(
             overwrite=overwrite,
         )
     except KeyboardInterrupt:
-        _interrupted(domain, config)
+        if acc.is_main_process:
+            _interrupted(domain, config)
         raise typer.Exit(130) from None
     if not acc.is_main_process:
         return

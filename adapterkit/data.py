@@ -178,10 +178,19 @@ class Relabeled(Source):
         return len(self.source)
 
     def labels(self) -> np.ndarray:
-        return self.mapping[np.asarray(self.source.labels(), dtype=np.int64)]
+        labels = np.asarray(self.source.labels(), dtype=np.int64)
+        bad = labels[(labels < 0) | (labels >= len(self.mapping))]
+        if bad.size:  # (numpy would read -1 as the last class)
+            raise ValueError(
+                f"label {int(bad[0])} is not one of the data's {len(self.mapping)} named classes (0..."
+                f"{len(self.mapping) - 1}): fix the labels, or drop unlabelled (-1) items"
+            )
+        return self.mapping[labels]
 
     def item(self, i: int) -> tuple[Any, Any]:
         image, label = self.source.item(i)
+        if not 0 <= int(label) < len(self.mapping):
+            raise ValueError(f"{self.describe(i)} has label {label}, not one of the data's named classes")
         return image, int(self.mapping[int(label)])
 
     def describe(self, i: int) -> str:
@@ -237,16 +246,21 @@ def open_data(data: Any, image_column: str = "image", label_column: str = "label
 
 def split_folders(path: Path) -> dict[str, Path]:
     """The split subfolders of `path` by split (`train`, `test`, `val`), their names matched ignoring case
-    (`Train/`, `training/`, `valid/`, ...)."""
+    (`Train/`, `training/`, `valid/`, ...); none unless every subfolder is a split (a class folder may be
+    named `Train`)."""
     found: dict[str, Path] = {}
-    for p in sorted(path.iterdir()) if path.is_dir() else ():
-        split = SPLITS.get(p.name.lower())
-        if split is not None and p.is_dir():
-            if split in found:
-                raise ValueError(
-                    f"{path} has two {split} splits, {found[split].name}/ and {p.name}/: keep one"
-                )
-            found[split] = p
+    folders = (
+        sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if path.is_dir()
+        else []
+    )
+    if not all(p.name.lower() in SPLITS for p in folders):
+        return found
+    for p in folders:
+        split = SPLITS[p.name.lower()]
+        if split in found:
+            raise ValueError(f"{path} has two {split} splits, {found[split].name}/ and {p.name}/: keep one")
+        found[split] = p
     return found
 
 
@@ -262,7 +276,7 @@ def open_splits(
         splits = datasets.load_from_disk(str(path))
         return {SPLITS.get(name.lower(), name): open_data(ds, *columns) for name, ds in splits.items()}
     folders = split_folders(path)
-    if "train" in folders or "test" in folders:
+    if folders:
         return {s: open_data(p, *columns) for s, p in folders.items()}
     return {"train": open_data(path, *columns)}
 

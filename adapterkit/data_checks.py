@@ -29,6 +29,9 @@ def align_labels(source: Source, labels: Sequence[str] | None, what: str = "data
     names = source.class_names
     if not labels or not names or list(names) == list(labels):
         return source
+    if len(names) == len(labels) and not set(names) & set(labels):  # labels= named the data's classes
+        logger.info("%s: classes %s read as the domain's %s, by position", what, names[:3], list(labels)[:3])
+        return source
     unknown = [c for c in names if c not in labels]
     if unknown:
         raise ValueError(

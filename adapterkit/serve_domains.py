@@ -158,7 +158,7 @@ class Domains:
             raise ServeError(404, "domain_not_found", str(e.args[0]) if e.args else str(e)) from e
         except ConnectionError as e:
             raise ServeError(502, "source_unreachable", str(e)) from e
-        except (ValueError, OSError) as e:  # OSError: a file where a family folder should be, no permission
+        except (ValueError, NotADirectoryError) as e:  # (a file where a family folder should be)
             raise ServeError(422, "invalid_source", f"{source}: {e}") from e
         try:
             advice = "This service adds only domains trained on its own backbone weights: add one of those."

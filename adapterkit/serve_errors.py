@@ -7,11 +7,12 @@ before reading it, and stops a chunked body as soon as it passes the limit.
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import time
 import uuid
 from typing import Any
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -95,6 +96,21 @@ async def internal_error_handler(request: Request, exc: Exception) -> JSONRespon
     return ServeError(500, "internal_error", message).response()
 
 
+MIN_BODY_RATE = 512  # bytes/s a body must average once it took longer than the idle limit (Apache's default)
+
+
+async def body_message(receive: Receive, idle_s: float, seen: int, start: float) -> Message | None:
+    """The next message of a request body, or None when the client stalls: nothing for `idle_s` seconds,
+    or, past `idle_s` since the body began, a body averaging under `MIN_BODY_RATE` (a slow-loris client
+    sends a byte just before each idle limit)."""
+    elapsed = time.monotonic() - start
+    if elapsed > idle_s and seen < MIN_BODY_RATE * elapsed:
+        return None
+    with anyio.move_on_after(idle_s):
+        return await receive()
+    return None
+
+
 class BodyLimit:
     """ASGI middleware: at most `max_bytes` of request body, with no pause longer than `idle_s`.
 
@@ -120,20 +136,21 @@ class BodyLimit:
             if int(length) > self.max_bytes:
                 await body_too_large(self.max_bytes).response()(scope, receive, send)
                 return
-        seen, complete = 0, False
+        seen, complete, start = 0, False, time.monotonic()
 
         async def limited() -> Message:
             nonlocal seen, complete
             if complete:
                 return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), self.idle_s)
-            except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11)
+            message = await body_message(receive, self.idle_s, seen, start)
+            if message is None:
                 raise ServeError(
                     408,
                     "body_timeout",
-                    f"the request body sent nothing for {self.idle_s:g} s: send it without pauses",
-                ) from None
+                    f"the request body paused {self.idle_s:g} s, or arrived slower than {MIN_BODY_RATE} bytes/s: "
+                    "send it whole, without pauses",
+                    headers={"Connection": "close"},
+                )
             complete = message["type"] != "http.request" or not message.get("more_body", False)
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))

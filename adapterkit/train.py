@@ -179,7 +179,7 @@ def train_domain(
 def _data_name(data: Any) -> str:
     """A folder's name (with its parent's when it is a split: `gtsrb/train`), never its whole path; else
     the data's type."""
-    root = Path(data) if isinstance(data, (str, Path)) else getattr(data, "root", None)
+    root = Path(data).resolve() if isinstance(data, (str, Path)) else getattr(data, "root", None)
     if not isinstance(root, Path):
         return type(data).__name__
     return "/".join(root.parts[-2:]) if root.name.lower() in SPLITS else root.name

@@ -68,7 +68,7 @@ class TrainConfig:
     while training (`torch.set_num_threads`, restored afterwards; None keeps torch's setting).
     `channels_last` trains with the backbone's 4-D weights and the batches in channels-last memory
     (the same values; restored afterwards): `"auto"` does so for conv models on CPU, where oneDNN's convs
-    and train-mode BatchNorm run faster on NHWC maps (1.12x a ResNet-26 step, docs/benchmarks.md).
+    and train-mode BatchNorm run faster on NHWC maps (1.19x a ResNet-26 step, docs/benchmarks.md).
     """
 
     epochs: int | None = None

@@ -19,7 +19,7 @@ from PIL import Image
 
 GRAYSCALE_MODES = ("1", "L", "LA", "I;16", "I;16B", "I;16L", "I", "F")
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-MAX_INPUT_SIZE = 4096  # px per side of a domain's input: beyond any classifier, far below a memory bomb
+MAX_INPUT_SIZE = 2048  # px per side of a domain's input and of its resize (timm's largest inputs: 1024)
 CROP_MODES = ("center", "squash", "border")
 RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -61,7 +61,7 @@ def resolve_data_config(
 
 def check_data_config(config: dict[str, Any], what: str = "data config") -> None:
     """That a data config is one preprocessing can run within bounds (a family's files are input too: an
-    `input_size` of 30,000 would make every request allocate gigabytes).
+    `input_size` of 30,000 or a `crop_pct` of 0.01 would make every request allocate gigabytes).
 
     Raises:
         ValueError: naming the bad field and what it may hold.
@@ -82,9 +82,12 @@ def check_data_config(config: dict[str, Any], what: str = "data config") -> None
         raise ValueError(
             f"{what}: interpolation={config.get('interpolation')!r}; use one of {sorted(RESAMPLE)}"
         )
-    crop_pct = config.get("crop_pct", 1.0)
-    if not (_number(crop_pct) and 0 < crop_pct <= 1):
-        raise ValueError(f"{what}: crop_pct={crop_pct!r}; use a fraction in (0, 1]")
+    crop_pct = config.get("crop_pct", 1.0)  # timm's configs: 0.8-1.15
+    if not (_number(crop_pct) and 0 < crop_pct <= 2 and max(size[1:]) / crop_pct <= MAX_INPUT_SIZE):
+        raise ValueError(
+            f"{what}: crop_pct={crop_pct!r}; use a number in (0, 2] with the resize before the crop, "
+            f"{max(size[1:])} / crop_pct px, at most {MAX_INPUT_SIZE} px"
+        )
     if config.get("crop_mode", "center") not in CROP_MODES:
         raise ValueError(f"{what}: crop_mode={config.get('crop_mode')!r}; use one of {list(CROP_MODES)}")
 
@@ -251,10 +254,20 @@ def _resize_crop(
     else:
         scale = max(sh / image.height, sw / image.width)
         new = (max(sw, round(image.width * scale)), max(sh, round(image.height * scale)))
+        if new[0] * new[1] > 4 * sw * sh:  # a thin image (8000 x 1 px) would grow to gigabytes: resample
+            return _resized_centre(image, new, (w, h), resample)  # only the part the crop keeps
         if new != image.size:
             image = image.resize(new, resample)
     left, top = (image.width - w) // 2, (image.height - h) // 2
     return image.crop((left, top, left + w, top + h))
+
+
+def _resized_centre(image: Image.Image, new: tuple[int, int], size: tuple[int, int], resample: int):
+    """The centre crop `size` (w, h) of `image` resized to `new`, resampling only the crop's region (PIL's
+    `box`): the same pixels, without the whole resized image."""
+    (w, h), sx, sy = size, new[0] / image.width, new[1] / image.height
+    left, top = (new[0] - w) // 2, (new[1] - h) // 2
+    return image.resize((w, h), resample, box=(left / sx, top / sy, (left + w) / sx, (top + h) / sy))
 
 
 def _random_resized_crop(

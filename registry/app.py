@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import time
 from pathlib import Path
 
+import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -108,12 +109,16 @@ def create_app(config: RegistryConfig | str | Path) -> Starlette:
     return app
 
 
+MIN_BODY_RATE = 512  # bytes/s a body must average once it took longer than the idle limit (Apache's default)
+
+
 class BodyIdleTimeout:
-    """ASGI middleware: while a request's body is incomplete, each read waits at most `idle_s` seconds; a
-    body that stalls (or trickles slower than that) ends its request with 408 `RequestTimeout` (through
-    the handler's usual error path) and the connection is closed, so no client holds a connection, a
-    spool file or a worker indefinitely. Once the body is complete, reads pass through untouched
-    (a streaming response waits on them for the client's disconnect)."""
+    """ASGI middleware: while a request's body is incomplete, each read waits at most `idle_s` seconds,
+    and a body that has taken longer than `idle_s` must average `MIN_BODY_RATE`; a body that stalls or
+    trickles (a slow-loris client sends a byte just before each limit) ends its request with 408
+    `RequestTimeout` (through the handler's usual error path) and the connection is closed, so no client
+    holds a connection, a spool file or a worker for long. Once the body is complete, reads pass through
+    untouched (a streaming response waits on them for the client's disconnect)."""
 
     def __init__(self, app: ASGIApp, idle_s: float) -> None:
         self.app, self.idle_s = app, idle_s
@@ -122,23 +127,26 @@ class BodyIdleTimeout:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        complete = False
+        complete, seen, start = False, 0, time.monotonic()
 
         async def receive_within() -> Message:
-            nonlocal complete
+            nonlocal complete, seen
             if complete:
                 return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), self.idle_s)
-            except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11)
+            elapsed, message = time.monotonic() - start, None
+            if elapsed <= self.idle_s or seen >= MIN_BODY_RATE * elapsed:
+                with anyio.move_on_after(self.idle_s):
+                    message = await receive()
+            if message is None:
                 raise HubError(
                     408,
                     "RequestTimeout",
-                    f"The request body sent nothing for {self.idle_s:g} s; send it without pauses "
-                    "(the server's --body-timeout).",
+                    f"The request body paused {self.idle_s:g} s, or arrived slower than {MIN_BODY_RATE} "
+                    "bytes/s; send it without pauses (the server's --body-timeout).",
                     headers={"Connection": "close"},
-                ) from None
+                )
             complete = message["type"] != "http.request" or not message.get("more_body", False)
+            seen += len(message.get("body", b""))
             return message
 
         await self.app(scope, receive_within, send)

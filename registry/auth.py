@@ -156,7 +156,7 @@ class TokenStore:
         digest = _hash(token)
         db = self._db()
         with self._write(db):
-            self._check_case(db, (user, *orgs))
+            self._check_case(db, (user, *orgs), self._namespaces_on_disk())
             db.execute("DELETE FROM tokens WHERE hash = ?", (digest,))
             db.execute(
                 "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -164,11 +164,21 @@ class TokenStore:
             )
         return token
 
+    def _namespaces_on_disk(self) -> set[str]:
+        """Namespaces that hold repos (they outlive their tokens)."""
+        kinds = self.root / "repos"
+        return (
+            {ns.name for kind in kinds.iterdir() if kind.is_dir() for ns in kind.iterdir()}
+            if kinds.is_dir()
+            else set()
+        )
+
     @staticmethod
-    def _check_case(db: sqlite3.Connection, names: tuple[str, ...]) -> None:
-        """Refuse a user or organisation whose name differs only in case from a known one: repo ids are
-        case-insensitive (as on the Hub), so `ALICE` could otherwise claim, block or probe `alice`'s repos."""
-        known = {
+    def _check_case(db: sqlite3.Connection, names: tuple[str, ...], on_disk: set[str]) -> None:
+        """Refuse a user or organisation whose name differs only in case from a known one (a token's, or a
+        namespace holding repos): repo ids are case-insensitive (as on the Hub), so `ALICE` could otherwise
+        claim, block or probe `alice`'s repos."""
+        known = on_disk | {
             ns
             for user, orgs in db.execute("SELECT user, orgs FROM tokens")
             for ns in (user, *json.loads(orgs))

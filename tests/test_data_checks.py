@@ -198,3 +198,76 @@ def test_a_list_or_a_data_loader_is_refused_with_what_to_pass_instead():
     ):
         with pytest.raises(TypeError, match=hint):
             train_domain(make_model(), "d", given, config=cfg(steps=1), data_config=SIZE)
+
+
+def test_labels_given_for_differently_named_folders_are_read_by_position(tmp_path):
+    """train_domain(labels=...) names the classes of folders called n01/, n02/: later evaluation and a
+    resumed training on the same folders read them by position, as training did."""
+    model = make_model()
+    folder = _image_folder(tmp_path / "n", classes=("n01", "n02"))
+    train_domain(model, "d", folder, config=cfg(steps=1), labels=["tench", "goldfish"], data_config=SIZE)
+    assert model.domain_info("d").labels == ["tench", "goldfish"]
+    assert 0.0 <= evaluate(model, folder, "d", config=cfg()) <= 1.0
+    train_domain(model, "d", folder, config=cfg(steps=1), resume=True, data_config=SIZE)
+
+
+def test_labels_outside_the_named_classes_are_refused_not_wrapped(tmp_path):
+    """An unlabelled item (-1) of data matched by name must not be read as the last class."""
+    import datasets
+    import numpy as np
+
+    model = make_model()
+    model.add_domain("d", labels=["a", "b", "c"], data_config=SIZE)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(4)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["c", "a"])})
+    ds = datasets.Dataset.from_dict({"image": images, "label": [0, 1, -1, 1]}, features=features)
+    with pytest.raises(ValueError, match=r"label -1 is not one of the data's 2 named classes"):
+        evaluate(model, ds, "d", config=cfg())
+
+
+def test_split_folders_are_splits_only_when_every_folder_is_one(tmp_path):
+    for name in ("Bus", "Car", "Train"):  # a class named Train
+        _image_folder(tmp_path / "vehicles", classes=(name,))
+    assert set(open_splits(tmp_path / "vehicles")) == {"train"}  # the whole folder: three classes
+    assert open_splits(tmp_path / "vehicles")["train"].class_names == ["Bus", "Car", "Train"]
+    _image_folder(tmp_path / "held" / "Valid")
+    assert set(open_splits(tmp_path / "held")) == {"val"}  # a folder with only a validation split
+
+
+def test_data_configs_are_bounded_and_timm_configs_pass(tmp_path):
+    """A data config is refused when its input or its resize before the crop passes MAX_INPUT_SIZE; every
+    pretrained config timm ships passes (volo's crop_pct is 1.15)."""
+    import timm
+
+    from adapterkit.transforms import MAX_INPUT_SIZE, resolve_data_config
+
+    for overrides in (
+        {"input_size": 224, "crop_pct": 0.01},
+        {"input_size": MAX_INPUT_SIZE + 1},
+        {"crop_pct": 3},
+    ):
+        with pytest.raises(ValueError, match="MAX_INPUT_SIZE|px|crop_pct"):
+            resolve_data_config({"input_size": (3, 224, 224)}, overrides)
+    failed = []
+    for name in timm.list_pretrained():
+        try:
+            resolve_data_config(timm.models.get_pretrained_cfg(name).to_dict())
+        except ValueError as e:
+            failed.append(f"{name}: {e}")
+    assert failed == []
+
+
+def test_a_thin_image_is_resized_only_where_the_crop_reads(tmp_path):
+    """An 8000 x 1 image once grew to a 2 million px wide resize before the crop; now only the crop's region
+    is resampled, the same pixels as the full resize gives."""
+    import numpy as np
+
+    from adapterkit.transforms import _resize_crop
+
+    bicubic = Image.Resampling.BICUBIC
+    assert _resize_crop(Image.new("RGB", (8000, 1)), (224, 224), 0.875, False, bicubic).size == (224, 224)
+    thin = Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 1000, 3), dtype=np.uint8))
+    full = thin.resize((2560, 256), bicubic)  # the shorter side to 224 / 0.875 = 256, then the centre crop
+    expected = np.asarray(full.crop((1168, 16, 1392, 240)))
+    assert np.array_equal(np.asarray(_resize_crop(thin, (224, 224), 0.875, False, bicubic)), expected)

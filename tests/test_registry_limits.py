@@ -157,8 +157,10 @@ def test_lfs_uploads_are_checked(small):
     assert r.status_code == 400 and r.headers["x-error-code"] == "LfsObjectMissing"
 
 
-def test_a_stalled_body_ends_with_408_and_frees_its_connection(tmp_path):
-    """A client that stops sending its body (or trickles it, slow-loris style) holds nothing for long."""
+@pytest.mark.parametrize("trickle", [False, True], ids=["stalled", "trickled"])
+def test_a_stalled_or_trickled_body_ends_with_408_and_frees_its_connection(tmp_path, trickle):
+    """A client that stops sending its body, or sends a byte just before each idle limit (slow-loris),
+    holds nothing for long: 408, the connection closed, nothing written."""
     from adapterkit_registry import RegistryServer, Storage, fsck
 
     with RegistryServer(tmp_path / "root", tokens={TOKEN: ("erin", "write")}, body_timeout_s=1) as srv:
@@ -169,11 +171,22 @@ def test_a_stalled_body_ends_with_408_and_frees_its_connection(tmp_path):
             "POST /api/models/erin/stall/commit/main HTTP/1.1\r\nHost: x\r\n"
             f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/x-ndjson\r\nContent-Length: 1000\r\n\r\n"
         )
+        answer = b""
         with socket.create_connection((host, int(port)), timeout=30) as sock:
-            sock.sendall(head.encode() + b'{"key": "header"')  # then nothing more
-            answer = b""
-            while chunk := sock.recv(65536):  # until the server closes the connection
+            sock.sendall(head.encode() + b'{"key": "header"')
+            sock.settimeout(0.4)
+            for _ in range(75):  # until the server closes the connection (at most about 30 s)
+                try:
+                    chunk = sock.recv(65536)
+                except TimeoutError:
+                    if trickle:
+                        sock.sendall(b" ")
+                    continue
+                if not chunk:
+                    break
                 answer += chunk
+            else:
+                raise AssertionError(f"the connection stayed open; the server answered {answer[:200]!r}")
         status, _, rest = answer.partition(b"\r\n")
         assert status.startswith(b"HTTP/1.1 408") and b"RequestTimeout" in rest, answer[:300]
         assert b"body-timeout" in rest

@@ -130,3 +130,18 @@ def test_a_name_differing_only_in_case_from_a_known_namespace_is_refused(tmp_pat
         [*CLI, "token", "create", "--root", str(root), "--user", "Alice"], capture_output=True, text=True
     )
     assert run.returncode != 0 and "differs only in case" in run.stderr and not run.stdout
+
+
+def test_a_namespace_that_holds_repos_keeps_its_case_after_its_tokens_are_revoked(tmp_path):
+    from adapterkit_registry import Storage
+    from adapterkit_registry.storage import RepoKey
+
+    root = tmp_path / "root"
+    store = TokenStore(root)
+    carol = store.create("carol", "write")
+    Storage(root).create_repo(RepoKey("model", "carol", "x"), "carol", False)
+    assert store.revoke(store.authenticate(carol).token_id)
+    with pytest.raises(
+        ValueError, match="differs only in case from the existing user or organisation 'carol'"
+    ):
+        store.create("CAROL", "write")
