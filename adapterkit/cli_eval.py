@@ -29,9 +29,9 @@ from .cli_model import (
     Threads,
     check_domains,
     data_split,
+    family_or_repo,
     open_family,
     plural,
-    require_family,
     require_folder,
     torch_threads,
 )
@@ -40,13 +40,15 @@ from .cli_output import print_table, status
 MATRIX_FORMATS = (".json", ".csv")
 FIGURE_FORMATS = (".png", ".svg", ".pdf")
 Job = tuple[str, Path]
+Family = tuple[Path | str, dict[str, Any], str | None]  # folder or repo id, its config, a repo's commit
 
 
 def evaluate(
     family: Annotated[
-        list[Path],
+        list[str],
         typer.Option(
-            metavar="DIR", help="family folder; repeat for one matrix row per family (e.g. snapshots)"
+            metavar="DIR|ORG/NAME[@REV]",
+            help="family folder, or Hub/registry repo id (read at REV); repeat for one matrix row per family",
         ),
     ],
     data: Annotated[
@@ -116,33 +118,34 @@ def evaluate(
     with torch_threads(threads) as n:
         many = f"{len(families)} families" if len(families) > 1 else str(families[0][0])
         status(f"evaluating {plural(len(jobs), 'data set')} on {many} ({plural(n, 'thread')})")
-        for path, config in families:
-            record, table = _evaluate_family(path, config, jobs, cfg, backbone_weights)
+        for path, config, revision in families:
+            record, table = _evaluate_family(path, config, jobs, cfg, backbone_weights, revision)
             records.append(record)
             rows += [[str(path), *row] if len(families) > 1 else row for row in table]
     headers = ["domain", "data", "images", "accuracy", "error", "at training"]
     print_table(["family"] * (len(families) > 1) + headers, rows)
-    held = [set(c["domains"]) for _, c in families]
+    held = [set(c["domains"]) for _, c, _ in families]
     result = _matrix_result(records, columns, baseline, held)
-    print("\n" + _summary(result))
+    print("\n" + _summary(result))  # a paragraph of its own: `eval > results.md` keeps the table whole
     order = sorted(range(len(held)), key=lambda i: len(held[i]))  # would the snapshots in this order be one?
     if order != list(range(len(held))) and all(held[j] == set(columns[: i + 1]) for i, j in enumerate(order)):
         status("note: these families are snapshots of one training sequence in another order; pass --family "
-               f"in training order ({', '.join(str(families[i][0]) for i in order)}) for ACC, BWT and forgetting")  # fmt: skip  # a paragraph of its own: `eval > results.md` keeps the table whole
+               f"in training order ({', '.join(str(families[i][0]) for i in order)}) for ACC, BWT and forgetting")  # fmt: skip
     _write_outputs(result, output or [], plot, bars)
 
 
 # ---------------------------------------------------------------------- arguments
-def _families(paths: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
-    seen = [p.resolve() for p in paths]
-    repeated = sorted({str(p) for p, r in zip(paths, seen, strict=True) if seen.count(r) > 1})
+def _families(items: list[str]) -> list[Family]:
+    """(folder or repo id, its config, the commit a repo was read at) per --family, each given once."""
+    seen = [str(Path(i).resolve()) if Path(i).exists() else i for i in items]
+    repeated = sorted({i for i, r in zip(items, seen, strict=True) if seen.count(r) > 1})
     if repeated:
         raise CliError(f"--family {', '.join(repeated)} is given twice; give each family once (one row each)")
-    return [(p, require_family(p)) for p in paths]
+    return [family_or_repo(i) for i in items]
 
 
-def _eval_jobs(families: list[tuple[Path, dict[str, Any]]], data: list[str], domain: str | None) -> list[Job]:
-    known = list(dict.fromkeys(d for _, config in families for d in config["domains"]))
+def _eval_jobs(families: list[Family], data: list[str], domain: str | None) -> list[Job]:
+    known = list(dict.fromkeys(d for _, config, _ in families for d in config["domains"]))
     jobs = []
     for item in data:
         name, sep, path = item.partition("=")
@@ -197,7 +200,7 @@ def _check_outputs(
     plot: Path | None,
     bars: Path | None,
     jobs: list[Job],
-    families: list[tuple[Path, dict]],
+    families: list[Family],
 ) -> None:
     columns = {name for name, _ in jobs}
     named = [(p, MATRIX_FORMATS, "--output") for p in outputs]
@@ -207,7 +210,7 @@ def _check_outputs(
             raise CliError(f"{flag} {path}: name it {' or '.join(formats)}; the format follows the suffix")
         if not path.parent.is_dir():
             raise CliError(f"{flag} {path}: folder {path.parent} does not exist; create it first")
-    lacking = [str(path) for path, config in families if not columns <= set(config["domains"])]
+    lacking = [str(path) for path, config, _ in families if not columns <= set(config["domains"])]
     if bars is not None and lacking:
         raise CliError(
             f"--bars compares families on every domain; {', '.join(lacking)} lacks some: use --plot"
@@ -220,14 +223,21 @@ def _check_outputs(
 
 
 # ---------------------------------------------------------------------- evaluating
-def _evaluate_family(path: Path, config: dict[str, Any], jobs: list[Job], cfg: Any, weights: Path | None):
+def _evaluate_family(
+    path: Path | str,
+    config: dict[str, Any],
+    jobs: list[Job],
+    cfg: Any,
+    weights: Path | None,
+    revision: str | None,
+):
     """The family's record for the JSON document, and its rows of the printed table."""
     from .compress import parameter_report
     from .data import split_folders
     from .train import evaluate as accuracy_of
 
     mine = [(name, where) for name, where in jobs if name in config["domains"]]
-    model = open_family(path, config, list(dict.fromkeys(name for name, _ in mine)), weights)
+    model = open_family(path, config, list(dict.fromkeys(name for name, _ in mine)), weights, revision)
     evaluated, rows = {}, []
     for name, where in mine:
         part, dataset = data_split(where, ("test", "val", "train"), (cfg.image_column, cfg.label_column))
@@ -247,7 +257,7 @@ def _evaluate_family(path: Path, config: dict[str, Any], jobs: list[Job], cfg: A
         evaluated[name] = {"accuracy": accuracy, "at_training": stored, "data": str(where), "split": part,
                            "images": len(dataset), "sha256": config["domains"][name].get("sha256")}  # fmt: skip
     backbone = config["backbone"]
-    record = {"family": str(path), "backbone": backbone.get("name"), "fingerprint": backbone.get("fingerprint"),
+    record = {"family": str(path), "revision": revision, "backbone": backbone.get("name"), "fingerprint": backbone.get("fingerprint"),
               "domains": evaluated, "parameters": parameter_report(model)}  # fmt: skip
     return record, rows
 

@@ -107,7 +107,9 @@ def family_or_repo(family: str) -> tuple[Path | str, dict[str, Any], str | None]
     from .sources import check_repo_id, open_source, split_source
 
     repo, revision = split_source(family)
-    if Path(repo).exists() or "/" not in repo:
+    if (
+        Path(repo).exists() or "/" not in repo or Path(repo.split("/")[0]).is_dir()
+    ):  # a folder (or a typo of one)
         return Path(family), require_family(Path(family)), None
     check_repo_id(repo)
     require_endpoint()

@@ -1,5 +1,6 @@
 """`adapterkit push / pull / list / info` against the registry (real client, real HTTP)."""
 
+import json
 import subprocess
 import sys
 import uuid
@@ -9,6 +10,7 @@ import timm
 import torch
 from checks import input_for, perturb
 from cli_support import table
+from PIL import Image
 
 from adapterkit import AdapterModel
 from adapterkit.cli import main
@@ -58,6 +60,29 @@ def test_push_info_list_pull(registry, family_dir, tmp_path, capsys, caplog):
     exported = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     with torch.no_grad():
         assert torch.equal(exported(x), model(x, domain="a"))
+    # eval reads a family straight from the registry too, at a revision
+    data = tmp_path / "data"
+    for c in ("k0", "k1", "k2"):
+        (data / c).mkdir(parents=True)
+        for i in range(2):
+            torch.manual_seed(i)
+            Image.fromarray((torch.rand(16, 16, 3) * 255).byte().numpy()).save(data / c / f"{i}.png")
+    result = tmp_path / "r.json"
+    args = [
+        "eval",
+        "--family",
+        f"{repo}@main",
+        "--data",
+        f"a={data}",
+        "--output",
+        str(result),
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    record = json.loads(result.read_text())["families"][0]
+    assert (
+        record["family"] == repo and len(record["revision"]) == 40 and record["domains"]["a"]["images"] == 6
+    )
     missing = f"alice/no-such-{uuid.uuid4().hex[:8]}"
     assert main(["export", "--family", missing, "--domain", "a", "--output", str(out)]) == 2
     assert f"repo '{missing}' not found" in capsys.readouterr().err
