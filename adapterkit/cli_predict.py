@@ -52,13 +52,14 @@ def image_files(paths: list[Path]) -> list[Path]:
 
 
 def pick_domain(domain: str | None, loaded: list[str], routable: bool) -> str:
-    """The domain to ask for: the one given, the only one loaded, or `auto` when every domain can route."""
+    """The domain to ask for: the one given, `auto` when every loaded domain can route (one domain too, so
+    that images of no domain come back unknown, as the service answers them), else the only one loaded."""
     if domain is not None:
         return domain
-    if len(loaded) == 1:
-        return loaded[0]
     if routable:
         return "auto"
+    if len(loaded) == 1:
+        return loaded[0]
     raise CliError(
         f"the family has {len(loaded)} domains ({', '.join(loaded)}) and not every one has a signature to "
         "route by: pass --domain NAME"

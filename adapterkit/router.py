@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .signature import MAX_IMAGES, DomainSignature, open_scores
+from .transforms import check_batch
 
 if TYPE_CHECKING:
     from .model import AdapterModel
@@ -240,6 +241,7 @@ def route_batch(model: AdapterModel, x: torch.Tensor, classify: bool) -> Route:
             "signatures existed, or added without training): call model.fit_signature(domain, batches)"
         )
     signatures = {n: model.signatures[n] for n in names}
+    check_batch(x, model.in_chans)  # (as the forward says it: a 1-channel batch is not a conv's error)
     if x.shape[0] == 0:  # an empty batch: nothing to score or run
         empty = Route([], [], x.new_zeros(0), x.new_zeros(0, len(names)), names)
         return (

@@ -85,6 +85,7 @@ class Domains:
                     "revision": origin.get("revision"),
                     "parameters": int(cost["parameters"]),
                     "bytes": int(cost["bytes"]),
+                    "routable": name in self.model.signatures,  # can take images sent without a domain
                 }
             )
         return out
@@ -141,6 +142,12 @@ class Domains:
             except (ValueError, KeyError, FileNotFoundError) as e:
                 raise ServeError(422, "invalid_family", f"cannot load {domain!r} from {source}: {e}") from e
             self._origin[target] = {"source": source, "revision": pinned or revision}
+        if target not in self.model.signatures and len(self.model.signatures):
+            logger.warning(
+                "hot-added %r has no routing signature: images sent without a domain get 409 no_signature "
+                "until it is removed or refitted (fit_signature)",
+                target,
+            )
         return next(d for d in self.describe() if d["name"] == target)
 
     def _check_source(self, source: str, domain: str, revision: str | None) -> str | None:

@@ -8,14 +8,15 @@ by id, and hot-adds that reach every replica.
     ray.init()
     serve.run(deployment("alice/decathlon-r56@v1", num_replicas=4, admin_token=token), route_prefix="/")
 
-Each replica holds the default family (and more, chosen per request by the
-`serve_multiplexed_model_id` header: a family folder or `repo@revision`, Ray Serve's model
-multiplexing; `MAX_FAMILIES` per replica) and serves it with `create_app`, so every replica batches mixed-domain requests as the
-embedded server does. Hot-adds and removals are recorded in order in a named Ray actor (one log per
-family id); every replica applies the log before it answers a request, a replica that loads a family
-later replays it, and after a change the replica that made it asks every live replica to catch up
-(`DeploymentHandle.broadcast`) before it answers. So once `POST /v1/domains` has answered, every
-replica serves the domain.
+Each replica holds the default family (and the others the deployment lists in `families=`, chosen per
+request by the `serve_multiplexed_model_id` header: Ray Serve's model multiplexing; `MAX_FAMILIES` per
+replica) and serves it with `create_app`, so every replica batches mixed-domain requests as the embedded
+server does. Hot-adds and removals are recorded in order in a named Ray actor (one log per deployment and
+family: `deployment()` gives each deployment its own, so another app, or a later deployment of the same
+family, starts from its own files); every replica applies the log before it answers a request, a replica
+that loads a family later replays it, and after a change the replica that made it asks every live replica
+to catch up (`DeploymentHandle.broadcast`) before it answers. So once `POST /v1/domains` has answered,
+every replica serves the domain.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 import weakref
 from typing import Any
 
@@ -123,7 +125,9 @@ class Family:
             logger.warning("family %s: could not apply %s: %s", self.id, change, e.message)
 
     def __del__(self) -> None:
-        self.service.close()
+        service = getattr(self, "service", None)  # (None when loading failed)
+        if service is not None:
+            service.close()
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})
@@ -132,7 +136,8 @@ class FamilyServer:
 
     def __init__(self, default_family: str, options: dict[str, Any]) -> None:
         self.default, self.options = default_family, options
-        self.log = change_log()
+        self.allowed = {default_family, *options.get("families", ())}
+        self.log, self.log_key = change_log(), options["log_key"]
         self.replica = str(serve.get_replica_context().replica_id.unique_id)
         self.loaded: weakref.WeakValueDictionary[str, Family] = weakref.WeakValueDictionary()
 
@@ -145,13 +150,20 @@ class FamilyServer:
 
     async def __call__(self, request: Request) -> Response:
         family_id = serve.get_multiplexed_model_id() or self.default
+        if family_id not in self.allowed:  # a caller must not make replicas load what it names
+            message = f"family {family_id!r} is not served here: the deployment lists the ones it serves (families=)"
+            return ServeError(404, "family_not_found", message).response()
         try:
             family = await self.family(family_id)
         except (FileNotFoundError, KeyError, ValueError) as e:
             message = f"cannot load family {family_id!r}: {e.args[0] if e.args else e}"
             return ServeError(404, "family_not_found", message).response()
+        except ConnectionError as e:
+            return ServeError(502, "source_unreachable", f"cannot load family {family_id!r}: {e}").response()
         await self.catch_up(family)
-        if request.url.path.startswith("/v1/domains") and request.method in ("POST", "DELETE"):
+        path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
+        path = path[len(root) :] if root and path.startswith(root) else path  # (behind a route prefix)
+        if path.startswith("/v1/domains") and request.method in ("POST", "DELETE"):
             response = await self.change(family, request)
         else:
             response = await call_asgi(family.app, request)
@@ -161,10 +173,14 @@ class FamilyServer:
     async def catch_up(self, family: Family) -> None:
         """Apply the changes other replicas made since this one last looked."""
         async with family.lock:
-            for change in await self.log.since.remote(family.id, family.applied):
+            for change in await self.log.since.remote(self._key(family.id), family.applied):
                 if family.applied not in family.own:
                     await asyncio.to_thread(family.apply, change)
                 family.applied += 1
+
+    def _key(self, family_id: str) -> str:
+        """This deployment's log of `family_id` (another app, or a later deployment, keeps its own)."""
+        return f"{self.log_key}/{family_id}"
 
     async def sync(self, family_id: str) -> int:
         """Broadcast target: catch up on `family_id` if this replica holds it."""
@@ -180,7 +196,7 @@ class FamilyServer:
             response = await call_asgi(family.app, request)
             if response.status_code in (200, 201):
                 change = _change_of(request, body, response)
-                family.own.add(await self.log.append.remote(family.id, change))
+                family.own.add(await self.log.append.remote(self._key(family.id), change))
         if response.status_code in (200, 201):
             await self.catch_up(family)
             await _broadcast_sync(family.id)
@@ -214,6 +230,7 @@ def deployment(
     source: str,
     *,
     domains: list[str] | None = None,
+    families: list[str] | None = None,
     num_replicas: int | str = 1,
     device: str = "cpu",
     ray_actor_options: dict[str, Any] | None = None,
@@ -222,12 +239,17 @@ def deployment(
     """A Ray Serve application serving `source` (folder or `repo@revision`) with `create_app`'s API.
 
     Args:
-        domains: load only these of each family (default all).
+        domains: load only these of the default family (default all).
+        families: the other families a request may name by `serve_multiplexed_model_id` (folders or
+            `repo@revision`); any other id is a 404, so a caller cannot make replicas load, with their
+            token, a family the operator did not list.
         num_replicas: replicas (or "auto" for Ray Serve's autoscaling).
         ray_actor_options: resources per replica (default one CPU).
         **app_options: `create_app`'s options (max_batch_size, max_wait_ms, admin_token, threads, ...).
     """
-    options = {"domains": domains, "device": device, "app": app_options}
+    log_key = uuid.uuid4().hex  # this deployment's change logs: a redeploy starts from the families' files
+    options = {"domains": domains, "families": list(families or ()), "device": device, "app": app_options}
+    options["log_key"] = log_key
     server = FamilyServer.options(
         num_replicas=num_replicas, ray_actor_options=ray_actor_options or {"num_cpus": 1}
     )

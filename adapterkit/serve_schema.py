@@ -70,6 +70,9 @@ class DomainOut(BaseModel):
     revision: str | None = Field(description="the commit (Hub) or revision it was loaded from")
     parameters: int = Field(description="parameters the domain adds to the backbone")
     bytes: int = Field(description="bytes of the domain's tensors")
+    routable: bool = Field(
+        description="it has a routing signature: images sent without a domain can reach it"
+    )
 
 
 class DomainsResponse(BaseModel):

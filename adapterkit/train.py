@@ -324,8 +324,11 @@ def _fit_signature(
     dataset = DomainDataset(source, Preprocess(dcfg, grayscale=config.grayscale))
     batch = config.eval_batch_size or 2 * config.batch_size
 
-    def images(data: DomainDataset):
-        subset = Subset(data, range(min(len(data), MAX_IMAGES)))
+    def images(data: DomainDataset):  # a seeded sample when there are more (not the first classes only)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))
+        subset = Subset(
+            data, sorted(order[:MAX_IMAGES].tolist()) if len(data) > MAX_IMAGES else range(len(data))
+        )
         loader = DataLoader(
             subset, batch_size=batch, num_workers=config.num_workers, generator=torch.Generator()
         )

@@ -350,9 +350,22 @@ def parse_range(value: str, size: int) -> tuple[int, int]:
     return start, end
 
 
-async def read_range(path: Path, start: int, end: int, chunk: int = 1024 * 1024) -> AsyncIterator[bytes]:
-    """Stream `[start, end)` of a file (a blob, a xorb)."""
-    fd = os.open(path, os.O_RDONLY)
+def read_range(path: Path, start: int, end: int, chunk: int = 1024 * 1024) -> AsyncIterator[bytes]:
+    """Stream `[start, end)` of a file (a blob, a xorb). The file is opened now, before any header is sent:
+    a missing one is a 500 `BlobMissing` (logged) instead of a 200 whose body never comes."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        logger.error("stored file %s is missing: run `adapterkit-registry fsck`", path)
+        raise HubError(
+            500,
+            "BlobMissing",
+            "A stored file of this repo is missing on the server; its operator should run fsck.",
+        ) from None
+    return _stream(fd, start, end, chunk)
+
+
+async def _stream(fd: int, start: int, end: int, chunk: int) -> AsyncIterator[bytes]:
     try:
         pos = start
         while pos < end:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from pathlib import Path
@@ -96,6 +97,14 @@ def create_app(config: RegistryConfig | str | Path) -> Starlette:
             # The unread rest of a body is discarded by the HTTP server after this answer; a body
             # whose declared size is refused gets `Connection: close` (see Ctx.check_length).
             return error_response(err, method)
+        except OSError as err:
+            logger.exception("storage error on %s %s", method, request.url.path)
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                full = HubError(507, "InsufficientStorage", "The registry's disk is full; try again later.")
+                return error_response(full, method)
+            return error_response(
+                HubError(500, "InternalError", "Storage error; see the server log."), method
+            )
         except Exception:
             logger.exception("internal error on %s %s", method, request.url.path)
             return error_response(

@@ -164,7 +164,7 @@ def store_span(f: BinaryIO, span: Span, blobs: BlobStore) -> BlobInfo:
     except (binascii.Error, ValueError, HubError, OSError) as e:
         out.close()
         tmp.unlink(missing_ok=True)
-        if isinstance(e, HubError):
+        if isinstance(e, (HubError, OSError)):  # an OSError is the disk's (full, failing), not the client's
             raise
         raise bad_request("Inline file content is not valid base64.") from None
     assert written == size

@@ -190,15 +190,21 @@ def test_an_interrupted_training_says_what_it_left_and_how_to_continue(tmp_path)
     cmd += ["--data", str(data), "--backbone", "test_resnet", "--random-init", "--steps", "100000", *TRAIN]
     cmd += ["--output-dir", str(tmp_path / "out"), "--checkpoint-every", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
-    while "training 'pets'" not in (line := proc.stderr.readline()):  # warnings come first
-        assert line, "the training never started"
-    for _ in range(600):  # until the first checkpoint (at most 60 s)
-        if (tmp_path / "out" / "checkpoints" / "pets" / "checkpoint.json").exists():
-            break
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    err = proc.stderr.read()
-    assert proc.wait(timeout=60) == 130, err
+    # Ctrl-C as a terminal sends it; a shell runs background jobs (CI) with SIGINT ignored, which the child
+    # would inherit, so it gets the default back
+    restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=restore)
+    try:
+        while "training 'pets'" not in (line := proc.stderr.readline()):  # warnings come first
+            assert line, "the training never started"
+        for _ in range(600):  # until the first checkpoint (at most 60 s)
+            if (tmp_path / "out" / "checkpoints" / "pets" / "checkpoint.json").exists():
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()  # (a no-op once it has exited)
+    assert proc.returncode == 130, err
     assert "interrupted: 'pets' was not saved; rerun the command with --resume" in err
     assert str(tmp_path / "out" / "checkpoints" / "pets") in err and not family.exists()

@@ -193,3 +193,21 @@ def test_a_stalled_or_trickled_body_ends_with_408_and_frees_its_connection(tmp_p
         assert api.model_info("erin/stall").sha == api.list_repo_commits("erin/stall")[0].commit_id
         assert [f for f in api.list_repo_files("erin/stall") if f != ".gitattributes"] == []
         assert fsck(Storage(srv.root, create=False), deep=False) == []
+
+
+def test_a_missing_blob_is_a_500_before_any_byte_not_a_dropped_download(tmp_path):
+    from adapterkit_registry import RegistryServer, Storage
+
+    with RegistryServer(tmp_path / "root", tokens={TOKEN: ("erin", "write")}) as srv:
+        api = HfApi(endpoint=srv.url, token=TOKEN)
+        api.create_repo("erin/lost")
+        api.upload_file(path_or_fileobj=b"x" * 5000, path_in_repo="f.bin", repo_id="erin/lost")
+        sha = hashlib.sha256(b"x" * 5000).hexdigest()
+        Storage(srv.root, create=False).blobs.path(
+            sha
+        ).unlink()  # as a damaged disk or a bad restore leaves it
+        r = httpx2.get(f"{srv.url}/erin/lost/resolve/main/f.bin")
+        assert (r.status_code, r.headers["x-error-code"]) == (500, "BlobMissing") and "fsck" in r.json()[
+            "error"
+        ]
+        assert httpx2.get(f"{srv.url}/healthz").status_code == 200

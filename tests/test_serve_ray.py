@@ -46,6 +46,7 @@ def ray_url(families):
         app = deployment(
             str(families[0]),
             domains=["a", "b"],
+            families=[str(families[1])],
             num_replicas=2,
             ray_actor_options={"num_cpus": 0.5},
             admin_token=ADMIN,
@@ -99,3 +100,39 @@ def test_an_unknown_family_id_is_a_404(ray_url, tmp_path):
     with httpx.Client(base_url=ray_url, timeout=120) as client:
         r = client.get("/v1/domains", headers=header)
         assert r.status_code == 404 and r.json()["error"]["code"] == "family_not_found"
+        assert "not served here" in r.json()["error"]["message"]  # only the families the deployment lists
+
+
+def test_behind_a_route_prefix_a_hot_add_reaches_its_own_apps_replicas_only(families, ray_url):
+    """A second app at /p: its hot-add reaches both of its replicas, not the app at /, and a new deployment
+    of the same family starts from the family's files (the change log is the deployment's own)."""
+    from ray import serve
+
+    from adapterkit.serve_ray import deployment
+
+    def prefixed():
+        return deployment(
+            str(families[0]),
+            domains=["a"],
+            num_replicas=2,
+            ray_actor_options={"num_cpus": 0.5},
+            admin_token=ADMIN,
+        )
+
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    serve.run(prefixed(), name="prefixed", route_prefix="/p")
+    try:
+        with httpx.Client(base_url=f"{ray_url}/p", timeout=120) as client:
+            body = {"source": str(families[0]), "domain": "b", "as_name": "b2"}
+            assert client.post("/v1/domains", json=body, headers=auth).status_code == 201
+            answers = [predict_json(client, [("b2", image_bytes(i))]) for i in range(16)]
+            assert [a.status_code for a in answers] == [200] * 16
+            assert len({a.headers[REPLICA_HEADER] for a in answers}) == 2  # both replicas serve b2
+        with httpx.Client(base_url=ray_url, timeout=120) as client:
+            assert "b2" not in [d["name"] for d in client.get("/v1/domains").json()["domains"]]
+        serve.delete("prefixed")
+        serve.run(prefixed(), name="prefixed", route_prefix="/p")
+        with httpx.Client(base_url=f"{ray_url}/p", timeout=120) as client:
+            assert [d["name"] for d in client.get("/v1/domains").json()["domains"]] == ["a"]
+    finally:
+        serve.delete("prefixed")

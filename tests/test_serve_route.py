@@ -6,6 +6,7 @@ preprocessing, and refuses to route (409, naming the fix) while a loaded domain 
 from __future__ import annotations
 
 import io
+import logging
 import math
 
 import httpx
@@ -153,12 +154,18 @@ def test_routing_in_the_server_is_model_route_when_the_domains_share_a_config(se
     assert expected.domains == [None, "blue", None, None] != model.route(x).domains
 
 
-def test_a_domain_without_a_signature_makes_routing_refuse_and_named_requests_still_work(served, tmp_path):
+def test_a_domain_without_a_signature_makes_routing_refuse_and_named_requests_still_work(
+    served, tmp_path, caplog
+):
     model, client, _ = served
     old = build_family(tmp_path / "old", domains={"plain": (2, 32, None)})  # written without signatures
-    added = client.post("/v1/domains", json={"source": str(old), "domain": "plain"}, headers=AUTH)
+    with caplog.at_level(logging.WARNING, logger="adapterkit"):
+        added = client.post("/v1/domains", json={"source": str(old), "domain": "plain"}, headers=AUTH)
     assert added.status_code == 201, added.text
+    assert added.json()["routable"] is False and "'plain' has no routing signature" in caplog.text
     try:
+        listed = {d["name"]: d["routable"] for d in client.get("/v1/domains").json()["domains"]}
+        assert listed["plain"] is False and listed["red"] is True
         refused = client.post("/v1/predict", json={"images": [{"data": b64(photo("red", seed=1))}]})
         assert refused.status_code == 409, refused.text
         error = refused.json()["error"]
