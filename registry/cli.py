@@ -166,6 +166,8 @@ def _token(args: argparse.Namespace) -> int:
     elif not store.revoke(args.id):
         print(f"error: no token with id {args.id!r}; see `adapterkit-registry token list`.", file=sys.stderr)
         return 2
+    else:
+        print(f"revoked token {args.id}")
     return 0
 
 

@@ -79,7 +79,10 @@ class Storage:
                 atomic_write_json(marker, {"format_version": FORMAT_VERSION}, self.blobs.tmp)
             version = read_json(marker).get("format_version")
             if version == 1:  # first format: still readable; new commits are written in format 2
-                atomic_write_json(marker, {"format_version": FORMAT_VERSION}, self.blobs.tmp)
+                if (
+                    create
+                ):  # (a server; fsck and token commands leave an old root as it is: no rollback blocked)
+                    atomic_write_json(marker, {"format_version": FORMAT_VERSION}, self.blobs.tmp)
                 version = FORMAT_VERSION
         except (OSError, ValueError, AttributeError) as e:
             raise RegistryError(

@@ -16,6 +16,10 @@ TOKEN = "history-token-0123456789"
 def test_roots_of_the_first_format_still_load_and_accept_commits(tmp_path):
     root = tmp_path / "root"
     ids = _legacy_root(root)
+    assert (
+        fsck(Storage(root, create=False)) == []
+    )  # fsck reads it and leaves it as it is (rollback stays open)
+    assert json.loads((root / "registry.json").read_text())["format_version"] == 1
     with RegistryServer(root, tokens={TOKEN: ("alice", "write")}) as srv:
         api = HfApi(endpoint=srv.url, token=TOKEN)
         assert sorted(api.list_repo_files("alice/old")) == ["README.md", "a/x.txt"]

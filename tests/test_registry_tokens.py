@@ -130,6 +130,11 @@ def test_a_name_differing_only_in_case_from_a_known_namespace_is_refused(tmp_pat
         [*CLI, "token", "create", "--root", str(root), "--user", "Alice"], capture_output=True, text=True
     )
     assert run.returncode != 0 and "differs only in case" in run.stderr and not run.stdout
+    token_id = store.list()[0]["id"]
+    revoked = subprocess.run(
+        [*CLI, "token", "revoke", "--root", str(root), "--id", token_id], capture_output=True, text=True
+    )
+    assert revoked.returncode == 0 and revoked.stdout.strip() == f"revoked token {token_id}"
 
 
 def test_a_namespace_that_holds_repos_keeps_its_case_after_its_tokens_are_revoked(tmp_path):
