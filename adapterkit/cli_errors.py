@@ -10,6 +10,10 @@ built, so a missing, read-only or foreign token fails in a second. Imports no to
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+from typing import Any
+
 # Class names of the HTTP clients' network failures (requests, httpx, urllib3, socket).
 _NETWORK = {"ConnectionError", "ConnectError", "ConnectTimeout", "TransportError", "Timeout"}
 _NETWORK |= {
@@ -172,3 +176,38 @@ def short_reason(error: BaseException, limit: int = 160) -> str:
     """`Type: first words of the message`, to quote a cause inside a one-line message."""
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def train_config_from_flags(**options: Any):
+    """`TrainConfig(**options)` from `adapterkit train`'s flags; its refusals name the flags, not the fields."""
+    from .train_config import TrainConfig
+
+    for name, example in (("weight_decay", "0.0005"), ("adapter_lr_scale", "3.5")):
+        value = options[name]
+        try:
+            options[name] = value if value == "auto" else float(value)
+        except ValueError as e:
+            flag = "--" + name.replace("_", "-")
+            raise CliError(f"{flag} {value!r} is not a number; pass e.g. {example}, or 'auto'") from e
+    try:
+        return TrainConfig(**options)
+    except ValueError as e:
+        flags = {name: "--" + name.replace("_", "-") for name in options} | {"num_workers": "--workers"}
+        text = re.sub(
+            r"\b[a-z]+(?:_[a-z]+)+\b|\b(?:epochs|steps|lr)\b", lambda m: flags.get(m[0], m[0]), str(e)
+        )
+        raise CliError(text) from e
+
+
+def interrupted(domain: str, config: Any) -> str:
+    """What an interrupted training left, and how to continue it."""
+    if config.checkpoint_every:
+        folder = Path(config.output_dir) / "checkpoints" / domain
+        return (
+            f"interrupted: {domain!r} was not saved; rerun the command with --resume to continue from the "
+            f"last checkpoint in {folder}"
+        )
+    return (
+        f"interrupted: {domain!r} was not saved; with --output-dir DIR --checkpoint-every N, a rerun with "
+        "--resume continues from the last checkpoint"
+    )

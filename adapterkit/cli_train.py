@@ -8,7 +8,6 @@ backbone it recorded, and training a domain it already has needs `--overwrite` (
 
 from __future__ import annotations
 
-import re
 import time
 from enum import Enum
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli_errors import CliError
+from .cli_errors import CliError, interrupted, train_config_from_flags
 from .cli_model import (
     DEFAULT_THREADS,
     ImageColumn,
@@ -108,26 +107,6 @@ def _domains_to_open(
             "--resume to continue it (from its checkpoint, with --output-dir), or pick a new name"
         )
     return [domain]  # train_domain(overwrite=True) replaces it; resume=True continues it
-
-
-def _train_config(**options: Any):
-    from .train_config import TrainConfig
-
-    for name, example in (("weight_decay", "0.0005"), ("adapter_lr_scale", "3.5")):
-        value = options[name]
-        try:
-            options[name] = value if value == "auto" else float(value)
-        except ValueError as e:
-            flag = "--" + name.replace("_", "-")
-            raise CliError(f"{flag} {value!r} is not a number; pass e.g. {example}, or 'auto'") from e
-    try:
-        return TrainConfig(**options)
-    except ValueError as e:  # its message names Python fields: name the flags
-        flags = {name: "--" + name.replace("_", "-") for name in options} | {"num_workers": "--workers"}
-        text = re.sub(
-            r"\b[a-z]+(?:_[a-z]+)+\b|\b(?:epochs|steps|lr)\b", lambda m: flags.get(m[0], m[0]), str(e)
-        )
-        raise CliError(text) from e
 
 
 # Long by declaration only: typer reads each option (type, help, default) from this signature; the body
@@ -329,7 +308,7 @@ def train(
         if v is not None
     }
     adapter_config = _adapter_config(family, existing, options)
-    config = _train_config(
+    config = train_config_from_flags(
         epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer.value,
         schedule=schedule.value, weight_decay=weight_decay, adapter_lr_scale=adapter_lr_scale,
         head_lr_scale=head_lr_scale, label_smoothing=label_smoothing,
@@ -360,17 +339,6 @@ def train(
             overwrite=overwrite,
             threads=n,
         )
-
-
-def _interrupted(domain: str, config) -> None:
-    """What an interrupted training left, and how to continue it."""
-    if config.checkpoint_every:
-        folder = Path(config.output_dir) / "checkpoints" / domain
-        status(f"interrupted: {domain!r} was not saved; rerun the command with --resume to continue from "
-               f"the last checkpoint in {folder}")  # fmt: skip
-    else:
-        status(f"interrupted: {domain!r} was not saved; with --output-dir DIR --checkpoint-every N, a rerun "
-               "with --resume continues from the last checkpoint")  # fmt: skip
 
 
 def _fit_and_save(
@@ -412,7 +380,7 @@ def _fit_and_save(
         )
     except KeyboardInterrupt:
         if acc.is_main_process:
-            _interrupted(domain, config)
+            status(interrupted(domain, config))
         raise typer.Exit(130) from None
     if not acc.is_main_process:
         return

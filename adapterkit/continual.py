@@ -35,10 +35,10 @@ import torch
 from .config import AdapterConfig
 from .data import DomainDataset, open_data
 from .inject import create_backbone
-from .loop import seeded
 from .metrics import ContinualReport, decathlon_score, format_table
 from .model import AdapterModel
 from .train import TrainConfig, evaluate, make_accelerator, train_domain, train_model
+from .train_env import seeded
 from .transforms import Preprocess
 
 if TYPE_CHECKING:

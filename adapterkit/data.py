@@ -281,6 +281,15 @@ def open_splits(
     return {"train": open_data(path, *columns)}
 
 
+def data_name(data: Any) -> str:
+    """A folder's name (with its parent's when it is a split: `gtsrb/train`), never its whole path; else
+    the data's type (what a domain's training record says of its data)."""
+    root = Path(data).resolve() if isinstance(data, (str, Path)) else getattr(data, "root", None)
+    if not isinstance(root, Path):
+        return type(data).__name__
+    return "/".join(root.parts[-2:]) if root.name.lower() in SPLITS else root.name
+
+
 class DomainDataset(Dataset):
     """`(tensor, label)` pairs of a source. Keys are indices, or `(epoch, index)` for training, whose
     augmentation draws from `np.random.default_rng([seed, epoch, index])`."""

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .checkpoint import checkpoint_folder, restore_rng, restore_training, save_training
 from .data import DomainDataset, EpochBatches
 from .train_config import GROUPS, TrainConfig, learning_rate
+from .train_env import Call, channels_last, private_rng, seed_rng, threads, wants_channels_last
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -68,49 +69,6 @@ class Plan:
         return self.folder is not None and bool(every) and step % every == 0 and step < self.total
 
 
-class Call(nn.Module):
-    """What `prepare` wraps (DDP, mixed precision's autocast) in place of the caller's model, which
-    accelerate then never patches or marks: every `fit` prepares afresh, and nothing is left to undo."""
-
-    def __init__(
-        self,
-        module: nn.Module,
-        forward: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-        memory_format: torch.memory_format = torch.contiguous_format,
-    ) -> None:
-        super().__init__()
-        self.module, self.call, self.memory_format = module, forward, memory_format
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4:
-            x = x.contiguous(memory_format=self.memory_format)
-        return self.call(self.module, x)
-
-
-def _wants_channels_last(config: TrainConfig, module: nn.Module, device: torch.device) -> bool:
-    if config.channels_last != "auto":
-        return bool(config.channels_last)
-    return device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in module.modules())
-
-
-@contextlib.contextmanager
-def channels_last(module: nn.Module, on: bool) -> Iterator[torch.memory_format]:
-    """With `on`, the module's contiguous 4-D weights and buffers in channels-last memory for the block
-    (the same values, the same tensor objects), then back: on CPU, oneDNN's convs and train-mode BatchNorm
-    run faster on NHWC maps. Yields the memory format batches should take."""
-    moved = [
-        t for t in (*module.parameters(), *module.buffers()) if on and t.dim() == 4 and t.is_contiguous()
-    ]
-    for t in moved:
-        t.data = t.data.contiguous(memory_format=torch.channels_last)
-    try:
-        yield torch.channels_last if on else torch.contiguous_format
-    finally:
-        for t in moved:
-            t.data = t.data.contiguous()
-        module.train(module.training)  # drops eval-mode fused weights built from the channels-last copies
-
-
 def fit(
     job: Job,
     train_set: DomainDataset,
@@ -133,7 +91,7 @@ def fit(
             tensors, world = job.tensors(), acc.num_processes
             state = restore_training(plan.folder, job.name, tensors, optimizer, config, len(train_set), world)
         acc.free_memory()  # between two trainings, as accelerate advises: this also restarts accumulation
-        with channels_last(job.module, _wants_channels_last(config, job.module, acc.device)) as fmt:
+        with channels_last(job.module, wants_channels_last(config, job.module, acc.device)) as fmt:
             model, optimizer = acc.prepare(Call(job.module, job.forward, fmt), optimizer)
             try:
                 step, loss_sum = _continue(state, config, acc)
@@ -314,50 +272,6 @@ def evaluate_dataset(
         module.train(was_training)
     correct, total = acc.reduce(counts, "sum").tolist()
     return correct / max(total, 1)
-
-
-# ---------------------------------------------------------------------- the steps' context
-@contextlib.contextmanager
-def threads(n: int | None) -> Iterator[None]:
-    """torch's CPU threads set to `n` for the block (None: unchanged), restored afterwards."""
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
-def private_rng(device: torch.device) -> Iterator[None]:
-    """Run the block on a fork of torch's RNG (the CPU's, and `device`'s when it is a GPU): whatever
-    the block seeds or draws (initialisation, dropout), the caller's RNG is unchanged afterwards."""
-    gpus = []
-    if device.type == "cuda":
-        gpus = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=gpus):
-        yield
-
-
-def seed_rng(seed: int, device: torch.device) -> None:
-    """Seed the CPU's RNG and `device`'s (this process's GPU only: `private_rng` restores just that one)."""
-    torch.random.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Run the block on a private RNG seeded with `seed`; the caller's RNG is unchanged afterwards.
-
-    Example:
-        >>> with seeded(0, torch.device("cpu")):
-        ...     head = nn.Linear(8, 3)  # the same weights for seed 0, whatever the caller drew before
-    """
-    with private_rng(device):
-        seed_rng(seed, device)
-        yield
 
 
 @contextlib.contextmanager

@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Subset
 
 from .config import check_domain_name
-from .data import SPLITS, DomainDataset, Source, open_data
+from .data import DomainDataset, Source, data_name, open_data
 from .data_checks import align_labels, check_data, checked_datasets, read_labels
-from .loop import Job, checkpoint_folder, evaluate_dataset, fit, seeded, threads
+from .loop import Job, checkpoint_folder, evaluate_dataset, fit
 from .model import AdapterModel
 from .signature import MAX_IMAGES
 from .train_config import AUTO_WEIGHT_DECAY, TrainConfig, auto_weight_decay, learning_rate
+from .train_env import seeded, threads
 from .transforms import Preprocess, resolve_data_config
 
 __all__ = [
@@ -172,34 +172,9 @@ def train_domain(
         info.metrics.pop("accuracy", None)  # an accuracy of earlier training no longer holds
         if "accuracy" in metrics:
             info.metrics["accuracy"] = metrics["accuracy"]
-        info.metadata["training"] = _record(config, metrics, train_data, len(train_set), eval_set)
+        eval_images = len(eval_set) if eval_set is not None else 0
+        info.metadata["training"] = config.record(metrics, data_name(train_data), len(train_set), eval_images)
     return metrics
-
-
-def _data_name(data: Any) -> str:
-    """A folder's name (with its parent's when it is a split: `gtsrb/train`), never its whole path; else
-    the data's type."""
-    root = Path(data).resolve() if isinstance(data, (str, Path)) else getattr(data, "root", None)
-    if not isinstance(root, Path):
-        return type(data).__name__
-    return "/".join(root.parts[-2:]) if root.name.lower() in SPLITS else root.name
-
-
-def _record(config: TrainConfig, metrics: dict, data: Any, images: int, eval_set: Any) -> dict[str, Any]:
-    """How a domain was trained, kept in its metadata (`"training"`) and so in its files: the settings that
-    change its numbers, the data's folder name (not its path) and size, and where training ended."""
-    from . import __version__
-
-    loss = metrics.get("train_loss")
-    return {
-        "adapterkit": __version__,
-        "config": config.trajectory(),
-        "data": _data_name(data),
-        "train_images": images,
-        "eval_images": len(eval_set) if eval_set is not None else 0,
-        "steps": int(metrics["steps"]),
-        "train_loss": loss if isinstance(loss, float) and math.isfinite(loss) else None,
-    }
 
 
 def train_model(

@@ -189,6 +189,23 @@ class TrainConfig:
         """The fields that change the trained numbers (a resumed run must keep them)."""
         return {k: v for k, v in self.to_dict().items() if k not in _NOT_TRAJECTORY}
 
+    def record(self, metrics: dict[str, float], data: str, images: int, eval_images: int) -> dict[str, Any]:
+        """How a domain was trained with this config, kept in its metadata (`"training"`) and so in its
+        files: the settings that change its numbers, the data's name (not its path) and size, and where
+        training ended."""
+        from . import __version__
+
+        loss = metrics.get("train_loss")
+        return {
+            "adapterkit": __version__,
+            "config": self.trajectory(),
+            "data": data,
+            "train_images": images,
+            "eval_images": eval_images,
+            "steps": int(metrics["steps"]),
+            "train_loss": loss if isinstance(loss, float) and math.isfinite(loss) else None,
+        }
+
 
 _AUTO = {"adapter_lr_scale": ", or 'auto' (by topology)"}
 

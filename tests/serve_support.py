@@ -121,3 +121,23 @@ def metric(text: str, name: str, **labels: str) -> float:
             if sample.name == name and sample.labels == labels:
                 return float(sample.value)
     return 0.0
+
+
+def answer_to_a_slow_body(host: str, port: int, head: bytes, trickle: bool) -> bytes:
+    """Send `head` and part of a body, then nothing (or a byte every 0.4 s, a slow-loris client); the
+    server's answer, read until it closes the connection (at most about 30 s)."""
+    answer = b""
+    with socket.create_connection((host, port), timeout=30) as s:
+        s.sendall(head)
+        s.settimeout(0.4)
+        for _ in range(75):
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                if trickle:
+                    s.sendall(b" ")
+                continue
+            if not chunk:
+                return answer
+            answer += chunk
+    raise AssertionError(f"the server kept the connection open; it answered {answer[:200]!r}")

@@ -6,7 +6,6 @@ import base64
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ import httpx2
 import pytest
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
+from serve_support import answer_to_a_slow_body
 
 TOKEN = "limits-token-0123456789"
 THRESHOLD = 64 * 1024
@@ -171,22 +171,7 @@ def test_a_stalled_or_trickled_body_ends_with_408_and_frees_its_connection(tmp_p
             "POST /api/models/erin/stall/commit/main HTTP/1.1\r\nHost: x\r\n"
             f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/x-ndjson\r\nContent-Length: 1000\r\n\r\n"
         )
-        answer = b""
-        with socket.create_connection((host, int(port)), timeout=30) as sock:
-            sock.sendall(head.encode() + b'{"key": "header"')
-            sock.settimeout(0.4)
-            for _ in range(75):  # until the server closes the connection (at most about 30 s)
-                try:
-                    chunk = sock.recv(65536)
-                except TimeoutError:
-                    if trickle:
-                        sock.sendall(b" ")
-                    continue
-                if not chunk:
-                    break
-                answer += chunk
-            else:
-                raise AssertionError(f"the connection stayed open; the server answered {answer[:200]!r}")
+        answer = answer_to_a_slow_body(host, int(port), head.encode() + b'{"key": "header"', trickle)
         status, _, rest = answer.partition(b"\r\n")
         assert status.startswith(b"HTTP/1.1 408") and b"RequestTimeout" in rest, answer[:300]
         assert b"body-timeout" in rest

@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 from PIL import Image
-from serve_support import ADMIN, b64, build_family, image_bytes, predict_json, running
+from serve_support import ADMIN, answer_to_a_slow_body, b64, build_family, image_bytes, predict_json, running
 from starlette.requests import Request
 
 from adapterkit import AdapterModel
@@ -109,26 +109,6 @@ def test_body_over_the_limit_is_refused_before_it_is_read(client):
         )
         head = s.recv(4096)
     assert head.startswith(b"HTTP/1.1 413"), head
-
-
-def answer_to_a_slow_body(host: str, port: int, head: bytes, trickle: bool) -> bytes:
-    """Send `head` and part of a body, then nothing (or a byte every 0.4 s, a slow-loris client); the
-    server's answer, read until it closes the connection (at most about 30 s)."""
-    answer = b""
-    with socket.create_connection((host, port), timeout=30) as s:
-        s.sendall(head)
-        s.settimeout(0.4)
-        for _ in range(75):
-            try:
-                chunk = s.recv(65536)
-            except TimeoutError:
-                if trickle:
-                    s.sendall(b" ")
-                continue
-            if not chunk:
-                return answer
-            answer += chunk
-    raise AssertionError(f"the server kept the connection open; it answered {answer[:200]!r}")
 
 
 @pytest.mark.parametrize("trickle", [False, True], ids=["stalled", "trickled"])

@@ -21,13 +21,18 @@ from adapterkit.train import TrainConfig, auto_weight_decay, evaluate, learning_
 from adapterkit.transforms import Preprocess
 
 
-def test_one_step_changes_only_the_active_domain():
+def with_an_old_domain():
+    """A model with a trained-looking domain `old`, an input batch and `old`'s logits on it."""
     model = make_model()
     model.add_domain("old", num_classes=3, data_config=None)
     perturb(model, "old")
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
-        old_logits = model.eval()(x, domain="old")
+        return model, x, model.eval()(x, domain="old")
+
+
+def test_one_step_changes_only_the_active_domain():
+    model, x, old_logits = with_an_old_domain()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train_domain(model, "new", Toy(8, 4), config=cfg(steps=1), data_config=SIZE)
     after = model.state_dict()
@@ -254,12 +259,7 @@ def test_channels_last_training_matches_and_leaves_the_backbone_as_it_was(option
     bit-identical logits."""
     trained, layouts = {}, []
     for setting in (option, False):
-        model = make_model()
-        model.add_domain("old", num_classes=3, data_config=None)
-        perturb(model, "old")
-        x = torch.rand(2, 3, 32, 32)
-        with torch.no_grad():
-            old_logits = model.eval()(x, domain="old")
+        model, x, old_logits = with_an_old_domain()
         strides = {k: v.stride() for k, v in model.backbone.state_dict().items()}
         conv = next(m for m in model.backbone.modules() if isinstance(m, AdaptedConv2d))
 

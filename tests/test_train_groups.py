@@ -8,9 +8,10 @@ import torch
 from train_support import SIZE, Toy, cfg, fresh_accelerate_state, make_model  # noqa: F401  (autouse fixture)
 
 from adapterkit import AdapterConfig
-from adapterkit.loop import _optimizer, plain_groups, seeded
+from adapterkit.loop import _optimizer, plain_groups
 from adapterkit.train import TrainConfig, _domain_job, auto_weight_decay, train_domain, train_model
 from adapterkit.train_config import HEAD_LR_SCALE, PARALLEL_LR_SCALE
+from adapterkit.train_env import seeded
 
 
 def groups_of(optimizer) -> dict[str, tuple[float, float, int]]:

@@ -1,0 +1,100 @@
+"""What a training holds around its model while `loop.fit` runs: the module accelerate prepares in the
+model's place, the model's memory layout, torch's CPU threads and a private, seeded RNG. Each is set for
+the training and restored afterwards, so the caller's process is as it was."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .train_config import TrainConfig
+
+
+class Call(nn.Module):
+    """What `prepare` wraps (DDP, mixed precision's autocast) in place of the caller's model, which
+    accelerate then never patches or marks: every `fit` prepares afresh, and nothing is left to undo."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        forward: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> None:
+        super().__init__()
+        self.module, self.call, self.memory_format = module, forward, memory_format
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=self.memory_format)
+        return self.call(self.module, x)
+
+
+def wants_channels_last(config: TrainConfig, module: nn.Module, device: torch.device) -> bool:
+    """`config.channels_last`, with "auto" read as: a model with 2-D convs, on CPU."""
+    if config.channels_last != "auto":
+        return bool(config.channels_last)
+    return device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
+@contextlib.contextmanager
+def channels_last(module: nn.Module, on: bool) -> Iterator[torch.memory_format]:
+    """With `on`, the module's contiguous 4-D weights and buffers in channels-last memory for the block
+    (the same values, the same tensor objects), then back: on CPU, oneDNN's convs and train-mode BatchNorm
+    run faster on NHWC maps. Yields the memory format batches should take."""
+    moved = [
+        t for t in (*module.parameters(), *module.buffers()) if on and t.dim() == 4 and t.is_contiguous()
+    ]
+    for t in moved:
+        t.data = t.data.contiguous(memory_format=torch.channels_last)
+    try:
+        yield torch.channels_last if on else torch.contiguous_format
+    finally:
+        for t in moved:
+            t.data = t.data.contiguous()
+        module.train(module.training)  # drops eval-mode fused weights built from the channels-last copies
+
+
+@contextlib.contextmanager
+def threads(n: int | None) -> Iterator[None]:
+    """torch's CPU threads set to `n` for the block (None: unchanged), restored afterwards."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def private_rng(device: torch.device) -> Iterator[None]:
+    """Run the block on a fork of torch's RNG (the CPU's, and `device`'s when it is a GPU): whatever
+    the block seeds or draws (initialisation, dropout), the caller's RNG is unchanged afterwards."""
+    gpus = []
+    if device.type == "cuda":
+        gpus = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=gpus):
+        yield
+
+
+def seed_rng(seed: int, device: torch.device) -> None:
+    """Seed the CPU's RNG and `device`'s (this process's GPU only: `private_rng` restores just that one)."""
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the block on a private RNG seeded with `seed`; the caller's RNG is unchanged afterwards.
+
+    Example:
+        >>> with seeded(0, torch.device("cpu")):
+        ...     head = nn.Linear(8, 3)  # the same weights for seed 0, whatever the caller drew before
+    """
+    with private_rng(device):
+        seed_rng(seed, device)
+        yield
