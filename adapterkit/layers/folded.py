@@ -87,6 +87,16 @@ def _rows(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _project(t: torch.Tensor, factor: torch.Tensor, layout: str) -> torch.Tensor:
+    """`_rows(t) @ factor`, (M, k), in the forms CPU kernels run fastest with a thin output (measured on
+    ResNet-50's and ViT-S's shapes): for channels-last maps a 1x1 conv with k output channels (oneDNN,
+    2-3x faster than the GEMM), for rows a GEMM with the factor as a transposed contiguous (k, C)
+    operand (1.3-2x faster than with the (C, k) one)."""
+    if layout == "nhwc":
+        return _rows(F.conv2d(t, factor.T[:, :, None, None]), "nhwc")
+    return F.linear(_rows(t, layout), factor.T.contiguous())
+
+
 def _low_rank_grads(
     x: torch.Tensor, grad_y: torch.Tensor, basis: torch.Tensor, gamma: torch.Tensor, layout: str
 ):
@@ -98,8 +108,9 @@ def _low_rank_grads(
         h, g = torch.bmm(gamma.T.expand(n, -1, -1), xr), torch.bmm(basis.T.expand(n, -1, -1), gr)
         return torch.bmm(gr, h.mT).sum(0), torch.bmm(xr, g.mT).sum(0)
     # as (k, M) @ (M, C) products, transposed back: on CPU 3-4x faster than (C, M) @ (M, k), whose long
-    # transposed operand and thin output the GEMM runs poorly (ResNet-50's 1x1 convs, channels-last)
-    return ((xr @ gamma).T @ gr).T, ((gr @ basis).T @ xr).T
+    # transposed operand and thin output the GEMM runs poorly
+    h, g = _project(x, gamma, layout), _project(grad_y, basis, layout)
+    return (h.T @ gr).T, (g.T @ xr).T
 
 
 def _input_and_weight_grads(ctx, x, grad_y, merged, need_x: bool, need_w: bool):
@@ -117,7 +128,8 @@ def _input_and_weight_grads(ctx, x, grad_y, merged, need_x: bool, need_w: bool):
 
 def _full_grad(x: torch.Tensor, grad_y: torch.Tensor, layout: str) -> torch.Tensor:
     """The (out, in) gradient of a full adapter: `grad_y` times `x` transposed, summed over positions. As
-    one batched matmul (NCHW) or matmul: on CPU 1-4x faster than oneDNN's 1x1 weight gradient."""
+    one batched matmul (NCHW) or matmul: on CPU 1-4x faster than oneDNN's 1x1 weight gradient on NCHW
+    maps (on channels-last maps oneDNN's is the faster one: `_adapter_grads`)."""
     xr, gr = _rows(x, layout), _rows(grad_y, layout)
     return torch.bmm(gr, xr.mT).sum(0) if xr.dim() == 3 else gr.T @ xr
 
@@ -134,15 +146,19 @@ def _adapter_grads(ctx, x, grad_y, a, gamma, grad_w):
             return _full_grad(x, grad_y, "linear"), None
         return _low_rank_grads(x, grad_y, a, gamma, "linear")
     x = tap_input(x, spec.offset, spec.stride, tuple(grad_y.shape[-2:]))
-    if spec.groups > 1:  # grouped / depthwise: the conv's own weight gradient, per group
+    layout = "nhwc" if _channels_last(x) or _channels_last(grad_y) else "nchw"
+    if spec.groups > 1 or (gamma is None and layout == "nhwc"):
+        # grouped / depthwise, and a full adapter on channels-last maps: the conv's own weight gradient
+        # (oneDNN; in NHWC 1-30x faster than the matmul, most on the stem's 3 input channels)
         ga = _conv_backward(
             grad_y, x, a[:, :, None, None], None, spec.stride, [0, 0], [1, 1], False, [0, 0], spec.groups,
             [False, True, False],
         )[1]  # fmt: skip
         return ga[:, :, 0, 0], None
-    layout = "nhwc" if _channels_last(x) else "nchw"
     if spec.stride != (1, 1):
         x = x[..., :: spec.stride[0], :: spec.stride[1]]
+        if layout == "nhwc":  # once, for both products that read it
+            x = x.contiguous(memory_format=torch.channels_last)
     if gamma is None:
         return _full_grad(x, grad_y, layout), None
     return _low_rank_grads(x, grad_y, a, gamma, layout)
