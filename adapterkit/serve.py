@@ -341,6 +341,8 @@ def create_app(
         version=__version__,
         summary="Residual-adapter domains on one frozen timm backbone: predict, list, hot-add, remove.",
         lifespan=lifespan,
+        docs_url=None,  # served by add_routes from local files (FastAPI's loads a CDN)
+        redoc_url=None,
     )
     app.state.service = service
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes, idle_s=body_timeout_s)

@@ -11,9 +11,12 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from swagger_ui_bundle import swagger_ui_path
 
 from .serve_errors import ServeError
 from .serve_metrics import CONTENT_TYPE
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
     from .serve import Service
 
 REF = "#/components/schemas/{model}"
+DOCS_STATIC = "/docs/static"  # the Swagger UI's files
 MULTIPART_SCHEMA = {
     "type": "object",
     "required": ["image"],
@@ -117,7 +121,26 @@ def add_routes(app: FastAPI, service: Service) -> None:
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    add_docs(app)
     app.add_middleware(CountRequests, service=service)
+
+
+def add_docs(app: FastAPI) -> None:
+    """`/docs`: the Swagger UI, served from this process (the `swagger-ui-bundle` package's files), so it
+    renders offline and behind firewalls; FastAPI's own page loads it from a CDN. Under a `root_path`
+    (a proxy's path prefix) every URL the page loads carries the prefix."""
+    app.mount(DOCS_STATIC, StaticFiles(directory=swagger_ui_path), name="swagger-ui")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{DOCS_STATIC}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_STATIC}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_STATIC}/favicon-32x32.png",
+        )
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
@@ -153,6 +176,12 @@ class CountRequests:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            # FastAPI's routes carry their template; its fixed-path pages (/docs, /openapi.json) only an endpoint
-            route = getattr(scope.get("route"), "path", scope["path"] if "endpoint" in scope else "unmatched")
-            self.service.metrics.http.labels(route, scope["method"], str(status)).inc()
+            self.service.metrics.http.labels(_route_label(scope), scope["method"], str(status)).inc()
+
+
+def _route_label(scope: Scope) -> str:
+    """A request's route template: FastAPI's routes carry theirs; its fixed-path pages (/openapi.json)
+    have only an endpoint; the files under /docs/static count as one route, whatever file was asked for."""
+    if isinstance(scope.get("endpoint"), StaticFiles):
+        return DOCS_STATIC
+    return getattr(scope.get("route"), "path", scope["path"] if "endpoint" in scope else "unmatched")

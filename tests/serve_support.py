@@ -55,9 +55,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(app: Any) -> Iterator[str]:
-    """Run `app` under uvicorn on a free loopback port in a thread; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+def running(app: Any, **config: Any) -> Iterator[str]:
+    """Run `app` under uvicorn (with `config`'s settings) on a free loopback port in a thread; yields its
+    base URL."""
+    config = {"host": "127.0.0.1", "port": free_port(), "log_level": "warning", **config}
+    server = uvicorn.Server(uvicorn.Config(app, **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     for _ in range(500):  # at most 10 s for startup

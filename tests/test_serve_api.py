@@ -3,6 +3,8 @@ readiness, metrics and the OpenAPI schema."""
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import pytest
 import torch
@@ -126,6 +128,37 @@ def test_health_readiness_and_openapi(server):
     for route in ("/docs", "/openapi.json"):  # counted under their own path, not as unmatched
         assert metric(text, "adapterkit_http_requests_total", route=route, method="GET", status="200") >= 1
     assert metric(text, "adapterkit_http_requests_total", route="unmatched", method="GET", status="404") >= 1
+
+
+def test_docs_render_offline_from_the_servers_own_files(server):
+    _, client = server
+    page = client.get("/docs")
+    assert page.status_code == 200 and "cdn" not in page.text.lower()
+    assets = re.findall(r"(?:src|href)=['\"]([^'\"]+)['\"]", page.text)
+    assert len(assets) == 3 and all(a.startswith("/docs/static/") for a in assets)
+    for asset in assets:
+        r = client.get(asset)
+        assert r.status_code == 200 and len(r.content) > 500, asset
+    assert "SwaggerUIBundle" in client.get("/docs/static/swagger-ui-bundle.js").text
+    for i in range(3):  # missing files: 404, counted under one label (bounded cardinality)
+        assert client.get(f"/docs/static/missing-{i}.js").status_code == 404
+    text = client.get("/metrics").text
+    assert (
+        metric(text, "adapterkit_http_requests_total", route="/docs/static", method="GET", status="404") == 3
+    )
+    assert "missing-0" not in text
+
+
+def test_docs_behind_a_proxy_prefix_load_their_files_under_it(family):
+    """A proxy serves the app under /ak and strips the prefix: the page's URLs must carry it."""
+    app = create_app(AdapterModel.from_pretrained(family), source=str(family))
+    with running(app, root_path="/ak") as url, httpx.Client(base_url=url, timeout=30) as client:
+        page = client.get("/docs")  # what the proxy forwards for /ak/docs
+        assert page.status_code == 200
+        assets = re.findall(r"(?:src|href)=['\"]([^'\"]+)['\"]", page.text)
+        assert "'/ak/openapi.json'" in page.text and all(a.startswith("/ak/docs/static/") for a in assets)
+        for asset in assets:
+            assert client.get(asset.removeprefix("/ak")).status_code == 200, asset
 
 
 def test_metrics_count_requests_batches_and_domains(server):
