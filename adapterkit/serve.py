@@ -102,6 +102,19 @@ class Service:
         self.max_images = min(max_images, queue_size)
         self.stopping = False  # set when the server begins to stop: new predictions get 503, /readyz fails
 
+    def abandon_queued(self) -> None:
+        """Answer the images still queued with 503 `shutting_down` (the graceful timeout is ending)."""
+        n = self.batcher.abandon(
+            lambda: ServeError(
+                503,
+                "shutting_down",
+                "the server stopped before this image's turn (its graceful timeout ended); retry",
+                headers={"Retry-After": "1"},
+            )
+        )
+        if n:
+            logger.warning("the graceful timeout is ending: %d queued images answered 503", n)
+
     def close(self) -> None:
         self.batcher.close()
         self.pool.shutdown(wait=False, cancel_futures=True)

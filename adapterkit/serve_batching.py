@@ -113,6 +113,19 @@ class Batcher:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def abandon(self, error: Callable[[], BaseException]) -> int:
+        """Answer every queued image with `error()` now, instead of running it; returns how many. The
+        batch being run is not interrupted."""
+        with self._cond:
+            items = list(self._queue)
+            self._queue.clear()
+        for item in items:
+            try:
+                item.loop.call_soon_threadsafe(_settle, item.future, error())
+            except RuntimeError:  # that request's event loop has closed
+                pass
+        return len(items)
+
     @contextmanager
     def expecting(self, n: int) -> Iterator[None]:
         """Announce `n` images a request is decoding (and will `submit` inside the block), so that a

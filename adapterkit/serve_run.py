@@ -138,13 +138,20 @@ def run_server(
 def stopping_server(server: Any, app: Any) -> Any:
     """`server` (a uvicorn Server), which on its first stop signal also tells `app`'s service to refuse new
     images (503 `shutting_down`, `Retry-After`) and fail `/readyz`: the requests in flight drain, and a load
-    balancer moves new ones elsewhere instead of having them cancelled at the graceful timeout."""
+    balancer moves new ones elsewhere instead of having them cancelled at the graceful timeout. Shortly
+    before that timeout (`server.config.timeout_graceful_shutdown`), the images still queued are answered
+    503 `shutting_down` too, as JSON, rather than left to uvicorn's cancellation (a plain-text 500)."""
     service = getattr(getattr(app, "state", None), "service", None)
     handle_exit = server.handle_exit
+    timeout = getattr(getattr(server, "config", None), "timeout_graceful_shutdown", None)
 
     def stop(sig: int, frame: Any) -> None:
-        if service is not None:
+        if service is not None and not service.stopping:
             service.stopping = True
+            if timeout is not None:  # the last tenth of the timeout (at most 1 s) is left to answer
+                timer = threading.Timer(max(0.0, timeout - min(1.0, timeout / 10)), service.abandon_queued)
+                timer.daemon = True
+                timer.start()
         handle_exit(sig, frame)
 
     server.handle_exit = stop  # (uvicorn installs `self.handle_exit` as the signal handler)

@@ -3,6 +3,7 @@ token from a file or the environment (never a command-line value), and `repo@rev
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -13,7 +14,7 @@ import time
 import httpx
 import pytest
 import torch
-from serve_support import ADMIN, build_family, free_port, image_bytes, predict_json
+from serve_support import ADMIN, b64, build_family, free_port, image_bytes, predict_json
 from typer.testing import CliRunner
 
 from adapterkit import cli_serve
@@ -213,3 +214,39 @@ def test_the_command_lines_pixel_limit_is_the_services():
     from adapterkit.serve_images import DEFAULT_MAX_PIXELS
 
     assert cli_serve.MAX_PIXELS == DEFAULT_MAX_PIXELS  # (cli_serve imports no torch, so it repeats it)
+
+
+def test_images_still_queued_at_the_graceful_timeout_get_a_json_503(family):
+    """SIGTERM with more queued than the graceful timeout lets the server run: what is still queued near
+    the timeout is answered 503 `shutting_down` as JSON (before: uvicorn cancelled it, a plain-text 500)."""
+    port = free_port()
+    flags = ["--port", str(port), "--max-batch-size", "1", "--queue-size", "4096", "--graceful-timeout", "1"]
+    process = subprocess.Popen(
+        [*command(), str(family), "--domain", "a", *flags, "--torch-threads", "1", "--no-freeze-gc"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    body = {"images": [{"domain": "a", "data": b64(image_bytes(i))} for i in range(64)]}
+
+    async def load() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            sent = [asyncio.create_task(client.post("/v1/predict", json=body)) for _ in range(32)]
+            for _ in range(600):  # at most 60 s for the queue to fill
+                if (await client.get("/readyz")).json().get("queue_depth", 0) >= 1000:
+                    break
+                await asyncio.sleep(0.1)
+            process.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*sent)
+
+    try:
+        wait_ready(url, process)
+        answers = asyncio.run(load())
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    codes = [(r.status_code, r.json().get("error", {}).get("code")) for r in answers]  # all JSON
+    assert set(codes) <= {(200, None), (503, "shutting_down")}, codes
+    assert (503, "shutting_down") in codes and process.returncode == 0, err
+    assert "queued images answered 503" in err
