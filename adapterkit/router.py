@@ -99,6 +99,20 @@ def feature_maps(signatures: dict[str, DomainSignature]) -> int:
     return next(iter(maps.values()), 0)
 
 
+def check_maps(model: AdapterModel, domain: str, maps: int, fix: str) -> None:
+    """Refuse a signature of `domain` that reads other feature maps (`maps`) than the other domains'
+    signatures: one routing pass serves them all, so routing (and the inference service) could not use
+    any of them. `fix` names the way out (`{others}`: the maps the others read)."""
+    wrong = {d: int(s.maps) for d, s in model.signatures.items() if d != domain and int(s.maps) != maps}
+    if wrong:
+        others = "/".join(str(m) for m in sorted(set(wrong.values())))
+        raise ValueError(
+            f"the signature of {domain!r} reads maps={maps} and the signatures of {sorted(wrong)} read "
+            f"maps={others} (0: every stage's but the last); one routing pass serves every domain, so they "
+            "must agree: " + fix.format(others=others)
+        )
+
+
 def unreadable(signatures: dict[str, DomainSignature], width: int) -> list[str]:
     """The signatures that features `width` wide cannot score: fitted on other features (another
     backbone, or an adapterkit before the layout features of `style_features`: refit them)."""
@@ -244,6 +258,13 @@ def fit_signature(
     if maps is None:  # what the other domains' signatures read
         others = [s for d, s in model.signatures.items() if d != domain]
         maps = int(others[0].maps) if others else 0
+    check_maps(
+        model,
+        domain,
+        maps,
+        f"fit it with maps={{others}} (or leave maps out), or switch every domain to maps={maps}: "
+        f"model.signatures.clear(), then fit each with maps={maps}",
+    )
     state = model.domain_state_dict(domain)
     nbytes = sum(t.numel() * t.element_size() for k, t in state.items() if not k.startswith("signature."))
     cap = None if budget is None else int(budget * nbytes)

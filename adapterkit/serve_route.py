@@ -104,7 +104,7 @@ def no_signature(missing: list[str]) -> ServeError:
 def signature_mismatch(wrong: list[str]) -> ServeError:
     return ServeError(
         409,
-        "no_signature",
+        "signature_mismatch",
         f"the signatures of {wrong} were fitted on other features (another backbone or adapterkit version, "
         "or different `maps`), so images cannot be routed: name each image's domain, or refit them with "
         "model.fit_signature",

@@ -243,9 +243,18 @@ def test_signatures_can_read_fewer_feature_maps_and_must_agree(model, tmp_path):
     short.add_domain("extra", num_classes=2)
     assert int(short.fit_signature("extra", batches(images("red", 32, seed=1))).maps) == 1  # as the others
     short.remove_domain("extra")
-    short.fit_signature("red", batches(images("red", 96, seed=0)), maps=0)  # every stage's but the last
+    with pytest.raises(ValueError, match=r"'red' reads maps=0 .*\['blue', 'green'\] read maps=1.*maps=1"):
+        short.fit_signature("red", batches(images("red", 96, seed=0)), maps=0)  # refused where attached
+    assert int(short.signatures["red"].maps) == 1 and short.route(x).best == a.best
+    mixed = DomainSignature(model.signatures["red"].num_features, model.signatures["red"].mean.shape[0])
+    mixed.load_state_dict(model.signatures["red"].state_dict())  # (a family saved so by an older release)
+    short.signatures["red"] = mixed
     with pytest.raises(ValueError, match="read different feature maps.*refit them with one `maps`"):
         short.route(x)
+    short.signatures.clear()  # switching every domain's maps, as the refusal says
+    for i, colour in enumerate(COLOURS):
+        short.fit_signature(colour, batches(images(colour, 96, seed=i)), maps=0)
+    assert short.route(x).best == a.best
     with pytest.raises(ValueError, match="maps=9"):
         short.fit_signature("red", batches(images("red", 16, seed=0)), maps=9)
 

@@ -229,10 +229,31 @@ def test_signatures_reading_different_feature_maps_are_refused(served):
     try:
         refused = client.post("/v1/predict", json={"images": [{"data": b64(photo("red", seed=3))}]})
         assert refused.status_code == 409, refused.text
+        assert refused.json()["error"]["code"] == "signature_mismatch"  # it has one: no `no_signature`
         assert "maps" in refused.text and "fit_signature" in refused.text
     finally:
         model.signatures["red"] = good
     assert client.get("/healthz").status_code == 200
+
+
+def test_a_hot_add_whose_signature_reads_other_feature_maps_is_refused_where_it_is_added(served, tmp_path):
+    """It was added, and then every routed request got 409 `no_signature`; now the hot-add itself is
+    refused (422, naming the maps and the fix) and routing goes on."""
+    model, client, _ = served
+    other = AdapterModel.from_backbone("test_resnet")
+    other.add_domain("purple", num_classes=2, data_config=CONFIGS["red"])
+    x = preprocessed(other, "purple", [photo("red", seed=900 + k) for k in range(48)])
+    other.fit_signature("purple", x.split(16), maps=1, budget=None)
+    other.save_pretrained(tmp_path / "short")
+    added = client.post(
+        "/v1/domains", json={"source": str(tmp_path / "short"), "domain": "purple"}, headers=AUTH
+    )
+    assert added.status_code == 422, added.text
+    message = added.json()["error"]["message"]
+    assert "'purple' reads maps=1" in message and "read maps=0" in message and "fit_signature" in message
+    assert "purple" not in model.domains
+    routed = client.post("/v1/predict", json={"images": [{"data": b64(photo("red", seed=3))}]})
+    assert routed.json()["predictions"][0]["domain"] == "red"
 
 
 def test_routed_images_count_in_the_metrics_under_the_domain_they_went_to(served):
