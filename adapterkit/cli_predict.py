@@ -68,14 +68,15 @@ def pick_domain(domain: str | None, loaded: list[str], routable: bool) -> str:
 
 def rows(files: list[Path], predictions: list[dict[str, Any]]) -> list[list[object]]:
     """One table row per image: its file, domain (`unknown` when routing found none, `error` when the image
-    could not be classified), label (for `unknown`, the routing's confidence in the nearest domain, which
-    saturates near 1 and is no class probability) and score (the label's probability)."""
+    could not be classified), label (for `unknown`, the routing confidence: how typical the image is of
+    the nearest domain, no class probability) and score (the label's probability)."""
     out = []
     for path, p in zip(files, predictions, strict=True):
         if "error" in p:
             out.append([str(path), "error", p["error"]["message"], ""])
         elif p.get("unknown"):
-            confidence = f"(routing confidence {p['confidence']:.4f})"
+            c = p["confidence"]
+            confidence = "" if c is None else f"(routing confidence {c:.4f})"
             out.append([str(path), f"unknown (nearest {p['nearest']})", confidence, ""])
         else:
             out.append([str(path), p["domain"], p["label"], p["score"]])

@@ -296,5 +296,10 @@ def load_domain(
         model, name, src.fetch(domain_file(name)), config["domains"][name].get("sha256"), basis
     )
     info.name = target
+    if signature is not None:  # a signature the loaded domains' cannot share a routing pass with
+        from .router import check_maps
+
+        fix = "refit it with maps={others} (model.fit_signature(domain, batches, maps={others})), save it and add it again"
+        check_maps(model, target, int(signature.maps), fix)
     history = (config.get("basis") or {}).get("history", [])
     model.publish_domain(info, adapters, head, basis=basis or None, history=history, signature=signature)

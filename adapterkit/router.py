@@ -3,7 +3,8 @@
 Routing costs one pass of the plain frozen backbone (the features every signature reads) plus O(F) per
 domain: with the domain's own forward, at most 2 forwards per image whatever the number of domains.
 The score of domain d is its signature's log-likelihood per feature; the chosen domain is the best
-score, its confidence the posterior under equal priors. Before any domain runs, a sample whose best score
+score, its confidence how typical that score is of the domain's own images (`signature.typicality`), its
+margin how far ahead of the runner-up it is. Before any domain runs, a sample whose best score
 is below that domain's threshold is unknown (None, `decide`); once it ran through its best domain, a
 sample is unknown when its open score is below the domain's `open_threshold` (`decide_open`), which
 also reads the domain's head: the decision `route(x, classify=True)` and the inference service make.
@@ -12,7 +13,10 @@ also reads the domain's head: the decision `route(x, classify=True)` and the inf
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import warnings
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -20,8 +24,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .signature import MAX_IMAGES, DomainSignature, open_scores
-from .transforms import check_batch
+from .signature import (
+    MAX_IMAGES,
+    MIN_COMPONENTS,
+    DomainSignature,
+    _user_level,
+    open_scores,
+    typicality,
+)
+from .transforms import check_batch, resolve_data_config
 
 if TYPE_CHECKING:
     from .model import AdapterModel
@@ -34,9 +45,17 @@ class Route:
     Attributes:
         domains: the chosen domain per sample, or None when the sample fits no known domain.
         best: the best-scoring domain per sample, even when it is unknown.
-        confidence: posterior of the best domain under equal priors (N,).
+        confidence: how typical each sample is of its best domain (N,): the share of that domain's own
+            held-out images whose signature score is at or below the sample's (about 0.5 for a typical
+            image, under 0.01 for one stranger than 99 % of them; `signature.typicality`). NaN where the
+            domain's signature predates the stored score quantiles (refit it with `model.fit_signature`).
         scores: per-domain scores (N x D), columns in `names` order.
         names: the domains that have a signature.
+        margin: the best score minus the second best (N,; per feature, >= 0; inf with one domain): near 0,
+            two domains fit the sample about equally.
+        posterior: the best domain's posterior under equal priors (N,). The diagonal Gaussians count
+            every feature as independent evidence, so it is 1.0 for nearly every sample, unknown ones
+            included: read `confidence` or `margin` instead.
         logits: each sample's logits through its best domain, after `route(x, classify=True)`.
         open_scores: then each sample's open score (higher: more like its domain's own images; NaN where
             the signature has no open-set calibration): the per-domain `open_threshold` decides
@@ -50,6 +69,8 @@ class Route:
     names: list[str]
     logits: torch.Tensor | None = None
     open_scores: torch.Tensor | None = None
+    margin: torch.Tensor | None = None
+    posterior: torch.Tensor | None = None
 
 
 def route(features: torch.Tensor, signatures: dict[str, DomainSignature]) -> Route:
@@ -78,6 +99,20 @@ def feature_maps(signatures: dict[str, DomainSignature]) -> int:
     return next(iter(maps.values()), 0)
 
 
+def check_maps(model: AdapterModel, domain: str, maps: int, fix: str) -> None:
+    """Refuse a signature of `domain` that reads other feature maps (`maps`) than the other domains'
+    signatures: one routing pass serves them all, so routing (and the inference service) could not use
+    any of them. `fix` names the way out (`{others}`: the maps the others read)."""
+    wrong = {d: int(s.maps) for d, s in model.signatures.items() if d != domain and int(s.maps) != maps}
+    if wrong:
+        others = "/".join(str(m) for m in sorted(set(wrong.values())))
+        raise ValueError(
+            f"the signature of {domain!r} reads maps={maps} and the signatures of {sorted(wrong)} read "
+            f"maps={others} (0: every stage's but the last); one routing pass serves every domain, so they "
+            "must agree: " + fix.format(others=others)
+        )
+
+
 def unreadable(signatures: dict[str, DomainSignature], width: int) -> list[str]:
     """The signatures that features `width` wide cannot score: fitted on other features (another
     backbone, or an adapterkit before the layout features of `style_features`: refit them)."""
@@ -86,22 +121,25 @@ def unreadable(signatures: dict[str, DomainSignature], width: int) -> list[str]:
 
 def decide(scores: torch.Tensor, signatures: dict[str, DomainSignature]) -> Route:
     """The route from per-domain scores (N x D, columns in `signatures` order; -inf for a domain not
-    scored on a sample): the best domain, its confidence, and None where the best score is below that
-    domain's threshold. The inference service scores each domain on its own preprocessing and decides
-    here (serve_route.py)."""
+    scored on a sample): the best domain, its confidence and margin, and None where the best score is
+    below that domain's threshold. The inference service scores each domain on its own preprocessing and
+    decides here (serve_route.py)."""
     names = list(signatures)
     num_features = next(iter(signatures.values())).num_features
     top, index = scores.max(dim=1)
-    confidence = torch.softmax(scores * num_features, dim=1).gather(1, index[:, None])[:, 0]
+    posterior = torch.softmax(scores * num_features, dim=1).gather(1, index[:, None])[:, 0]
+    second = scores.topk(2, dim=1).values[:, 1] if len(names) > 1 else torch.full_like(top, -math.inf)
     thresholds = torch.stack([signatures[n].threshold for n in names]).to(scores.device)[index]
     best = [names[i] for i in index.tolist()]
     known = (top >= thresholds).tolist()
     return Route(
         [b if k else None for b, k in zip(best, known, strict=True)],
         best,
-        confidence.nan_to_num(0.0),  # a sample no domain could score
+        typicality(top, [signatures[b] for b in best]),
         scores,
         names,
+        margin=torch.where(torch.isfinite(top), top - second, math.nan),
+        posterior=posterior.nan_to_num(0.0),  # a sample no domain could score
     )
 
 
@@ -220,35 +258,77 @@ def fit_signature(
     if maps is None:  # what the other domains' signatures read
         others = [s for d, s in model.signatures.items() if d != domain]
         maps = int(others[0].maps) if others else 0
+    check_maps(
+        model,
+        domain,
+        maps,
+        f"fit it with maps={{others}} (or leave maps out), or switch every domain to maps={maps}: "
+        f"model.signatures.clear(), then fit each with maps={maps}",
+    )
     state = model.domain_state_dict(domain)
     nbytes = sum(t.numel() * t.element_size() for k, t in state.items() if not k.startswith("signature."))
     cap = None if budget is None else int(budget * nbytes)
     features, energies = collect(model, batches, maps=maps, domain=domain)
     held = None if calibration is None else collect(model, calibration, maps=maps, domain=domain)
-    signature = DomainSignature.fit(features, components, max_bytes=cap, energies=energies, calibration=held)
+    signature = DomainSignature.fit(
+        features,
+        components,
+        max_bytes=cap,
+        energies=energies,
+        calibration=held,
+        min_components=MIN_COMPONENTS,  # the budget's floor: small domains still get a mixture
+    )
     signature.maps.fill_(maps)
     return signature
 
 
 def route_batch(model: AdapterModel, x: torch.Tensor, classify: bool) -> Route:
     """`AdapterModel.route`: the signatures' decision, or with `classify` the decision after each sample
-    ran through its best domain (one mixed batch)."""
-    names = [d for d in model.domains if d in model.signatures]
-    missing = [d for d in model.domains if d not in model.signatures]
-    if not names or missing:
-        raise ValueError(
-            f"routing needs a signature for every domain; {missing or 'all'} have none (trained before "
-            "signatures existed, or added without training): call model.fit_signature(domain, batches)"
-        )
-    signatures = {n: model.signatures[n] for n in names}
-    check_batch(x, model.in_chans)  # (as the forward says it: a 1-channel batch is not a conv's error)
-    if x.shape[0] == 0:  # an empty batch: nothing to score or run
-        empty = Route([], [], x.new_zeros(0), x.new_zeros(0, len(names)), names)
-        return (
-            dataclasses.replace(empty, logits=x.new_zeros(0, 0), open_scores=x.new_zeros(0))
-            if classify
-            else empty
-        )
-    with torch.no_grad():
-        routed = route(style_features(model.backbone, x, feature_maps(signatures)), signatures)
-        return decide_open(routed, model(x, domain=routed.best), signatures) if classify else routed
+    ran through its best domain (one mixed batch). It holds the model's lock throughout, so a domain
+    removed or added by another thread meanwhile waits for it: the route reads one consistent set of
+    domains."""
+    with model._lock:
+        names = [d for d in model.domains if d in model.signatures]
+        missing = [d for d in model.domains if d not in model.signatures]
+        if not names or missing:
+            raise ValueError(
+                f"routing needs a signature for every domain; {missing or 'all'} have none (trained before "
+                "signatures existed, or added without training): call model.fit_signature(domain, batches)"
+            )
+        signatures = {n: model.signatures[n] for n in names}
+        check_batch(x, model.in_chans)  # (as the forward says it: a 1-channel batch is not a conv's error)
+        warn_configs(model, names)
+        if x.shape[0] == 0:  # an empty batch: nothing to score or run
+            empty = Route([], [], x.new_zeros(0), x.new_zeros(0, len(names)), names)
+            empty = dataclasses.replace(empty, margin=x.new_zeros(0), posterior=x.new_zeros(0))
+            if classify:
+                return dataclasses.replace(empty, logits=x.new_zeros(0, 0), open_scores=x.new_zeros(0))
+            return empty
+        with torch.no_grad():
+            routed = route(style_features(model.backbone, x, feature_maps(signatures)), signatures)
+            return decide_open(routed, model(x, domain=routed.best), signatures) if classify else routed
+
+
+_warned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the configs it warned of
+
+
+def warn_configs(model: AdapterModel, names: list[str]) -> None:
+    """Warn once per set of configs when the domains' data configs (preprocessing) differ: `route(x)`
+    scores every domain on the one tensor it is given, while each signature was fitted on its own
+    domain's preprocessing (the service and `adapterkit predict` preprocess per domain)."""
+    configs = {n: resolve_data_config(model.pretrained_cfg, model.domain_info(n).data_config) for n in names}
+    keys = sorted({k for c in configs.values() for k in c})
+    differ = [k for k in keys if len({json.dumps(c.get(k), default=str) for c in configs.values()}) > 1]
+    seen = _warned.setdefault(model, set())
+    key = json.dumps(configs, sort_keys=True, default=str)
+    if not differ or key in seen:
+        return
+    seen.add(key)
+    what = "; ".join(f"{k}: " + ", ".join(f"{n} {configs[n].get(k)}" for n in names) for k in differ)
+    warnings.warn(
+        f"the domains' data configs differ ({what}), and route(x) scores every domain on the same tensor: "
+        "a domain whose preprocessing x does not match scores lower than it should. Preprocess per domain "
+        "and decide with adapterkit.router.decide, as the inference service does (docs/routing.md, "
+        '"Preprocessing"), or use `adapterkit predict`',
+        stacklevel=_user_level(),
+    )

@@ -45,7 +45,7 @@ from .serve_errors import (
 from .serve_images import DEFAULT_MAX_PIXELS, Preprocessors
 from .serve_metrics import Metrics
 from .serve_predict import Parsed, parse_json, parse_multipart, request_kind
-from .serve_route import AUTO, Router, answer
+from .serve_route import AUTO, Router, answer, metric_labels
 from .serve_routes import add_routes
 
 if TYPE_CHECKING:
@@ -124,6 +124,7 @@ class Service:
     async def predict(self, request: Request) -> dict[str, Any]:
         start = time.perf_counter()
         domains: list[str] = []
+        predictions = None
         status = 500
         try:
             if self.stopping:
@@ -137,15 +138,16 @@ class Service:
             parsed = await self._read(request)
             domains = parsed.domains
             answer = await self.respond(parsed)
-            status = 200
+            status, predictions = 200, answer["predictions"]
             return answer
         except ServeError as e:
             status = e.status
             raise
-        finally:
-            loaded = set(self.model.domains)
-            labels = [d if d in loaded or d == AUTO else "_other" for d in domains] or ["_none"]
-            self.metrics.observe_predictions(labels, status, time.perf_counter() - start)
+        finally:  # routed images count under the domain they went to (serve_route.metric_labels)
+            labels = metric_labels(domains, predictions, set(self.model.domains))
+            self.metrics.observe_predictions(labels or ["_none"], status, time.perf_counter() - start)
+            if predictions is not None:
+                self.metrics.observe_routed([x for x, d in zip(labels, domains, strict=True) if d == AUTO])
 
     async def _read(self, request: Request) -> Parsed:
         loop = asyncio.get_running_loop()

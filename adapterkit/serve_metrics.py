@@ -1,6 +1,8 @@
 """Prometheus metrics of the inference service (prometheus_client), one registry per app.
 
-adapterkit_predictions_total{domain,status}            images answered, by domain and HTTP status
+adapterkit_predictions_total{domain,status}            images answered, by domain and HTTP status (a routed
+                                                       image by the domain it was routed to)
+adapterkit_routed_total{domain}                        images the server routed and answered, by that domain
 adapterkit_prediction_seconds{domain,status}           request latency of each image (histogram)
 adapterkit_http_requests_total{route,method,status}    every request, by route template
 adapterkit_batch_size / adapterkit_batch_domains       images and distinct domains per forward
@@ -30,6 +32,12 @@ class Metrics:
         r = self.registry
         self.predictions = Counter(
             "adapterkit_predictions", "Images answered", ["domain", "status"], registry=r
+        )
+        self.routed = Counter(
+            "adapterkit_routed",
+            "Images sent without a domain, answered, by the domain routing chose (_unknown: none)",
+            ["domain"],
+            registry=r,
         )
         self.latency = Histogram(
             "adapterkit_prediction_seconds",
@@ -66,6 +74,10 @@ class Metrics:
         for domain in domains:
             self.predictions.labels(domain, str(status)).inc()
             self.latency.labels(domain, str(status)).observe(seconds)
+
+    def observe_routed(self, domains: list[str]) -> None:
+        for domain in domains:
+            self.routed.labels(domain).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

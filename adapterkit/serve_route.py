@@ -11,9 +11,14 @@ forward with its best domain's tensor, and after it is unknown when its open sco
 it) decides before the forward, by its threshold, and its unknown images skip the forward. With a single
 config this is exactly `model.route(x, classify=True)`.
 
-A routed image's answer carries `"routed": true`, `"unknown": false` and the routing `"confidence"` next
-to the usual fields. An image that fits no loaded domain is answered (status 200) without a class:
+A routed image's answer carries `"routed": true`, `"unknown": false`, the routing `"confidence"` (how
+typical the image is of the chosen domain: `signature.typicality`; null for a signature fitted before the
+score quantiles) and `"margin"` (best minus second-best score; null with one domain) next to the usual
+fields. An image that fits no loaded domain is answered (status 200) without a class:
 `{"domain": null, "routed": true, "unknown": true, "nearest": <best-scoring domain>, "confidence": ...}`.
+A routed image whose domain was removed between routing and the forward is answered alone with
+`{"domain": null, "routed": true, "error": {"code": "domains_changed", "message": ...}}` (send it again);
+the request's other images are answered as usual.
 A loaded domain without a signature makes routing refuse (409 `no_signature`, naming the fix); requests
 that name their domains are served as before. Images are routed among the domains loaded when their batch
 runs; a domain hot-added meanwhile with a data config no other loaded domain has is left out of the
@@ -44,23 +49,38 @@ if TYPE_CHECKING:
     from .serve_domains import Domains
     from .serve_images import Preprocessors
 
-__all__ = ["AUTO", "Router", "Routed", "answer", "no_signature"]
+__all__ = ["AUTO", "ImageError", "Router", "Routed", "answer", "metric_labels", "no_signature"]
 
 
 @dataclass
 class Routed:
-    """Where routing sent one image: `domain` (None: unknown), the `nearest` domain, the confidence, the
-    chosen domain's labels (read while it was certainly loaded), the data config of its tensor, and
-    whether the unknown decision waits for the domain's logits (its signature has the open-set
-    calibration)."""
+    """Where routing sent one image: `domain` (None: unknown), the `nearest` domain, the confidence
+    (`Route.confidence`, None where it is NaN) and margin (None where not finite), the chosen domain's
+    labels (read while it was certainly loaded), the data config of its tensor, and whether the unknown
+    decision waits for the domain's logits (its signature has the open-set calibration)."""
 
     domain: str | None
     nearest: str
-    confidence: float
+    confidence: float | None
     labels: list[str] | None = None
     key: str | None = None
     score: float = -math.inf  # the nearest domain's signature score
     pending: bool = False  # runs through `nearest`, known or not once its logits are in (open_decisions)
+    margin: float | None = None
+
+
+@dataclass
+class ImageError:
+    """One image's error, answered in its row (`{"error": {"code", "message"}}`) while the request's
+    other images are answered as usual."""
+
+    code: str
+    message: str
+
+
+def finite(value: float) -> float | None:
+    """`value`, or None (JSON null) where it is NaN or infinite."""
+    return value if math.isfinite(value) else None
 
 
 def no_signature(missing: list[str]) -> ServeError:
@@ -84,7 +104,7 @@ def no_signature(missing: list[str]) -> ServeError:
 def signature_mismatch(wrong: list[str]) -> ServeError:
     return ServeError(
         409,
-        "no_signature",
+        "signature_mismatch",
         f"the signatures of {wrong} were fitted on other features (another backbone or adapterkit version, "
         "or different `maps`), so images cannot be routed: name each image's domain, or refit them with "
         "model.fit_signature",
@@ -161,11 +181,10 @@ class Router:
         run = [i for i, item in enumerate(items) if results[i] is None and item.x is not None]
         for i, result in zip(run, self.domains.run([items[i] for i in run]), strict=True):
             if items[i].routed is not None and isinstance(result, ServeError):
-                result = ServeError(  # its domain was unloaded between routing and the forward
-                    503,
-                    "domains_changed",
-                    f"domain {items[i].domain!r} was unloaded while the image was being routed; retry",
-                    headers={"Retry-After": "1"},
+                result = ImageError(  # its domain was unloaded between routing and the forward: this
+                    "domains_changed",  # image alone is answered so, the request's others as usual
+                    f"domain {items[i].domain!r} was unloaded while the image was being routed; send the "
+                    "image again to route it among the domains loaded now",
                 )
             results[i] = result
         self._decide_open([(items[i], results[i]) for i in run if isinstance(results[i], torch.Tensor)])
@@ -224,8 +243,10 @@ class Router:
             pending = ok and signatures[nearest].open_threshold is not None
             chosen = nearest if pending else chosen if ok else None
             labels = self.model.domain_info(chosen).labels if chosen is not None else None
-            confidence = float(route.confidence[j])
-            out.append(Routed(chosen, nearest, confidence, labels, keys.get(chosen), best[j], pending))
+            confidence, margin = finite(float(route.confidence[j])), finite(float(route.margin[j]))
+            out.append(
+                Routed(chosen, nearest, confidence, labels, keys.get(chosen), best[j], pending, margin)
+            )
         return out
 
 
@@ -234,13 +255,24 @@ def answer(item: Item, row: Any, labels: list[str] | None, top_k: int, return_lo
     routed: Routed | None = item.routed
     if routed is None:
         return prediction(item.domain, row, labels, top_k, return_logits)
+    if isinstance(row, ImageError):
+        return {"domain": None, "routed": True, "error": {"code": row.code, "message": row.message}}
+    how = {"routed": True, "confidence": routed.confidence, "margin": routed.margin}
     if routed.domain is None:
-        return {
-            "domain": None,
-            "routed": True,
-            "unknown": True,
-            "nearest": routed.nearest,
-            "confidence": routed.confidence,
-        }
+        return {"domain": None, **how, "unknown": True, "nearest": routed.nearest}
     out = prediction(routed.domain, row, routed.labels, top_k, return_logits)
-    return {**out, "routed": True, "unknown": False, "confidence": routed.confidence}
+    return {**out, **how, "unknown": False}
+
+
+def metric_labels(domains: list[str], predictions: list[dict] | None, loaded: set[str]) -> list[str]:
+    """The `domain` label of each image of a request (`domains`: as the request named them) in the
+    predictions metrics: a routed image answered counts under the domain it was routed to (`_unknown`
+    when it fits none, `auto` when routing did not answer it), a domain no longer loaded under `_other`,
+    so the labels stay within the loaded domains."""
+    out = []
+    for i, d in enumerate(domains):
+        if d == AUTO and predictions is not None:
+            p = predictions[i]
+            d = p["domain"] or ("_unknown" if p.get("unknown") else AUTO)
+        out.append(d if d in loaded or d in (AUTO, "_unknown") else "_other")
+    return out

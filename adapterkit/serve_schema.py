@@ -37,10 +37,16 @@ class Ranked(BaseModel):
     score: float = Field(description="softmax probability")
 
 
+class ImageErrorOut(BaseModel):
+    code: str
+    message: str
+
+
 class Prediction(BaseModel):
     """One image's answer. An image the server routed (no domain in the request) also has `routed`,
-    `unknown` and `confidence`; when it fits no loaded domain, `domain` is null, `nearest` names the
-    best-scoring domain, and there is no class."""
+    `unknown`, `confidence` and `margin`; when it fits no loaded domain, `domain` is null, `nearest` names
+    the best-scoring domain, and there is no class. A routed image whose domain was removed before its
+    forward has `error` instead (the request's other images are answered)."""
 
     domain: str | None = Field(description="the domain that classified the image; null: unknown image")
     label: str | None = Field(
@@ -52,8 +58,21 @@ class Prediction(BaseModel):
     logits: list[float] | None = None
     routed: bool | None = Field(None, description="true when the server chose the domain")
     unknown: bool | None = Field(None, description="true when the image fits no loaded domain")
-    confidence: float | None = Field(None, description="the chosen domain's posterior among the loaded ones")
+    confidence: float | None = Field(
+        None,
+        description="how typical the image is of the chosen (or nearest) domain: the share of the domain's "
+        "own held-out images whose signature score is at or below the image's (about 0.5 typical, under "
+        "0.01 stranger than 99 % of them); null for a signature fitted before its score quantiles",
+    )
+    margin: float | None = Field(
+        None,
+        description="the best domain's signature score minus the second best (per feature; near 0: two "
+        "domains fit about equally); null with one domain",
+    )
     nearest: str | None = Field(None, description="the best-scoring domain of an unknown image")
+    error: ImageErrorOut | None = Field(
+        None, description="why this routed image got no answer (`domains_changed`: send it again)"
+    )
 
 
 class PredictResponse(BaseModel):

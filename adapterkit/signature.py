@@ -20,6 +20,9 @@ import torch
 from torch import nn
 
 SIGNATURE_SHARE = 0.01  # a signature's bytes at most, as a share of its domain's (fit_signature's budget)
+# ... but never fewer components than this: 1 % of a small domain (a CIFAR ResNet-20's, 131 KB) bought one
+# Gaussian, which routed the real sequence worse than six (docs/routing.md, "Signature")
+MIN_COMPONENTS = 6
 REJECT = 0.01  # share of a domain's own images the threshold may call unknown
 MAX_IMAGES = 4096  # images a signature is fitted on (the rest add nothing measurable)
 COMPONENTS = 6  # Gaussians per signature: what the 1 % budget buys the CIFAR ResNets in 8-bit codes; on the
@@ -155,6 +158,7 @@ class DomainSignature(nn.Module):
         max_bytes: int | None = None,
         energies: torch.Tensor | None = None,
         calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
+        min_components: int = 1,
     ) -> DomainSignature:
         """The signature of `features` (N x F, N >= 4 per component), fitted by EM from a fixed seed
         (the same features always give the same signature). The threshold is calibrated out of sample:
@@ -179,7 +183,7 @@ class DomainSignature(nn.Module):
             if max_bytes is not None:
                 per_component, fixed = _bytes(form, features.shape[1])
                 fixed += OPEN_BYTES if energies is not None else 0
-                k = max(1, min(components, (max_bytes - fixed) // per_component))
+                k = max(1, min(components, max(min_components, (max_bytes - fixed) // per_component)))
             signature = cls._mixture(features, k)
             exact = signature.score(features)
             if (signature._store(form).score(features) - exact).abs().max() <= ROUNDING:
@@ -250,6 +254,21 @@ def _cdf(quantiles: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     p = probs[lo] + t * (probs[hi] - probs[lo])
     p = torch.where(above == 0, 0.0, torch.where(above == len(q), 1.0, p))
     return torch.where(values.isnan(), math.nan, p)  # (searchsorted sorts NaN above every quantile)
+
+
+def typicality(best: torch.Tensor, signatures: list[DomainSignature]) -> torch.Tensor:
+    """Per sample, the share of its domain's (`signatures[i]`) own held-out images whose signature score
+    is at or below its score `best[i]` (`_cdf` of the domain's `score_quantiles`): about 0.5 for a typical
+    image of the domain, under 0.01 for one stranger than 99 % of them (what the threshold calls unknown),
+    0 below the lowest quantile. NaN where the signature has no `score_quantiles` (fitted before they
+    existed: refit it) or no domain scored the sample (`best` -inf is 0, NaN stays NaN)."""
+    out = torch.full(best.shape, math.nan, dtype=torch.float32, device=best.device)
+    for signature in dict.fromkeys(signatures):
+        if signature.score_quantiles is None:
+            continue
+        rows = torch.tensor([s is signature for s in signatures], dtype=torch.bool, device=best.device)
+        out[rows] = _cdf(signature.score_quantiles, best[rows].float())
+    return out
 
 
 def open_scores(

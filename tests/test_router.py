@@ -17,7 +17,7 @@ from adapterkit import AdapterModel
 from adapterkit.family import save_family
 from adapterkit.format import domain_entry_file, domain_file, sha256
 from adapterkit.router import collect_features, open_decisions
-from adapterkit.signature import COMPONENTS, OPEN_BUFFERS, PROBS, DomainSignature
+from adapterkit.signature import COMPONENTS, MIN_COMPONENTS, OPEN_BUFFERS, PROBS, DomainSignature
 
 COLOURS = {"red": (2.0, -1.0, -1.0), "green": (-1.0, 2.0, -1.0), "blue": (-1.0, -1.0, 2.0)}
 
@@ -74,7 +74,8 @@ def test_separable_domains_route_right_and_auto_uses_the_route(model):
     assert all(d in (t, None) for d, t in zip(routed.domains, truth, strict=True))
     assert flagged <= 2  # the threshold is calibrated to call ~1 % of a domain's own images unknown
     assert routed.names == list(COLOURS) and routed.scores.shape == (24, 3)
-    assert bool((routed.confidence > 0.99).all())
+    assert bool((routed.posterior > 0.99).all())  # the posterior saturates; `confidence` does not
+    assert bool((routed.margin > 0).all())
     with torch.no_grad():
         assert torch.equal(model(x, domain="auto"), model(x, domain=truth))
 
@@ -207,9 +208,18 @@ def test_signatures_can_read_fewer_feature_maps_and_must_agree(model, tmp_path):
     short.add_domain("extra", num_classes=2)
     assert int(short.fit_signature("extra", batches(images("red", 32, seed=1))).maps) == 1  # as the others
     short.remove_domain("extra")
-    short.fit_signature("red", batches(images("red", 96, seed=0)), maps=0)  # every stage's but the last
+    with pytest.raises(ValueError, match=r"'red' reads maps=0 .*\['blue', 'green'\] read maps=1.*maps=1"):
+        short.fit_signature("red", batches(images("red", 96, seed=0)), maps=0)  # refused where attached
+    assert int(short.signatures["red"].maps) == 1 and short.route(x).best == a.best
+    mixed = DomainSignature(model.signatures["red"].num_features, model.signatures["red"].mean.shape[0])
+    mixed.load_state_dict(model.signatures["red"].state_dict())  # (a family saved so by an older release)
+    short.signatures["red"] = mixed
     with pytest.raises(ValueError, match="read different feature maps.*refit them with one `maps`"):
         short.route(x)
+    short.signatures.clear()  # switching every domain's maps, as the refusal says
+    for i, colour in enumerate(COLOURS):
+        short.fit_signature(colour, batches(images(colour, 96, seed=i)), maps=0)
+    assert short.route(x).best == a.best
     with pytest.raises(ValueError, match="maps=9"):
         short.fit_signature("red", batches(images("red", 16, seed=0)), maps=9)
 
@@ -350,8 +360,9 @@ def test_train_domain_records_a_signature():
 
 
 def test_a_signature_keeps_to_its_share_of_the_domain_bytes(model):
-    """fit_signature's default budget: at most 1 % of the domain's adapter bytes (fewer mixture
-    components when the domain is small), or one component when not even one fits; None lifts it."""
+    """fit_signature's default budget: at most 1 % of the domain's adapter bytes, but never fewer than
+    MIN_COMPONENTS mixture components (1 % of a small domain bought one Gaussian, which routed worse);
+    None lifts it."""
     x = images("red", 8 * COMPONENTS, seed=3)
     state = model.domain_state_dict("red")
     domain_bytes = sum(
@@ -364,5 +375,7 @@ def test_a_signature_keeps_to_its_share_of_the_domain_bytes(model):
     assert free.mean.shape[0] == COMPONENTS > capped.mean.shape[0]
     copy = AdapterModel.from_backbone("test_resnet")
     copy.add_domain("red", num_classes=2)
-    assert copy.fit_signature("red", batches(x)).mean.shape[0] == capped.mean.shape[0]
+    assert capped.mean.shape[0] < MIN_COMPONENTS  # what the 1 % alone buys this small domain
+    assert copy.fit_signature("red", batches(x)).mean.shape[0] == MIN_COMPONENTS  # the floor
     assert copy.fit_signature("red", batches(x), budget=None).mean.shape[0] == COMPONENTS
+    assert copy.fit_signature("red", batches(x), components=3).mean.shape[0] == 3  # asked for fewer
