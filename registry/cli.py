@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
         default=512,
         help="concurrent connections and requests; more are answered 503 (default: 512)",
     )
+    s.add_argument(
+        "--metrics-token-file",
+        type=Path,
+        default=None,
+        help="file holding a scrape secret GET /metrics then requires as a bearer token (default: open)",
+    )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     t = sub.add_parser("token", help="create, list or revoke tokens")
@@ -118,6 +124,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * MB),
         public_url=args.public_url,
         body_timeout_s=args.body_timeout,
+        metrics_token=_metrics_token(args.metrics_token_file),
     )
     app = create_app(config)
     if not app.state.hub.tokens.list():
@@ -125,6 +132,12 @@ def _serve(args: argparse.Namespace) -> int:
             "no tokens yet: anonymous users can read public repos but nobody can push. Create one with "
             "`adapterkit-registry token create --root %s --user NAME`.",
             args.root,
+        )
+    if config.metrics_token is None and args.host not in ("127.0.0.1", "::1", "localhost"):
+        logging.getLogger("adapterkit_registry").warning(
+            "/metrics is open to anyone who reaches %s (request counts and latencies, no repo names); "
+            "protect it with --metrics-token-file or at the reverse proxy.",
+            args.host,
         )
     uvicorn.run(
         app,
@@ -135,6 +148,21 @@ def _serve(args: argparse.Namespace) -> int:
         limit_concurrency=args.max_connections,
     )
     return 0
+
+
+def _metrics_token(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read --metrics-token-file {path} ({e}); pass a readable file") from e
+    if len(token) < 16:
+        raise ValueError(
+            f"--metrics-token-file {path} holds fewer than 16 characters; write a secret into it "
+            "(`openssl rand -hex 32 > FILE`)"
+        )
+    return token
 
 
 def _check_port(host: str, port: int) -> None:
