@@ -95,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--root", type=Path, required=True, help=root_help)
     f.add_argument("--quick", action="store_true", help="skip re-hashing blobs")
+    b = sub.add_parser(
+        "backup",
+        help="copy the root consistently, even while a server runs, and fsck the copy",
+        parents=[common],
+    )
+    b.add_argument("--root", type=Path, required=True, help=root_help)
+    b.add_argument("dest", type=Path, help="new (or empty) folder for the copy, outside the root")
+    b.add_argument("--quick", action="store_true", help="fsck the copy by sizes, without re-hashing")
     g = sub.add_parser("gc", help="remove blobs that no revision references", parents=[common])
     g.add_argument("--root", type=Path, required=True, help=root_help)
     g.add_argument(
@@ -218,6 +226,23 @@ def _fsck(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _backup(args: argparse.Namespace) -> int:
+    from .backup import backup
+
+    report = backup(Storage(args.root, create=False), args.dest, deep=not args.quick)
+    for line in report.problems:
+        print(line)
+    if report.problems:
+        print(
+            f"error: the copy failed fsck ({len(report.problems)} problem(s)); nothing was kept at {args.dest}"
+        )
+        return 1
+    print(
+        f"backed up {report.repos} repo(s), {report.files} file(s), {report.bytes} bytes to {args.dest}; fsck ok"
+    )
+    return 0
+
+
 def _gc(args: argparse.Namespace) -> int:
     from .collect import collect_garbage
 
@@ -237,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     and the fix, and exit with status 2; `--verbose` shows the traceback instead.
     """
     args = _parser().parse_args(argv)
-    commands = {"serve": _serve, "token": _token, "fsck": _fsck, "gc": _gc}
+    commands = {"serve": _serve, "token": _token, "fsck": _fsck, "backup": _backup, "gc": _gc}
     try:
         return commands[args.command](args)
     except (RegistryError, HubError, ValueError, OSError) as e:

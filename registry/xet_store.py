@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .blobs import atomic_write_bytes, atomic_write_json, fsync_dir, read_json
+from .flock import XET_APPLY_LOCK, file_lock
 from .xet_check import check_store, store_stats
 from .xet_dedupe import dedupe_answer, index_chunk, xorb_set_id
 from .xet_format import (
@@ -109,8 +110,9 @@ class XetStore:
             atomic_write_json(key_path, {"key": secrets.token_hex(32)}, self.tmp)
             self._key = bytes.fromhex(read_json(key_path)["key"])
         self._clear_stale_tmp()
-        for journal in self.pending():
-            self._apply(journal)
+        with file_lock(self.root / XET_APPLY_LOCK):
+            for journal in self.pending():
+                self._apply(journal)
 
     def pending(self) -> list[Path]:
         """Shard journals not applied yet: left by a crash (the next start applies them) or in flight."""
@@ -260,7 +262,10 @@ class XetStore:
         shard_id = hashlib.sha256(data).hexdigest()
         journal = {"shard": shard_id, "xorbs": list(xorbs), "files": records, "chunks": sorted(eligible)}
         path = self.root / "pending" / f"{shard_id}.json"
-        with self._lock:
+        with self._lock, file_lock(self.root / XET_APPLY_LOCK):  # `gc` and `backup` take it too
+            gone = [x for x in xorbs if not self.has_xorb(x)]  # collected by a `gc` since they were checked
+            if gone:
+                raise XetError("XorbMissing", f"Xorb {gone[0]} is not stored; upload it and the shard again.")
             atomic_write_json(path, journal, self.tmp)
             self._apply(path)
 
