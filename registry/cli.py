@@ -103,13 +103,22 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--root", type=Path, required=True, help=root_help)
     b.add_argument("dest", type=Path, help="new (or empty) folder for the copy, outside the root")
     b.add_argument("--quick", action="store_true", help="fsck the copy by sizes, without re-hashing")
-    g = sub.add_parser("gc", help="remove blobs that no revision references", parents=[common])
+    g = sub.add_parser(
+        "gc", help="remove blobs and Xet objects that no revision references", parents=[common]
+    )
     g.add_argument("--root", type=Path, required=True, help=root_help)
     g.add_argument(
         "--grace-s",
         type=float,
         default=3600,
         help="keep unreferenced blobs younger than this (in-flight commits of a running server; default 3600)",
+    )
+    g.add_argument(
+        "--xorb-grace-s",
+        type=float,
+        default=21 * 24 * 3600,
+        help="keep unreferenced Xet xorbs uploaded or named in a dedupe answer less long ago: clients "
+        "skip uploading chunks their cache says the server holds (default 3 weeks, hf_xet's cache lifetime)",
     )
     g.add_argument("--dry-run", action="store_true", help="only count")
     return p
@@ -218,10 +227,15 @@ def _fsck(args: argparse.Namespace) -> int:
     for line in xet_pending(storage):  # not a problem: the server applies them
         print(line)
     print("ok" if not problems else f"{len(problems)} problem(s)")
-    unreferenced = collect_garbage(storage, dry_run=True).unreferenced
-    if unreferenced:  # not a problem: left by rejected commits, deleted repos, overwritten files
+    garbage = collect_garbage(storage, dry_run=True)
+    if garbage.unreferenced:  # not a problem: left by rejected commits, deleted repos, overwritten files
         print(
-            f"{unreferenced} unreferenced blob(s); remove them with `adapterkit-registry gc --root {args.root}`"
+            f"{garbage.unreferenced} unreferenced blob(s); remove them with `adapterkit-registry gc --root {args.root}`"
+        )
+    if garbage.xet.files or garbage.xet.xorbs:
+        print(
+            f"xet: {garbage.xet.files} unreferenced file record(s) and {garbage.xet.xorbs} xorb(s) old enough "
+            "to collect; `adapterkit-registry gc` removes them"
         )
     return 1 if problems else 0
 
@@ -246,12 +260,18 @@ def _backup(args: argparse.Namespace) -> int:
 def _gc(args: argparse.Namespace) -> int:
     from .collect import collect_garbage
 
-    report = collect_garbage(Storage(args.root, create=False), args.grace_s, args.dry_run)
+    report = collect_garbage(Storage(args.root, create=False), args.grace_s, args.dry_run, args.xorb_grace_s)
     verb = "would remove" if args.dry_run else "removed"
     kept = report.unreferenced - report.removed
     print(f"{report.unreferenced} unreferenced blob(s); {verb} {report.removed} ({report.freed_bytes} bytes)")
     if kept and not args.dry_run:
         print(f"kept {kept} younger than --grace-s {args.grace_s:g}")
+    x = report.xet
+    if x.files or x.xorbs or x.kept_recent:
+        done = f"{x.files} file record(s), {x.xorbs} xorb(s)"
+        if not args.dry_run:
+            done += f", {x.removed_shards} shard record(s) ({x.freed_bytes} bytes)"
+        print(f"xet: {verb} {done}; kept {x.kept_recent} unreferenced but recent (--grace-s, --xorb-grace-s)")
     return 0
 
 

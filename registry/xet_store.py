@@ -32,6 +32,7 @@ changes nothing on disk: journals stay pending for the server to apply.
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 import threading
 import time
@@ -166,6 +167,15 @@ class XetStore:
     def has_xorb(self, xorb_hash: str) -> bool:
         """Whether a verified xorb with this hash is stored."""
         return self._path("xorbs", xorb_hash).is_file()
+
+    def _named(self, xorb_hash: str) -> bool:
+        """Whether a xorb is stored; if so, mark it as just named in a dedupe answer (a client may skip
+        uploading its chunks for a while, so `gc` keeps it; see `xet_gc`)."""
+        try:
+            os.utime(self._path("xorbs", xorb_hash))
+        except OSError:
+            return False
+        return True
 
     def xorb_path(self, xorb_hash: str) -> Path:
         """Path of the stored xorb bytes (for byte-range GETs); raises XetError `XorbMissing` if absent."""
@@ -430,7 +440,7 @@ class XetStore:
         return dedupe_answer(
             self._path("chunks", chunk_hash, ".json"),
             lambda shard: self._path("shards", shard, ".json"),
-            self.has_xorb,
+            self._named,
             self._xorb_meta,
             self._key,
         )
