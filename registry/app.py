@@ -14,7 +14,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import api_lfs, api_read, api_user, api_write, api_xet, metrics, web
+from . import api_lfs, api_read, api_user, api_write, api_xet, metrics, move, web
 from .context import Ctx, Hub, RegistryConfig, json_response
 from .errors import HubError
 from .metrics import SCOPE_KEY, MetricsMiddleware
@@ -42,6 +42,7 @@ def build_router() -> Router:
     api_xet.register(router)  # the CAS routes (/v1/...) first: they authenticate with CAS tokens
     web.register(router)
     api_write.register(router)
+    move.register(router)
     api_lfs.register(router)
     api_user.register(router)
     api_read.register(router)
