@@ -18,6 +18,7 @@ from .auth import SCOPES, TokenStore
 from .context import MB
 from .errors import HubError, RegistryError
 from .storage import Storage
+from .xet_gc import XORB_GRACE_S
 
 
 def _port(text: str) -> int:
@@ -116,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--xorb-grace-s",
         type=float,
-        default=21 * 24 * 3600,
+        default=XORB_GRACE_S,
         help="keep unreferenced Xet xorbs uploaded or named in a dedupe answer less long ago: clients "
         "skip uploading chunks their cache says the server holds (default 3 weeks, hf_xet's cache lifetime)",
     )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -34,6 +35,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import HubError
 from .routing import Router
+
+if TYPE_CHECKING:
+    from .context import Ctx
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
@@ -78,7 +82,7 @@ def register(router: Router) -> None:
     router.add("GET", "/metrics", metrics)
 
 
-async def metrics(ctx) -> Response:  # noqa: ANN001  (Ctx: context imports this module)
+async def metrics(ctx: Ctx) -> Response:
     """`GET /metrics`: the Prometheus text format; 401 without the scrape secret when one is set."""
     secret = ctx.hub.config.metrics_token
     if secret:

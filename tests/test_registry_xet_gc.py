@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx2
 import numpy as np
+import pytest
 from adapterkit_registry import RegistryServer, Storage, fsck
 from adapterkit_registry.blobs import read_json
 from huggingface_hub import HfApi, hf_hub_download
@@ -112,3 +113,28 @@ def test_gc_and_backup_exclude_each_other(tmp_path):
     for out in (r, b):
         assert out.returncode == 2 and "another backup or gc is running" in out.stderr, out.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_a_shard_naming_a_xorb_collected_after_its_check_is_refused(tmp_path):
+    """The interleaving gc's lock closes: the shard's files are checked, then a gc removes their xorb,
+    then the shard would be recorded. It is refused with XorbMissing and nothing is registered."""
+    from adapterkit_registry.xet_format import XetError
+    from adapterkit_registry.xet_shard import build_shard
+    from adapterkit_registry.xet_store import XetStore
+    from xet_support import CHUNKS, shard_file, xorb_parts
+
+    class CollectedMeanwhile(XetStore):
+        def _check_file(self, f, plain):  # noqa: ANN001, ANN202
+            record = super()._check_file(f, plain)
+            for xorb, *_ in record["segments"]:
+                self._path("xorbs", xorb).unlink()  # what a gc does between the check and the record
+            return record
+
+    store = CollectedMeanwhile(tmp_path / "xet")
+    name, data, cas = xorb_parts(CHUNKS)
+    store.put_xorb(name, data)
+    entry = shard_file(name, CHUNKS, 0, 4)
+    with pytest.raises(XetError) as e:
+        store.put_shard(build_shard([entry], [cas]))
+    assert e.value.code == "XorbMissing"
+    assert not list((tmp_path / "xet" / "files").glob("*/*.json")) and not store.pending()
