@@ -14,9 +14,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import api_lfs, api_read, api_user, api_write, api_xet, web
+from . import api_lfs, api_read, api_user, api_write, api_xet, metrics, move, web
 from .context import Ctx, Hub, RegistryConfig, json_response
 from .errors import HubError
+from .metrics import SCOPE_KEY, MetricsMiddleware
 from .routing import Router, split_raw_path
 
 logger = logging.getLogger(__name__)
@@ -37,9 +38,11 @@ def error_response(err: HubError, method: str) -> Response:
 def build_router() -> Router:
     """All routes, in matching order."""
     router = Router()
+    metrics.register(router)
     api_xet.register(router)  # the CAS routes (/v1/...) first: they authenticate with CAS tokens
     web.register(router)
     api_write.register(router)
+    move.register(router)
     api_lfs.register(router)
     api_user.register(router)
     api_read.register(router)
@@ -73,12 +76,15 @@ def create_app(config: RegistryConfig | str | Path) -> Starlette:
         try:
             principal = None
             try:
-                handler, params = router.match(method, split_raw_path(request.scope.get("raw_path") or b"/"))
-                unmatched = None
+                route, params = router.match(method, split_raw_path(request.scope.get("raw_path") or b"/"))
+                handler, unmatched = route.handler, None
+                if SCOPE_KEY in request.scope:  # the metrics label: the template, never the raw path
+                    request.scope[SCOPE_KEY]["route"] = route.template
             except HubError as err:  # answered after the token check, as before
                 handler, params, unmatched = None, {}, err
             auth = request.headers.get("authorization")
-            if auth and not getattr(handler, "cas_auth", False):  # CAS routes check their own tokens
+            own_auth = getattr(handler, "cas_auth", False) or getattr(handler, "own_auth", False)
+            if auth and not own_auth:  # CAS routes and /metrics check their own tokens
                 scheme, _, token = auth.partition(" ")
                 principal = hub.tokens.authenticate(token.strip()) if scheme.lower() == "bearer" else None
                 if principal is None:
@@ -114,6 +120,7 @@ def create_app(config: RegistryConfig | str | Path) -> Starlette:
     methods = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]
     app = Starlette(routes=[Route("/{path:path}", dispatch, methods=methods)])
     app.add_middleware(BodyIdleTimeout, idle_s=config.body_timeout_s)
+    app.add_middleware(MetricsMiddleware, metrics=hub.metrics)  # outermost: sees every answer
     app.state.hub = hub
     return app
 

@@ -18,6 +18,7 @@ from .auth import SCOPES, TokenStore
 from .context import MB
 from .errors import HubError, RegistryError
 from .storage import Storage
+from .xet_gc import XORB_GRACE_S
 
 
 def _port(text: str) -> int:
@@ -61,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
         default=512,
         help="concurrent connections and requests; more are answered 503 (default: 512)",
     )
+    s.add_argument(
+        "--metrics-token-file",
+        type=Path,
+        default=None,
+        help="file holding a scrape secret GET /metrics then requires as a bearer token (default: open)",
+    )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     t = sub.add_parser("token", help="create, list or revoke tokens")
@@ -89,13 +96,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--root", type=Path, required=True, help=root_help)
     f.add_argument("--quick", action="store_true", help="skip re-hashing blobs")
-    g = sub.add_parser("gc", help="remove blobs that no revision references", parents=[common])
+    b = sub.add_parser(
+        "backup",
+        help="copy the root consistently, even while a server runs, and fsck the copy",
+        parents=[common],
+    )
+    b.add_argument("--root", type=Path, required=True, help=root_help)
+    b.add_argument("dest", type=Path, help="new (or empty) folder for the copy, outside the root")
+    b.add_argument("--quick", action="store_true", help="fsck the copy by sizes, without re-hashing")
+    g = sub.add_parser(
+        "gc", help="remove blobs and Xet objects that no revision references", parents=[common]
+    )
     g.add_argument("--root", type=Path, required=True, help=root_help)
     g.add_argument(
         "--grace-s",
         type=float,
         default=3600,
         help="keep unreferenced blobs younger than this (in-flight commits of a running server; default 3600)",
+    )
+    g.add_argument(
+        "--xorb-grace-s",
+        type=float,
+        default=XORB_GRACE_S,
+        help="keep unreferenced Xet xorbs uploaded or named in a dedupe answer less long ago: clients "
+        "skip uploading chunks their cache says the server holds (default 3 weeks, hf_xet's cache lifetime)",
     )
     g.add_argument("--dry-run", action="store_true", help="only count")
     return p
@@ -118,6 +142,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * MB),
         public_url=args.public_url,
         body_timeout_s=args.body_timeout,
+        metrics_token=_metrics_token(args.metrics_token_file),
     )
     app = create_app(config)
     if not app.state.hub.tokens.list():
@@ -125,6 +150,12 @@ def _serve(args: argparse.Namespace) -> int:
             "no tokens yet: anonymous users can read public repos but nobody can push. Create one with "
             "`adapterkit-registry token create --root %s --user NAME`.",
             args.root,
+        )
+    if config.metrics_token is None and args.host not in ("127.0.0.1", "::1", "localhost"):
+        logging.getLogger("adapterkit_registry").warning(
+            "/metrics is open to anyone who reaches %s (request counts and latencies, no repo names); "
+            "protect it with --metrics-token-file or at the reverse proxy.",
+            args.host,
         )
     uvicorn.run(
         app,
@@ -135,6 +166,21 @@ def _serve(args: argparse.Namespace) -> int:
         limit_concurrency=args.max_connections,
     )
     return 0
+
+
+def _metrics_token(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read --metrics-token-file {path} ({e}); pass a readable file") from e
+    if len(token) < 16:
+        raise ValueError(
+            f"--metrics-token-file {path} holds fewer than 16 characters; write a secret into it "
+            "(`openssl rand -hex 32 > FILE`)"
+        )
+    return token
 
 
 def _check_port(host: str, port: int) -> None:
@@ -182,23 +228,51 @@ def _fsck(args: argparse.Namespace) -> int:
     for line in xet_pending(storage):  # not a problem: the server applies them
         print(line)
     print("ok" if not problems else f"{len(problems)} problem(s)")
-    unreferenced = collect_garbage(storage, dry_run=True).unreferenced
-    if unreferenced:  # not a problem: left by rejected commits, deleted repos, overwritten files
+    garbage = collect_garbage(storage, dry_run=True)
+    if garbage.unreferenced:  # not a problem: left by rejected commits, deleted repos, overwritten files
         print(
-            f"{unreferenced} unreferenced blob(s); remove them with `adapterkit-registry gc --root {args.root}`"
+            f"{garbage.unreferenced} unreferenced blob(s); remove them with `adapterkit-registry gc --root {args.root}`"
+        )
+    if garbage.xet.files or garbage.xet.xorbs:
+        print(
+            f"xet: {garbage.xet.files} unreferenced file record(s) and {garbage.xet.xorbs} xorb(s) old enough "
+            "to collect; `adapterkit-registry gc` removes them"
         )
     return 1 if problems else 0
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from .backup import backup
+
+    report = backup(Storage(args.root, create=False), args.dest, deep=not args.quick)
+    for line in report.problems:
+        print(line)
+    if report.problems:
+        print(
+            f"error: the copy failed fsck ({len(report.problems)} problem(s)); nothing was kept at {args.dest}"
+        )
+        return 1
+    print(
+        f"backed up {report.repos} repo(s), {report.files} file(s), {report.bytes} bytes to {args.dest}; fsck ok"
+    )
+    return 0
 
 
 def _gc(args: argparse.Namespace) -> int:
     from .collect import collect_garbage
 
-    report = collect_garbage(Storage(args.root, create=False), args.grace_s, args.dry_run)
+    report = collect_garbage(Storage(args.root, create=False), args.grace_s, args.dry_run, args.xorb_grace_s)
     verb = "would remove" if args.dry_run else "removed"
     kept = report.unreferenced - report.removed
     print(f"{report.unreferenced} unreferenced blob(s); {verb} {report.removed} ({report.freed_bytes} bytes)")
     if kept and not args.dry_run:
         print(f"kept {kept} younger than --grace-s {args.grace_s:g}")
+    x = report.xet
+    if x.files or x.xorbs or x.kept_recent:
+        done = f"{x.files} file record(s), {x.xorbs} xorb(s)"
+        if not args.dry_run:
+            done += f", {x.removed_shards} shard record(s) ({x.freed_bytes} bytes)"
+        print(f"xet: {verb} {done}; kept {x.kept_recent} unreferenced but recent (--grace-s, --xorb-grace-s)")
     return 0
 
 
@@ -209,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     and the fix, and exit with status 2; `--verbose` shows the traceback instead.
     """
     args = _parser().parse_args(argv)
-    commands = {"serve": _serve, "token": _token, "fsck": _fsck, "gc": _gc}
+    commands = {"serve": _serve, "token": _token, "fsck": _fsck, "backup": _backup, "gc": _gc}
     try:
         return commands[args.command](args)
     except (RegistryError, HubError, ValueError, OSError) as e:

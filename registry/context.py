@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse
 
 from .auth import Principal, TokenStore, UrlSigner
 from .errors import HubError, RegistryError, repo_not_found, too_large
+from .metrics import RegistryMetrics
 from .storage import RepoKey, Storage
 from .validation import REPO_TYPES, URL_PREFIXES, check_repo_id
 from .xet_store import XetStore
@@ -40,6 +41,8 @@ class RegistryConfig:
         signed_url_ttl_s: Lifetime of signed LFS upload URLs, Xet CAS access tokens and signed xorb URLs.
         body_timeout_s: A request body that sends nothing for this long ends with 408 (a stalled client
             holds no connection, spool file or worker for longer).
+        metrics_token: If set, `GET /metrics` answers only `Authorization: Bearer <metrics_token>`;
+            None (the default) leaves it open, as exporters are on a loopback-bound server.
     """
 
     root: Path
@@ -49,6 +52,7 @@ class RegistryConfig:
     public_url: str | None = None
     signed_url_ttl_s: int = 3600
     body_timeout_s: float = 60.0
+    metrics_token: str | None = None
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -56,6 +60,10 @@ class RegistryConfig:
             raise ValueError("lfs_threshold_bytes must be >= 0; max_upload_bytes and page_size must be > 0.")
         if not self.body_timeout_s > 0:
             raise ValueError(f"body_timeout_s={self.body_timeout_s!r} must be > 0 seconds.")
+        if self.metrics_token is not None and len(self.metrics_token) < 16:
+            raise ValueError(
+                "The metrics token must have at least 16 characters; generate one with `openssl rand -hex 32`."
+            )
         if self.public_url is not None:
             self.public_url = self.public_url.rstrip("/")
 
@@ -84,6 +92,7 @@ class Hub:
         self.xet = XetStore(self.storage.root / "xet")
         self._received = {"xorbs": 0, "xorb_bytes": 0, "shards": 0, "shard_bytes": 0}
         self._received_lock = threading.Lock()
+        self.metrics = RegistryMetrics()
 
     def count_received(self, kind: str, nbytes: int) -> None:
         """Count one Xet upload body (`kind` is `xorb` or `shard`), whatever its outcome."""

@@ -32,6 +32,11 @@ class Route:
     parts: tuple[str, ...]
     handler: Handler
 
+    @property
+    def template(self) -> str:
+        """The pattern, e.g. `/api/{types}/{ns}/{name}/commit/{*rev}` (a metrics label: never a raw path)."""
+        return "/" + "/".join(self.parts)
+
 
 def split_raw_path(raw_path: bytes) -> list[str]:
     """Split a raw path on `/`, then percent-decode each segment.
@@ -57,8 +62,8 @@ class Router:
         parts = tuple(pattern.strip("/").split("/")) if pattern.strip("/") else ()
         self.routes.append(Route(frozenset(methods.split()), parts, handler))
 
-    def match(self, method: str, segments: list[str]) -> tuple[Handler, dict[str, str]]:
-        """Find the handler and path parameters for a request.
+    def match(self, method: str, segments: list[str]) -> tuple[Route, dict[str, str]]:
+        """Find the route and path parameters for a request.
 
         Raises:
             HubError: 404 `NotFound` or 405 `MethodNotAllowed`.
@@ -72,7 +77,7 @@ class Router:
                 continue
             methods = route.methods | ({"HEAD"} if "GET" in route.methods else set())
             if method in methods:
-                return route.handler, params
+                return route, params
             allowed |= methods
         if allowed:
             raise HubError(

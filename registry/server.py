@@ -36,6 +36,8 @@ class RegistryServer:
         page_size: Entries per page of paginated listings.
         public_url: Base URL clients see, when behind a proxy.
         log_level: uvicorn log level.
+        body_timeout_s: A request body that sends nothing for this long ends with 408.
+        metrics_token: Scrape secret `GET /metrics` requires (`Authorization: Bearer ...`); None: open.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class RegistryServer:
         public_url: str | None = None,
         log_level: str = "warning",
         body_timeout_s: float = 60.0,
+        metrics_token: str | None = None,
     ):
         self.config = RegistryConfig(
             root=Path(root),
@@ -58,6 +61,7 @@ class RegistryServer:
             max_upload_bytes=int(max_upload_mb * MB),
             page_size=page_size,
             public_url=public_url,
+            metrics_token=metrics_token,
         )
         self.host = host
         self.port = port

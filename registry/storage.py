@@ -212,9 +212,13 @@ class Storage:
             dest = trash / uuid.uuid4().hex
             src.rename(dest)
             fsync_dir(src.parent)
-            self._commits.clear()
-            self._flat.clear()
+            self.forget_cached()
         shutil.rmtree(dest, ignore_errors=True)
+
+    def forget_cached(self) -> None:
+        """Drop the cached commits and file tables (after a repo is deleted or moved)."""
+        self._commits.clear()
+        self._flat.clear()
 
     def set_private(self, key: RepoKey, private: bool) -> None:
         """Change the visibility of a repo."""

@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from .blobs import atomic_write_json
 from .errors import HubError
 from .objects import is_dir
 
@@ -20,7 +21,9 @@ def recover(storage: Storage) -> None:
     """Drop leftovers of interrupted work (temporary files, commits nothing lists) and repair logs."""
     removed = storage.blobs.clean_tmp()
     shutil.rmtree(storage.root / "trash", ignore_errors=True)
-    for key, _ in storage.list_repos():
+    for key, meta in storage.list_repos():
+        if meta.get("id") != key.id:  # a move interrupted between its rename and this rewrite
+            atomic_write_json(storage.repo_dir(key) / "repo.json", {**meta, "id": key.id}, storage.tmp)
         known = repair_log(storage, key)
         for p in (storage.repo_dir(key) / "commits").glob("*.json"):
             if p.stem not in known:

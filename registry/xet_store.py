@@ -32,6 +32,7 @@ changes nothing on disk: journals stay pending for the server to apply.
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 import threading
 import time
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .blobs import atomic_write_bytes, atomic_write_json, fsync_dir, read_json
+from .flock import XET_APPLY_LOCK, file_lock
 from .xet_check import check_store, store_stats
 from .xet_dedupe import dedupe_answer, index_chunk, xorb_set_id
 from .xet_format import (
@@ -109,8 +111,9 @@ class XetStore:
             atomic_write_json(key_path, {"key": secrets.token_hex(32)}, self.tmp)
             self._key = bytes.fromhex(read_json(key_path)["key"])
         self._clear_stale_tmp()
-        for journal in self.pending():
-            self._apply(journal)
+        with file_lock(self.root / XET_APPLY_LOCK):
+            for journal in self.pending():
+                self._apply(journal)
 
     def pending(self) -> list[Path]:
         """Shard journals not applied yet: left by a crash (the next start applies them) or in flight."""
@@ -164,6 +167,15 @@ class XetStore:
     def has_xorb(self, xorb_hash: str) -> bool:
         """Whether a verified xorb with this hash is stored."""
         return self._path("xorbs", xorb_hash).is_file()
+
+    def _named(self, xorb_hash: str) -> bool:
+        """Whether a xorb is stored; if so, mark it as just named in a dedupe answer (a client may skip
+        uploading its chunks for a while, so `gc` keeps it; see `xet_gc`)."""
+        try:
+            os.utime(self._path("xorbs", xorb_hash))
+        except OSError:
+            return False
+        return True
 
     def xorb_path(self, xorb_hash: str) -> Path:
         """Path of the stored xorb bytes (for byte-range GETs); raises XetError `XorbMissing` if absent."""
@@ -260,7 +272,10 @@ class XetStore:
         shard_id = hashlib.sha256(data).hexdigest()
         journal = {"shard": shard_id, "xorbs": list(xorbs), "files": records, "chunks": sorted(eligible)}
         path = self.root / "pending" / f"{shard_id}.json"
-        with self._lock:
+        with self._lock, file_lock(self.root / XET_APPLY_LOCK):  # `gc` and `backup` take it too
+            gone = [x for x in xorbs if not self.has_xorb(x)]  # collected by a `gc` since they were checked
+            if gone:
+                raise XetError("XorbMissing", f"Xorb {gone[0]} is not stored; upload it and the shard again.")
             atomic_write_json(path, journal, self.tmp)
             self._apply(path)
 
@@ -425,7 +440,7 @@ class XetStore:
         return dedupe_answer(
             self._path("chunks", chunk_hash, ".json"),
             lambda shard: self._path("shards", shard, ".json"),
-            self.has_xorb,
+            self._named,
             self._xorb_meta,
             self._key,
         )
