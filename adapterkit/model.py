@@ -554,7 +554,8 @@ class AdapterModel(
 
     def _forward(self, x: torch.Tensor, domain: str | Sequence[str] | None) -> torch.Tensor:
         if domain == "auto":
-            domain = self.route(x).best
+            with self._lock:  # routed and run on one set of domains: a removal meanwhile waits
+                return self._forward(x, self.route(x).best)
         domains = self._resolve_domains(domain, x.shape[0])
         if isinstance(domains, str):
             return self._forward_one(x, domains)

@@ -109,3 +109,27 @@ def test_removing_a_domain_while_another_thread_routes_waits_for_the_route():
     remover.join()
     assert routed.best == ["red"] * 2 + ["green"] * 2 and routed.logits.shape[0] == 4
     assert model.domains == ["red"] and model.route(x).names == ["red"]
+
+
+def test_removing_a_domain_while_the_forward_routes_waits_for_the_forward():
+    """`model(x, domain="auto")` routes, then runs: both on one set of domains, so a removal from another
+    thread waits (before: it could land between the two, and the forward raised `KeyError`)."""
+    model = two_domains()
+    x = torch.cat([images("red", 2, seed=5), images("green", 2, seed=6)])
+    remover = threading.Thread(target=model.remove_domain, args=("green",))
+    calls = []
+
+    def remove_meanwhile(module, args):
+        calls.append(1)
+        if len(calls) == 1:  # the route's own pass over the backbone
+            remover.start()
+            remover.join(timeout=0.5)  # finishes at once unless the forward holds the lock
+
+    handle = model.backbone.register_forward_pre_hook(remove_meanwhile)
+    try:
+        with torch.no_grad():
+            logits = model(x, domain="auto")
+    finally:
+        handle.remove()
+    remover.join()
+    assert logits.shape[0] == 4 and model.domains == ["red"]
