@@ -344,3 +344,34 @@ def test_a_datasetdict_with_valid_and_validation_is_refused_naming_both(tmp_path
     assert f"--eval-data {path / 'validation'}" in capsys.readouterr().err and not family.exists()
     # the fix the message gives: each split as its own folder
     assert main([*args, "--data", str(path / "train"), "--eval-data", str(path / "validation")]) == 0
+
+
+def test_a_fine_tuned_plain_model_is_evaluated_by_class_name(tmp_path):
+    """`train_model` matched its test folder to the training classes by name, but a later `evaluate` of
+    the plain model read the classes by position: a test folder without class `a` scored its `c` images
+    as class 1. Now both match by name (the names are the model's `pretrained_cfg["label_names"]`)."""
+    import timm
+
+    from adapterkit.train import train_model
+    from adapterkit.transforms import Preprocess, resolve_data_config
+
+    colours = {"a": (250, 20, 20), "b": (20, 250, 20), "c": (20, 20, 250)}
+    for split, names in (("train", "abc"), ("test", "c")):
+        for c in names:
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (20, 20), tuple(v + 3 * i for v in colours[c])).save(
+                    tmp_path / split / c / f"{i}.png"
+                )
+    torch.manual_seed(0)
+    net = timm.create_model("test_resnet", num_classes=3)
+    metrics = train_model(net, tmp_path / "train", tmp_path / "test", cfg(steps=12), data_config=SIZE)
+    pre = Preprocess(resolve_data_config(net.pretrained_cfg, SIZE))
+    x = torch.stack([pre(Image.open(p)) for p in sorted((tmp_path / "test" / "c").iterdir())])
+    with torch.no_grad():
+        predicted = net.eval()(x).argmax(1)
+    by_name, by_position = (predicted == 2).float().mean().item(), (predicted == 0).float().mean().item()
+    assert by_name != by_position  # the two readings disagree on this model: the test tells them apart
+    assert metrics["accuracy"] == pytest.approx(by_name)
+    assert evaluate(net, tmp_path / "test", data_config=SIZE) == pytest.approx(by_name)
+    assert net.pretrained_cfg["label_names"] == ["a", "b", "c"]
