@@ -77,6 +77,13 @@ def parse_budget(value: str | None, flag: str) -> int | float | None:
         ) from None
 
 
+def factored_options(factored: bool, new_columns: str | None) -> dict:
+    """`train_domain`'s `factored=`/`new_columns=` from `adapterkit train --factored --new-columns N`."""
+    if new_columns is not None and not factored:
+        raise CliError("--new-columns sizes a factored domain's own columns: pass --factored with it")
+    return {"factored": factored, "new_columns": parse_budget(new_columns, "--new-columns")}
+
+
 def flag_error(error: ValueError) -> CliError:
     """The library's refusal with its argument names (`new_columns=`, `energy`) replaced by the flags."""
 

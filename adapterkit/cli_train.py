@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli_basis import Budget, Factored, flag_error, parse_budget
+from .cli_basis import Budget, Factored, factored_options, flag_error
 from .cli_errors import CliError, interrupted, train_config_from_flags
 from .cli_model import (
     DEFAULT_THREADS,
@@ -298,9 +298,7 @@ def train(
     if existing is not None:
         _existing_flags(family, existing, backbone, pretrained, random_init)
         to_open = _domains_to_open(family, existing, domain, overwrite, resume)
-    basis = {"factored": factored, "new_columns": parse_budget(new_columns, "--new-columns")}
-    if new_columns is not None and not factored:
-        raise CliError("--new-columns sizes a factored domain's own columns: pass --factored with it")
+    basis = factored_options(factored, new_columns)
     require_folder(data, "--data")
     if eval_data is not None:
         require_folder(eval_data, "--eval-data")
@@ -387,9 +385,7 @@ def _fit_and_save(
             overwrite=overwrite,
             **basis,
         )
-    except ValueError as e:  # the basis options' refusals name train_domain's arguments
-        if "new_columns" not in str(e) and "factored" not in str(e):
-            raise
+    except ValueError as e:  # its refusals name train_domain's arguments (new_columns=): here the flags
         raise flag_error(e) from e
     except KeyboardInterrupt:
         if acc.is_main_process:

@@ -42,11 +42,13 @@ def _key(directory: str | Path, name: str) -> tuple[str, str]:
     return str(Path(directory).resolve()), name
 
 
-def remember_loaded(model: AdapterModel, source: str | Path, name: str, path: Path) -> None:
-    """Record that `model` loaded domain `name` from the family folder `source` (file `path`); a Hub
-    source records nothing."""
+def remember_loaded(
+    model: AdapterModel, source: str | Path, name: str, path: Path, digest: str | None = None
+) -> None:
+    """Record that `model` loaded domain `name` from the family folder `source` (file `path`, whose
+    `digest` the load checked, if its entry had one); a Hub source records nothing."""
     if Path(source).is_dir():
-        _KNOWN.setdefault(model, {})[_key(source, name)] = sha256(Path(path).read_bytes())
+        _KNOWN.setdefault(model, {})[_key(source, name)] = digest or sha256(Path(path).read_bytes())
 
 
 def domain_bytes(model: AdapterModel, name: str) -> bytes:

@@ -264,7 +264,7 @@ def load_family(
         path = src.fetch(domain_file(name))
         info, adapters, head, signature = build_domain(model, name, path, entry.get("sha256"))
         model.publish_domain(info, adapters, head, signature=signature)
-        remember_loaded(model, source, name, path)  # its later changes may be saved back there
+        remember_loaded(model, source, name, path, entry.get("sha256"))  # changes may be saved back there
     return model.eval()
 
 
@@ -301,4 +301,4 @@ def load_domain(
     history = (config.get("basis") or {}).get("history", [])
     model.publish_domain(info, adapters, head, basis=basis or None, history=history, signature=signature)
     if target == name:
-        remember_loaded(model, source, name, path)
+        remember_loaded(model, source, name, path, config["domains"][name].get("sha256"))

@@ -193,9 +193,7 @@ def train_model(
 
     Same loop, data checks and checkpoints as `train_domain`; the model's head must already have the
     domain's number of classes (`model.reset_classifier(n)`); its BatchNorm statistics are trained.
-    The training data's class names (an image folder's, a `ClassLabel`'s) become the model's
-    `pretrained_cfg["label_names"]` (timm's field), so `evaluate` matches later data to them by name,
-    as it does for a domain's labels.
+    The data's class names become `pretrained_cfg["label_names"]` (timm's field): `evaluate` matches by them.
     """
     config = config or TrainConfig()
     acc = make_accelerator(config, accelerator)
@@ -208,8 +206,8 @@ def train_model(
     metrics = fit(job, train_set, eval_set, config, acc, resume, callback)
     if not isinstance(getattr(model, "pretrained_cfg", None), dict):
         model.pretrained_cfg = {}
-    model.pretrained_cfg.pop("label_names", None)  # in place: timm's `default_cfg` is the same dict
-    if source.class_names:  # the head's classes now (a pretrained model's names no longer hold)
+    model.pretrained_cfg.pop("label_names", None)  # in place (timm's `default_cfg` is the same dict):
+    if source.class_names:  # the head's classes now, not the pretrained ones
         model.pretrained_cfg["label_names"] = list(source.class_names)
     return metrics
 
@@ -228,9 +226,7 @@ def evaluate(
     """Top-1 accuracy of an `AdapterModel` domain (or a plain classifier) on `data`, over all processes.
 
     Preprocessing is the domain's stored data config (eval transform: resize, centre crop, normalise).
-    The data's classes are matched by name to the domain's labels, or a plain classifier's
-    `pretrained_cfg["label_names"]` (set by `train_model`): a test folder missing a class keeps every
-    image's true class.
+    Classes are matched by name to the domain's labels (a plain model's `pretrained_cfg["label_names"]`).
     Uses `config`'s `eval_batch_size`, `num_workers`, column names and `grayscale` policy.
     """
     config = config or TrainConfig(progress=False)
@@ -401,8 +397,7 @@ def _check_trackers(log_with: str | list[str] | None) -> None:
 
 
 def _label_names(model: nn.Module) -> list[str] | None:
-    """A plain classifier's class names (timm's `pretrained_cfg["label_names"]`, which `train_model`
-    sets), when there is one per output."""
+    """A plain classifier's class names (`pretrained_cfg["label_names"]`) if one per output."""
     names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
     return list(names) if isinstance(names, (list, tuple)) and len(names) == _num_classes(model) else None
 
