@@ -3,12 +3,14 @@
     adapterkit train  --family DIR --domain NAME --data DIR [--backbone NAME] [options]
     adapterkit eval   --family DIR --data [DOMAIN=]DIR ... [--output R.json] [--plot R.png]
     adapterkit export --family DIR --domain NAME --output DIR
+    adapterkit compress --family DIR (--basis-rank K | --energy E) (--output DIR | --dry-run)
+    adapterkit append --family DIR --domain NAME [--new-columns N | --energy E]
     adapterkit push FAMILY REPO_ID      adapterkit pull REPO_ID FAMILY
     adapterkit list [--backbone NAME]   adapterkit info REPO_ID_OR_FAMILY
     adapterkit serve SOURCE [--domain NAME ...] [--port N]
     adapterkit predict SOURCE IMAGE... [--domain NAME|auto] [--json]
 
-The commands live in `cli_train.py` (train), `cli_eval.py` (eval), `cli_model.py` (export, and what
+The commands live in `cli_train.py` (train), `cli_eval.py` (eval), `cli_basis.py` (compress, append: the shared basis), `cli_model.py` (export, and what
 every command that runs a model shares), `cli_hub.py` (push, pull, list, info: files and the Hub
 only), `cli_serve.py` (serve) and `cli_predict.py` (predict); the `app.command` lines below are the whole command tree. Those
 modules import torch, timm and the Hub client inside the command functions, so `--help`, `--version`, `list` and `info` start without loading
@@ -29,7 +31,7 @@ from typing import Annotated
 
 import typer
 
-from . import __version__, cli_eval, cli_hub, cli_model, cli_predict, cli_serve, cli_train
+from . import __version__, cli_basis, cli_eval, cli_hub, cli_model, cli_predict, cli_serve, cli_train
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 app = typer.Typer(
@@ -43,6 +45,8 @@ app = typer.Typer(
 app.command("train", context_settings=CONTEXT)(cli_train.train)
 app.command("eval", context_settings=CONTEXT)(cli_eval.evaluate)
 app.command("export", context_settings=CONTEXT)(cli_model.export)
+app.command("compress", context_settings=CONTEXT)(cli_basis.compress)
+app.command("append", context_settings=CONTEXT)(cli_basis.append)
 app.command("push", context_settings=CONTEXT)(cli_hub.push)
 app.command("pull", context_settings=CONTEXT)(cli_hub.pull)
 app.command("list", context_settings=CONTEXT)(cli_hub.list_)

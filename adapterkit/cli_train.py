@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from .cli_basis import Budget, Factored, factored_options, flag_error
 from .cli_errors import CliError, interrupted, train_config_from_flags
 from .cli_model import (
     DEFAULT_THREADS,
@@ -279,6 +280,8 @@ def train(
             show_default=False,
         ),
     ] = None,
+    factored: Factored = False,
+    new_columns: Budget = None,
     no_progress: Progress = False,
     threads: Threads = DEFAULT_THREADS,
 ) -> None:
@@ -295,6 +298,7 @@ def train(
     if existing is not None:
         _existing_flags(family, existing, backbone, pretrained, random_init)
         to_open = _domains_to_open(family, existing, domain, overwrite, resume)
+    basis = factored_options(factored, new_columns)
     require_folder(data, "--data")
     if eval_data is not None:
         require_folder(eval_data, "--eval-data")
@@ -338,6 +342,7 @@ def train(
             resume=resume,
             overwrite=overwrite,
             threads=n,
+            basis=basis,
         )
 
 
@@ -353,6 +358,7 @@ def _fit_and_save(
     resume: bool,
     overwrite: bool,
     threads: int,
+    basis: dict,
 ) -> None:
     from .family import save_family
     from .train import make_accelerator, train_domain
@@ -377,14 +383,17 @@ def _fit_and_save(
             accelerator=acc,
             resume=resume,
             overwrite=overwrite,
+            **basis,
         )
+    except ValueError as e:  # its refusals name train_domain's arguments (new_columns=): here the flags
+        raise flag_error(e) from e
     except KeyboardInterrupt:
         if acc.is_main_process:
             status(interrupted(domain, config))
         raise typer.Exit(130) from None
     if not acc.is_main_process:
         return
-    save_family(model, family, domains=[domain])
+    save_family(model, family, domains=[domain], overwrite=overwrite or resume)
     cost = model.domain_cost(domain)
     row = [domain, model.domain_info(domain).num_classes, int(metrics["steps"]), metrics["train_loss"]]
     row += [

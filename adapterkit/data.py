@@ -268,13 +268,24 @@ def open_splits(
     path: str | Path, image_column: str = "image", label_column: str = "label"
 ) -> dict[str, Source]:
     """Splits of a folder by split (`train`, `test`, `val`): split image folders (`split_folders`), a
-    saved `DatasetDict`, or, for a folder with neither, the whole folder as `train`."""
+    saved `DatasetDict`, or, for a folder with neither, the whole folder as `train`. Two names of one
+    split (`valid/` and `validation/`, as folders or DatasetDict splits) are refused, naming both."""
     import datasets
 
     path, columns = Path(path), (image_column, label_column)
     if (path / "dataset_dict.json").is_file():
+        found: dict[str, str] = {}
         splits = datasets.load_from_disk(str(path))
-        return {SPLITS.get(name.lower(), name): open_data(ds, *columns) for name, ds in splits.items()}
+        for name in splits:
+            split = SPLITS.get(name.lower(), name)
+            if split in found:  # `valid` and `validation`: neither is the obvious one
+                raise ValueError(
+                    f"{path} is a DatasetDict with two {split} splits, {found[split]!r} and {name!r}: pass the "
+                    f"one you mean as its own folder (e.g. --eval-data {path / name}, or eval_data="
+                    f"'{path / name}' in Python), or save the DatasetDict without the other"
+                )
+            found[split] = name
+        return {split: open_data(splits[name], *columns) for split, name in found.items()}
     folders = split_folders(path)
     if folders:
         return {s: open_data(p, *columns) for s, p in folders.items()}

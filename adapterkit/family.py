@@ -8,6 +8,7 @@ other domains' files byte-identical, and a Hub upload of unchanged files is a no
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,24 @@ from .sources import Source, local_source
 
 if TYPE_CHECKING:
     from .model import AdapterModel
+
+# Per model: (folder, domain) -> sha256 of the domain file it loaded from that folder or saved there. A
+# folder's file with that digest is this model's own earlier version of the domain, which a save may
+# update; any other different file is someone else's domain of the same name, which needs overwrite=True.
+_KNOWN: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], str]] = weakref.WeakKeyDictionary()
+
+
+def _key(directory: str | Path, name: str) -> tuple[str, str]:
+    return str(Path(directory).resolve()), name
+
+
+def remember_loaded(
+    model: AdapterModel, source: str | Path, name: str, path: Path, digest: str | None = None
+) -> None:
+    """Record that `model` loaded domain `name` from the family folder `source` (file `path`, whose
+    `digest` the load checked, if its entry had one); a Hub source records nothing."""
+    if Path(source).is_dir():
+        _KNOWN.setdefault(model, {})[_key(source, name)] = digest or sha256(Path(path).read_bytes())
 
 
 def domain_bytes(model: AdapterModel, name: str) -> bytes:
@@ -163,12 +182,50 @@ def folder_entries(model: AdapterModel, directory: Path) -> dict[str, dict]:
     return {n: e for n, e in config["domains"].items() if (directory / domain_file(n)).is_file()}
 
 
-def save_family(model: AdapterModel, directory: str | Path, domains: Iterable[str] | None = None) -> Path:
+def check_replacements(
+    model: AdapterModel, directory: Path, files: dict[str, bytes], overwrite: bool
+) -> None:
+    """Refuse to replace a domain file of `directory` by different bytes unless `overwrite`, or the file
+    is the version of that domain this model loaded from the folder or saved there (then the change is
+    this model's own: a retrained or resumed domain). Identical bytes are a no-op."""
+    if overwrite:
+        return
+    known = _KNOWN.get(model, {})
+    clashes = []
+    for name in model.domains:
+        path = directory / domain_file(name)
+        if domain_file(name) not in files or not path.is_file():
+            continue
+        on_disk = sha256(path.read_bytes())
+        if on_disk != sha256(files[domain_file(name)]) and known.get(_key(directory, name)) != on_disk:
+            clashes.append(name)
+    if clashes:
+        names = ", ".join(map(repr, clashes))
+        raise ValueError(
+            f"{directory} already holds a different domain {names} (not the version this model loaded from "
+            f"or saved to that folder); saving would replace it and nothing was written. Pass overwrite=True "
+            f"(`adapterkit.family.save_family(model, folder, overwrite=True)`; CLI: --overwrite) to replace "
+            "it, rename yours, or save into another folder"
+        )
+
+
+def save_family(
+    model: AdapterModel,
+    directory: str | Path,
+    domains: Iterable[str] | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
     """Write a family folder. Domains already in the folder (same backbone) are kept, and a file is
-    rewritten only when its bytes change, so adding a domain writes its two files (and the basis)."""
+    rewritten only when its bytes change, so adding a domain writes its two files (and the basis).
+
+    A domain the folder already holds with other content is replaced only with `overwrite=True`, or
+    when the folder's file is the version this model loaded from it or saved there (`check_replacements`).
+    """
     directory = Path(directory)
     others = folder_entries(model, directory)
     files = family_files(model, domains, others)
+    check_replacements(model, directory, files, overwrite)
     for name, entry in others.items():  # a version-1 folder: give its domains their own entries
         if not (directory / domain_entry_file(name)).is_file() and domain_entry_file(name) not in files:
             files[domain_entry_file(name)] = json_bytes(entry | {"name": name})
@@ -176,4 +233,7 @@ def save_family(model: AdapterModel, directory: str | Path, domains: Iterable[st
     for path, data in files.items():
         write_if_changed(directory / path, data)
     atomic_write(directory / CONFIG_FILE, config)
+    for name in model.domains:
+        if domain_file(name) in files:
+            _KNOWN.setdefault(model, {})[_key(directory, name)] = sha256(files[domain_file(name)])
     return directory

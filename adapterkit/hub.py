@@ -5,6 +5,11 @@ A push reads the remote family at its current commit, refuses other backbone wei
 does not extend the remote one, then commits the pushed domains' files (and the basis, the family JSON
 and the model card) against that commit: a concurrent push gets a clear conflict. A domain's files are
 only ever added or replaced, so no push or pull can drop another domain.
+
+A push that changes nothing makes no commit and answers the repo's current commit, as huggingface_hub's
+own `create_commit`, `upload_folder` and `ModelHubMixin.push_to_hub` do (they log "No files have been
+modified since last commit"): `push_folder`'s `PushResult.changed` says which, and `push_to_hub`, which
+returns the URL only, logs it once.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ if TYPE_CHECKING:
     from huggingface_hub.hf_api import ModelInfo
 
     from .model import AdapterModel
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -191,7 +198,8 @@ def push_to_hub(
         force: push even if the remote family was built on other backbone weights or another basis.
 
     Returns:
-        the commit URL.
+        the commit URL; when the repo already held these files, no commit is made and this is the URL of
+        its current commit (huggingface_hub's own push methods answer the same), logged as a warning.
     """
     from .family import family_files
 
@@ -212,6 +220,12 @@ def push_to_hub(
         token=token,
         force=force,
     )
+    if not result.changed:
+        logger.warning(
+            "%s already holds these files: no new commit (its current one: %s)",
+            result.repo_id,
+            result.commit_url,
+        )
     return result.commit_url
 
 

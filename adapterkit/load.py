@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig, DomainInfo, check_domain_name
+from .family import remember_loaded
 from .format import BASIS_FILE, domain_file, read_config, read_safetensors
 from .inject import fingerprint, rebuild_backbone, reparameterize
 from .signature import DomainSignature
@@ -260,10 +261,10 @@ def load_family(
         model.extend_basis(basis, history=history)
     for name in names:
         entry = config["domains"][name]
-        info, adapters, head, signature = build_domain(
-            model, name, src.fetch(domain_file(name)), entry.get("sha256")
-        )
+        path = src.fetch(domain_file(name))
+        info, adapters, head, signature = build_domain(model, name, path, entry.get("sha256"))
         model.publish_domain(info, adapters, head, signature=signature)
+        remember_loaded(model, source, name, path, entry.get("sha256"))  # changes may be saved back there
     return model.eval()
 
 
@@ -292,8 +293,9 @@ def load_domain(
     config = read_config(src.fetch, src.files, [name], where=src.label)
     check_backbone(model, config, source, force)
     basis = read_basis(model, src, config)
+    path = src.fetch(domain_file(name))
     info, adapters, head, signature = build_domain(
-        model, name, src.fetch(domain_file(name)), config["domains"][name].get("sha256"), basis
+        model, name, path, config["domains"][name].get("sha256"), basis
     )
     info.name = target
     if signature is not None:  # a signature the loaded domains' cannot share a routing pass with
@@ -303,3 +305,5 @@ def load_domain(
         check_maps(model, target, int(signature.maps), fix)
     history = (config.get("basis") or {}).get("history", [])
     model.publish_domain(info, adapters, head, basis=basis or None, history=history, signature=signature)
+    if target == name:
+        remember_loaded(model, source, name, path, config["domains"][name].get("sha256"))

@@ -193,6 +193,7 @@ def train_model(
 
     Same loop, data checks and checkpoints as `train_domain`; the model's head must already have the
     domain's number of classes (`model.reset_classifier(n)`); its BatchNorm statistics are trained.
+    The data's class names become `pretrained_cfg["label_names"]` (timm's field): `evaluate` matches by them.
     """
     config = config or TrainConfig()
     acc = make_accelerator(config, accelerator)
@@ -202,7 +203,13 @@ def train_model(
     train_set, eval_set = checked_datasets(source, eval_data, num_classes, dcfg, config, acc.num_processes)
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
     job = Job(name, model, list(model.parameters()), lambda m, x: m(x), model.state_dict, norms)
-    return fit(job, train_set, eval_set, config, acc, resume, callback)
+    metrics = fit(job, train_set, eval_set, config, acc, resume, callback)
+    if not isinstance(getattr(model, "pretrained_cfg", None), dict):
+        model.pretrained_cfg = {}
+    model.pretrained_cfg.pop("label_names", None)  # in place (timm's `default_cfg` is the same dict):
+    if source.class_names:  # the head's classes now, not the pretrained ones
+        model.pretrained_cfg["label_names"] = list(source.class_names)
+    return metrics
 
 
 @torch.no_grad()
@@ -219,6 +226,7 @@ def evaluate(
     """Top-1 accuracy of an `AdapterModel` domain (or a plain classifier) on `data`, over all processes.
 
     Preprocessing is the domain's stored data config (eval transform: resize, centre crop, normalise).
+    Classes are matched by name to the domain's labels (a plain model's `pretrained_cfg["label_names"]`).
     Uses `config`'s `eval_batch_size`, `num_workers`, column names and `grayscale` policy.
     """
     config = config or TrainConfig(progress=False)
@@ -233,7 +241,7 @@ def evaluate(
         def forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
             return m(x, domain=domain)
     else:
-        num_classes, stored, labels = _num_classes(model), {}, None
+        num_classes, stored, labels = _num_classes(model), {}, _label_names(model)
 
         def forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
             return m(x)
@@ -386,6 +394,12 @@ def _check_trackers(log_with: str | list[str] | None) -> None:
             f"log_with={log_with!r} needs {', '.join(missing)}, which is not installed, so nothing would be "
             f"logged: {install} (or drop it from log_with)"
         )
+
+
+def _label_names(model: nn.Module) -> list[str] | None:
+    """A plain classifier's class names (`pretrained_cfg["label_names"]`) if one per output."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+    return list(names) if isinstance(names, (list, tuple)) and len(names) == _num_classes(model) else None
 
 
 def _num_classes(model: nn.Module) -> int:

@@ -1,7 +1,8 @@
 """Preprocessing: timm's data config, the eval transform and the paper's training augmentation.
 
-Eval: resize (shorter side to `size / crop_pct`) and centre crop, as timm's eval transform; then
-normalise with the config's mean and std. Train: resize to the input size, then a random crop (zero
+Eval: resize and centre crop as timm's eval transform does for the config's `crop_mode` (`center`: the
+shorter side to `size / crop_pct`; `squash`: both sides; `border`: the longer side, padding with the
+mean colour), pixel for pixel; then normalise with the config's mean and std. Train: resize to the input size, then a random crop (zero
 padding around the image, CIFAR style, or a random-resized crop of a range of the image's area) and an
 optional horizontal flip. Randomness comes from a numpy generator passed per call (see `data.py`).
 Grey images become RGB (three equal channels) when the backbone takes 3 channels, unless refused.
@@ -224,7 +225,8 @@ class Preprocess:
             image = _random_resized_crop(image, (h, w), self.crop_scale, rng, resample)
         else:
             crop_pct = 1.0 if self.train else cfg["crop_pct"]
-            image = _resize_crop(image, (h, w), crop_pct, cfg.get("crop_mode") == "squash", resample)
+            mode, fill = cfg.get("crop_mode", "center"), tuple(round(255 * v) for v in cfg["mean"])
+            image = _resize_crop(image, (h, w), crop_pct, mode, resample, fill[0] if len(fill) == 1 else fill)
         x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).reshape(h, w, -1).permute(2, 0, 1)
         x = x.float().div_(255.0)
         if self.train:
@@ -243,30 +245,58 @@ class Preprocess:
 
 
 def _resize_crop(
-    image: Image.Image, size: tuple[int, int], crop_pct: float, squash: bool, resample: int
+    image: Image.Image,
+    size: tuple[int, int],
+    crop_pct: float,
+    mode: str,
+    resample: int,
+    fill: tuple[int, ...] | int = 0,
 ) -> Image.Image:
-    """timm's eval transform: resize (shorter side to size / crop_pct, or both sides with `squash`),
-    then a centre crop of `size`."""
+    """timm's eval transform (`transforms_imagenet_eval`) for `crop_mode`, pixel for pixel:
+
+    - `center`: the shorter side to size / crop_pct (aspect kept), a centre crop of `size`;
+    - `squash`: both sides to size / crop_pct (aspect not kept), a centre crop;
+    - `border`: the longer side to size / crop_pct (aspect kept), then a centre crop that pads what
+      is missing with `fill` (timm: the mean colour), so no part of the image is lost at crop_pct 1.
+    """
     h, w = size
     sh, sw = math.floor(h / crop_pct), math.floor(w / crop_pct)
-    if squash:
-        image = image.resize((sw, sh), resample)
-    else:
-        scale = max(sh / image.height, sw / image.width)
-        new = (max(sw, round(image.width * scale)), max(sh, round(image.height * scale)))
-        if new[0] * new[1] > 4 * sw * sh:  # a thin image (8000 x 1 px) would grow to gigabytes: resample
-            return _resized_centre(image, new, (w, h), resample)  # only the part the crop keeps
-        if new != image.size:
-            image = image.resize(new, resample)
-    left, top = (image.width - w) // 2, (image.height - h) // 2
-    return image.crop((left, top, left + w, top + h))
+    if mode == "squash":
+        new = (sw, sh)
+    elif mode == "center" and sh == sw:  # torchvision's Resize(int): the longer side truncated
+        short, long = sorted((image.width, image.height))
+        new_long = int(sh * long / short)
+        new = (sh, new_long) if image.width <= image.height else (new_long, sh)
+    else:  # timm's ResizeKeepRatio (longest=1 for border): rounded
+        ratios = (image.height / sh, image.width / sw)
+        ratio = max(ratios) if mode == "border" else min(ratios)
+        new = (round(image.width / ratio), round(image.height / ratio))
+    if mode == "center" and new[0] * new[1] > 4 * sw * sh and min(new) >= max(w, h):
+        return _resized_centre(image, new, (w, h), resample)  # a thin image (8000 x 1 px) would grow to
+    if new != image.size:  # gigabytes: resample only the part the crop keeps
+        image = image.resize(new, resample)
+    return _centre_crop_or_pad(image, (w, h), fill)
+
+
+def _centre_crop_or_pad(
+    image: Image.Image, size: tuple[int, int], fill: tuple[int, ...] | int
+) -> Image.Image:
+    """torchvision's `CenterCrop` / timm's `center_crop_or_pad`: pad a side shorter than `size` (w, h)
+    evenly (the extra pixel right/bottom) with `fill`, then crop at the rounded centre offset."""
+    (w, h), (iw, ih) = size, image.size
+    if w > iw or h > ih:
+        padded = Image.new(image.mode, (max(w, iw), max(h, ih)), fill)
+        padded.paste(image, ((w - iw) // 2 if w > iw else 0, (h - ih) // 2 if h > ih else 0))
+        image, (iw, ih) = padded, padded.size
+    left, top = int(round((iw - w) / 2.0)), int(round((ih - h) / 2.0))
+    return image if (iw, ih) == (w, h) else image.crop((left, top, left + w, top + h))
 
 
 def _resized_centre(image: Image.Image, new: tuple[int, int], size: tuple[int, int], resample: int):
     """The centre crop `size` (w, h) of `image` resized to `new`, resampling only the crop's region (PIL's
     `box`): the same pixels, without the whole resized image."""
     (w, h), sx, sy = size, new[0] / image.width, new[1] / image.height
-    left, top = (new[0] - w) // 2, (new[1] - h) // 2
+    left, top = int(round((new[0] - w) / 2.0)), int(round((new[1] - h) / 2.0))
     return image.resize((w, h), resample, box=(left / sx, top / sy, (left + w) / sx, (top + h) / sy))
 
 
@@ -284,4 +314,4 @@ def _random_resized_crop(
                 int(rng.integers(0, image.height - ch + 1)),
             )
             return image.resize((size[1], size[0]), resample, box=(left, top, left + cw, top + ch))
-    return _resize_crop(image, size, 1.0, False, resample)
+    return _resize_crop(image, size, 1.0, "center", resample)

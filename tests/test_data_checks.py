@@ -266,8 +266,112 @@ def test_a_thin_image_is_resized_only_where_the_crop_reads(tmp_path):
     from adapterkit.transforms import _resize_crop
 
     bicubic = Image.Resampling.BICUBIC
-    assert _resize_crop(Image.new("RGB", (8000, 1)), (224, 224), 0.875, False, bicubic).size == (224, 224)
+    assert _resize_crop(Image.new("RGB", (8000, 1)), (224, 224), 0.875, "center", bicubic).size == (224, 224)
     thin = Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 1000, 3), dtype=np.uint8))
     full = thin.resize((2560, 256), bicubic)  # the shorter side to 224 / 0.875 = 256, then the centre crop
     expected = np.asarray(full.crop((1168, 16, 1392, 240)))
-    assert np.array_equal(np.asarray(_resize_crop(thin, (224, 224), 0.875, False, bicubic)), expected)
+    assert np.array_equal(np.asarray(_resize_crop(thin, (224, 224), 0.875, "center", bicubic)), expected)
+
+
+@pytest.mark.parametrize("mode", ["center", "squash", "border"])
+def test_eval_preprocessing_is_timms_for_every_crop_mode(mode):
+    """`crop_mode="border"` (some timm pretrained configs) was preprocessed as `center`, cutting the
+    image's long side instead of padding around it; each mode now gives timm's own eval transform's
+    tensor on a real photo: portrait, landscape, upscaled, square and non-square inputs."""
+    import numpy as np
+    import timm.data
+    from matplotlib import cbook
+
+    from adapterkit.transforms import Preprocess, resolve_data_config
+
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg")) as photo:
+        photo = photo.convert("RGB")
+    images = [
+        photo,
+        photo.transpose(Image.Transpose.ROTATE_90),
+        photo.resize((37, 61)),
+        photo.crop((0, 0, 512, 300)),
+    ]
+    for size, crop_pct, interpolation in (((3, 224, 224), 0.875, "bicubic"), ((3, 96, 128), 1.0, "bilinear")):
+        overrides = {
+            "input_size": size,
+            "crop_pct": crop_pct,
+            "crop_mode": mode,
+            "interpolation": interpolation,
+        }
+        config = resolve_data_config({"num_classes": 10}, overrides)
+        ours = Preprocess(config)
+        theirs = timm.data.create_transform(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+        )
+        for image in images:
+            expected = theirs(image)
+            assert expected.shape == ours(image).shape == size
+            assert torch.allclose(ours(image), expected, atol=1e-6), (mode, size, image.size)
+    if mode == "border":  # the padding is the mean colour: 0 after normalisation, the photo is all there
+        x = Preprocess(
+            resolve_data_config(
+                {"num_classes": 10}, {"input_size": (3, 64, 64), "crop_mode": mode, "crop_pct": 1.0}
+            )
+        )(images[3])
+        assert np.allclose(x[:, :4].numpy(), 0, atol=0.02) and not np.allclose(x[:, 30].numpy(), 0, atol=0.02)
+
+
+def test_a_datasetdict_with_valid_and_validation_is_refused_naming_both(tmp_path, capsys):
+    """A saved DatasetDict with `valid` and `validation` splits silently kept the later one as its
+    evaluation split; now it is refused (as two such folders are), naming both and how to pick one."""
+    import datasets
+    import numpy as np
+
+    from adapterkit.cli import main
+
+    rng = np.random.default_rng(0)
+    images = [
+        datasets.Image().encode_example(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)) for _ in range(8)
+    ]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["x", "y"])})
+    ds = datasets.Dataset.from_dict({"image": images, "label": [0, 1] * 4}, features=features)
+    path = tmp_path / "ds"
+    datasets.DatasetDict({"train": ds, "valid": ds, "validation": ds.select(range(4))}).save_to_disk(
+        str(path)
+    )
+    with pytest.raises(ValueError, match=r"two val splits, 'valid' and 'validation': pass the one you mean"):
+        open_splits(path)
+    family = tmp_path / "family"
+    args = ["train", "--family", str(family), "--domain", "d", "--backbone", "test_resnet", "--random-init"]
+    args += ["--steps", "1", "--batch-size", "4", "--image-size", "32", "--no-progress"]
+    assert main([*args, "--data", str(path)]) == 2
+    assert f"--eval-data {path / 'validation'}" in capsys.readouterr().err and not family.exists()
+    # the fix the message gives: each split as its own folder
+    assert main([*args, "--data", str(path / "train"), "--eval-data", str(path / "validation")]) == 0
+
+
+def test_a_fine_tuned_plain_model_is_evaluated_by_class_name(tmp_path):
+    """`train_model` matched its test folder to the training classes by name, but a later `evaluate` of
+    the plain model read the classes by position: a test folder without class `a` scored its `c` images
+    as class 1. Now both match by name (the names are the model's `pretrained_cfg["label_names"]`)."""
+    import timm
+
+    from adapterkit.train import train_model
+    from adapterkit.transforms import Preprocess, resolve_data_config
+
+    colours = {"a": (250, 20, 20), "b": (20, 250, 20), "c": (20, 20, 250)}
+    for split, names in (("train", "abc"), ("test", "c")):
+        for c in names:
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (20, 20), tuple(v + 3 * i for v in colours[c])).save(
+                    tmp_path / split / c / f"{i}.png"
+                )
+    torch.manual_seed(0)
+    net = timm.create_model("test_resnet", num_classes=3)
+    metrics = train_model(net, tmp_path / "train", tmp_path / "test", cfg(steps=12), data_config=SIZE)
+    pre = Preprocess(resolve_data_config(net.pretrained_cfg, SIZE))
+    x = torch.stack([pre(Image.open(p)) for p in sorted((tmp_path / "test" / "c").iterdir())])
+    with torch.no_grad():
+        predicted = net.eval()(x).argmax(1)
+    by_name, by_position = (predicted == 2).float().mean().item(), (predicted == 0).float().mean().item()
+    assert by_name != by_position  # the two readings disagree on this model: the test tells them apart
+    assert metrics["accuracy"] == pytest.approx(by_name)
+    assert evaluate(net, tmp_path / "test", data_config=SIZE) == pytest.approx(by_name)
+    assert net.pretrained_cfg["label_names"] == ["a", "b", "c"]

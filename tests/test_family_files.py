@@ -275,3 +275,55 @@ def test_saving_another_layout_or_a_refactorised_basis_into_a_family_is_refused(
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file.*folder"):
         model.save_pretrained(tmp_path / "file")
+
+
+def test_saving_another_domain_of_the_same_name_is_refused(tmp_path):
+    """A fresh model whose `a` differs from the folder's `a` silently replaced it on save; now that is
+    refused (naming the domain and the fix) and nothing is written. The same bytes are a no-op, and a
+    domain this model loaded from the folder, or saved there, may be updated in place."""
+    fam = tmp_path / "fam"
+    torch.manual_seed(0)
+    make().save_pretrained(fam)
+    files = {p.name: p.read_bytes() for p in (fam / "domains").iterdir()}
+    config = (fam / "adapterkit.json").read_bytes()
+    torch.manual_seed(0)
+    make().save_pretrained(fam)  # the same domains, bit for bit (another model): nothing to refuse
+    other = make(("a",))
+    perturb(other, "a", seed=7)
+    with pytest.raises(
+        ValueError, match=r"already holds a different domain 'a' .* overwrite=True .*--overwrite"
+    ):
+        other.save_pretrained(fam)
+    assert {p.name: p.read_bytes() for p in (fam / "domains").iterdir()} == files
+    assert (fam / "adapterkit.json").read_bytes() == config
+    save_family(other, fam, overwrite=True)  # the explicit replacement
+    assert torch.equal(logits(AdapterModel.from_pretrained(fam, domains=["a"]), "a"), logits(other, "a"))
+    assert (fam / "domains" / "b.safetensors").read_bytes() == files["b.safetensors"]
+
+    loaded = AdapterModel.from_pretrained(fam)  # loaded from the folder, changed deliberately: saved
+    perturb(loaded, "b", seed=9)
+    loaded.save_pretrained(fam)
+    perturb(loaded, "b", seed=10)  # and again: the folder now holds what this model saved there
+    loaded.save_pretrained(fam)
+    assert torch.equal(logits(AdapterModel.from_pretrained(fam, domains=["b"]), "b"), logits(loaded, "b"))
+    stale = AdapterModel.from_pretrained(fam, domains=["b"])
+    perturb(loaded, "b", seed=11)
+    loaded.save_pretrained(fam)  # the folder's `b` is no longer the one `stale` loaded: refused
+    perturb(stale, "b", seed=12)
+    with pytest.raises(ValueError, match="different domain 'b'"):
+        stale.save_pretrained(fam)
+
+
+def test_cli_retraining_into_a_family_still_saves(tmp_path):
+    """`adapterkit train --overwrite` and `--resume` replace the family's own domain, as before."""
+    from cli_support import TRAIN, cli, digest, image_folder
+
+    data, fam = image_folder(tmp_path / "data"), tmp_path / "fam"
+    args = ["train", "--family", str(fam), "--domain", "a", "--data", str(data), "--steps", "1", *TRAIN]
+    assert cli(*args, "--backbone", "test_resnet", "--random-init").returncode == 0
+    before = digest(fam / "domains" / "a.safetensors")
+    for flag in ("--overwrite", "--resume"):
+        run = cli(*args, flag, "--seed", "3" if flag == "--overwrite" else "0")
+        assert run.returncode == 0, run.stderr
+        assert digest(fam / "domains" / "a.safetensors") != before
+        before = digest(fam / "domains" / "a.safetensors")

@@ -279,3 +279,29 @@ def test_a_refused_token_says_so_on_push_and_on_read(registry):
     with pytest.raises(PermissionError, match="refused the token.*even for public repos"):
         list_domains(repo, token=bogus)  # a public repo, read with a token the server does not know
     assert list(list_domains(repo)) == ["a"]
+
+
+def test_a_push_that_changes_nothing_answers_the_current_commit_as_huggingface_hub_does(
+    registry, published_backbone, caplog
+):
+    """`push_to_hub` of unchanged domains makes no commit and returns the repo's current commit URL, the
+    same answer huggingface_hub's own `upload_file` gives for a no-op; it now also says so in a warning
+    (huggingface_hub logs one; the URL alone did not tell a no-op from a push)."""
+    import logging
+
+    token = registry.tokens["alice"]
+    repo = f"alice/{unique('noop')}"
+    model = family(published_backbone, ["a"])
+    first = model.push_to_hub(repo, token=token)
+    with caplog.at_level(logging.WARNING, logger="adapterkit.hub"):
+        again = model.push_to_hub(repo, token=token)
+    api = HfApi(token=token)
+    assert again == first == f"{api.endpoint}/{repo}/commit/{api.repo_info(repo).sha}"
+    assert "already holds these files: no new commit" in caplog.text
+    same = api.hf_hub_download(repo, "adapterkit.json")
+    assert (
+        api.upload_file(path_or_fileobj=same, path_in_repo="adapterkit.json", repo_id=repo).commit_url
+        == first
+    )
+    perturb(model, "a", seed=5)
+    assert model.push_to_hub(repo, token=token) != first
