@@ -204,7 +204,7 @@ def check_replacements(
         raise ValueError(
             f"{directory} already holds a different domain {names} (not the version this model loaded from "
             f"or saved to that folder); saving would replace it and nothing was written. Pass overwrite=True "
-            f"(`adapterkit.family.save_family(model, folder, overwrite=True)`; CLI: --overwrite) to replace "
+            f"(`model.save_pretrained(folder, overwrite=True)`; CLI: --overwrite) to replace "
             "it, rename yours, or save into another folder"
         )
 

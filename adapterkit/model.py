@@ -641,23 +641,26 @@ class AdapterModel(
         *,
         push_to_hub: bool = False,
         repo_id: str | None = None,
+        overwrite: bool = False,
         **push_kwargs: Any,
     ) -> str | None:
         """Write the family folder (`family.save_family`: the folder's other domains are kept; a family of
         another layout, on other weights or with a basis this model's does not extend is refused before
-        anything is written). With `push_to_hub=True` also push to `repo_id` (default: the folder's name),
-        passing `push_kwargs` to `push_to_hub`, and return the commit URL."""
+        anything is written, and so is a same-named domain of other content that this model did not load
+        from or save to that folder, unless `overwrite=True`). With `push_to_hub=True` also push to
+        `repo_id` (default: the folder's name), passing `push_kwargs` to `push_to_hub`, and return the
+        commit URL."""
         if push_kwargs and not push_to_hub:
             raise TypeError(
                 f"save_pretrained got {sorted(push_kwargs)}, which apply only with push_to_hub=True"
             )
-        self._save_pretrained(Path(save_directory))
+        self._save_pretrained(Path(save_directory), overwrite=overwrite)
         return self.push_to_hub(repo_id or Path(save_directory).name, **push_kwargs) if push_to_hub else None
 
-    def _save_pretrained(self, save_directory: Path) -> None:
+    def _save_pretrained(self, save_directory: Path, overwrite: bool = False) -> None:
         from .family import save_family
 
-        save_family(self, save_directory)
+        save_family(self, save_directory, overwrite=overwrite)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> AdapterModel:  # type: ignore[override]

@@ -296,7 +296,7 @@ def test_saving_another_domain_of_the_same_name_is_refused(tmp_path):
         other.save_pretrained(fam)
     assert {p.name: p.read_bytes() for p in (fam / "domains").iterdir()} == files
     assert (fam / "adapterkit.json").read_bytes() == config
-    save_family(other, fam, overwrite=True)  # the explicit replacement
+    other.save_pretrained(fam, overwrite=True)  # the explicit replacement
     assert torch.equal(logits(AdapterModel.from_pretrained(fam, domains=["a"]), "a"), logits(other, "a"))
     assert (fam / "domains" / "b.safetensors").read_bytes() == files["b.safetensors"]
 
