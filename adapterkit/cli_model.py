@@ -11,6 +11,7 @@ training stack are imported inside the functions, after the arguments are parsed
 from __future__ import annotations
 
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -250,3 +251,31 @@ def export(
         ours = type(exported).__module__.startswith(__package__)  # the paper's ResNets, registered by us
     load = f"timm.create_model('local-dir:{output}', pretrained=True)"
     print(f"exported {domain!r} to {output}: {'import adapterkit.backbones; ' if ours else ''}{load}")
+
+
+# ---------------------------------------------------------------------- the choices of train's options
+class Topology(str, Enum):
+    parallel = "parallel"
+    series = "series"
+
+
+class Optimizer(str, Enum):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class Schedule(str, Enum):
+    cosine = "cosine"
+    step = "step"
+    constant = "constant"
+
+
+class Precision(str, Enum):
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Grayscale(str, Enum):
+    convert = "convert"
+    error = "error"

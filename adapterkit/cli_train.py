@@ -9,7 +9,6 @@ backbone it recorded, and training a domain it already has needs `--overwrite` (
 from __future__ import annotations
 
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,10 +18,15 @@ from .cli_basis import Budget, Factored, factored_options, flag_error
 from .cli_errors import CliError, interrupted, train_config_from_flags
 from .cli_model import (
     DEFAULT_THREADS,
+    Grayscale,
     ImageColumn,
     LabelColumn,
+    Optimizer,
+    Precision,
     Progress,
+    Schedule,
     Threads,
+    Topology,
     data_split,
     family_config,
     new_model,
@@ -34,33 +38,6 @@ from .cli_model import (
 from .cli_output import print_table, status
 from .config import check_domain_name
 from .train_config import HEAD_LR_SCALE
-
-
-class Topology(str, Enum):
-    parallel = "parallel"
-    series = "series"
-
-
-class Optimizer(str, Enum):
-    sgd = "sgd"
-    adamw = "adamw"
-
-
-class Schedule(str, Enum):
-    cosine = "cosine"
-    step = "step"
-    constant = "constant"
-
-
-class Precision(str, Enum):
-    no = "no"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class Grayscale(str, Enum):
-    convert = "convert"
-    error = "error"
 
 
 # ---------------------------------------------------------------------- train

@@ -8,7 +8,6 @@ other domains' files byte-identical, and a Hub upload of unchanged files is a no
 from __future__ import annotations
 
 import json
-import weakref
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,12 +31,6 @@ from .sources import Source, local_source
 if TYPE_CHECKING:
     from .model import AdapterModel
 
-# Per model: (folder, domain) -> sha256 of the domain file it loaded from that folder or saved there. A
-# folder's file with that digest is this model's own earlier version of the domain, which a save may
-# update; any other different file is someone else's domain of the same name, which needs overwrite=True.
-_KNOWN: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], str]] = weakref.WeakKeyDictionary()
-
-
 def _key(directory: str | Path, name: str) -> tuple[str, str]:
     return str(Path(directory).resolve()), name
 
@@ -48,7 +41,7 @@ def remember_loaded(
     """Record that `model` loaded domain `name` from the family folder `source` (file `path`, whose
     `digest` the load checked, if its entry had one); a Hub source records nothing."""
     if Path(source).is_dir():
-        _KNOWN.setdefault(model, {})[_key(source, name)] = digest or sha256(Path(path).read_bytes())
+        model.file_versions[_key(source, name)] = digest or sha256(Path(path).read_bytes())
 
 
 def domain_bytes(model: AdapterModel, name: str) -> bytes:
@@ -190,7 +183,7 @@ def check_replacements(
     this model's own: a retrained or resumed domain). Identical bytes are a no-op."""
     if overwrite:
         return
-    known = _KNOWN.get(model, {})
+    known = model.file_versions
     clashes = []
     for name in model.domains:
         path = directory / domain_file(name)
@@ -235,5 +228,5 @@ def save_family(
     atomic_write(directory / CONFIG_FILE, config)
     for name in model.domains:
         if domain_file(name) in files:
-            _KNOWN.setdefault(model, {})[_key(directory, name)] = sha256(files[domain_file(name)])
+            model.file_versions[_key(directory, name)] = sha256(files[domain_file(name)])
     return directory

@@ -126,6 +126,9 @@ class AdapterModel(
         self._mixed = MixedExecution(backbone, self.router)  # how a batch of several domains runs (mixed.py)
         self._plain = PlainPasses()  # eval-mode one-domain passes without wrapper code (layers/plain.py)
         self.basis_history: list[dict[str, Any]] = []  # the basis operations that built `basis()`
+        # (folder, domain) -> sha256 of the domain file this model loaded from or saved to that folder:
+        # a save may update its own earlier version, not someone else's same-named domain (family.py)
+        self.file_versions: dict[tuple[str, str], str] = {}
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -398,7 +401,8 @@ class AdapterModel(
         yourself or loaded without one. The domain runs over the same images too: its head's energies
         calibrate the unknown decision of `route(x, classify=True)` (router.py). `budget`: the
         signature's bytes at most, as a share of the domain's adapter bytes (it keeps as many of the
-        `components` mixture components as fit, at least one); None: no cap. `maps`: the backbone's
+        `components` mixture components as fit, at least one; the default share at least
+        `signature.MIN_COMPONENTS`); None: no cap. `maps`: the backbone's
         first feature maps the signature reads (`router.style_features`; 0: every stage's but the last);
         every domain's must agree, so None reads what the other domains' signatures read (0 when there
         are none). `calibration`: batches of the domain's images it did not train on (a validation

@@ -27,10 +27,11 @@ from torch import nn
 from .signature import (
     MAX_IMAGES,
     MIN_COMPONENTS,
+    SIGNATURE_SHARE,
     DomainSignature,
-    _user_level,
     open_scores,
     typicality,
+    user_level,
 )
 from .transforms import check_batch, resolve_data_config
 
@@ -276,7 +277,8 @@ def fit_signature(
         max_bytes=cap,
         energies=energies,
         calibration=held,
-        min_components=MIN_COMPONENTS,  # the budget's floor: small domains still get a mixture
+        # the default budget's floor (small domains still get a mixture); a budget passed is kept to
+        min_components=MIN_COMPONENTS if budget == SIGNATURE_SHARE else 1,
     )
     signature.maps.fill_(maps)
     return signature
@@ -330,5 +332,5 @@ def warn_configs(model: AdapterModel, names: list[str]) -> None:
         "a domain whose preprocessing x does not match scores lower than it should. Preprocess per domain "
         "and decide with adapterkit.router.decide, as the inference service does (docs/routing.md, "
         '"Preprocessing"), or use `adapterkit predict`',
-        stacklevel=_user_level(),
+        stacklevel=user_level(),
     )

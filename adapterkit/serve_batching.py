@@ -88,6 +88,7 @@ class Batcher:
         self._queue: deque[Item] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._refusal: Callable[[], BaseException] | None = None  # set by `abandon`
         self._expected = 0  # images being decoded by requests that will submit them
         self._thread: threading.Thread | None = None
 
@@ -114,9 +115,11 @@ class Batcher:
             self._thread.join(timeout)
 
     def abandon(self, error: Callable[[], BaseException]) -> int:
-        """Answer every queued image with `error()` now, instead of running it; returns how many. The
-        batch being run is not interrupted."""
+        """Answer every queued image with `error()` now, instead of running it, and refuse later ones with
+        it (a request still decoding submits after this); returns how many were queued. The batch being
+        run is not interrupted."""
         with self._cond:
+            self._refusal = error
             items = list(self._queue)
             self._queue.clear()
         for item in items:
@@ -143,6 +146,8 @@ class Batcher:
         """Queue a request's images, all or none; `QueueFull` if they do not fit now."""
         self.start()
         with self._cond:
+            if self._refusal is not None:
+                raise self._refusal()
             if self._closed:
                 raise QueueFull("the server is shutting down")
             if len(self._queue) + len(items) > self.queue_size:

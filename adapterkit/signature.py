@@ -198,7 +198,7 @@ class DomainSignature(nn.Module):
                     f"{calibration[0].shape[0]} calibration images are too few to place the {reject:g} "
                     f"quantile of the unknown decision (at least {math.ceil(1 / reject)}): it is calibrated "
                     "on the training images instead; pass more held-out images to calibrate on them",
-                    stacklevel=_user_level(),
+                    stacklevel=user_level(),
                 )
                 calibration = None
         if calibration is not None:
@@ -288,7 +288,7 @@ def open_scores(
     return out
 
 
-def _user_level() -> int:
+def user_level() -> int:
     """The warnings `stacklevel` of the first caller outside adapterkit and torch: a warning names the
     user's line, whichever of adapterkit's functions led to it."""
     skip = (str(Path(__file__).parent), str(Path(torch.__file__).parent))

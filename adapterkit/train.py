@@ -1,4 +1,4 @@
-"""Train one domain of an `AdapterModel` with Accelerate (the only module that imports accelerate).
+"""Train one domain of an `AdapterModel` with Accelerate (the only module that builds an Accelerator).
 
 A plain loop in the style of Accelerate's examples: `prepare`, `accumulate`, `backward`,
 `gather_for_metrics`. The same code runs on CPU, one GPU and several processes (`torchrun`,
@@ -31,7 +31,7 @@ from .data_checks import align_labels, check_data, checked_datasets, read_labels
 from .loop import Job, checkpoint_folder, evaluate_dataset, fit
 from .model import AdapterModel
 from .signature import MAX_IMAGES
-from .train_config import AUTO_WEIGHT_DECAY, TrainConfig, auto_weight_decay, learning_rate
+from .train_config import AUTO_WEIGHT_DECAY, TrainConfig, auto_weight_decay, check_trackers, learning_rate
 from .train_env import seeded, threads
 from .transforms import Preprocess, resolve_data_config
 
@@ -47,9 +47,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# What to install for a tracker accelerate cannot find (others: the tracker's own package).
-TRACKER_INSTALL = {"tensorboard": 'pip install "adapterkit[track]"'}
 
 
 # ---------------------------------------------------------------------- public entry points
@@ -261,7 +258,7 @@ def make_accelerator(
     """`accelerator` checked against `config`, or a new `Accelerator` for it (CPU when no GPU exists,
     so that `torchrun` on CPU machines uses gloo)."""
     if not eval_only:
-        _check_trackers(config.log_with)
+        check_trackers(config.log_with)
     if accelerator is not None:
         if accelerator.mixed_precision != config.mixed_precision:
             raise ValueError(
@@ -371,29 +368,6 @@ def _domain_groups(model: AdapterModel, domain: str, params: list[nn.Parameter])
     for p in params:
         groups.setdefault(group_of.get(id(p), "adapter"), []).append(p)
     return groups
-
-
-def _check_trackers(log_with: str | list[str] | None) -> None:
-    """Refuse trackers whose package is missing before training (accelerate would log nothing)."""
-    from accelerate.tracking import get_available_trackers
-    from accelerate.utils import LoggerType
-
-    names = [log_with] if isinstance(log_with, str) else [n for n in log_with or [] if isinstance(n, str)]
-    available = {str(t) for t in get_available_trackers()}
-    if "all" in names:
-        names = [] if available else ["tensorboard"]
-    unknown = [n for n in names if n not in LoggerType.list()]
-    if unknown:
-        raise ValueError(
-            f"log_with={log_with!r}: {unknown[0]!r} is not a tracker; use one of {LoggerType.list()}"
-        )
-    missing = [n for n in names if n not in available]
-    if missing:
-        install = "; ".join(TRACKER_INSTALL.get(n, f"pip install {n}") for n in missing)
-        raise ValueError(
-            f"log_with={log_with!r} needs {', '.join(missing)}, which is not installed, so nothing would be "
-            f"logged: {install} (or drop it from log_with)"
-        )
 
 
 def _label_names(model: nn.Module) -> list[str] | None:

@@ -235,3 +235,30 @@ def learning_rate(config: TrainConfig, step: int, total: int) -> float:
     if config.schedule == "step":
         return config.lr * config.gamma ** sum(progress >= m for m in config.milestones)
     return config.lr
+
+
+# What to install for a tracker accelerate cannot find (others: the tracker's own package).
+TRACKER_INSTALL = {"tensorboard": 'pip install "adapterkit[track]"'}
+
+
+def check_trackers(log_with: str | list[str] | None) -> None:
+    """Refuse trackers whose package is missing before training (accelerate would log nothing)."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    names = [log_with] if isinstance(log_with, str) else [n for n in log_with or [] if isinstance(n, str)]
+    available = {str(t) for t in get_available_trackers()}
+    if "all" in names:
+        names = [] if available else ["tensorboard"]
+    unknown = [n for n in names if n not in LoggerType.list()]
+    if unknown:
+        raise ValueError(
+            f"log_with={log_with!r}: {unknown[0]!r} is not a tracker; use one of {LoggerType.list()}"
+        )
+    missing = [n for n in names if n not in available]
+    if missing:
+        install = "; ".join(TRACKER_INSTALL.get(n, f"pip install {n}") for n in missing)
+        raise ValueError(
+            f"log_with={log_with!r} needs {', '.join(missing)}, which is not installed, so nothing would be "
+            f"logged: {install} (or drop it from log_with)"
+        )

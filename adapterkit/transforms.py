@@ -271,7 +271,7 @@ def _resize_crop(
         ratios = (image.height / sh, image.width / sw)
         ratio = max(ratios) if mode == "border" else min(ratios)
         new = (round(image.width / ratio), round(image.height / ratio))
-    if mode == "center" and new[0] * new[1] > 4 * sw * sh and min(new) >= max(w, h):
+    if mode == "center" and new[0] * new[1] > 4 * sw * sh and new[0] >= w and new[1] >= h:
         return _resized_centre(image, new, (w, h), resample)  # a thin image (8000 x 1 px) would grow to
     if new != image.size:  # gigabytes: resample only the part the crop keeps
         image = image.resize(new, resample)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -271,6 +273,21 @@ def test_a_thin_image_is_resized_only_where_the_crop_reads(tmp_path):
     full = thin.resize((2560, 256), bicubic)  # the shorter side to 224 / 0.875 = 256, then the centre crop
     expected = np.asarray(full.crop((1168, 16, 1392, 240)))
     assert np.array_equal(np.asarray(_resize_crop(thin, (224, 224), 0.875, "center", bicubic)), expected)
+
+
+@pytest.mark.parametrize("size", [(224, 224), (224, 448), (448, 224)])
+def test_a_thin_image_stays_small_in_memory_for_any_input_shape(size):
+    """The guard once held only for square inputs: an 8000 x 1 image for a (224, 448) input grew to a
+    2,048,000 x 256 resize (1.5 GB) before the crop."""
+    code = (
+        "import resource; from PIL import Image; from adapterkit.transforms import _resize_crop; "
+        "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024; before = peak(); "
+        f"out = _resize_crop(Image.new('RGB', (8000, 1)), {size}, 0.875, 'center', Image.Resampling.BICUBIC); "
+        "print(out.size[1], out.size[0], peak() - before)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    h, w, grown_mib = map(int, done.stdout.split())
+    assert (h, w) == size and grown_mib < 100, done.stdout  # the full resize: 1.5 GB
 
 
 @pytest.mark.parametrize("mode", ["center", "squash", "border"])

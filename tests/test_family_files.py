@@ -4,6 +4,7 @@ drop a domain (the real client over real HTTP against the registry fixture)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import uuid
@@ -312,6 +313,9 @@ def test_saving_another_domain_of_the_same_name_is_refused(tmp_path):
     perturb(stale, "b", seed=12)
     with pytest.raises(ValueError, match="different domain 'b'"):
         stale.save_pretrained(fam)
+    copied = copy.deepcopy(loaded)  # the record travels with the model, copies included
+    perturb(copied, "b", seed=13)
+    copied.save_pretrained(fam)
 
 
 def test_cli_retraining_into_a_family_still_saves(tmp_path):

@@ -379,3 +379,5 @@ def test_a_signature_keeps_to_its_share_of_the_domain_bytes(model):
     assert copy.fit_signature("red", batches(x)).mean.shape[0] == MIN_COMPONENTS  # the floor
     assert copy.fit_signature("red", batches(x), budget=None).mean.shape[0] == COMPONENTS
     assert copy.fit_signature("red", batches(x), components=3).mean.shape[0] == 3  # asked for fewer
+    tight = copy.fit_signature("red", batches(x), budget=0.005)  # a budget passed is kept to
+    assert tight.mean.shape[0] < MIN_COMPONENTS
