@@ -31,6 +31,7 @@ from .sources import Source, local_source
 if TYPE_CHECKING:
     from .model import AdapterModel
 
+
 def _key(directory: str | Path, name: str) -> tuple[str, str]:
     return str(Path(directory).resolve()), name
 
