@@ -111,7 +111,7 @@ def test_gc_and_backup_exclude_each_other(tmp_path):
             r = cli("gc", "--root", str(root))
             b = cli("backup", "--root", str(root), str(tmp_path / "b"))
     for out in (r, b):
-        assert out.returncode == 2 and "another backup or gc is running" in out.stderr, out.stderr
+        assert out.returncode == 2 and "another backup, gc or repo move is running" in out.stderr, out.stderr
     assert not (tmp_path / "b").exists()
 
 
