@@ -6,11 +6,14 @@ backup copies in the one order that stays consistent while the server writes:
 
 1. each repo folder (`repo.json`, `refs.json`, `commits.log`, commits, folders, LFS records), under that
    repo's lock (the one every commit, ref edit and delete takes): each repo is copied at one revision;
-2. the Xet records (files, SHA-256 index, shards, dedupe index, pending journals), under the Xet store's
-   apply lock: no shard is half-applied in the copy;
+2. the Xet records (files, SHA-256 index, shards, dedupe index, pending journals): copied without
+   locks, then made equal to the store under its apply lock (no shard is applied meanwhile) by
+   re-copying the files replaced since, and removing the ones gone: no shard is half-applied in the
+   copy, and shard registrations wait only for that re-check;
 3. the content-addressed blobs and xorbs, last: everything a copied revision or Xet record references
-   was written before it, so it is there to copy, and nothing is removed meanwhile (`gc` waits for the
-   maintenance lock the backup holds);
+   was written before it, so it is there to copy, and nothing is removed meanwhile (`gc` is refused at
+   once while the backup holds the maintenance lock, and so is a repo move, which a repo list taken
+   once would miss);
 4. the tokens (SQLite's online backup, so the WAL is included), keys and format marker.
 
 The copy is built in a hidden folder beside DEST, checked with `fsck`, and renamed to DEST only when
@@ -53,21 +56,51 @@ class BackupReport:
 
 
 class _Copier:
-    """Copies files that the destination lacks, counting them; files removed meanwhile are skipped."""
+    """Copies files that the destination lacks, counting them; files removed meanwhile are skipped.
+    Remembers which version (inode, time, size) of each source it copied, for `sync`."""
 
     def __init__(self) -> None:
         self.files = self.bytes = 0
+        self.copied: dict[Path, tuple[int, int, int]] = {}
 
     def file(self, src: Path, dst: Path) -> None:
         if dst.exists():
             return
         dst.parent.mkdir(parents=True, exist_ok=True)
         try:
+            st = src.stat()  # before the copy: a file replaced in between is copied again by `sync`
             shutil.copy2(src, dst)
         except FileNotFoundError:
             return
+        self.copied[dst] = (st.st_ino, st.st_mtime_ns, st.st_size)
         self.files += 1
         self.bytes += dst.stat().st_size
+
+    def sync(self, src: Path, dst: Path) -> None:
+        """Make the copy `dst` of folder `src` equal to it again: copy the files written (every write
+        replaces a file: a new inode) or added since they were copied, remove the ones gone."""
+        present = set()
+        for folder, _, names in os.walk(src):
+            for name in names:
+                s = Path(folder) / name
+                d = dst / s.relative_to(src)
+                present.add(d)
+                try:
+                    st = s.stat()
+                except FileNotFoundError:
+                    continue
+                if self.copied.get(d) != (st.st_ino, st.st_mtime_ns, st.st_size):
+                    self._drop(d)
+                    self.file(s, d)
+        for d in [d for d in self.copied if dst in d.parents and d not in present]:
+            self._drop(d)
+
+    def _drop(self, dst: Path) -> None:
+        if dst.exists():
+            self.files -= 1
+            self.bytes -= dst.stat().st_size
+            dst.unlink()
+        self.copied.pop(dst, None)
 
     def tree(self, src: Path, dst: Path, skip: frozenset[str] = frozenset()) -> None:
         for folder, dirs, names in os.walk(src):
@@ -136,11 +169,13 @@ def _copy_all(storage: Storage, out: Path) -> tuple[_Copier, int]:
                 copier.tree(src, out / src.relative_to(root))
                 repos += 1
     xet = root / "xet"
-    if xet.is_dir():  # 2. Xet records, no shard half-applied
+    if xet.is_dir():  # 2. Xet records: copied, then re-checked with no shard half-applied
+        records = [name for name in XET_RECORDS if (xet / name).is_dir()]
+        for name in records:
+            copier.tree(xet / name, out / "xet" / name)
         with file_lock(xet / XET_APPLY_LOCK):
-            for name in XET_RECORDS:
-                if (xet / name).is_dir():
-                    copier.tree(xet / name, out / "xet" / name)
+            for name in records:
+                copier.sync(xet / name, out / "xet" / name)
             if (xet / "dedupe_key.json").is_file():
                 copier.file(xet / "dedupe_key.json", out / "xet" / "dedupe_key.json")
         copier.tree(xet / "xorbs", out / "xet" / "xorbs")  # 3. immutable content, last

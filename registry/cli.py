@@ -13,6 +13,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from .auth import SCOPES, TokenStore
 from .context import MB
@@ -28,16 +29,24 @@ def _port(text: str) -> int:
     return port
 
 
+ROOT_HELP = "folder holding the registry state"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="adapterkit-registry", description=__doc__.splitlines()[0])
     p.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
     common = argparse.ArgumentParser(add_help=False)  # also after the command; SUPPRESS keeps the one before
     common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    root_help = "folder holding the registry state"
     sub = p.add_subparsers(dest="command", required=True)
+    _add_serve(sub, common)
+    _add_token(sub, common)
+    _add_maintenance(sub, common)
+    return p
 
+
+def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("serve", help="serve the registry over HTTP", parents=[common])
-    s.add_argument("--root", type=Path, required=True, help=root_help)
+    s.add_argument("--root", type=Path, required=True, help=ROOT_HELP)
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
     s.add_argument("--port", type=_port, default=8000, help="port to bind (default: 8000)")
     s.add_argument(
@@ -70,10 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
+
+def _add_token(sub: Any, common: argparse.ArgumentParser) -> None:
     t = sub.add_parser("token", help="create, list or revoke tokens")
     tsub = t.add_subparsers(dest="token_command", required=True)
     c = tsub.add_parser("create", help="create a token and print it", parents=[common])
-    c.add_argument("--root", type=Path, required=True, help=root_help + " (created if needed)")
+    c.add_argument("--root", type=Path, required=True, help=ROOT_HELP + " (created if needed)")
     c.add_argument("--user", required=True, help="user name; the token may write to this namespace")
     c.add_argument(
         "--scope",
@@ -86,28 +97,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--name", default="", help="free-form label")
     ls = tsub.add_parser("list", help="list tokens (ids, users, scopes; never the secrets)", parents=[common])
-    ls.add_argument("--root", type=Path, required=True, help=root_help)
+    ls.add_argument("--root", type=Path, required=True, help=ROOT_HELP)
     r = tsub.add_parser("revoke", help="revoke a token by id", parents=[common])
-    r.add_argument("--root", type=Path, required=True, help=root_help)
+    r.add_argument("--root", type=Path, required=True, help=ROOT_HELP)
     r.add_argument("--id", required=True, help="token id as shown by `token list`")
 
+
+def _add_maintenance(sub: Any, common: argparse.ArgumentParser) -> None:
     f = sub.add_parser(
         "fsck", help="check that every revision is complete and every blob intact", parents=[common]
     )
-    f.add_argument("--root", type=Path, required=True, help=root_help)
+    f.add_argument("--root", type=Path, required=True, help=ROOT_HELP)
     f.add_argument("--quick", action="store_true", help="skip re-hashing blobs")
     b = sub.add_parser(
         "backup",
         help="copy the root consistently, even while a server runs, and fsck the copy",
         parents=[common],
     )
-    b.add_argument("--root", type=Path, required=True, help=root_help)
+    b.add_argument("--root", type=Path, required=True, help=ROOT_HELP)
     b.add_argument("dest", type=Path, help="new (or empty) folder for the copy, outside the root")
     b.add_argument("--quick", action="store_true", help="fsck the copy by sizes, without re-hashing")
     g = sub.add_parser(
         "gc", help="remove blobs and Xet objects that no revision references", parents=[common]
     )
-    g.add_argument("--root", type=Path, required=True, help=root_help)
+    g.add_argument("--root", type=Path, required=True, help=ROOT_HELP)
     g.add_argument(
         "--grace-s",
         type=float,
@@ -118,11 +131,11 @@ def _parser() -> argparse.ArgumentParser:
         "--xorb-grace-s",
         type=float,
         default=XORB_GRACE_S,
-        help="keep unreferenced Xet xorbs uploaded or named in a dedupe answer less long ago: clients "
-        "skip uploading chunks their cache says the server holds (default 3 weeks, hf_xet's cache lifetime)",
+        help="keep unreferenced Xet xorbs uploaded, named in a dedupe answer or used by a shard less long "
+        "ago: clients skip uploading chunks their cache says the server holds (default 3 weeks, hf_xet's "
+        "cache lifetime)",
     )
     g.add_argument("--dry-run", action="store_true", help="only count")
-    return p
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -270,8 +283,8 @@ def _gc(args: argparse.Namespace) -> int:
     x = report.xet
     if x.files or x.xorbs or x.kept_recent:
         done = f"{x.files} file record(s), {x.xorbs} xorb(s)"
-        if not args.dry_run:
-            done += f", {x.removed_shards} shard record(s) ({x.freed_bytes} bytes)"
+        if not args.dry_run:  # candidates touched since the scan stay (counted as recent)
+            done = f"{x.removed_files} file record(s), {x.removed_xorbs} xorb(s), {x.removed_shards} shard record(s) ({x.freed_bytes} bytes)"
         print(f"xet: {verb} {done}; kept {x.kept_recent} unreferenced but recent (--grace-s, --xorb-grace-s)")
     return 0
 

@@ -6,7 +6,7 @@ write path, which never deletes (a crash can then never lose content). `gc` remo
 revision of any repo and no uploaded LFS object references. Blobs younger than `grace_s` are kept: a
 running server may be about to commit them (it refreshes the time of every blob it reuses). The Xet
 store is collected too (`xet_gc`). A collection holds the root's maintenance lock, so it never runs
-beside a `backup`.
+beside a `backup`, and a repo move (which would rename a folder its scan listed) is refused meanwhile.
 """
 
 from __future__ import annotations

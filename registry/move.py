@@ -8,6 +8,10 @@ On disk a move is one `rename` of the repo folder, under the locks of both ids (
 order): the rename is the commit point, then `repo.json` gets the new id (a crash in between is
 repaired at the next start, see `upkeep.recover`). History, tags, branches, LFS and Xet records move
 with the folder; blobs and xorbs are shared by the whole root and do not move.
+
+A move holds the root's maintenance lock shared: `gc` and `backup` (which hold it exclusively) list the
+repos once and would take a folder renamed meanwhile for a deleted repo, collecting its blobs or leaving
+it out of the copy. While one of them runs, a move is refused at once with 503 and `Retry-After`.
 """
 
 from __future__ import annotations
@@ -21,9 +25,13 @@ from starlette.responses import Response
 from .blobs import atomic_write_json, fsync_dir
 from .context import Ctx, json_response
 from .errors import HubError, bad_request, repo_not_found
+from .flock import MAINTENANCE_LOCK, LockBusy, file_lock
 from .routing import Router
 from .storage import RepoKey, Storage
 from .validation import check_repo_id
+
+RETRY_AFTER_S = 60
+"""Seconds a move refused during a gc or backup tells the client to wait (`Retry-After`)."""
 
 
 def register(router: Router) -> None:
@@ -60,10 +68,21 @@ def move(storage: Storage, src: RepoKey, dst: RepoKey) -> None:
 
     Raises:
         HubError: 404 `RepoNotFound` if `src` is gone, 409 `RepoExists` if `dst` exists (up to case,
-            unless it is `src` itself: a change of case is a move).
+            unless it is `src` itself: a change of case is a move), 503 `MaintenanceInProgress` while a
+            gc or backup runs.
     """
     ordered = sorted({src, dst}, key=lambda k: (k.type, k.namespace.lower(), k.name.lower(), k.id))
     with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(storage.root / MAINTENANCE_LOCK, blocking=False, shared=True))
+        except LockBusy:
+            raise HubError(
+                503,
+                "MaintenanceInProgress",
+                f"Cannot move {src.id} now: a gc or backup of this registry is running (nothing was "
+                "changed); retry the move when it has finished.",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from None
         for key in ordered:
             stack.enter_context(storage.lock(key))
         meta = storage.get_repo(src)

@@ -23,7 +23,6 @@ removed at the next start. Commits of the first format (a full file table in `tr
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import shutil
 import threading
@@ -35,6 +34,7 @@ from typing import Any
 from .blobs import BlobInfo, BlobStore, atomic_write_json, fsync_dir, read_json
 from .commitlog import CommitLog
 from .errors import HubError, RegistryError, repo_not_found, revision_not_found
+from .flock import file_lock
 from .keys import RepoKey, Resolved, commit_id, file_entry, now_iso
 from .metadata import MetadataParser
 from .objects import CACHE_ENTRIES, LRU, TreeEditor, TreeStore, build, is_dir
@@ -117,12 +117,8 @@ class Storage:
         with tlock:
             lock_path = self.repos / f"{key.type}s" / key.namespace / f".{key.name}.lock"
             lock_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(lock_path, "a+b") as f:
-                fcntl.flock(f, fcntl.LOCK_EX)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(f, fcntl.LOCK_UN)
+            with file_lock(lock_path):
+                yield
 
     # ----------------------------------------------------------------- repos
     def repo_dir(self, key: RepoKey) -> Path:
@@ -335,12 +331,16 @@ class Storage:
 
     def register_lfs(self, key: RepoKey, info: BlobInfo, xet_hash: str | None = None) -> None:
         """Record that LFS object `info.sha256` was uploaded to this repo and verified; `xet_hash` is the
-        Xet file hash of the same bytes when they came through Xet (verified against the SHA-256)."""
+        Xet file hash of the same bytes when they came through Xet (verified against the SHA-256). Under
+        the repo's lock: never under the old id of a repo moved meanwhile (404 `RepoNotFound` then)."""
         marker = self.repo_dir(key) / "lfs" / info.sha256
-        old = self.lfs_object(key, info.sha256) if marker.exists() else None
-        if old is None or (xet_hash and old.get("xet") != xet_hash):
-            record = {"sha1": info.sha1, "size": info.size, **({"xet": xet_hash} if xet_hash else {})}
-            atomic_write_json(marker, record, self.tmp)
+        with self.lock(key):
+            if not (self.repo_dir(key) / "repo.json").is_file():
+                raise repo_not_found(key.id)
+            old = self.lfs_object(key, info.sha256) if marker.exists() else None
+            if old is None or (xet_hash and old.get("xet") != xet_hash):
+                record = {"sha1": info.sha1, "size": info.size, **({"xet": xet_hash} if xet_hash else {})}
+                atomic_write_json(marker, record, self.tmp)
 
     def lfs_xet(self, key: RepoKey, sha256: str) -> str | None:
         """Xet file hash of an LFS object of this repo that was uploaded through Xet, else None."""

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from .blobs import read_json
 from .xet_format import XetError, file_hash, hash_to_hex, hex_to_hash, parse_xorb
+from .xet_read import xorb_index
 
 if TYPE_CHECKING:
     from .xet_store import XetStore
@@ -23,12 +24,7 @@ def _check_xorb(path: Path) -> str | None:
         return f"xet xorb {name}: unreadable ({e}); re-upload the files that use it"
     if hash_to_hex(xorb.hash) != name:
         return f"xet xorb {name}: its bytes hash to {hash_to_hex(xorb.hash)}; re-upload the files that use it"
-    chunks = [
-        [hash_to_hex(c.hash) for c in xorb.chunks],
-        [c.end for c in xorb.chunks],
-        [c.size for c in xorb.chunks],
-    ]
-    if chunks != [meta.get("hashes"), meta.get("ends"), meta.get("sizes")]:
+    if xorb_index(xorb) != {k: meta.get(k) for k in ("hashes", "ends", "sizes")}:
         return f"xet xorb {name}: its chunk index ({name}.json) disagrees with its bytes"
     return None
 
@@ -54,15 +50,20 @@ def _check_file(store: XetStore, path: Path, pending: bool) -> str | None:
     return None
 
 
-def pending_files(store: XetStore) -> set[str]:
-    """Xet hashes of the files named by pending shard journals (being registered, or at the next start)."""
-    names = set()
-    for journal in store.pending():
+def pending_names(root: Path) -> tuple[set[str], set[str]]:
+    """Xet hashes of the files, and the xorbs, named by the pending shard journals of the Xet store at
+    `root` (being registered, or at the next start: see `XetStore.pending`)."""
+    files: set[str] = set()
+    xorbs: set[str] = set()
+    for journal in sorted((root / "pending").glob("*.json")):
         try:
-            names.update(r["file_hash"] for r in read_json(journal)["files"])
+            raw = read_json(journal)
+            names = [r["file_hash"] for r in raw["files"]]
+            xorbs.update(raw["xorbs"])
         except (OSError, ValueError, KeyError, TypeError):
             continue  # removed while read (applied), or left torn by a crash: the next start decides
-    return names
+        files.update(names)
+    return files, xorbs
 
 
 def check_store(store: XetStore) -> list[str]:
@@ -71,7 +72,7 @@ def check_store(store: XetStore) -> list[str]:
     Pending shard journals are not problems (see `XetStore.pending`): the files they name may lack
     their SHA-256 index entry until the journal is applied, so that entry is not checked for them."""
     root = store.root
-    pending = pending_files(store)
+    pending, _ = pending_names(root)
     problems: list[str | None] = []
     for path in sorted((root / "xorbs").glob("*/*")):
         if path.suffix != ".json":

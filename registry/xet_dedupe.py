@@ -54,6 +54,16 @@ def index_chunk(path: Path, shard_id: str, set_id: str, tmp: Path) -> None:
     atomic_write_json(path, {"shards": entries}, tmp)
 
 
+def unindex_shards(path: Path, gone: set[str], tmp: Path) -> None:
+    """Drop the shards in `gone` from a chunk's index entry; remove the entry if none is left (gc)."""
+    entries = index_entries(path)
+    kept = [e for e in entries if e[0] not in gone]
+    if not kept:
+        path.unlink(missing_ok=True)
+    elif len(kept) != len(entries):
+        atomic_write_json(path, {"shards": kept}, tmp)
+
+
 def shard_xorb(xorb: str, meta: XorbMeta, key: bytes) -> ShardXorb:
     """CAS info of a stored xorb for a dedupe answer, its chunk hashes keyed with `key`."""
     chunks, offset = [], 0

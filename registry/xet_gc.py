@@ -2,33 +2,43 @@
 
 A Xet file is referenced while an LFS record of some repo names its hash (every revision that holds
 the file's bytes through Xet goes through such a record, and so does an upload not committed yet).
-`collect_xet` removes, under the store's apply lock (no shard is registered meanwhile):
+`collect_xet` removes:
 
 * file records (and their SHA-256 index entries) that no repo references, older than `grace_s`;
-* xorbs that no remaining file record uses, neither uploaded nor named in a dedupe answer for
-  `xorb_grace_s` (default 3 weeks: hf_xet keeps the shards it uploaded, and dedupe answers, in its
-  local cache for up to 3 weeks and skips uploading chunks they name, so a xorb removed earlier makes
-  that client's next upload of the same content fail with `XorbMissing` until its cache expires);
+* xorbs that no remaining file record uses, neither uploaded, named in a dedupe answer nor used by a
+  registered shard for `xorb_grace_s` (default 3 weeks: hf_xet keeps the shards it uploaded, and
+  dedupe answers, in its local cache for up to 3 weeks and skips uploading chunks they name, so a xorb
+  removed earlier makes that client's next upload of the same content fail with `XorbMissing` until
+  its cache expires);
 * shard records whose xorbs are all gone, and dedupe index entries that name only removed shards.
 
-A shard registered after the scan that names a removed xorb is refused (`XorbMissing`) by the
-re-check `XetStore` makes under the same lock, so nothing ever references a removed xorb.
+The store is scanned without the apply lock (shards keep being registered meanwhile); each candidate
+is checked again, and removed, under it. Every write that makes an object live again refreshes its
+time (a shard registration rewrites its file records and touches its xorbs; an upload or a dedupe
+answer touches the xorb), so the re-check is of the time only: a candidate modified since the scan
+stays. A xorb is first moved aside, so a dedupe answer can no longer name it, then its time is read
+again (a dedupe answer that touched it just before is seen) and it is put back or removed with its
+chunk index (`put_xorb` writes the pair under the same lock: never one without the other). A shard
+registered afterwards that names a removed xorb is refused (`XorbMissing`) by the re-check `XetStore`
+makes under that lock, so nothing ever references a removed xorb.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .blobs import atomic_write_json, read_json
+from .blobs import read_json
 from .flock import XET_APPLY_LOCK, file_lock
 from .storage import Storage
-from .xet_check import pending_files
+from .xet_check import pending_names
+from .xet_dedupe import index_entries, unindex_shards
 
 XORB_GRACE_S = 21 * 24 * 3600
-"""Default age (seconds since upload or last dedupe answer) before an unreferenced xorb may go."""
+"""Default age (seconds since upload, last dedupe answer or last shard using it) before an unreferenced
+xorb may go."""
 
 
 @dataclass(frozen=True)
@@ -75,61 +85,61 @@ def collect_xet(
     Args:
         storage: The registry storage.
         grace_s: Keep unreferenced file records younger than this (an upload not committed yet).
-        xorb_grace_s: Keep unreferenced xorbs uploaded or named in a dedupe answer less long ago.
+        xorb_grace_s: Keep unreferenced xorbs uploaded, named in a dedupe answer or used by a shard
+            less long ago.
         dry_run: Only count.
     """
     xet = storage.root / "xet"
     if not (xet / "files").is_dir():
         return XetGcReport()
-    live = referenced_files(storage)
     now = time.time()
-    with contextlib.nullcontext() if dry_run else file_lock(xet / XET_APPLY_LOCK):
-        pending = pending_files_and_xorbs(xet)
-        used: set[str] = set(pending[1])
-        doomed_files, kept = [], 0
-        for path in sorted((xet / "files").glob("*/*.json")):
-            record = read_json(path)
-            name = record["file_hash"]
-            if name not in live and name not in pending[0]:
-                if _age_ok(path, now - grace_s):
-                    doomed_files.append((path, record))
-                    continue
-                kept += 1
-            used.update(seg[0] for seg in record["segments"])
-        doomed_xorbs = []
-        for path in sorted((xet / "xorbs").glob("*/*")):
-            if path.suffix == ".json" or path.name in used:
+    cutoffs = (now - grace_s, now - xorb_grace_s)
+    files, xorbs, kept = _scan(xet, referenced_files(storage), *cutoffs)
+    if dry_run:
+        return XetGcReport(len(files), len(xorbs), kept_recent=kept)
+    with file_lock(xet / XET_APPLY_LOCK):  # no shard is applied and no xorb written meanwhile
+        n_files, n_xorbs, freed = _remove(xet, files, xorbs, *cutoffs)
+    shards = _drop_shards(xet)
+    kept += len(files) - n_files + len(xorbs) - n_xorbs
+    return XetGcReport(len(files), len(xorbs), n_files, n_xorbs, shards, freed, kept)
+
+
+def _scan(
+    xet: Path, live: set[str], file_cutoff: float, xorb_cutoff: float
+) -> tuple[list[tuple[Path, dict]], list[Path], int]:
+    """Candidates (file records, xorbs) and how many unreferenced ones are too recent; without the lock."""
+    pending_files, used = pending_names(xet)
+    files, kept = [], 0
+    for path in sorted((xet / "files").glob("*/*.json")):
+        record = read_json(path)
+        name = record["file_hash"]
+        if name not in live and name not in pending_files:
+            if _age_ok(path, file_cutoff):
+                files.append((path, record))
                 continue
-            if _age_ok(path, now - xorb_grace_s):
-                doomed_xorbs.append(path)
-            else:
-                kept += 1
-        if dry_run:
-            return XetGcReport(len(doomed_files), len(doomed_xorbs), kept_recent=kept)
-        freed = _remove(xet, doomed_files, doomed_xorbs)
-        shards = _drop_shards(xet)
-    return XetGcReport(
-        len(doomed_files), len(doomed_xorbs), len(doomed_files), len(doomed_xorbs), shards, freed, kept
-    )
-
-
-def pending_files_and_xorbs(xet: Path) -> tuple[set[str], set[str]]:
-    """Files and xorbs named by pending shard journals (being applied, or at the next start)."""
-    from .xet_store import XetStore
-
-    store = XetStore(xet, read_only=True)
-    xorbs: set[str] = set()
-    for journal in store.pending():
-        try:
-            xorbs.update(read_json(journal)["xorbs"])
-        except (OSError, ValueError, KeyError, TypeError):
+            kept += 1
+        used.update(seg[0] for seg in record["segments"])
+    xorbs = []
+    for path in sorted((xet / "xorbs").glob("*/*")):
+        if path.suffix == ".json" or path.name in used:
             continue
-    return pending_files(store), xorbs
+        if _age_ok(path, xorb_cutoff):
+            xorbs.append(path)
+        else:
+            kept += 1
+    return files, xorbs, kept
 
 
-def _remove(xet: Path, files: list[tuple[Path, dict]], xorbs: list[Path]) -> int:
-    freed = 0
+def _remove(
+    xet: Path, files: list[tuple[Path, dict]], xorbs: list[Path], file_cutoff: float, xorb_cutoff: float
+) -> tuple[int, int, int]:
+    """Under the apply lock: remove the candidates not modified since the scan (nor named by a shard
+    journal); `(file records removed, xorbs removed, bytes freed)`."""
+    pending_files, pending_xorbs = pending_names(xet)
+    n_files = n_xorbs = freed = 0
     for path, record in files:
+        if record["file_hash"] in pending_files or not _age_ok(path, file_cutoff):
+            continue  # registered again since the scan
         sha_path = xet / "sha256" / record["sha256"][:2] / f"{record['sha256']}.json"
         try:
             if read_json(sha_path).get("file_hash") == record["file_hash"]:
@@ -138,30 +148,57 @@ def _remove(xet: Path, files: list[tuple[Path, dict]], xorbs: list[Path]) -> int
             pass
         freed += path.stat().st_size
         path.unlink()
+        n_files += 1
     for path in xorbs:
-        freed += path.stat().st_size
-        path.unlink()  # the bytes first: `has_xorb` is false from here on
-        meta = path.with_name(path.name + ".json")
-        freed += meta.stat().st_size if meta.exists() else 0
-        meta.unlink(missing_ok=True)
+        if path.name not in pending_xorbs:
+            size = _remove_xorb(xet, path, xorb_cutoff)
+            n_xorbs += size is not None
+            freed += size or 0
+    return n_files, n_xorbs, freed
+
+
+def _remove_xorb(xet: Path, path: Path, cutoff: float) -> int | None:
+    """Remove a xorb and then its chunk index, unless it was touched since the scan; the bytes freed, or
+    None if it stays. It is moved aside first: a dedupe answer or upload from then on does not see it,
+    and one that touched it before is seen in the time read after the move."""
+    if not _age_ok(path, cutoff):  # touched since the scan (by a shard registered meanwhile, say)
+        return None
+    aside = xet / "tmp" / f"gc-{path.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        path.rename(aside)
+    except FileNotFoundError:
+        return None
+    if aside.stat().st_mtime > cutoff:  # named in a dedupe answer just before the move
+        aside.rename(path)
+        return None
+    meta = path.with_name(path.name + ".json")
+    freed = aside.stat().st_size + (meta.stat().st_size if meta.exists() else 0)
+    meta.unlink(missing_ok=True)
+    aside.unlink()
     return freed
 
 
 def _drop_shards(xet: Path) -> int:
-    """Remove shard records whose xorbs are all gone, and dedupe index entries naming only those."""
-    gone: set[str] = set()
-    for path in (xet / "shards").glob("*/*.json"):
+    """Remove shard records whose xorbs are all gone, and dedupe index entries naming only those.
+
+    Found without the apply lock; each is checked again, and changed, under it."""
+
+    def all_gone(path: Path) -> bool:
         xorbs = read_json(path).get("xorbs") or []
-        if not any((xet / "xorbs" / x[:2] / x).is_file() for x in xorbs):
-            gone.add(path.stem)
-            path.unlink()
-    if gone:
-        for path in (xet / "chunks").glob("*/*.json"):
-            raw = read_json(path)
-            entries = [[raw["shard"], ""]] if "shard" in raw else raw.get("shards", [])
-            kept = [e for e in entries if e[0] not in gone]
-            if not kept:
+        return not any((xet / "xorbs" / x[:2] / x).is_file() for x in xorbs)
+
+    candidates = [p for p in sorted((xet / "shards").glob("*/*.json")) if all_gone(p)]
+    if not candidates:
+        return 0
+    gone: set[str] = set()
+    with file_lock(xet / XET_APPLY_LOCK):
+        for path in candidates:
+            if path.is_file() and all_gone(path):
+                gone.add(path.stem)
                 path.unlink()
-            elif len(kept) != len(entries):
-                atomic_write_json(path, {"shards": kept}, xet / "tmp")
+    gone = {s for s in gone if not (xet / "shards" / s[:2] / f"{s}.json").is_file()}  # not registered again
+    stale = [p for p in (xet / "chunks").glob("*/*.json") if any(e[0] in gone for e in index_entries(p))]
+    with file_lock(xet / XET_APPLY_LOCK):
+        for path in stale:
+            unindex_shards(path, gone, xet / "tmp")
     return len(gone)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .xet_format import XetError, chunk_hash, hash_to_hex, read_chunk
+from .xet_format import XetError, Xorb, chunk_hash, hash_to_hex, read_chunk
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,15 @@ class XorbMeta:
 
 
 MetaOf = Callable[[str], XorbMeta]
+
+
+def xorb_index(xorb: Xorb) -> dict[str, list]:
+    """The chunk index stored beside a xorb's bytes (`<xorb hash>.json`, read back as `XorbMeta`)."""
+    return {
+        "hashes": [hash_to_hex(c.hash) for c in xorb.chunks],
+        "ends": [c.end for c in xorb.chunks],
+        "sizes": [c.size for c in xorb.chunks],
+    }
 
 
 def clamp(record: dict[str, Any], byte_range: tuple[int, int] | None) -> tuple[int, int]:

@@ -55,7 +55,7 @@ from .xet_format import (
     parse_xorb,
     range_hash,
 )
-from .xet_read import XorbMeta, clamp, read_segments, reconstruction_v1, v1_to_v2
+from .xet_read import XorbMeta, clamp, read_segments, reconstruction_v1, v1_to_v2, xorb_index
 from .xet_shard import CHUNK_FLAG_GLOBAL_DEDUPE, Shard, ShardFile, ShardXorb, parse_shard
 
 __all__ = ["PlainSink", "XetError", "XetFile", "XetStore"]
@@ -138,14 +138,15 @@ class XetStore:
         and the xorb hash, which must equal `xorb_hash`, before writing atomically.
 
         Returns:
-            True if the xorb is new, False if it was already stored.
+            True if the xorb is new, False if it was already stored (its time is then refreshed, as a
+            dedupe answer refreshes it: the client skips it from now on, so `gc` keeps it).
 
         Raises:
             XetError: `InvalidHash`, `XorbInvalid` (bad framing or compression), `XorbHashMismatch`.
         """
         self._writable()
         check_hash(xorb_hash, "xorb hash")
-        if self.has_xorb(xorb_hash):
+        if self._named(xorb_hash):
             return False
         xorb = parse_xorb(data)
         actual = hash_to_hex(xorb.hash)
@@ -155,13 +156,9 @@ class XetStore:
                 f"The xorb's content hashes to {actual}, not to {xorb_hash} as its URL says; "
                 "upload the xorb under its own hash (nothing was stored).",
             )
-        meta = {
-            "hashes": [hash_to_hex(c.hash) for c in xorb.chunks],
-            "ends": [c.end for c in xorb.chunks],
-            "sizes": [c.size for c in xorb.chunks],
-        }
-        atomic_write_json(self._path("xorbs", xorb_hash, ".json"), meta, self.tmp)
-        atomic_write_bytes(self._path("xorbs", xorb_hash), data, self.tmp)
+        with file_lock(self.root / XET_APPLY_LOCK):  # `gc` removes the pair under it: never one of the two
+            atomic_write_json(self._path("xorbs", xorb_hash, ".json"), xorb_index(xorb), self.tmp)
+            atomic_write_bytes(self._path("xorbs", xorb_hash), data, self.tmp)
         return True
 
     def has_xorb(self, xorb_hash: str) -> bool:
@@ -169,8 +166,8 @@ class XetStore:
         return self._path("xorbs", xorb_hash).is_file()
 
     def _named(self, xorb_hash: str) -> bool:
-        """Whether a xorb is stored; if so, mark it as just named in a dedupe answer (a client may skip
-        uploading its chunks for a while, so `gc` keeps it; see `xet_gc`)."""
+        """Whether a xorb is stored; if so, mark it as just named (in a dedupe answer, an upload or a
+        shard): a client may skip uploading its chunks for a while, so `gc` keeps it (see `xet_gc`)."""
         try:
             os.utime(self._path("xorbs", xorb_hash))
         except OSError:
@@ -181,16 +178,18 @@ class XetStore:
         """Path of the stored xorb bytes (for byte-range GETs); raises XetError `XorbMissing` if absent."""
         path = self._path("xorbs", xorb_hash)
         if not path.is_file():
-            raise XetError(
-                "XorbMissing", f"Xorb {xorb_hash} is not stored; upload it first (POST /v1/xorbs)."
-            )
+            raise XetError("XorbMissing", f"Xorb {xorb_hash} is not stored: upload it (POST /v1/xorbs).")
         return path
 
     def _xorb_meta(self, xorb_hash: str) -> XorbMeta:
         meta = self._meta.get(xorb_hash)
         if meta is None:
-            self.xorb_path(xorb_hash)
-            raw = read_json(self._path("xorbs", xorb_hash, ".json"))
+            path = self.xorb_path(xorb_hash)
+            try:
+                raw = read_json(path.with_name(f"{xorb_hash}.json"))
+            except FileNotFoundError:  # a gc removed the pair since: the bytes first, then this
+                self.xorb_path(xorb_hash)  # XorbMissing
+                raise
             meta = XorbMeta(raw["hashes"], raw["ends"], raw["sizes"])
             with self._meta_lock:  # request threads share the cache
                 if len(self._meta) >= _META_CACHE:
@@ -273,7 +272,7 @@ class XetStore:
         journal = {"shard": shard_id, "xorbs": list(xorbs), "files": records, "chunks": sorted(eligible)}
         path = self.root / "pending" / f"{shard_id}.json"
         with self._lock, file_lock(self.root / XET_APPLY_LOCK):  # `gc` and `backup` take it too
-            gone = [x for x in xorbs if not self.has_xorb(x)]  # collected by a `gc` since they were checked
+            gone = [x for x in xorbs if not self._named(x)]  # touched (`gc` keeps them), or collected
             if gone:
                 raise XetError("XorbMissing", f"Xorb {gone[0]} is not stored; upload it and the shard again.")
             atomic_write_json(path, journal, self.tmp)

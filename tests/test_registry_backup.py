@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 from adapterkit_registry import RegistryServer, Storage, fsck
@@ -98,3 +99,55 @@ def test_backup_refuses_a_non_empty_destination_and_leaves_it(tmp_path):
         assert ok.returncode == 0, ok.stderr
     assert (dest / "repos" / "models" / "alice" / "x" / "refs.json").is_file()
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_backup_copies_xet_records_without_the_apply_lock_and_catches_up_under_it(tmp_path, monkeypatch):
+    """Shards are registered while the backup copies the Xet records; one registered after that copy
+    (rewriting a shared dedupe index entry) and a journal applied meanwhile are caught up under the lock."""
+    import json
+
+    from adapterkit_registry import backup as backup_module
+    from adapterkit_registry.errors import RegistryError
+    from adapterkit_registry.flock import XET_APPLY_LOCK, file_lock
+    from adapterkit_registry.xet_shard import build_shard
+    from adapterkit_registry.xet_store import XetStore
+    from xet_support import CHUNKS, shard_file, xorb_parts
+
+    storage = Storage(tmp_path / "root")
+    xet = storage.root / "xet"
+    store = XetStore(xet)
+    name, blob, cas = xorb_parts(CHUNKS[:6])
+    store.put_xorb(name, blob)
+    store.put_shard(build_shard([shard_file(name, CHUNKS[:6], 0, 3)], [cas]))
+    stale = xet / "pending" / ("0" * 64 + ".json")
+    stale.write_text(json.dumps({"shard": "0" * 64, "xorbs": [], "files": [], "chunks": []}))
+    lock_free, late = [], []
+    real_tree, real_lock = backup_module._Copier.tree, backup_module.file_lock
+
+    def tree(self, src: Path, dst: Path, skip: frozenset[str] = frozenset()) -> None:  # noqa: ANN001
+        if src == xet / "files":
+            try:
+                with file_lock(xet / XET_APPLY_LOCK, blocking=False):
+                    lock_free.append(True)
+            except RegistryError:
+                lock_free.append(False)
+        real_tree(self, src, dst, skip)
+
+    def lock(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if not late:  # after the records were copied, before the lock
+            late.extend(store.put_shard(build_shard([shard_file(name, CHUNKS[:6], 0, 6)], [cas])))
+            stale.unlink()  # a journal applied meanwhile
+        return real_lock(*args, **kwargs)
+
+    monkeypatch.setattr(backup_module._Copier, "tree", tree)
+    monkeypatch.setattr(backup_module, "file_lock", lock)
+    report = backup_module.backup(storage, tmp_path / "copy")
+    monkeypatch.undo()
+    assert lock_free == [True] and report.problems == []
+    copy = XetStore(tmp_path / "copy" / "xet", read_only=True)
+    assert copy.pending() == [] and copy.file(late[0].file_hash) is not None
+    for folder in ("files", "sha256", "shards", "chunks"):
+        for path in (xet / folder).glob("*/*.json"):
+            assert (
+                tmp_path / "copy" / "xet" / folder / path.relative_to(xet / folder)
+            ).read_bytes() == path.read_bytes()

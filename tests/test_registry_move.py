@@ -109,3 +109,123 @@ def test_interrupted_move_is_repaired_at_start(tmp_path):
     with RegistryServer(root) as srv:
         assert HfApi(endpoint=srv.url, token=ALICE).model_info("alice/moved").id == "alice/moved"
     assert json.loads(meta.read_text())["id"] == "alice/moved"
+
+
+def test_a_move_during_gc_or_backup_is_refused_with_503_and_changes_nothing(srv):
+    from adapterkit_registry.flock import maintenance_lock
+
+    api = HfApi(endpoint=srv.url, token=ALICE)
+    api.create_repo("alice/src")
+    api.upload_file(path_or_fileobj=b"v1", path_in_repo="a.txt", repo_id="alice/src")
+    with maintenance_lock(srv.root, "gc"):  # what a running gc or backup holds
+        with pytest.raises(HfHubHTTPError) as e:
+            api.move_repo("alice/src", "alice/dst")
+    assert status(e) == 503 and e.value.response.headers["Retry-After"] == "60"
+    assert "gc or backup" in e.value.response.headers["X-Error-Message"]
+    assert api.model_info("alice/src").id == "alice/src"
+    with pytest.raises(RepositoryNotFoundError):
+        api.model_info("alice/dst")
+    api.move_repo("alice/src", "alice/dst")  # once it has finished
+    assert api.model_info("alice/dst").id == "alice/dst"
+
+
+def test_gc_and_backup_are_refused_while_a_move_holds_the_maintenance_lock(tmp_path):
+    from adapterkit_registry.backup import backup
+    from adapterkit_registry.collect import collect_garbage
+    from adapterkit_registry.errors import RegistryError
+    from adapterkit_registry.flock import MAINTENANCE_LOCK, file_lock
+
+    storage = Storage(tmp_path / "root")
+    with file_lock(storage.root / MAINTENANCE_LOCK, shared=True):  # what a move holds
+        for run in (lambda: collect_garbage(storage), lambda: backup(storage, tmp_path / "b")):
+            with pytest.raises(RegistryError, match="repo move is running"):
+                run()
+    assert not (tmp_path / "b").exists()
+
+
+def _moving_storage(root: Path, at: int) -> tuple[Storage, list[int]]:
+    """A storage whose `at`-th repo listing is followed by a move of alice/src to alice/dst: the racy
+    order of a move landing between a gc's (or a backup's) scan and what it does with the scan."""
+    from adapterkit_registry.errors import HubError
+    from adapterkit_registry.move import move
+    from adapterkit_registry.storage import RepoKey
+
+    answers: list[int] = []
+
+    class MoveAfterListing(Storage):
+        listings = 0
+
+        def list_repos(self, repo_type=None):  # noqa: ANN001, ANN202
+            out = super().list_repos(repo_type)
+            self.listings += 1
+            if self.listings == at:
+                try:
+                    move(self, RepoKey("model", "alice", "src"), RepoKey("model", "alice", "dst"))
+                    answers.append(200)
+                except HubError as e:
+                    answers.append(e.status)
+            return out
+
+    return MoveAfterListing(root, create=False), answers
+
+
+@pytest.fixture
+def pushed(tmp_path) -> tuple[Path, str]:
+    """A stopped root with alice/src holding an inline file and a Xet file; (root, the Xet hash)."""
+    root = tmp_path / "root"
+    with RegistryServer(root, tokens={ALICE: ("alice", "write")}, lfs_threshold_mb=0.05) as server:
+        api = HfApi(endpoint=server.url, token=ALICE)
+        api.create_repo("alice/src")
+        api.upload_file(path_or_fileobj=b"small", path_in_repo="a.txt", repo_id="alice/src")
+        api.upload_file(path_or_fileobj=BIG, path_in_repo="big.bin", repo_id="alice/src")
+    (marker,) = (root / "repos" / "models" / "alice" / "src" / "lfs").iterdir()
+    return root, json.loads(marker.read_text())["xet"]
+
+
+@pytest.mark.parametrize("at", [1, 2], ids=["during-blob-scan", "during-xet-scan"])
+def test_gc_keeps_everything_of_a_repo_moved_during_its_scan(pushed, at):
+    from adapterkit_registry.collect import collect_garbage
+    from adapterkit_registry.xet_store import XetStore
+
+    root, xet_hash = pushed
+    storage, answers = _moving_storage(root, at)
+    collect_garbage(storage, grace_s=0, xorb_grace_s=0)  # everything unreferenced goes
+    assert fsck(Storage(root, create=False)) == []  # every blob of every revision is there
+    assert XetStore(root / "xet", read_only=True).file(xet_hash) is not None
+    assert answers == [503]  # refused: gc holds the maintenance lock
+    with RegistryServer(root) as server:  # the tokens are in the root
+        api = HfApi(endpoint=server.url, token=ALICE)
+        got = hf_hub_download(
+            "alice/src", "big.bin", token=ALICE, endpoint=server.url, cache_dir=root.parent / "c"
+        )
+        assert Path(got).read_bytes() == BIG
+        api.move_repo("alice/src", "alice/dst")  # and the move goes through afterwards
+
+
+def test_backup_holds_a_repo_moved_during_its_listing(pushed, tmp_path):
+    from adapterkit_registry.backup import backup
+
+    root, _ = pushed
+    storage, answers = _moving_storage(root, 1)
+    report = backup(storage, tmp_path / "copy", deep=False)
+    assert report.problems == [] and report.repos == 1
+    assert (tmp_path / "copy" / "repos" / "models" / "alice" / "src" / "repo.json").is_file()
+    assert answers == [503]
+
+
+def test_an_lfs_record_for_a_repo_moved_meanwhile_is_refused(tmp_path):
+    """A shard or LFS upload checked against alice/src, recorded after a move to alice/dst: 404, and
+    nothing is written under the old id (which would look like a repo folder without repo.json)."""
+    from adapterkit_registry.blobs import BlobInfo
+    from adapterkit_registry.errors import HubError
+    from adapterkit_registry.move import move
+    from adapterkit_registry.storage import RepoKey
+
+    storage = Storage(tmp_path / "root")
+    src, dst = RepoKey("model", "alice", "src"), RepoKey("model", "alice", "dst")
+    storage.create_repo(src, "alice", private=False)
+    move(storage, src, dst)
+    with pytest.raises(HubError) as e:
+        storage.register_lfs(src, BlobInfo("a" * 64, "b" * 40, 5), xet_hash="c" * 64)
+    assert e.value.status == 404
+    assert not storage.repo_dir(src).exists() and not list((storage.repo_dir(dst) / "lfs").iterdir())

@@ -111,7 +111,7 @@ def test_gc_and_backup_exclude_each_other(tmp_path):
             r = cli("gc", "--root", str(root))
             b = cli("backup", "--root", str(root), str(tmp_path / "b"))
     for out in (r, b):
-        assert out.returncode == 2 and "another backup or gc is running" in out.stderr, out.stderr
+        assert out.returncode == 2 and "another backup, gc or repo move is running" in out.stderr, out.stderr
     assert not (tmp_path / "b").exists()
 
 
@@ -138,3 +138,133 @@ def test_a_shard_naming_a_xorb_collected_after_its_check_is_refused(tmp_path):
         store.put_shard(build_shard([entry], [cas]))
     assert e.value.code == "XorbMissing"
     assert not list((tmp_path / "xet" / "files").glob("*/*.json")) and not store.pending()
+
+
+DAY = 24 * 3600
+
+
+def unreferenced_file(tmp_path: Path, chunks: list[bytes]):  # noqa: ANN201
+    """(storage, store, xorb hash, xorb bytes) of a root whose Xet store holds one file, made of one
+    xorb of `chunks`, that no repo references; everything a month old."""
+    from adapterkit_registry.xet_shard import build_shard
+    from adapterkit_registry.xet_store import XetStore
+    from xet_support import shard_file, xorb_parts
+
+    storage = Storage(tmp_path / "root")
+    store = XetStore(storage.root / "xet")
+    name, blob, cas = xorb_parts(chunks)
+    store.put_xorb(name, blob)
+    store.put_shard(build_shard([shard_file(name, chunks, 0, len(chunks))], [cas]))
+    age_everything(storage.root, MONTH)
+    return storage, store, name, blob
+
+
+def on_unlink(monkeypatch: pytest.MonkeyPatch, target: Path, action) -> list:  # noqa: ANN001
+    """Run `action` once, just before `target` is unlinked; returns the list its results go to."""
+    results: list = []
+    real = Path.unlink
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        if self == target and not results:
+            results.append(action())
+        real(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    return results
+
+
+@pytest.mark.parametrize("touch", ["dedupe answer", "upload again"])
+def test_a_xorb_named_between_the_gc_scan_and_its_removal_stays(tmp_path, monkeypatch, touch):
+    """The racy order: gc scans (the xorb is old and unused), a client is told the server holds it (a
+    dedupe answer, or `was_inserted: false` for an upload), then gc removes. The xorb stays."""
+    from adapterkit_registry.xet_gc import collect_xet
+    from xet_support import CHUNKS
+
+    storage, store, xorb, blob = unreferenced_file(tmp_path, CHUNKS[:4])
+    xet = storage.root / "xet"
+    (record,) = (xet / "files").glob("*/*.json")  # removed after the scan, before the xorbs
+
+    def tell() -> bool:
+        if touch == "dedupe answer":
+            return any(store.dedupe_shard(p.stem) for p in (xet / "chunks").glob("*/*.json"))
+        return store.put_xorb(xorb, blob) is False
+
+    told = on_unlink(monkeypatch, record, tell)
+    report = collect_xet(storage, grace_s=DAY, xorb_grace_s=DAY)
+    monkeypatch.undo()
+    assert told == [True] and report.removed_files == 1
+    assert store.has_xorb(xorb) and report.removed_xorbs == 0 and report.kept_recent == 1
+    assert store.fsck() == []
+
+
+def test_an_upload_racing_the_removal_of_its_xorb_keeps_bytes_and_chunk_index_together(tmp_path, monkeypatch):
+    """The racy order: gc removes a xorb's bytes, the same xorb is uploaded again, gc removes its
+    chunk index. The upload waits for gc's apply lock (here, made non-blocking, it is refused at that
+    point), so the bytes are never left without their chunk index."""
+    import functools
+
+    from adapterkit_registry import xet_store as xet_store_module
+    from adapterkit_registry.errors import RegistryError
+    from adapterkit_registry.flock import file_lock
+    from adapterkit_registry.xet_gc import collect_xet
+    from xet_support import CHUNKS
+
+    storage, store, xorb, blob = unreferenced_file(tmp_path, CHUNKS[4:8])
+    index = storage.root / "xet" / "xorbs" / xorb[:2] / f"{xorb}.json"
+    monkeypatch.setattr(xet_store_module, "file_lock", functools.partial(file_lock, blocking=False))
+
+    def upload() -> object:
+        try:
+            return store.put_xorb(xorb, blob)
+        except RegistryError:  # gc holds the apply lock: the upload would wait for it
+            return "waits"
+
+    uploads = on_unlink(monkeypatch, index, upload)
+    collect_xet(storage, grace_s=DAY, xorb_grace_s=DAY)
+    monkeypatch.undo()
+    assert uploads == ["waits"]
+    assert index.is_file() == index.with_name(xorb).is_file()  # both or neither
+    assert store.put_xorb(xorb, blob) is True and store.fsck() == []  # the upload, once gc is done
+
+
+def test_gc_scans_without_the_apply_lock_and_keeps_a_xorb_a_shard_used_meanwhile(tmp_path, monkeypatch):
+    """Shards are registered while gc scans; one registered after the scan that uses a xorb the scan
+    found unused keeps it (the registration touches its xorbs, and gc re-checks under the lock)."""
+    from adapterkit_registry import xet_gc
+    from adapterkit_registry.errors import RegistryError
+    from adapterkit_registry.flock import XET_APPLY_LOCK, file_lock
+    from adapterkit_registry.xet_shard import build_shard
+    from xet_support import CHUNKS, shard_file, xorb_parts
+
+    storage, store, old_xorb, _ = unreferenced_file(tmp_path, CHUNKS[8:10])
+    xet = storage.root / "xet"
+    name, blob, cas = xorb_parts(CHUNKS[10:12])
+    store.put_xorb(name, blob)  # no file uses it yet
+    age_everything(storage.root, MONTH)
+    lock_free, registered = [], []
+    real_read, real_lock = xet_gc.read_json, xet_gc.file_lock
+
+    def read_json(path: Path):  # noqa: ANN202
+        if path.parent.parent == xet / "files" and not lock_free:  # scanning the file records
+            try:
+                with file_lock(xet / XET_APPLY_LOCK, blocking=False):
+                    lock_free.append(True)
+            except RegistryError:
+                lock_free.append(False)
+        return real_read(path)
+
+    def lock(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if not registered:  # after the scan, before the removal
+            shard = build_shard([shard_file(name, CHUNKS[10:12], 0, 2)], [cas])
+            registered.extend(store.put_shard(shard))
+        return real_lock(*args, **kwargs)
+
+    monkeypatch.setattr(xet_gc, "read_json", read_json)
+    monkeypatch.setattr(xet_gc, "file_lock", lock)
+    report = xet_gc.collect_xet(storage, grace_s=DAY, xorb_grace_s=DAY)
+    monkeypatch.undo()
+    assert lock_free == [True]  # a shard could be registered during the scan
+    assert (report.removed_files, report.xorbs, report.removed_xorbs) == (1, 2, 1)
+    assert store.has_xorb(name) and not store.has_xorb(old_xorb)
+    assert store.fsck() == []
+    assert b"".join(store.read_file(registered[0].file_hash)) == b"".join(CHUNKS[10:12])
