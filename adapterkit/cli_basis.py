@@ -84,15 +84,16 @@ def factored_options(factored: bool, new_columns: str | None) -> dict:
     return {"factored": factored, "new_columns": parse_budget(new_columns, "--new-columns")}
 
 
-def flag_error(error: ValueError) -> CliError:
-    """The library's refusal with its argument names (`new_columns=`, `energy`) replaced by the flags."""
+def flag_error(error: ValueError, names: tuple[str, ...]) -> CliError:
+    """The library's refusal with the argument names of `names` (`new_columns=`, `energy`), those the command
+    has flags for, replaced by the flags."""
 
     def flag(m: re.Match) -> str:
-        if m[2] is None and "_" not in m[1]:
-            return m[0]  # a plain word ("energy" of a residual)
+        if m[1] not in names or (m[2] is None and "_" not in m[1]):
+            return m[0]  # another command's argument, or a plain word ("energy" of a residual)
         return _FLAGS[m[1]] + (" " if m[2] == "=" else "")
 
-    return CliError(_ARGUMENT.sub(flag, str(error)).replace("  ", " "))
+    return CliError(_ARGUMENT.sub(flag, str(error)).replace("  ", " ").rstrip())
 
 
 def _error_rows(report) -> list[list]:
@@ -143,7 +144,7 @@ def compress(
         try:
             report = refactorize(model, basis_rank=rank, energy=energy, apply=not dry_run)
         except ValueError as e:
-            raise flag_error(e) from e
+            raise flag_error(e, ("basis_rank", "rank", "energy")) from e
         after = parameter_report(model)["relative"] if not dry_run else None
         print_table(["domain", "relative error"], _error_rows(report))
         if output is not None:
@@ -191,7 +192,7 @@ def append(
         try:
             report = append_domain(model, domain, new_columns=columns, energy=energy)
         except ValueError as e:
-            raise flag_error(e) from e
+            raise flag_error(e, ("new_columns", "energy")) from e
         save_family(model, family, domains=[domain], overwrite=True)
     widths = sorted(set(report.ranks.values()))
     print_table(["domain", "exact", "relative error", "basis columns"], [

@@ -363,7 +363,7 @@ def _fit_and_save(
             **basis,
         )
     except ValueError as e:  # its refusals name train_domain's arguments (new_columns=): here the flags
-        raise flag_error(e) from e
+        raise flag_error(e, ("new_columns", "factored", "overwrite")) from e
     except KeyboardInterrupt:
         if acc.is_main_process:
             status(interrupted(domain, config))

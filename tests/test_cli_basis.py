@@ -85,3 +85,14 @@ def test_basis_flag_errors(tmp_path):
         assert "new_columns=" not in result.stderr and "energy=" not in result.stderr, result.stderr
     assert (family / "adapterkit.json").read_bytes() == config
     assert not (family / "domains" / "c.safetensors").exists()
+
+
+def test_refusals_name_only_the_flags_the_command_has():
+    """`append` has no --basis-rank: a library message naming `rank=` keeps the argument's name there."""
+    from adapterkit.cli_basis import flag_error
+
+    error = ValueError("rank=0 keeps nothing; pass new_columns= or energy=")
+    assert str(flag_error(error, ("new_columns", "energy"))) == (
+        "rank=0 keeps nothing; pass --new-columns or --energy"
+    )
+    assert str(flag_error(error, ("basis_rank", "rank", "energy"))).startswith("--basis-rank 0 keeps")
