@@ -4,65 +4,21 @@ flagged, and signatures travel with the domain's file."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
-from checks import perturb
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from router_support import COLOURS, batches, colour_model, images, rewrite_domain_file, unknown
 
 from adapterkit import AdapterModel
 from adapterkit.family import save_family
-from adapterkit.format import domain_entry_file, domain_file, sha256
 from adapterkit.router import collect_features, open_decisions
 from adapterkit.signature import COMPONENTS, MIN_COMPONENTS, OPEN_BUFFERS, PROBS, DomainSignature
-
-COLOURS = {"red": (2.0, -1.0, -1.0), "green": (-1.0, 2.0, -1.0), "blue": (-1.0, -1.0, 2.0)}
-
-
-def images(colour: str, n: int, seed: int) -> torch.Tensor:
-    """Noisy images of one dominant colour: three clearly separable domains."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.tensor(COLOURS[colour])[None, :, None, None]
-    return base + 0.5 * torch.randn(n, 3, 32, 32, generator=g)
-
-
-def unknown(n: int, seed: int) -> torch.Tensor:
-    """Images of none of the domains: a strong checkerboard."""
-    g = torch.Generator().manual_seed(seed)
-    board = (torch.arange(32)[:, None] + torch.arange(32)[None, :]) % 2 * 6.0 - 3.0
-    return board.expand(n, 3, 32, 32) + 0.1 * torch.randn(n, 3, 32, 32, generator=g)
-
-
-def batches(x: torch.Tensor, size: int = 16):
-    return (x[i : i + size] for i in range(0, len(x), size))
-
-
-def rewrite_domain_file(family, name: str, edit) -> None:
-    """Apply `edit` to a saved domain's tensors, as another release (or a damaged file) would have them,
-    keeping the family's checksum of the file right."""
-    path = family / domain_file(name)
-    state = load_file(path)
-    with safe_open(path, "pt") as f:
-        metadata = f.metadata()
-    edit(state)
-    save_file(state, path, metadata=metadata)
-    entry_path = family / domain_entry_file(name)
-    entry = json.loads(entry_path.read_text())
-    entry["sha256"] = sha256(path.read_bytes())
-    entry_path.write_text(json.dumps(entry))
 
 
 @pytest.fixture(scope="module")
 def model():
-    model = AdapterModel.from_backbone("test_resnet")
-    for i, colour in enumerate(COLOURS):
-        model.add_domain(colour, num_classes=2 + i)
-        perturb(model, colour, seed=i)
-        model.fit_signature(colour, batches(images(colour, 96, seed=i)))
-    return model.eval()
+    return colour_model()
 
 
 def test_separable_domains_route_right_and_auto_uses_the_route(model):

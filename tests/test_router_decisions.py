@@ -9,8 +9,7 @@ import warnings
 
 import pytest
 import torch
-from checks import perturb
-from test_router import COLOURS, batches, images, rewrite_domain_file, unknown
+from router_support import COLOURS, batches, colour_model, images, rewrite_domain_file, unknown
 
 from adapterkit import AdapterModel
 from adapterkit.family import save_family
@@ -19,13 +18,7 @@ from adapterkit.signature import OPEN_BUFFERS, typicality
 
 @pytest.fixture(scope="module")
 def model():
-    """test_router's three colour domains."""
-    model = AdapterModel.from_backbone("test_resnet")
-    for i, colour in enumerate(COLOURS):
-        model.add_domain(colour, num_classes=2 + i)
-        perturb(model, colour, seed=i)
-        model.fit_signature(colour, batches(images(colour, 96, seed=i)))
-    return model.eval()
+    return colour_model()
 
 
 def test_confidence_is_how_typical_the_image_is_of_its_domain_and_tells_unknown_images_apart(model):
