@@ -190,7 +190,8 @@ def train_model(
 
     Same loop, data checks and checkpoints as `train_domain`; the model's head must already have the
     domain's number of classes (`model.reset_classifier(n)`); its BatchNorm statistics are trained.
-    The data's class names become `pretrained_cfg["label_names"]` (timm's field): `evaluate` matches by them.
+    The data config it trained with and the data's class names become the model's `pretrained_cfg` (timm's
+    fields: `input_size`, `mean`, ..., `label_names`), which `evaluate` (and timm) read later.
     """
     config = config or TrainConfig()
     acc = make_accelerator(config, accelerator)
@@ -201,11 +202,7 @@ def train_model(
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
     job = Job(name, model, list(model.parameters()), lambda m, x: m(x), model.state_dict, norms)
     metrics = fit(job, train_set, eval_set, config, acc, resume, callback)
-    if not isinstance(getattr(model, "pretrained_cfg", None), dict):
-        model.pretrained_cfg = {}
-    model.pretrained_cfg.pop("label_names", None)  # in place (timm's `default_cfg` is the same dict):
-    if source.class_names:  # the head's classes now, not the pretrained ones
-        model.pretrained_cfg["label_names"] = list(source.class_names)
+    _remember_training(model, dcfg, source.class_names)
     return metrics
 
 
@@ -368,6 +365,17 @@ def _domain_groups(model: AdapterModel, domain: str, params: list[nn.Parameter])
     for p in params:
         groups.setdefault(group_of.get(id(p), "adapter"), []).append(p)
     return groups
+
+
+def _remember_training(model: nn.Module, dcfg: dict[str, Any], class_names: list[str] | None) -> None:
+    """A fine-tuned plain model's preprocessing and classes, in timm's fields of its `pretrained_cfg` (in
+    place: timm's `default_cfg` is the same dict), replacing the pretrained ones."""
+    if not isinstance(getattr(model, "pretrained_cfg", None), dict):
+        model.pretrained_cfg = {}
+    model.pretrained_cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in dcfg.items()})
+    model.pretrained_cfg.pop("label_names", None)
+    if class_names:
+        model.pretrained_cfg["label_names"] = list(class_names)
 
 
 def _label_names(model: nn.Module) -> list[str] | None:

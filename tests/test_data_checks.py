@@ -392,3 +392,6 @@ def test_a_fine_tuned_plain_model_is_evaluated_by_class_name(tmp_path):
     assert metrics["accuracy"] == pytest.approx(by_name)
     assert evaluate(net, tmp_path / "test", data_config=SIZE) == pytest.approx(by_name)
     assert net.pretrained_cfg["label_names"] == ["a", "b", "c"]
+    # the preprocessing it trained with is recorded too: evaluate needs no data_config again
+    assert tuple(net.pretrained_cfg["input_size"]) == (3, 32, 32)  # SIZE; test_resnet was trained at 160
+    assert evaluate(net, tmp_path / "test") == pytest.approx(by_name)
