@@ -311,21 +311,25 @@ def route_batch(model: AdapterModel, x: torch.Tensor, classify: bool) -> Route:
             return decide_open(routed, model(x, domain=routed.best), signatures) if classify else routed
 
 
-_warned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the configs it warned of
+_checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the sets of configs checked
 
 
 def warn_configs(model: AdapterModel, names: list[str]) -> None:
     """Warn once per set of configs when the domains' data configs (preprocessing) differ: `route(x)`
     scores every domain on the one tensor it is given, while each signature was fitted on its own
-    domain's preprocessing (the service and `adapterkit predict` preprocess per domain)."""
-    configs = {n: resolve_data_config(model.pretrained_cfg, model.domain_info(n).data_config) for n in names}
+    domain's preprocessing (the service and `adapterkit predict` preprocess per domain). Each set of stored
+    configs is checked once (route runs per call)."""
+    stored = {n: model.domain_info(n).data_config for n in names}
+    key = json.dumps(stored, sort_keys=True, default=str)
+    checked = _checked.setdefault(model, set())
+    if key in checked:
+        return
+    checked.add(key)
+    configs = {n: resolve_data_config(model.pretrained_cfg, c) for n, c in stored.items()}
     keys = sorted({k for c in configs.values() for k in c})
     differ = [k for k in keys if len({json.dumps(c.get(k), default=str) for c in configs.values()}) > 1]
-    seen = _warned.setdefault(model, set())
-    key = json.dumps(configs, sort_keys=True, default=str)
-    if not differ or key in seen:
+    if not differ:
         return
-    seen.add(key)
     what = "; ".join(f"{k}: " + ", ".join(f"{n} {configs[n].get(k)}" for n in names) for k in differ)
     warnings.warn(
         f"the domains' data configs differ ({what}), and route(x) scores every domain on the same tensor: "

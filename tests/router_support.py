@@ -57,3 +57,19 @@ def colour_model() -> AdapterModel:
         perturb(model, colour, seed=i)
         model.fit_signature(colour, batches(images(colour, 96, seed=i)))
     return model.eval()
+
+
+def without_open_calibration(model: AdapterModel, folder, domain: str = "red") -> AdapterModel:
+    """`model` saved to `folder` with `domain`'s signature as written before the open-set calibration (no
+    score quantiles or head energies), loaded back."""
+    from adapterkit.family import save_family
+    from adapterkit.signature import OPEN_BUFFERS
+
+    save_family(model, folder)
+
+    def written_before_it(state: dict) -> None:
+        for key in OPEN_BUFFERS:
+            del state[f"signature.{key}"]
+
+    rewrite_domain_file(folder, domain, written_before_it)
+    return AdapterModel.from_pretrained(folder)

@@ -8,7 +8,15 @@ import math
 
 import pytest
 import torch
-from router_support import COLOURS, batches, colour_model, images, rewrite_domain_file, unknown
+from router_support import (
+    COLOURS,
+    batches,
+    colour_model,
+    images,
+    rewrite_domain_file,
+    unknown,
+    without_open_calibration,
+)
 
 from adapterkit import AdapterModel
 from adapterkit.family import save_family
@@ -117,14 +125,7 @@ def test_the_unknown_decision_is_calibrated_on_images_the_domain_did_not_train_o
 
 
 def test_signatures_without_the_open_set_calibration_load_and_keep_their_threshold(model, tmp_path):
-    save_family(model, tmp_path / "fam")
-
-    def written_before_it(state: dict) -> None:
-        for key in OPEN_BUFFERS:
-            del state[f"signature.{key}"]
-
-    rewrite_domain_file(tmp_path / "fam", "red", written_before_it)
-    loaded = AdapterModel.from_pretrained(tmp_path / "fam")
+    loaded = without_open_calibration(model, tmp_path / "fam")
     assert loaded.signatures["red"].open_threshold is None
     assert torch.equal(loaded.signatures["green"].open_threshold, model.signatures["green"].open_threshold)
     x = torch.cat([images("red", 4, seed=11), unknown(2, seed=12)])

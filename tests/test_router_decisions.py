@@ -9,11 +9,17 @@ import warnings
 
 import pytest
 import torch
-from router_support import COLOURS, batches, colour_model, images, rewrite_domain_file, unknown
+from router_support import (
+    COLOURS,
+    batches,
+    colour_model,
+    images,
+    unknown,
+    without_open_calibration,
+)
 
 from adapterkit import AdapterModel
-from adapterkit.family import save_family
-from adapterkit.signature import OPEN_BUFFERS, typicality
+from adapterkit.signature import typicality
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +46,7 @@ def test_confidence_is_how_typical_the_image_is_of_its_domain_and_tells_unknown_
 def test_a_signature_without_score_quantiles_routes_with_a_nan_confidence(model, tmp_path):
     """Signatures written before the open-set calibration have no score quantiles: they still load and
     route, with `confidence` NaN (documented fallback; `margin` and `posterior` are still there)."""
-    save_family(model, tmp_path / "fam")
-
-    def written_before_it(state: dict) -> None:
-        for key in OPEN_BUFFERS:
-            del state[f"signature.{key}"]
-
-    rewrite_domain_file(tmp_path / "fam", "red", written_before_it)
-    loaded = AdapterModel.from_pretrained(tmp_path / "fam")
+    loaded = without_open_calibration(model, tmp_path / "fam")
     routed = loaded.route(torch.cat([images("red", 4, seed=11), images("blue", 4, seed=12)]))
     assert routed.best == ["red"] * 4 + ["blue"] * 4
     assert bool(routed.confidence[:4].isnan().all()) and not bool(routed.confidence[4:].isnan().any())
