@@ -129,6 +129,9 @@ def explain(error: BaseException) -> str | None:
     """The one-line message for an expected failure, or None for an unexpected one (a bug)."""
     if isinstance(error, CliError):
         return str(error)
+    answered = _status_in_message(error)
+    if answered is not None:
+        return answered
     if is_network_error(error):
         return unreachable_message(type(error).__name__)
     http = _http_message(error)
@@ -140,6 +143,32 @@ def explain(error: BaseException) -> str | None:
         return str(error)
     if isinstance(error, RuntimeError) and _raised_by_adapterkit(error):
         return str(error)  # deliberate (a push conflict, say); torch's own RuntimeErrors are bugs
+    return None
+
+
+# hf_xet reports an HTTP error answer as a ConnectionError: "HTTP status client error (413 Request Entity
+# Too Large), domain: https://..."
+_XET_STATUS = re.compile(r"HTTP status \w+ error \((\d{3})([^)]*)\), domain: (\S+)")
+
+
+def _status_in_message(error: BaseException) -> str | None:
+    """The line for a server's HTTP error answer that the client raised as another error (hf_xet's uploads
+    and downloads), so that it is not reported as an unreachable endpoint."""
+    seen: BaseException | None = error
+    for _ in range(8):
+        if seen is None:
+            return None
+        match = _XET_STATUS.search(str(seen))
+        if match is not None:
+            status, reason, url = match[1], match[2].strip(), match[3]
+            hint = "retry, or check the server's log"
+            if status == "413":
+                hint = (
+                    "the body was refused as too large: behind nginx set client_max_body_size 0 "
+                    "(docs/deploy.md); the registry's own limit is --max-upload-mb"
+                )
+            return f"{url} answered {status} {reason}; {hint}"
+        seen = seen.__cause__ or seen.__context__
     return None
 
 
