@@ -7,7 +7,7 @@ families, one `# HELP`/`# TYPE` each, with prometheus_client's parser and exposi
 not answer within `timeout_s` is left out and counted in `adapterkit_metrics_replicas_missing`; the
 scrape never fails on it.
 
-adapterkit_metrics_replicas_answered    replicas whose metrics this scrape holds
+adapterkit_metrics_replicas_answered    replicas that answered this scrape in time
 adapterkit_metrics_replicas_missing     replicas that did not answer in time (NaN: the broadcast failed,
                                         so how many is unknown; the scrape holds the answering replica's)
 """
@@ -46,7 +46,9 @@ class Merged:
     def collect(self) -> Iterator[Metric]:
         yield from self.families.values()
         yield GaugeMetricFamily(
-            "adapterkit_metrics_replicas_answered", "Replicas whose metrics this scrape holds", self.answered
+            "adapterkit_metrics_replicas_answered",
+            "Replicas that answered this scrape in time",
+            self.answered,
         )
         yield GaugeMetricFamily(
             "adapterkit_metrics_replicas_missing",
@@ -68,18 +70,20 @@ async def gather(handle: Any, method: str, *args: Any, timeout_s: float = TIMEOU
     many replicas did not answer within `timeout_s` (or failed); raises when the broadcast itself fails.
 
     `DeploymentBroadcastResponse.results_async(timeout_s=...)` gives up on every replica when one is late,
-    so each replica's answer is awaited on its own (the response's per-replica results)."""
+    so each replica's answer is awaited on its own: the response's per-replica results come from its
+    `_fetch_replica_results_async` (Ray 2.60's, not a public API); a Ray without it is all or nothing."""
     response = handle.broadcast(method, *args)
     per_replica = getattr(response, "_fetch_replica_results_async", None)
     if per_replica is None:  # (a Ray without per-replica results: all or nothing)
         answers = await response.results_async(timeout_s=timeout_s, return_exceptions=True)
         kept = [a for a in answers if not isinstance(a, BaseException)]
         return kept, len(answers) - len(kept)
+    deadline = asyncio.get_running_loop().time() + timeout_s
     results = await asyncio.wait_for(per_replica(), timeout=timeout_s)
     tasks = [asyncio.ensure_future(r.get_async()) for r in results]
     if not tasks:
         return [], 0
-    done, pending = await asyncio.wait(tasks, timeout=timeout_s)
+    done, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
     for task in pending:
         task.cancel()
     kept = [t.result() for t in done if t.exception() is None]
