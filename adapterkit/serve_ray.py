@@ -17,6 +17,10 @@ family, starts from its own files); every replica applies the log before it answ
 that loads a family later replays it, and after a change the replica that made it asks every live replica
 to catch up (`DeploymentHandle.broadcast`) before it answers. So once `POST /v1/domains` has answered,
 every replica serves the domain.
+
+`GET /metrics` answers the metrics of every live replica (of the family the request names), each sample
+labelled `replica` (`serve_ray_metrics.py`): the replica that takes the scrape gathers them with the same
+broadcast, on its event loop, without loading a family or waiting for a forward.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
+from . import serve_ray_metrics
 from .serve_errors import ServeError
+from .serve_metrics import CONTENT_TYPE
 
 logger = logging.getLogger(__name__)
 LOG_ACTOR = "adapterkit-domain-changes"
@@ -140,6 +146,7 @@ class FamilyServer:
         self.log, self.log_key = change_log(), options["log_key"]
         self.replica = str(serve.get_replica_context().replica_id.unique_id)
         self.loaded: weakref.WeakValueDictionary[str, Family] = weakref.WeakValueDictionary()
+        self.handle: Any = None  # this deployment's handle, to broadcast to every replica (made on first use)
 
     @serve.multiplexed(max_num_models_per_replica=MAX_FAMILIES)
     async def family(self, family_id: str) -> Family:
@@ -153,6 +160,12 @@ class FamilyServer:
         if family_id not in self.allowed:  # a caller must not make replicas load what it names
             message = f"family {family_id!r} is not served here: the deployment lists the ones it serves (families=)"
             return ServeError(404, "family_not_found", message).response()
+        path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
+        path = path[len(root) :] if root and path.startswith(root) else path  # (behind a route prefix)
+        if path == "/metrics" and request.method == "GET":
+            response = await self.all_metrics(family_id)
+            response.headers[REPLICA_HEADER] = self.replica
+            return response
         try:
             family = await self.family(family_id)
         except (FileNotFoundError, KeyError, ValueError) as e:
@@ -161,8 +174,6 @@ class FamilyServer:
         except ConnectionError as e:
             return ServeError(502, "source_unreachable", f"cannot load family {family_id!r}: {e}").response()
         await self.catch_up(family)
-        path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
-        path = path[len(root) :] if root and path.startswith(root) else path  # (behind a route prefix)
         if path.startswith("/v1/domains") and request.method in ("POST", "DELETE"):
             response = await self.change(family, request)
         else:
@@ -189,6 +200,29 @@ class FamilyServer:
             await self.catch_up(family)
         return 0
 
+    async def metrics(self, family_id: str) -> tuple[str, str | None]:
+        """Broadcast target: this replica's id and its exposition text of `family_id` (None when it does not
+        hold the family), rendered on the replica's event loop as the embedded server's `/metrics` is."""
+        family = self.loaded.get(family_id)
+        return self.replica, None if family is None else family.service.metrics.render().decode()
+
+    async def all_metrics(self, family_id: str) -> Response:
+        """`GET /metrics`: every live replica's metrics of `family_id`, merged, each labelled `replica`."""
+        try:
+            answers, missing = await serve_ray_metrics.gather(self._handle(), "metrics", family_id)
+        except Exception as e:  # noqa: BLE001  (a scrape never fails: this replica's own, missing unknown)
+            logger.warning("could not gather the replicas' metrics: %s", e)
+            answers, missing = [await self.metrics(family_id)], float("nan")
+        texts = [(replica, text) for replica, text in answers if text is not None]
+        body = serve_ray_metrics.merge(texts, answered=len(answers), missing=missing)
+        return Response(body, media_type=CONTENT_TYPE)
+
+    def _handle(self) -> Any:
+        if self.handle is None:
+            context = serve.get_replica_context()
+            self.handle = serve.get_deployment_handle(context.deployment, app_name=context.app_name)
+        return self.handle
+
     async def change(self, family: Family, request: Request) -> Response:
         """A hot-add or removal: made here through the embedded app, logged, then every replica syncs."""
         body = await request.body()
@@ -199,7 +233,7 @@ class FamilyServer:
                 family.own.add(await self.log.append.remote(self._key(family.id), change))
         if response.status_code in (200, 201):
             await self.catch_up(family)
-            await _broadcast_sync(family.id)
+            await _broadcast_sync(self._handle(), family.id)
         return response
 
 
@@ -217,9 +251,7 @@ def _change_of(request: Request, body: bytes, response: Response) -> dict[str, A
     }
 
 
-async def _broadcast_sync(family_id: str) -> None:
-    context = serve.get_replica_context()
-    handle = serve.get_deployment_handle(context.deployment, app_name=context.app_name)
+async def _broadcast_sync(handle: Any, family_id: str) -> None:
     try:
         await handle.broadcast("sync", family_id).results_async(timeout_s=60, return_exceptions=True)
     except Exception as e:  # noqa: BLE001  (the others still catch up before their next answer)

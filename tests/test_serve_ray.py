@@ -1,6 +1,6 @@
 """The HTTP API on Ray Serve (issue 15.6), on a local Ray instance with 2 CPUs: two replicas answer
-exactly as the embedded server does, a hot-add through one replica reaches both, and a second family is
-served by id (`serve_multiplexed_model_id`)."""
+exactly as the embedded server does, a hot-add through one replica reaches both, a second family is
+served by id (`serve_multiplexed_model_id`), and `GET /metrics` answers every replica's metrics."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from serve_support import (
 
 from adapterkit import AdapterModel
 from adapterkit.serve import create_app
+from adapterkit.serve_metrics import Metrics
 
 ray = pytest.importorskip("ray", reason='Ray Serve is an extra: pip install -e ".[serve-ray]"')
 pytestmark = pytest.mark.slow
@@ -136,3 +137,93 @@ def test_behind_a_route_prefix_a_hot_add_reaches_its_own_apps_replicas_only(fami
             assert [d["name"] for d in client.get("/v1/domains").json()["domains"]] == ["a"]
     finally:
         serve.delete("prefixed")
+
+
+def scrape(client: httpx.Client) -> tuple[str, dict[str, list]]:
+    """`GET /metrics`: its text and its samples by name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = client.get("/metrics")
+    assert r.status_code == 200, r.text
+    samples: dict[str, list] = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            samples.setdefault(s.name, []).append(s)
+    return r.text, samples
+
+
+def predictions(samples: dict[str, list]) -> float:
+    return sum(s.value for s in samples.get("adapterkit_predictions_total", []))
+
+
+def test_metrics_answer_every_replica_labelled(ray_url):
+    """One scrape through the proxy holds both replicas' samples, each with its `replica` label (the id of
+    the `x-adapterkit-replica` header), so summing over replicas counts every image sent."""
+    with httpx.Client(base_url=ray_url, timeout=120) as client:
+        _, before = scrape(client)
+        sent, replicas = 0, set()
+        while len(replicas) < 2 and sent < 64:  # until both replicas have answered some
+            r = predict_json(client, IMAGES)
+            assert r.status_code == 200, r.text
+            sent, replicas = sent + len(IMAGES), replicas | {r.headers[REPLICA_HEADER]}
+        assert len(replicas) == 2
+        text, after = scrape(client)
+    assert {s.labels["replica"] for s in after["adapterkit_predictions_total"]} == replicas
+    assert {s.labels["replica"] for s in after["adapterkit_domains_loaded"]} == replicas
+    assert predictions(after) - predictions(before) == sent
+    # one family, both replicas' samples under it
+    assert text.count("# TYPE adapterkit_predictions_total counter") == 1
+    assert after["adapterkit_metrics_replicas_missing"][0].value == 0
+    assert after["adapterkit_metrics_replicas_answered"][0].value == 2
+
+
+def test_merged_metrics_keep_one_help_and_type_per_family():
+    """The merge, without Ray: every sample of every replica, `replica` added to its labels, one
+    `# HELP`/`# TYPE` per family, and a text Prometheus parses."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from adapterkit.serve_ray_metrics import merge
+
+    texts = []
+    for replica, n in (("r1", 2), ("r2", 3)):
+        metrics = Metrics(lambda: 0, lambda: 2)
+        metrics.observe_predictions(["a"] * n, 200, 0.01)
+        texts.append((replica, metrics.render().decode()))
+    text = merge(texts, answered=3, missing=1).decode()
+    for name in ("adapterkit_predictions_total", "adapterkit_prediction_seconds", "adapterkit_queue_depth"):
+        assert text.count(f"# HELP {name} ") == 1 and text.count(f"# TYPE {name} ") == 1
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    counts = {s.labels["replica"]: s.value for s in families["adapterkit_predictions"].samples}
+    assert counts == {"r1": 2, "r2": 3}
+    assert all(s.labels["domain"] == "a" for s in families["adapterkit_predictions"].samples)
+    assert families["adapterkit_metrics_replicas_answered"].samples[0].value == 3
+    assert families["adapterkit_metrics_replicas_missing"].samples[0].value == 1
+
+
+def test_a_replica_that_does_not_answer_is_left_out_and_counted(ray_url):
+    """`gather` on a real deployment of two replicas, one of which never answers: the other's answer comes
+    back and the silent one is counted as missing (the scrape does not fail)."""
+    import asyncio
+
+    from ray import serve
+
+    from adapterkit.serve_ray_metrics import gather
+
+    @serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=0)
+    class Replicas:
+        def __init__(self):
+            self.id = serve.get_replica_context().replica_id.unique_id
+
+        async def answer(self, silent: str | None) -> str:
+            if self.id == silent:
+                await asyncio.Event().wait()  # never answers
+            return self.id
+
+    handle = serve.run(Replicas.bind(), name="replicas", route_prefix=None)
+    try:
+        ids, missing = asyncio.run(gather(handle, "answer", None, timeout_s=60))
+        assert len(set(ids)) == 2 and missing == 0
+        answers, missing = asyncio.run(gather(handle, "answer", ids[0], timeout_s=5))
+        assert answers == [ids[1]] and missing == 1
+    finally:
+        serve.delete("replicas")
