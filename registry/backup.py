@@ -32,6 +32,7 @@ from pathlib import Path
 from .errors import RegistryError
 from .flock import MAINTENANCE_LOCK, XET_APPLY_LOCK, file_lock, maintenance_lock
 from .storage import Storage
+from .xet_repair import restore_aside
 
 XET_RECORDS = ("files", "sha256", "shards", "chunks", "pending")
 SKIPPED = {
@@ -170,6 +171,7 @@ def _copy_all(storage: Storage, out: Path) -> tuple[_Copier, int]:
                 repos += 1
     xet = root / "xet"
     if xet.is_dir():  # 2. Xet records: copied, then re-checked with no shard half-applied
+        restore_aside(xet)  # a xorb an interrupted gc left aside in tmp/ (not copied) goes back first
         records = [name for name in XET_RECORDS if (xet / name).is_dir()]
         for name in records:
             copier.tree(xet / name, out / "xet" / name)

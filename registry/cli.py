@@ -109,6 +109,12 @@ def _add_maintenance(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     f.add_argument("--root", type=Path, required=True, help=ROOT_HELP)
     f.add_argument("--quick", action="store_true", help="skip re-hashing blobs")
+    f.add_argument(
+        "--repair",
+        action="store_true",
+        help="first put back Xet xorbs an interrupted gc left aside and rebuild Xet index records from the "
+        "data they derive from (safe beside a running server)",
+    )
     b = sub.add_parser(
         "backup",
         help="copy the root consistently, even while a server runs, and fsck the copy",
@@ -232,9 +238,11 @@ def _token(args: argparse.Namespace) -> int:
 
 def _fsck(args: argparse.Namespace) -> int:
     from .collect import collect_garbage
-    from .fsck import fsck, xet_pending
+    from .fsck import fsck, repair, xet_pending
 
     storage = Storage(args.root, create=False)
+    for line in repair(storage) if args.repair else ():
+        print(f"repaired: {line}")
     problems = fsck(storage, deep=not args.quick)
     for line in problems:
         print(line)

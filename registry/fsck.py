@@ -11,6 +11,7 @@ import hashlib
 from .blobs import read_json
 from .objects import is_dir
 from .storage import RepoKey, Storage, commit_id
+from .xet_repair import repair_records
 from .xet_store import XetStore
 
 
@@ -112,3 +113,16 @@ def xet_pending(storage: Storage) -> list[str]:
         f"xet: shard journal {p.stem[:12]} pending, applied at next server start (or now, if one is running)"
         for p in XetStore(storage.root / "xet", read_only=True).pending()
     ]
+
+
+def repair(storage: Storage) -> list[str]:
+    """Rebuild what can be derived from the data the registry holds (`fsck --repair`), one line each.
+
+    Puts back the xorbs an interrupted gc left aside, and rebuilds missing or wrong Xet chunk indexes
+    (from the xorb bytes) and SHA-256 index entries (from the file records); see `xet_repair`. Safe
+    beside a live server: each change is made under the Xet store's apply lock. What cannot be derived
+    (a missing xorb, file or shard record, a corrupted blob) is left for `fsck` to report.
+    """
+    if not (storage.root / "xet" / "xorbs").is_dir():
+        return []
+    return [f"xet: {line}" for line in repair_records(storage.root / "xet")]

@@ -8,6 +8,9 @@ from typing import TYPE_CHECKING
 from .blobs import read_json
 from .xet_format import XetError, file_hash, hash_to_hex, hex_to_hash, parse_xorb
 from .xet_read import xorb_index
+from .xet_repair import aside_xorbs
+
+REPAIR = "`adapterkit-registry fsck --repair`"
 
 if TYPE_CHECKING:
     from .xet_store import XetStore
@@ -17,26 +20,37 @@ def _check_xorb(path: Path) -> str | None:
     name = path.name
     try:
         xorb = parse_xorb(path.read_bytes())
-        meta = read_json(path.with_name(name + ".json"))
     except XetError as e:
         return f"xet xorb {name}: {e.message}"
-    except (OSError, ValueError) as e:
+    except OSError as e:
         return f"xet xorb {name}: unreadable ({e}); re-upload the files that use it"
     if hash_to_hex(xorb.hash) != name:
         return f"xet xorb {name}: its bytes hash to {hash_to_hex(xorb.hash)}; re-upload the files that use it"
-    if xorb_index(xorb) != {k: meta.get(k) for k in ("hashes", "ends", "sizes")}:
-        return f"xet xorb {name}: its chunk index ({name}.json) disagrees with its bytes"
+    try:
+        meta = read_json(path.with_name(name + ".json"))
+    except (OSError, ValueError) as e:
+        return f"xet xorb {name}: its chunk index ({name}.json) is unreadable ({e}); {REPAIR} rebuilds it"
+    if not isinstance(meta, dict) or xorb_index(xorb) != {
+        k: meta.get(k) for k in ("hashes", "ends", "sizes")
+    }:
+        return (
+            f"xet xorb {name}: its chunk index ({name}.json) disagrees with its bytes; {REPAIR} rebuilds it"
+        )
     return None
 
 
-def _check_file(store: XetStore, path: Path, pending: bool) -> str | None:
+def _check_file(store: XetStore, path: Path, pending: bool, aside: dict) -> str | None:
     try:
         record = read_json(path)
         chunks = []
         for xorb, start, end, size in record["segments"]:
             if not store.has_xorb(xorb):
-                return f"xet file {record['file_hash']}: xorb {xorb} is missing; re-upload the file"
-            meta = read_json(store.xorb_path(xorb).with_name(xorb + ".json"))
+                fix = f"{REPAIR} puts it back" if xorb in aside else "re-upload the file"
+                return f"xet file {record['file_hash']}: xorb {xorb} is missing; {fix}"
+            index = store.xorb_path(xorb).with_name(xorb + ".json")
+            if not index.is_file():
+                return f"xet file {record['file_hash']}: the chunk index of xorb {xorb} is missing; {REPAIR} rebuilds it"
+            meta = read_json(index)
             sizes = meta["sizes"][start:end]
             if end > len(meta["sizes"]) or sum(sizes) != size:
                 return f"xet file {record['file_hash']}: chunks [{start}, {end}) of xorb {xorb} do not hold {size} bytes"
@@ -46,7 +60,7 @@ def _check_file(store: XetStore, path: Path, pending: bool) -> str | None:
     if hash_to_hex(file_hash(chunks)) != record["file_hash"] or path.name != record["file_hash"] + ".json":
         return f"xet file {record['file_hash']}: its chunks do not hash to its name; re-upload the file"
     if not pending and store.file_by_sha256(record["sha256"]) is None:
-        return f"xet file {record['file_hash']}: no sha256 index entry for {record['sha256']}"
+        return f"xet file {record['file_hash']}: no sha256 index entry for {record['sha256']}; {REPAIR} rebuilds it"
     return None
 
 
@@ -73,12 +87,17 @@ def check_store(store: XetStore) -> list[str]:
     their SHA-256 index entry until the journal is applied, so that entry is not checked for them."""
     root = store.root
     pending, _ = pending_names(root)
-    problems: list[str | None] = []
+    aside = aside_xorbs(root)
+    problems: list[str | None] = [
+        f"xet xorb {name}: left aside in tmp/ by an interrupted gc; {REPAIR} (or the next server start or gc) "
+        "puts it back"
+        for name in aside
+    ]
     for path in sorted((root / "xorbs").glob("*/*")):
         if path.suffix != ".json":
             problems.append(_check_xorb(path))
     for path in sorted((root / "files").glob("*/*.json")):
-        problems.append(_check_file(store, path, path.name.removesuffix(".json") in pending))
+        problems.append(_check_file(store, path, path.name.removesuffix(".json") in pending, aside))
     for path in sorted((root / "shards").glob("*/*.json")):
         try:
             xorbs = read_json(path).get("xorbs")

@@ -18,9 +18,11 @@ time (a shard registration rewrites its file records and touches its xorbs; an u
 answer touches the xorb), so the re-check is of the time only: a candidate modified since the scan
 stays. A xorb is first moved aside, so a dedupe answer can no longer name it, then its time is read
 again (a dedupe answer that touched it just before is seen) and it is put back or removed with its
-chunk index (`put_xorb` writes the pair under the same lock: never one without the other). A shard
-registered afterwards that names a removed xorb is refused (`XorbMissing`) by the re-check `XetStore`
-makes under that lock, so nothing ever references a removed xorb.
+chunk index (`put_xorb` writes the pair under the same lock: never one without the other). A xorb
+left aside by a gc that died before deciding is put back by the next server start, gc or `fsck
+--repair` (`xet_repair.restore_aside`). A shard registered afterwards that names a removed xorb is
+refused (`XorbMissing`) by the re-check `XetStore` makes under that lock, so nothing ever references a
+removed xorb.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from .flock import XET_APPLY_LOCK, file_lock
 from .storage import Storage
 from .xet_check import pending_names
 from .xet_dedupe import index_entries, unindex_shards
+from .xet_repair import restore_aside
 
 XORB_GRACE_S = 21 * 24 * 3600
 """Default age (seconds since upload, last dedupe answer or last shard using it) before an unreferenced
@@ -92,6 +95,8 @@ def collect_xet(
     xet = storage.root / "xet"
     if not (xet / "files").is_dir():
         return XetGcReport()
+    if not dry_run:  # what an interrupted gc left aside is undecided: put back, and decided again here
+        restore_aside(xet)
     now = time.time()
     cutoffs = (now - grace_s, now - xorb_grace_s)
     files, xorbs, kept = _scan(xet, referenced_files(storage), *cutoffs)

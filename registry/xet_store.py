@@ -24,8 +24,8 @@ never the plain hashes of the other chunks, and registering a file needs all of 
 file hash and the verification entries are checked), so an answer cannot be turned into access to
 content the client does not hold.
 
-Create one `XetStore` per registry root (at server start): it replays journals and clears stale
-temporary files when constructed. `XetStore(root, read_only=True)` (fsck, maybe while a server runs)
+Create one `XetStore` per registry root (at server start): it replays journals, puts back xorbs an
+interrupted gc left aside and clears stale temporary files when constructed (`xet_repair`). `XetStore(root, read_only=True)` (fsck, maybe while a server runs)
 changes nothing on disk: journals stay pending for the server to apply.
 """
 
@@ -35,7 +35,6 @@ import hashlib
 import os
 import secrets
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +55,7 @@ from .xet_format import (
     range_hash,
 )
 from .xet_read import XorbMeta, clamp, read_segments, reconstruction_v1, v1_to_v2, xorb_index
+from .xet_repair import clear_tmp
 from .xet_shard import CHUNK_FLAG_GLOBAL_DEDUPE, Shard, ShardFile, ShardXorb, parse_shard
 
 __all__ = ["PlainSink", "XetError", "XetFile", "XetStore"]
@@ -110,7 +110,7 @@ class XetStore:
         if not self._key:
             atomic_write_json(key_path, {"key": secrets.token_hex(32)}, self.tmp)
             self._key = bytes.fromhex(read_json(key_path)["key"])
-        self._clear_stale_tmp()
+        clear_tmp(self.root)  # puts back the xorbs an interrupted gc left aside first
         with file_lock(self.root / XET_APPLY_LOCK):
             for journal in self.pending():
                 self._apply(journal)
@@ -118,12 +118,6 @@ class XetStore:
     def pending(self) -> list[Path]:
         """Shard journals not applied yet: left by a crash (the next start applies them) or in flight."""
         return sorted((self.root / "pending").glob("*.json"))
-
-    def _clear_stale_tmp(self) -> None:
-        cutoff = time.time() - 3600
-        for p in self.tmp.iterdir():
-            if p.stat().st_mtime < cutoff:
-                p.unlink(missing_ok=True)
 
     def _path(self, folder: str, name: str, suffix: str = "") -> Path:
         check_hash(name)
