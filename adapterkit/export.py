@@ -46,9 +46,10 @@ def export_domain(model: AdapterModel, domain: str) -> nn.Module:
     # without touching the live model, which may be serving other threads.
     memo: dict[int, object] = {id(model.router): model.router}
     for layer in layers.values():
-        for d, adapter in layer.adapters.items():
+        for d in layer.adapters:
             if d != domain:
-                memo[id(adapter)] = adapter
+                held = layer.adapters.held(d)  # a live module or a packed buffer
+                memo[id(held)] = held
     exported = copy.deepcopy(model.backbone, memo)
     for name, layer in list(exported.named_modules()):
         if isinstance(layer, DomainLayer):

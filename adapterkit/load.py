@@ -20,6 +20,7 @@ from .config import AdapterConfig, DomainInfo, check_domain_name
 from .family import remember_loaded
 from .format import BASIS_FILE, domain_file, read_config, read_safetensors
 from .inject import fingerprint, rebuild_backbone, reparameterize
+from .layers.table import Packed, settings_of
 from .signature import DomainSignature
 from .sources import Source, open_source
 from .transforms import resolve_data_config
@@ -119,7 +120,7 @@ def _group(model: AdapterModel, tensors: dict[str, torch.Tensor], what: str) -> 
 
 def build_domain(
     model: AdapterModel, name: str, path: Path, sha256: str | None = None, basis: dict | None = None
-) -> tuple[DomainInfo, dict[str, nn.Module], nn.Module, DomainSignature | None]:
+) -> tuple[DomainInfo, dict[str, nn.Module | Packed], nn.Module, DomainSignature | None]:
     """Read one domain file and build (info, adapters, head) without touching the model.
 
     `basis` holds the per-layer bases about to be installed; a domain may not read past them."""
@@ -143,11 +144,14 @@ def build_domain(
             raise ValueError(
                 f"{what}: no tensors for layer {layer_name!r}; the file does not fit this backbone"
             )
+        state = grouped[layer_name]
+        build = lambda: layer.adapter_from_state(state).to(ref.device)  # noqa: B023, E731 (called at once)
         try:
-            adapters[layer_name] = layer.adapter_from_state(grouped[layer_name]).to(ref.device)
+            # packed as loaded domains are kept (layers/table.py), without a module per domain
+            adapters[layer_name] = layer.adapters.pack_state(state, build)
         except ValueError as e:
             raise ValueError(f"{what}: layer {layer_name!r}: {e}") from e
-        needed = getattr(adapters[layer_name], "shared_columns", 0)
+        needed = getattr(settings_of(adapters[layer_name]), "shared_columns", 0)
         width = (basis or {}).get(layer_name, getattr(layer, "beta", None))
         if needed and (width is None or width.shape[1] < needed):
             raise ValueError(

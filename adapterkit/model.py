@@ -36,6 +36,7 @@ from .inject import (
 from .layers import DomainLayer, DomainRouter
 from .layers.gathered import Mixed
 from .layers.plain import PlainPasses
+from .layers.table import Packed
 from .mixed import MixedExecution, padded_rows
 from .router import Route, fit_signature, route_batch
 from .signature import COMPONENTS, SIGNATURE_SHARE, DomainSignature
@@ -246,7 +247,7 @@ class AdapterModel(
     def publish_domain(
         self,
         info: DomainInfo,
-        adapters: dict[str, nn.Module],
+        adapters: dict[str, nn.Module | Packed],
         head: nn.Module,
         *,
         basis: dict[str, torch.Tensor] | None = None,
@@ -277,11 +278,16 @@ class AdapterModel(
             if basis:
                 self.extend_basis(basis, history=history)
             # Modes first: a concurrent call may use the domain the moment it is in the table.
+            if trainable:  # packed records (`load.build_domain`) become modules of their own
+                adapters = {
+                    n: a.module(own=True) if isinstance(a, Packed) else a for n, a in adapters.items()
+                }
             for module in [*adapters.values(), head]:
-                module.requires_grad_(trainable).train(self.training and trainable)
+                if isinstance(module, nn.Module):
+                    module.requires_grad_(trainable).train(self.training and trainable)
             (self._frozen.discard if trainable else self._frozen.add)(name)
-            for layer_name, module in adapters.items():
-                layers[layer_name].adapters[name] = module
+            for layer_name, module in adapters.items():  # a frozen domain is packed (layers/table.py)
+                layers[layer_name].adapters.put(name, module, packed=not trainable)
             self.heads[name] = head
             if signature is not None:
                 self.signatures[name] = signature
@@ -340,8 +346,13 @@ class AdapterModel(
         with self._lock:
             self._check_known(name)
             (self._frozen.discard if trainable else self._frozen.add)(name)
-            for module in self._domain_modules(name):
+            for layer in self.layers().values():
+                table = layer.adapters
+                module = table.unpack(name) if trainable else table[name]
                 module.requires_grad_(trainable).train(self.training and trainable)
+                if not trainable:
+                    table.put(name, module, packed=True)
+            self.heads[name].requires_grad_(trainable).train(self.training and trainable)
 
     def is_trainable(self, name: str) -> bool:
         return self._check_known(name) not in self._frozen
@@ -376,8 +387,10 @@ class AdapterModel(
                     self.default_domain = name
             raise
 
-    def _domain_modules(self, name: str) -> list[nn.Module]:
-        return [layer.adapters[name] for layer in self.layers().values()] + [self.heads[name]]
+    def _live_modules(self, name: str) -> list[nn.Module]:
+        """The domain's modules that `train()` reaches: its head, and adapters that are not packed."""
+        tables = [layer.adapters for layer in self.layers().values()]
+        return [t[name] for t in tables if not t.is_packed(name)] + [self.heads[name]]
 
     @contextmanager
     def use_domain(self, name: str) -> Iterator[None]:
@@ -498,9 +511,8 @@ class AdapterModel(
         for domain, by_layer in adapters.items():
             trainable = domain not in self._frozen
             for name, module in by_layer.items():
-                layers[name].adapters[domain] = module.requires_grad_(trainable).train(
-                    self.training and trainable
-                )
+                module.requires_grad_(trainable).train(self.training and trainable)
+                layers[name].adapters.put(domain, module, packed=not trainable)
 
     def set_domain(self, name: str) -> None:
         """The domain `forward` uses when none is given."""
@@ -517,7 +529,7 @@ class AdapterModel(
         self._check_known(domain)
         state = {}
         for layer_name, layer in self.layers().items():
-            for key, t in layer.adapters[domain].state_dict().items():
+            for key, t in layer.adapters.state_of(domain).items():
                 state[f"layers.{layer_name}.{key}"] = t
         for key, t in self.heads[domain].state_dict().items():
             state[f"head.{key}"] = t
@@ -615,7 +627,7 @@ class AdapterModel(
             self.backbone_head.train(False)
         if mode:
             for name in self._frozen:
-                for module in self._domain_modules(name):
+                for module in self._live_modules(name):
                     module.train(False)
         return self
 

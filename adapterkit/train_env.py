@@ -9,7 +9,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from .layers.table import packed_buffers
 from .train_config import TrainConfig
 
 
@@ -25,6 +27,10 @@ class Call(nn.Module):
     ) -> None:
         super().__init__()
         self.module, self.call, self.memory_format = module, forward, memory_format
+        # Frozen domains' packed tensors are buffers that never change: DDP must not broadcast them at
+        # every step (rank 0's are everyone's already); the trained domain's norm statistics still are.
+        frozen = [f"module.{name}" for name in packed_buffers(module)]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, frozen)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:

@@ -14,7 +14,9 @@ from adapterkit.layers.gathered import Mixed
 DOMAINS = ["a", "b", "c", "a", "c", "b", "b"]
 
 
-def make(backbone="test_resnet", config=None, factored=False):
+def make(backbone="test_resnet", config=None, factored=False, frozen=False):
+    """Domains a, b, c; `frozen`: each frozen after it is built, so its tensors are packed (layers/table.py),
+    as a loaded family's are."""
     torch.manual_seed(0)
     model = AdapterModel(timm.create_model(backbone), config).eval()
     for i, name in enumerate("abc"):
@@ -22,6 +24,8 @@ def make(backbone="test_resnet", config=None, factored=False):
         perturb(model, name, seed=i)
         if factored:  # later domains build on the columns earlier ones handed over: widths differ
             append_domain(model, name)
+        if frozen:
+            model.set_trainable(name, False)
     return model
 
 
@@ -68,8 +72,9 @@ def test_one_pass_runs_under_bf16_autocast(backbone):
         ("test_efficientnet_gn", None),  # GroupNorm: each domain's rows through its own copy
     ],
 )
-def test_one_pass_equals_each_domain_alone(backbone, config):
-    model = make(backbone, config)
+@pytest.mark.parametrize("frozen", [False, True], ids=["live", "packed"])
+def test_one_pass_equals_each_domain_alone(backbone, config, frozen):
+    model = make(backbone, config, frozen=frozen)
     x = input_for(model.backbone, batch=len(DOMAINS))
     gathered, grouped = both(model, x)
     assert model._mixed.gatherable is True
@@ -91,14 +96,15 @@ def test_large_full_adapters_run_domain_by_domain_with_the_same_results(monkeypa
     monkeypatch.setattr(gathered, "BY_DOMAIN_ELEMENTS", 0)  # every full adapter now runs by domain
     layer = next(m for m in model.layers().values() if m.rule in ("parallel", "series"))
     mixed = Mixed.of(DOMAINS, x.device)
-    assert gathered._by_domain(gathered._modules(layer, x, mixed), len(DOMAINS))
+    assert gathered._by_domain(gathered._domains(layer, x, mixed), len(DOMAINS))
     by_domain, _ = both(model, x)
     assert_rounding(by_domain, grouped)
     assert_rounding(by_domain, stacked)
 
 
-def test_factored_domains_of_different_widths():
-    model = make("test_resnet", factored=True)
+@pytest.mark.parametrize("frozen", [False, True], ids=["live", "packed"])
+def test_factored_domains_of_different_widths(frozen):
+    model = make("test_resnet", factored=True, frozen=frozen)
     widths = {
         a.width for layer in model.layers().values() for a in layer.adapters.values() if hasattr(a, "width")
     }
@@ -172,3 +178,45 @@ def test_auto_policy(images, domains, gathers):
     x = input_for(model.backbone, batch=images, size=32)
     names = [f"d{i % domains}" for i in range(images)]
     assert model._mixed.gathers(x, Mixed.of(names, x.device), training=False) is gathers
+
+
+@pytest.mark.parametrize("backbone", ["test_resnet", "test_efficientnet", "test_vit"])
+def test_packing_a_frozen_domain_changes_no_bit(backbone):
+    """Frozen domains are packed into one buffer per layer (layers/table.py): the same logits, bit for bit,
+    one domain at a time and mixed, and the same tensors in the domain's state dict."""
+    live, packed = make(backbone), make(backbone, frozen=True)
+    x = input_for(live.backbone, batch=len(DOMAINS))
+    assert all(layer.adapters.is_packed("a") for layer in packed.layers().values())
+    with torch.inference_mode():
+        for d in "abc":
+            assert torch.equal(live(x, domain=d), packed(x, domain=d))
+        assert torch.equal(live(x, domain=DOMAINS), packed(x, domain=DOMAINS))
+    for d in "abc":
+        want, got = live.domain_state_dict(d), packed.domain_state_dict(d)
+        assert list(want) == list(got) and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_packed_domains_on_one_shared_basis_gather_without_modules():
+    """After a joint re-factorisation every domain reads the same prefix of each layer's shared basis: their
+    packed buffers share a layout, and the gathered pass builds each sample's basis from them (no module per
+    domain), equal to each domain alone."""
+    from adapterkit.compress import compress
+    from adapterkit.layers import table
+
+    model = make("test_resnet", frozen=True)
+    compress(model, basis_rank=0.5)
+    assert any(getattr(layer.adapters["a"], "shared_columns", 0) > 0 for layer in model.layers().values())
+    model.to(torch.float32)  # (drops the modules compress materialised to count parameters)
+    built = []
+    original = table.Packed.module
+    table.Packed.module = lambda self: built.append(self) or original(self)
+    try:
+        x = input_for(model.backbone, batch=len(DOMAINS))
+        with torch.inference_mode():
+            model.mixed_execution = "gathered"
+            gathered = model(x, domain=DOMAINS)
+        assert not built
+    finally:
+        table.Packed.module = original
+    _, grouped = both(model, x)
+    assert_rounding(gathered, grouped)

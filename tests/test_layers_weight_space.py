@@ -157,6 +157,23 @@ def test_compile_in_eval_mode_is_one_graph(name):
         torch.testing.assert_close(compiled(x, domain="a"), model(x, domain="a"), rtol=1e-5, atol=1e-5)
 
 
+def test_compile_of_frozen_domains_is_one_graph_once_each_ran():
+    """A frozen domain's modules are built from its packed buffers on first use (layers/table.py), which
+    dynamo cannot trace: with fullgraph=True each domain runs once eagerly first (docs/layer-rules.md)."""
+    torch._dynamo.reset()
+    model = AdapterModel(timm.create_model("test_resnet")).eval()
+    for d in ("a", "b"):
+        model.add_domain(d, num_classes=3)
+        perturb(model, d, seed=len(d))
+        model.set_trainable(d, False)
+    x = input_for(model.backbone)
+    with torch.no_grad():
+        eager = {d: model(x, domain=d) for d in ("a", "b")}  # the warm-up
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        for d in ("a", "b", "a"):
+            torch.testing.assert_close(compiled(x, domain=d), eager[d], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["test_resnet", "test_convnext", "test_efficientnet"])
 def test_channels_last(name):
     torch.manual_seed(0)

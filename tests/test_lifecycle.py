@@ -46,7 +46,8 @@ def test_loaded_domains_equal_the_saved_ones_and_own_their_tensors(saved):
     for d in model.domains:
         assert same(state(model, d), state(original, d))
     backbone = {t.data_ptr() for k, t in model.backbone.state_dict().items() if ".adapters." not in k}
-    per_domain = [{t.data_ptr() for t in model.domain_state_dict(d).values()} for d in model.domains]
+    states = [model.domain_state_dict(d) for d in model.domains]  # alive together: no address reused
+    per_domain = [{t.data_ptr() for t in s.values()} for s in states]
     assert not per_domain[0] & per_domain[1] and not (per_domain[0] | per_domain[1]) & backbone
 
 

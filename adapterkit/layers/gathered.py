@@ -24,9 +24,11 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
+from timm.layers import LayerNorm as TimmLayerNorm
 from torch import nn
 
 from .adapters import FullAdapter, LowRankAdapter
+from .table import Layout
 
 if TYPE_CHECKING:
     from .norm import DomainNorm
@@ -66,25 +68,67 @@ class NotGatherable(RuntimeError):
     """A layer of this backbone cannot run a mixed batch in one pass (the model runs domain groups instead)."""
 
 
-def _modules(layer: nn.Module, x: torch.Tensor, mixed: Mixed) -> list[nn.Module]:
-    """Each domain's module of `layer`, once `x`'s rows are known to be the batch's samples."""
+def _check_rows(layer: nn.Module, x: torch.Tensor, mixed: Mixed) -> None:
     if x.dim() < 2 or x.shape[0] != mixed.index.shape[0]:
         # windows (MaxViT), position tables (relative-position MLPs): rows that are not samples
         raise NotGatherable(
             f"{type(layer).__name__} runs on {tuple(x.shape)}, whose rows are not the samples"
         )
-    table = layer._modules["adapters"]._modules
+
+
+def _modules(layer: nn.Module, x: torch.Tensor, mixed: Mixed) -> list[nn.Module]:
+    """Each domain's module of `layer`, once `x`'s rows are known to be the batch's samples."""
+    _check_rows(layer, x, mixed)
+    table = layer._modules["adapters"]
     try:
         return list(map(table.__getitem__, mixed.domains))
     except KeyError as e:
         raise KeyError(f"domain {e.args[0]!r} was unloaded while this call was running; call again") from None
 
 
-def _factors(adapters: list[nn.Module], beta: torch.Tensor, pick: Callable[[Sequence], tuple]):
+class _Domains(NamedTuple):
+    """One layer's tensors of the batch's domains: packed buffers with their layout (`table.py`: frozen
+    domains, read without a module per domain), or else the domains' modules."""
+
+    first: nn.Module  # the layout's template or the first module: the settings all share
+    layout: Layout | None
+    flats: list[torch.Tensor] | None
+    modules: Callable[[], list[nn.Module]]  # the domains' modules (materialised when packed)
+
+
+def _domains(layer: nn.Module, x: torch.Tensor, mixed: Mixed) -> _Domains:
+    _check_rows(layer, x, mixed)
+    packed = layer._modules["adapters"].packed_rows(mixed.domains)
+    if packed is not None:
+        return _Domains(packed[0].template, packed[0], packed[1], lambda: _modules(layer, x, mixed))
+    modules = _modules(layer, x, mixed)
+    return _Domains(modules[0], None, None, lambda: modules)
+
+
+def _alphas(found: _Domains) -> list[torch.Tensor]:
+    """Each domain's full adapter matrix (`_by_domain` checked that all are full adapters)."""
+    if found.layout is not None:
+        ((_, shape, _),) = found.layout.floats
+        return [f.view(shape) for f in found.flats]
+    return list(map(_ALPHA, map(_PARAMETERS, found.modules())))
+
+
+def _factors(found: _Domains, beta: torch.Tensor, pick: Callable[[Sequence], tuple]):
     """Each sample's adapter: a full matrix (N, out, in), or low-rank factors (N, out, w) and (N, in, w),
     each stacked straight from the domain's tensors (one copy).
 
     Low-rank domains of different widths are padded with zero columns, which add exact zeros."""
+    if found.layout is not None:
+        first, stacked = found.first, torch.stack(pick(found.flats))
+        if type(first) is FullAdapter:
+            return found.layout.slices(stacked)["alpha"], None
+        shared = getattr(first, "shared_columns", 0)  # one layout: the same shapes, so the same prefix
+        if type(first) is LowRankAdapter and shared <= beta.shape[1]:  # (else the modules say what is wrong)
+            parts = found.layout.slices(stacked)
+            own = parts["beta_own"]  # each domain's basis: the shared prefix, then its own columns
+            basis = torch.cat([beta[:, :shared].expand(len(own), -1, -1), own], 2) if shared else own
+            return basis, parts["gamma"]
+    adapters = found.modules()
     if all(map(FullAdapter.__instancecheck__, adapters)):  # (C-level maps: this runs per layer and domain)
         return torch.stack(pick(list(map(_ALPHA, map(_PARAMETERS, adapters))))), None
     if not all(isinstance(a, LowRankAdapter) for a in adapters):
@@ -133,33 +177,39 @@ def _tap(layer: AdaptedConv2d, conv: nn.Module, x: torch.Tensor, stride, out: to
     return layer._align(x, tuple(out))[..., ::sh, ::sw][..., : out[0], : out[1]]
 
 
-def _by_domain(adapters: list[nn.Module], samples: int) -> bool:
+def _by_domain(found: _Domains, samples: int) -> bool:
     """Whether full adapters run one domain at a time: when stacking each sample's matrix would copy more
     than `BY_DOMAIN_ELEMENTS` elements per domain (large matrices, several samples per domain)."""
-    if not all(map(FullAdapter.__instancecheck__, adapters)):
-        return False
-    alpha = adapters[0]._parameters["alpha"]
-    return alpha.dim() == 2 and samples * alpha.numel() > BY_DOMAIN_ELEMENTS * len(adapters)
+    if found.layout is not None:
+        if type(found.first) is not FullAdapter:
+            return False
+        count, numel = len(found.flats), found.flats[0].numel()
+    else:
+        modules = found.modules()
+        if not all(map(FullAdapter.__instancecheck__, modules)):
+            return False
+        count, numel = len(modules), modules[0]._parameters["alpha"].numel()
+    return samples * numel > BY_DOMAIN_ELEMENTS * count
 
 
-def _add_by_domain(y: torch.Tensor, columns: torch.Tensor, adapters: list[nn.Module], mixed: Mixed) -> None:
+def _add_by_domain(y: torch.Tensor, columns: torch.Tensor, alphas: list[torch.Tensor], mixed: Mixed) -> None:
     """`y` (N, out, P) += each domain's adapter applied to its samples' `columns` (N, in, P), in place."""
-    for alpha, rows in zip(map(_ALPHA, map(_PARAMETERS, adapters)), mixed.rows, strict=True):
+    for alpha, rows in zip(alphas, mixed.rows, strict=True):
         y.index_add_(0, rows, torch.matmul(alpha, columns.index_select(0, rows)))
 
 
 def conv_forward(layer: AdaptedConv2d, x: torch.Tensor, mixed: Mixed) -> torch.Tensor:
     """The conv once over the batch, plus each sample's 1x1 adapter (stride-matched, at the conv's tap)."""
-    adapters = _modules(layer, x, mixed)
+    found = _domains(layer, x, mixed)
     conv = layer._modules["base_layer"]
     y = conv(x)
-    src = y if layer.rule == "series" else _tap(layer, conv, x, adapters[0].stride, y.shape[-2:])
+    src = y if layer.rule == "series" else _tap(layer, conv, x, found.first.stride, y.shape[-2:])
     n, c, h, w = src.shape
     groups = conv.groups if layer.rule == "grouped" else 1
-    if groups == 1 and y.is_contiguous() and _by_domain(adapters, n):
-        _add_by_domain(y.view(n, -1, h * w), src.reshape(n, c, h * w), adapters, mixed)
+    if groups == 1 and y.is_contiguous() and _by_domain(found, n):
+        _add_by_domain(y.view(n, -1, h * w), src.reshape(n, c, h * w), _alphas(found), mixed)
         return y
-    matrix, gamma = _factors(adapters, layer._buffers["beta"], mixed.pick)
+    matrix, gamma = _factors(found, layer._buffers["beta"], mixed.pick)
     if groups == 1:
         columns = src.reshape(n, c, h * w)
         if y.is_contiguous() and src is not y:  # (a series adapter reads y: not in place)
@@ -175,9 +225,9 @@ def conv_forward(layer: AdaptedConv2d, x: torch.Tensor, mixed: Mixed) -> torch.T
 
 def linear_forward(layer: AdaptedLinear, x: torch.Tensor, mixed: Mixed) -> torch.Tensor:
     """The linear once over the batch, plus each sample's adapter on its rows (tokens)."""
-    adapters = _modules(layer, x, mixed)
+    found = _domains(layer, x, mixed)
     y = layer.base_layer(x)
-    matrix, gamma = _factors(adapters, layer._buffers["beta"], mixed.pick)
+    matrix, gamma = _factors(found, layer._buffers["beta"], mixed.pick)
     rows = x.reshape(x.shape[0], -1, x.shape[-1])
     if y.is_contiguous():
         _add_rows(y.view(rows.shape[0], rows.shape[1], -1), rows, matrix, gamma)
@@ -198,22 +248,46 @@ _STATS = (  # a BatchNorm's tensors, in F.batch_norm's order: where each is kept
 )
 
 
-def _batchnorm(norms: list[nn.Module], x: torch.Tensor, mixed: Mixed) -> torch.Tensor | None:
+def _batchnorm(found: _Domains, x: torch.Tensor, mixed: Mixed) -> torch.Tensor | None:
     """Each sample through its domain's eval-mode BatchNorm, as one BatchNorm over (1, N C, ...) whose
     channel statistics and affine parameters are each sample's; None for other norms."""
-    # every domain's copy is a deep copy of the backbone's norm: one type, one eps unless edited
-    if not _is_batchnorm(norms[0]) or any(map(_TRAINING, norms)) or len(set(map(_EPS, norms))) != 1:
-        return None
-    # (copies of one norm: if the first has running statistics and an affine part, so do all)
-    columns = [list(map(get, map(where, norms))) for where, get in _STATS[: 4 if norms[0].affine else 2]]
-    # one copy, each sample's: (names * N, C), viewed as each name's (N * C)
-    stats = torch.stack(list(chain.from_iterable(map(mixed.pick, columns)))).view(len(columns), -1)
-    weight, bias = (stats[2], stats[3]) if len(columns) == 4 else (None, None)
+    first = found.first
+    if found.layout is not None:  # packed: one layout, so one type and one eps
+        if not _is_batchnorm(first):
+            return None
+        parts = found.layout.slices(torch.stack(mixed.pick(found.flats)))  # (N, C) each
+        stats = [
+            parts[k].reshape(-1) for k in ("running_mean", "running_var", "weight", "bias") if k in parts
+        ]
+    else:
+        # every domain's copy is a deep copy of the backbone's norm: one type, one eps unless edited
+        norms = found.modules()
+        if not _is_batchnorm(first) or any(map(_TRAINING, norms)) or len(set(map(_EPS, norms))) != 1:
+            return None
+        # (copies of one norm: if the first has running statistics and an affine part, so do all)
+        columns = [list(map(get, map(where, norms))) for where, get in _STATS[: 4 if first.affine else 2]]
+        # one copy, each sample's: (names * N, C), viewed as each name's (N * C)
+        stats = torch.stack(list(chain.from_iterable(map(mixed.pick, columns)))).view(len(columns), -1)
+    weight, bias = (stats[2], stats[3]) if len(stats) == 4 else (None, None)
     flat = x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:])
-    y = F.batch_norm(flat, stats[0], stats[1], weight, bias, False, 0.0, norms[0].eps).view_as(x)
-    if type(norms[0]) is BatchNormAct2d:  # then drop (identity in eval) and the activation
-        y = norms[0].act(norms[0].drop(y))
+    y = F.batch_norm(flat, stats[0], stats[1], weight, bias, False, 0.0, first.eps).view_as(x)
+    if type(first) is BatchNormAct2d:  # then drop (identity in eval) and the activation
+        y = first.act(first.drop(y))
     return y
+
+
+def _layer_norm(
+    first: nn.LayerNorm, parts: dict[str, torch.Tensor]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A packed domain's `nn.LayerNorm` as a function of its tensors (views of its buffer)."""
+    return lambda x: F.layer_norm(
+        x, first.normalized_shape, parts.get("weight"), parts.get("bias"), first.eps
+    )
+
+
+def _is_layer_norm(m: nn.Module) -> bool:
+    """torch's LayerNorm, or timm's when it computes `F.layer_norm` (its fast-norm option off)."""
+    return type(m) is nn.LayerNorm or (type(m) is TimmLayerNorm and not m._fast_norm)
 
 
 def _is_batchnorm(m: nn.Module) -> bool:
@@ -229,10 +303,14 @@ def _is_batchnorm(m: nn.Module) -> bool:
 def norm_forward(layer: DomainNorm, x: torch.Tensor, mixed: Mixed) -> torch.Tensor:
     """Each sample through its domain's norm: one BatchNorm call with each sample's statistics for
     BatchNorm (timm's activation after it), each domain's rows through its own copy for other norms."""
-    norms = _modules(layer, x, mixed)
-    y = _batchnorm(norms, x, mixed)
+    found = _domains(layer, x, mixed)
+    y = _batchnorm(found, x, mixed)
     if y is not None:
         return y
+    if found.layout is not None and _is_layer_norm(found.first):  # packed: no module per domain
+        norms = [_layer_norm(found.first, found.layout.slices(f)) for f in found.flats]
+    else:
+        norms = found.modules()
     for norm, rows in zip(norms, mixed.rows, strict=True):
         part = norm(x.index_select(0, rows))
         if y is None:

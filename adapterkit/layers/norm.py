@@ -64,6 +64,6 @@ class DomainNorm(DomainLayer):
         return self._modules["base_layer"](x) if norm is None else norm(x)
 
     def fold(self, domain: str) -> nn.Module:
-        norm = copy.deepcopy(self.adapters[domain])
+        norm = self.adapters.copy_of(domain)  # its own tensors, not views of the domain's packed buffer
         norm.train(False)
         return norm

@@ -34,6 +34,7 @@ from torch import nn
 
 from .fused import epoch
 from .norm import DomainNorm
+from .table import DomainTable
 from .wrappers import AdaptedConv2d, AdaptedLinear, DomainLayer
 
 _VERSION = operator.attrgetter("_version")
@@ -42,6 +43,9 @@ _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _BETA = operator.itemgetter("beta")
 _PARAMETERS = operator.attrgetter("_parameters")
 _NOT_NONE = partial(operator.is_not, None)
+_LIVE = operator.attrgetter("_modules")  # a table's live modules
+_PACKED = operator.attrgetter("_packed")  # a table's packed records
+_FLAT = operator.attrgetter("flat")
 
 
 class _Plan(NamedTuple):
@@ -52,8 +56,8 @@ class _Plan(NamedTuple):
     fused: tuple[DomainLayer, ...]  # replaced by their base layer with the fused weight
     norms: tuple[DomainNorm, ...]  # replaced by the domain's norm module
     capacity: int  # domains whose trees are kept (the fused caches' smallest capacity)
-    fused_tables: tuple[dict, ...]  # each fused layer's domain -> adapter
-    norm_tables: tuple[dict, ...]  # each norm wrapper's domain -> norm
+    fused_tables: tuple[DomainTable, ...]  # each fused layer's domain -> adapter
+    norm_tables: tuple[DomainTable, ...]  # each norm wrapper's domain -> norm
     base_params: tuple[dict, ...]  # each fused layer's base layer parameters
     buffers: tuple[dict, ...]  # each fused layer's buffers (its basis)
     hooks: tuple[dict, ...]  # each replaced wrapper's hook dicts: a hook added later makes a new plan
@@ -61,9 +65,9 @@ class _Plan(NamedTuple):
 
 class _Tree(NamedTuple):
     epoch: int
-    sources: tuple[torch.Tensor, ...]  # held so their ids stay unique while the tree lives
+    sources: tuple[object, ...]  # held so their ids stay unique while the tree lives
     key: tuple[tuple[int, ...], ...]
-    norms: tuple[int, ...]  # ids of the norm modules it calls (held by `module`)
+    norms: tuple[int, ...]  # ids of the norms' packed buffers, or of the norm modules it calls
     module: nn.Module
 
 
@@ -96,7 +100,7 @@ def _plan(backbone: nn.Module) -> _Plan | None:
         elif type(m) is DomainNorm and not _hooked(m):
             norms.append(m)
     capacity = min((m.fused.capacity for m in fused), default=4)
-    table = lambda m: m._modules["adapters"]._modules  # noqa: E731
+    table = lambda m: m._modules["adapters"]  # noqa: E731
     return _Plan(
         now,
         tuple(fused),
@@ -110,20 +114,32 @@ def _plan(backbone: nn.Module) -> _Plan | None:
     )
 
 
-def _sources(plan: _Plan, domain: str) -> tuple[list[torch.Tensor], list[nn.Module]] | None:
-    """What `domain`'s tree is built from, read from the live modules: per fused layer its base layer's
-    parameters, basis and adapter tensors; per norm the domain's module. None if a layer lacks the domain."""
-    pick = operator.itemgetter(domain)
+def _modules(tables: tuple[DomainTable, ...], domain: str) -> list[nn.Module] | None:
+    """`domain`'s module in each table, or None if one lacks it (C-level lookups when all are live)."""
     try:
-        adapters = list(map(pick, plan.fused_tables))
-        norms = list(map(pick, plan.norm_tables))
+        return list(map(operator.itemgetter(domain), map(_LIVE, tables)))
     except KeyError:
+        modules = [table.get(domain) for table in tables]
+        return None if None in modules else modules
+
+
+def _sources(plan: _Plan, domain: str) -> tuple[list[torch.Tensor], list[object]] | None:
+    """What `domain`'s tree is built from: per fused layer its base layer's parameters, basis and adapter
+    tensors (a frozen domain's packed buffer: its modules may be rebuilt, its buffer is what changes), and
+    per norm what identifies the domain's copy (its packed buffer, or its module). None if a layer lacks the
+    domain."""
+    pick = operator.itemgetter(domain)
+    base = chain(chain.from_iterable(map(dict.values, plan.base_params)), map(_BETA, plan.buffers))
+    try:  # frozen: every layer's record, by C-level lookups
+        records = list(map(pick, map(_PACKED, plan.fused_tables)))
+        norms = list(map(_FLAT, map(pick, map(_PACKED, plan.norm_tables))))
+        return list(filter(_NOT_NONE, chain(base, map(_FLAT, records)))), norms
+    except KeyError:
+        pass
+    adapters, norms = _modules(plan.fused_tables, domain), _modules(plan.norm_tables, domain)
+    if adapters is None or norms is None:
         return None
-    tensors = chain(
-        chain.from_iterable(map(dict.values, plan.base_params)),
-        map(_BETA, plan.buffers),
-        chain.from_iterable(map(dict.values, map(_PARAMETERS, adapters))),
-    )
+    tensors = chain(base, chain.from_iterable(map(dict.values, map(_PARAMETERS, adapters))))
     return list(filter(_NOT_NONE, tensors)), norms
 
 
@@ -151,11 +167,11 @@ def _build(backbone: nn.Module, plan: _Plan, domain: str) -> nn.Module:
         for layer in plan.fused:
             base = layer._modules["base_layer"]
             plain = copy.copy(base)
-            weight = layer._merged(domain, layer._modules["adapters"]._modules[domain])
+            weight = layer._merged(domain, layer._modules["adapters"][domain])
             plain.__dict__["_parameters"] = {**base._parameters, "weight": weight}
             swaps[id(layer)] = plain
     for layer in plan.norms:
-        swaps[id(layer)] = layer._modules["adapters"]._modules[domain]
+        swaps[id(layer)] = layer._modules["adapters"][domain]
     return _swap(backbone, swaps)
 
 
@@ -233,5 +249,5 @@ class PlainPasses:
                     layer.fused.evict(dropped)
         module = _build(backbone, plan, domain)
         with self._lock:
-            self._trees[domain] = _Tree(now, tuple(tensors), key, tuple(map(id, norms)), module)
+            self._trees[domain] = _Tree(now, (*tensors, *norms), key, tuple(map(id, norms)), module)
         return module

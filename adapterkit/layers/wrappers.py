@@ -27,6 +27,7 @@ from .folded import foldable_in_training, folded_conv2d, folded_linear, tap_inpu
 from .folding import conv_tap, merge_series, not_foldable_reason, pair
 from .fused import FusedWeights, merge_conv, merge_linear
 from .gathered import Mixed, NotGatherable, conv_forward, linear_forward
+from .table import DomainTable
 
 RULES = ("parallel", "series", "lowrank", "grouped")
 
@@ -61,7 +62,7 @@ def _setting(name: str) -> property:
 
 
 class DomainLayer(nn.Module):
-    """Base for wrappers: a frozen `base_layer` plus `adapters[domain]` modules.
+    """Base for wrappers: a frozen `base_layer` plus `adapters[domain]` modules (a `DomainTable`).
 
     Modules that use a wrapped layer without calling it (`F.linear(x, self.qkv.weight, bias)` in BEiT/EVA,
     `self.proj.out_channels`) still work: each wrapper exposes its layer's settings, and its `weight` and
@@ -73,7 +74,7 @@ class DomainLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, router: DomainRouter) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.adapters = nn.ModuleDict()
+        self.adapters = DomainTable()
         object.__setattr__(self, "router", router)  # shared with the model, not a submodule
         base_layer.requires_grad_(False)
 
@@ -87,7 +88,7 @@ class DomainLayer(nn.Module):
             raise NotGatherable(
                 f"a module reads this {type(self).__name__}'s tensors itself, one domain at a time"
             )
-        adapter = self._modules["adapters"]._modules.get(domain)
+        adapter = self._modules["adapters"].get(domain)
         if adapter is None:
             raise KeyError(f"domain {domain!r} was unloaded while this call was running; call again")
         return domain, adapter
