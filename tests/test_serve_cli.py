@@ -229,6 +229,7 @@ def test_images_still_queued_at_the_graceful_timeout_get_a_json_503(family):
     )
     url = f"http://127.0.0.1:{port}"
     body = {"images": [{"domain": "a", "data": b64(image_bytes(i))} for i in range(64)]}
+    stopping = []  # one SIGTERM only: a second one during the interpreter's exit would kill it (-15)
 
     async def load() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
@@ -238,13 +239,15 @@ def test_images_still_queued_at_the_graceful_timeout_get_a_json_503(family):
                     break
                 await asyncio.sleep(0.1)
             process.send_signal(signal.SIGTERM)
+            stopping.append(True)
             return await asyncio.gather(*sent)
 
     try:
         wait_ready(url, process)
         answers = asyncio.run(load())
     finally:
-        process.send_signal(signal.SIGTERM)
+        if not stopping:
+            process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=60)
     codes = [(r.status_code, r.json().get("error", {}).get("code")) for r in answers]  # all JSON
     assert set(codes) <= {(200, None), (503, "shutting_down")}, codes
