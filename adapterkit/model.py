@@ -348,10 +348,10 @@ class AdapterModel(
             (self._frozen.discard if trainable else self._frozen.add)(name)
             for layer in self.layers().values():
                 table = layer.adapters
-                module = table.unpack(name) if trainable else table[name]
-                module.requires_grad_(trainable).train(self.training and trainable)
-                if not trainable:
-                    table.put(name, module, packed=True)
+                if trainable:  # live modules with their own tensors (layers/table.py)
+                    table.unpack(name).requires_grad_(True).train(self.training)
+                elif not table.is_packed(name):  # packed (a module that cannot be stays live, frozen)
+                    table.put(name, table[name].requires_grad_(False).train(False), packed=True)
             self.heads[name].requires_grad_(trainable).train(self.training and trainable)
 
     def is_trainable(self, name: str) -> bool:

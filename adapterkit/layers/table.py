@@ -240,7 +240,10 @@ class DomainTable(nn.Module):
         layout = self._layouts.get(signature)
         if layout is None:
             layout = self._layouts.setdefault(signature, _layout(module, state, signature))
-        return Packed(layout, _flat(layout, state), tuple(state[k].item() for k in layout.others))
+        floats = [t for t in state.values() if t.is_floating_point()]
+        ref = floats[0] if floats else next(iter(state.values()), torch.zeros(0))
+        flat = _flat(layout, state, ref.dtype if floats else torch.float32, ref.device)
+        return Packed(layout, flat, tuple(state[k].item() for k in layout.others))
 
     def pack_state(
         self, state: dict[str, torch.Tensor], build: Callable[[], nn.Module]
@@ -326,11 +329,10 @@ def _layout(module: nn.Module, state: dict[str, torch.Tensor], signature: tuple)
     return Layout(template, tuple(floats), others, signature)
 
 
-def _flat(layout: Layout, state: dict[str, torch.Tensor], dtype=None, device=None) -> torch.Tensor:  # noqa: ANN001
+def _flat(
+    layout: Layout, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     """The floating-point tensors of `state` in the layout's order, as one new buffer."""
-    if not layout.floats:
-        ref = next(iter(state.values()), None)
-        return torch.zeros(
-            0, dtype=dtype or torch.float32, device=device or (ref.device if ref is not None else None)
-        )
+    if not layout.floats:  # (a norm without affine parameters or statistics)
+        return torch.zeros(0, dtype=dtype, device=device)
     return torch.cat([state[k].detach().reshape(-1) for k, _, _ in layout.floats])
