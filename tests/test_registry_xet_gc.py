@@ -6,30 +6,18 @@ hf_xet over real HTTP; ages are set with `os.utime`, never waited for."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx2
-import numpy as np
 import pytest
 from adapterkit_registry import RegistryServer, Storage, fsck
 from adapterkit_registry.blobs import read_json
 from huggingface_hub import HfApi, hf_hub_download
+from xet_support import cli, data
 
 TOKEN = "xet-gc-test-token-0123"
 MONTH = 30 * 24 * 3600
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "adapterkit_registry", *args], capture_output=True, text=True, timeout=300
-    )
-
-
-def data(seed: int) -> bytes:
-    return np.random.default_rng(seed).bytes(300_000)
 
 
 def xet_file(root: Path, repo: str) -> tuple[str, str, set[str]]:

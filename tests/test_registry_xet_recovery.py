@@ -10,31 +10,19 @@ indexes and SHA-256 index entries an older version lost are rebuilt by `fsck --r
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 from adapterkit_registry import RegistryServer, Storage, fsck
 from adapterkit_registry.blobs import read_json
 from adapterkit_registry.xet_store import XetStore
 from huggingface_hub import HfApi, hf_hub_download
+from xet_support import cli, data
 
 TOKEN = "xet-recovery-test-token-0123"
 MONTH = 30 * 24 * 3600
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "adapterkit_registry", *args], capture_output=True, text=True, timeout=300
-    )
-
-
-def data(seed: int) -> bytes:
-    return np.random.default_rng(seed).bytes(300_000)
 
 
 def serve(root: Path) -> RegistryServer:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 
+import numpy as np
 from adapterkit_registry.xet_format import build_xorb, chunk_hash, file_hash, hex_to_hash
 from adapterkit_registry.xet_shard import Segment, ShardChunk, ShardFile, ShardXorb
 
@@ -29,3 +32,15 @@ def shard_file(name: str, chunks: list[bytes], lo: int, hi: int, sha: bool = Tru
 
 
 CHUNKS = [os.urandom(3000) + bytes([i]) * 4000 for i in range(12)]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m adapterkit_registry ARGS` (the registry's command line), output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "adapterkit_registry", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def data(seed: int) -> bytes:
+    """300 KB of seeded random bytes: a file the client sends through Xet."""
+    return np.random.default_rng(seed).bytes(300_000)
