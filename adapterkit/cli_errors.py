@@ -11,6 +11,7 @@ built, so a missing, read-only or foreign token fails in a second. Imports no to
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,16 +72,17 @@ def require_endpoint() -> None:
         raise CliError(unreachable_message(problem))
 
 
+def _chain(error: BaseException, depth: int = 8) -> Iterator[BaseException]:
+    """`error` and the exceptions it was raised from (or while handling), at most `depth` of them."""
+    seen: BaseException | None = error
+    while seen is not None and depth > 0:
+        yield seen
+        seen, depth = seen.__cause__ or seen.__context__, depth - 1
+
+
 def is_network_error(error: BaseException) -> bool:
     """True if `error`, or an exception it was raised from, is a network failure."""
-    seen: BaseException | None = error
-    for _ in range(8):
-        if seen is None:
-            return False
-        if {cls.__name__ for cls in type(seen).__mro__} & _NETWORK:
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    return any({cls.__name__ for cls in type(e).__mro__} & _NETWORK for e in _chain(error))
 
 
 def check_push_token(repo_id: str, token: str | None) -> str:
@@ -154,10 +156,7 @@ _XET_STATUS = re.compile(r"HTTP status \w+ error \((\d{3})([^)]*)\), domain: (\S
 def _status_in_message(error: BaseException) -> str | None:
     """The line for a server's HTTP error answer that the client raised as another error (hf_xet's uploads
     and downloads), so that it is not reported as an unreachable endpoint."""
-    seen: BaseException | None = error
-    for _ in range(8):
-        if seen is None:
-            return None
+    for seen in _chain(error):
         match = _XET_STATUS.search(str(seen))
         if match is not None:
             status, reason, url = match[1], match[2].strip(), match[3]
@@ -168,7 +167,6 @@ def _status_in_message(error: BaseException) -> str | None:
                     "(docs/deploy.md); the registry's own limit is --max-upload-mb"
                 )
             return f"{url} answered {status} {reason}; {hint}"
-        seen = seen.__cause__ or seen.__context__
     return None
 
 

@@ -68,17 +68,8 @@ class NotGatherable(RuntimeError):
     """A layer of this backbone cannot run a mixed batch in one pass (the model runs domain groups instead)."""
 
 
-def _check_rows(layer: nn.Module, x: torch.Tensor, mixed: Mixed) -> None:
-    if x.dim() < 2 or x.shape[0] != mixed.index.shape[0]:
-        # windows (MaxViT), position tables (relative-position MLPs): rows that are not samples
-        raise NotGatherable(
-            f"{type(layer).__name__} runs on {tuple(x.shape)}, whose rows are not the samples"
-        )
-
-
-def _modules(layer: nn.Module, x: torch.Tensor, mixed: Mixed) -> list[nn.Module]:
-    """Each domain's module of `layer`, once `x`'s rows are known to be the batch's samples."""
-    _check_rows(layer, x, mixed)
+def _modules(layer: nn.Module, mixed: Mixed) -> list[nn.Module]:
+    """Each domain's module of `layer` (materialised for a packed domain)."""
     table = layer._modules["adapters"]
     try:
         return list(map(table.__getitem__, mixed.domains))
@@ -97,11 +88,16 @@ class _Domains(NamedTuple):
 
 
 def _domains(layer: nn.Module, x: torch.Tensor, mixed: Mixed) -> _Domains:
-    _check_rows(layer, x, mixed)
+    """The batch's domains of `layer`, once `x`'s rows are known to be the batch's samples."""
+    if x.dim() < 2 or x.shape[0] != mixed.index.shape[0]:
+        # windows (MaxViT), position tables (relative-position MLPs): rows that are not samples
+        raise NotGatherable(
+            f"{type(layer).__name__} runs on {tuple(x.shape)}, whose rows are not the samples"
+        )
     packed = layer._modules["adapters"].packed_rows(mixed.domains)
     if packed is not None:
-        return _Domains(packed[0].template, packed[0], packed[1], lambda: _modules(layer, x, mixed))
-    modules = _modules(layer, x, mixed)
+        return _Domains(packed[0].template, packed[0], packed[1], lambda: _modules(layer, mixed))
+    modules = _modules(layer, mixed)
     return _Domains(modules[0], None, None, lambda: modules)
 
 

@@ -92,10 +92,10 @@ def _signature(module: nn.Module, state: dict[str, torch.Tensor]) -> tuple:
     return settings, shapes
 
 
-def packable(module: nn.Module) -> bool:
-    """Whether `module` can be packed: one floating dtype, scalars otherwise, every tensor in its state
-    dict, and no hooks (a materialised module would not carry them)."""
-    state = module.state_dict(keep_vars=True)
+def packable(module: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Whether `module` (whose `state_dict(keep_vars=True)` is `state`) can be packed: one floating dtype,
+    scalars otherwise, every tensor in its state dict, and no hooks (a materialised module would not carry
+    them)."""
     tensors = [*module.parameters(), *module.buffers()]
     floats = {t.dtype for t in state.values() if t.is_floating_point()}
     hooked = any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in module.modules())
@@ -233,9 +233,9 @@ class DomainTable(nn.Module):
 
     def pack(self, module: nn.Module) -> Packed | None:
         """`module`'s tensors packed (copied into one buffer), or None if it cannot be (`packable`)."""
-        if not packable(module):
-            return None
         state = module.state_dict(keep_vars=True)
+        if not packable(module, state):
+            return None
         signature = _signature(module, state)
         layout = self._layouts.get(signature)
         if layout is None:
@@ -264,10 +264,6 @@ class DomainTable(nn.Module):
         return Packed(
             layout, _flat(layout, cast, dtype, device), tuple(state[k].item() for k in layout.others)
         )
-
-    def record(self, domain: str) -> Packed | None:
-        """The packed record of `domain`, or None if it is live or unknown."""
-        return self._packed.get(domain)
 
     def held(self, domain: str) -> object:
         """What the table holds for `domain` without materialising it: the live module or the packed buffer."""
