@@ -6,7 +6,9 @@
   decided, so it is put back (`restore_aside`) and the next gc decides again. If its place holds the
   xorb again (uploaded meanwhile), the aside copy is removed instead. This runs when a writable
   `XetStore` opens (server start), at the start of a gc and in `fsck --repair`, always before the
-  stale temporary files are cleared (`clear_tmp` never removes an aside xorb).
+  stale temporary files are cleared (`clear_tmp` never removes an aside xorb). A server that has run
+  since before the gc died puts such a xorb back when a download asks for it (`restore_xorb`), unless a
+  gc holds the lock right then (that one is deciding about it).
 * **Derived records** (`repair_records`, for `fsck --repair`): a xorb's chunk index
   (`xorbs/ab/<xorb>.json`) missing or disagreeing with its bytes (bytes left without their index by a
   gc before 6bccb3a, when an upload came between its two removals) is rebuilt from the bytes, which
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 
 from .blobs import atomic_write_json, fsync_dir, read_json
-from .flock import XET_APPLY_LOCK, file_lock
+from .flock import XET_APPLY_LOCK, LockBusy, file_lock
 from .xet_format import XetError, hash_to_hex, parse_xorb
 from .xet_read import xorb_index
 
@@ -83,6 +85,23 @@ def restore_aside(root: Path) -> list[str]:
     for line in done:
         logger.warning("xet: %s", line)
     return done
+
+
+def restore_xorb(root: Path, name: str) -> bool:
+    """Put back `name` if an interrupted gc left it aside (a server asked for a xorb it does not hold);
+    whether it is stored now. Never waits: while a gc holds the apply lock, its aside xorb is being decided
+    and stays missing for now."""
+    paths = sorted((root / "tmp").glob(f"gc-{name}-*")) if HEX.fullmatch(name) else []
+    if not paths:
+        return False
+    try:
+        with file_lock(root / XET_APPLY_LOCK, blocking=False):
+            done = [_put_back(root, name, p) for p in paths if p.exists()]
+    except LockBusy:
+        return False
+    for line in done:
+        logger.warning("xet: %s (asked for by a download)", line)
+    return (root / "xorbs" / name[:2] / name).is_file()
 
 
 def clear_tmp(root: Path) -> None:

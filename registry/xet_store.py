@@ -55,7 +55,7 @@ from .xet_format import (
     range_hash,
 )
 from .xet_read import XorbMeta, clamp, read_segments, reconstruction_v1, v1_to_v2, xorb_index
-from .xet_repair import clear_tmp
+from .xet_repair import clear_tmp, restore_xorb
 from .xet_shard import CHUNK_FLAG_GLOBAL_DEDUPE, Shard, ShardFile, ShardXorb, parse_shard
 
 __all__ = ["PlainSink", "XetError", "XetFile", "XetStore"]
@@ -171,7 +171,7 @@ class XetStore:
     def xorb_path(self, xorb_hash: str) -> Path:
         """Path of the stored xorb bytes (for byte-range GETs); raises XetError `XorbMissing` if absent."""
         path = self._path("xorbs", xorb_hash)
-        if not path.is_file():
+        if not path.is_file() and (self.read_only or not restore_xorb(self.root, xorb_hash)):
             raise XetError("XorbMissing", f"Xorb {xorb_hash} is not stored: upload it (POST /v1/xorbs).")
         return path
 

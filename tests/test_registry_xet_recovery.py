@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from adapterkit_registry import RegistryServer, Storage, fsck
 from adapterkit_registry.blobs import read_json
+from adapterkit_registry.flock import XET_APPLY_LOCK, file_lock
+from adapterkit_registry.xet_format import XetError
 from adapterkit_registry.xet_store import XetStore
 from huggingface_hub import HfApi, hf_hub_download
 from xet_support import cli, data
@@ -72,6 +74,34 @@ def set_aside(root: Path, xorb: str, age_s: float, drop_index: bool = False) -> 
 
 def aside_left(root: Path) -> list[Path]:
     return list((root / "xet" / "tmp").glob("gc-*"))
+
+
+def test_a_running_server_puts_back_an_aside_xorb_a_download_asks_for(tmp_path):
+    """A gc killed while the server runs (no restart since): the next download of that xorb puts it
+    back instead of answering `XorbMissing` until the next start."""
+    root = tmp_path / "root"
+    ((_, _, xorbs),) = upload(root, 0).values()
+    with serve(root) as srv:
+        for xorb in xorbs:
+            set_aside(root, xorb, MONTH)
+        got = hf_hub_download("alice/r0", "w.bin", endpoint=srv.url, token=TOKEN, cache_dir=tmp_path / "c")
+        assert Path(got).read_bytes() == data(0)
+    assert not aside_left(root) and all(xorb_path(root, x).is_file() for x in xorbs)
+    assert fsck(Storage(root, create=False)) == []
+
+
+def test_a_download_does_not_take_a_xorb_a_running_gc_is_deciding_about(tmp_path):
+    """While a gc holds the apply lock its aside xorb stays aside: the read path never waits for the lock
+    nor undoes the gc's decision."""
+    root = tmp_path / "root"
+    ((_, _, xorbs),) = upload(root, 0).values()
+    store = XetStore(root / "xet")
+    aside = set_aside(root, xorbs[0], MONTH)
+    with file_lock(root / "xet" / XET_APPLY_LOCK):  # the gc's hold, from another open of the lock file
+        with pytest.raises(XetError, match="XorbMissing|is not stored"):
+            store.xorb_path(xorbs[0])
+        assert aside.exists()
+    assert store.xorb_path(xorbs[0]) == xorb_path(root, xorbs[0]) and not aside.exists()
 
 
 @pytest.mark.parametrize("age_s", [0, MONTH], ids=["refreshed-by-a-dedupe-answer", "old"])
