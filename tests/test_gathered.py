@@ -47,7 +47,7 @@ def assert_rounding(gathered, grouped):
     assert (gathered - grouped)[finite].abs().max() <= 1e-5 * scale
 
 
-@pytest.mark.parametrize("backbone", ["test_resnet", "test_vit", "test_efficientnet"])
+@pytest.mark.parametrize("backbone", ["test_resnet", "test_vit", "test_efficientnet", "test_convnext"])
 def test_one_pass_runs_under_bf16_autocast(backbone):
     """Under autocast a layer's output is bf16 while the adapters are float32: the gathered products run
     in the output's dtype (in-place products are not autocast), to bf16 rounding of the grouped ones."""
@@ -69,7 +69,9 @@ def test_one_pass_runs_under_bf16_autocast(backbone):
         ("test_efficientnet", None),  # depthwise convs: grouped adapters; BatchNormAct2d
         ("test_vit", None),  # low-rank linear adapters on tokens, LayerNorm copies
         ("test_nfnet", None),
-        ("test_efficientnet_gn", None),  # GroupNorm: each domain's rows through its own copy
+        ("test_efficientnet_gn", None),  # GroupNormAct: one call, each sample's affine part
+        ("test_efficientnet_ln", None),  # LayerNormAct2d
+        ("test_convnext", None),  # LayerNorm2d on NCHW maps, LayerNorm on channels-last ones
     ],
 )
 @pytest.mark.parametrize("frozen", [False, True], ids=["live", "packed"])
@@ -178,6 +180,36 @@ def test_auto_policy(images, domains, gathers):
     x = input_for(model.backbone, batch=images, size=32)
     names = [f"d{i % domains}" for i in range(images)]
     assert model._mixed.gathers(x, Mixed.of(names, x.device), training=False) is gathers
+
+
+@pytest.mark.parametrize("backbone", ["test_convnext", "test_efficientnet_gn", "test_vit"])
+@pytest.mark.parametrize("frozen", [False, True], ids=["live", "packed"])
+def test_layer_and_group_norms_run_once_with_each_samples_affine(backbone, frozen):
+    """LayerNorm and GroupNorm normalise each sample by its own statistics: a mixed batch runs each norm
+    once (gathered_norms.py), not one domain's module per group of rows, and builds no module of a packed
+    domain."""
+    from adapterkit.layers import table
+
+    model = make(backbone, frozen=frozen)
+    x = input_for(model.backbone, batch=len(DOMAINS))
+    norms = [m for m in model.modules() if type(m).__name__ == "DomainNorm"]
+    assert norms
+    called, built = [], []
+    if not frozen:
+        for norm in norms:
+            for d in "abc":
+                norm.adapters[d].register_forward_hook(lambda *_: called.append(1))
+    original = table.Packed.module
+    table.Packed.module = lambda self: built.append(self) or original(self)
+    try:
+        with torch.inference_mode():
+            model.mixed_execution = "gathered"
+            gathered = model(x, domain=DOMAINS)
+    finally:
+        table.Packed.module = original
+    assert not called and not built
+    _, grouped = both(model, x)
+    assert_rounding(gathered, grouped)
 
 
 @pytest.mark.parametrize("backbone", ["test_resnet", "test_efficientnet", "test_vit"])

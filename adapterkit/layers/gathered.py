@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
-from timm.layers import LayerNorm as TimmLayerNorm
 from torch import nn
 
+from . import gathered_norms
 from .adapters import FullAdapter, LowRankAdapter
 from .table import Layout
 
@@ -207,13 +207,21 @@ def conv_forward(layer: AdaptedConv2d, x: torch.Tensor, mixed: Mixed) -> torch.T
         return y
     matrix, gamma = _factors(found, layer._buffers["beta"], mixed.pick)
     if groups == 1:
+        if src is not y and not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last):
+            # channels-last maps are rows (N, P, C): the adapter adds into them in place
+            rows = src.permute(0, 2, 3, 1).reshape(n, h * w, c)  # (a view when src is channels-last too)
+            _add_rows(y.permute(0, 2, 3, 1).view(n, h * w, -1), rows, matrix, gamma)
+            return y
         columns = src.reshape(n, c, h * w)
         if y.is_contiguous() and src is not y:  # (a series adapter reads y: not in place)
             _columns(columns, matrix, gamma, into=y.view(n, -1, h * w))
             return y
         return y.add_(_columns(columns, matrix, gamma).view(n, -1, h, w))
-    # grouped adapters are full matrices, per group: (N, G, out/G, in/G) @ (N, G, in/G, P)
     out = matrix.shape[1]
+    if out == c == groups:  # depthwise: each sample's adapter scales each channel
+        scale, src = _like(y, matrix.view(n, out, 1, 1), src)
+        return y.addcmul_(src, scale)
+    # grouped adapters are full matrices, per group: (N, G, out/G, in/G) @ (N, G, in/G, P)
     grouped = matrix.reshape(n, groups, out // groups, c // groups)
     delta = torch.matmul(grouped, src.reshape(n, groups, c // groups, h * w))
     return y.add_(delta.reshape(n, -1, h, w))
@@ -272,20 +280,6 @@ def _batchnorm(found: _Domains, x: torch.Tensor, mixed: Mixed) -> torch.Tensor |
     return y
 
 
-def _layer_norm(
-    first: nn.LayerNorm, parts: dict[str, torch.Tensor]
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A packed domain's `nn.LayerNorm` as a function of its tensors (views of its buffer)."""
-    return lambda x: F.layer_norm(
-        x, first.normalized_shape, parts.get("weight"), parts.get("bias"), first.eps
-    )
-
-
-def _is_layer_norm(m: nn.Module) -> bool:
-    """torch's LayerNorm, or timm's when it computes `F.layer_norm` (its fast-norm option off)."""
-    return type(m) is nn.LayerNorm or (type(m) is TimmLayerNorm and not m._fast_norm)
-
-
 def _is_batchnorm(m: nn.Module) -> bool:
     """An eval-mode BatchNorm with running statistics: torch's, or timm's BatchNormAct2d with a
     parameter-free activation (the same function for every domain)."""
@@ -296,18 +290,34 @@ def _is_batchnorm(m: nn.Module) -> bool:
     return type(m) is BatchNormAct2d and not any(True for _ in m.act.parameters())
 
 
+def _affine(found: _Domains, mixed: Mixed) -> Callable[[], tuple[torch.Tensor, torch.Tensor] | None] | None:
+    """Each sample's affine part of a per-sample-statistics norm (`gathered_norms`), or None."""
+    if found.layout is None:
+        return gathered_norms.stacked_affine(found.modules(), mixed.pick)
+    if gathered_norms.kind(found.first) is None:
+        return None
+    names = {name for name, _, _ in found.layout.floats}
+    if not names:
+        return lambda: None
+    if names != {"weight", "bias"}:
+        return None
+    return lambda: operator.itemgetter("weight", "bias")(
+        found.layout.slices(torch.stack(mixed.pick(found.flats)))
+    )
+
+
 def norm_forward(layer: DomainNorm, x: torch.Tensor, mixed: Mixed) -> torch.Tensor:
     """Each sample through its domain's norm: one BatchNorm call with each sample's statistics for
-    BatchNorm (timm's activation after it), each domain's rows through its own copy for other norms."""
+    BatchNorm (timm's activation after it), one call and each sample's affine part for LayerNorm and
+    GroupNorm (`gathered_norms`), each domain's rows through its own copy for other norms."""
     found = _domains(layer, x, mixed)
     y = _batchnorm(found, x, mixed)
     if y is not None:
         return y
-    if found.layout is not None and _is_layer_norm(found.first):  # packed: no module per domain
-        norms = [_layer_norm(found.first, found.layout.slices(f)) for f in found.flats]
-    else:
-        norms = found.modules()
-    for norm, rows in zip(norms, mixed.rows, strict=True):
+    affine = _affine(found, mixed)
+    if affine is not None:  # LayerNorm, GroupNorm: each sample's own statistics, in one call
+        return gathered_norms.per_sample(found.first, x, affine)
+    for norm, rows in zip(found.modules(), mixed.rows, strict=True):
         part = norm(x.index_select(0, rows))
         if y is None:
             y = part.new_empty((x.shape[0], *part.shape[1:]))
