@@ -1,0 +1,124 @@
+"""Same-process A/B of the gathered mixed-domain pass: `layers/gathered.py` at a git revision against the
+working tree's, each as a ratio of one domain's batch of the same size.
+
+For each case (`backbone:px:batch:domains`), a model with random non-zero adapters (as after training) on a
+random backbone; three variants interleaved in rotated order: one domain's batch (fused weights, plain
+tree), the batch spread over the domains with the revision's gathered functions, and with the working
+tree's. Thread CPU time (`time.thread_time`, one torch thread: every op runs in the calling thread), which
+other jobs on shared cores move less than wall time; medians of per-repeat ratios. Also prints the largest
+difference between the two versions' logits, relative to the largest logit.
+
+    PYTHONPATH=. python benchmarks/ab_gathered.py --base 61be15f convnext_atto:64:32:32 cifar_resnet56:32:8:4
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from _common import perturb, write_report
+
+import adapterkit.layers.norm as norm_module
+import adapterkit.layers.wrappers as wrappers
+from adapterkit import AdapterModel
+
+HERE = Path(__file__).resolve().parent
+NAMES = ("conv_forward", "linear_forward", "norm_forward")
+
+
+def functions_at(revision: str) -> dict:
+    """The gathered functions of `layers/gathered.py` at `revision`, loaded beside the current ones."""
+    source = subprocess.run(
+        ["git", "-C", str(HERE.parent), "show", f"{revision}:adapterkit/layers/gathered.py"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("gathered_at_base", loader=None))
+    module.__package__ = "adapterkit.layers"
+    exec(compile(source, f"gathered.py@{revision}", "exec"), module.__dict__)  # noqa: S102  (our own file)
+    return {name: getattr(module, name) for name in NAMES}
+
+
+def install(functions: dict) -> None:
+    """Make the wrappers and norms call `functions` (they import them by name)."""
+    wrappers.conv_forward, wrappers.linear_forward = functions["conv_forward"], functions["linear_forward"]
+    norm_module.norm_forward = functions["norm_forward"]
+
+
+def build(backbone: str, px: int, domains: int) -> AdapterModel:
+    extra = {"img_size": px} if "vit" in backbone else {}
+    model = AdapterModel.from_backbone(backbone, pretrained=False, **extra)
+    for i in range(domains):
+        model.add_domain(f"d{i}", 10, data_config={"input_size": px})
+        perturb(model.trainable_parameters(f"d{i}"), seed=i)
+        model.set_trainable(f"d{i}", False)
+    model.mixed_execution = "gathered"
+    return model.eval()
+
+
+def case(spec: str, base: dict, current: dict, repeats: int) -> dict:
+    backbone, px, batch, domains = spec.split(":")
+    px, batch, domains = int(px), int(batch), int(domains)
+    model = build(backbone, px, domains)
+    x = torch.randn(batch, 3, px, px, generator=torch.Generator().manual_seed(0))
+    spread = [f"d{i % domains}" for i in range(batch)]
+
+    def gathered(functions):
+        install(functions)
+        try:
+            return model(x, domain=spread)
+        finally:
+            install(current)
+
+    fns = {
+        "one": lambda: model(x, domain="d0"),
+        "base": lambda: gathered(base),
+        "new": lambda: gathered(current),
+    }
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.inference_mode():
+        a, b = gathered(base), gathered(current)
+        for fn in fns.values():
+            fn()
+        for r in range(repeats):
+            names = list(fns)[r % 3 :] + list(fns)[: r % 3]
+            for name in names:
+                start = time.thread_time()
+                fns[name]()
+                times[name].append(time.thread_time() - start)
+    out = {
+        "ms": {name: 1e3 * statistics.median(t) for name, t in times.items()},
+        "throughput_vs_one": {
+            name: statistics.median(o / t for o, t in zip(times["one"], times[name], strict=True))
+            for name in ("base", "new")
+        },
+        "logits_max_rel_diff": float((a - b).abs().max() / b.abs().max()),
+    }
+    print(spec, out, flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cases", nargs="+", help="backbone:px:batch:domains")
+    parser.add_argument("--base", required=True, help="git revision of the baseline layers/gathered.py")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "ab_gathered.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    current = {name: getattr(wrappers if name != "norm_forward" else norm_module, name) for name in NAMES}
+    base = functions_at(args.base)
+    results = {spec: case(spec, base, current, args.repeats) for spec in args.cases}
+    write_report(args.out, "ab_gathered", vars(args) | {"out": str(args.out)}, results, start)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
