@@ -2,8 +2,9 @@
 
 With `DomainRouter.use(Mixed(...))` every wrapper computes its frozen `base_layer` over the whole batch and
 adds each sample's own adapter (a batched matrix product with the sample's adapter gathered), normalises each
-sample with its own domain's statistics (one BatchNorm call over N x C channels), and the model applies each
-domain's head to its rows.
+sample with its own domain's statistics (one BatchNorm call over N x C channels; LayerNorm and GroupNorm, whose
+statistics are each sample's own, run once with each sample's affine part: `gathered_norms.py`), and the
+model applies each domain's head to its rows.
 So a batch over 32 domains costs one backbone pass plus the adapters' own products, not 32 passes of one
 image (the way S-LoRA and Punica serve many LoRAs). Results agree with per-domain execution to float
 rounding: the adapter is added to the layer's output instead of being fused into its weight.
