@@ -4,6 +4,10 @@ served by id (`serve_multiplexed_model_id`), and `GET /metrics` answers every re
 
 from __future__ import annotations
 
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import pytest
 from serve_support import (
@@ -227,3 +231,112 @@ def test_a_replica_that_does_not_answer_is_left_out_and_counted(ray_url):
         assert answers == [ids[1]] and missing == 1
     finally:
         serve.delete("replicas")
+
+
+def test_limits_default_to_the_apps_queue_and_batch():
+    """Without Ray running: a replica takes its app's queue, a forward's worth and a margin (not Ray
+    Serve's 5), autoscaling aims at a full batch, the caller's values win, and bad ones are refused."""
+    from adapterkit.serve_ray import deployment
+    from adapterkit.serve_ray_options import PROBE_MARGIN, serve_options
+
+    options = serve_options({"max_batch_size": 8, "queue_size": 40})
+    assert options["max_ongoing_requests"] == options["max_queued_requests"] == 40 + 8 + PROBE_MARGIN
+    assert options["num_replicas"] == 1 and "autoscaling_config" not in options
+    auto = serve_options({}, num_replicas="auto")
+    assert auto["autoscaling_config"] == {"target_ongoing_requests": 32}  # create_app's max_batch_size
+    auto = serve_options({}, autoscaling_config={"max_replicas": 4, "target_ongoing_requests": 10})
+    assert auto["num_replicas"] == "auto"
+    assert auto["autoscaling_config"] == {"max_replicas": 4, "target_ongoing_requests": 10}
+    mine = serve_options({}, max_ongoing_requests=64, max_queued_requests=-1)
+    assert (mine["max_ongoing_requests"], mine["max_queued_requests"]) == (64, -1)
+    bad = [
+        ({"queue_size": 0}, {}, "queue_size=0"),
+        ({}, {"max_ongoing_requests": 0}, "max_ongoing_requests=0"),
+        ({}, {"num_replicas": 2, "autoscaling_config": {}}, "leave num_replicas out"),
+    ]
+    for app_options, kwargs, message in bad:
+        with pytest.raises(ValueError, match=message):
+            serve_options(app_options, **kwargs)
+    with pytest.raises(ValueError, match="pass max_ongoing_requests=... to deployment"):
+        deployment("fam", deployment_options={"max_ongoing_requests": 3})
+
+
+@pytest.fixture(scope="module")
+def one_replica(families, ray_url):
+    """A deployment of ONE replica at /one with the default limits."""
+    from ray import serve
+
+    from adapterkit.serve_ray import deployment
+
+    app = deployment(str(families[0]), domains=["a"], ray_actor_options={"num_cpus": 0.5}, max_wait_ms=50)
+    serve.run(app, name="one", route_prefix="/one")
+    yield f"{ray_url}/one"
+    serve.delete("one")
+
+
+def batches(client: httpx.Client) -> tuple[float, float]:
+    """The replica's forwards of at most 8 images, and all its forwards (`adapterkit_batch_size`)."""
+    _, samples = scrape(client)
+    at_most_8 = [s.value for s in samples["adapterkit_batch_size_bucket"] if float(s.labels["le"]) == 8]
+    return at_most_8[0], samples["adapterkit_batch_size_count"][0].value
+
+
+def test_one_replica_batches_more_requests_than_ray_serves_default_limit(one_replica):
+    """16 clients at once on one replica: some forward runs more than 8 one-image requests. (Ray Serve's
+    default max_ongoing_requests, 5, held the others in its proxy: no forward ever ran more than 5.)"""
+    with (
+        httpx.Client(base_url=one_replica, timeout=120) as client,
+        ThreadPoolExecutor(16) as pool,
+    ):
+        for _ in range(30):  # rounds of 16 requests at once, until one forward ran more than 8
+            statuses = pool.map(
+                lambda i: predict_json(client, [("a", image_bytes(i))]).status_code, range(16)
+            )
+            assert list(statuses) == [200] * 16
+            at_most_8, forwards = batches(client)
+            if forwards > at_most_8:
+                break
+    assert forwards > at_most_8, f"none of {forwards:.0f} forwards ran more than 8 images"
+
+
+def stalled_upload(url: str) -> socket.socket:
+    """A `POST /v1/predict` whose body never finishes arriving: the replica holds the request."""
+    target = httpx.URL(url)
+    sock = socket.create_connection((target.host, target.port), timeout=30)
+    head = (
+        f"POST {target.path}/v1/predict HTTP/1.1\r\nHost: {target.host}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+    )
+    sock.sendall(head.encode() + b'{"images": [')
+    return sock
+
+
+def test_probes_and_scrapes_answer_while_the_replica_is_saturated(one_replica):
+    """With 8 predictions held in the replica (uploads that stall: more than Ray Serve's default 5) and 16
+    clients predicting, `/healthz`, `/readyz` and `/metrics` answer (under the old limit they waited in
+    the proxy behind the held predictions until the client gave up)."""
+    stop = threading.Event()
+
+    def predict(seed: int) -> list[int]:
+        with httpx.Client(base_url=one_replica, timeout=60) as client:
+            return [
+                predict_json(client, [("a", image_bytes(seed))]).status_code
+                for _ in range(200)
+                if not stop.is_set()
+            ]
+
+    stalled = [stalled_upload(one_replica) for _ in range(8)]
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            clients = [pool.submit(predict, i) for i in range(16)]
+            try:
+                with httpx.Client(base_url=one_replica, timeout=30) as client:
+                    for path in ("/healthz", "/readyz", "/metrics", "/healthz"):
+                        assert client.get(path).status_code == 200, path
+            finally:
+                stop.set()
+            answered = [status for c in clients for status in c.result()]
+        assert answered and set(answered) <= {200, 503}  # predictions answered meanwhile (503: queue full)
+    finally:
+        for sock in stalled:
+            sock.close()
