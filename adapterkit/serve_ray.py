@@ -78,18 +78,19 @@ def change_log() -> Any:
     ).remote()
 
 
-async def call_asgi(app: Any, request: Request) -> Response:
-    """Run `request` (already received by Ray Serve) through an ASGI app; its whole response."""
-    body = await request.body()
-    delivered = False
+async def call_asgi(app: Any, request: Request, body: bytearray | None = None) -> Response:
+    """Run `request` (received by Ray Serve, its body not read yet) through an ASGI app; its whole response.
+
+    The body reaches the app as it arrives, so the app's own limits hold under Ray Serve too: a
+    `Content-Length` over `max_body_bytes` is answered 413 before the body is read, and an upload that
+    stalls for `body_timeout_s` ends with 408 (and frees the replica's slot, which Ray Serve counts until
+    the response is sent). `body`, when given, collects the body the app read."""
 
     async def receive() -> dict[str, Any]:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.Event().wait()  # the client stays connected until the response is sent
-        return {"type": "http.disconnect"}
+        message = await request.receive()  # after the body: the client's disconnect, when it comes
+        if body is not None and message["type"] == "http.request":
+            body.extend(message.get("body", b""))
+        return message
 
     start: dict[str, Any] = {}
     chunks: list[bytes] = []
@@ -231,11 +232,11 @@ class FamilyServer:
 
     async def change(self, family: Family, request: Request) -> Response:
         """A hot-add or removal: made here through the embedded app, logged, then every replica syncs."""
-        body = await request.body()
+        body = bytearray()  # (read by the app, after it checked the token and the body's size)
         async with family.lock:
-            response = await call_asgi(family.app, request)
+            response = await call_asgi(family.app, request, body)
             if response.status_code in (200, 201):
-                change = _change_of(request, body, response)
+                change = _change_of(request, bytes(body), response)
                 family.own.add(await self.log.append.remote(self._key(family.id), change))
         if response.status_code in (200, 201):
             await self.catch_up(family)

@@ -299,13 +299,14 @@ def test_one_replica_batches_more_requests_than_ray_serves_default_limit(one_rep
     assert forwards > at_most_8, f"none of {forwards:.0f} forwards ran more than 8 images"
 
 
-def stalled_upload(url: str) -> socket.socket:
-    """A `POST /v1/predict` whose body never finishes arriving: the replica holds the request."""
+def stalled_upload(url: str, length: int = 100_000) -> socket.socket:
+    """A `POST /v1/predict` of `length` bytes whose body stops after 12: the replica holds the request
+    (until the app's body_timeout_s, 60 s)."""
     target = httpx.URL(url)
     sock = socket.create_connection((target.host, target.port), timeout=30)
     head = (
         f"POST {target.path}/v1/predict HTTP/1.1\r\nHost: {target.host}\r\n"
-        "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
     )
     sock.sendall(head.encode() + b'{"images": [')
     return sock
@@ -340,3 +341,14 @@ def test_probes_and_scrapes_answer_while_the_replica_is_saturated(one_replica):
     finally:
         for sock in stalled:
             sock.close()
+
+
+def test_an_upload_over_the_limit_is_refused_before_it_is_read(one_replica):
+    """Under Ray Serve too, a Content-Length over max_body_bytes is answered 413 at once, the body unsent:
+    the app reads the body as it arrives (the replica used to read it whole first, holding its slot for as
+    long as the upload took; and a stalled one, past body_timeout_s, forever)."""
+    sock = stalled_upload(one_replica, length=32 * 1024 * 1024 + 1)  # create_app's max_body_bytes, + 1
+    try:
+        assert sock.recv(4096).startswith(b"HTTP/1.1 413")
+    finally:
+        sock.close()
