@@ -352,3 +352,37 @@ def test_an_upload_over_the_limit_is_refused_before_it_is_read(one_replica):
         assert sock.recv(4096).startswith(b"HTTP/1.1 413")
     finally:
         sock.close()
+
+
+def test_the_callers_limits_hold_and_a_full_proxy_answers_at_once(families, ray_url):
+    """`deployment(max_ongoing_requests=1, max_queued_requests=1)`: of three uploads that stall, one takes
+    the replica's slot, one waits in the proxy, and the proxy answers the third 503 with Retry-After at
+    once (it is not held)."""
+    import select
+
+    from ray import serve
+
+    from adapterkit.serve_ray import deployment
+
+    app = deployment(
+        str(families[0]),
+        domains=["a"],
+        ray_actor_options={"num_cpus": 0.25},
+        max_ongoing_requests=1,
+        max_queued_requests=1,
+        deployment_options={"graceful_shutdown_timeout_s": 0},
+    )
+    serve.run(app, name="tight", route_prefix="/tight")
+    held: list[socket.socket] = []
+    try:
+        with httpx.Client(base_url=f"{ray_url}/tight", timeout=30) as client:
+            assert client.get("/healthz").status_code == 200  # (the family is loaded)
+        held = [stalled_upload(f"{ray_url}/tight") for _ in range(3)]
+        answered, _, _ = select.select(held, [], [], 30)  # the held ones answer 408 only after 60 s
+        assert answered, "the proxy held every request"
+        head = answered[0].recv(4096).decode("latin-1").lower()
+        assert head.startswith("http/1.1 503") and "\r\nretry-after: 1\r\n" in head, head
+    finally:
+        for sock in held:
+            sock.close()
+        serve.delete("tight")
