@@ -18,6 +18,11 @@ that loads a family later replays it, and after a change the replica that made i
 to catch up (`DeploymentHandle.broadcast`) before it answers. So once `POST /v1/domains` has answered,
 every replica serves the domain.
 
+A replica takes up to `queue_size + max_batch_size + 16` requests at once (Ray Serve's default, 5, would
+cap every forward at 5 requests and hold probes and scrapes in the proxy behind predictions), so its own
+bounded queue answers 503 when full; autoscaling aims at `max_batch_size` ongoing requests per replica
+(`serve_ray_options.py`; `deployment()`'s arguments override both).
+
 `GET /metrics` answers the metrics of every live replica (of the family the request names), each sample
 labelled `replica` (`serve_ray_metrics.py`): the replica that takes the scrape gathers them with the same
 broadcast, on its event loop, without loading a family or waiting for a forward.
@@ -40,6 +45,7 @@ from starlette.responses import Response
 from . import serve_ray_metrics
 from .serve_errors import ServeError
 from .serve_metrics import CONTENT_TYPE
+from .serve_ray_options import OWN_OPTIONS, serve_options
 
 logger = logging.getLogger(__name__)
 LOG_ACTOR = "adapterkit-domain-changes"
@@ -72,18 +78,19 @@ def change_log() -> Any:
     ).remote()
 
 
-async def call_asgi(app: Any, request: Request) -> Response:
-    """Run `request` (already received by Ray Serve) through an ASGI app; its whole response."""
-    body = await request.body()
-    delivered = False
+async def call_asgi(app: Any, request: Request, body: bytearray | None = None) -> Response:
+    """Run `request` (received by Ray Serve, its body not read yet) through an ASGI app; its whole response.
+
+    The body reaches the app as it arrives, so the app's own limits hold under Ray Serve too: a
+    `Content-Length` over `max_body_bytes` is answered 413 before the body is read, and an upload that
+    stalls for `body_timeout_s` ends with 408 (and frees the replica's slot, which Ray Serve counts until
+    the response is sent). `body`, when given, collects the body the app read."""
 
     async def receive() -> dict[str, Any]:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.Event().wait()  # the client stays connected until the response is sent
-        return {"type": "http.disconnect"}
+        message = await request.receive()  # after the body: the client's disconnect, when it comes
+        if body is not None and message["type"] == "http.request":
+            body.extend(message.get("body", b""))
+        return message
 
     start: dict[str, Any] = {}
     chunks: list[bytes] = []
@@ -225,11 +232,11 @@ class FamilyServer:
 
     async def change(self, family: Family, request: Request) -> Response:
         """A hot-add or removal: made here through the embedded app, logged, then every replica syncs."""
-        body = await request.body()
+        body = bytearray()  # (read by the app, after it checked the token and the body's size)
         async with family.lock:
-            response = await call_asgi(family.app, request)
+            response = await call_asgi(family.app, request, body)
             if response.status_code in (200, 201):
-                change = _change_of(request, body, response)
+                change = _change_of(request, bytes(body), response)
                 family.own.add(await self.log.append.remote(self._key(family.id), change))
         if response.status_code in (200, 201):
             await self.catch_up(family)
@@ -263,9 +270,13 @@ def deployment(
     *,
     domains: list[str] | None = None,
     families: list[str] | None = None,
-    num_replicas: int | str = 1,
+    num_replicas: int | str | None = None,
     device: str = "cpu",
     ray_actor_options: dict[str, Any] | None = None,
+    max_ongoing_requests: int | None = None,
+    max_queued_requests: int | None = None,
+    autoscaling_config: dict[str, Any] | Any | None = None,
+    deployment_options: dict[str, Any] | None = None,
     **app_options: Any,
 ) -> Any:
     """A Ray Serve application serving `source` (folder or `repo@revision`) with `create_app`'s API.
@@ -275,14 +286,38 @@ def deployment(
         families: the other families a request may name by `serve_multiplexed_model_id` (folders or
             `repo@revision`); any other id is a 404, so a caller cannot make replicas load, with their
             token, a family the operator did not list.
-        num_replicas: replicas (or "auto" for Ray Serve's autoscaling).
+        num_replicas: replicas, or "auto" for Ray Serve's autoscaling (default 1; "auto" when
+            `autoscaling_config` is given).
         ray_actor_options: resources per replica (default one CPU).
-        **app_options: `create_app`'s options (max_batch_size, max_wait_ms, admin_token, threads, ...).
+        max_ongoing_requests: requests one replica handles at once (default `queue_size + max_batch_size +
+            PROBE_MARGIN`: the replica's own bounded queue answers 503 first, and probes and scrapes
+            still get in; Ray Serve's own default, 5, would cap every batch at 5 images).
+        max_queued_requests: requests each Ray Serve proxy holds while every replica is at
+            `max_ongoing_requests`; past that it answers 503 (default `max_ongoing_requests`; -1: no limit).
+        autoscaling_config: Ray Serve's autoscaling (with `num_replicas="auto"`); a dict without
+            `target_ongoing_requests` gets `max_batch_size` (Ray Serve's default, 2, scales out long before
+            a replica's batches fill).
+        deployment_options: any other option of Ray Serve's `Deployment.options` (for example
+            `health_check_period_s`, `graceful_shutdown_timeout_s`).
+        **app_options: `create_app`'s options (max_batch_size, max_wait_ms, queue_size, admin_token,
+            threads, ...).
     """
-    log_key = uuid.uuid4().hex  # this deployment's change logs: a redeploy starts from the families' files
-    options = {"domains": domains, "families": list(families or ()), "device": device, "app": app_options}
-    options["log_key"] = log_key
-    server = FamilyServer.options(
-        num_replicas=num_replicas, ray_actor_options=ray_actor_options or {"num_cpus": 1}
+    options = serve_options(
+        app_options,
+        num_replicas=num_replicas,
+        max_ongoing_requests=max_ongoing_requests,
+        max_queued_requests=max_queued_requests,
+        autoscaling_config=autoscaling_config,
     )
-    return server.bind(source, options)
+    clash = sorted(set(deployment_options or {}) & {*OWN_OPTIONS, "ray_actor_options"})
+    if clash:
+        raise ValueError(
+            f"deployment_options sets {', '.join(clash)}, which deployment() takes itself: pass "
+            f"{clash[0]}=... to deployment() instead"
+        )
+    options.update(deployment_options or {})  # (backpressure_config among them: the caller's wins)
+    log_key = uuid.uuid4().hex  # this deployment's change logs: a redeploy starts from the families' files
+    replica = {"domains": domains, "families": list(families or ()), "device": device, "app": app_options}
+    replica["log_key"] = log_key
+    server = FamilyServer.options(ray_actor_options=ray_actor_options or {"num_cpus": 1}, **options)
+    return server.bind(source, replica)

@@ -4,6 +4,10 @@ served by id (`serve_multiplexed_model_id`), and `GET /metrics` answers every re
 
 from __future__ import annotations
 
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import pytest
 from serve_support import (
@@ -227,3 +231,158 @@ def test_a_replica_that_does_not_answer_is_left_out_and_counted(ray_url):
         assert answers == [ids[1]] and missing == 1
     finally:
         serve.delete("replicas")
+
+
+def test_limits_default_to_the_apps_queue_and_batch():
+    """Without Ray running: a replica takes its app's queue, a forward's worth and a margin (not Ray
+    Serve's 5), autoscaling aims at a full batch, the caller's values win, and bad ones are refused."""
+    from adapterkit.serve_ray import deployment
+    from adapterkit.serve_ray_options import PROBE_MARGIN, serve_options
+
+    options = serve_options({"max_batch_size": 8, "queue_size": 40})
+    assert options["max_ongoing_requests"] == options["max_queued_requests"] == 40 + 8 + PROBE_MARGIN
+    assert options["num_replicas"] == 1 and "autoscaling_config" not in options
+    auto = serve_options({}, num_replicas="auto")
+    assert auto["autoscaling_config"] == {"target_ongoing_requests": 32}  # create_app's max_batch_size
+    auto = serve_options({}, autoscaling_config={"max_replicas": 4, "target_ongoing_requests": 10})
+    assert auto["num_replicas"] == "auto"
+    assert auto["autoscaling_config"] == {"max_replicas": 4, "target_ongoing_requests": 10}
+    mine = serve_options({}, max_ongoing_requests=64, max_queued_requests=-1)
+    assert (mine["max_ongoing_requests"], mine["max_queued_requests"]) == (64, -1)
+    bad = [
+        ({"queue_size": 0}, {}, "queue_size=0"),
+        ({}, {"max_ongoing_requests": 0}, "max_ongoing_requests=0"),
+        ({}, {"num_replicas": 2, "autoscaling_config": {}}, "leave num_replicas out"),
+    ]
+    for app_options, kwargs, message in bad:
+        with pytest.raises(ValueError, match=message):
+            serve_options(app_options, **kwargs)
+    with pytest.raises(ValueError, match="pass max_ongoing_requests=... to deployment"):
+        deployment("fam", deployment_options={"max_ongoing_requests": 3})
+
+
+@pytest.fixture(scope="module")
+def one_replica(families, ray_url):
+    """A deployment of ONE replica at /one with the default limits."""
+    from ray import serve
+
+    from adapterkit.serve_ray import deployment
+
+    app = deployment(str(families[0]), domains=["a"], ray_actor_options={"num_cpus": 0.5}, max_wait_ms=50)
+    serve.run(app, name="one", route_prefix="/one")
+    yield f"{ray_url}/one"
+    serve.delete("one")
+
+
+def batches(client: httpx.Client) -> tuple[float, float]:
+    """The replica's forwards of at most 8 images, and all its forwards (`adapterkit_batch_size`)."""
+    _, samples = scrape(client)
+    at_most_8 = [s.value for s in samples["adapterkit_batch_size_bucket"] if float(s.labels["le"]) == 8]
+    return at_most_8[0], samples["adapterkit_batch_size_count"][0].value
+
+
+def test_one_replica_batches_more_requests_than_ray_serves_default_limit(one_replica):
+    """16 clients at once on one replica: some forward runs more than 8 one-image requests. (Ray Serve's
+    default max_ongoing_requests, 5, held the others in its proxy: no forward ever ran more than 5.)"""
+    with (
+        httpx.Client(base_url=one_replica, timeout=120) as client,
+        ThreadPoolExecutor(16) as pool,
+    ):
+        for _ in range(30):  # rounds of 16 requests at once, until one forward ran more than 8
+            statuses = pool.map(
+                lambda i: predict_json(client, [("a", image_bytes(i))]).status_code, range(16)
+            )
+            assert list(statuses) == [200] * 16
+            at_most_8, forwards = batches(client)
+            if forwards > at_most_8:
+                break
+    assert forwards > at_most_8, f"none of {forwards:.0f} forwards ran more than 8 images"
+
+
+def stalled_upload(url: str, length: int = 100_000) -> socket.socket:
+    """A `POST /v1/predict` of `length` bytes whose body stops after 12: the replica holds the request
+    (until the app's body_timeout_s, 60 s)."""
+    target = httpx.URL(url)
+    sock = socket.create_connection((target.host, target.port), timeout=30)
+    head = (
+        f"POST {target.path}/v1/predict HTTP/1.1\r\nHost: {target.host}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + b'{"images": [')
+    return sock
+
+
+def test_probes_and_scrapes_answer_while_the_replica_is_saturated(one_replica):
+    """With 8 predictions held in the replica (uploads that stall: more than Ray Serve's default 5) and 16
+    clients predicting, `/healthz`, `/readyz` and `/metrics` answer (under the old limit they waited in
+    the proxy behind the held predictions until the client gave up)."""
+    stop = threading.Event()
+
+    def predict(seed: int) -> list[int]:
+        with httpx.Client(base_url=one_replica, timeout=60) as client:
+            return [
+                predict_json(client, [("a", image_bytes(seed))]).status_code
+                for _ in range(200)
+                if not stop.is_set()
+            ]
+
+    stalled = [stalled_upload(one_replica) for _ in range(8)]
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            clients = [pool.submit(predict, i) for i in range(16)]
+            try:
+                with httpx.Client(base_url=one_replica, timeout=30) as client:
+                    for path in ("/healthz", "/readyz", "/metrics", "/healthz"):
+                        assert client.get(path).status_code == 200, path
+            finally:
+                stop.set()
+            answered = [status for c in clients for status in c.result()]
+        assert answered and set(answered) <= {200, 503}  # predictions answered meanwhile (503: queue full)
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_an_upload_over_the_limit_is_refused_before_it_is_read(one_replica):
+    """Under Ray Serve too, a Content-Length over max_body_bytes is answered 413 at once, the body unsent:
+    the app reads the body as it arrives (the replica used to read it whole first, holding its slot for as
+    long as the upload took; and a stalled one, past body_timeout_s, forever)."""
+    sock = stalled_upload(one_replica, length=32 * 1024 * 1024 + 1)  # create_app's max_body_bytes, + 1
+    try:
+        assert sock.recv(4096).startswith(b"HTTP/1.1 413")
+    finally:
+        sock.close()
+
+
+def test_the_callers_limits_hold_and_a_full_proxy_answers_at_once(families, ray_url):
+    """`deployment(max_ongoing_requests=1, max_queued_requests=1)`: of three uploads that stall, one takes
+    the replica's slot, one waits in the proxy, and the proxy answers the third 503 with Retry-After at
+    once (it is not held)."""
+    import select
+
+    from ray import serve
+
+    from adapterkit.serve_ray import deployment
+
+    app = deployment(
+        str(families[0]),
+        domains=["a"],
+        ray_actor_options={"num_cpus": 0.25},
+        max_ongoing_requests=1,
+        max_queued_requests=1,
+        deployment_options={"graceful_shutdown_timeout_s": 0},
+    )
+    serve.run(app, name="tight", route_prefix="/tight")
+    held: list[socket.socket] = []
+    try:
+        with httpx.Client(base_url=f"{ray_url}/tight", timeout=30) as client:
+            assert client.get("/healthz").status_code == 200  # (the family is loaded)
+        held = [stalled_upload(f"{ray_url}/tight") for _ in range(3)]
+        answered, _, _ = select.select(held, [], [], 30)  # the held ones answer 408 only after 60 s
+        assert answered, "the proxy held every request"
+        head = answered[0].recv(4096).decode("latin-1").lower()
+        assert head.startswith("http/1.1 503") and "\r\nretry-after: 1\r\n" in head, head
+    finally:
+        for sock in held:
+            sock.close()
+        serve.delete("tight")
