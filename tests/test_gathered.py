@@ -286,3 +286,19 @@ def test_folded_kernels_after_domains_change_and_under_bf16_autocast(monkeypatch
     finite = torch.isfinite(grouped_bf16)
     scale = grouped_bf16[finite].float().abs().max()
     assert float((gathered_bf16.float() - grouped_bf16.float())[finite].abs().max() / scale) <= 3e-2
+
+
+def test_folded_kernels_of_a_bf16_model(monkeypatch):
+    """A model in bf16: each sample's kernel is folded in float32 and cast back, as `merge_conv` folds one
+    domain's, so the gathered pass agrees with each domain's own to bf16 rounding."""
+    from adapterkit.layers import gathered
+
+    monkeypatch.setattr(gathered, "PER_SAMPLE_PAIRS", 10**9)
+    model = make("test_resnet", frozen=True).to(torch.bfloat16)
+    domains = DOMAINS + DOMAINS[::-1]
+    x = input_for(model.backbone, batch=len(domains)).to(torch.bfloat16)
+    assert _per_sample_layers(model, x, domains)
+    gathered_bf16, grouped_bf16 = both(model, x, domains)
+    finite = torch.isfinite(grouped_bf16)
+    scale = grouped_bf16[finite].float().abs().max()
+    assert float((gathered_bf16.float() - grouped_bf16.float())[finite].abs().max() / scale) <= 3e-2

@@ -48,6 +48,7 @@ BY_DOMAIN_ELEMENTS = 16_384
 # 16-channel layers from 8 samples on, slower from 32 channels on (docs/benchmarks.md).
 PER_SAMPLE_PAIRS = 256
 PER_SAMPLE_BATCH = 8
+_CONTIGUOUS = torch.contiguous_format
 
 
 class Mixed(NamedTuple):
@@ -225,11 +226,13 @@ def _per_sample_conv(
     n, weight = x.shape[0], conv.weight
     if gamma is not None:  # as LowRankAdapter.weight: basis @ gamma^T
         matrix = torch.bmm(matrix, gamma.transpose(1, 2))
-    kernels = weight.float().expand(n, *weight.shape).clone(memory_format=torch.contiguous_format)
-    kernels[..., layer.tap[0], layer.tap[1]].add_(matrix.float())  # (a view: no write-back copy)
+    # (each op counts here: a layer runs a dozen small ones, each paying the dispatcher after the conv)
+    f32 = weight.dtype == matrix.dtype == torch.float32
+    kernels = (weight if f32 else weight.float()).expand(n, *weight.shape).clone(memory_format=_CONTIGUOUS)
+    kernels[..., layer.tap[0], layer.tap[1]].add_(matrix if f32 else matrix.float())  # (no write-back copy)
     bias = None if conv.bias is None else conv.bias.repeat(n)
     flat = x.reshape(1, -1, *x.shape[2:])
-    kernels = kernels.to(weight.dtype).flatten(0, 1)
+    kernels = (kernels if f32 else kernels.to(weight.dtype)).flatten(0, 1)
     y = F.conv2d(flat, kernels, bias, conv.stride, conv.padding, conv.dilation, n)
     return y.view(n, -1, *y.shape[2:])
 
@@ -308,7 +311,8 @@ def _batchnorm(found: _Domains, x: torch.Tensor, mixed: Mixed) -> torch.Tensor |
         stats = torch.stack(list(chain.from_iterable(map(mixed.pick, columns)))).view(len(columns), -1)
     weight, bias = (stats[2], stats[3]) if len(stats) == 4 else (None, None)
     flat = x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:])
-    y = F.batch_norm(flat, stats[0], stats[1], weight, bias, False, 0.0, first.eps).view_as(x)
+    cudnn = torch.backends.cudnn.enabled  # (F.batch_norm's own call, without its Python checks)
+    y = torch.batch_norm(flat, weight, bias, stats[0], stats[1], False, 0.0, first.eps, cudnn).view_as(x)
     if type(first) is BatchNormAct2d:  # then drop (identity in eval) and the activation
         y = first.act(first.drop(y))
     return y
