@@ -228,7 +228,17 @@ def _per_sample_layers(model, x, domains):
     from adapterkit.layers import gathered
 
     convs = [m for m in model.layers().values() if hasattr(m, "tap")]
-    return [m for m in convs if gathered._per_sample(m, m.base_layer, x.shape[0])]
+    return [m for m in convs if gathered._per_sample(m, m.base_layer, x)]
+
+
+def test_which_convs_fold_per_sample_is_decided_by_shape():
+    """The CIFAR ResNets' 8-16 channel 3x3 convs fold each sample's kernel; stems (3 input channels), 32
+    channels and more, channel counts off multiples of 8 and 1x1 convs keep the conv plus product."""
+    from adapterkit.layers.gathered import _small
+
+    assert _small(nn.Conv2d(16, 16, 3, padding=1)) and _small(nn.Conv2d(8, 16, 3, stride=2, padding=1))
+    for conv in (nn.Conv2d(3, 16, 3), nn.Conv2d(16, 32, 3), nn.Conv2d(12, 12, 3), nn.Conv2d(16, 16, 1)):
+        assert not _small(conv)
 
 
 @pytest.mark.parametrize(
@@ -244,8 +254,9 @@ def _per_sample_layers(model, x, domains):
 @pytest.mark.parametrize("frozen", [False, True], ids=["live", "packed"])
 def test_small_convs_run_each_samples_folded_kernel(monkeypatch, backbone, config, factored, frozen):
     """Small convs over a fair batch run as one grouped conv whose kernels are each sample's base kernel
-    with its adapter folded in (every foldable conv here, with the thresholds lifted): equal to each domain
-    alone and to the conv-plus-product form to float rounding; convs that cannot fold keep that form."""
+    with its adapter folded in (every foldable conv here, with the shape rule lifted: 1x1 and strided
+    convs, stems): equal to each domain alone and to the conv-plus-product form to float rounding; convs
+    that cannot fold keep that form."""
     from adapterkit.layers import gathered
 
     model = make(backbone, config, factored=factored, frozen=frozen)
@@ -253,7 +264,7 @@ def test_small_convs_run_each_samples_folded_kernel(monkeypatch, backbone, confi
     x = input_for(model.backbone, batch=len(domains))
     product, grouped = both(model, x, domains)
     assert not _per_sample_layers(model, x[:4], domains[:4])  # under PER_SAMPLE_BATCH: never
-    monkeypatch.setattr(gathered, "PER_SAMPLE_PAIRS", 10**9)
+    monkeypatch.setattr(gathered, "_small", lambda conv: True)
     per_sample = _per_sample_layers(model, x, domains)
     assert per_sample or backbone == "test_nfnet"
     assert all(m.fusable and type(m.base_layer) is nn.Conv2d and m.groups == 1 for m in per_sample)
@@ -270,7 +281,7 @@ def test_folded_kernels_after_domains_change_and_under_bf16_autocast(monkeypatch
     batch reads the tables as they are), and under bf16 autocast (to bf16 rounding of the grouped pass)."""
     from adapterkit.layers import gathered
 
-    monkeypatch.setattr(gathered, "PER_SAMPLE_PAIRS", 10**9)
+    monkeypatch.setattr(gathered, "_small", lambda conv: True)
     model = make("test_resnet", frozen=True)
     domains = DOMAINS + DOMAINS[::-1]
     x = input_for(model.backbone, batch=len(domains))
@@ -293,7 +304,7 @@ def test_folded_kernels_of_a_bf16_model(monkeypatch):
     domain's, so the gathered pass agrees with each domain's own to bf16 rounding."""
     from adapterkit.layers import gathered
 
-    monkeypatch.setattr(gathered, "PER_SAMPLE_PAIRS", 10**9)
+    monkeypatch.setattr(gathered, "_small", lambda conv: True)
     model = make("test_resnet", frozen=True).to(torch.bfloat16)
     domains = DOMAINS + DOMAINS[::-1]
     x = input_for(model.backbone, batch=len(domains)).to(torch.bfloat16)

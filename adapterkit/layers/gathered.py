@@ -42,11 +42,13 @@ if TYPE_CHECKING:
 # channels on, at 32 samples over 24 domains; never the CIFAR ResNets' 16-64 channel ones).
 BY_DOMAIN_ELEMENTS = 16_384
 
-# A conv with at most this many (input, output) channel pairs runs a batch of at least PER_SAMPLE_BATCH
-# samples as one grouped conv whose kernels are each sample's folded one (the base kernel with the sample's
-# adapter at its tap) instead of the conv plus a batched adapter product: faster on the CIFAR ResNets'
-# 16-channel layers from 8 samples on, slower from 32 channels on (docs/benchmarks.md).
-PER_SAMPLE_PAIRS = 256
+# On CPU, a k x k conv (k > 1) whose input and output channels are multiples of 8 up to PER_SAMPLE_CHANNELS
+# runs a batch of at least PER_SAMPLE_BATCH samples as one grouped conv whose kernels are each sample's folded
+# one (the base kernel with the sample's adapter at its tap) instead of the conv plus a batched adapter
+# product. Measured on oneDNN (docs/benchmarks.md): 0.6-0.9x the time on 8-16 channel 3x3 convs (the CIFAR
+# ResNets' first stage) at 8-32 samples; 1.1-1.4x on 3-4 input channels (stems), 12 channels, 32 output
+# channels and more, and 1x1 convs; not measured on GPUs, which keep the product.
+PER_SAMPLE_CHANNELS = 16
 PER_SAMPLE_BATCH = 8
 _CONTIGUOUS = torch.contiguous_format
 
@@ -204,17 +206,29 @@ def _add_by_domain(y: torch.Tensor, columns: torch.Tensor, alphas: list[torch.Te
         y.index_add_(0, rows, torch.matmul(alpha, columns.index_select(0, rows)))
 
 
-def _per_sample(layer: AdaptedConv2d, conv: nn.Module, samples: int) -> bool:
-    """Whether the conv runs each sample's folded kernel (`_per_sample_conv`): small kernels, a fair batch,
-    and an adapter that folds exactly into a plain zero-padded conv."""
+def _small(conv: nn.Conv2d) -> bool:
+    """Whether a conv's shape is one where each sample's folded kernel was measured faster."""
+    cin, cout = conv.in_channels, conv.out_channels
     return (
-        samples >= PER_SAMPLE_BATCH
+        cin % 8 == 0
+        and cout % 8 == 0
+        and max(cin, cout) <= PER_SAMPLE_CHANNELS
+        and conv.kernel_size != (1, 1)
+    )
+
+
+def _per_sample(layer: AdaptedConv2d, conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the conv runs each sample's folded kernel (`_per_sample_conv`): a small conv on CPU, a fair
+    batch, and an adapter that folds exactly into a plain zero-padded conv without hooks."""
+    return (
+        x.shape[0] >= PER_SAMPLE_BATCH
+        and x.device.type == "cpu"
         and type(conv) is nn.Conv2d
-        and conv.in_channels * conv.out_channels <= PER_SAMPLE_PAIRS
         and conv.groups == 1
         and conv.padding_mode == "zeros"
         and layer.fusable
         and not (conv._forward_hooks or conv._forward_pre_hooks)  # (hooks see the base conv's call)
+        and _small(conv)
     )
 
 
@@ -241,7 +255,7 @@ def conv_forward(layer: AdaptedConv2d, x: torch.Tensor, mixed: Mixed) -> torch.T
     """The conv once over the batch, plus each sample's 1x1 adapter (stride-matched, at the conv's tap)."""
     found = _domains(layer, x, mixed)
     conv = layer._modules["base_layer"]
-    if _per_sample(layer, conv, x.shape[0]):
+    if _per_sample(layer, conv, x):
         return _per_sample_conv(layer, conv, x, *_factors(found, layer._buffers["beta"], mixed.pick))
     y = conv(x)
     src = y if layer.rule == "series" else _tap(layer, conv, x, found.first.stride, y.shape[-2:])
