@@ -313,3 +313,31 @@ def test_folded_kernels_of_a_bf16_model(monkeypatch):
     finite = torch.isfinite(grouped_bf16)
     scale = grouped_bf16[finite].float().abs().max()
     assert float((gathered_bf16.float() - grouped_bf16.float())[finite].abs().max() / scale) <= 3e-2
+
+
+def test_a_hooked_conv_keeps_its_call(monkeypatch):
+    """A forward hook on a base conv (or on every module) sees that conv called, so the conv does not run
+    as each sample's folded kernel while the hook is there."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    from adapterkit.layers import gathered
+
+    monkeypatch.setattr(gathered, "_small", lambda conv: True)
+    model = make("test_resnet", frozen=True)
+    domains = DOMAINS + DOMAINS[::-1]
+    x = input_for(model.backbone, batch=len(domains))
+    layer = _per_sample_layers(model, x, domains)[0]
+    seen = []
+    handle = layer.base_layer.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    try:
+        assert layer not in _per_sample_layers(model, x, domains)
+        assert_rounding(*both(model, x, domains))
+        assert seen
+    finally:
+        handle.remove()
+    handle = register_module_forward_hook(lambda m, args, out: None)
+    try:
+        assert not _per_sample_layers(model, x, domains)
+    finally:
+        handle.remove()
+    assert layer in _per_sample_layers(model, x, domains)

@@ -51,6 +51,7 @@ BY_DOMAIN_ELEMENTS = 16_384
 PER_SAMPLE_CHANNELS = 16
 PER_SAMPLE_BATCH = 8
 _CONTIGUOUS = torch.contiguous_format
+_GLOBAL_HOOKS = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
 
 
 class Mixed(NamedTuple):
@@ -227,7 +228,7 @@ def _per_sample(layer: AdaptedConv2d, conv: nn.Module, x: torch.Tensor) -> bool:
         and conv.groups == 1
         and conv.padding_mode == "zeros"
         and layer.fusable
-        and not (conv._forward_hooks or conv._forward_pre_hooks)  # (hooks see the base conv's call)
+        and not (conv._forward_hooks or conv._forward_pre_hooks or any(_GLOBAL_HOOKS))  # (they see its call)
         and _small(conv)
     )
 
