@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 from checks import input_for, perturb
+from torch import nn
 
 from adapterkit import AdapterConfig, AdapterModel
 from adapterkit.compress import append_domain
@@ -252,3 +253,123 @@ def test_packed_domains_on_one_shared_basis_gather_without_modules():
         table.Packed.module = original
     _, grouped = both(model, x)
     assert_rounding(gathered, grouped)
+
+
+def _per_sample_layers(model, x, domains):
+    """The adapted convs that run a batch of `x`'s size as one grouped conv of each sample's folded kernel."""
+    from adapterkit.layers import gathered
+
+    convs = [m for m in model.layers().values() if hasattr(m, "tap")]
+    return [m for m in convs if gathered._per_sample(m, m.base_layer, x)]
+
+
+def test_which_convs_fold_per_sample_is_decided_by_shape():
+    """The CIFAR ResNets' 8-16 channel 3x3 convs fold each sample's kernel; stems (3 input channels), 32
+    channels and more, channel counts off multiples of 8 and 1x1 convs keep the conv plus product."""
+    from adapterkit.layers.gathered import _small
+
+    assert _small(nn.Conv2d(16, 16, 3, padding=1)) and _small(nn.Conv2d(8, 16, 3, stride=2, padding=1))
+    for conv in (nn.Conv2d(3, 16, 3), nn.Conv2d(16, 32, 3), nn.Conv2d(12, 12, 3), nn.Conv2d(16, 16, 1)):
+        assert not _small(conv)
+
+
+@pytest.mark.parametrize(
+    "backbone,config,factored",
+    [
+        ("test_resnet", None, False),
+        ("test_resnet", None, True),  # low-rank adapters: each sample's basis @ gamma^T folded
+        ("test_resnet", AdapterConfig(topology="series"), False),  # series adapters do not fold
+        ("test_efficientnet", None, False),  # depthwise convs keep their grouped adapters
+        ("test_nfnet", None, False),  # standardised convs do not fold
+    ],
+)
+@pytest.mark.parametrize("frozen", [False, True], ids=["live", "packed"])
+def test_small_convs_run_each_samples_folded_kernel(monkeypatch, backbone, config, factored, frozen):
+    """Small convs over a fair batch run as one grouped conv whose kernels are each sample's base kernel
+    with its adapter folded in (every foldable conv here, with the shape rule lifted: 1x1 and strided
+    convs, stems): equal to each domain alone and to the conv-plus-product form to float rounding; convs
+    that cannot fold keep that form."""
+    from adapterkit.layers import gathered
+
+    model = make(backbone, config, factored=factored, frozen=frozen)
+    domains = DOMAINS + DOMAINS[::-1]
+    x = input_for(model.backbone, batch=len(domains))
+    product, grouped = both(model, x, domains)
+    assert not _per_sample_layers(model, x[:4], domains[:4])  # under PER_SAMPLE_BATCH: never
+    monkeypatch.setattr(gathered, "_small", lambda conv: True)
+    per_sample = _per_sample_layers(model, x, domains)
+    assert per_sample or backbone == "test_nfnet"
+    assert all(m.fusable and type(m.base_layer) is nn.Conv2d and m.groups == 1 for m in per_sample)
+    folded, _ = both(model, x, domains)
+    assert_rounding(folded, grouped)
+    assert_rounding(folded, product)
+    alone = [model(x[i : i + 1], domain=d) for i, d in enumerate(domains)]
+    for i, row in enumerate(alone):
+        torch.testing.assert_close(folded[i, : row.shape[1]], row[0].detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_folded_kernels_after_domains_change_and_under_bf16_autocast(monkeypatch):
+    """Each sample's folded kernel after a domain is removed and another added (nothing is cached: the next
+    batch reads the tables as they are), and under bf16 autocast (to bf16 rounding of the grouped pass)."""
+    from adapterkit.layers import gathered
+
+    monkeypatch.setattr(gathered, "_small", lambda conv: True)
+    model = make("test_resnet", frozen=True)
+    domains = DOMAINS + DOMAINS[::-1]
+    x = input_for(model.backbone, batch=len(domains))
+    assert _per_sample_layers(model, x, domains)
+    assert_rounding(*both(model, x, domains))
+    model.remove_domain("b")
+    model.add_domain("d", num_classes=4)
+    perturb(model, "d", seed=7)
+    domains = [d if d != "b" else "d" for d in domains]
+    assert_rounding(*both(model, x, domains))
+    with torch.autocast("cpu", torch.bfloat16):
+        gathered_bf16, grouped_bf16 = both(model, x, domains)
+    finite = torch.isfinite(grouped_bf16)
+    scale = grouped_bf16[finite].float().abs().max()
+    assert float((gathered_bf16.float() - grouped_bf16.float())[finite].abs().max() / scale) <= 3e-2
+
+
+def test_folded_kernels_of_a_bf16_model(monkeypatch):
+    """A model in bf16: each sample's kernel is folded in float32 and cast back, as `merge_conv` folds one
+    domain's, so the gathered pass agrees with each domain's own to bf16 rounding."""
+    from adapterkit.layers import gathered
+
+    monkeypatch.setattr(gathered, "_small", lambda conv: True)
+    model = make("test_resnet", frozen=True).to(torch.bfloat16)
+    domains = DOMAINS + DOMAINS[::-1]
+    x = input_for(model.backbone, batch=len(domains)).to(torch.bfloat16)
+    assert _per_sample_layers(model, x, domains)
+    gathered_bf16, grouped_bf16 = both(model, x, domains)
+    finite = torch.isfinite(grouped_bf16)
+    scale = grouped_bf16[finite].float().abs().max()
+    assert float((gathered_bf16.float() - grouped_bf16.float())[finite].abs().max() / scale) <= 3e-2
+
+
+def test_a_hooked_conv_keeps_its_call(monkeypatch):
+    """A forward hook on a base conv (or on every module) sees that conv called, so the conv does not run
+    as each sample's folded kernel while the hook is there."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    from adapterkit.layers import gathered
+
+    monkeypatch.setattr(gathered, "_small", lambda conv: True)
+    model = make("test_resnet", frozen=True)
+    domains = DOMAINS + DOMAINS[::-1]
+    x = input_for(model.backbone, batch=len(domains))
+    layer = _per_sample_layers(model, x, domains)[0]
+    seen = []
+    handle = layer.base_layer.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    try:
+        assert layer not in _per_sample_layers(model, x, domains)
+        assert_rounding(*both(model, x, domains))
+        assert seen
+    finally:
+        handle.remove()
+    handle = register_module_forward_hook(lambda m, args, out: None)
+    try:
+        assert not _per_sample_layers(model, x, domains)
+    finally:
+        handle.remove()
+    assert layer in _per_sample_layers(model, x, domains)

@@ -4,7 +4,9 @@ With `DomainRouter.use(Mixed(...))` every wrapper computes its frozen `base_laye
 adds each sample's own adapter (a batched matrix product with the sample's adapter gathered), normalises each
 sample with its own domain's statistics (one BatchNorm call over N x C channels; LayerNorm and GroupNorm, whose
 statistics are each sample's own, run once with each sample's affine part: `gathered_norms.py`), and the
-model applies each domain's head to its rows.
+model applies each domain's head to its rows. Small convs (the CIFAR ResNets' 16-channel ones) over a fair
+batch instead run one grouped conv whose kernels are each sample's own, its adapter folded in as a
+one-domain pass folds it.
 So a batch over 32 domains costs one backbone pass plus the adapters' own products, not 32 passes of one
 image (the way S-LoRA and Punica serve many LoRAs). Results agree with per-domain execution to float
 rounding: the adapter is added to the layer's output instead of being fused into its weight.
@@ -17,6 +19,7 @@ mixed batches one domain group at a time instead.
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable, Sequence
 from itertools import chain
@@ -40,6 +43,17 @@ if TYPE_CHECKING:
 # domain of the batch, one matmul per domain over its samples is cheaper (ResNet-50's 3x3 convs from 128
 # channels on, at 32 samples over 24 domains; never the CIFAR ResNets' 16-64 channel ones).
 BY_DOMAIN_ELEMENTS = 16_384
+
+# On CPU, a k x k conv (k > 1) whose input and output channels are multiples of 8 up to PER_SAMPLE_CHANNELS
+# runs a batch of at least PER_SAMPLE_BATCH samples as one grouped conv whose kernels are each sample's folded
+# one (the base kernel with the sample's adapter at its tap) instead of the conv plus a batched adapter
+# product. Measured on oneDNN (docs/benchmarks.md): 0.6-0.9x the time on 8-16 channel 3x3 convs (the CIFAR
+# ResNets' first stage) at 8-32 samples; 1.1-1.4x on 3-4 input channels (stems), 12 channels, 32 output
+# channels and more, and 1x1 convs; not measured on GPUs, which keep the product.
+PER_SAMPLE_CHANNELS = 16
+PER_SAMPLE_BATCH = 8
+_CONTIGUOUS = torch.contiguous_format
+_GLOBAL_HOOKS = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
 
 
 class Mixed(NamedTuple):
@@ -117,8 +131,8 @@ def _factors(found: _Domains, beta: torch.Tensor, pick: Callable[[Sequence], tup
     Low-rank domains of different widths are padded with zero columns, which add exact zeros."""
     if found.layout is not None:
         first, stacked = found.first, torch.stack(pick(found.flats))
-        if type(first) is FullAdapter:
-            return found.layout.slices(stacked)["alpha"], None
+        if type(first) is FullAdapter:  # (its one tensor: alpha)
+            return stacked.view(stacked.shape[0], *found.layout.floats[0][1]), None
         shared = getattr(first, "shared_columns", 0)  # one layout: the same shapes, so the same prefix
         if type(first) is LowRankAdapter and shared <= beta.shape[1]:  # (else the modules say what is wrong)
             parts = found.layout.slices(stacked)
@@ -195,10 +209,57 @@ def _add_by_domain(y: torch.Tensor, columns: torch.Tensor, alphas: list[torch.Te
         y.index_add_(0, rows, torch.matmul(alpha, columns.index_select(0, rows)))
 
 
+def _small(conv: nn.Conv2d) -> bool:
+    """Whether a conv's shape is one where each sample's folded kernel was measured faster."""
+    cin, cout = conv.in_channels, conv.out_channels
+    return (
+        cin % 8 == 0
+        and cout % 8 == 0
+        and max(cin, cout) <= PER_SAMPLE_CHANNELS
+        and conv.kernel_size != (1, 1)
+    )
+
+
+def _per_sample(layer: AdaptedConv2d, conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the conv runs each sample's folded kernel (`_per_sample_conv`): a small conv on CPU, a fair
+    batch, and an adapter that folds exactly into a plain zero-padded conv without hooks."""
+    return (
+        x.shape[0] >= PER_SAMPLE_BATCH
+        and x.device.type == "cpu"
+        and type(conv) is nn.Conv2d
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and layer.fusable
+        and not (conv._forward_hooks or conv._forward_pre_hooks or any(_GLOBAL_HOOKS))  # (they see its call)
+        and _small(conv)
+    )
+
+
+def _per_sample_conv(
+    layer: AdaptedConv2d, conv: nn.Conv2d, x: torch.Tensor, matrix: torch.Tensor, gamma: torch.Tensor | None
+) -> torch.Tensor:
+    """The conv with each sample's adapter folded into its own kernel, as `merge_conv` folds one domain's
+    (float32, cast back): one conv over (1, N C, H, W) with N groups."""
+    n, weight = x.shape[0], conv.weight
+    if gamma is not None:  # as LowRankAdapter.weight: basis @ gamma^T
+        matrix = torch.bmm(matrix, gamma.transpose(1, 2))
+    # (each op counts here: a layer runs a dozen small ones, each paying the dispatcher after the conv)
+    f32 = weight.dtype == matrix.dtype == torch.float32
+    kernels = (weight if f32 else weight.float()).expand(n, *weight.shape).clone(memory_format=_CONTIGUOUS)
+    kernels[..., layer.tap[0], layer.tap[1]].add_(matrix if f32 else matrix.float())  # (no write-back copy)
+    bias = None if conv.bias is None else conv.bias.repeat(n)
+    flat = x.reshape(1, -1, *x.shape[2:])
+    kernels = (kernels if f32 else kernels.to(weight.dtype)).flatten(0, 1)
+    y = F.conv2d(flat, kernels, bias, conv.stride, conv.padding, conv.dilation, n)
+    return y.view(n, -1, *y.shape[2:])
+
+
 def conv_forward(layer: AdaptedConv2d, x: torch.Tensor, mixed: Mixed) -> torch.Tensor:
     """The conv once over the batch, plus each sample's 1x1 adapter (stride-matched, at the conv's tap)."""
     found = _domains(layer, x, mixed)
     conv = layer._modules["base_layer"]
+    if _per_sample(layer, conv, x):
+        return _per_sample_conv(layer, conv, x, *_factors(found, layer._buffers["beta"], mixed.pick))
     y = conv(x)
     src = y if layer.rule == "series" else _tap(layer, conv, x, found.first.stride, y.shape[-2:])
     n, c, h, w = src.shape
@@ -260,10 +321,10 @@ def _batchnorm(found: _Domains, x: torch.Tensor, mixed: Mixed) -> torch.Tensor |
     if found.layout is not None:  # packed: one layout, so one type and one eps
         if not _is_batchnorm(first):
             return None
-        parts = found.layout.slices(torch.stack(mixed.pick(found.flats)))  # (N, C) each
-        stats = [
-            parts[k].reshape(-1) for k in ("running_mean", "running_var", "weight", "bias") if k in parts
-        ]
+        names, order = _bn_order(found.layout.floats)
+        # one copy: each sample's (names, C) rows as (names, N C), then each name's row in F.batch_norm's order
+        rows = torch.stack(mixed.pick(found.flats)).view(x.shape[0], len(names), -1).transpose(0, 1)
+        stats = order(rows.reshape(len(names), -1).unbind())
     else:
         # every domain's copy is a deep copy of the backbone's norm: one type, one eps unless edited
         norms = found.modules()
@@ -275,10 +336,20 @@ def _batchnorm(found: _Domains, x: torch.Tensor, mixed: Mixed) -> torch.Tensor |
         stats = torch.stack(list(chain.from_iterable(map(mixed.pick, columns)))).view(len(columns), -1)
     weight, bias = (stats[2], stats[3]) if len(stats) == 4 else (None, None)
     flat = x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:])
-    y = F.batch_norm(flat, stats[0], stats[1], weight, bias, False, 0.0, first.eps).view_as(x)
+    cudnn = torch.backends.cudnn.enabled  # (F.batch_norm's own call, without its Python checks)
+    y = torch.batch_norm(flat, weight, bias, stats[0], stats[1], False, 0.0, first.eps, cudnn).view_as(x)
     if type(first) is BatchNormAct2d:  # then drop (identity in eval) and the activation
         y = first.act(first.drop(y))
     return y
+
+
+@functools.lru_cache(maxsize=64)
+def _bn_order(floats: tuple[tuple[str, torch.Size, int], ...]) -> tuple[tuple[str, ...], Callable]:
+    """A packed BatchNorm layout's tensor names (state order, each (C,), back to back) and a function
+    picking F.batch_norm's (mean, var[, weight, bias]) from them."""
+    names = tuple(k for k, _, _ in floats)
+    wanted = [names.index(k) for k in ("running_mean", "running_var", "weight", "bias") if k in names]
+    return names, operator.itemgetter(*wanted)
 
 
 def _is_batchnorm(m: nn.Module) -> bool:

@@ -24,11 +24,13 @@ import copy
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from operator import attrgetter
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+_FLAT, _LAYOUT, _DTYPE = attrgetter("flat"), attrgetter("layout"), attrgetter("dtype")
 VIEWS = 16  # packed domains whose materialised modules are kept per layer (least recently used dropped)
 
 
@@ -287,14 +289,16 @@ class DomainTable(nn.Module):
 
     def packed_rows(self, domains: tuple[str, ...]) -> tuple[Layout, list[torch.Tensor]] | None:
         """The layout and flat buffers of `domains` when all are packed with one layout and dtype, else None."""
-        try:
-            records = [self._packed[d] for d in domains]
+        try:  # (C-level maps: this runs per layer of every mixed batch)
+            records = list(map(self._packed.__getitem__, domains))
         except KeyError:
             return None
-        layout, dtype = records[0].layout, records[0].flat.dtype
-        if any(r.layout is not layout or r.flat.dtype != dtype for r in records):
+        flats = list(map(_FLAT, records))
+        if len(records) > 1 and (
+            len(set(map(id, map(_LAYOUT, records)))) > 1 or len(set(map(_DTYPE, flats))) > 1
+        ):
             return None
-        return layout, [r.flat for r in records]
+        return records[0].layout, flats
 
     def state_of(self, domain: str) -> dict[str, torch.Tensor]:
         """The domain's state dict (views of its buffer for a packed domain)."""
