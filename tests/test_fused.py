@@ -48,6 +48,18 @@ def test_same_bits_cached_rebuilt_and_with_grad():
     assert torch.equal(model(x, domain="a").detach(), first)  # eval with autograd recording
 
 
+@pytest.mark.parametrize("backbone", ["test_resnet", "test_vit"])
+def test_a_weight_fused_under_autocast_serves_float32_calls_with_their_own_bits(backbone):
+    """A fused weight cached by a call under bf16 autocast is built in float32 all the same: a later float32
+    call gets the bits of a model that never ran under autocast (a low-rank product used to be rounded to
+    bf16 and reused)."""
+    model, other = make(backbone), make(backbone)
+    x = input_for(model.backbone)
+    with torch.autocast("cpu", torch.bfloat16):
+        run(model, x, "a")
+    assert torch.equal(run(model, x, "a"), run(other, x, "a"))
+
+
 def test_eval_mode_gradients_reach_only_the_active_domain():
     model = make()
     x = input_for(model.backbone)

@@ -159,7 +159,7 @@ class FusedWeights:
         try:
             key = _key(sources)
         except RuntimeError:  # an inference tensor: no version counter, so a cached weight could go stale
-            with torch.no_grad():
+            with torch.no_grad(), _full_precision(sources[0]):
                 return build()
         entry = self._entries.get(domain)
         if entry is not None and entry.key == key:
@@ -168,8 +168,10 @@ class FusedWeights:
             except KeyError:  # evicted by another thread meanwhile; the weight is still valid
                 pass
             return entry.weight
-        # Built outside inference mode so a cached weight can also serve later no_grad calls.
-        with torch.inference_mode(False), torch.no_grad():
+        # Built outside inference mode so a cached weight can also serve later no_grad calls, and outside
+        # autocast so it holds the same bits whichever call built it (a low-rank product under bf16
+        # autocast is rounded to bf16: a later float32 call would reuse that).
+        with torch.inference_mode(False), torch.no_grad(), _full_precision(sources[0]):
             weight = build()
         if self.capacity:
             with self._lock:
@@ -178,6 +180,11 @@ class FusedWeights:
                 while len(self._entries) > self.capacity:
                     self._entries.popitem(last=False)
         return weight
+
+
+def _full_precision(like: torch.Tensor) -> torch.autocast:
+    """Autocast off on `like`'s device: a fused weight is built in its sources' own dtype."""
+    return torch.autocast(like.device.type, enabled=False)
 
 
 def configure_fusion(module: nn.Module, *, enabled: bool | None = None, capacity: int | None = None) -> None:
