@@ -15,10 +15,11 @@ ResNet-56 gets its real weights when `../shared/data/resnet_cifar10/` has them.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import subprocess
+import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -33,18 +34,34 @@ R56_WEIGHTS = HERE.parent.parent / "shared" / "data" / "resnet_cifar10" / "resne
 NAMES = ("conv_forward", "linear_forward", "norm_forward")
 
 
-def functions_at(revision: str) -> dict:
-    """The gathered functions of `layers/gathered.py` at `revision`, loaded beside the current ones."""
+def _module_at(revision: str, name: str) -> types.ModuleType:
+    """`adapterkit/layers/<name>.py` as it was at `revision`, as a module of the package."""
     source = subprocess.run(
-        ["git", "-C", str(HERE.parent), "show", f"{revision}:adapterkit/layers/gathered.py"],
+        ["git", "-C", str(HERE.parent), "show", f"{revision}:adapterkit/layers/{name}.py"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("gathered_at_base", loader=None))
+    module = types.ModuleType(f"{name}_at_base")
     module.__package__ = "adapterkit.layers"
-    exec(compile(source, f"gathered.py@{revision}", "exec"), module.__dict__)  # noqa: S102  (our own file)
-    return {name: getattr(module, name) for name in NAMES}
+    exec(compile(source, f"{name}.py@{revision}", "exec"), module.__dict__)  # noqa: S102  (our own file)
+    return module
+
+
+def functions_at(revision: str) -> dict:
+    """The gathered functions at `revision`, loaded beside the current ones (`norm_forward` from
+    `gathered_norms.py` once it moved there, importing the revision's `gathered.py`)."""
+    gathered = _module_at(revision, "gathered")
+    if hasattr(gathered, "norm_forward"):
+        return {name: getattr(gathered, name) for name in NAMES}
+    current, sys.modules["adapterkit.layers.gathered"] = sys.modules["adapterkit.layers.gathered"], gathered
+    try:
+        norms = _module_at(revision, "gathered_norms")
+    finally:
+        sys.modules["adapterkit.layers.gathered"] = current
+    return {"conv_forward": gathered.conv_forward, "linear_forward": gathered.linear_forward} | {
+        "norm_forward": norms.norm_forward
+    }
 
 
 def install(functions: dict) -> None:

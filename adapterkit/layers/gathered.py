@@ -19,23 +19,18 @@ mixed batches one domain group at a time instead.
 
 from __future__ import annotations
 
-import functools
 import operator
 from collections.abc import Callable, Sequence
-from itertools import chain
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import BatchNormAct2d
 from torch import nn
 
-from . import gathered_norms
 from .adapters import FullAdapter, LowRankAdapter
 from .table import Layout
 
 if TYPE_CHECKING:
-    from .norm import DomainNorm
     from .wrappers import AdaptedConv2d, AdaptedLinear
 
 
@@ -303,95 +298,5 @@ def linear_forward(layer: AdaptedLinear, x: torch.Tensor, mixed: Mixed) -> torch
     return y.add_(delta.reshape(y.shape))
 
 
-_PARAMETERS, _BUFFERS = operator.attrgetter("_parameters"), operator.attrgetter("_buffers")
+_PARAMETERS = operator.attrgetter("_parameters")
 _ALPHA = operator.itemgetter("alpha")
-_TRAINING, _EPS = operator.attrgetter("training"), operator.attrgetter("eps")
-_STATS = (  # a BatchNorm's tensors, in F.batch_norm's order: where each is kept
-    (_BUFFERS, operator.itemgetter("running_mean")),
-    (_BUFFERS, operator.itemgetter("running_var")),
-    (_PARAMETERS, operator.itemgetter("weight")),
-    (_PARAMETERS, operator.itemgetter("bias")),
-)
-
-
-def _batchnorm(found: _Domains, x: torch.Tensor, mixed: Mixed) -> torch.Tensor | None:
-    """Each sample through its domain's eval-mode BatchNorm, as one BatchNorm over (1, N C, ...) whose
-    channel statistics and affine parameters are each sample's; None for other norms."""
-    first = found.first
-    if found.layout is not None:  # packed: one layout, so one type and one eps
-        if not _is_batchnorm(first):
-            return None
-        names, order = _bn_order(found.layout.floats)
-        # one copy: each sample's (names, C) rows as (names, N C), then each name's row in F.batch_norm's order
-        rows = torch.stack(mixed.pick(found.flats)).view(x.shape[0], len(names), -1).transpose(0, 1)
-        stats = order(rows.reshape(len(names), -1).unbind())
-    else:
-        # every domain's copy is a deep copy of the backbone's norm: one type, one eps unless edited
-        norms = found.modules()
-        if not _is_batchnorm(first) or any(map(_TRAINING, norms)) or len(set(map(_EPS, norms))) != 1:
-            return None
-        # (copies of one norm: if the first has running statistics and an affine part, so do all)
-        columns = [list(map(get, map(where, norms))) for where, get in _STATS[: 4 if first.affine else 2]]
-        # one copy, each sample's: (names * N, C), viewed as each name's (N * C)
-        stats = torch.stack(list(chain.from_iterable(map(mixed.pick, columns)))).view(len(columns), -1)
-    weight, bias = (stats[2], stats[3]) if len(stats) == 4 else (None, None)
-    flat = x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:])
-    cudnn = torch.backends.cudnn.enabled  # (F.batch_norm's own call, without its Python checks)
-    y = torch.batch_norm(flat, weight, bias, stats[0], stats[1], False, 0.0, first.eps, cudnn).view_as(x)
-    if type(first) is BatchNormAct2d:  # then drop (identity in eval) and the activation
-        y = first.act(first.drop(y))
-    return y
-
-
-@functools.lru_cache(maxsize=64)
-def _bn_order(floats: tuple[tuple[str, torch.Size, int], ...]) -> tuple[tuple[str, ...], Callable]:
-    """A packed BatchNorm layout's tensor names (state order, each (C,), back to back) and a function
-    picking F.batch_norm's (mean, var[, weight, bias]) from them."""
-    names = tuple(k for k, _, _ in floats)
-    wanted = [names.index(k) for k in ("running_mean", "running_var", "weight", "bias") if k in names]
-    return names, operator.itemgetter(*wanted)
-
-
-def _is_batchnorm(m: nn.Module) -> bool:
-    """An eval-mode BatchNorm with running statistics: torch's, or timm's BatchNormAct2d with a
-    parameter-free activation (the same function for every domain)."""
-    if not isinstance(m, nn.modules.batchnorm._BatchNorm) or m.training or m.running_var is None:
-        return False
-    if type(m).forward is nn.modules.batchnorm._BatchNorm.forward:
-        return True
-    return type(m) is BatchNormAct2d and not any(True for _ in m.act.parameters())
-
-
-def _affine(found: _Domains, mixed: Mixed) -> Callable[[], tuple[torch.Tensor, torch.Tensor] | None] | None:
-    """Each sample's affine part of a per-sample-statistics norm (`gathered_norms`), or None."""
-    if found.layout is None:
-        return gathered_norms.stacked_affine(found.modules(), mixed.pick)
-    if gathered_norms.kind(found.first) is None:
-        return None
-    names = {name for name, _, _ in found.layout.floats}
-    if not names:
-        return lambda: None
-    if names != {"weight", "bias"}:
-        return None
-    return lambda: operator.itemgetter("weight", "bias")(
-        found.layout.slices(torch.stack(mixed.pick(found.flats)))
-    )
-
-
-def norm_forward(layer: DomainNorm, x: torch.Tensor, mixed: Mixed) -> torch.Tensor:
-    """Each sample through its domain's norm: one BatchNorm call with each sample's statistics for
-    BatchNorm (timm's activation after it), one call and each sample's affine part for LayerNorm and
-    GroupNorm (`gathered_norms`), each domain's rows through its own copy for other norms."""
-    found = _domains(layer, x, mixed)
-    y = _batchnorm(found, x, mixed)
-    if y is not None:
-        return y
-    affine = _affine(found, mixed)
-    if affine is not None:  # LayerNorm, GroupNorm: each sample's own statistics, in one call
-        return gathered_norms.per_sample(found.first, x, affine)
-    for norm, rows in zip(found.modules(), mixed.rows, strict=True):
-        part = norm(x.index_select(0, rows))
-        if y is None:
-            y = part.new_empty((x.shape[0], *part.shape[1:]))
-        y.index_copy_(0, rows, part)
-    return y

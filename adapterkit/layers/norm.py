@@ -12,7 +12,8 @@ from itertools import chain
 import torch
 from torch import nn
 
-from .gathered import Mixed, norm_forward
+from .gathered import Mixed
+from .gathered_norms import norm_forward
 from .wrappers import DomainLayer, check_state
 
 
