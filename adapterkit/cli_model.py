@@ -238,13 +238,13 @@ def export(
     """
     family, config, revision = family_or_repo(family)
     check_domains(family, config, [domain])
-    if output.exists() and not output.is_dir():
-        raise CliError(
-            f"--output {output} is a file; the export is a folder (model.safetensors, config.json)"
-        )
-    with torch_threads(threads) as n:
-        from .export import save_export
+    from .export import check_output, save_export
 
+    try:
+        check_output(output)
+    except ValueError as e:
+        raise CliError(f"--output {e}") from None
+    with torch_threads(threads) as n:
         model = open_family(family, config, [domain], backbone_weights, revision)
         status(f"exporting {domain!r} of {family} ({plural(n, 'thread')})")
         exported = save_export(model, domain, output)

@@ -208,3 +208,21 @@ def test_an_interrupted_training_says_what_it_left_and_how_to_continue(tmp_path)
     assert proc.returncode == 130, err
     assert "interrupted: 'pets' was not saved; rerun the command with --resume" in err
     assert str(tmp_path / "out" / "checkpoints" / "pets") in err and not family.exists()
+
+
+def test_an_export_into_a_family_folder_is_refused_and_writes_nothing(tmp_path, capsys):
+    """`--output` naming the family folder itself (or another family's) would mix a timm model's
+    config.json and model.safetensors into the family's files."""
+    from adapterkit.export import save_export
+
+    model = AdapterModel.from_backbone("test_resnet")
+    model.add_domain("pets", num_classes=3)
+    family = tmp_path / "family"
+    model.save_pretrained(family)
+    before = sorted(p.relative_to(family) for p in family.rglob("*"))
+    with pytest.raises(ValueError, match="is an adapterkit family folder.*pass a new folder"):
+        save_export(model, "pets", family)
+    assert main(["export", "--family", str(family), "--domain", "pets", "--output", str(family)]) == 2
+    err = capsys.readouterr().err
+    assert f"--output {family} is an adapterkit family folder" in err and "pass a new folder" in err
+    assert sorted(p.relative_to(family) for p in family.rglob("*")) == before
