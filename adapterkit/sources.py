@@ -200,7 +200,9 @@ def check_repo_id(source: str | Path) -> None:
     text = str(source)
     if Path(source).is_file():
         raise NotADirectoryError(f"{source} is a file; a family is a folder: pass {Path(source).parent}")
-    if "/" not in text or (text.startswith((".", "/")) and not Path(source).exists()):
+    org, _, name = text.partition("/")
+    not_an_id = not org or not name or "/" in name  # `fam/`, `runs/2024/fam`: folder paths, not org/name
+    if not_an_id or (text.startswith((".", "/")) and not Path(source).exists()):
         where = "" if Path(source).is_absolute() else f" in {Path.cwd()}"
         raise FileNotFoundError(
             f"{source}: no such folder{where}; give a family folder, or a Hub repo id as org/name"

@@ -120,3 +120,18 @@ def test_list_offline_and_a_missing_absolute_path_say_what_they_are(tmp_path, ca
     assert main(["info", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'nowhere'}: no such folder; give a family folder" in err and " in /" not in err
+
+
+@pytest.mark.parametrize("missing", ["fam/", "runs/2024/fam", "alice/fam/"])
+def test_a_missing_folder_with_slashes_is_named_as_a_folder(missing, tmp_path, capsys, monkeypatch):
+    """`fam/` (the docs' own spelling of a folder) that does not exist is a mistyped folder, not a repo id:
+    before, huggingface_hub's "Repo id must use alphanumeric chars" answered it."""
+    monkeypatch.chdir(tmp_path)
+    expected = f"{missing}: no such folder in {tmp_path}; give a family folder, or a Hub repo id as org/name"
+    (tmp_path / "img.png").write_bytes(b"")
+    commands = [["info", missing], ["predict", missing, "img.png"], ["serve", missing, "--port", "0"]]
+    for args in [*commands, ["eval", "--family", missing, "--data", f"d={tmp_path}"]]:
+        assert main(args) == 2
+        assert expected in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        AdapterModel.from_pretrained(missing)
