@@ -135,3 +135,23 @@ def test_a_missing_folder_with_slashes_is_named_as_a_folder(missing, tmp_path, c
         assert expected in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="no such folder"):
         AdapterModel.from_pretrained(missing)
+
+
+def test_pull_and_info_take_a_revision_after_the_repo_id(registry, family_dir, tmp_path, capsys):
+    """`org/name@rev`, as eval, export and serve take it: pull and info answered huggingface_hub's "Repo id
+    must use alphanumeric chars"."""
+    _, fam = family_dir
+    repo = f"alice/rev-{uuid.uuid4().hex[:8]}"
+    token = registry.tokens["alice"]
+    assert main(["push", str(fam), repo, "--domain", "a", "--token", token]) == 0
+    first = capsys.readouterr().out.strip().rsplit("/", 1)[-1]  # the commit of the push
+    assert main(["push", str(fam), repo, "--token", token]) == 0  # b arrives in a later commit
+    capsys.readouterr()
+    assert main(["info", f"{repo}@{first}", "--token", token]) == 0
+    assert [row[0] for row in table(capsys.readouterr().out)[1:]] == ["a"]
+    assert main(["pull", f"{repo}@{first}", str(tmp_path / "old"), "--token", token]) == 0
+    assert sorted(p.name for p in (tmp_path / "old" / "domains").glob("*.safetensors")) == ["a.safetensors"]
+    assert main(["pull", f"{repo}@{first}", str(tmp_path / "x"), "--revision", "main"]) == 2
+    assert "disagree" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["pull", f"{repo}@no-such-tag", str(tmp_path / "y"), "--token", token]) == 2
+    assert "revision 'no-such-tag' does not exist" in capsys.readouterr().err
