@@ -195,6 +195,8 @@ def test_hot_add_of_a_loaded_name_is_a_conflict(client, family):
 def test_hot_add_from_a_missing_source_or_domain(client, family, tmp_path):
     r = client.post("/v1/domains", json={"source": str(tmp_path / "none"), "domain": "c"}, headers=admin())
     error(r, 404, "source_not_found")
+    r = client.post("/v1/domains", json={"source": "none/", "domain": "c"}, headers=admin())
+    assert "none/: no such folder" in error(r, 404, "source_not_found")["message"]  # not a repo id
     r = client.post("/v1/domains", json={"source": str(family), "domain": "zzz"}, headers=admin())
     assert "'zzz'" in error(r, 404, "domain_not_found")["message"]
 
