@@ -58,6 +58,11 @@ def push(
 
     config = require_family(family)
     names = list(domain or config["domains"])
+    if not names:  # (it would publish a family without domains, and say "pushed  to ...")
+        raise CliError(
+            f"{family} has no domains yet, so there is nothing to push: train one first "
+            f"(adapterkit train --family {family} --domain NAME --data DIR), then push"
+        )
     check_domains(family, config, names)
     require_endpoint()
     check_push_token(repo_id, token)

@@ -155,3 +155,14 @@ def test_pull_and_info_take_a_revision_after_the_repo_id(registry, family_dir, t
     assert "disagree" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert main(["pull", f"{repo}@no-such-tag", str(tmp_path / "y"), "--token", token]) == 2
     assert "revision 'no-such-tag' does not exist" in capsys.readouterr().err
+
+
+def test_push_of_a_family_without_domains_is_refused(registry, tmp_path, capsys):
+    """It used to create the repo with a family of no domains and print "pushed  to alice/...: <url>"."""
+    AdapterModel.from_backbone("test_resnet").save_pretrained(tmp_path / "empty")
+    repo = f"alice/empty-{uuid.uuid4().hex[:8]}"
+    assert main(["push", str(tmp_path / "empty"), repo, "--token", registry.tokens["alice"]]) == 2
+    err = capsys.readouterr().err
+    assert "has no domains yet, so there is nothing to push: train one first" in err
+    assert main(["info", repo, "--token", registry.tokens["alice"]]) == 2  # no repo was created
+    assert "not found" in capsys.readouterr().err
