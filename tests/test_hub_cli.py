@@ -166,3 +166,10 @@ def test_push_of_a_family_without_domains_is_refused(registry, tmp_path, capsys)
     assert "has no domains yet, so there is nothing to push: train one first" in err
     assert main(["info", repo, "--token", registry.tokens["alice"]]) == 2  # no repo was created
     assert "not found" in capsys.readouterr().err
+    model = AdapterModel.from_backbone("test_resnet")
+    with pytest.raises(ValueError, match="no domain to push: the model has none"):
+        model.push_to_hub(repo, token=registry.tokens["alice"])
+    model.add_domain("a", num_classes=2)
+    with pytest.raises(ValueError, match=r"domains=\[\] selected none"):
+        model.push_to_hub(repo, domains=[], token=registry.tokens["alice"])
+    assert main(["info", repo, "--token", registry.tokens["alice"]]) == 2  # still no repo
