@@ -165,8 +165,8 @@ def backbone_errors(family: object, name: str | None):
     except ValueError as e:
         if "fingerprint" in str(e):
             raise CliError(
-                f"the backbone rebuilt for {family} ({name or 'recorded'}) has other weights than the ones it "
-                "was trained on; pass --backbone-weights FILE with the weights file the family was trained on"
+                f"the backbone rebuilt for {family}{backbone} has other weights than the ones it was trained "
+                "on; pass --backbone-weights FILE with the weights file the family was trained on"
             ) from e
         if "pretrained weights" in str(e):
             raise CliError(
