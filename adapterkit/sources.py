@@ -81,7 +81,12 @@ def local_source(directory: Path) -> Source:
     def fetch(path: str) -> Path:
         full = directory / path
         if not full.is_file():
-            raise FileNotFoundError(f"{full} does not exist; is {directory} an adapterkit family folder?")
+            if path == CONFIG_FILE:
+                raise FileNotFoundError(f"{full} does not exist; is {directory} an adapterkit family folder?")
+            raise FileNotFoundError(
+                f"{full} does not exist, but {directory}/{CONFIG_FILE} records it: the family folder is "
+                "incomplete; copy the file back from where the family came from, or pull the family again"
+            )
         return full
 
     return Source(str(directory), files, fetch)
