@@ -58,6 +58,11 @@ def push(
 
     config = require_family(family)
     names = list(domain or config["domains"])
+    if not names:  # (it would publish a family without domains, and say "pushed  to ...")
+        raise CliError(
+            f"{family} has no domains yet, so there is nothing to push: train one first "
+            f"(adapterkit train --family {family} --domain NAME --data DIR), then push"
+        )
     check_domains(family, config, names)
     require_endpoint()
     check_push_token(repo_id, token)
@@ -78,7 +83,7 @@ def push(
 
 
 def pull(
-    repo_id: Annotated[str, typer.Argument(help="Hub repo, e.g. alice/decathlon-r56")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repo, e.g. alice/decathlon-r56 (or @revision)")],
     family: Annotated[Path, typer.Argument(help="folder to write the family into (domains there stay)")],
     domain: Domains = None,
     revision: Revision = None,
@@ -92,7 +97,9 @@ def pull(
     Example: adapterkit pull alice/my-family fam/ --domain gtsrb
     """
     from .hub import pull_family
+    from .sources import pin_source
 
+    repo_id, revision = pin_source(repo_id, revision)  # `org/name@rev`, as eval, export and serve take it
     if family.exists() and not family.is_dir():
         raise CliError(f"{family} is a file; pass a folder to write the family into")
     require_endpoint()
@@ -153,7 +160,7 @@ def _weights(backbone: dict[str, Any]) -> str:
 
 
 def info(
-    source: Annotated[str, typer.Argument(help="Hub repo id or family folder")],
+    source: Annotated[str, typer.Argument(help="Hub repo id (or id@revision) or family folder")],
     revision: Revision = None,
     as_json: Annotated[bool, typer.Option("--json", help="print adapterkit.json as it is")] = False,
     token: Token = None,
@@ -163,12 +170,13 @@ def info(
     Example: adapterkit info alice/my-family
     """
     from .format import read_config
-    from .sources import check_repo_id, open_source
+    from .sources import check_repo_id, open_source, pin_source
 
     local = Path(source).is_dir()
     if local:
         require_family(Path(source))
     else:
+        source, revision = pin_source(source, revision)  # `org/name@rev`, as eval, export and serve take it
         check_repo_id(source)
         require_endpoint()
     opened = open_source(source, **({} if local else {"revision": revision, "token": token}))

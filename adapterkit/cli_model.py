@@ -149,20 +149,28 @@ def open_family(
     kind = (config["backbone"].get("weights") or {}).get("kind", "timm")
     name = str(config["backbone"]["name"])
     needs_hub = weights is None and kind not in ("random", "file") and not name.startswith("local-dir:")
+    with backbone_errors(family, name), cache_if_unreachable(needs_hub):
+        return AdapterModel.from_pretrained(
+            str(family), domains=domains, backbone_weights=weights, revision=revision
+        )
+
+
+@contextmanager
+def backbone_errors(family: object, name: str | None):
+    """The library's backbone errors in the command line's terms: its advice names Python arguments
+    (force=, backbone=). `name`: the family's backbone, if known."""
+    backbone = f" ({name})" if name else ""
     try:
-        with cache_if_unreachable(needs_hub):
-            return AdapterModel.from_pretrained(
-                str(family), domains=domains, backbone_weights=weights, revision=revision
-            )
-    except ValueError as e:  # the library's advice names Python arguments (force=, backbone=)
+        yield
+    except ValueError as e:
         if "fingerprint" in str(e):
             raise CliError(
-                f"the backbone rebuilt for {family} ({name}) has other weights than the ones it was trained on; "
-                "pass --backbone-weights FILE with the weights file the family was trained on"
+                f"the backbone rebuilt for {family}{backbone} has other weights than the ones it was trained "
+                "on; pass --backbone-weights FILE with the weights file the family was trained on"
             ) from e
         if "pretrained weights" in str(e):
             raise CliError(
-                f"could not load the pretrained weights of {name!r}, which {family} was trained on "
+                f"could not load the pretrained weights of the backbone {family} was trained on{backbone} "
                 f"({short_reason(e.__cause__ or e)}); go online once so they are cached, or pass "
                 "--backbone-weights FILE"
             ) from e
@@ -238,13 +246,13 @@ def export(
     """
     family, config, revision = family_or_repo(family)
     check_domains(family, config, [domain])
-    if output.exists() and not output.is_dir():
-        raise CliError(
-            f"--output {output} is a file; the export is a folder (model.safetensors, config.json)"
-        )
-    with torch_threads(threads) as n:
-        from .export import save_export
+    from .export import check_output, save_export
 
+    try:
+        check_output(output)
+    except ValueError as e:
+        raise CliError(f"--output {e}") from None
+    with torch_threads(threads) as n:
         model = open_family(family, config, [domain], backbone_weights, revision)
         status(f"exporting {domain!r} of {family} ({plural(n, 'thread')})")
         exported = save_export(model, domain, output)

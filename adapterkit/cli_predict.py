@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from .cli_errors import CliError
-from .cli_model import plural
+from .cli_model import backbone_errors, plural
 from .cli_output import print_table, status
 from .cli_serve import (
     MAX_PIXELS,
@@ -156,9 +156,10 @@ def predict(
     if torch_threads is not None:
         torch.set_num_threads(torch_threads)
     only = None if domain in (None, "auto") else [domain]  # load only the files it needs
-    model, repo, revision = load_family(
-        source, domains=only, device=device, backbone_weights=backbone_weights
-    )
+    with backbone_errors(source, None):
+        model, repo, revision = load_family(
+            source, domains=only, device=device, backbone_weights=backbone_weights
+        )
     domain = pick_domain(domain, model.domains, all(d in model.signatures for d in model.domains))
     service = Service(
         model,

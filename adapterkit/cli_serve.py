@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 
 from .cli_errors import CliError
-from .cli_model import plural
+from .cli_model import backbone_errors, plural
 from .cli_output import status
 
 TOKEN_ENV = "ADAPTERKIT_ADMIN_TOKEN"
@@ -182,9 +182,10 @@ def serve(
     check_device(device)
     if torch_threads is not None:
         torch.set_num_threads(torch_threads)
-    model, repo, revision = load_family(
-        source, domains=domain, device=device, backbone_weights=backbone_weights
-    )
+    with backbone_errors(source, None):
+        model, repo, revision = load_family(
+            source, domains=domain, device=device, backbone_weights=backbone_weights
+        )
     app = create_app(
         model,
         max_batch_size=max_batch_size,

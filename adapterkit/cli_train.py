@@ -269,7 +269,15 @@ def train(
     check_domain_name(domain)
     existing = family_config(family)  # flags are checked before torch is imported: wrong ones fail at once
     if existing is None and not backbone:
-        raise CliError(f"{family} is not a family yet: pass --backbone NAME (a timm model) to create it")
+        hint = "pass --backbone NAME (a timm model) to create it"
+        if not family.parent.is_dir():  # `alice/fam`: perhaps a Hub repo id
+            hint += f"; for the Hub family {family}, run `adapterkit pull {family} DIR` and train into DIR"
+        raise CliError(f"{family} is not a family yet: {hint}")
+    if resume and output_dir is None and (existing is None or domain not in existing["domains"]):
+        raise CliError(
+            f"{family} has no domain {domain!r} to resume, and no --output-dir holds its checkpoint: drop "
+            "--resume to train it new, or pass the interrupted run's --output-dir"
+        )
     if pretrained not in (None, "timm") and not random_init and not Path(pretrained).is_file():
         raise CliError(f"--pretrained {pretrained}: no such file; pass the backbone's .safetensors weights")
     if existing is not None:

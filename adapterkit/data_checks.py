@@ -34,10 +34,15 @@ def align_labels(source: Source, labels: Sequence[str] | None, what: str = "data
         return source
     unknown = [c for c in names if c not in labels]
     if unknown:
+        fix = (  # the training data of a resumed domain, or evaluation data
+            "name the class folders as the domain's classes, or train a fresh domain in its place "
+            "(overwrite=True; CLI: --overwrite) or under another name"
+            if what == "training data"
+            else "name the class folders as the training data did, or evaluate the domain its data belongs to"
+        )
         raise ValueError(
             f"{what}: classes {unknown[:10]} are not classes of the domain ({list(labels)[:10]}"
-            f"{' ...' if len(labels) > 10 else ''}): name the class folders as the training data did, "
-            "or evaluate the domain its data belongs to"
+            f"{' ...' if len(labels) > 10 else ''}): {fix}"
         )
     missing = [c for c in labels if c not in names]
     if missing:

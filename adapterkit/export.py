@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .format import atomic_write
+from .format import CONFIG_FILE, atomic_write
 from .layers import DomainLayer, not_foldable_reason
 from .transforms import DATA_CONFIG_KEYS, resolve_data_config
 
@@ -105,10 +105,7 @@ def save_export(model: AdapterModel, domain: str, output: str | Path) -> nn.Modu
     from timm.models import save_for_hf
 
     output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise ValueError(
-            f"{output} is a file; the export is a folder (model.safetensors, config.json): pass a folder"
-        )
+    check_output(output)
     exported = export_domain(model, domain)
     cfg = exported.pretrained_cfg
     data_config = {k: cfg[k] for k in DATA_CONFIG_KEYS if k in cfg}  # as export_domain set them
@@ -119,6 +116,21 @@ def save_export(model: AdapterModel, domain: str, output: str | Path) -> nn.Modu
         for path in sorted(Path(tmp).iterdir()):
             atomic_write(output / path.name, path.read_bytes())
     return exported
+
+
+def check_output(output: Path) -> None:
+    """Refuse an export folder that is a file, or a family folder (its `adapterkit.json`): the export's
+    `config.json` and `model.safetensors` would land among the family's files."""
+    if output.exists() and not output.is_dir():
+        raise ValueError(
+            f"{output} is a file; the export is a folder (model.safetensors, config.json): pass a folder"
+        )
+    if (output / CONFIG_FILE).is_file():
+        raise ValueError(
+            f"{output} is an adapterkit family folder ({CONFIG_FILE}); the export is a plain timm model and"
+            " would mix its files into the family's: pass a new folder, e.g. "
+            f"{output.name or 'family'}-export/ beside it"
+        )
 
 
 def _check_head_is_classifier(

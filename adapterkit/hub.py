@@ -204,6 +204,7 @@ def push_to_hub(
     from .family import family_files
 
     names = model.domains if domains is None else list(domains)
+    _check_something_to_push(names, "the model")
     files = family_files(model, names)
     local = json.loads(files[CONFIG_FILE]) | {
         "domains": {n: json.loads(files[domain_entry_file(n)]) for n in names}
@@ -229,6 +230,15 @@ def push_to_hub(
     return result.commit_url
 
 
+def _check_something_to_push(names: list[str], what: str) -> None:
+    """Refuse a push of no domain: it would publish (or re-commit) a family without the domains asked for."""
+    if not names:
+        raise ValueError(
+            f"no domain to push: {what} has none, or domains=[] selected none; train or load one first, "
+            "or name the domains to push"
+        )
+
+
 def push_folder(
     folder: str | Path,
     repo_id: str,
@@ -246,6 +256,7 @@ def push_folder(
         raise FileNotFoundError(f"{folder} is not an adapterkit family folder (no {CONFIG_FILE})")
     config = read_config(source.fetch, source.files, domains, where=str(folder))
     names = list(config["domains"])
+    _check_something_to_push(names, str(folder))
     files = {}
     for name in names:
         files[domain_file(name)] = source.fetch(domain_file(name)).read_bytes()

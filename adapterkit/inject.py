@@ -44,11 +44,7 @@ def create_backbone(
     the same call always builds the same backbone."""
     path = None
     if isinstance(pretrained, (str, Path)):
-        path = Path(pretrained)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"pretrained weights file {path} does not exist; pass a .safetensors path"
-            )
+        path = check_weights_file(Path(pretrained))
         kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(path)}
         pretrained = True
     try:
@@ -78,10 +74,36 @@ def create_backbone(
         raise
 
 
+def check_weights_file(path: Path) -> Path:
+    """Refuse a weights file that is missing or not safetensors: timm would read any other file with
+    `torch.load`, which unpickles (and fails on a stray file with a bare `KeyError`)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights file {path} does not exist; pass a .safetensors path")
+    if path.suffix != ".safetensors":
+        raise ValueError(
+            f"backbone weights file {path} is not a .safetensors file: adapterkit reads weights only as "
+            "safetensors, never pickle; convert a state dict with "
+            "safetensors.torch.save_file(state_dict, 'weights.safetensors')"
+        )
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+        raise ValueError(
+            f"backbone weights file {path} is not a readable safetensors file ({e}); pass an intact "
+            ".safetensors file (re-download or re-save it)"
+        ) from e
+    return path
+
+
 def weights_record(name: str, pretrained: bool | str | Path, seed: int = 0) -> dict[str, Any]:
     """Where a backbone's weights come from, as a family records it (see docs/format.md)."""
     if isinstance(pretrained, (str, Path)):
-        path = Path(pretrained).absolute()  # as given (a symlink stays the link: its target may be swapped)
+        path = check_weights_file(
+            Path(pretrained)
+        ).absolute()  # as given (a symlink stays the link: its target may be swapped)
         return {
             "kind": "file",
             "path": os.path.normpath(path),

@@ -55,7 +55,8 @@ def check_backbone(
     first, since no `force` can attach adapters to layers that are not there."""
     layers = {t.name: {"rule": t.rule, "kind": t.kind} for t in model.targets}
     if layers != config["layers"]:
-        raise _layout_error(config, source, sorted(set(layers).symmetric_difference(config["layers"])))
+        differing = sorted(set(layers).symmetric_difference(config["layers"]))
+        raise _layout_error(config, source, differing, None if advice is FORCE_ADVICE else advice)
     check_fingerprint(model.fingerprint, config, source, force, advice)
 
 
@@ -68,12 +69,19 @@ def check_architecture(module: nn.Module, config: dict[str, Any], source: str) -
         raise _layout_error(config, source, missing)
 
 
-def _layout_error(config: dict[str, Any], source: str, differing: list[str]) -> ValueError:
+def _layout_error(
+    config: dict[str, Any], source: str, differing: list[str], advice: str | None = None
+) -> ValueError:
+    """`advice`: what to do instead of rebuilding the backbone (a service cannot: serve_domains.py)."""
     name = config["backbone"].get("name")
+    fix = advice or (
+        f"use the backbone architecture{f' ({name!r})' if name else ''} and AdapterConfig the family was "
+        "built with"
+    )
+    built = f"built on {name!r}; " if name else ""
     return ValueError(
-        f"the adapter layout of this backbone does not match {source} (differing layers: "
-        f"{differing[:5] or 'rules'}); use the backbone architecture{f' ({name!r})' if name else ''} and "
-        "AdapterConfig the family was built with"
+        f"the adapter layout of this backbone does not match {source} ({built}differing layers: "
+        f"{differing[:5] or 'rules'}); {fix}"
     )
 
 

@@ -9,6 +9,7 @@ versions of a family, and a subset of domains downloads only theirs. Imports no 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,10 +41,25 @@ def is_connection_error(error: BaseException) -> bool:
     return bool(names & {"TransportError", "ConnectionError", "ConnectError", "Timeout", "TimeoutException"})
 
 
+def late_endpoint() -> str:
+    """A note when HF_ENDPOINT was set after huggingface_hub was imported: it reads the variable once, at
+    import, and keeps the endpoint it read (`from adapterkit import AdapterModel` imports it)."""
+    from huggingface_hub import constants
+
+    wanted = os.environ.get("HF_ENDPOINT", "").rstrip("/")
+    if not wanted or wanted == constants.ENDPOINT.rstrip("/"):
+        return ""
+    return (
+        f"; HF_ENDPOINT is {wanted} now, but huggingface_hub read it when it was imported and uses "
+        f"{constants.ENDPOINT}: set HF_ENDPOINT before importing adapterkit (or export it in the shell)"
+    )
+
+
 def unreachable(error: BaseException) -> ConnectionError:
     return ConnectionError(
         f"cannot reach {endpoint()} ({error}): is the Hub or registry running? Point HF_ENDPOINT at your "
         "registry (export HF_ENDPOINT=http://127.0.0.1:PORT) before starting Python, or use a local folder"
+        + late_endpoint()
     )
 
 
@@ -65,7 +81,12 @@ def local_source(directory: Path) -> Source:
     def fetch(path: str) -> Path:
         full = directory / path
         if not full.is_file():
-            raise FileNotFoundError(f"{full} does not exist; is {directory} an adapterkit family folder?")
+            if path == CONFIG_FILE:
+                raise FileNotFoundError(f"{full} does not exist; is {directory} an adapterkit family folder?")
+            raise FileNotFoundError(
+                f"{full} does not exist, but {directory}/{CONFIG_FILE} records it: the family folder is "
+                "incomplete; copy the file back from where the family came from, or pull the family again"
+            )
         return full
 
     return Source(str(directory), files, fetch)
@@ -118,11 +139,12 @@ def hub_source(
                 label = f"the cached copy of {label} ({endpoint()} cannot be reached)"
                 logger.warning(
                     "cannot reach %s: using %s's cached snapshot %s, with only the files downloaded before "
-                    "(%d); start the registry or check HF_ENDPOINT for the whole family",
+                    "(%d); start the registry or check HF_ENDPOINT for the whole family%s",
                     endpoint(),
                     repo_id,
                     sha[:12],
                     len(files),
+                    late_endpoint(),
                 )
             else:
                 sha, files = info.sha, sorted(s.rfilename for s in info.siblings or [])
@@ -131,6 +153,7 @@ def hub_source(
     except RepositoryNotFoundError as e:
         raise FileNotFoundError(
             f"repo {repo_id!r} not found on {endpoint()} (or it is private: pass a token with access)"
+            + late_endpoint()
         ) from e
     except RevisionNotFoundError as e:
         raise FileNotFoundError(f"revision {revision!r} does not exist in {repo_id}") from e
@@ -200,7 +223,9 @@ def check_repo_id(source: str | Path) -> None:
     text = str(source)
     if Path(source).is_file():
         raise NotADirectoryError(f"{source} is a file; a family is a folder: pass {Path(source).parent}")
-    if "/" not in text or (text.startswith((".", "/")) and not Path(source).exists()):
+    org, _, name = text.partition("/")
+    not_an_id = not org or not name or "/" in name  # `fam/`, `runs/2024/fam`: folder paths, not org/name
+    if not_an_id or (text.startswith((".", "/")) and not Path(source).exists()):
         where = "" if Path(source).is_absolute() else f" in {Path.cwd()}"
         raise FileNotFoundError(
             f"{source}: no such folder{where}; give a family folder, or a Hub repo id as org/name"

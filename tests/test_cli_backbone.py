@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 
+import pytest
 import timm
 import torch
 from cli_support import TRAIN, digest, image_folder, table
@@ -93,3 +94,33 @@ def test_an_existing_domain_needs_overwrite_or_resume(tmp_path, capsys):
     threads = torch.get_num_threads()
     assert main([*args, "--resume", "--threads", str(threads + 1)]) == 0
     assert torch.get_num_threads() == threads  # --threads holds for the command only
+
+
+def test_a_weights_file_that_is_not_safetensors_is_refused_by_name(tmp_path, capsys):
+    """timm reads any other file with torch.load (unpickling it); a stray file failed with a bare
+    `KeyError: 101` ("adapterkit train: error: 101"), a missing --backbone-weights with "[Errno 2] ..."."""
+    from adapterkit import AdapterModel
+    from adapterkit.inject import create_backbone
+
+    pth = tmp_path / "w.pth"
+    torch.save(timm.create_model("test_resnet").state_dict(), pth)
+    broken = tmp_path / "w.safetensors"
+    broken.write_bytes(b"hello")
+    with pytest.raises(ValueError, match=r"w.pth is not a .safetensors file.*never pickle.*save_file"):
+        create_backbone("test_resnet", pth)
+    with pytest.raises(ValueError, match="w.safetensors is not a readable safetensors file"):
+        AdapterModel.from_backbone("test_resnet", pretrained=broken)
+    data, family = image_folder(tmp_path / "data"), tmp_path / "family"
+    args = ["--family", str(family), "--domain", "pets", "--data", str(data), "--steps", "1", *TRAIN]
+    assert main(["train", *args, "--backbone", "test_resnet", "--pretrained", str(pth)]) == 2
+    assert f"backbone weights file {pth} is not a .safetensors file" in capsys.readouterr().err
+    assert not family.exists()
+    model = AdapterModel.from_backbone("test_resnet")
+    model.add_domain("pets", labels=["a", "b"])
+    model.save_pretrained(family)
+    evaluate = ["eval", "--family", str(family), "--data", f"pets={data}", "--no-progress"]
+    assert main([*evaluate, "--backbone-weights", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert f"backbone weights file {broken} is not a readable safetensors file" in err and "online" not in err
+    assert main([*evaluate, "--backbone-weights", str(tmp_path / "moved.safetensors")]) == 2
+    assert "moved.safetensors does not exist; pass a .safetensors path" in capsys.readouterr().err

@@ -116,3 +116,27 @@ def test_auto_routes_each_image_and_says_when_it_fits_no_domain(tmp_path):
     shown = cli("predict", str(tmp_path / "fam"), *files)  # the table: score is always a class probability
     row = next(r for r in table(shown.stdout) if r[0].endswith("2_board.png"))
     assert row[1].startswith("unknown (nearest") and row[2].startswith("(routing confidence") and row[3] == ""
+
+
+def test_predict_and_serve_say_backbone_problems_in_flags(tmp_path, capsys):
+    """predict and serve load through `serve_run.load_family`, not the CLI's `open_family`: other backbone
+    weights answered the library's "pass force=True", and missing pretrained weights "pass backbone= with the
+    timm module"; neither command takes those."""
+    from cli_support import weights_file
+
+    from adapterkit.cli import main
+
+    model = AdapterModel.from_backbone("test_resnet", pretrained=weights_file(tmp_path / "a.safetensors"))
+    model.add_domain("d", num_classes=2, data_config={"input_size": 32})
+    model.save_pretrained(tmp_path / "fam")
+    other = weights_file(tmp_path / "b.safetensors", seed=1)
+    (tmp_path / "x.png").write_bytes(image_bytes(0))
+    weights = ["--backbone-weights", str(other)]
+    for args in (
+        ["predict", str(tmp_path / "fam"), str(tmp_path / "x.png")],
+        ["serve", str(tmp_path / "fam")],
+    ):
+        assert main([*args, *weights, *(["--port", "0"] if args[0] == "serve" else [])]) == 2
+        err = capsys.readouterr().err
+        assert "pass --backbone-weights FILE with the weights file the family was trained on" in err
+        assert "force" not in err

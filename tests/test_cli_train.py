@@ -208,3 +208,52 @@ def test_an_interrupted_training_says_what_it_left_and_how_to_continue(tmp_path)
     assert proc.returncode == 130, err
     assert "interrupted: 'pets' was not saved; rerun the command with --resume" in err
     assert str(tmp_path / "out" / "checkpoints" / "pets") in err and not family.exists()
+
+
+def test_an_export_into_a_family_folder_is_refused_and_writes_nothing(tmp_path, capsys):
+    """`--output` naming the family folder itself (or another family's) would mix a timm model's
+    config.json and model.safetensors into the family's files."""
+    from adapterkit.export import save_export
+
+    model = AdapterModel.from_backbone("test_resnet")
+    model.add_domain("pets", num_classes=3)
+    family = tmp_path / "family"
+    model.save_pretrained(family)
+    before = sorted(p.relative_to(family) for p in family.rglob("*"))
+    with pytest.raises(ValueError, match="is an adapterkit family folder.*pass a new folder"):
+        save_export(model, "pets", family)
+    assert main(["export", "--family", str(family), "--domain", "pets", "--output", str(family)]) == 2
+    err = capsys.readouterr().err
+    assert f"--output {family} is an adapterkit family folder" in err and "pass a new folder" in err
+    assert sorted(p.relative_to(family) for p in family.rglob("*")) == before
+
+
+def test_resume_of_a_domain_the_family_lacks_names_the_flags(tmp_path, capsys):
+    """`--resume` of a domain with nothing to resume (not in the family, no --output-dir) used to answer in
+    Python terms, "resume=True needs TrainConfig(output_dir=...)", after loading the family."""
+    model = AdapterModel.from_backbone("test_resnet")
+    model.add_domain("pets", num_classes=3)
+    family = tmp_path / "family"
+    model.save_pretrained(family)
+    data = image_folder(tmp_path / "data")
+    args = ["--domain", "birds", "--data", str(data), "--resume", "--steps", "1", *TRAIN]
+    assert main(["train", "--family", str(family), *args]) == 2
+    err = capsys.readouterr().err
+    assert f"{family} has no domain 'birds' to resume" in err and "drop --resume" in err
+    assert "--output-dir" in err and "TrainConfig" not in err
+    new = tmp_path / "new"
+    assert main(["train", "--family", str(new), "--backbone", "test_resnet", "--random-init", *args]) == 2
+    assert "has no domain 'birds' to resume" in capsys.readouterr().err and not new.exists()
+
+
+def test_train_into_a_hub_repo_id_says_to_pull_it_first(tmp_path, capsys, monkeypatch):
+    """`--family alice/fam` (a repo id: train writes into folders) said only "pass --backbone"."""
+    monkeypatch.chdir(tmp_path)
+    data = image_folder(tmp_path / "data")
+    assert main(["train", "--family", "alice/fam", "--domain", "d", "--data", str(data), *TRAIN]) == 2
+    err = capsys.readouterr().err
+    assert "alice/fam is not a family yet: pass --backbone NAME" in err
+    assert "for the Hub family alice/fam, run `adapterkit pull alice/fam DIR` and train into DIR" in err
+    assert main(["train", "--family", "fam", "--domain", "d", "--data", str(data), *TRAIN]) == 2
+    assert "pull" not in capsys.readouterr().err  # a folder here: only --backbone
+    assert not (tmp_path / "alice").exists() and not (tmp_path / "fam").exists()

@@ -92,6 +92,8 @@ def test_evaluation_data_is_matched_to_the_domain_by_class_name(tmp_path):
         evaluate(model, _image_folder(tmp_path / "bx", classes=("b", "x")), "d", config=cfg())
     train_domain(model, "e", tmp_path / "bc", missing_a, cfg(steps=1), data_config=SIZE)  # same names: as is
     assert model.domain_info("e").labels == ["b", "c"]
+    with pytest.raises(ValueError, match=r"training data: classes \['x'\].*train a fresh domain.*overwrite"):
+        train_domain(model, "e", tmp_path / "bx", config=cfg(steps=1), resume=True)  # (not "evaluate")
 
 
 @pytest.mark.parametrize(

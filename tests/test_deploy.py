@@ -5,12 +5,14 @@ the proxy with the real huggingface_hub client and hf_xet, predictions and a hot
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import signal
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -240,3 +242,35 @@ def test_a_proxys_body_limit_is_named_not_reported_as_an_unreachable_registry(tm
     assert pushed.returncode == 2
     assert "answered 413" in pushed.stderr and "client_max_body_size 0" in pushed.stderr, pushed.stderr
     assert "cannot reach" not in pushed.stderr
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="runs the install's lines as root"
+)
+def test_the_install_lines_leave_the_units_user_what_it_reads():
+    """docs/deploy.md's install lines for the registry's root and /etc/adapterkit, run as written (sudo
+    dropped, `sudo -u adapterkit` as `nobody`, the folders under a root-owned one). Before, the token
+    commands could not create /var/lib/adapterkit-registry (root's /var/lib; systemd creates the
+    StateDirectory only when the unit starts, later), and the admin token file was root's with mode 600,
+    which the serve unit, running as `adapterkit`, cannot read (it exited 2 in a restart loop)."""
+    unit = (DEPLOY / "systemd" / "adapterkit-serve.service").read_text()
+    assert "User=adapterkit" in unit and "--admin-token-file /etc/adapterkit/admin-token" in unit
+    doc = (DEPLOY.parent / "docs" / "deploy.md").read_text()
+    paths = ("/etc/adapterkit", "/var/lib/adapterkit-registry")
+    lines = [x[2:] for x in doc.splitlines() if x.startswith("$ ") and any(p in x for p in paths)]
+    lines = [x for x in lines if not x.startswith("sudo useradd")]  # (nobody exists)
+    with tempfile.TemporaryDirectory(dir="/tmp") as folder:  # (pytest's tmp_path is closed to others)
+        os.chmod(folder, 0o755)
+        etc, state = Path(folder) / "etc-adapterkit", Path(folder) / "var-lib-registry"
+        as_user = "setpriv --reuid=nobody --regid=nogroup --clear-groups"
+        script = "\n".join(lines).replace("sudo -u adapterkit ", f"{as_user} ").replace("sudo ", "")
+        script = script.replace("/etc/adapterkit", str(etc)).replace(paths[1], str(state))
+        script = script.replace("/opt/adapterkit/venv/bin/", f"{BIN}/")
+        script = re.sub(r"(?<![\w/.-])adapterkit(?![\w/.-])", "nobody", script)  # the user and group
+        script = script.replace("-g nobody", "-g nogroup")
+        done = subprocess.run(["bash", "-ec", script], capture_output=True, text=True, cwd=folder)
+        assert done.returncode == 0, done.stderr
+        read = subprocess.run([*as_user.split(), "cat", str(etc / "admin-token")], capture_output=True)
+        assert read.returncode == 0 and len(read.stdout.strip()) == 64, read.stderr
+        assert (etc / "admin-token").stat().st_mode & 0o077 == 0  # nobody else's
+        assert (state / "registry.db").exists() or any(state.iterdir())  # the tokens were written

@@ -331,3 +331,18 @@ def test_cli_retraining_into_a_family_still_saves(tmp_path):
         assert run.returncode == 0, run.stderr
         assert digest(fam / "domains" / "a.safetensors") != before
         before = digest(fam / "domains" / "a.safetensors")
+
+
+def test_a_family_missing_a_file_it_records_says_it_is_incomplete(tmp_path):
+    """A copied folder without its basis file asked "is fam an adapterkit family folder?", while its
+    adapterkit.json was right there."""
+    from adapterkit.compress import refactorize
+
+    model = make(("a", "b"))
+    refactorize(model, basis_rank=0.5, apply=True)
+    model.save_pretrained(tmp_path / "fam")
+    (tmp_path / "fam" / "basis.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="records it: the family folder is incomplete; copy the file"):
+        AdapterModel.from_pretrained(tmp_path / "fam")
+    with pytest.raises(FileNotFoundError, match="is .* an adapterkit family folder"):
+        AdapterModel.from_pretrained(tmp_path)  # no adapterkit.json: not a family

@@ -305,3 +305,25 @@ def test_a_push_that_changes_nothing_answers_the_current_commit_as_huggingface_h
     )
     perturb(model, "a", seed=5)
     assert model.push_to_hub(repo, token=token) != first
+
+
+def test_hf_endpoint_set_after_import_is_named_in_the_error(registry, tmp_path):
+    """huggingface_hub reads HF_ENDPOINT once, at import (`from adapterkit import AdapterModel` imports it):
+    setting it afterwards used to leave only "cannot reach <the old endpoint>; check HF_ENDPOINT", while
+    HF_ENDPOINT was right."""
+    code = (
+        "import os\n"
+        "from adapterkit import AdapterModel\n"
+        f"os.environ['HF_ENDPOINT'] = {registry.url!r}\n"
+        "try:\n"
+        "    AdapterModel.from_pretrained('alice/anything')\n"
+        "except ConnectionError as e:\n"
+        "    print(e)\n"
+    )
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "cannot reach http://127.0.0.1:9" in out.stdout, out.stderr
+    assert (
+        f"HF_ENDPOINT is {registry.url} now, but huggingface_hub read it when it was imported" in out.stdout
+    )
+    assert "set HF_ENDPOINT before importing adapterkit" in out.stdout

@@ -120,3 +120,56 @@ def test_list_offline_and_a_missing_absolute_path_say_what_they_are(tmp_path, ca
     assert main(["info", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'nowhere'}: no such folder; give a family folder" in err and " in /" not in err
+
+
+@pytest.mark.parametrize("missing", ["fam/", "runs/2024/fam", "alice/fam/"])
+def test_a_missing_folder_with_slashes_is_named_as_a_folder(missing, tmp_path, capsys, monkeypatch):
+    """`fam/` (the docs' own spelling of a folder) that does not exist is a mistyped folder, not a repo id:
+    before, huggingface_hub's "Repo id must use alphanumeric chars" answered it."""
+    monkeypatch.chdir(tmp_path)
+    expected = f"{missing}: no such folder in {tmp_path}; give a family folder, or a Hub repo id as org/name"
+    (tmp_path / "img.png").write_bytes(b"")
+    commands = [["info", missing], ["predict", missing, "img.png"], ["serve", missing, "--port", "0"]]
+    for args in [*commands, ["eval", "--family", missing, "--data", f"d={tmp_path}"]]:
+        assert main(args) == 2
+        assert expected in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        AdapterModel.from_pretrained(missing)
+
+
+def test_pull_and_info_take_a_revision_after_the_repo_id(registry, family_dir, tmp_path, capsys):
+    """`org/name@rev`, as eval, export and serve take it: pull and info answered huggingface_hub's "Repo id
+    must use alphanumeric chars"."""
+    _, fam = family_dir
+    repo = f"alice/rev-{uuid.uuid4().hex[:8]}"
+    token = registry.tokens["alice"]
+    assert main(["push", str(fam), repo, "--domain", "a", "--token", token]) == 0
+    first = capsys.readouterr().out.strip().rsplit("/", 1)[-1]  # the commit of the push
+    assert main(["push", str(fam), repo, "--token", token]) == 0  # b arrives in a later commit
+    capsys.readouterr()
+    assert main(["info", f"{repo}@{first}", "--token", token]) == 0
+    assert [row[0] for row in table(capsys.readouterr().out)[1:]] == ["a"]
+    assert main(["pull", f"{repo}@{first}", str(tmp_path / "old"), "--token", token]) == 0
+    assert sorted(p.name for p in (tmp_path / "old" / "domains").glob("*.safetensors")) == ["a.safetensors"]
+    assert main(["pull", f"{repo}@{first}", str(tmp_path / "x"), "--revision", "main"]) == 2
+    assert "disagree" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["pull", f"{repo}@no-such-tag", str(tmp_path / "y"), "--token", token]) == 2
+    assert "revision 'no-such-tag' does not exist" in capsys.readouterr().err
+
+
+def test_push_of_a_family_without_domains_is_refused(registry, tmp_path, capsys):
+    """It used to create the repo with a family of no domains and print "pushed  to alice/...: <url>"."""
+    AdapterModel.from_backbone("test_resnet").save_pretrained(tmp_path / "empty")
+    repo = f"alice/empty-{uuid.uuid4().hex[:8]}"
+    assert main(["push", str(tmp_path / "empty"), repo, "--token", registry.tokens["alice"]]) == 2
+    err = capsys.readouterr().err
+    assert "has no domains yet, so there is nothing to push: train one first" in err
+    assert main(["info", repo, "--token", registry.tokens["alice"]]) == 2  # no repo was created
+    assert "not found" in capsys.readouterr().err
+    model = AdapterModel.from_backbone("test_resnet")
+    with pytest.raises(ValueError, match="no domain to push: the model has none"):
+        model.push_to_hub(repo, token=registry.tokens["alice"])
+    model.add_domain("a", num_classes=2)
+    with pytest.raises(ValueError, match=r"domains=\[\] selected none"):
+        model.push_to_hub(repo, domains=[], token=registry.tokens["alice"])
+    assert main(["info", repo, "--token", registry.tokens["alice"]]) == 2  # still no repo

@@ -174,6 +174,19 @@ def test_hot_add_from_other_backbone_weights_is_a_conflict(client, tmp_path):
     assert "weights differ" in message and "own backbone weights" in message and "force" not in message
 
 
+def test_hot_add_from_another_architecture_names_it_and_the_services_fix(client, family, tmp_path):
+    """The message told a running service to "use the backbone architecture ('test_vit')", which it cannot."""
+    model = AdapterModel.from_backbone("test_vit")
+    model.add_domain("z", num_classes=2)
+    model.save_pretrained(tmp_path / "vit")
+    r = client.post("/v1/domains", json={"source": str(tmp_path / "vit"), "domain": "z"}, headers=admin())
+    message = error(r, 409, "backbone_mismatch")["message"]
+    assert "built on 'test_vit'" in message and "own backbone weights" in message
+    assert "use the backbone architecture" not in message
+    with pytest.raises(ValueError, match="built on 'test_vit'.*use the backbone architecture"):
+        AdapterModel.from_pretrained(family, domains=[]).load_domain(tmp_path / "vit", "z")
+
+
 def test_hot_add_of_a_loaded_name_is_a_conflict(client, family):
     r = client.post("/v1/domains", json={"source": str(family), "domain": "a"}, headers=admin())
     error(r, 409, "domain_exists")
@@ -182,6 +195,8 @@ def test_hot_add_of_a_loaded_name_is_a_conflict(client, family):
 def test_hot_add_from_a_missing_source_or_domain(client, family, tmp_path):
     r = client.post("/v1/domains", json={"source": str(tmp_path / "none"), "domain": "c"}, headers=admin())
     error(r, 404, "source_not_found")
+    r = client.post("/v1/domains", json={"source": "none/", "domain": "c"}, headers=admin())
+    assert "none/: no such folder" in error(r, 404, "source_not_found")["message"]  # not a repo id
     r = client.post("/v1/domains", json={"source": str(family), "domain": "zzz"}, headers=admin())
     assert "'zzz'" in error(r, 404, "domain_not_found")["message"]
 
