@@ -84,6 +84,17 @@ def perturb(params: list[torch.Tensor], scale: float = 0.02, seed: int = 0) -> N
             p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
+def served_domains(model, domains: int, px: int):
+    """`model` with `domains` frozen domains d0, d1, ... of random non-zero adapters (as a loaded family's),
+    in eval mode, mixed batches gathered."""
+    for i in range(domains):
+        model.add_domain(f"d{i}", 10, data_config={"input_size": px})
+        perturb(model.trainable_parameters(f"d{i}"), seed=i)
+        model.set_trainable(f"d{i}", False)
+    model.mixed_execution = "gathered"
+    return model.eval()
+
+
 def interleaved(
     fns: dict[str, Callable[[], object]], repeats: int, baseline: str, warmup: int = 1
 ) -> dict[str, dict[str, float]]:

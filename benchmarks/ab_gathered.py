@@ -23,7 +23,7 @@ import types
 from pathlib import Path
 
 import torch
-from _common import perturb, write_report
+from _common import served_domains, write_report
 
 import adapterkit.layers.norm as norm_module
 import adapterkit.layers.wrappers as wrappers
@@ -74,12 +74,7 @@ def build(backbone: str, px: int, domains: int) -> AdapterModel:
     extra = {"img_size": px} if "vit" in backbone else {}
     real = backbone == "cifar_resnet56" and R56_WEIGHTS.is_file()
     model = AdapterModel.from_backbone(backbone, pretrained=R56_WEIGHTS if real else False, **extra)
-    for i in range(domains):
-        model.add_domain(f"d{i}", 10, data_config={"input_size": px})
-        perturb(model.trainable_parameters(f"d{i}"), seed=i)
-        model.set_trainable(f"d{i}", False)
-    model.mixed_execution = "gathered"
-    return model.eval()
+    return served_domains(model, domains, px)
 
 
 def case(spec: str, base: dict, current: dict, repeats: int) -> dict:

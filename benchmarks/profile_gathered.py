@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import calibrated_backbone, interleaved, perturb, write_report
+from _common import calibrated_backbone, interleaved, served_domains, write_report
 
 from adapterkit import AdapterModel
 
@@ -33,12 +33,7 @@ def build(kind: str, px: int, domains: int) -> AdapterModel:
         )
     else:
         model = AdapterModel.from_backbone(calibrated_backbone("resnet50", px))
-    for i in range(domains):
-        model.add_domain(f"d{i}", 10, data_config={"input_size": px})
-        perturb(model.trainable_parameters(f"d{i}"), seed=i)
-        model.set_trainable(f"d{i}", False)
-    model.mixed_execution = "gathered"
-    return model.eval()
+    return served_domains(model, domains, px)
 
 
 def op_times(fn, calls: int) -> tuple[float, dict[str, float]]:
