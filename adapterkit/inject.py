@@ -101,9 +101,8 @@ def check_weights_file(path: Path) -> Path:
 def weights_record(name: str, pretrained: bool | str | Path, seed: int = 0) -> dict[str, Any]:
     """Where a backbone's weights come from, as a family records it (see docs/format.md)."""
     if isinstance(pretrained, (str, Path)):
-        path = check_weights_file(
-            Path(pretrained)
-        ).absolute()  # as given (a symlink stays the link: its target may be swapped)
+        # as given (a symlink stays the link: its target may be swapped)
+        path = check_weights_file(Path(pretrained)).absolute()
         return {
             "kind": "file",
             "path": os.path.normpath(path),
