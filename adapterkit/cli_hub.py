@@ -90,9 +90,17 @@ def pull(
     force: Annotated[
         bool, typer.Option("--force", help="write into a folder holding a family on other backbone weights")
     ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="replace domains trained or edited in the folder since it was pulled"
+        ),
+    ] = False,
     token: Token = None,
 ) -> None:
-    """Download domains of a Hub family into a folder (only their files; no backbone is built).
+    """Download domains of a Hub family into a folder (only their files; no backbone is built). A domain
+    the folder already holds is updated when it is the version an earlier pull wrote; one trained or
+    edited there since is kept, and the pull refused, unless --overwrite.
 
     Example: adapterkit pull alice/my-family fam/ --domain gtsrb
     """
@@ -104,7 +112,9 @@ def pull(
         raise CliError(f"{family} is a file; pass a folder to write the family into")
     require_endpoint()
     try:
-        names = pull_family(repo_id, family, domains=domain, revision=revision, token=token, force=force)
+        names = pull_family(
+            repo_id, family, domains=domain, revision=revision, token=token, force=force, overwrite=overwrite
+        )
     except KeyError as e:  # a domain the family lacks; the message lists the ones it has
         raise CliError(f"{e.args[0] if e.args else e}: pass those with --domain") from e
     print(f"pulled {', '.join(names)} from {repo_id} into {family}")

@@ -231,3 +231,54 @@ def save_family(
         if domain_file(name) in files:
             model.file_versions[_key(directory, name)] = sha256(files[domain_file(name)])
     return directory
+
+
+PULLED_FILE = ".adapterkit-pulled.json"
+"""In a family folder: the SHA-256 of each domain file as `pull_family` last wrote it, so a later pull can
+tell a domain unchanged since (updated freely) from one trained or edited here (kept unless `overwrite`)."""
+
+
+def pulled_versions(directory: Path) -> dict[str, str]:
+    """Domain name -> SHA-256 of its file as last pulled into `directory` ({} when nothing was)."""
+    path = directory / PULLED_FILE
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"{path} is not valid JSON ({e}); delete it (a later pull then needs overwrite)"
+        ) from e
+    return {str(k): str(v) for k, v in record.get("domains", {}).items()}
+
+
+def check_pull(
+    directory: Path, remote: Source, config: dict[str, Any], names: list[str], overwrite: bool
+) -> None:
+    """Refuse a pull that would replace a domain of `directory` which differs from the remote's and is not
+    the version an earlier pull wrote (so it was trained, resumed or edited here), unless `overwrite`."""
+    if overwrite:
+        return
+    pulled = pulled_versions(directory)
+    clashes = []
+    for name in names:
+        path = directory / domain_file(name)
+        if not path.is_file():
+            continue
+        theirs = config["domains"][name].get("sha256") or sha256(remote.fetch(domain_file(name)).read_bytes())
+        on_disk = sha256(path.read_bytes())
+        if on_disk not in (theirs, pulled.get(name)):
+            clashes.append(name)
+    if clashes:
+        raise ValueError(
+            f"{directory} holds {', '.join(map(repr, clashes))} changed since it was last pulled (trained, "
+            "resumed or saved there) and different from the remote's; pulling would replace it and nothing "
+            "was written. Push yours first, pull into another folder, or pass overwrite=True (CLI: "
+            "--overwrite) to replace it with the remote's"
+        )
+
+
+def record_pulled(directory: Path, files: dict[str, str]) -> None:
+    """Note the SHA-256 of the domain files a pull wrote (name -> digest), beside the earlier ones."""
+    versions = pulled_versions(directory) | files
+    atomic_write(directory / PULLED_FILE, json_bytes({"domains": dict(sorted(versions.items()))}))

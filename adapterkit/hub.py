@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .card import backbone_tag, domain_tag, model_card
-from .family import check_compatible, family_basis
+from .family import check_compatible, check_pull, family_basis, record_pulled
 from .format import (
     BASIS_FILE,
     CONFIG_FILE,
@@ -33,6 +33,7 @@ from .format import (
     domain_file,
     json_bytes,
     read_config,
+    sha256,
 )
 from .sources import (
     Source,
@@ -286,11 +287,14 @@ def pull_family(
     revision: str | None = None,
     token: str | bool | None = None,
     force: bool = False,
+    overwrite: bool = False,
 ) -> list[str]:
     """Download domains (default: all) of a Hub family into a folder, merging with what it holds.
 
     Domains already in the folder stay; a folder holding a family on other backbone weights, or a basis
-    that neither extends nor is extended by the remote one, is refused before anything is written.
+    that neither extends nor is extended by the remote one, is refused before anything is written. A
+    pulled domain replaces the folder's one of the same name when that is the version an earlier pull
+    wrote; one trained, resumed or edited there since is kept (the pull refused) unless `overwrite`.
 
     Returns:
         the pulled domain names.
@@ -314,9 +318,14 @@ def pull_family(
             else:
                 check_extends(ours, theirs, f"the basis of {repo_id} (against {out})")
         keep_local_basis = keep_local_basis or (bool(local.get("basis")) and not remote.get("basis"))
+        check_pull(out, source, remote, names, overwrite)
+    written = {}
     for name in names:
-        atomic_write(out / domain_file(name), source.fetch(domain_file(name)).read_bytes())
+        data = source.fetch(domain_file(name)).read_bytes()
+        atomic_write(out / domain_file(name), data)
         atomic_write(out / domain_entry_file(name), json_bytes(remote["domains"][name] | {"name": name}))
+        written[name] = sha256(data)
+    record_pulled(out, written)
     config = local if keep_local_basis else remote
     if remote.get("basis") and not keep_local_basis:
         atomic_write(out / BASIS_FILE, source.fetch(BASIS_FILE).read_bytes())

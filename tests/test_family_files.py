@@ -135,6 +135,34 @@ def test_pull_merges_into_a_folder_and_keeps_its_domains(registry, tmp_path):
     assert torch.equal(logits(merged, "mnist"), logits(model, "mnist"))
 
 
+def test_pull_updates_a_domain_it_wrote_and_keeps_one_trained_there(registry, tmp_path):
+    """A domain unchanged since the last pull is updated to the remote's newer version; one retrained in
+    the folder since is kept and the pull refused (nothing written) unless overwrite."""
+    token = registry.tokens["alice"]
+    repo = f"alice/{unique('update')}"
+    first = make(("a", "b"))
+    first.push_to_hub(repo, token=token)
+    folder = tmp_path / "fam"
+    pull_family(repo, folder, token=token)
+    newer = copy.deepcopy(first)
+    newer.set_trainable("a", True)
+    perturb(newer, "a", seed=7)
+    newer.push_to_hub(repo, domains=["a"], token=token)
+    pull_family(repo, folder, token=token)  # "a" was as pulled: updated
+    assert torch.equal(logits(AdapterModel.from_pretrained(folder), "a"), logits(newer, "a"))
+    local = AdapterModel.from_pretrained(folder)
+    local.set_trainable("b", True)
+    perturb(local, "b", seed=8)  # trained here, not pushed
+    local.save_pretrained(folder)
+    before = {p.name: p.read_bytes() for p in (folder / "domains").iterdir()}
+    with pytest.raises(ValueError, match="'b' changed since it was last pulled"):
+        pull_family(repo, folder, token=token)
+    assert {p.name: p.read_bytes() for p in (folder / "domains").iterdir()} == before
+    pull_family(repo, folder, token=token, domains=["a"])  # the other domain still pulls
+    pull_family(repo, folder, token=token, overwrite=True)
+    assert torch.equal(logits(AdapterModel.from_pretrained(folder), "b"), logits(first, "b"))
+
+
 def test_pushing_or_uploading_a_subset_never_shrinks_the_remote_family(registry, tmp_path):
     token = registry.tokens["alice"]
     model = make(("a", "b", "c"))

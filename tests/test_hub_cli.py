@@ -157,6 +157,30 @@ def test_pull_and_info_take_a_revision_after_the_repo_id(registry, family_dir, t
     assert "revision 'no-such-tag' does not exist" in capsys.readouterr().err
 
 
+def test_pull_keeps_a_domain_trained_in_the_folder_unless_overwrite(registry, family_dir, tmp_path, capsys):
+    """`adapterkit pull` into a folder whose domain was retrained there since the last pull refuses, names
+    --overwrite, and writes nothing; with --overwrite it takes the remote's."""
+    _, fam = family_dir
+    repo = f"alice/keep-{uuid.uuid4().hex[:8]}"
+    token = registry.tokens["alice"]
+    assert main(["push", str(fam), repo, "--token", token]) == 0
+    folder = tmp_path / "pulled"
+    assert main(["pull", repo, str(folder), "--token", token]) == 0
+    model = AdapterModel.from_pretrained(folder)
+    model.set_trainable("a", True)
+    perturb(model, "a", seed=9)
+    model.save_pretrained(folder)
+    retrained = (folder / "domains" / "a.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["pull", repo, str(folder), "--token", token]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (folder / "domains" / "a.safetensors").read_bytes() == retrained
+    assert main(["pull", repo, str(folder), "--overwrite", "--token", token]) == 0
+    assert (folder / "domains" / "a.safetensors").read_bytes() == (
+        fam / "domains" / "a.safetensors"
+    ).read_bytes()
+
+
 def test_push_of_a_family_without_domains_is_refused(registry, tmp_path, capsys):
     """It used to create the repo with a family of no domains and print "pushed  to alice/...: <url>"."""
     AdapterModel.from_backbone("test_resnet").save_pretrained(tmp_path / "empty")
