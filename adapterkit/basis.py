@@ -123,7 +123,8 @@ def resolve_rank(
                 raise ValueError("rank=0 keeps nothing; pass rank >= 1, a float share in (0, 1] or energy=")
             if rank > max_rank:
                 raise ValueError(
-                    f"rank={rank} exceeds max_rank={max_rank}; pass rank <= {max_rank} or a float share such as 0.5"
+                    f"rank={rank} exceeds the layer's largest rank, {max_rank} (its smaller channel count); "
+                    f"pass rank <= {max_rank} or a float share such as 0.5"
                 )
             return int(rank)
         return min(max_rank, max(1, math.ceil(rank * max_rank - 1e-9)))

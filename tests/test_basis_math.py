@@ -88,7 +88,7 @@ def test_energy_picks_smallest_rank_reaching_the_share():
 BAD_BUDGETS = [
     (dict(rank=0), "rank=0"),
     (dict(rank=-2), "negative"),
-    (dict(rank=33), "exceeds max_rank=32"),
+    (dict(rank=33), "exceeds the layer's largest rank, 32"),
     (dict(rank=True), "not a number"),
     (dict(rank=1.5), r"\(0, 1\]"),
     (dict(rank=float("nan")), r"\(0, 1\]"),
