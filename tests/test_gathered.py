@@ -255,12 +255,13 @@ def test_packed_domains_on_one_shared_basis_gather_without_modules():
     assert_rounding(gathered, grouped)
 
 
-def _per_sample_layers(model, x, domains):
-    """The adapted convs that run a batch of `x`'s size as one grouped conv of each sample's folded kernel."""
+def _per_sample_layers(model, x, domains, kind="_per_sample_conv"):
+    """The adapted convs that run a batch of `x`'s size with each sample's folded kernel: as one grouped
+    conv (`_per_sample_conv`) or one batched matmul (`_per_sample_matmul`)."""
     from adapterkit.layers import gathered
 
     convs = [m for m in model.layers().values() if hasattr(m, "tap")]
-    return [m for m in convs if gathered._per_sample(m, m.base_layer, x)]
+    return [m for m in convs if gathered._per_sample(m, m.base_layer, x) is getattr(gathered, kind)]
 
 
 def test_which_convs_fold_per_sample_is_decided_by_shape():
@@ -306,6 +307,56 @@ def test_small_convs_run_each_samples_folded_kernel(monkeypatch, backbone, confi
     alone = [model(x[i : i + 1], domain=d) for i, d in enumerate(domains)]
     for i, row in enumerate(alone):
         torch.testing.assert_close(folded[i, : row.shape[1]], row[0].detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_which_pointwise_convs_run_one_matmul_is_decided_by_shape():
+    """A 1x1 conv runs each sample's folded matrix as one batched matmul when its map has at least
+    2 in x out / (in + out) positions (ResNet-50's 32x32 and 16x16 stages at 128 px), not on small maps,
+    strided maps too small after the stride, k x k convs or channels-last maps."""
+    from adapterkit.layers.gathered import _pointwise
+
+    big, small = torch.zeros(2, 64, 32, 32), torch.zeros(2, 1024, 8, 8)
+    assert _pointwise(nn.Conv2d(64, 256, 1), big)
+    assert _pointwise(nn.Conv2d(256, 64, 1), torch.zeros(2, 256, 32, 32))
+    assert not _pointwise(nn.Conv2d(1024, 256, 1), small)
+    assert not _pointwise(nn.Conv2d(64, 256, 1, stride=8), big)  # 4x4 positions after the stride
+    assert not _pointwise(nn.Conv2d(64, 64, 3, padding=1), big)
+    assert not _pointwise(nn.Conv2d(64, 256, 1), big.contiguous(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize(
+    "backbone,config,factored",
+    [
+        ("test_resnet", None, False),
+        ("test_resnet", None, True),  # low-rank adapters: each sample's basis @ gamma^T folded
+        ("test_efficientnet", None, False),  # pointwise convs of the inverted residuals
+        ("test_resnet", AdapterConfig(topology="series"), False),  # series adapters do not fold
+    ],
+)
+@pytest.mark.parametrize("frozen", [False, True], ids=["live", "packed"])
+def test_pointwise_convs_run_each_samples_folded_matrix(monkeypatch, backbone, config, factored, frozen):
+    """1x1 convs (with the shape rule lifted: every foldable one, strided too) run one batched matmul of
+    each sample's folded matrix: equal to each domain alone and to the conv-plus-product form to float
+    rounding, and to bf16 rounding under autocast."""
+    from adapterkit.layers import gathered
+
+    model = make(backbone, config, factored=factored, frozen=frozen)
+    x = input_for(model.backbone, batch=len(DOMAINS))
+    product, grouped = both(model, x)
+    monkeypatch.setattr(gathered, "_pointwise", lambda conv, x: conv.kernel_size == (1, 1))
+    pointwise = _per_sample_layers(model, x, DOMAINS, kind="_per_sample_matmul")
+    assert pointwise and all(m.fusable and m.base_layer.kernel_size == (1, 1) for m in pointwise)
+    folded, _ = both(model, x)
+    assert_rounding(folded, grouped)
+    assert_rounding(folded, product)
+    alone = [model(x[i : i + 1], domain=d) for i, d in enumerate(DOMAINS)]
+    for i, row in enumerate(alone):
+        torch.testing.assert_close(folded[i, : row.shape[1]], row[0].detach(), rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", torch.bfloat16):
+        folded_bf16, grouped_bf16 = both(model, x)
+    finite = torch.isfinite(grouped_bf16)
+    error = (folded_bf16.float() - grouped_bf16.float())[finite].abs().max()
+    assert float(error / grouped_bf16[finite].float().abs().max()) <= 3e-2
 
 
 def test_folded_kernels_after_domains_change_and_under_bf16_autocast(monkeypatch):

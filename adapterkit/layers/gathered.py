@@ -215,19 +215,59 @@ def _small(conv: nn.Conv2d) -> bool:
     )
 
 
-def _per_sample(layer: AdaptedConv2d, conv: nn.Module, x: torch.Tensor) -> bool:
-    """Whether the conv runs each sample's folded kernel (`_per_sample_conv`): a small conv on CPU, a fair
-    batch, and an adapter that folds exactly into a plain zero-padded conv without hooks."""
-    return (
-        x.shape[0] >= PER_SAMPLE_BATCH
-        and x.device.type == "cpu"
+def _pointwise(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether a 1x1 conv runs as one batched matmul of each sample's folded (out, in) matrix: an NCHW map
+    with at least 2 in x out / (in + out) positions, where building the matrices costs less than the
+    adapter's own products (ResNet-50's first two stages at 128 px; not its 8x8 and 4x4 maps)."""
+    if (
+        conv.kernel_size != (1, 1)
+        or conv.padding != (0, 0)
+        or conv.dilation != (1, 1)
+        or not x.is_contiguous()
+    ):
+        return False
+    positions = -(-x.shape[-2] // conv.stride[0]) * -(-x.shape[-1] // conv.stride[1])
+    cin, cout = conv.in_channels, conv.out_channels
+    return 2 * cin * cout <= positions * (cin + cout)
+
+
+def _per_sample(layer: AdaptedConv2d, conv: nn.Module, x: torch.Tensor) -> Callable | None:
+    """How the conv runs each sample's folded kernel, if it does: `_per_sample_conv` (a small k x k conv
+    over a fair batch) or `_per_sample_matmul` (a 1x1 conv on a large map); on CPU, for an adapter that
+    folds exactly into a plain zero-padded conv without hooks."""
+    if not (
+        x.device.type == "cpu"
         and type(conv) is nn.Conv2d
         and conv.groups == 1
         and conv.padding_mode == "zeros"
         and layer.fusable
         and not (conv._forward_hooks or conv._forward_pre_hooks or any(_GLOBAL_HOOKS))  # (they see its call)
-        and _small(conv)
-    )
+    ):
+        return None
+    if x.shape[0] >= PER_SAMPLE_BATCH and _small(conv):
+        return _per_sample_conv
+    return _per_sample_matmul if _pointwise(conv, x) else None
+
+
+def _per_sample_matmul(
+    layer: AdaptedConv2d, conv: nn.Conv2d, x: torch.Tensor, matrix: torch.Tensor, gamma: torch.Tensor | None
+) -> torch.Tensor:
+    """A 1x1 conv as one batched matmul of each sample's folded (out, in) matrix, the base weight plus its
+    adapter (in float32, as `merge_conv`), over the sample's (in, positions) columns: 1.1-3.9x faster than
+    oneDNN's conv plus the adapter's products on ResNet-50's 32x32 and 16x16 maps at batch 16."""
+    n, weight = x.shape[0], conv.weight
+    base = weight.view(1, weight.shape[0], -1).float()
+    if gamma is not None:  # as LowRankAdapter.weight: basis @ gamma^T
+        kernels = torch.baddbmm(base, matrix.float(), gamma.float().transpose(1, 2))
+    else:
+        kernels = base + matrix.float()
+    src = x if conv.stride == (1, 1) else x[..., :: conv.stride[0], :: conv.stride[1]]
+    h, w = src.shape[-2:]
+    columns = src.reshape(n, -1, h * w)
+    y = torch.bmm(kernels.to(columns.dtype), columns)
+    if conv.bias is not None:
+        y += conv.bias.view(1, -1, 1).to(y.dtype)
+    return y.view(n, -1, h, w)
 
 
 def _per_sample_conv(
@@ -253,8 +293,9 @@ def conv_forward(layer: AdaptedConv2d, x: torch.Tensor, mixed: Mixed) -> torch.T
     """The conv once over the batch, plus each sample's 1x1 adapter (stride-matched, at the conv's tap)."""
     found = _domains(layer, x, mixed)
     conv = layer._modules["base_layer"]
-    if _per_sample(layer, conv, x):
-        return _per_sample_conv(layer, conv, x, *_factors(found, layer._buffers["beta"], mixed.pick))
+    folded = _per_sample(layer, conv, x)
+    if folded is not None:
+        return folded(layer, conv, x, *_factors(found, layer._buffers["beta"], mixed.pick))
     y = conv(x)
     src = y if layer.rule == "series" else _tap(layer, conv, x, found.first.stride, y.shape[-2:])
     n, c, h, w = src.shape
