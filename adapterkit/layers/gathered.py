@@ -6,7 +6,7 @@ sample with its own domain's statistics (one BatchNorm call over N x C channels;
 statistics are each sample's own, run once with each sample's affine part: `gathered_norms.py`), and the
 model applies each domain's head to its rows. Small convs (the CIFAR ResNets' 16-channel ones) over a fair
 batch instead run one grouped conv whose kernels are each sample's own, its adapter folded in as a
-one-domain pass folds it.
+one-domain pass folds it, and 1x1 convs on large maps one batched matmul of each sample's folded matrix.
 So a batch over 32 domains costs one backbone pass plus the adapters' own products, not 32 passes of one
 image (the way S-LoRA and Punica serve many LoRAs). Results agree with per-domain execution to float
 rounding: the adapter is added to the layer's output instead of being fused into its weight.
