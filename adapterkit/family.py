@@ -185,14 +185,25 @@ def check_replacements(
     if overwrite:
         return
     known = model.file_versions
-    clashes = []
+    clashes, recast = [], []
     for name in model.domains:
         path = directory / domain_file(name)
         if domain_file(name) not in files or not path.is_file():
             continue
-        on_disk = sha256(path.read_bytes())
-        if on_disk != sha256(files[domain_file(name)]) and known.get(_key(directory, name)) != on_disk:
+        data, new = path.read_bytes(), files[domain_file(name)]
+        on_disk = sha256(data)
+        if on_disk == sha256(new):
+            continue
+        if known.get(_key(directory, name)) != on_disk:
             clashes.append(name)
+        elif (was := _dtypes(data)) != (now := _dtypes(new)):
+            recast.append(f"{name!r} ({'/'.join(sorted(was))} -> {'/'.join(sorted(now))})")
+    if recast:
+        raise ValueError(
+            f"saving would rewrite {', '.join(recast)} of {directory} in another dtype (after model.half() or "
+            "model.to(dtype), say), losing the precision it was saved in; nothing was written. Save into "
+            "another folder, cast the model back first, or pass overwrite=True (CLI: --overwrite) to rewrite it"
+        )
     if clashes:
         names = ", ".join(map(repr, clashes))
         raise ValueError(
@@ -201,6 +212,13 @@ def check_replacements(
             f"(`model.save_pretrained(folder, overwrite=True)`; CLI: --overwrite) to replace "
             "it, rename yours, or save into another folder"
         )
+
+
+def _dtypes(data: bytes) -> set[str]:
+    """The floating-point dtypes of a safetensors file's tensors (F32, BF16, ...), from its header."""
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    dtypes = (entry["dtype"] for key, entry in header.items() if key != "__metadata__")
+    return {d for d in dtypes if d.startswith(("F", "BF"))}
 
 
 def save_family(

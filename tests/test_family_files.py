@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from adapterkit import AdapterModel
 from adapterkit.family import save_family
-from adapterkit.format import FORMAT_VERSION
+from adapterkit.format import FORMAT_VERSION, read_safetensors
 from adapterkit.hub import list_domains, pull_family, push_folder
 from adapterkit.inject import create_backbone
 
@@ -304,6 +304,22 @@ def test_saving_another_layout_or_a_refactorised_basis_into_a_family_is_refused(
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file.*folder"):
         model.save_pretrained(tmp_path / "file")
+
+
+def test_saving_a_cast_model_over_its_own_folder_is_refused(tmp_path):
+    """`model.half()` then `save_pretrained` into the folder it loaded from silently rewrote every domain
+    file in fp16; now refused (naming the dtypes and the fix), nothing written, unless overwrite."""
+    fam = tmp_path / "fam"
+    make().save_pretrained(fam)
+    files = {p.name: p.read_bytes() for p in (fam / "domains").iterdir()}
+    model = AdapterModel.from_pretrained(fam).half()
+    with pytest.raises(ValueError, match=r"'a' \(F32 -> F16\).* another dtype .*overwrite=True"):
+        model.save_pretrained(fam)
+    assert {p.name: p.read_bytes() for p in (fam / "domains").iterdir()} == files
+    model.save_pretrained(tmp_path / "fp16")  # another folder: as asked
+    model.save_pretrained(fam, overwrite=True)  # the explicit rewrite
+    tensors, _ = read_safetensors(fam / "domains" / "a.safetensors", "domain a")
+    assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float16}
 
 
 def test_saving_another_domain_of_the_same_name_is_refused(tmp_path):
