@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from itertools import chain
 from typing import TYPE_CHECKING
 
@@ -70,22 +70,17 @@ def _settings(m: nn.Module) -> tuple:
 
 
 def per_sample(
-    first: nn.Module,
-    x: torch.Tensor,
-    affine: Callable[[], tuple[torch.Tensor, torch.Tensor] | None],
+    first: nn.Module, how: str, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """`first`'s normalisation over the whole batch `x`, then each sample's affine part: `affine()` gives
-    `(weight, bias)` stacked in sample order, (N, *weight shape) each, or None when the norms have none."""
-    how = kind(first)
+    """`first`'s normalisation (its `kind`, `how`) over the whole batch `x`, then each sample's affine part:
+    `weight` and `bias` stacked in sample order, (N, *weight shape) each, or None when the norms have none."""
     if how == "channels":
         x = x.permute(0, 2, 3, 1)
     if how == "groups":
         y = F.group_norm(x, first.num_groups, None, None, first.eps)
     else:
         y = F.layer_norm(x, first.normalized_shape, None, None, first.eps)
-    parts = affine()
-    if parts is not None:
-        weight, bias = parts
+    if weight is not None:
         trailing = len(first.normalized_shape) if how == "last" else 1
         # (N, C) -> (N, 1, ..., C) for trailing channels, (N, C, 1, ...) for NCHW groups
         ones = (1,) * (y.dim() - 1 - trailing)
@@ -98,19 +93,29 @@ def per_sample(
     return y
 
 
-def stacked_affine(
-    norms: Sequence[nn.Module], pick: Callable[[Sequence], tuple]
-) -> Callable[[], tuple[torch.Tensor, torch.Tensor] | None] | None:
-    """For live modules of one norm (one per domain): the `affine` of `per_sample`, or None when they do
-    not share one kind and settings (the gathered pass then runs each domain's rows through its module)."""
+def _affine(found: _Domains, mixed: Mixed) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    """Each sample's `(weight, bias)` of a per-sample-statistics norm, stacked in sample order (`(None, None)`
+    for norms without an affine part), or None when the domains' copies differ in settings or affine
+    parts (the gathered pass then runs each domain's rows through its own copy)."""
+    if found.layout is not None:  # packed: one layout, so one type and one set of settings
+        names = {name for name, _, _ in found.layout.floats}
+        if not names:
+            return None, None
+        if names != {"weight", "bias"}:
+            return None
+        parts = found.layout.slices(torch.stack(mixed.pick(found.flats)))
+        return parts["weight"], parts["bias"]
+    norms = found.modules()
     first = norms[0]
-    if kind(first) is None or any(_settings(n) != _settings(first) for n in norms[1:]):
+    if any(_settings(n) != _settings(first) for n in norms[1:]):
         return None
     if first.weight is None:
-        return lambda: None
+        return None, None
     if any(n.weight is None or n.bias is None for n in norms):
         return None
-    return lambda: (torch.stack(pick([n.weight for n in norms])), torch.stack(pick([n.bias for n in norms])))
+    return torch.stack(mixed.pick([n.weight for n in norms])), torch.stack(
+        mixed.pick([n.bias for n in norms])
+    )
 
 
 _PARAMETERS, _BUFFERS = operator.attrgetter("_parameters"), operator.attrgetter("_buffers")
@@ -171,22 +176,6 @@ def _is_batchnorm(m: nn.Module) -> bool:
     return type(m) is BatchNormAct2d and not any(True for _ in m.act.parameters())
 
 
-def _affine(found: _Domains, mixed: Mixed) -> Callable[[], tuple[torch.Tensor, torch.Tensor] | None] | None:
-    """Each sample's affine part of a per-sample-statistics norm (for `per_sample`), or None."""
-    if found.layout is None:
-        return stacked_affine(found.modules(), mixed.pick)
-    if kind(found.first) is None:
-        return None
-    names = {name for name, _, _ in found.layout.floats}
-    if not names:
-        return lambda: None
-    if names != {"weight", "bias"}:
-        return None
-    return lambda: operator.itemgetter("weight", "bias")(
-        found.layout.slices(torch.stack(mixed.pick(found.flats)))
-    )
-
-
 def norm_forward(layer: DomainNorm, x: torch.Tensor, mixed: Mixed) -> torch.Tensor:
     """Each sample through its domain's norm: one BatchNorm call with each sample's statistics for
     BatchNorm (timm's activation after it), one call and each sample's affine part for LayerNorm and
@@ -195,9 +184,9 @@ def norm_forward(layer: DomainNorm, x: torch.Tensor, mixed: Mixed) -> torch.Tens
     y = _batchnorm(found, x, mixed)
     if y is not None:
         return y
-    affine = _affine(found, mixed)
-    if affine is not None:  # LayerNorm, GroupNorm: each sample's own statistics, in one call
-        return per_sample(found.first, x, affine)
+    how = kind(found.first)
+    if how is not None and (affine := _affine(found, mixed)) is not None:
+        return per_sample(found.first, how, x, *affine)  # LayerNorm, GroupNorm: one call
     for norm, rows in zip(found.modules(), mixed.rows, strict=True):
         part = norm(x.index_select(0, rows))
         if y is None:
