@@ -121,8 +121,10 @@ class Service:
         self.admin_pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ predict
-    async def predict(self, request: Request) -> dict[str, Any]:
+    async def predict(self, request: Request) -> tuple[dict[str, Any], str]:
+        """The answer to `POST /v1/predict`, and its `Server-Timing` header (`server_timing`)."""
         start = time.perf_counter()
+        began = time.monotonic()
         domains: list[str] = []
         predictions = None
         status = 500
@@ -137,9 +139,9 @@ class Service:
                 )
             parsed = await self._read(request)
             domains = parsed.domains
-            answer = await self.respond(parsed)
+            answer, items = await self._respond(parsed)
             status, predictions = 200, answer["predictions"]
-            return answer
+            return answer, server_timing(began, items)
         except ServeError as e:
             status = e.status
             raise
@@ -171,6 +173,11 @@ class Service:
     async def respond(self, parsed: Parsed, names: list[str] | None = None) -> dict[str, Any]:
         """The answer to a predict request once read (`POST /v1/predict`'s JSON; `adapterkit predict`
         calls it without HTTP); `names` name the images in errors (default `image 0`, `image 1`, ...)."""
+        return (await self._respond(parsed, names))[0]
+
+    async def _respond(
+        self, parsed: Parsed, names: list[str] | None = None
+    ) -> tuple[dict[str, Any], list[Item]]:
         loop = asyncio.get_running_loop()
         names = names or [f"image {i}" for i in range(len(parsed.images))]
         labels = {}
@@ -208,12 +215,11 @@ class Service:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        return {
-            "predictions": [
-                answer(item, row, labels.get(item.domain), parsed.top_k, parsed.return_logits)
-                for item, row in zip(items, results, strict=True)
-            ]
-        }
+        predictions = [
+            answer(item, row, labels.get(item.domain), parsed.top_k, parsed.return_logits)
+            for item, row in zip(items, results, strict=True)
+        ]
+        return {"predictions": predictions}, items
 
     def _prepare(self, data: bytes, domain: str, what: str) -> Any:
         """An image's tensor for its domain, or for an image to route its tensor per data config (in the
@@ -266,6 +272,22 @@ class Service:
         self.preprocessors.forget(name)
         self.metrics.removals.inc()
         logger.info("removed domain %s", name)
+
+
+def server_timing(began: float, items: list[Item]) -> str:
+    """A predict answer's `Server-Timing` header (W3C Server Timing; milliseconds): `read` (the body
+    received, parsed, the images decoded and preprocessed), `queue` (until the last of its images' batches
+    began), `forward` (that batch's forward) and `total` (the request in the server, answer built). Clients
+    and load tests can tell time in the server from time on the network and in their own event loop."""
+    now = time.monotonic()
+    last = max(items, key=lambda item: item.started)
+    parts = {
+        "read": last.enqueued - began,
+        "queue": last.started - last.enqueued,
+        "forward": last.ran,
+        "total": now - began,
+    }
+    return ", ".join(f"{name};dur={1e3 * seconds:.2f}" for name, seconds in parts.items())
 
 
 def _log_refusal(request: Request, why: str) -> None:

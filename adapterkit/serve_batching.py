@@ -46,6 +46,8 @@ class Item:
     enqueued: float = field(default_factory=time.monotonic)
     views: dict[str, torch.Tensor] | None = None
     routed: Any = None
+    started: float = 0.0  # when its batch began to run (time.monotonic)
+    ran: float = 0.0  # seconds its batch's forward took
 
 
 def _settle(future: asyncio.Future, value: Any) -> None:
@@ -175,16 +177,18 @@ class Batcher:
             batch = self._next_batch()
             if not batch:
                 return
-            start = time.perf_counter()
+            start = time.monotonic()
             try:
                 results = list(self.run(batch))
             except Exception as e:  # noqa: BLE001  (every waiting request gets the error)
                 logger.exception("batch of %d images failed", len(batch))
                 results = [e] * len(batch)
+            took = time.monotonic() - start
             for item, result in zip(batch, results, strict=True):
+                item.started, item.ran = start, took
                 try:
                     item.loop.call_soon_threadsafe(_settle, item.future, result)
                 except RuntimeError:  # that request's event loop has closed
                     pass
             if self.on_batch is not None:
-                self.on_batch(batch, time.perf_counter() - start)
+                self.on_batch(batch, took)

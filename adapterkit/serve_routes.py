@@ -72,7 +72,8 @@ def add_routes(app: FastAPI, service: Service) -> None:
         """Classify images, each with its own domain or routed by the server when it names none (JSON
         with base64 images, or multipart files)."""
         # a Response skips FastAPI's second validation of the answer, which costs each request time
-        return JSONResponse(await service.predict(request))
+        answer, timing = await service.predict(request)
+        return JSONResponse(answer, headers={"Server-Timing": timing})
 
     @app.get("/v1/domains", response_model=DomainsResponse, tags=["domains"])
     async def list_domains() -> Any:

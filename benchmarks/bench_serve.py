@@ -86,6 +86,7 @@ def bare_app(bare, data_config: dict, max_batch_size: int, max_wait_ms: float, t
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
+    from adapterkit.serve import server_timing
     from adapterkit.serve_batching import Batcher, Item
     from adapterkit.transforms import Preprocess, resolve_data_config
 
@@ -102,6 +103,7 @@ def bare_app(bare, data_config: dict, max_batch_size: int, max_wait_ms: float, t
         return preprocess(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
 
     async def predict(request):
+        began = time.monotonic()
         loop = asyncio.get_running_loop()
         body = json.loads(await request.body())
         with batcher.expecting(len(body["images"])):
@@ -115,7 +117,7 @@ def bare_app(bare, data_config: dict, max_batch_size: int, max_wait_ms: float, t
         for row in rows:
             score, index = torch.softmax(row, 0).max(0)
             out.append({"index": int(index), "score": float(score)})
-        return JSONResponse({"predictions": out})
+        return JSONResponse({"predictions": out}, headers={"Server-Timing": server_timing(began, items)})
 
     return Starlette(routes=[Route("/v1/predict", predict, methods=["POST"])])
 
@@ -164,6 +166,7 @@ def bodies(kind: str, domains: int, n: int = 16) -> list[bytes]:
 async def closed_loop(url: str, payloads: list[bytes], clients: int, warmup: float, window: float) -> dict:
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     latencies: list[float] = []
+    server: list[float] = []  # each answer's time in the server (its Server-Timing `total`)
     failed = 0
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
         t_start = time.perf_counter() + warmup
@@ -183,16 +186,27 @@ async def closed_loop(url: str, payloads: list[bytes], clients: int, warmup: flo
                 failed += r.status_code != 200
                 if t_start <= t1 <= t_end:
                     latencies.append(t1 - t0)
+                    timing = r.headers.get("server-timing", "")
+                    server.extend(
+                        float(p.split("=")[1]) / 1e3 for p in timing.split(", ") if p.startswith("total;")
+                    )
 
         await asyncio.gather(*(worker(k) for k in range(clients)))
-    latencies.sort()
-    n = len(latencies)
     return {
-        "throughput": n / window,
-        "p50_ms": 1e3 * latencies[n // 2] if n else float("nan"),
-        "p99_ms": 1e3 * latencies[min(n - 1, int(0.99 * n))] if n else float("nan"),
-        "answers": n,
+        "throughput": len(latencies) / window,
+        **quantiles("", latencies),
+        **quantiles("server_", server),
+        "answers": len(latencies),
         "failed": failed,
+    }
+
+
+def quantiles(prefix: str, seconds: list[float]) -> dict[str, float]:
+    """p50 and p99 in milliseconds, keyed `{prefix}p50_ms`, `{prefix}p99_ms`."""
+    seconds, n = sorted(seconds), len(seconds)
+    return {
+        f"{prefix}p50_ms": 1e3 * seconds[n // 2] if n else float("nan"),
+        f"{prefix}p99_ms": 1e3 * seconds[min(n - 1, int(0.99 * n))] if n else float("nan"),
     }
 
 
@@ -266,12 +280,14 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
             x["throughput"] / y["throughput"] for x, y in zip(runs[a], runs[b], strict=True)
         )
 
-    out = {v: {k: med(v, k) for k in ("throughput", "p50_ms", "p99_ms")} for v in VARIANTS}
+    keys = ("throughput", "p50_ms", "p99_ms", "server_p50_ms", "server_p99_ms")
+    out = {v: {k: med(v, k) for k in keys} for v in VARIANTS}
     out["failed"] = sum(r["failed"] for v in VARIANTS for r in runs[v])
     out["batched_vs_bare"] = ratio("batched", "bare")
     out["unbatched_vs_bare"] = ratio("unbatched", "bare")
     out["batched_vs_unbatched"] = ratio("batched", "unbatched")
     out["p99_over_p50"] = {v: out[v]["p99_ms"] / out[v]["p50_ms"] for v in VARIANTS}
+    out["server_p99_over_p50"] = {v: out[v]["server_p99_ms"] / out[v]["server_p50_ms"] for v in VARIANTS}
     return out
 
 

@@ -50,6 +50,22 @@ def test_json_predict_answers_each_image_with_its_own_domain_and_labels(server):
         assert "logits" not in p
 
 
+def test_an_answer_says_where_its_time_in_the_server_went(server):
+    _, client = server
+    r = predict_json(client, [("a", image_bytes(0)), ("c", image_bytes(1))])
+    assert r.status_code == 200, r.text
+    parts = dict(
+        re.fullmatch(r"(\w+);dur=([\d.]+)", p).groups() for p in r.headers["server-timing"].split(", ")
+    )
+    timing = {name: float(ms) for name, ms in parts.items()}
+    assert list(timing) == ["read", "queue", "forward", "total"]
+    assert (
+        timing["forward"] > 0
+        and timing["read"] + timing["queue"] + timing["forward"] <= timing["total"] + 0.02
+    )  # (rounding)
+    assert "server-timing" not in predict_json(client, [("nope", image_bytes(0))]).headers  # errors: none
+
+
 def test_logits_are_the_domains_eval_forward_on_its_recorded_preprocessing(server):
     model, client = server
     data = image_bytes(2, size=50)
