@@ -79,6 +79,8 @@ def safetensors_weights(name: str, timm_kwargs: dict[str, Any]) -> Path | None:
     if not timm.is_model(arch):
         return None  # timm raises its own error for the name
     cfg = timm.models.resolve_pretrained_cfg(arch, timm_kwargs.get("pretrained_cfg") or tag, overlay)
+    if cfg.state_dict is not None:  # timm's order: a state dict, a file, a Hub repo, a URL
+        return None
     if cfg.file:
         return check_weights_file(Path(cfg.file))
     if cfg.hf_hub_id:
