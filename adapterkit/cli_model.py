@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
+from .backbone_weights import PickledWeightsError
 from .cli_errors import CliError, require_endpoint, short_reason
 from .cli_output import status
 
@@ -162,6 +163,8 @@ def backbone_errors(family: object, name: str | None):
     backbone = f" ({name})" if name else ""
     try:
         yield
+    except PickledWeightsError:
+        raise  # its message says how to convert the weights
     except ValueError as e:
         if "fingerprint" in str(e):
             raise CliError(
@@ -197,6 +200,8 @@ def new_model(name: str, adapter_config: Any, pretrained: str | None, random_ini
     try:
         with cache_if_unreachable(not name.startswith("local-dir:")):
             return AdapterModel.from_backbone(name, adapter_config, pretrained=True)
+    except PickledWeightsError:
+        raise  # the source has only pickled weights: its message says how to convert them
     except Exception as e:
         if not _known_architecture(name):
             raise

@@ -18,7 +18,17 @@ from .transforms import DATA_CONFIG_KEYS, resolve_data_config
 if TYPE_CHECKING:
     from .model import AdapterModel
 
-SOURCE_KEYS = ("tag", "url", "file", "hf_hub_id", "hf_hub_filename", "origin_url", "paper_name", "paper_ids")
+SOURCE_KEYS = (
+    "tag",
+    "source",
+    "url",
+    "file",
+    "hf_hub_id",
+    "hf_hub_filename",
+    "origin_url",
+    "paper_name",
+    "paper_ids",
+)
 
 
 def export_domain(model: AdapterModel, domain: str) -> nn.Module:

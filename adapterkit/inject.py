@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import backbones as _backbones  # noqa: F401  (registers the paper's backbones with timm)
+from .backbone_weights import check_weights_file, safetensors_weights
 from .config import AdapterConfig
 from .layers import AdaptedConv2d, AdaptedLinear, DomainLayer, DomainNorm, DomainRouter
 from .targets import Target, plan
@@ -41,12 +42,22 @@ def create_backbone(
 ) -> nn.Module:
     """`timm.create_model` for a timm name, `hf-hub:` or `local-dir:` name; a str/Path `pretrained` is a
     weights file (safetensors). Random weights come from `seed`, without touching the global RNG, so
-    the same call always builds the same backbone."""
+    the same call always builds the same backbone.
+
+    Pretrained weights are read as safetensors only: the source timm would read is resolved first
+    (`backbone_weights.safetensors_weights`; only `model.safetensors` is downloaded from the Hub) and
+    timm is handed that file; a source with only pickled weights is refused before anything is read.
+    """
     path = None
     if isinstance(pretrained, (str, Path)):
         path = check_weights_file(Path(pretrained))
         kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(path)}
         pretrained = True
+    if pretrained:
+        file = safetensors_weights(name, kwargs)
+        if file is not None:  # timm's `file` source: read with safetensors, whatever the name's own source
+            overlay = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(file), "source": "file"}
+            kwargs["pretrained_cfg_overlay"] = overlay
     try:
         # timm initialises on the CPU from the global RNG and takes no generator: seed a fork of the CPU
         # generator alone (torch.manual_seed would also reseed every CUDA generator, which fork_rng(devices=[])
@@ -72,30 +83,6 @@ def create_backbone(
                 f"pass the weights file of {name}"
             ) from e
         raise
-
-
-def check_weights_file(path: Path) -> Path:
-    """Refuse a weights file that is missing or not safetensors: timm would read any other file with
-    `torch.load`, which unpickles (and fails on a stray file with a bare `KeyError`)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights file {path} does not exist; pass a .safetensors path")
-    if path.suffix != ".safetensors":
-        raise ValueError(
-            f"backbone weights file {path} is not a .safetensors file: adapterkit reads weights only as "
-            "safetensors, never pickle; convert a state dict with "
-            "safetensors.torch.save_file(state_dict, 'weights.safetensors')"
-        )
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt"):
-            pass
-    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
-        raise ValueError(
-            f"backbone weights file {path} is not a readable safetensors file ({e}); pass an intact "
-            ".safetensors file (re-download or re-save it)"
-        ) from e
-    return path
 
 
 def weights_record(name: str, pretrained: bool | str | Path, seed: int = 0) -> dict[str, Any]:
