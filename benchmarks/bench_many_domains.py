@@ -28,7 +28,6 @@ ResNet-50 at `--r50-px` with random calibrated weights (compute-bound). One torc
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import json
 import os
@@ -44,7 +43,7 @@ from pathlib import Path
 import httpx
 import torch
 from _common import calibrated_backbone, interleaved, perturb, write_report
-from bench_serve import bodies, closed_loop, free_port
+from bench_serve import GENERATOR, bodies, free_port, run_load
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapterkit import AdapterModel
@@ -181,11 +180,11 @@ def batch_totals(url: str) -> dict[str, float]:
     return totals
 
 
-def timed_run(url: str, payloads: list[bytes], window: float) -> dict:
+def timed_run(url: str, payloads: list[bytes], window: float, generator: str) -> dict:
     """One closed-loop run of 32 clients, with the server's batches over the run: mean images and
     domains per forward, and forward milliseconds per image."""
     before = batch_totals(url)
-    out = asyncio.run(closed_loop(url, payloads, BATCH, 1.0, window))
+    out = run_load(url, payloads, BATCH, 1.0, window, generator)
     after = batch_totals(url)
     d = {k: after[k] - before[k] for k in after}
     out["mean_batch"] = d["images"] / d["count"]
@@ -194,7 +193,9 @@ def timed_run(url: str, payloads: list[bytes], window: float) -> dict:
     return out
 
 
-def http_spread(kind: str, px: int, n: int, folder: Path, repeats: int, window: float) -> dict:
+def http_spread(
+    kind: str, px: int, n: int, folder: Path, repeats: int, window: float, generator: str
+) -> dict:
     """32 closed-loop clients over 1, 8, 32 and n domains against the served family; each spread's
     throughput over the one-domain throughput of the same repeat (rotated order, medians), and the
     server's mean batch size, domains per batch and forward time per image over those runs."""
@@ -212,10 +213,10 @@ def http_spread(kind: str, px: int, n: int, folder: Path, repeats: int, window: 
         bodies_of = {k: payloads(kind, k) for k in spreads}
         runs: dict[int, list[dict]] = {k: [] for k in spreads}
         for k in spreads:  # warm-up: the server meets every batch size and domain before it is timed
-            asyncio.run(closed_loop(url, bodies_of[k], BATCH, 0.0, window / 2))
+            run_load(url, bodies_of[k], BATCH, 0.0, window / 2, generator)
         for r in range(repeats):
             for k in spreads[r % len(spreads) :] + spreads[: r % len(spreads)]:
-                runs[k].append(timed_run(url, bodies_of[k], window))
+                runs[k].append(timed_run(url, bodies_of[k], window, generator))
     finally:
         process.stdin.close()
         process.wait(120)
@@ -270,6 +271,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "many_domains.json")
     parser.add_argument("--http-only", action="store_true", help="skip the in-process batches and policy")
     parser.add_argument("--window", default="r56=5,r50=12", help="measured seconds per HTTP run, per model")
+    parser.add_argument("--load", **GENERATOR)
     parser.add_argument("--build", nargs=3, help=argparse.SUPPRESS)  # kind px folder (child process)
     parser.add_argument("--serve", nargs=4, help=argparse.SUPPRESS)  # kind px folder port (child process)
     args = parser.parse_args()
@@ -306,7 +308,7 @@ def main() -> None:
                 results[kind]["policy"] = policy(model, px, args.repeats)
             del model
             gc.collect()
-            http = http_spread(kind, px, args.domains, folder, args.repeats, windows[kind])
+            http = http_spread(kind, px, args.domains, folder, args.repeats, windows[kind], args.load)
             results[kind]["http_32_clients"] = http
             print(json.dumps({kind: results[kind]}, indent=1), flush=True)
     config = {

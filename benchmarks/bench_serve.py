@@ -6,9 +6,12 @@ One server process per model holds three servers on three loopback ports: `batch
 max_batch_size 32), `unbatched` (create_app, max_batch_size 1) and `bare` (a 40-line Starlette app: JSON
 base64 images, the same decoding, preprocessing and `Batcher`, the bare backbone's forward, top-1). The
 adapterkit servers serve one model with 4 domains (random adapters, as after training). The load
-generator (this process, asyncio + httpx) runs N closed-loop clients, each sending one-image requests
-back to back (over 1 domain, or cycling over 4 so that batches mix domains), for a warm-up and then a
-measured window; throughput counts answers completed in the window, latencies are theirs. For every
+generator runs N closed-loop clients, each sending one-image requests back to back (over 1 domain, or
+cycling over 4 so that batches mix domains), for a warm-up and then a measured window; throughput counts
+answers completed in the window, latencies are theirs. It is `wrk` where installed (`apt install wrk`: C,
+one thread, so the servers keep the CPU they share with it), else asyncio + httpx in this process
+(`--load python`), which takes a core's share of the 2 and adds its own event loop's lag to every latency:
+it also reads each answer's `Server-Timing` (the server's own p50/p99) and its own loop's lag. For every
 (model, clients, domains) cell the three servers run interleaved in a rotated order, `--repeats` times,
 and each figure is the median over repeats of the ratio to `bare` measured in the same repeat.
 
@@ -31,6 +34,7 @@ import gc
 import io
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -163,6 +167,65 @@ def bodies(kind: str, domains: int, n: int = 16) -> list[bytes]:
     return out
 
 
+WRK_SCRIPT = """
+local bodies, n = {}, 0
+for i, path in ipairs({%s}) do
+  local f = io.open(path, "rb"); bodies[i] = f:read("*all"); f:close()
+end
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  n = n + 1
+  return wrk.format(nil, "/v1/predict", nil, bodies[(n - 1) %% #bodies + 1])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('{"requests": %%d, "duration_us": %%d, "p50_us": %%d, "p99_us": %%d, ' ..
+    '"status_errors": %%d, "other_errors": %%d}\\n', summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), e.status, e.connect + e.read + e.write + e.timeout))
+end
+"""
+
+
+GENERATOR = {  # the --load option of this script and bench_many_domains.py
+    "choices": ["wrk", "python"],
+    "default": "wrk" if shutil.which("wrk") else "python",
+    "help": "load generator: wrk (apt install wrk; the default where installed) or asyncio + httpx",
+}
+
+
+def run_load(
+    url: str, payloads: list[bytes], clients: int, warmup: float, window: float, generator: str
+) -> dict:
+    """One closed-loop run of `clients` clients: `wrk` (C, one thread: it takes little of the CPU the
+    servers share with it) or `python` (asyncio + httpx in this process, which also reads each answer's
+    Server-Timing)."""
+    if generator == "python":
+        return asyncio.run(closed_loop(url, payloads, clients, warmup, window))
+    with tempfile.TemporaryDirectory(prefix="bench-serve-wrk-") as tmp:
+        paths = []
+        for i, body in enumerate(payloads):
+            paths.append(Path(tmp) / f"{i}.json")
+            paths[-1].write_bytes(body)
+        script = Path(tmp) / "post.lua"
+        script.write_text(WRK_SCRIPT % ", ".join(json.dumps(str(p)) for p in paths))
+        cmd = ["wrk", "-t1", f"-c{clients}", "--timeout", "120s", "-s", str(script), url]
+        if warmup > 0:  # (wrk takes whole seconds)
+            subprocess.run([*cmd, f"-d{max(1, round(warmup))}s"], capture_output=True, check=True)
+        out = subprocess.run(
+            [*cmd, f"-d{max(1, round(window))}s"], capture_output=True, text=True, check=True
+        )
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    answers = r["requests"] - r["status_errors"]
+    return {
+        "throughput": answers / (r["duration_us"] / 1e6),
+        "p50_ms": r["p50_us"] / 1e3,
+        "p99_ms": r["p99_us"] / 1e3,
+        "answers": answers,
+        "failed": r["status_errors"] + r["other_errors"],
+    }
+
+
 async def closed_loop(url: str, payloads: list[bytes], clients: int, warmup: float, window: float) -> dict:
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     latencies: list[float] = []
@@ -191,11 +254,20 @@ async def closed_loop(url: str, payloads: list[bytes], clients: int, warmup: flo
                         float(p.split("=")[1]) / 1e3 for p in timing.split(", ") if p.startswith("total;")
                     )
 
-        await asyncio.gather(*(worker(k) for k in range(clients)))
+        async def probe() -> None:  # the load generator's own event-loop lag (its CPU share on this host)
+            while time.perf_counter() < t_end:
+                t0 = time.perf_counter()
+                await asyncio.sleep(0.01)
+                if t_start <= t0:
+                    lags.append(time.perf_counter() - t0 - 0.01)
+
+        lags: list[float] = []
+        await asyncio.gather(probe(), *(worker(k) for k in range(clients)))
     return {
         "throughput": len(latencies) / window,
         **quantiles("", latencies),
         **quantiles("server_", server),
+        **quantiles("client_lag_", lags),
         "answers": len(latencies),
         "failed": failed,
     }
@@ -259,13 +331,15 @@ def start_servers(kind: str, family_dir: Path, threads: int) -> tuple[subprocess
     return process, {v: f"http://127.0.0.1:{p}" for v, p in zip(VARIANTS, ports, strict=True)}
 
 
-def run_cell(urls: dict, payloads: list[bytes], clients: int, repeats: int, window: float) -> dict:
+def run_cell(
+    urls: dict, payloads: list[bytes], clients: int, repeats: int, window: float, generator: str
+) -> dict:
     """Each variant `repeats` times, interleaved in a rotated order; raw runs per variant."""
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for r in range(repeats):
         order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
         for variant in order:
-            runs[variant].append(asyncio.run(closed_loop(urls[variant], payloads, clients, 1.0, window)))
+            runs[variant].append(run_load(urls[variant], payloads, clients, 1.0, window, generator))
     return runs
 
 
@@ -280,14 +354,15 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
             x["throughput"] / y["throughput"] for x, y in zip(runs[a], runs[b], strict=True)
         )
 
-    keys = ("throughput", "p50_ms", "p99_ms", "server_p50_ms", "server_p99_ms")
-    out = {v: {k: med(v, k) for k in keys} for v in VARIANTS}
+    keys = ("throughput", "p50_ms", "p99_ms", "server_p50_ms", "server_p99_ms", "client_lag_p99_ms")
+    out = {v: {k: med(v, k) for k in keys if k in runs[v][0]} for v in VARIANTS}
     out["failed"] = sum(r["failed"] for v in VARIANTS for r in runs[v])
     out["batched_vs_bare"] = ratio("batched", "bare")
     out["unbatched_vs_bare"] = ratio("unbatched", "bare")
     out["batched_vs_unbatched"] = ratio("batched", "unbatched")
     out["p99_over_p50"] = {v: out[v]["p99_ms"] / out[v]["p50_ms"] for v in VARIANTS}
-    out["server_p99_over_p50"] = {v: out[v]["server_p99_ms"] / out[v]["server_p50_ms"] for v in VARIANTS}
+    if "server_p50_ms" in out["bare"]:  # (the python load generator reads each answer's Server-Timing)
+        out["server_p99_over_p50"] = {v: out[v]["server_p99_ms"] / out[v]["server_p50_ms"] for v in VARIANTS}
     return out
 
 
@@ -307,7 +382,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
                 for domains in map(int, args.domains.split(",")):
                     payloads = bodies(kind, domains)
                     for clients in map(int, args.clients.split(",")):
-                        runs = run_cell(urls, payloads, clients, args.repeats, window)
+                        runs = run_cell(urls, payloads, clients, args.repeats, window, args.load)
                         cell = {"model": kind, "domains": domains, "clients": clients, **summarise(runs)}
                         cell["runs"] = runs
                         results["cells"].append(cell)
@@ -340,6 +415,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--window", default="r56=5,r50=12", help="measured seconds per run, per model")
     parser.add_argument("--threads", type=int, default=2, help="decoding threads of each server")
+    parser.add_argument("--load", **GENERATOR)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "serve.json")
     args = parser.parse_args()
     if args.serve:
