@@ -84,7 +84,7 @@ def grad_checkpointing(module: nn.Module, on: bool) -> Iterator[None]:
     flags = {m: vars(m)["grad_checkpointing"] for m in module.modules() if "grad_checkpointing" in vars(m)}
     setter = getattr(module, "set_grad_checkpointing", None)
     refusal = None if callable(setter) else "has no set_grad_checkpointing()"
-    if setter is not None and refusal is None:
+    if refusal is None:
         try:
             setter(True)
         except (AssertionError, NotImplementedError, RuntimeError, TypeError) as e:

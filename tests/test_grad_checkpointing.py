@@ -4,6 +4,7 @@ domain is the one plain training gives (gradients, tensors, BatchNorm statistics
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import pytest
 import timm
@@ -165,3 +166,34 @@ def test_config_flag_and_cli(tmp_path, capsys):
     assert main(refused) == 2
     assert "train without --grad-checkpointing" in capsys.readouterr().err
     assert not (tmp_path / "dla").exists()
+
+
+def test_the_held_domain_reaches_a_backward_in_another_thread():
+    """On a GPU autograd runs a backward (and so the recomputation) in its own thread: the domain the
+    backward holds reaches threads that set no domain, and not those that chose one (None included)."""
+    model = make_model()
+    model.add_domain("a", num_classes=3)
+    perturb(model, "a")
+    model.set_trainable("a")
+    x, y = torch.rand(2, 3, 32, 32), torch.tensor([0, 2])
+    grads = {}
+    for checkpointing in (False, True):
+        model.backbone.set_grad_checkpointing(checkpointing)
+        loss = torch.nn.functional.cross_entropy(model.train()(x, domain="a"), y)
+        with model.router.hold("a"):
+            seen: list = []
+
+            def backward(loss=loss, seen=seen):
+                seen.append(model.router.domain)
+                loss.backward()
+
+            worker = threading.Thread(target=backward)
+            worker.start()
+            worker.join()
+            with model.router.use(None):
+                assert model.router.domain is None  # the plain backbone, chosen
+        assert seen == ["a"] and model.router.domain is None
+        grads[checkpointing] = [p.grad.clone() for p in model.trainable_parameters("a")]
+        model.zero_grad(set_to_none=True)
+    for a, b in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
