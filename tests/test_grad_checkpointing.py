@@ -95,11 +95,12 @@ def test_checkpointed_training_trains_the_same_domain(name):
     assert backbone.grad_checkpointing is False
 
 
-def test_dropout_and_bf16_autocast_hold_in_the_recomputation():
+def test_dropout_bf16_autocast_and_accumulation_hold_in_the_recomputation():
     """The recomputed forward draws the adapters' dropout masks the forward drew and runs under the same
-    autocast (torch's checkpoint keeps the RNG state and the autocast state)."""
+    autocast (torch's checkpoint keeps the RNG state and the autocast state); with gradient accumulation
+    every micro-batch's statistics update counts once."""
     config = AdapterConfig(dropout=0.3)
-    options = dict(mixed_precision="bf16")
+    options = dict(mixed_precision="bf16", grad_accum=2)
     plain = train_with("test_resnet", False, config, **options)
     checkpointed = train_with("test_resnet", True, config, **options)
     assert_same_training(checkpointed, plain)
