@@ -58,7 +58,10 @@ Factored = Annotated[
 ]
 _FLAGS = {"basis_rank": "--basis-rank", "new_columns": "--new-columns", "energy": "--energy"}
 _FLAGS |= {"factored": "--factored", "overwrite": "--overwrite", "rank": "--basis-rank"}
-_ARGUMENT = re.compile(r"\b(basis_rank|new_columns|energy|factored|overwrite|rank)(=True|=)?")
+_FLAGS |= {"grad_checkpointing": "--grad-checkpointing"}
+_ARGUMENT = re.compile(
+    r"\b(basis_rank|new_columns|energy|factored|overwrite|rank|grad_checkpointing)(=True|=)?"
+)
 
 
 def parse_budget(value: str | None, flag: str) -> int | float | None:

@@ -195,6 +195,14 @@ def train(
         Precision,
         typer.Option(help="autocast dtype (bf16 on CPU and GPU, fp16 on GPU)", rich_help_panel="Training"),
     ] = Precision.no,
+    grad_checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--grad-checkpointing",
+            help="recompute the backbone's activations in backward: less memory, slower steps, same numbers",
+            rich_help_panel="Training",
+        ),
+    ] = False,
     grad_accum: Annotated[
         int, typer.Option(min=1, help="micro-batches per optimizer step", rich_help_panel="Training")
     ] = 1,
@@ -302,6 +310,7 @@ def train(
         schedule=schedule.value, weight_decay=weight_decay, adapter_lr_scale=adapter_lr_scale,
         head_lr_scale=head_lr_scale, label_smoothing=label_smoothing,
         mixed_precision=mixed_precision.value, grad_accum=grad_accum, seed=seed, num_workers=workers,
+        grad_checkpointing=grad_checkpointing,
         flip=not no_flip, crop_padding=crop_padding, grayscale=grayscale.value,
         output_dir=str(output_dir) if output_dir else None, checkpoint_every=checkpoint_every,
         log_with=log_with, progress=not no_progress, image_column=image_column, label_column=label_column,
@@ -371,7 +380,7 @@ def _fit_and_save(
             **basis,
         )
     except ValueError as e:  # its refusals name train_domain's arguments (new_columns=): here the flags
-        raise flag_error(e, ("new_columns", "factored", "overwrite")) from e
+        raise flag_error(e, ("new_columns", "factored", "overwrite", "grad_checkpointing")) from e
     except KeyboardInterrupt:
         if acc.is_main_process:
             status(interrupted(domain, config))

@@ -26,7 +26,15 @@ from tqdm.auto import tqdm
 from .checkpoint import checkpoint_folder, restore_rng, restore_training, save_training
 from .data import DomainDataset, EpochBatches
 from .train_config import GROUPS, TrainConfig, learning_rate
-from .train_env import Call, channels_last, private_rng, seed_rng, threads, wants_channels_last
+from .train_env import (
+    Call,
+    channels_last,
+    grad_checkpointing,
+    private_rng,
+    seed_rng,
+    threads,
+    wants_channels_last,
+)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -45,6 +53,11 @@ class Job:
     tensors: Callable[[], dict[str, torch.Tensor]]
     norms: list[nn.Module] = field(default_factory=list)
     groups: dict[str, list[nn.Parameter]] | None = None  # by GROUPS name; None: `plain_groups`
+    # grad_checkpointing: the timm model that recomputes (None: `module`), what its backward runs under
+    # (a domain job holds its domain there) and the modules whose buffers training updates (None: `norms`)
+    backbone: nn.Module | None = None
+    backward: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    stateful: list[nn.Module] | None = None
 
 
 @dataclass
@@ -84,7 +97,8 @@ def fit(
     mode are as before when it returns (or raises).
     """
     plan = Plan.of(job, len(train_set), config, acc.num_processes, resume)
-    with threads(config.threads), private_rng(acc.device), _only_job_trains(job, acc.device):
+    recomputes = grad_checkpointing(job.backbone or job.module, config.grad_checkpointing)
+    with recomputes, threads(config.threads), private_rng(acc.device), _only_job_trains(job, acc.device):
         optimizer = _optimizer(config, job, len(train_set))
         state = None
         if resume:  # before prepare, so that DDP starts from rank 0's copy
@@ -144,7 +158,7 @@ def _train(
                 loss_sum = [0.0, 0]
             for x, y in _epoch_batches(train_set, config, acc, epoch, done, plan.per_epoch):
                 lr = learning_rate(config, step, plan.total)
-                window.append(_micro_step(model, optimizer, job.params, x, y, lr, config, acc))
+                window.append(_micro_step(model, optimizer, job, x, y, lr, config, acc))
                 if not acc.sync_gradients:
                     continue
                 step += 1
@@ -170,7 +184,7 @@ def _train(
 def _micro_step(
     model: nn.Module,
     optimizer: Any,
-    params: list[nn.Parameter],
+    job: Job,
     x: torch.Tensor,
     y: torch.Tensor,
     lr: float,
@@ -181,15 +195,33 @@ def _micro_step(
     x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
     with acc.accumulate(model):
         loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
-        acc.backward(loss)
+        with _recomputing(job, config.grad_checkpointing):
+            acc.backward(loss)
         if acc.sync_gradients:
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             if config.max_grad_norm:
-                acc.clip_grad_norm_(params, config.max_grad_norm)
+                acc.clip_grad_norm_(job.params, config.max_grad_norm)
         optimizer.step()  # accelerate's optimizer skips the step until the accumulation is complete
         optimizer.zero_grad(set_to_none=True)
     return loss.detach().float()
+
+
+@contextlib.contextmanager
+def _recomputing(job: Job, on: bool) -> Iterator[None]:
+    """A backward that recomputes the checkpointed blocks' forward (with `on`): under the job's `backward`
+    context, which routes the recomputed calls as the forward was, and with the trained norms' running
+    statistics as the forward left them (the recomputation updates them a second time, which is undone)."""
+    if not on:
+        yield
+        return
+    modules = job.norms if job.stateful is None else job.stateful
+    saved = [(t, t.clone()) for m in modules for t in m.buffers()]
+    with job.backward():
+        yield
+    with torch.no_grad():
+        for t, before in saved:
+            t.copy_(before)
 
 
 def _epoch_batches(

@@ -32,7 +32,7 @@ from .loop import Job, checkpoint_folder, evaluate_dataset, fit
 from .model import AdapterModel
 from .signature import MAX_IMAGES
 from .train_config import AUTO_WEIGHT_DECAY, TrainConfig, auto_weight_decay, check_trackers, learning_rate
-from .train_env import seeded, threads
+from .train_env import grad_checkpointing, seeded, threads
 from .transforms import Preprocess, resolve_data_config
 
 __all__ = [
@@ -126,6 +126,8 @@ def train_domain(
             "overwrite=True to train a fresh factored one in its place, or drop them to continue training it"
         )
     acc = make_accelerator(config, accelerator)
+    with grad_checkpointing(model.backbone, config.grad_checkpointing):
+        pass  # a backbone without it is refused before the data are read
     if continuing and resume is False:
         raise ValueError(
             f"the model already has domain {domain!r}: pass resume=True to continue training it, "
@@ -195,12 +197,16 @@ def train_model(
     """
     config = config or TrainConfig()
     acc = make_accelerator(config, accelerator)
+    with grad_checkpointing(model, config.grad_checkpointing):
+        pass  # a model without it is refused before the data are read
     num_classes = _num_classes(model)
     source = open_data(train_data, config.image_column, config.label_column)
     dcfg = resolve_data_config(getattr(model, "pretrained_cfg", {}), data_config)
     train_set, eval_set = checked_datasets(source, eval_data, num_classes, dcfg, config, acc.num_processes)
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-    job = Job(name, model, list(model.parameters()), lambda m, x: m(x), model.state_dict, norms)
+    stateful = [m for m in model.modules() if next(m.buffers(recurse=False), None) is not None]
+    params = list(model.parameters())
+    job = Job(name, model, params, lambda m, x: m(x), model.state_dict, norms, stateful=stateful)
     metrics = fit(job, train_set, eval_set, config, acc, resume, callback)
     _remember_training(model, dcfg, source.class_names)
     return metrics
@@ -351,6 +357,9 @@ def _domain_job(model: AdapterModel, domain: str) -> Job:
         lambda: model.domain_state_dict(domain),
         [m for m in norms if isinstance(m, _BatchNorm)],
         _domain_groups(model, domain, params),
+        backbone=model.backbone,
+        backward=lambda: model.router.hold(domain),  # a recomputed forward runs the domain too
+        stateful=norms,
     )
 
 

@@ -27,7 +27,7 @@ PRECISIONS = ("no", "bf16", "fp16")
 # Fields that do not change the trained numbers (a resumed run may change them).
 _NOT_TRAJECTORY = {"eval_batch_size", "num_workers", "check_images", "checkpoint_every", "output_dir"}
 _NOT_TRAJECTORY |= {"log_with", "log_every", "progress", "cpu", "image_column", "label_column", "threads"}
-_NOT_TRAJECTORY |= {"channels_last"}  # like `threads`, it changes float rounding only
+_NOT_TRAJECTORY |= {"channels_last", "grad_checkpointing"}  # like `threads`: float rounding at most
 
 # The paper's weight decay by training-set size: (images below, decay); the last applies above all.
 AUTO_WEIGHT_DECAY = ((10_000, 0.002), (100_000, 0.0005), (None, 0.0001))
@@ -69,6 +69,9 @@ class TrainConfig:
     `channels_last` trains with the backbone's 4-D weights and the batches in channels-last memory
     (the same values; restored afterwards): `"auto"` does so for conv models on CPU, where oneDNN's convs
     and train-mode BatchNorm run faster on NHWC maps (1.19x a ResNet-26 step, docs/benchmarks.md).
+    `grad_checkpointing` trains with the backbone's gradient checkpointing (timm's
+    `set_grad_checkpointing`, restored afterwards): activations are recomputed in backward instead of
+    kept, for less memory and a slower step; the trained numbers are the same (docs/training.md).
     """
 
     epochs: int | None = None
@@ -97,6 +100,7 @@ class TrainConfig:
     num_workers: int = 0
     threads: int | None = None
     channels_last: bool | str = "auto"
+    grad_checkpointing: bool = False
     flip: bool = True
     crop_padding: int | None = None
     crop_scale: tuple[float, float] | None = None
@@ -124,6 +128,7 @@ class TrainConfig:
                 raise ValueError(f"{name}={value!r} must be a positive int")
         choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "mixed_precision": PRECISIONS}
         choices["grayscale"], choices["channels_last"] = ("convert", "error"), ("auto", True, False)
+        choices["grad_checkpointing"] = (True, False)
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: use one of {allowed}")

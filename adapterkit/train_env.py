@@ -1,6 +1,6 @@
 """What a training holds around its model while `loop.fit` runs: the module accelerate prepares in the
-model's place, the model's memory layout, torch's CPU threads and a private, seeded RNG. Each is set for
-the training and restored afterwards, so the caller's process is as it was."""
+model's place, the model's memory layout, its gradient checkpointing, torch's CPU threads and a private,
+seeded RNG. Each is set for the training and restored afterwards, so the caller's process is as it was."""
 
 from __future__ import annotations
 
@@ -61,6 +61,54 @@ def channels_last(module: nn.Module, on: bool) -> Iterator[torch.memory_format]:
         for t in moved:
             t.data = t.data.contiguous()
         module.train(module.training)  # drops eval-mode fused weights built from the channels-last copies
+
+
+def backbone_name(module: nn.Module) -> str:
+    """The timm architecture of `module` (its class name when it has none)."""
+    cfg = getattr(module, "pretrained_cfg", None)
+    return (cfg.get("architecture") if isinstance(cfg, dict) else None) or type(module).__name__
+
+
+@contextlib.contextmanager
+def grad_checkpointing(module: nn.Module, on: bool) -> Iterator[None]:
+    """With `on`, the timm model `module` recomputes its blocks' activations in backward for the block
+    (`set_grad_checkpointing(True)`); afterwards its own setting is back (every `grad_checkpointing` flag
+    of its modules as it was).
+
+    Raises:
+        ValueError: the model has no gradient checkpointing (before anything runs).
+    """
+    if not on:
+        yield
+        return
+    flags = {m: vars(m)["grad_checkpointing"] for m in module.modules() if "grad_checkpointing" in vars(m)}
+    setter = getattr(module, "set_grad_checkpointing", None)
+    refusal = None if callable(setter) else "has no set_grad_checkpointing()"
+    if refusal is None:
+        try:
+            setter(True)
+        except (AssertionError, NotImplementedError, RuntimeError, TypeError) as e:
+            refusal = f"refuses set_grad_checkpointing(True) ({type(e).__name__}: {e})"
+    try:
+        if refusal is not None:
+            raise ValueError(
+                f"backbone {backbone_name(module)} {refusal}, so it cannot recompute its activations in "
+                "backward: train without grad_checkpointing=True, or on a timm backbone that supports it"
+            )
+        yield
+    finally:
+        _restore_checkpointing(module, setter, flags)
+
+
+def _restore_checkpointing(module: nn.Module, setter: Callable | None, flags: dict[nn.Module, bool]) -> None:
+    if callable(setter):
+        with contextlib.suppress(AssertionError, NotImplementedError, RuntimeError, TypeError):
+            setter(any(flags.values()))
+    for m in module.modules():
+        if m in flags:
+            m.grad_checkpointing = flags[m]
+        elif "grad_checkpointing" in vars(m):
+            del m.grad_checkpointing  # set by the training, absent before
 
 
 @contextlib.contextmanager

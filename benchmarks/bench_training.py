@@ -10,6 +10,9 @@ adapterkit; both counts are printed. Two references bound adapterkit's step from
   input (which requires grad): what any method that trains nothing inside the backbone's layers pays.
 - `norms`: the floor plus what the paper's domain norms add: norms in train mode (batch statistics) with
   trainable affine parameters, and a trainable classifier, with their SGD step. adapterkit = norms + adapters.
+- `ckpt` (on request): adapterkit with the backbone's gradient checkpointing, as
+  `TrainConfig(grad_checkpointing=True)` trains: the domain held for the recomputation in backward, and the
+  domain's BatchNorm statistics put back after it (the recomputed forward updates them again).
 
 - Throughput: the variants in one process, one step each per repeat, interleaved in a rotated order;
   ratios paired per repeat, medians. Both clocks are recorded: wall time and the thread's CPU time
@@ -40,6 +43,7 @@ Run from the repository root (needs `pip install peft`, the `bench` extra):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -67,6 +71,7 @@ BACKBONES = {  # name: (input size, batch size, batch size in --quick)
 }
 VARIANTS = ["adapterkit", "floor", "norms", "full", "peft"]
 NCHW = ["adapterkit_nchw", "floor_nchw"]  # on request: the same, NCHW whatever --memory-format says
+EXTRA = [*NCHW, "ckpt"]  # on request (--variants)
 QUICK_VARIANTS = ["adapterkit", "floor", "norms", "full"]
 NUM_CLASSES = 10
 FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
@@ -81,6 +86,7 @@ class Variant:
     params: list[nn.Parameter]
     info: dict = field(default_factory=dict)
     input_grad: bool = False  # the input requires grad (the floor's backward reaches the image)
+    backward: object = contextlib.nullcontext  # what `loss.backward()` runs under
 
 
 def lora_targets(backbone: nn.Module) -> list[str]:
@@ -124,12 +130,16 @@ def build(name: str, variant: str, size: int, rank: int | None = None) -> Varian
     if variant in ("floor", "norms"):
         return frozen(name, size, norms=variant == "norms")
     backbone = calibrated_backbone(name, size)
-    if variant == "adapterkit":
+    if variant in ("adapterkit", "ckpt"):
         model = AdapterModel(backbone)
         model.add_domain("old", num_classes=NUM_CLASSES)
         perturb(model.trainable_parameters("old"), seed=1)
         model.add_domain("new", num_classes=NUM_CLASSES)
-        return Variant(model.train(), lambda x: model(x, domain="new"), model.trainable_parameters("new"))
+        v = Variant(model.train(), lambda x: model(x, domain="new"), model.trainable_parameters("new"))
+        if variant == "ckpt":
+            model.backbone.set_grad_checkpointing(True)
+            v.backward = lambda: recomputing(model, "new")
+        return v
     backbone.reset_classifier(NUM_CLASSES)
     if variant == "full":
         return Variant(backbone.train(), backbone, list(backbone.parameters()))
@@ -146,6 +156,19 @@ def build(name: str, variant: str, size: int, rank: int | None = None) -> Varian
         "modules_to_save": [head],
     }
     return Variant(model, model, params, info)
+
+
+@contextlib.contextmanager
+def recomputing(model: AdapterModel, domain: str):
+    """A checkpointed backward as `train_domain` runs it: `domain` held for the recomputed forward, and
+    the domain's norm buffers (running statistics) as the forward left them."""
+    norms = [layer.adapters[domain] for layer in model.layers().values() if layer.rule == "norm"]
+    saved = [(t, t.clone()) for m in norms for t in m.buffers()]
+    with model.router.hold(domain):
+        yield
+    with torch.no_grad():
+        for t, before in saved:
+            t.copy_(before)
 
 
 def matched_rank(name: str, size: int) -> tuple[int, int]:
@@ -171,7 +194,8 @@ def step_fn(v: Variant, x: torch.Tensor, y: torch.Tensor, fmt: torch.memory_form
         loss = nn.functional.cross_entropy(v.forward(xi), y)
         if opt is not None:
             opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with v.backward():
+            loss.backward()
         xi.grad = None
         if opt is not None:
             opt.step()
@@ -255,7 +279,7 @@ def throughput(name: str, size: int, batch: int, repeats: int, variants: list[st
     times, bn = batchnorm_check(name, size, built, lambda: timed(steps, repeats))
     ratios = {
         f"throughput_vs_{base}_{clock}": {v: throughput_ratio(times, v, base, clock) for v in variants}
-        for base in ("floor", "full")
+        for base in ("floor", "full", "adapterkit")
         for clock in ("cpu", "wall")
     }
     return {
@@ -426,7 +450,7 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
     p.add_argument("--quick", action="store_true", help="no PEFT, small batches, 3 repeats, 1 memory process")
     p.add_argument(
-        "--variants", nargs="+", choices=VARIANTS + NCHW, help="a subset (floor and full are always run)"
+        "--variants", nargs="+", choices=VARIANTS + EXTRA, help="a subset (floor and full are always run)"
     )
     p.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default 5, quick 3)")
     p.add_argument("--memory-repeats", type=int, default=None, help="fresh processes per variant (median)")
@@ -446,7 +470,7 @@ def main() -> None:
     memory_repeats = args.memory_repeats or (1 if args.quick else 3)
     variants = QUICK_VARIANTS if args.quick else VARIANTS
     if args.variants:
-        variants = [v for v in VARIANTS + NCHW if v in {*args.variants, "adapterkit", "floor", "full"}]
+        variants = [v for v in VARIANTS + EXTRA if v in {*args.variants, "adapterkit", "floor", "full"}]
     out = args.out or Path(f"benchmarks/results/training{'_quick' if args.quick else ''}.json")
     # A fixed mmap threshold returns every freed tensor of 128 KiB or more to the OS, so RSS follows the
     # live memory; with glibc's adaptive threshold freed tensors stay in its heap, and the peak RSS of

@@ -32,28 +32,50 @@ from .table import DomainTable
 RULES = ("parallel", "series", "lowrank", "grouped")
 
 
+_UNSET = object()  # a thread that has set no domain (unlike one that set None: the plain backbone)
+
+
 class DomainRouter:
     """The domain of the forward call running in this thread (None: the plain backbone; `Mixed`: one
-    domain per sample, see `gathered.py`)."""
+    domain per sample, see `gathered.py`).
+
+    A training with gradient checkpointing recomputes the checkpointed blocks in its backward, after the
+    forward's `use` has ended and perhaps in autograd's own thread: `hold(domain)` around the backward
+    gives those calls (in threads that set no domain themselves) the trained domain."""
 
     def __init__(self) -> None:
         self._local = threading.local()
+        self._held: str | None = None
 
     @property
     def domain(self) -> str | Mixed | None:
-        return getattr(self._local, "domain", None)
+        domain = getattr(self._local, "domain", _UNSET)
+        return self._held if domain is _UNSET else domain
 
     def __deepcopy__(self, memo: dict) -> DomainRouter:
         return DomainRouter()  # a copied model routes its own calls
 
     @contextmanager
     def use(self, domain: str | Mixed | None) -> Iterator[None]:
-        previous = self.domain
+        previous = getattr(self._local, "domain", _UNSET)
         self._local.domain = domain
         try:
             yield
         finally:
-            self._local.domain = previous
+            if previous is _UNSET:
+                del self._local.domain
+            else:
+                self._local.domain = previous
+
+    @contextmanager
+    def hold(self, domain: str) -> Iterator[None]:
+        """`domain` for the calls of every thread that sets none, for the block: the recomputed forward of
+        a checkpointed backward (`TrainConfig.grad_checkpointing`)."""
+        previous, self._held = self._held, domain
+        try:
+            yield
+        finally:
+            self._held = previous
 
 
 def _setting(name: str) -> property:
