@@ -547,7 +547,8 @@ class AdapterModel(
         domain alone to float rounding). With `"grouped"`, in training mode, or for a backbone whose
         modules read a layer's weight themselves, each domain's group runs exactly as it would alone.
         `"auto"` (the default) groups a batch whose domains have 8 images each on average, or at most 4
-        domains with 4 each (fused weights, each pass a fair batch), and gathers the rest. Heads of
+        domains with 4 each (2 each on a compute-bound model on CPU: `mixed.py`; fused weights, each pass a
+        fair batch), and gathers the rest. Heads of
         different sizes are padded with `-inf`, so softmax, argmax and cross-entropy stay correct per
         sample. `domain="auto"` sends each sample to its best-scoring domain (`route(x)` also says which
         samples fit no domain, and how confident each choice is).

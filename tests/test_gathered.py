@@ -11,6 +11,7 @@ from torch import nn
 from adapterkit import AdapterConfig, AdapterModel
 from adapterkit.compress import append_domain
 from adapterkit.layers.gathered import Mixed
+from adapterkit.mixed import COMPUTE_BOUND_FLOPS
 
 DOMAINS = ["a", "b", "c", "a", "c", "b", "b"]
 
@@ -147,20 +148,20 @@ def test_serving_changes_no_tensor():
     assert gathered.shape == (len(DOMAINS), 5)
 
 
-def test_auto_groups_few_domains_with_fair_batches_and_gathers_the_rest():
+def test_auto_groups_domains_with_fair_batches_and_gathers_the_rest():
     model = make()
-    x = input_for(model.backbone, batch=8)
+    x = input_for(model.backbone, batch=16)
     with torch.inference_mode():
-        auto = model(x, domain=["a", "b"] * 4)  # 2 domains, 4 images each: one pass per domain
+        auto = model(x, domain=["a", "b"] * 8)  # 2 domains, 8 images each: one pass per domain
         assert model._mixed.gatherable is None
         model.mixed_execution = "grouped"
-        assert torch.equal(auto, model(x, domain=["a", "b"] * 4))
+        assert torch.equal(auto, model(x, domain=["a", "b"] * 8))
         model.mixed_execution = "auto"
-        spread = ["a", "b", "c", "a", "b", "c", "a", "b"]  # 3 domains, fewer than 4 images each: gathered
-        gathered = model(x, domain=spread)
+        spread = ["a", "b", "c", "a", "b", "c", "a", "b"]  # 3 domains, fewer than 8 images each: gathered
+        gathered = model(x[:8], domain=spread)
     assert model._mixed.gatherable is True
     model.mixed_execution = "grouped"
-    assert_rounding(gathered, model(x, domain=spread).detach())
+    assert_rounding(gathered, model(x[:8], domain=spread).detach())
 
 
 def test_mixed_execution_names_its_choices():
@@ -171,16 +172,34 @@ def test_mixed_execution_names_its_choices():
 
 
 @pytest.mark.parametrize(
-    "images,domains,gathers",
-    [(8, 2, False), (8, 3, True), (32, 4, False), (32, 8, True), (40, 5, False), (32, 32, True)],
+    "size,images,domains,gathers",
+    [
+        # test_resnet at 32 px: 0.3 MFLOPs per adapted layer and image, overhead-bound (the CIFAR ResNets)
+        (32, 8, 2, False),
+        (32, 8, 4, True),
+        (32, 16, 2, False),
+        (32, 32, 4, False),
+        (32, 32, 8, True),
+        (32, 32, 32, True),
+        # at 224 px: 14 MFLOPs, compute-bound (ResNet-50): few domains of 2 images or more run grouped
+        (224, 8, 4, False),
+        (224, 8, 2, False),
+        (224, 8, 8, True),
+        (224, 10, 5, True),
+        (224, 40, 5, False),
+    ],
 )
-def test_auto_policy(images, domains, gathers):
-    """Grouped when the domains average 8 images, or 4 with at most 4 domains (measured faster there)."""
+def test_auto_policy(size, images, domains, gathers):
+    """Grouped when the domains average 8 images, or 4 with at most 4 domains; on a compute-bound model
+    (counted FLOPs per layer) also 2 with at most 4 domains (measured faster there: mixed.py)."""
     model = make()
     model._mixed.gatherable = True  # the backbone's probe is another test's: only the policy here
-    x = input_for(model.backbone, batch=images, size=32)
+    x = input_for(model.backbone, batch=images, size=size)
     names = [f"d{i % domains}" for i in range(images)]
+    model.add_domain("d0", num_classes=2)  # the FLOPs are counted through one of the batch's domains
     assert model._mixed.gathers(x, Mixed.of(names, x.device), training=False) is gathers
+    for flops in model._mixed._flops.values():  # counted when the rule needs it
+        assert (flops >= COMPUTE_BOUND_FLOPS) is (size == 224)
 
 
 @pytest.mark.parametrize("backbone", ["test_convnext", "test_efficientnet_gn", "test_vit"])
