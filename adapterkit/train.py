@@ -32,7 +32,7 @@ from .loop import Job, checkpoint_folder, evaluate_dataset, fit
 from .model import AdapterModel
 from .signature import MAX_IMAGES
 from .train_config import AUTO_WEIGHT_DECAY, TrainConfig, auto_weight_decay, check_trackers, learning_rate
-from .train_env import grad_checkpointing, seeded, threads
+from .train_env import check_grad_checkpointing, seeded, threads
 from .transforms import Preprocess, resolve_data_config
 
 __all__ = [
@@ -126,8 +126,7 @@ def train_domain(
             "overwrite=True to train a fresh factored one in its place, or drop them to continue training it"
         )
     acc = make_accelerator(config, accelerator)
-    with grad_checkpointing(model.backbone, config.grad_checkpointing):
-        pass  # a backbone without it is refused before the data are read
+    check_grad_checkpointing(model.backbone, config.grad_checkpointing)  # before the data are read
     if continuing and resume is False:
         raise ValueError(
             f"the model already has domain {domain!r}: pass resume=True to continue training it, "
@@ -197,8 +196,7 @@ def train_model(
     """
     config = config or TrainConfig()
     acc = make_accelerator(config, accelerator)
-    with grad_checkpointing(model, config.grad_checkpointing):
-        pass  # a model without it is refused before the data are read
+    check_grad_checkpointing(model, config.grad_checkpointing)  # before the data are read
     num_classes = _num_classes(model)
     source = open_data(train_data, config.image_column, config.label_column)
     dcfg = resolve_data_config(getattr(model, "pretrained_cfg", {}), data_config)

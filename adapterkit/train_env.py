@@ -100,6 +100,12 @@ def grad_checkpointing(module: nn.Module, on: bool) -> Iterator[None]:
         _restore_checkpointing(module, setter, flags)
 
 
+def check_grad_checkpointing(module: nn.Module, on: bool) -> None:
+    """With `on`, refuse now (ValueError) a model `grad_checkpointing` would refuse, leaving it as it was."""
+    with grad_checkpointing(module, on):
+        pass
+
+
 def _restore_checkpointing(module: nn.Module, setter: Callable | None, flags: dict[nn.Module, bool]) -> None:
     if callable(setter):
         with contextlib.suppress(AssertionError, NotImplementedError, RuntimeError, TypeError):
