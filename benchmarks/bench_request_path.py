@@ -1,9 +1,11 @@
 """CPU per request of each server thread (event loop, batch worker, decoding pool): adapterkit's service
-against the minimal bare server of bench_serve.py, on a tiny backbone (`test_resnet` at 32 px), so that
-the forward costs little and the request path's own work shows. Read from /proc per thread over `wrk`
-runs of 8 closed-loop clients (Linux; `apt install wrk`).
+against the minimal bare server of bench_serve.py. By default on a tiny backbone (`test_resnet` at 32 px),
+so that the forward costs little and the request path's own work shows; `--model r56|r50` serves
+bench_serve's models. Read from /proc per thread over `wrk` runs of closed-loop clients (Linux;
+`apt install wrk`).
 
     PYTHONPATH=. python benchmarks/bench_request_path.py --rounds 3
+    PYTHONPATH=. python benchmarks/bench_request_path.py --model r56 --domains 4 --clients 32
 
 Prints, per round and server, requests answered and milliseconds of CPU per request by thread
 (docs/benchmarks.md, "Run G").
@@ -14,10 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import bench_serve
 import torch
@@ -26,7 +31,7 @@ SERVERS = ("bare", "adapterkit")
 SIZE = {"input_size": (3, 32, 32)}
 
 
-def serve(ports: list[int]) -> None:
+def serve(ports: list[int], kind: str, folder: str) -> None:
     import uvicorn
 
     from adapterkit import AdapterModel
@@ -34,10 +39,16 @@ def serve(ports: list[int]) -> None:
     from adapterkit.serve import create_app
 
     torch.set_num_threads(1)
-    model = AdapterModel.from_backbone("test_resnet")
-    model.add_domain("d0", 10, data_config=SIZE)
+    if kind == "tiny":
+        size, bare = SIZE, create_backbone("test_resnet").eval()
+        model = AdapterModel.from_backbone("test_resnet")
+        for i in range(4):
+            model.add_domain(f"d{i}", 10, data_config=SIZE)
+    else:  # bench_serve's models, with its 4 domains
+        model, bare = bench_serve.build(kind, Path(folder) / "family")
+        size = {"input_size": bench_serve.MODELS[kind][1]}
     apps = [
-        bench_serve.bare_app(create_backbone("test_resnet").eval(), SIZE, 32, 5.0, 2),
+        bench_serve.bare_app(bare, size, 32, 5.0, 2),
         create_app(model.eval(), max_batch_size=32, max_wait_ms=5.0, threads=2),
     ]
     for port, app, server in zip(ports, apps, SERVERS, strict=True):
@@ -64,23 +75,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=8)
-    parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="tiny", choices=["tiny", *sorted(bench_serve.MODELS)])
+    parser.add_argument("--domains", type=int, default=1, help="domains the requests cycle over (<= 4)")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)  # ports folder (child process)
     args = parser.parse_args()
     if args.serve:
-        serve([int(p) for p in args.serve.split(",")])
+        serve([int(p) for p in args.serve[0].split(",")], args.model, args.serve[1])
         return
     ports = [bench_serve.free_port() for _ in SERVERS]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, __file__, "--serve", ",".join(map(str, ports))]
+    folder = tempfile.mkdtemp(prefix="bench-request-path-")
+    cmd = [sys.executable, __file__, "--model", args.model, "--serve", ",".join(map(str, ports)), folder]
     child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
         if child.stdout.readline().strip() != "READY":
             raise RuntimeError("the servers did not start")
-        payloads = bench_serve.bodies("r56", 1)  # 36 px JPEGs for domain d0
+        payloads = bench_serve.bodies("r56" if args.model == "tiny" else args.model, args.domains)
         for _ in range(args.rounds):
             for server, port in zip(SERVERS, ports, strict=True):
                 before = cpu(child.pid)
-                run = bench_serve.run_load(f"http://127.0.0.1:{port}", payloads, 8, 0, args.seconds, "wrk")
+                run = bench_serve.run_load(
+                    f"http://127.0.0.1:{port}", payloads, args.clients, 0, args.seconds, "wrk"
+                )
                 after = cpu(child.pid)
                 child.stdin.write("names\n")
                 child.stdin.flush()
@@ -95,6 +112,7 @@ def main() -> None:
     finally:
         child.stdin.close()
         child.wait(60)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
