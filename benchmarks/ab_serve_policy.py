@@ -23,6 +23,7 @@ from pathlib import Path
 
 import bench_serve
 import torch
+from _load import free_port, run_load
 
 SERVERS = ("bare", "old", "new")
 
@@ -70,7 +71,7 @@ def main() -> None:
     if args.serve:
         serve(args.model, [int(p) for p in args.serve[0].split(",")], Path(args.serve[1]))
         return
-    ports = [bench_serve.free_port() for _ in SERVERS]
+    ports = [free_port() for _ in SERVERS]
     with tempfile.TemporaryDirectory(prefix="ab-serve-policy-") as tmp:
         cmd = [sys.executable, __file__, "--model", args.model, "--serve", ",".join(map(str, ports)), tmp]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -82,7 +83,7 @@ def main() -> None:
             rounds = []
             for _ in range(args.rounds):
                 rounds.append({
-                    name: bench_serve.run_load(f"http://127.0.0.1:{port}", payloads, args.clients, 1.0, args.seconds, "wrk")["throughput"]
+                    name: run_load(f"http://127.0.0.1:{port}", payloads, args.clients, 1.0, args.seconds, "wrk")["throughput"]
                     for name, port in zip(SERVERS, ports, strict=True)
                 })  # fmt: skip
                 print(

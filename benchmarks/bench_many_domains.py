@@ -43,7 +43,8 @@ from pathlib import Path
 import httpx
 import torch
 from _common import calibrated_backbone, interleaved, perturb, write_report
-from bench_serve import GENERATOR, bodies, free_port, run_load
+from _load import GENERATOR, free_port, run_load
+from bench_serve import bodies
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapterkit import AdapterModel

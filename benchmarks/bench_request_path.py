@@ -26,6 +26,7 @@ from pathlib import Path
 
 import bench_serve
 import torch
+from _load import free_port, run_load
 
 SERVERS = ("bare", "adapterkit")
 SIZE = {"input_size": (3, 32, 32)}
@@ -83,7 +84,7 @@ def main() -> None:
     if args.serve:
         serve([int(p) for p in args.serve[0].split(",")], args.model, args.serve[1])
         return
-    ports = [bench_serve.free_port() for _ in SERVERS]
+    ports = [free_port() for _ in SERVERS]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     folder = tempfile.mkdtemp(prefix="bench-request-path-")
     cmd = [sys.executable, __file__, "--model", args.model, "--serve", ",".join(map(str, ports)), folder]
@@ -95,9 +96,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for server, port in zip(SERVERS, ports, strict=True):
                 before = cpu(child.pid)
-                run = bench_serve.run_load(
-                    f"http://127.0.0.1:{port}", payloads, args.clients, 0, args.seconds, "wrk"
-                )
+                run = run_load(f"http://127.0.0.1:{port}", payloads, args.clients, 0, args.seconds, "wrk")
                 after = cpu(child.pid)
                 child.stdin.write("names\n")
                 child.stdin.flush()
