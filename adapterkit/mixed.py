@@ -11,9 +11,8 @@ FlopCounterMode over one image), where a pass over 2 images costs per image abou
 Measured on CPU (docs/benchmarks.md, "Many domains in one process"): grouped execution wins on the CIFAR
 ResNet-56 and ResNet-50 when each domain's pass is a fair batch (fused weights) and gathered execution on
 smaller groups; on ResNet-50 at 128 px (27 MFLOPs a layer) also at 8 images over 4 domains (grouped 0.93x
-of one domain's batch, gathered 0.86x, in process; over HTTP at 8 clients 1.00-1.06x the old rule's
-throughput in 3 rounds), where on the CIFAR ResNet-56 (2.3 MFLOPs a layer) passes of 2 images cost per
-image about twice a large batch's. GPUs keep the CPU rule for overhead-bound models (not measured).
+of one domain's batch, gathered 0.86x, in process), where on the CIFAR ResNet-56 (2.3 MFLOPs a layer)
+passes of 2 images cost per image about twice a large batch's. GPUs keep the CPU rule for overhead-bound models (not measured).
 """
 
 from __future__ import annotations
