@@ -62,10 +62,7 @@ class DomainRouter:
         try:
             yield
         finally:
-            if previous is _UNSET:
-                del self._local.domain
-            else:
-                self._local.domain = previous
+            self._local.domain = previous  # (_UNSET again where it was: torch.compile cannot trace a del)
 
     @contextmanager
     def hold(self, domain: str) -> Iterator[None]:
