@@ -59,9 +59,7 @@ Factored = Annotated[
 _FLAGS = {"basis_rank": "--basis-rank", "new_columns": "--new-columns", "energy": "--energy"}
 _FLAGS |= {"factored": "--factored", "overwrite": "--overwrite", "rank": "--basis-rank"}
 _FLAGS |= {"grad_checkpointing": "--grad-checkpointing"}
-_ARGUMENT = re.compile(
-    r"\b(basis_rank|new_columns|energy|factored|overwrite|rank|grad_checkpointing)(=True|=)?"
-)
+_ARGUMENT = re.compile(rf"\b({'|'.join(_FLAGS)})(=True|=)?")  # a Python argument the flags above name
 
 
 def parse_budget(value: str | None, flag: str) -> int | float | None:

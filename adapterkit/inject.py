@@ -48,16 +48,15 @@ def create_backbone(
     (`backbone_weights.safetensors_weights`; only `model.safetensors` is downloaded from the Hub) and
     timm is handed that file; a source with only pickled weights is refused before anything is read.
     """
-    path = None
-    if isinstance(pretrained, (str, Path)):
-        path = check_weights_file(Path(pretrained))
-        kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(path)}
-        pretrained = True
-    if pretrained:
-        file = safetensors_weights(name, kwargs)
-        if file is not None:  # timm's `file` source: read with safetensors, whatever the name's own source
-            overlay = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(file), "source": "file"}
-            kwargs["pretrained_cfg_overlay"] = overlay
+    path = check_weights_file(Path(pretrained)) if isinstance(pretrained, (str, Path)) else None
+    file = path or (safetensors_weights(name, kwargs) if pretrained else None)
+    if file is not None:  # timm's `file` source: read with safetensors, whatever the name's own source
+        kwargs["pretrained_cfg_overlay"] = {
+            **kwargs.get("pretrained_cfg_overlay", {}),
+            "file": str(file),
+            "source": "file",
+        }
+    pretrained = bool(pretrained)
     try:
         # timm initialises on the CPU from the global RNG and takes no generator: seed a fork of the CPU
         # generator alone (torch.manual_seed would also reseed every CUDA generator, which fork_rng(devices=[])

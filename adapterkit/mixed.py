@@ -12,7 +12,8 @@ Measured on CPU (docs/benchmarks.md, "Many domains in one process"): grouped exe
 ResNet-56 and ResNet-50 when each domain's pass is a fair batch (fused weights) and gathered execution on
 smaller groups; on ResNet-50 at 128 px (27 MFLOPs a layer) also at 8 images over 4 domains (grouped 0.93x
 of one domain's batch, gathered 0.86x, in process), where on the CIFAR ResNet-56 (2.3 MFLOPs a layer)
-passes of 2 images cost per image about twice a large batch's. GPUs keep the CPU rule for overhead-bound models (not measured).
+passes of 2 images cost per image about twice a large batch's. GPUs keep the rule for overhead-bound
+models (not measured).
 """
 
 from __future__ import annotations
