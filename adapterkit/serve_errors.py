@@ -50,8 +50,9 @@ def body_too_large(limit: int) -> ServeError:
     return ServeError(
         413,
         "body_too_large",
-        f"the request body is over the server's limit of {limit} bytes: send fewer or smaller images "
-        "per request (or start the server with a larger max_body_bytes)",
+        f"the request body is over the server's limit of {limit} bytes ({limit / 2**20:.3g} MB): send "
+        "fewer or smaller images per request, or raise the limit (adapterkit serve --max-body-mb, "
+        "create_app's max_body_bytes)",
         limit=limit,
     )
 

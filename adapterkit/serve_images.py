@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 import warnings
 from typing import TYPE_CHECKING
@@ -55,8 +56,9 @@ def decode_image(data: bytes, what: str, max_pixels: int = DEFAULT_MAX_PIXELS) -
             if pixels > max_pixels:
                 raise _too_large(what, f"{image.width} x {image.height}", max_pixels)
             image.load()
-    except Image.DecompressionBombError as e:
-        raise _too_large(what, "over PIL's own limit", max_pixels) from e
+    except Image.DecompressionBombError as e:  # over PIL's own limit, checked in Image.open
+        size = re.search(r"\((\d+) pixels\)", str(e))
+        raise _too_large(what, f"{size[1]} pixels" if size else "over PIL's own limit", max_pixels) from e
     except UnidentifiedImageError as e:
         raise ServeError(
             400,

@@ -22,6 +22,11 @@ from .serve_errors import ServeError
 from .serve_schema import AUTO, MAX_TOP_K, PredictRequest
 
 IMAGE_PART_TYPES = ("image/", "application/octet-stream")
+MULTIPART_FIELDS = ("image", "domain", "top_k", "return_logits")
+BOOLEANS = {
+    **dict.fromkeys(("1", "true", "yes", "on"), True),
+    **dict.fromkeys(("0", "false", "no", "off"), False),
+}
 
 
 @dataclass
@@ -76,12 +81,25 @@ def _b64(data: str, what: str) -> bytes:
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise ServeError(400, "invalid_base64", f"{what}: data is not valid base64 ({e})") from e
+        raise ServeError(
+            400,
+            "invalid_base64",
+            f"{what}: data is not valid base64 ({e}); send standard base64 ('+' and '/') without line "
+            "breaks (base64 -w0 FILE, Python's base64.b64encode) or a data: URL",
+        ) from e
 
 
 async def parse_multipart(request: Request, max_images: int, max_part_bytes: int) -> Parsed:
     """A multipart predict body: `image` file parts with `domain` fields in the same order."""
     form = await request.form(max_files=max_images, max_fields=max_images + 8, max_part_size=max_part_bytes)
+    unknown = sorted({key for key in form.keys() if key not in MULTIPART_FIELDS})
+    if unknown:  # a misspelt `domain` would otherwise send every image to routing
+        raise ServeError(
+            422,
+            "invalid_request",
+            f"unknown multipart field(s) {', '.join(map(repr, unknown))}; the fields are "
+            f"{', '.join(MULTIPART_FIELDS)} (see the schema at /docs)",
+        )
     files = form.getlist("image")
     domains = [d or AUTO for d in form.getlist("domain") if isinstance(d, str)]
     if not files:
@@ -108,8 +126,17 @@ async def parse_multipart(request: Request, max_images: int, max_part_bytes: int
             "in the same order, or one for all",
         )
     top_k = _int_field(form.get("top_k"), "top_k", 5)
-    return_logits = str(form.get("return_logits", "false")).lower() in ("1", "true", "yes")
+    return_logits = _bool_field(form.get("return_logits"), "return_logits")
     return Parsed(images, domains, top_k, return_logits)
+
+
+def _bool_field(value: object, name: str) -> bool:
+    if value is None:
+        return False
+    flag = BOOLEANS.get(value.strip().lower()) if isinstance(value, str) else None
+    if flag is None:
+        raise ServeError(422, "invalid_request", f"{name}={value!r} must be true or false (or 1 or 0)")
+    return flag
 
 
 def _int_field(value: object, name: str, default: int) -> int:

@@ -99,13 +99,20 @@ def add_routes(app: FastAPI, service: Service) -> None:
         "/v1/domains",
         status_code=201,
         response_model=DomainOut,
-        responses=error_responses(401, 403, 404, 409, 422, 502),
+        responses=error_responses(401, 403, 404, 409, 415, 422, 502),
         openapi_extra=_body({"$ref": REF.format(model="HotAddRequest")}),
         tags=["domains"],
     )
     async def add_domain(request: Request) -> Any:
         """Hot-add one domain of a family (admin); answers once the domain is served."""
         service.check_admin(request)
+        if request.headers.get("content-type", "").lower().startswith("multipart/"):
+            raise ServeError(
+                415,
+                "unsupported_media_type",
+                "a hot-add is a JSON body, not form fields: send content-type application/json with "
+                '{"source": ..., "domain": ...}',
+            )
         body = HotAddRequest.model_validate_json(await request.body())
         return await service.hot_add(body.source, body.domain, body.revision, body.as_name)
 

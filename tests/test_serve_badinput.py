@@ -8,6 +8,8 @@ import io
 import json
 import logging
 import socket
+import struct
+import zlib
 from urllib.parse import urlparse
 
 import httpx
@@ -77,6 +79,24 @@ def test_image_over_the_pixel_limit_is_refused_before_decoding(client):
     assert body["max_pixels"] == MAX_PIXELS
 
 
+def chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that says `width` x `height` and holds (almost) no pixels: a decompression bomb's header."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def test_an_image_over_pils_own_limit_says_its_size(client):
+    """PIL refuses images over twice its own limit in `Image.open`; the message said only "over PIL's own
+    limit", not how large the image was."""
+    body = error(predict_json(client, [("a", png_header(20_000, 20_000))]), 413, "image_too_large")
+    assert "(400000000 pixels)" in body["message"] and "--max-pixels" in body["message"]
+
+
 def test_unsupported_content_type(client):
     r = client.post("/v1/predict", content=b"hello", headers={"content-type": "text/plain"})
     error(r, 415, "unsupported_media_type")
@@ -88,6 +108,22 @@ def test_body_over_the_limit(client):
     big = [("a", image_bytes(i, size=160)) for i in range(4)]
     body = error(predict_json(client, big), 413, "body_too_large")
     assert body["limit"] == MAX_BODY
+    assert "--max-body-mb" in body["message"] and "(0.191 MB)" in body["message"]  # the command's flag
+
+
+def test_multipart_fields_are_checked_like_json_ones(client):
+    """A misspelt `domain` field was ignored, so the image was routed (here: 409 `no_signature`, naming
+    signatures); `return_logits=maybe` was read as false; unknown fields passed silently."""
+    image = [("image", ("x.png", image_bytes(0), "image/png"))]
+    r = client.post("/v1/predict", files=image, data={"domian": "a"})
+    message = error(r, 422, "invalid_request")["message"]
+    assert "'domian'" in message and "image, domain, top_k, return_logits" in message
+    error(client.post("/v1/predict", files=image, data={"domain": "a", "topk": "1"}), 422, "invalid_request")
+    r = client.post("/v1/predict", files=image, data={"domain": "a", "return_logits": "maybe"})
+    assert "return_logits='maybe'" in error(r, 422, "invalid_request")["message"]
+    for flag, logits in (("on", True), ("True", True), ("0", False), ("no", False)):
+        r = client.post("/v1/predict", files=image, data={"domain": "a", "return_logits": flag})
+        assert r.status_code == 200 and ("logits" in r.json()["predictions"][0]) is logits, (flag, r.text)
 
 
 def test_chunked_body_over_the_limit_is_cut_off(client):
@@ -144,7 +180,7 @@ def test_malformed_json(client):
 
 def test_invalid_base64_and_too_many_images(client):
     r = client.post("/v1/predict", json={"images": [{"domain": "a", "data": "@@not base64@@"}]})
-    error(r, 400, "invalid_base64")
+    assert "without line breaks (base64 -w0" in error(r, 400, "invalid_base64")["message"]  # the fix
     many = [{"domain": "a", "data": b64(image_bytes(4, size=8))}] * 5
     error(client.post("/v1/predict", json={"images": many}), 413, "too_many_images")
 
@@ -158,6 +194,16 @@ def test_admin_endpoints_need_the_token(client, family):
     error(client.delete("/v1/domains/a"), 401, "unauthorized")
     error(client.delete("/v1/domains/a", headers=admin("wrong-token-123")), 403, "forbidden")
     assert [d["name"] for d in client.get("/v1/domains").json()["domains"]] == ["a", "b"]
+
+
+def test_a_hot_add_sent_as_form_fields_says_to_send_json(client, family):
+    """`curl -F source=... -F domain=...` got 422 "Invalid JSON: invalid number at line 1 column 2"."""
+    r = client.post(
+        "/v1/domains", data={"source": str(family), "domain": "c"}, files={"x": b""}, headers=admin()
+    )
+    assert "application/json" in error(r, 415, "unsupported_media_type")["message"]
+    r = client.post("/v1/domains", json={"source": str(family), "domain": "../c"}, headers=admin())
+    assert "'../c' is not a safe file name" in error(r, 422, "invalid_domain_name")["message"]
 
 
 def test_admin_endpoints_are_off_without_a_token(family):
