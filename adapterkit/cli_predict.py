@@ -126,7 +126,8 @@ def predict(
     domain: Annotated[
         str | None,
         typer.Option(
-            help="the images' domain, or auto to route each one \\[default: the only domain, else auto]",
+            help="the images' domain, or auto to route each one "
+            "\\[default: auto when every domain has a signature, else the only domain]",
             show_default=False,
         ),
     ] = None,

@@ -104,9 +104,15 @@ def admin_token(token_file: Path | None) -> str | None:
         if os.environ.get(TOKEN_ENV, "").strip() not in ("", token):
             status(f"warning: ${TOKEN_ENV} is set too; the token of {token_file} is the one used")
     else:
-        token = os.environ.get(TOKEN_ENV, "").strip()
-        if not token:
+        value = os.environ.get(TOKEN_ENV)
+        if value is None:
             return None
+        token = value.strip()
+        if not token:  # `ADAPTERKIT_ADMIN_TOKEN=$(cat token)` with a missing file: not a read-only server
+            raise CliError(
+                f"${TOKEN_ENV} is set but empty; put the admin token in it (or use --admin-token-file), "
+                f"or unset it to serve read-only"
+            )
     if len(token) < 8:
         raise CliError(
             "the admin token is shorter than 8 characters; use a long random one (openssl rand -hex 32)"

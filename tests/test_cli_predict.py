@@ -90,6 +90,13 @@ def test_bad_input_names_the_file_or_the_option(family, photos, tmp_path):
     assert pick_domain(None, ["a"], routable=False) == "a" and pick_domain(None, ["a", "b"], True) == "auto"
 
 
+def test_the_help_says_the_default_domain_pick_domain_chooses():
+    """`--help` said "[default: the only domain, else auto]": one routable domain is routed (`auto`)."""
+    assert pick_domain(None, ["a"], routable=True) == "auto"
+    done = cli("predict", "--help", COLUMNS="200")
+    assert "[default: auto when every domain has a signature, else the only domain]" in done.stdout
+
+
 def test_auto_routes_each_image_and_says_when_it_fits_no_domain(tmp_path):
     model = AdapterModel.from_backbone("test_resnet")
     for colour in COLOURS:

@@ -137,6 +137,16 @@ def test_admin_token_comes_from_a_file_or_the_environment(tmp_path, monkeypatch)
         cli_serve.admin_token(None)
 
 
+def test_an_empty_token_variable_is_an_error_not_a_read_only_server(monkeypatch):
+    """`ADAPTERKIT_ADMIN_TOKEN=$(cat token)` with a missing file started a read-only server (403 on every
+    hot-add), while an empty token file is an error."""
+    monkeypatch.setenv(cli_serve.TOKEN_ENV, "  ")
+    with pytest.raises(
+        CliError, match=r"ADAPTERKIT_ADMIN_TOKEN is set but empty.*unset it to serve read-only"
+    ):
+        cli_serve.admin_token(None)
+
+
 def test_a_taken_port_or_a_missing_device_is_one_line_before_anything_loads(family, capsys):
     import socket
 
