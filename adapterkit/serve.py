@@ -40,6 +40,7 @@ from .serve_errors import (
     http_error_handler,
     internal_error_handler,
     serve_error_handler,
+    shown,
     validation_error_handler,
 )
 from .serve_images import DEFAULT_MAX_PIXELS, Preprocessors
@@ -252,18 +253,26 @@ class Service:
 
     async def hot_add(self, source: str, domain: str, revision: str | None, as_name: str | None) -> dict:
         loop = asyncio.get_running_loop()
-        start, status = time.perf_counter(), "error"
+        start, status, why = time.perf_counter(), "error", ""
         try:
             out = await loop.run_in_executor(
                 self.admin_pool, self.domains.hot_add, source, domain, revision, as_name
             )
             status = "ok"
             return out
+        except ServeError as e:
+            why = f" ({e.status} {e.code})"
+            raise
         finally:
             took = time.perf_counter() - start
             self.metrics.hot_add.labels(status).observe(took)
             logger.info(
-                "hot-add of %s from %s: %s in %.0f ms", as_name or domain, source, status, took * 1000
+                "hot-add of %s from %s: %s%s in %.0f ms",
+                shown(as_name or domain),
+                shown(source),
+                status,
+                why,
+                took * 1000,
             )
 
     async def remove(self, name: str) -> None:
@@ -292,7 +301,9 @@ def server_timing(began: float, items: list[Item]) -> str:
 def _log_refusal(request: Request, why: str) -> None:
     """A refused admin request in the log: method, path and client (never the token)."""
     client = request.client.host if request.client else "?"
-    logger.warning("admin request %s refused: %s %s from %s", why, request.method, request.url.path, client)
+    logger.warning(
+        "admin request %s refused: %s %s from %s", why, request.method, shown(request.url.path), client
+    )
 
 
 def freeze_startup_objects() -> None:

@@ -84,12 +84,18 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     return ServeError(status, codes.get(status, "http_error"), message).response()
 
 
+def shown(text: str) -> str:
+    """`text` for a log line: as it is, or quoted with its escapes when it holds a line break or another
+    unprintable character (a caller's path or domain name must not write lines of its own)."""
+    return text if text.isprintable() else repr(text)
+
+
 async def internal_error_handler(request: Request, exc: Exception) -> JSONResponse:
     """A 500 that names an id to find in the server's log, and nothing of the exception (its text can hold
     paths and values that are the server's business)."""
     error_id = uuid.uuid4().hex[:12]
     logger.error(
-        "unexpected error %s serving %s %s", error_id, request.method, request.url.path, exc_info=exc
+        "unexpected error %s serving %s %s", error_id, request.method, shown(request.url.path), exc_info=exc
     )
     message = (
         f"unexpected server error {error_id}; this is a bug: report it with the server log's lines of that id"

@@ -206,6 +206,24 @@ def test_a_hot_add_sent_as_form_fields_says_to_send_json(client, family):
     assert "'../c' is not a safe file name" in error(r, 422, "invalid_domain_name")["message"]
 
 
+def test_the_log_says_why_a_hot_add_failed_and_callers_cannot_write_raw_text_into_it(client, family, caplog):
+    """The log said only "hot-add of zzz from fam: error"; a domain name with a line break wrote a line of
+    its own, and a path with a terminal escape (DELETE /v1/domains/x%1B[2J, no token needed) reached the
+    log as it was."""
+    with caplog.at_level(logging.INFO, logger="adapterkit"):
+        error(client.delete("/v1/domains/x%1B%5B2J"), 401, "unauthorized")
+        body = {"source": str(family), "domain": "c\nINFO hot-add of evil: ok"}
+        error(client.post("/v1/domains", json=body, headers=admin()), 422, "invalid_domain_name")
+        body = {"source": str(family), "domain": "zzz"}
+        error(client.post("/v1/domains", json=body, headers=admin()), 404, "domain_not_found")
+    lines = [record.getMessage() for record in caplog.records]
+    assert all(line.isprintable() for line in lines), lines
+    assert "DELETE '/v1/domains/x\\x1b[2J' from 127.0.0.1" in lines[0]
+    assert lines[1].startswith("hot-add of 'c\\nINFO hot-add of evil: ok' from ")
+    assert lines[1].split(": ")[-1].startswith("error (422 invalid_domain_name) in ")
+    assert lines[2].startswith(f"hot-add of zzz from {family}: error (404 domain_not_found) in ")
+
+
 def test_admin_endpoints_are_off_without_a_token(family):
     app = create_app(AdapterModel.from_pretrained(family, domains=["a"]))
     with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
