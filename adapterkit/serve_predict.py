@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from .serve_errors import ServeError
@@ -91,7 +92,12 @@ def _b64(data: str, what: str) -> bytes:
 
 async def parse_multipart(request: Request, max_images: int, max_part_bytes: int) -> Parsed:
     """A multipart predict body: `image` file parts with `domain` fields in the same order."""
-    form = await request.form(max_files=max_images, max_fields=max_images + 8, max_part_size=max_part_bytes)
+    try:
+        form = await request.form(
+            max_files=max_images, max_fields=max_images + 8, max_part_size=max_part_bytes
+        )
+    except HTTPException as e:  # starlette's multipart limits and parse errors, as a bare 400
+        raise _multipart_error(str(e.detail), max_images) from e
     unknown = sorted({key for key in form.keys() if key not in MULTIPART_FIELDS})
     if unknown:  # a misspelt `domain` would otherwise send every image to routing
         raise ServeError(
@@ -128,6 +134,22 @@ async def parse_multipart(request: Request, max_images: int, max_part_bytes: int
     top_k = _int_field(form.get("top_k"), "top_k", 5)
     return_logits = _bool_field(form.get("return_logits"), "return_logits")
     return Parsed(images, domains, top_k, return_logits)
+
+
+def _multipart_error(detail: str, max_images: int) -> ServeError:
+    if detail.startswith(("Too many files", "Too many fields")):
+        return ServeError(
+            413,
+            "too_many_images",
+            f"{detail.split('.')[0].lower()} in one request; this server takes at most {max_images} images "
+            "(and a domain field for each): split them over several requests",
+        )
+    return ServeError(
+        422,
+        "invalid_request",
+        f"the multipart body cannot be read ({detail.rstrip('.')}): send multipart/form-data with its "
+        "boundary, as curl -F or httpx's files= do, or JSON with base64 images",
+    )
 
 
 def _bool_field(value: object, name: str) -> bool:

@@ -185,6 +185,19 @@ def test_invalid_base64_and_too_many_images(client):
     error(client.post("/v1/predict", json={"images": many}), 413, "too_many_images")
 
 
+def test_too_many_multipart_images_or_a_broken_multipart_body(client):
+    """Multipart bodies over starlette's limits, or without a boundary, were answered 400 `http_error`
+    ("Too many files. Maximum number of files is 4.: POST /v1/predict"), not JSON's 413 `too_many_images`."""
+    files = [("image", (f"{i}.png", image_bytes(i, size=8), "image/png")) for i in range(5)]
+    body = error(client.post("/v1/predict", files=files, data={"domain": "a"}), 413, "too_many_images")
+    assert "at most 4 images" in body["message"]
+    r = client.post("/v1/predict", files=files[:1], data={"domain": ["a"] * 13})
+    error(r, 413, "too_many_images")
+    headers = {"content-type": "multipart/form-data"}  # no boundary
+    r = client.post("/v1/predict", content=image_bytes(0), headers=headers)
+    assert "missing boundary in multipart" in error(r, 422, "invalid_request")["message"].lower()
+
+
 def test_admin_endpoints_need_the_token(client, family):
     body = {"source": str(family), "domain": "c"}
     r = client.post("/v1/domains", json=body)
