@@ -9,6 +9,7 @@ the arguments are parsed.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from enum import Enum
@@ -81,9 +82,13 @@ def check_port(host: str, port: int) -> int:
             probe.bind((host, port))
             return probe.getsockname()[1]
     except OSError as e:
-        raise CliError(
-            f"cannot listen on {host}:{port} ({e.strerror or e}); pass another --port or stop what holds it"
-        ) from e
+        if e.errno == errno.EADDRINUSE:
+            fix = "pass another --port or stop what holds it"
+        elif e.errno == errno.EACCES:
+            fix = "ports below 1024 need privileges: pass --port 1024 or above (a reverse proxy takes 443)"
+        else:  # a name that does not resolve, an address of another machine
+            fix = "--host is an address of this machine: 127.0.0.1 (loopback) or 0.0.0.0 (every interface)"
+        raise CliError(f"cannot listen on {host}:{port} ({e.strerror or e}); {fix}") from e
 
 
 def admin_token(token_file: Path | None) -> str | None:

@@ -159,6 +159,11 @@ def test_a_taken_port_or_a_missing_device_is_one_line_before_anything_loads(fami
         with pytest.raises(CliError, match=f"cannot listen on 127.0.0.1:{port}.*another --port"):
             cli_serve.check_port("127.0.0.1", port)
     cli_serve.check_port("127.0.0.1", port)  # free again
+    # a --host that is not this machine's said "pass another --port or stop what holds it"
+    with pytest.raises(CliError, match="nosuchhost.invalid:0 .*--host is an address of this machine"):
+        cli_serve.check_port("nosuchhost.invalid", 0)
+    with pytest.raises(CliError, match="192.0.2.1:0 .*--host is an address of this machine"):
+        cli_serve.check_port("192.0.2.1", 0)  # TEST-NET-1: never an address of this machine
     with pytest.raises(CliError, match="'gpu' is not a device torch knows; pass cpu, cuda"):
         cli_serve.check_device("gpu")
     if not torch.cuda.is_available():
