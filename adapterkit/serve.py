@@ -266,14 +266,8 @@ class Service:
         finally:
             took = time.perf_counter() - start
             self.metrics.hot_add.labels(status).observe(took)
-            logger.info(
-                "hot-add of %s from %s: %s%s in %.0f ms",
-                shown(as_name or domain),
-                shown(source),
-                status,
-                why,
-                took * 1000,
-            )
+            name, took_ms = shown(as_name or domain), took * 1000
+            logger.info("hot-add of %s from %s: %s%s in %.0f ms", name, shown(source), status, why, took_ms)
 
     async def remove(self, name: str) -> None:
         await asyncio.get_running_loop().run_in_executor(self.admin_pool, self.domains.remove, name)
@@ -358,6 +352,10 @@ def create_app(
         >>> app = create_app(AdapterModel.from_pretrained("family/"), admin_token=token)
         >>> uvicorn.run(app, host="127.0.0.1", port=8000)
     """
+    limits = {"max_body_bytes": max_body_bytes, "max_pixels": max_pixels, "max_images": max_images}
+    for name, value in limits.items():  # (0 would refuse every request)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an int >= 1")
     service = Service(
         model,
         max_batch_size=max_batch_size,

@@ -199,6 +199,9 @@ def test_metrics_count_requests_batches_and_domains(server):
         ({"max_wait_ms": -1}, "max_wait_ms"),
         ({"fusion_capacity": -1}, "capacity"),
         ({"admin_token": "short"}, "admin_token"),
+        ({"max_images": 0}, "max_images=0 must be an int >= 1"),  # were accepted: every request refused
+        ({"max_body_bytes": 0}, "max_body_bytes=0 must be"),
+        ({"max_pixels": 0}, "max_pixels=0 must be"),
     ],
 )
 def test_create_app_refuses_bad_options(family, options, match):
