@@ -98,9 +98,10 @@ def admin_token(token_file: Path | None) -> str | None:
             text = token_file.read_text()
             mode = token_file.stat().st_mode
         except OSError as e:
-            raise CliError(
-                f"cannot read the admin token file {token_file} ({e.strerror}); check the path"
-            ) from e
+            fix = "check the path"
+            if e.errno == errno.EACCES:  # a root-owned file, a service that runs as its own user
+                fix = "make it readable by the user the server runs as (chown that user, chmod 600)"
+            raise CliError(f"cannot read the admin token file {token_file} ({e.strerror}); {fix}") from e
         token = text.strip().splitlines()[0].strip() if text.strip() else ""
         if not token:
             raise CliError(f"the admin token file {token_file} is empty; write a long random token into it")

@@ -137,6 +137,33 @@ def test_admin_token_comes_from_a_file_or_the_environment(tmp_path, monkeypatch)
         cli_serve.admin_token(None)
 
 
+def test_a_token_file_the_server_cannot_read_names_its_owner_not_its_path(tmp_path):
+    """A root-owned token file and a service running as its own user (docs/deploy.md) said "check the
+    path". Root reads any file, so under root the check runs in a forked child as user nobody."""
+    path = tmp_path / "admin-token"
+    path.write_text("a-long-random-admin-token\n")
+    path.chmod(0)
+    if os.geteuid() != 0:
+        with pytest.raises(CliError, match=r"\(Permission denied\); make it readable by the user"):
+            cli_serve.admin_token(path)
+        return
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # (the child only reads a file and writes the message: no torch, no threads)
+        try:
+            os.setuid(65534)
+            cli_serve.admin_token(path)
+            os.write(write, b"no error")
+        except BaseException as e:
+            os.write(write, str(e).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    message = os.read(read, 4096).decode()
+    os.waitpid(child, 0)
+    assert "(Permission denied); make it readable by the user the server runs as" in message, message
+
+
 def test_an_empty_token_variable_is_an_error_not_a_read_only_server(monkeypatch):
     """`ADAPTERKIT_ADMIN_TOKEN=$(cat token)` with a missing file started a read-only server (403 on every
     hot-add), while an empty token file is an error."""
