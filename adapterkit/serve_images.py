@@ -57,8 +57,12 @@ def decode_image(data: bytes, what: str, max_pixels: int = DEFAULT_MAX_PIXELS) -
                 raise _too_large(what, f"{image.width} x {image.height}", max_pixels)
             image.load()
     except Image.DecompressionBombError as e:  # over PIL's own limit, checked in Image.open
-        size = re.search(r"\((\d+) pixels\)", str(e))
-        raise _too_large(what, f"{size[1]} pixels" if size else "over PIL's own limit", max_pixels) from e
+        size = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(e))
+        if size is None:
+            raise _too_large(what, "over PIL's own limit", max_pixels) from e
+        if int(size[1]) <= max_pixels:  # a max_pixels above PIL's limit, which it does not raise
+            raise _too_large(what, f"{size[1]} pixels, over PIL's own limit", int(size[2])) from e
+        raise _too_large(what, f"{size[1]} pixels", max_pixels) from e
     except UnidentifiedImageError as e:
         raise ServeError(
             400,

@@ -20,7 +20,8 @@ from starlette.requests import Request
 
 from adapterkit import AdapterModel
 from adapterkit.serve import create_app
-from adapterkit.serve_errors import internal_error_handler
+from adapterkit.serve_errors import ServeError, internal_error_handler
+from adapterkit.serve_images import decode_image
 
 MAX_BODY = 200_000
 MAX_PIXELS = 1_000_000
@@ -95,6 +96,10 @@ def test_an_image_over_pils_own_limit_says_its_size(client):
     limit", not how large the image was."""
     body = error(predict_json(client, [("a", png_header(20_000, 20_000))]), 413, "image_too_large")
     assert "(400000000 pixels)" in body["message"] and "--max-pixels" in body["message"]
+    # a max_pixels above PIL's own limit does not raise that limit: the message said "decoded up to
+    # 500000000 pixels" while refusing 400,000,000
+    with pytest.raises(ServeError, match=r"over PIL's own limit\); images are decoded up to 178956970 "):
+        decode_image(png_header(20_000, 20_000), "image 0", max_pixels=500_000_000)
 
 
 def test_unsupported_content_type(client):
