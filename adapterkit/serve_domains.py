@@ -28,11 +28,12 @@ logger = logging.getLogger(__name__)
 
 
 def unknown_domain(name: str, loaded: Sequence[str]) -> ServeError:
+    pick = f"(loaded: {', '.join(loaded)}); pick one of them, or " if loaded else "(none is); "
+    route = "; to have the server route an image, leave its domain out (or send null or 'auto')"
     return ServeError(
         404,
         "unknown_domain",
-        f"domain {name!r} is not loaded (loaded: {', '.join(loaded) or 'none'}); pick one of them, "
-        "or hot-add it with POST /v1/domains",
+        f"domain {name!r} is not loaded {pick}hot-add it with POST /v1/domains{'' if name else route}",
         loaded=list(loaded),
     )
 

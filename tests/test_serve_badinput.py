@@ -170,6 +170,9 @@ def test_unknown_domain_lists_the_loaded_ones(client):
         predict_json(client, [("a", image_bytes(2)), ("nope", image_bytes(3))]), 404, "unknown_domain"
     )
     assert body["loaded"] == ["a", "b"] and "'nope'" in body["message"]
+    # an empty name (multipart's way to ask for routing) named no way to route in JSON
+    body = error(predict_json(client, [("", image_bytes(2))]), 404, "unknown_domain")
+    assert "leave its domain out (or send null or 'auto')" in body["message"]
 
 
 def test_malformed_json(client):

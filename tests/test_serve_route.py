@@ -196,6 +196,8 @@ def test_a_family_without_signatures_answers_409_and_keeps_serving_and_none_load
             assert client.delete(f"/v1/domains/{name}", headers=AUTH).status_code == 200
         empty = client.post("/v1/predict", files=files)
         assert empty.status_code == 503 and empty.json()["error"]["code"] == "not_ready"
+        named = client.post("/v1/predict", files=files, data={"domain": "a"}).json()["error"]
+        assert "'a' is not loaded (none is); hot-add it" in named["message"]  # was "(loaded: none); pick one"
 
 
 def test_the_schema_says_the_domain_may_be_left_out(served):
