@@ -169,7 +169,11 @@ class Domains:
         except (ValueError, NotADirectoryError) as e:  # (a file where a family folder should be)
             raise ServeError(422, "invalid_source", f"{source}: {e}") from e
         try:
-            advice = "This service adds only domains trained on its own backbone weights: add one of those."
+            name = self.model.backbone_name
+            advice = (
+                "This service adds only domains trained on its own backbone weights"
+                f"{f' ({name!r})' if name else ''}: add one of those."
+            )
             check_backbone(self.model, config, src.label, force=False, advice=advice)
         except ValueError as e:
             raise ServeError(409, "backbone_mismatch", str(e)) from e
