@@ -103,11 +103,13 @@ def run_server(
         log_level: uvicorn's and adapterkit's (`info`: startup, the address, admin changes, refused admin
             requests, the stop; `warning`: problems only).
         access_log: one line per request (uvicorn's access log).
-        root_path: the path prefix a reverse proxy serves the app under (`/ak`), for `/docs` and links.
+        root_path: the path prefix a reverse proxy serves the app under (`/ak`; `ak/` is read so), for
+            `/docs` and links.
     """
     import uvicorn
 
     logging.getLogger("adapterkit").setLevel(log_level.upper())
+    root_path = "/" + root_path.strip("/") if root_path.strip("/") else ""  # `ak/`: the page's URLs broke
     config = uvicorn.Config(
         app,
         host=host,

@@ -51,6 +51,7 @@ def test_serve_command_serves_predicts_and_hot_adds(family, tmp_path):
     token_file.chmod(0o600)
     port = free_port()
     args = [str(family), "--domain", "a", "--port", str(port), "--admin-token-file", str(token_file)]
+    args += ["--root-path", "ak/"]  # read as /ak (the /docs page referred to ak/openapi.json: broken)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("ADAPTERKIT_ADMIN_TOKEN", None)
     process = subprocess.Popen(
@@ -64,6 +65,7 @@ def test_serve_command_serves_predicts_and_hot_adds(family, tmp_path):
         wait_ready(url, process)
         with httpx.Client(base_url=url, timeout=60) as client:
             assert [d["name"] for d in client.get("/v1/domains").json()["domains"]] == ["a"]
+            assert "url: '/ak/openapi.json'" in client.get("/docs").text
             assert predict_json(client, [("a", image_bytes(0))]).status_code == 200
             body = {"source": str(family), "domain": "b"}
             assert client.post("/v1/domains", json=body).status_code == 401
@@ -79,7 +81,7 @@ def test_serve_command_serves_predicts_and_hot_adds(family, tmp_path):
     assert process.returncode == 0, err
     assert f"serving 1 domain of {family} on {url} (admin endpoints on" in err
     assert f"hot-add of b from {family}: ok in" in err and "removed domain b" in err
-    assert "admin request with a wrong token refused: DELETE /v1/domains/b from 127.0.0.1" in err
+    assert "admin request with a wrong token refused: DELETE /ak/v1/domains/b from 127.0.0.1" in err
     assert "not-the-admin-token" not in err and ADMIN not in err
     assert "stopped by SIGTERM (the requests in flight had up to 20 s to be answered)" in err
 
