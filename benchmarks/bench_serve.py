@@ -2,10 +2,14 @@
 the same server with batching off, and a minimal server running the bare timm backbone with the same
 batching; plus hot-add latency under load.
 
-One server process per model holds three servers on three loopback ports: `batched` (create_app,
-max_batch_size 32), `unbatched` (create_app, max_batch_size 1) and `bare` (a 40-line Starlette app: JSON
-base64 images, the same decoding, preprocessing and `Batcher`, the bare backbone's forward, top-1). The
-adapterkit servers serve one model with 4 domains (random adapters, as after training). The load
+Three servers per model, each in its own process on its own loopback port, as they are deployed:
+`batched` (create_app, max_batch_size 32), `unbatched` (create_app, max_batch_size 1) and `bare` (a 40-line
+Starlette app: JSON base64 images, the same decoding, preprocessing and `Batcher`, the bare backbone's
+forward, top-1). The adapterkit servers serve one model with 4 domains (random adapters, as after
+training; each process builds the same model from the same seeds). Until run G the three shared one
+process, where the batch thread of one server could get a malloc arena that returned its heap to the
+kernel after every forward (ResNet-50: 4,354 page faults, about 10 % of a one-image forward, in one
+server's thread and not in the others'). The load
 generator runs N closed-loop clients, each sending one-image requests back to back (over 1 domain, or
 cycling over 4 so that batches mix domains), for a warm-up and then a measured window; throughput counts
 answers completed in the window, latencies are theirs. It is `wrk` where installed (`apt install wrk`: C,
@@ -55,8 +59,9 @@ VARIANTS = ("bare", "batched", "unbatched")
 
 
 # ---------------------------------------------------------------------- server side
-def build(kind: str, family_dir: Path):
-    """(AdapterModel with d0..d3, bare backbone with the same weights); d4 only in `family_dir`."""
+def build(kind: str, family_dir: Path | None):
+    """(AdapterModel with d0..d3, bare backbone with the same weights); d4 only in `family_dir` (when
+    given: the family is written there)."""
     import copy
 
     from _common import calibrated_backbone, perturb
@@ -76,7 +81,8 @@ def build(kind: str, family_dir: Path):
     for i in range(5):
         model.add_domain(f"d{i}", 10, data_config={"input_size": size})
         perturb(model.trainable_parameters(f"d{i}"), seed=i)
-    model.save_pretrained(family_dir)
+    if family_dir is not None:
+        model.save_pretrained(family_dir)
     model.remove_domain("d4")
     return model.eval(), bare.eval()
 
@@ -126,31 +132,28 @@ def bare_app(bare, data_config: dict, max_batch_size: int, max_wait_ms: float, t
     return Starlette(routes=[Route("/v1/predict", predict, methods=["POST"])])
 
 
-def run_servers(kind: str, ports: list[int], family_dir: Path, threads: int) -> None:
+def run_server(kind: str, variant: str, port: int, family_dir: Path, threads: int) -> None:
+    """One server of `variant` on `port` until the parent closes our stdin; `batched` also writes the family
+    folder the hot-add reads (the other servers' models are the same, built from the same seeds)."""
     import torch
     import uvicorn
 
     from adapterkit.serve import create_app
 
     torch.set_num_threads(1)
-    model, bare = build(kind, family_dir)
-    data_config = {"input_size": MODELS[kind][1]}
-    apps = {
-        "bare": bare_app(bare, data_config, 32, 5.0, threads),
-        "batched": create_app(model, max_batch_size=32, max_wait_ms=5.0, admin_token=TOKEN, threads=threads),
-        "unbatched": create_app(model, max_batch_size=1, max_wait_ms=0, admin_token=TOKEN, threads=threads),
-    }
-    servers = []
-    for port, app in zip(ports, apps.values(), strict=True):
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        threading.Thread(target=server.run, daemon=True).start()
-        servers.append(server)
-    while not all(s.started for s in servers):
+    model, bare = build(kind, family_dir if variant == "batched" else None)
+    if variant == "bare":
+        app = bare_app(bare, {"input_size": MODELS[kind][1]}, 32, 5.0, threads)
+    else:
+        size, wait = (32, 5.0) if variant == "batched" else (1, 0)
+        app = create_app(model, max_batch_size=size, max_wait_ms=wait, admin_token=TOKEN, threads=threads)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
         time.sleep(0.05)
     print("READY", flush=True)
-    sys.stdin.read()  # until the parent closes our stdin
-    for s in servers:
-        s.should_exit = True
+    sys.stdin.read()
+    server.should_exit = True
 
 
 # ---------------------------------------------------------------------- load side
@@ -190,22 +193,33 @@ async def hot_add_under_load(url: str, payloads: list[bytes], family_dir: Path, 
     return {"idle": idle, "under_load": busy, "load": result}
 
 
-def start_servers(kind: str, family_dir: Path, threads: int) -> tuple[subprocess.Popen, dict[str, str]]:
-    """The server process for `kind`, once its three servers answer; {variant: url}."""
-    ports = [free_port() for _ in VARIANTS]
-    cmd = [sys.executable, __file__, "--serve", kind, "--family", str(family_dir)]
-    cmd += ["--ports", ",".join(map(str, ports)), "--threads", str(threads)]
+def start_servers(kind: str, family_dir: Path, threads: int) -> tuple[list[subprocess.Popen], dict[str, str]]:
+    """One process per server variant of `kind`, each started once the last answers; {variant: url}."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "PYTHONFAULTHANDLER": "1",
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT.parent)]),
     }
-    process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
-    line = process.stdout.readline()
-    if line.strip() != "READY":
-        raise RuntimeError(f"the {kind} server did not start (exit {process.poll()})")
-    return process, {v: f"http://127.0.0.1:{p}" for v, p in zip(VARIANTS, ports, strict=True)}
+    processes, urls = [], {}
+    for variant in VARIANTS:
+        port = free_port()
+        cmd = [sys.executable, __file__, "--serve", kind, "--variant", variant, "--port", str(port)]
+        cmd += ["--family", str(family_dir), "--threads", str(threads)]
+        process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+        processes.append(process)
+        if process.stdout.readline().strip() != "READY":
+            stop_servers(processes)
+            raise RuntimeError(f"the {kind} {variant} server did not start (exit {process.poll()})")
+        urls[variant] = f"http://127.0.0.1:{port}"
+    return processes, urls
+
+
+def stop_servers(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        process.stdin.close()
+    for process in processes:
+        process.wait(60)
 
 
 def run_cell(
@@ -253,7 +267,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
     results: dict = {"cells": [], "hot_add": {}}
     for kind in args.models.split(","):
         with tempfile.TemporaryDirectory(prefix=f"bench-serve-{kind}-") as tmp:
-            process, urls = start_servers(kind, Path(tmp) / "family", args.threads)
+            processes, urls = start_servers(kind, Path(tmp) / "family", args.threads)
             try:
                 window = float(windows[kind])
                 for domains in map(int, args.domains.split(",")):
@@ -270,8 +284,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
                 results["hot_add"][kind] = hot
                 print(json.dumps({"hot_add": kind, **hot}), flush=True)
             finally:
-                process.stdin.close()
-                process.wait(60)
+                stop_servers(processes)
     config = {k: v for k, v in vars(args).items() if k not in ("serve", "ports", "family", "out")}
     config["models"] = {
         k: {"timm": MODELS[k][0], "input_px": MODELS[k][1], "image_px": MODELS[k][2]} for k in MODELS
@@ -284,7 +297,8 @@ def run_benchmark(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--serve", help=argparse.SUPPRESS)
-    parser.add_argument("--ports", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--family", help=argparse.SUPPRESS)
     parser.add_argument("--models", default="r56,r50")
     parser.add_argument("--clients", default="1,8,32")
@@ -296,7 +310,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "serve.json")
     args = parser.parse_args()
     if args.serve:
-        run_servers(args.serve, [int(p) for p in args.ports.split(",")], Path(args.family), args.threads)
+        run_server(args.serve, args.variant, args.port, Path(args.family), args.threads)
         return
     run_benchmark(args)
 
