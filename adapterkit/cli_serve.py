@@ -151,7 +151,8 @@ def serve(
     admin_token_file: Annotated[
         Path | None,
         typer.Option(
-            help=f"file holding the admin token of the write endpoints \\[default: ${TOKEN_ENV}; none: read-only]",
+            help=f"file holding the admin token of the write endpoints \\[default: ${TOKEN_ENV} if set, "
+            "else none: read-only]",
             show_default=False,
         ),
     ] = None,
@@ -164,15 +165,19 @@ def serve(
         ),
     ] = None,
     backbone_weights: BackboneWeights = None,
-    freeze_gc: Annotated[
+    no_freeze_gc: Annotated[
         bool,
-        typer.Option(help="keep the startup objects out of full garbage collections (shorter tail latency)"),
-    ] = True,
+        typer.Option(
+            "--no-freeze-gc",
+            help="leave the startup objects in full garbage collections (by default they are kept out: "
+            "shorter tail latency)",
+        ),
+    ] = False,
     log_level: Annotated[
         LogLevel,
         typer.Option(help="info: startup, address, admin changes and refusals, stop; warning: problems"),
     ] = LogLevel.info,
-    access_log: Annotated[bool, typer.Option(help="log one line per request")] = False,
+    access_log: Annotated[bool, typer.Option("--access-log", help="log one line per request")] = False,
     graceful_timeout: Annotated[
         float, typer.Option(min=0, help="seconds to answer the requests in flight after SIGTERM/Ctrl-C")
     ] = 20.0,
@@ -210,7 +215,7 @@ def serve(
         source=repo,
         revision=revision,
         fusion_capacity=fusion_capacity,
-        freeze_gc=freeze_gc,
+        freeze_gc=not no_freeze_gc,
     )
     admin = (
         "admin endpoints on" if token else f"read-only: no admin token (--admin-token-file or ${TOKEN_ENV})"

@@ -108,6 +108,24 @@ def test_help_lists_every_command_with_defaults(capsys):
     assert capsys.readouterr().out.strip() == f"adapterkit {__import__('adapterkit').__version__}"
 
 
+def test_every_commands_help_fits_an_80_column_terminal():
+    """No option name or word of a command's help is cut with an ellipsis at 80 columns (`serve`'s
+    negative flags took a column of their own and cut --admin-token-file to --admin-token-fi…)."""
+    import typer
+    from typer.testing import CliRunner
+
+    from adapterkit.cli import app
+
+    commands = sorted(typer.main.get_command(app).commands)
+    assert {"serve", "predict", *COMMANDS} <= set(commands)
+    for command in commands:
+        result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
+        assert result.exit_code == 0, result.output
+        assert max(map(len, result.output.splitlines())) <= 80
+        cut = [line for line in result.output.splitlines() if "\u2026" in line]
+        assert not cut, (command, cut)
+
+
 @pytest.mark.parametrize("command", ["train", "eval", "export"])
 def test_model_commands_take_threads(command, capsys):
     assert main([command, "--help"]) == 0
