@@ -157,6 +157,9 @@ def serve(
         ),
     ] = None,
     max_body_mb: Annotated[float, typer.Option(min=0.001, help="largest request body")] = 32.0,
+    max_images: Annotated[
+        int, typer.Option(min=1, help="most images in one request (at most --queue-size)")
+    ] = 64,
     max_pixels: MaxPixels = MAX_PIXELS,
     fusion_capacity: Annotated[
         int | None,
@@ -212,6 +215,7 @@ def serve(
         threads=decode_threads,
         max_body_bytes=int(max_body_mb * 1024 * 1024),
         max_pixels=max_pixels,
+        max_images=max_images,
         source=repo,
         revision=revision,
         fusion_capacity=fusion_capacity,

@@ -51,7 +51,7 @@ def test_serve_command_serves_predicts_and_hot_adds(family, tmp_path):
     token_file.chmod(0o600)
     port = free_port()
     args = [str(family), "--domain", "a", "--port", str(port), "--admin-token-file", str(token_file)]
-    args += ["--root-path", "ak/"]  # read as /ak (the /docs page referred to ak/openapi.json: broken)
+    args += ["--root-path", "ak/", "--max-images", "2"]  # ak/: read as /ak (/docs referred to ak/...)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("ADAPTERKIT_ADMIN_TOKEN", None)
     process = subprocess.Popen(
@@ -67,6 +67,8 @@ def test_serve_command_serves_predicts_and_hot_adds(family, tmp_path):
             assert [d["name"] for d in client.get("/v1/domains").json()["domains"]] == ["a"]
             assert "url: '/ak/openapi.json'" in client.get("/docs").text
             assert predict_json(client, [("a", image_bytes(0))]).status_code == 200
+            three = predict_json(client, [("a", image_bytes(i)) for i in range(3)])
+            assert three.status_code == 413 and three.json()["error"]["code"] == "too_many_images"
             body = {"source": str(family), "domain": "b"}
             assert client.post("/v1/domains", json=body).status_code == 401
             auth = {"Authorization": f"Bearer {ADMIN}"}
