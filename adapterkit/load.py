@@ -81,7 +81,7 @@ def _layout_error(
     built = f"built on {name!r}; " if name else ""
     return ValueError(
         f"the adapter layout of this backbone does not match {source} ({built}differing layers: "
-        f"{differing[:5] or 'rules'}); {fix}"
+        f"{differing[:5] or 'rules'}). {fix[0].upper()}{fix[1:]}"
     )
 
 
