@@ -1,9 +1,10 @@
 """`AdapterModel`: one frozen timm backbone, many domains, each with its own adapters, norms and head.
 
-Longer than our ~400-line rule on purpose: `AdapterModel` is the one owner of the domain table and of the
-shared basis (docs/architecture.md), so every method that changes them lives here, behind one lock and
-one set of checks; what only reads them lives in its own module (mixed batches: `mixed.py`; routing:
-`router.py`; load, save, push, export: their stages).
+`AdapterModel` is the one owner of the domain table and of the shared basis (docs/architecture.md). Here
+are the table, the lock every writer takes, and every method that adds, removes, freezes or restores a
+domain; the rest of the class is in mixins: forward, `use_domain` and routing in `model_forward.py`, the
+shared basis in `model_basis.py`, files and the Hub (`save_pretrained`, `from_pretrained`, `push_to_hub`,
+`export_domain`, `domain_cost`) in `model_hub.py`, each a thin layer over its stage (`mixed.py`, ...).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,6 @@ import torch
 from huggingface_hub import ModelHubMixin
 from torch import nn
 
-from .basis import check_extends
 from .compress import FACTORABLE, column_budget
 from .config import AdapterConfig, DomainInfo, check_domain_name, resolve_num_classes
 from .inject import (
@@ -34,13 +34,14 @@ from .inject import (
     weights_record,
 )
 from .layers import DomainLayer, DomainRouter
-from .layers.gathered import Mixed
 from .layers.plain import PlainPasses
 from .layers.table import Packed
-from .mixed import MixedExecution, padded_rows
-from .router import Route, fit_signature, route_batch
-from .signature import COMPONENTS, SIGNATURE_SHARE, DomainSignature
-from .transforms import check_batch, resolve_data_config
+from .mixed import MixedExecution
+from .model_basis import BasisMixin
+from .model_forward import ForwardMixin
+from .model_hub import HubMixin
+from .signature import DomainSignature
+from .transforms import resolve_data_config
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ class _Lock:
 
 
 class AdapterModel(
+    ForwardMixin,  # before nn.Module: its `forward` replaces nn.Module's
+    BasisMixin,
+    HubMixin,  # before ModelHubMixin: its save/load/push methods replace the mixin's
     nn.Module,
     ModelHubMixin,
     library_name="adapterkit",
@@ -392,128 +396,6 @@ class AdapterModel(
         tables = [layer.adapters for layer in self.layers().values()]
         return [t[name] for t in tables if not t.is_packed(name)] + [self.heads[name]]
 
-    @contextmanager
-    def use_domain(self, name: str) -> Iterator[None]:
-        """Route calls of the backbone made inside the block through `name`, e.g. for features:
-        `with model.use_domain("gtsrb"): feats = model.backbone.forward_features(x)`."""
-        with self.router.use(self._check_known(name)):
-            yield
-
-    # ----------------------------------------------------------------- routing (router.py)
-    def fit_signature(
-        self,
-        domain: str,
-        batches: Iterable[torch.Tensor],
-        budget: float | None = SIGNATURE_SHARE,
-        components: int = COMPONENTS,
-        maps: int | None = None,
-        calibration: Iterable[torch.Tensor] | None = None,
-    ) -> DomainSignature:
-        """Record `domain`'s signature from batches of its (preprocessed) images; other domains' stay
-        as they are. `train_domain` does this on the training images; use it for domains you train
-        yourself or loaded without one. The domain runs over the same images too: its head's energies
-        calibrate the unknown decision of `route(x, classify=True)` (router.py). `budget`: the
-        signature's bytes at most, as a share of the domain's adapter bytes (it keeps as many of the
-        `components` mixture components as fit, at least one; the default share at least
-        `signature.MIN_COMPONENTS`); None: no cap. `maps`: the backbone's
-        first feature maps the signature reads (`router.style_features`; 0: every stage's but the last);
-        every domain's must agree, so None reads what the other domains' signatures read (0 when there
-        are none). `calibration`: batches of the domain's images it did not train on (a validation
-        split); the unknown decision is calibrated on them (`train_domain` passes its `eval_data`)."""
-        self._check_known(domain)
-        signature = fit_signature(self, domain, batches, budget, components, maps, calibration)
-        with self._lock:
-            self._check_known(domain)
-            self.signatures[domain] = signature
-        return signature
-
-    def route(self, x: torch.Tensor, *, classify: bool = False) -> Route:
-        """The domain of each sample (None: unknown), its confidence and every domain's score.
-
-        By the signatures alone, before any domain runs; with `classify=True` each sample then runs
-        through its best domain (one mixed batch, as `domain="auto"`), `logits` holds the result, and a
-        sample is unknown when its open score (signature score, and where the image sits among its
-        domain's own images by that score and by the domain's head energy) is below the domain's
-        calibrated threshold: this catches more images of unknown domains (docs/routing.md)."""
-        return route_batch(self, x, classify)
-
-    # ----------------------------------------------------------------- shared basis
-    def basis(self) -> dict[str, torch.Tensor]:
-        """The shared basis `beta` of every layer that has one (C_out x K)."""
-        return {
-            n: m.beta
-            for n, m in self.layers().items()
-            if getattr(m, "beta", None) is not None and m.beta.shape[1]
-        }
-
-    def extend_basis(
-        self,
-        basis: dict[str, torch.Tensor],
-        *,
-        adapters: dict[str, dict[str, nn.Module]] | None = None,
-        history: list[dict[str, Any]] | None = None,
-    ) -> None:
-        """Install a basis that extends the current one (append-only), and optionally new adapters.
-
-        Old domains read only the prefix they were built on, so their outputs do not change; a basis
-        that is not an extension is refused. `adapters` maps domain -> layer -> adapter (a domain
-        re-expressed on the longer basis); `history` is the basis operations that built `basis`.
-        """
-        with self._lock:
-            current = self.basis()
-            merged = dict(current)
-            for name, beta in basis.items():
-                if name in current and current[name].shape[1] > beta.shape[1]:
-                    check_extends({name: beta}, current, "the new basis")  # a prefix of ours: keep ours
-                else:
-                    merged[name] = beta
-            check_extends(current, merged, "the new basis")
-            self._install_basis({n: b for n, b in merged.items() if b is not current.get(n)}, adapters or {})
-            if history is not None:
-                self.basis_history = list(history)
-
-    def replace_basis(
-        self,
-        basis: dict[str, torch.Tensor],
-        adapters: dict[str, dict[str, nn.Module]],
-        *,
-        history: list[dict[str, Any]] | None = None,
-    ) -> None:
-        """Install a re-factorised basis with every domain re-expressed on it (changes old domains'
-        outputs by their reconstruction error; see `compress.refactorize`)."""
-        with self._lock:
-            missing = sorted(set(self._domains) - set(adapters))
-            if missing:
-                raise ValueError(f"replace_basis needs new adapters for every domain; missing {missing}")
-            self._install_basis(basis, adapters)
-            if history is not None:
-                self.basis_history = list(history)
-
-    def _install_basis(
-        self, basis: dict[str, torch.Tensor], adapters: dict[str, dict[str, nn.Module]]
-    ) -> None:
-        layers = self.layers()
-        unknown = sorted(n for n in basis if getattr(layers.get(n), "beta", None) is None)
-        if unknown:
-            raise ValueError(f"layers {unknown[:5]} have no shared basis in this model")
-        for name, beta in basis.items():
-            if beta.dim() != 2 or beta.shape[0] != layers[name].beta.shape[0]:
-                raise ValueError(f"basis of {name}: shape {tuple(beta.shape)} does not fit the layer")
-        for domain, by_layer in adapters.items():
-            self._check_known(domain)
-            for name in by_layer:
-                if name not in layers:
-                    raise ValueError(f"adapter for {name!r}, which is not an adapted layer")
-        for name, beta in basis.items():
-            layers[name].beta = beta
-            if layers[name].fused is not None:
-                layers[name].fused.clear()  # weights keyed on the old basis tensor are never served again
-        for domain, by_layer in adapters.items():
-            trainable = domain not in self._frozen
-            for name, module in by_layer.items():
-                module.requires_grad_(trainable).train(self.training and trainable)
-                layers[name].adapters.put(domain, module, packed=not trainable)
-
     def set_domain(self, name: str) -> None:
         """The domain `forward` uses when none is given."""
         self.default_domain = self._check_known(name)
@@ -524,101 +406,7 @@ class AdapterModel(
         params = [p for layer in self.layers().values() for p in layer.adapters[domain].parameters()]
         return params + list(self.heads[domain].parameters())
 
-    def domain_state_dict(self, domain: str) -> dict[str, torch.Tensor]:
-        """All of a domain's tensors (parameters and norm statistics): `layers.<layer>.<tensor>`, `head.<tensor>`."""
-        self._check_known(domain)
-        state = {}
-        for layer_name, layer in self.layers().items():
-            for key, t in layer.adapters.state_of(domain).items():
-                state[f"layers.{layer_name}.{key}"] = t
-        for key, t in self.heads[domain].state_dict().items():
-            state[f"head.{key}"] = t
-        if domain in self.signatures:
-            for key, t in self.signatures[domain].state_dict().items():
-                state[f"signature.{key}"] = t
-        return state
-
-    # ----------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor, domain: str | Sequence[str] | None = None) -> torch.Tensor:
-        """Logits of `x` for one domain, one domain per sample, or `"auto"`.
-
-        With a list of domains in eval mode the frozen layers run once over the batch and each sample's
-        adapters, norms and head are gathered (`mixed_execution = "gathered"`, equal to running each
-        domain alone to float rounding). With `"grouped"`, in training mode, or for a backbone whose
-        modules read a layer's weight themselves, each domain's group runs exactly as it would alone.
-        `"auto"` (the default) groups a batch whose domains have 8 images each on average, or at most 4
-        domains with 4 each (2 each on a compute-bound model on CPU: `mixed.py`; fused weights, each pass a
-        fair batch), and gathers the rest. Heads of
-        different sizes are padded with `-inf`, so softmax, argmax and cross-entropy stay correct per
-        sample. `domain="auto"` sends each sample to its best-scoring domain (`route(x)` also says which
-        samples fit no domain, and how confident each choice is).
-        """
-        check_batch(x, self.in_chans)
-        try:
-            return self._forward(x, domain)
-        except RuntimeError as e:
-            weight = next(self.backbone.parameters())
-            if x.dtype != weight.dtype:
-                raise ValueError(
-                    f"the images are {x.dtype} and the model is {weight.dtype}: pass x.to({weight.dtype}) "
-                    f"(or run under torch.autocast)"
-                ) from e
-            if x.device != weight.device:
-                raise ValueError(
-                    f"the images are on {x.device} and the model on {weight.device}: pass x.to({str(weight.device)!r})"
-                ) from e
-            raise
-
-    def _forward(self, x: torch.Tensor, domain: str | Sequence[str] | None) -> torch.Tensor:
-        if domain == "auto":
-            with self._lock:  # routed and run on one set of domains: a removal meanwhile waits
-                return self._forward(x, self.route(x).best)
-        domains = self._resolve_domains(domain, x.shape[0])
-        if isinstance(domains, str):
-            return self._forward_one(x, domains)
-        mixed = Mixed.of(domains, x.device)
-        width = max(self._domains[d].num_classes for d in mixed.domains)
-        if self._mixed.gathers(x, mixed, self.training):
-            with self.router.use(mixed):
-                features = self.backbone(x).flatten(1)
-            return padded_rows(mixed, width, lambda d, rows: self.heads[d](features.index_select(0, rows)))
-        return padded_rows(mixed, width, lambda d, rows: self._forward_one(x.index_select(0, rows), d))
-
-    @property
-    def mixed_execution(self) -> str:
-        """How an eval-mode batch that mixes domains runs: `auto`, `gathered` or `grouped` (see `forward`)."""
-        return self._mixed.mode
-
-    @mixed_execution.setter
-    def mixed_execution(self, value: str) -> None:
-        self._mixed.mode = value
-
-    def _resolve_domains(self, domain: str | Sequence[str] | None, batch: int) -> str | list[str]:
-        """The call's domain (one name) or one per sample, each checked once."""
-        domain = self.default_domain if domain is None else domain
-        if domain is None:
-            raise ValueError(
-                "no domain given: pass domain='name' (or a list, one per sample) or call set_domain()"
-            )
-        if isinstance(domain, str):
-            return self._check_known(domain)
-        domain = list(domain)
-        if not domain:
-            raise ValueError("domain=[]: pass one domain per sample, or one name (an empty batch then runs)")
-        if len(domain) != batch:
-            raise ValueError(f"got {len(domain)} domains for a batch of {batch}; pass one per sample")
-        unique = list(dict.fromkeys(domain))
-        for d in unique:
-            self._check_known(d)
-        return unique[0] if len(unique) == 1 else domain
-
-    def _forward_one(self, x: torch.Tensor, domain: str) -> torch.Tensor:
-        head = self.heads[domain]
-        with self.router.use(domain):  # (wrappers a plain tree keeps read the domain here)
-            plain = None if self.training else self._plain.module(self.backbone, domain)
-            features = (self.backbone if plain is None else plain)(x)
-        return head(features.flatten(1))  # conv classifiers (DLA, ...) leave (N, C, 1, 1)
-
+    # ----------------------------------------------------------------- modes
     def train(self, mode: bool = True) -> AdapterModel:
         """Train or eval mode. Frozen domains (see `set_trainable`) stay in eval behaviour either way,
         and so do the shared backbone's own layers."""
@@ -631,109 +419,3 @@ class AdapterModel(
                 for module in self._live_modules(name):
                     module.train(False)
         return self
-
-    # ----------------------------------------------------------------- accounting
-    def backbone_parameter_count(self) -> int:
-        """Parameters of the backbone without its classifier (the paper's unit for "#par")."""
-        return sum(p.numel() for n, p in self.backbone.named_parameters() if ".adapters." not in f".{n}")
-
-    def domain_cost(self, domain: str) -> dict[str, float]:
-        """Parameters and bytes `domain` adds, and their share of the backbone's parameters."""
-        state = self.domain_state_dict(domain)
-        params = sum(p.numel() for p in self.trainable_parameters(domain))
-        nbytes = sum(t.numel() * t.element_size() for t in state.values())
-        backbone = self.backbone_parameter_count()
-        return {"parameters": params, "bytes": nbytes, "fraction_of_backbone": params / backbone}
-
-    # ----------------------------------------------------------------- export and files
-    def export_domain(self, name: str) -> nn.Module:
-        """A plain timm model for one domain with its adapters folded in (see `export.py`)."""
-        from .export import export_domain
-
-        return export_domain(self, name)
-
-    def save_pretrained(  # type: ignore[override]
-        self,
-        save_directory: str | Path,
-        *,
-        push_to_hub: bool = False,
-        repo_id: str | None = None,
-        overwrite: bool = False,
-        **push_kwargs: Any,
-    ) -> str | None:
-        """Write the family folder (`family.save_family`: the folder's other domains are kept; a family of
-        another layout, on other weights or with a basis this model's does not extend is refused before
-        anything is written, and so is a same-named domain of other content that this model did not load
-        from or save to that folder, unless `overwrite=True`). With `push_to_hub=True` also push to
-        `repo_id` (default: the folder's name), passing `push_kwargs` to `push_to_hub`, and return the
-        commit URL."""
-        if push_kwargs and not push_to_hub:
-            raise TypeError(
-                f"save_pretrained got {sorted(push_kwargs)}, which apply only with push_to_hub=True"
-            )
-        self._save_pretrained(Path(save_directory), overwrite=overwrite)
-        return self.push_to_hub(repo_id or Path(save_directory).name, **push_kwargs) if push_to_hub else None
-
-    def _save_pretrained(self, save_directory: Path, overwrite: bool = False) -> None:
-        from .family import save_family
-
-        save_family(self, save_directory, overwrite=overwrite)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> AdapterModel:  # type: ignore[override]
-        """Load a family from a local folder or a Hub repo.
-
-        Args:
-            pretrained_model_name_or_path: a family folder or a Hub repo id.
-            **kwargs: `domains` (load only these; only their files are downloaded; `[]` for none),
-                `backbone` (timm name or module; default: the recorded backbone with its recorded
-                weights), `backbone_weights` (a local file replacing a recorded one that moved), `force`,
-                and the Hub's `revision`, `token`, `cache_dir`, `local_files_only`, `force_download`.
-
-        Returns the model in eval mode with every loaded domain frozen (see `set_trainable`).
-
-        ModelHubMixin.from_pretrained would first probe for a config.json we do not write, so this goes
-        straight to `_from_pretrained`.
-        """
-        return cls._from_pretrained(model_id=str(pretrained_model_name_or_path), **kwargs)
-
-    @classmethod
-    def _from_pretrained(cls, *, model_id: str, **kwargs: Any) -> AdapterModel:  # type: ignore[override]
-        from .load import HUB_KEYS, load_family
-
-        hub_kwargs = {k: kwargs.pop(k) for k in HUB_KEYS if k in kwargs}
-        return load_family(
-            cls, model_id, **{k: v for k, v in hub_kwargs.items() if v not in (None, False)}, **kwargs
-        )
-
-    def push_to_hub(  # type: ignore[override]
-        self,
-        repo_id: str,
-        *,
-        domains: list[str] | None = None,
-        private: bool | None = None,
-        branch: str | None = None,
-        revision: str | None = None,
-        commit_message: str | None = None,
-        token: str | None = None,
-        force: bool = False,
-    ) -> str:
-        """Publish domains (default: all) to a Hub repo, keeping the domains already there.
-
-        Only the pushed domains' files, the basis, `adapterkit.json` and the model card are written;
-        the backbone is never uploaded. `revision` is another name for `branch`, as in `upload_folder`.
-        """
-        from .hub import push_to_hub
-
-        if branch is not None and revision is not None and branch != revision:
-            raise ValueError(f"branch={branch!r} and revision={revision!r} disagree; pass one of them")
-        return push_to_hub(
-            self,
-            repo_id,
-            domains=domains,
-            private=private,
-            branch=branch or revision,
-            commit_message=commit_message,
-            token=token,
-            force=force,
-        )
