@@ -4,8 +4,13 @@ Requests announce their images while they decode them (`expecting`), then put th
 on the queue (`submit`, refused with `QueueFull` when it would hold more than `queue_size` images) and
 await one future per image. The worker takes the oldest image and, while images announced by other
 requests are still being decoded, waits for them to join, until `max_batch_size` images are queued or
-`max_wait_ms` have passed since the oldest arrived; with nothing announced it runs at once, so a lone
-client never pays the wait. The batch goes to `run` (one mixed-domain forward); results reach each
+`max_wait_ms` have passed since the oldest arrived or the worker became free, whichever is later; with
+nothing announced it runs at once, so a lone client never pays the wait. Under load it also waits (as
+long) for as many images as were in the server during the last batch (its own and those queued behind
+it): N steady clients otherwise split into groups that take turns, each running while the others' next
+images queue, smaller batches at a lower throughput (docs/benchmarks.md, "Batches that take turns"). When
+that wait runs out short of its target (the rest cannot come back within `max_wait_ms`), the next `SKIP`
+batches do not wait for it. The batch goes to `run` (one mixed-domain forward); results reach each
 request's event loop through `call_soon_threadsafe`. The event loop never runs a forward, so health checks and metrics
 answer while one is running.
 """
@@ -25,6 +30,9 @@ from typing import Any
 import torch
 
 logger = logging.getLogger(__name__)
+
+
+SKIP = 8  # batches that do not wait for the last batch's load after such a wait came up short
 
 
 class QueueFull(Exception):
@@ -92,6 +100,10 @@ class Batcher:
         self._closed = False
         self._refusal: Callable[[], BaseException] | None = None  # set by `abandon`
         self._expected = 0  # images being decoded by requests that will submit them
+        self._load = 1  # images in the server (running and queued) at most during the last batch
+        self._running = 0  # images of the batch being run
+        self._free = 0.0  # when the worker last became free (time.monotonic)
+        self._skip = 0  # batches left that do not wait for `_load`
         self._thread: threading.Thread | None = None
 
     @property
@@ -155,6 +167,7 @@ class Batcher:
             if len(self._queue) + len(items) > self.queue_size:
                 raise QueueFull(f"{len(self._queue)} images are waiting (queue_size={self.queue_size})")
             self._queue.extend(items)
+            self._load = max(self._load, self._running + len(self._queue))
             self._cond.notify()
 
     def _next_batch(self) -> list[Item]:
@@ -163,14 +176,23 @@ class Batcher:
                 self._cond.wait()
             if not self._queue:
                 return []
-            deadline = self._queue[0].enqueued + self.max_wait
-            while len(self._queue) < self.max_batch_size and self._expected > 0 and not self._closed:
+            deadline = max(self._queue[0].enqueued, self._free) + self.max_wait
+            target = 1 if self._skip else min(self.max_batch_size, self._load)  # as during the last batch
+            while (
+                len(self._queue) < self.max_batch_size
+                and (self._expected > 0 or len(self._queue) < target)
+                and not self._closed
+            ):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
             n = min(self.max_batch_size, len(self._queue))
-            return [self._queue.popleft() for _ in range(n)]
+            # the rest of the load cannot arrive within max_wait_ms: stop waiting for it for a while
+            self._skip = SKIP if n < target else max(self._skip - 1, 0)
+            batch = [self._queue.popleft() for _ in range(n)]
+            self._running, self._load = n, n + len(self._queue)
+            return batch
 
     def _loop(self) -> None:
         while True:
@@ -190,5 +212,7 @@ class Batcher:
                     item.loop.call_soon_threadsafe(_settle, item.future, result)
                 except RuntimeError:  # that request's event loop has closed
                     pass
+            with self._cond:
+                self._running, self._free = 0, time.monotonic()
             if self.on_batch is not None:
                 self.on_batch(batch, took)
