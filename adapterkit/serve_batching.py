@@ -8,9 +8,10 @@ requests are still being decoded, waits for them to join, until `max_batch_size`
 nothing announced it runs at once, so a lone client never pays the wait. Under load it also waits (as
 long) for as many images as were in the server during the last batch (its own and those queued behind
 it): N steady clients otherwise split into groups that take turns, each running while the others' next
-images queue, smaller batches at a lower throughput (docs/benchmarks.md, "Batches that take turns"). When
-that wait runs out short of its target (the rest cannot come back within `max_wait_ms`), the next `SKIP`
-batches do not wait for it. The batch goes to `run` (one mixed-domain forward); results reach each
+images queue, smaller batches at a lower throughput (docs/benchmarks.md, "Batches that take turns").
+Each image that joins extends the wait by `max_wait_ms` (the others are coming back), up to `EXTEND`
+times `max_wait_ms` in all; a wait that still runs out short of its target (the rest cannot come back in
+time) is not repeated for the next `SKIP` batches. The batch goes to `run` (one mixed-domain forward); results reach each
 request's event loop through `call_soon_threadsafe`. The event loop never runs a forward, so health checks and metrics
 answer while one is running.
 """
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 
 SKIP = 8  # batches that do not wait for the last batch's load after such a wait came up short
+EXTEND = 3  # a wait that images keep joining lasts at most this many max_wait_ms
 
 
 class QueueFull(Exception):
@@ -176,13 +178,16 @@ class Batcher:
                 self._cond.wait()
             if not self._queue:
                 return []
-            deadline = max(self._queue[0].enqueued, self._free) + self.max_wait
+            start = max(self._queue[0].enqueued, self._free)
+            deadline, cap = start + self.max_wait, start + EXTEND * self.max_wait
             target = 1 if self._skip else min(self.max_batch_size, self._load)  # as during the last batch
             while (
                 len(self._queue) < self.max_batch_size
                 and (self._expected > 0 or len(self._queue) < target)
                 and not self._closed
             ):
+                # an image that joined extends the wait by max_wait_ms (the others are coming back)
+                deadline = min(max(deadline, self._queue[-1].enqueued + self.max_wait), cap)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
