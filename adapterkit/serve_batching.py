@@ -5,15 +5,19 @@ on the queue (`submit`, refused with `QueueFull` when it would hold more than `q
 await one future per image. The worker takes the oldest image and, while images announced by other
 requests are still being decoded, waits for them to join, until `max_batch_size` images are queued or
 `max_wait_ms` have passed since the oldest arrived or the worker became free, whichever is later; with
-nothing announced it runs at once, so a lone client never pays the wait. Under load it also waits (as
-long) for as many images as were in the server during the last batch (its own and those queued behind
-it): N steady clients otherwise split into groups that take turns, each running while the others' next
-images queue, smaller batches at a lower throughput (docs/benchmarks.md, "Batches that take turns").
-Each image that joins extends the wait by `max_wait_ms` (the others are coming back), up to `EXTEND`
-times `max_wait_ms` in all; a wait that still runs out short of its target (the rest cannot come back in
-time) is not repeated for the next `SKIP` batches. The batch goes to `run` (one mixed-domain forward); results reach each
-request's event loop through `call_soon_threadsafe`. The event loop never runs a forward, so health checks and metrics
-answer while one is running.
+nothing announced it runs at once, so a lone client never pays the wait.
+
+Under load it also waits for as many images as were in the server during the last batch (its own and
+those queued behind it): N steady clients otherwise split into groups that take turns, each group's
+images queued behind the other's batch and run the moment the worker is free, in smaller batches at a
+lower throughput (docs/benchmarks.md, "Batches that take turns"). Each image that joins extends that wait
+by `max_wait_ms` (the others are coming back), up to `EXTEND` times `max_wait_ms` in all; a wait that
+still runs out short of its target (the rest cannot come back in time) is not repeated for the next
+`SKIP` batches.
+
+The batch goes to `run` (one mixed-domain forward); results reach each request's event loop through
+`call_soon_threadsafe`. The event loop never runs a forward, so health checks and metrics answer while
+one is running.
 """
 
 from __future__ import annotations
