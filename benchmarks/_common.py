@@ -13,7 +13,10 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -148,3 +151,19 @@ def write_report(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def module_at(revision: str, path: str, package: str) -> types.ModuleType:
+    """The module at `path` in this repository as it was at git `revision`, loaded as a module of
+    `package` beside the current one (for same-process A/Bs of old and new code)."""
+    source = subprocess.run(
+        ["git", "-C", str(Path(__file__).resolve().parents[1]), "show", f"{revision}:{path}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    module = types.ModuleType(f"{Path(path).stem}_at_base")
+    module.__package__ = package
+    sys.modules[module.__name__] = module  # (dataclasses look their module up there)
+    exec(compile(source, f"{Path(path).name}@{revision}", "exec"), module.__dict__)  # noqa: S102  (our own file)
+    return module

@@ -10,7 +10,9 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +23,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def serve_app(app, port: int) -> None:
+    """Serve `app` on loopback `port` (uvicorn, in a thread), print READY, and stop once the parent
+    process closes our stdin: the server side of a benchmark's child process."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    print("READY", flush=True)
+    sys.stdin.read()
+    server.should_exit = True
 
 
 WRK_SCRIPT = """

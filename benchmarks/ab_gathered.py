@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 import types
 from pathlib import Path
 
 import torch
-from _common import served_domains, write_report
+from _common import module_at, served_domains, write_report
 
 import adapterkit.layers.norm as norm_module
 import adapterkit.layers.wrappers as wrappers
@@ -36,16 +35,7 @@ NAMES = ("conv_forward", "linear_forward", "norm_forward")
 
 def _module_at(revision: str, name: str) -> types.ModuleType:
     """`adapterkit/layers/<name>.py` as it was at `revision`, as a module of the package."""
-    source = subprocess.run(
-        ["git", "-C", str(HERE.parent), "show", f"{revision}:adapterkit/layers/{name}.py"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    module = types.ModuleType(f"{name}_at_base")
-    module.__package__ = "adapterkit.layers"
-    exec(compile(source, f"{name}.py@{revision}", "exec"), module.__dict__)  # noqa: S102  (our own file)
-    return module
+    return module_at(revision, f"adapterkit/layers/{name}.py", "adapterkit.layers")
 
 
 def functions_at(revision: str) -> dict:

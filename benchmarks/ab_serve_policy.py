@@ -15,13 +15,11 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 import types
 
 import bench_serve
 import torch
-from _load import free_port, run_load
+from _load import free_port, run_load, serve_app
 
 SERVERS = ("bare", "old", "new")
 
@@ -33,7 +31,6 @@ def old_rule(self, x: torch.Tensor, mixed) -> bool:
 
 
 def serve(kind: str, server: str, port: int) -> None:
-    import uvicorn
 
     from adapterkit.serve import create_app
 
@@ -45,12 +42,7 @@ def serve(kind: str, server: str, port: int) -> None:
         if server == "old":
             model._mixed._fair = types.MethodType(old_rule, model._mixed)
         app = create_app(model, max_batch_size=32, max_wait_ms=5.0, threads=2)
-    s = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=s.run, daemon=True).start()
-    while not s.started:
-        time.sleep(0.05)
-    print("READY", flush=True)
-    sys.stdin.read()
+    serve_app(app, port)
 
 
 def main() -> None:

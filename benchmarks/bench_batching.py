@@ -19,52 +19,28 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
-import time
-import types
 from pathlib import Path
 
 import bench_serve
 import httpx
-from _load import free_port, run_load
+from _common import module_at
+from _load import free_port, run_load, serve_app
 
 HERE = Path(__file__).resolve().parent
 
 
-def batcher_at(revision: str) -> type:
-    """The `Batcher` class of `adapterkit/serve_batching.py` at `revision`."""
-    source = subprocess.run(
-        ["git", "-C", str(HERE.parent), "show", f"{revision}:adapterkit/serve_batching.py"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    module = types.ModuleType("serve_batching_at_base")
-    module.__package__ = "adapterkit"
-    sys.modules[module.__name__] = module  # (its dataclasses look their module up there)
-    exec(compile(source, f"serve_batching.py@{revision}", "exec"), module.__dict__)  # noqa: S102  (our own file)
-    return module.Batcher
-
-
 def serve(kind: str, port: int, base: str | None) -> None:
     import torch
-    import uvicorn
 
     import adapterkit.serve
     from adapterkit.serve import create_app
 
     torch.set_num_threads(1)
     if base:
-        adapterkit.serve.Batcher = batcher_at(base)
+        adapterkit.serve.Batcher = module_at(base, "adapterkit/serve_batching.py", "adapterkit").Batcher
     model, _ = bench_serve.build(kind, None)
     app = create_app(model, max_batch_size=32, max_wait_ms=5.0, threads=2)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    print("READY", flush=True)
-    sys.stdin.read()
-    server.should_exit = True
+    serve_app(app, port)
 
 
 def batch_sizes(url: str) -> list[float]:

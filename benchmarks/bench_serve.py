@@ -42,13 +42,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
-from _load import GENERATOR, closed_loop, free_port, run_load
+from _load import GENERATOR, closed_loop, free_port, run_load, serve_app
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent
@@ -136,7 +135,6 @@ def run_server(kind: str, variant: str, port: int, family_dir: Path, threads: in
     """One server of `variant` on `port` until the parent closes our stdin; `batched` also writes the family
     folder the hot-add reads (the other servers' models are the same, built from the same seeds)."""
     import torch
-    import uvicorn
 
     from adapterkit.serve import create_app
 
@@ -147,13 +145,7 @@ def run_server(kind: str, variant: str, port: int, family_dir: Path, threads: in
     else:
         size, wait = (32, 5.0) if variant == "batched" else (1, 0)
         app = create_app(model, max_batch_size=size, max_wait_ms=wait, admin_token=TOKEN, threads=threads)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    print("READY", flush=True)
-    sys.stdin.read()
-    server.should_exit = True
+    serve_app(app, port)
 
 
 # ---------------------------------------------------------------------- load side
