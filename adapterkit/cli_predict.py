@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from .cli_errors import CliError
-from .cli_model import backbone_errors, plural
+from .cli_model import Precision, backbone_errors, plural
 from .cli_output import print_table, status
 from .cli_serve import (
     MAX_PIXELS,
@@ -26,6 +26,7 @@ from .cli_serve import (
     DecodeThreads,
     Device,
     MaxPixels,
+    MixedPrecision,
     TorchThreads,
     check_device,
 )
@@ -139,6 +140,7 @@ def predict(
     decode_threads: DecodeThreads = 2,
     torch_threads: TorchThreads = None,
     device: Device = "cpu",
+    mixed_precision: MixedPrecision = Precision.no,
     max_pixels: MaxPixels = MAX_PIXELS,
     backbone_weights: BackboneWeights = None,
 ) -> None:
@@ -174,6 +176,7 @@ def predict(
         max_images=max(64, batch_size),
         source=repo,
         revision=revision,
+        mixed_precision=mixed_precision.value,
     )
     status(f"classifying {plural(len(files), 'image')} with {plural(len(model.domains), 'domain')} of {repo}")
     try:

@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 
 from .cli_errors import CliError
-from .cli_model import backbone_errors, plural
+from .cli_model import Precision, backbone_errors, plural
 from .cli_output import status
 
 TOKEN_ENV = "ADAPTERKIT_ADMIN_TOKEN"
@@ -42,6 +42,9 @@ TorchThreads = Annotated[
     typer.Option(min=1, help="torch CPU threads for the forward \\[default: torch's]", show_default=False),
 ]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps")]
+MixedPrecision = Annotated[
+    Precision, typer.Option(help="autocast dtype of the forward (bf16 or fp16: for a GPU)")
+]
 MaxPixels = Annotated[int, typer.Option(min=1, help="largest image decoded, in pixels (decompression bombs)")]
 MAX_PIXELS = 40_000_000  # serve_images.DEFAULT_MAX_PIXELS, without importing torch here
 BackboneWeights = Annotated[
@@ -148,6 +151,7 @@ def serve(
     decode_threads: DecodeThreads = 2,
     torch_threads: TorchThreads = None,
     device: Device = "cpu",
+    mixed_precision: MixedPrecision = Precision.no,
     admin_token_file: Annotated[
         Path | None,
         typer.Option(
@@ -219,6 +223,7 @@ def serve(
         source=repo,
         revision=revision,
         fusion_capacity=fusion_capacity,
+        mixed_precision=mixed_precision.value,
         freeze_gc=not no_freeze_gc,
     )
     admin = (

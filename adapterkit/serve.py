@@ -75,6 +75,7 @@ class Service:
         source: str | None,
         revision: str | None,
         fusion_capacity: int | None = None,
+        mixed_precision: str = "no",
     ) -> None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads={threads!r} must be an int >= 1 (threads decoding images)")
@@ -85,7 +86,7 @@ class Service:
             from .layers import configure_fusion
 
             configure_fusion(model, capacity=fusion_capacity)
-        self.domains = Domains(model, source, revision)
+        self.domains = Domains(model, source, revision, mixed_precision)
         self.preprocessors = Preprocessors(model)
         self.router = Router(model, self.preprocessors, self.domains)  # images that name no domain
         self.metrics = Metrics(lambda: self.batcher.depth, lambda: len(model.domains))
@@ -323,6 +324,7 @@ def create_app(
     source: str | None = None,
     revision: str | None = None,
     fusion_capacity: int | None = None,
+    mixed_precision: str = "no",
     freeze_gc: bool = True,
 ) -> FastAPI:
     """An ASGI app (FastAPI) serving `model`'s domains; the model is put in eval mode.
@@ -344,6 +346,8 @@ def create_app(
         fusion_capacity: domains whose fused eval weights each adapted layer keeps (`configure_fusion`)
             for one-domain batches; raise it above 4 when those rotate over more domains (a batch that
             mixes domains runs gathered and needs none). None keeps the model's.
+        mixed_precision: `no` (float32), or the forward's autocast dtype, `bf16` or `fp16` (for a GPU; the
+            domains' tensors are not cast, and images that name no domain are routed in float32).
         freeze_gc: at startup, `freeze_startup_objects()` (the model, torch, the web stack), so that
             full garbage collections no longer stall requests for 0.2-0.4 s; objects made later
             (hot-added domains included) are collected as usual.
@@ -369,6 +373,7 @@ def create_app(
         source=source,
         revision=revision,
         fusion_capacity=fusion_capacity,
+        mixed_precision=mixed_precision,
     )
 
     @asynccontextmanager

@@ -5,10 +5,12 @@ batch never loses a domain halfway; images whose domain was unloaded before thei
 A hot-add needs no such lock (`AdapterModel.load_domain` publishes the domain in one step), but admin
 changes run one at a time. A hot-add is checked before the model is touched: a source or domain that
 does not exist is 404, a family built on other backbone weights (or another adapter layout) is 409.
+With `mixed_precision` the forward runs under autocast (bf16 or fp16); the domains' tensors stay as loaded.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Sequence
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from .serve_batching import Item
 
 logger = logging.getLogger(__name__)
+PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # as TrainConfig.mixed_precision
 
 
 def unknown_domain(name: str, loaded: Sequence[str]) -> ServeError:
@@ -45,11 +48,22 @@ class Domains:
         model: the model being served (in eval mode).
         source: where its domains came from (reported by `describe`).
         revision: the revision they came from.
+        mixed_precision: `no`, or the autocast dtype of the forward: `bf16` or `fp16`.
     """
 
-    def __init__(self, model: AdapterModel, source: str | None = None, revision: str | None = None) -> None:
+    def __init__(
+        self,
+        model: AdapterModel,
+        source: str | None = None,
+        revision: str | None = None,
+        mixed_precision: str = "no",
+    ) -> None:
+        if mixed_precision not in PRECISIONS:
+            raise ValueError(f"mixed_precision={mixed_precision!r} must be one of: {', '.join(PRECISIONS)}")
         self.model = model
         self.device = next(model.parameters()).device
+        dtype = PRECISIONS[mixed_precision]
+        self.autocast = functools.partial(torch.autocast, self.device.type, dtype, enabled=dtype is not None)
         self.forward_lock = threading.Lock()  # a forward or a removal, never both
         self.admin_lock = threading.Lock()  # one hot-add or removal at a time
         self._origin: dict[str, dict[str, Any]] = {
@@ -106,7 +120,7 @@ class Domains:
             for idx in by_shape.values():
                 domains = [items[i].domain for i in idx]
                 x = torch.stack([items[i].x for i in idx]).to(self.device)
-                with torch.inference_mode():
+                with torch.inference_mode(), self.autocast():
                     logits = self.model(x, domain=domains).float().cpu()
                 widths = {d: self.model.domain_info(d).num_classes for d in set(domains)}
                 for row, i in enumerate(idx):

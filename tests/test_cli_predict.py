@@ -57,6 +57,24 @@ def test_answers_are_the_services_answers_for_the_same_images(family, photos):
     assert rows[0] == ["image", "domain", "label", "score"] and [r[1] for r in rows[1:]] == ["b"] * 3
 
 
+def test_mixed_precision_answers_as_a_service_with_that_precision(family, photos):
+    files = sorted(photos.glob("*.png"))
+    done = cli(
+        "predict", str(family), *map(str, files), "--domain", "b", "--json", "--mixed-precision", "bf16"
+    )
+    assert done.returncode == 0, done.stderr
+    scores = [json.loads(line)["score"] for line in done.stdout.splitlines()]
+    served = {}
+    for precision in ("bf16", "no"):
+        app = create_app(AdapterModel.from_pretrained(family), mixed_precision=precision)
+        with running(app) as url, httpx.Client(base_url=url) as c:
+            answers = predict_json(c, [("b", f.read_bytes()) for f in files]).json()["predictions"]
+        served[precision] = [a["score"] for a in answers]
+    assert served["bf16"] == pytest.approx(scores, rel=1e-6) and served["no"] != pytest.approx(
+        scores, rel=1e-6
+    )
+
+
 def test_bad_input_names_the_file_or_the_option(family, photos, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(image_bytes(0)[:40])  # a truncated PNG

@@ -202,6 +202,7 @@ def test_metrics_count_requests_batches_and_domains(server):
         ({"max_images": 0}, "max_images=0 must be an int >= 1"),  # were accepted: every request refused
         ({"max_body_bytes": 0}, "max_body_bytes=0 must be"),
         ({"max_pixels": 0}, "max_pixels=0 must be"),
+        ({"mixed_precision": "fp8"}, "mixed_precision='fp8' must be one of: no, bf16, fp16"),
     ],
 )
 def test_create_app_refuses_bad_options(family, options, match):

@@ -183,6 +183,28 @@ def test_serving_changes_no_domains_tensors(family, tmp_path):
             assert all(torch.equal(tensors[k], after[d][k]) for k in tensors), f"{name}: domain {d} changed"
 
 
+def test_mixed_precision_answers_are_the_models_autocast_forward_and_change_no_tensor(family):
+    """`mixed_precision="bf16"`: each answer is the model's own bf16-autocast forward of the image, within
+    bf16's rounding of the float32 answer (so autocast did run), and the domains' tensors stay float32."""
+    model, app = serve(family, None, mixed_precision="bf16")
+    before = states(model)
+    service = app.state.service
+    pairs = [(d, IMAGES[i]) for i, d in enumerate(["a", "b", "c"])]
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        answers = alone(client, pairs)
+    for (d, data), got in zip(pairs, answers, strict=True):
+        x = service.preprocessors.tensor(data, d, "image", service.max_pixels)[None]
+        with torch.inference_mode():
+            fp32 = model(x, domain=d)[0]
+            with torch.autocast("cpu", torch.bfloat16):
+                bf16 = model(x, domain=d).float()[0]
+        assert torch.equal(torch.tensor(got), bf16)
+        assert not torch.equal(bf16, fp32) and torch.allclose(bf16, fp32, atol=0.05 * fp32.abs().max().item())
+    after = states(model)
+    for d, tensors in before.items():
+        assert all(torch.equal(t, after[d][k]) and after[d][k].dtype == t.dtype for k, t in tensors.items())
+
+
 def test_full_queue_answers_503_with_retry_after_while_health_and_metrics_answer(family):
     _, app = serve(family, ["a", "b"], max_batch_size=1, max_wait_ms=0, queue_size=2, max_images=2)
     pair = [("a", IMAGES[0]), ("b", IMAGES[1])]

@@ -251,6 +251,7 @@ def test_limits_default_to_the_apps_queue_and_batch():
     assert (mine["max_ongoing_requests"], mine["max_queued_requests"]) == (64, -1)
     bad = [
         ({"queue_size": 0}, {}, "queue_size=0"),
+        ({"mixed_precision": "fp8"}, {}, "mixed_precision='fp8' must be one of: no, bf16, fp16"),
         ({}, {"max_ongoing_requests": 0}, "max_ongoing_requests=0"),
         ({}, {"num_replicas": 2, "autoscaling_config": {}}, "leave num_replicas out"),
     ]
