@@ -131,6 +131,26 @@ def interleaved(
     return out
 
 
+PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --mixed-precision
+
+
+def on_device(
+    fn: Callable[[], object], device: torch.device, precision: str, calls: int
+) -> Callable[[], None]:
+    """`fn` run `calls` times under autocast in `precision` (`no`: none), then waited for on a GPU, as one
+    timed call of `interleaved` (a GPU runs a call's kernels after it returns)."""
+    dtype = PRECISIONS[precision]
+
+    def run() -> None:
+        with torch.autocast(device.type, dtype, enabled=dtype is not None):
+            for _ in range(calls):
+                fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return run
+
+
 def paired_ratio(res: dict[str, dict], num: str, den: str) -> float:
     """Median over repeats of time(num) / time(den) in the same repeat."""
     return statistics.median(a / b for a, b in zip(res[num]["times_ms"], res[den]["times_ms"], strict=True))

@@ -18,7 +18,10 @@ process; this process then loads all of it with `AdapterModel.from_pretrained` a
   and distinct domains per forward and its forward time per image over each run (read from /metrics).
 
 Models: the CIFAR ResNet-56 at 32 px with the real weights of ../shared/data (overhead-bound on CPU), and
-ResNet-50 at `--r50-px` with random calibrated weights (compute-bound). One torch thread.
+ResNet-50 at `--r50-px` with random calibrated weights (compute-bound). One torch thread. On a GPU
+(`--device cuda --mixed-precision bf16 --calls 10`, benchmarks/gpu_session.sh) the model runs there under
+autocast, each timed call is `--calls` forwards and a synchronise, and memory is also read as the
+device's allocated bytes over the backbone and the files.
 
     PYTHONPATH=. python benchmarks/bench_many_domains.py                     # both models, 200 domains
     PYTHONPATH=. python benchmarks/bench_many_domains.py --models r56 --domains 40 --repeats 3   # smoke
@@ -42,7 +45,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from _common import calibrated_backbone, interleaved, perturb, write_report
+from _common import PRECISIONS, calibrated_backbone, interleaved, on_device, perturb, write_report
 from _load import GENERATOR, free_port, run_load
 from bench_serve import bodies
 from prometheus_client.parser import text_string_to_metric_families
@@ -85,8 +88,8 @@ def rss_bytes() -> int:
     return 0
 
 
-def load(kind: str, px: int, n: int, folder: Path) -> tuple[AdapterModel, dict]:
-    """The whole family loaded, with its memory and time against what is on disk."""
+def load(kind: str, px: int, n: int, folder: Path, device: str = "cpu") -> tuple[AdapterModel, dict]:
+    """The whole family loaded (then moved to `device`), with its memory and time against what is on disk."""
     gc.collect()
     before = rss_bytes()
     kwargs = {} if kind == "r56" else {"backbone": backbone(kind, px)[0]}
@@ -98,7 +101,7 @@ def load(kind: str, px: int, n: int, folder: Path) -> tuple[AdapterModel, dict]:
     files = sum(f.stat().st_size for f in folder.glob("domains/*.safetensors"))
     state = model.backbone.state_dict()
     backbone_bytes = sum(t.numel() * t.element_size() for k, t in state.items() if ".adapters." not in k)
-    return model, {
+    out = {
         "load_s": load_s,
         "load_ms_per_domain": 1e3 * load_s / n,
         "domain_file_bytes_total": files,
@@ -106,25 +109,39 @@ def load(kind: str, px: int, n: int, folder: Path) -> tuple[AdapterModel, dict]:
         "rss_growth_bytes": grown,
         "rss_growth_over_backbone_plus_files": grown / (backbone_bytes + files),
     }
+    if device != "cpu":
+        on = torch.device(device)
+        held = torch.cuda.memory_allocated(on) if on.type == "cuda" else 0
+        start = time.perf_counter()
+        model.to(on)
+        out["to_device_s"] = time.perf_counter() - start
+        if on.type == "cuda":
+            grown = torch.cuda.memory_allocated(on) - held
+            out["device_bytes"] = grown
+            out["device_bytes_over_backbone_plus_files"] = grown / (backbone_bytes + files)
+    return model, out
 
 
-def spread(model: AdapterModel, n: int, px: int, repeats: int) -> dict:
-    """A batch of 32 over 1, 8, 32 and n domains, gathered and grouped, against one domain."""
+def spread(model: AdapterModel, n: int, px: int, repeats: int, timing: dict) -> dict:
+    """A batch of 32 over 1, 8, 32 and n domains, gathered and grouped, against one domain (`timing`:
+    `on_device`'s device, precision and calls)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(BATCH, 3, px, px, generator=g)
+    x = torch.randn(BATCH, 3, px, px, generator=g).to(timing["device"])
     draws = {
         k: [f"d{int(i)}" for i in torch.randint(0, k, (BATCH,), generator=g)]
         for k in sorted({min(8, n), min(32, n), n})
     }
-    fns = {"one": lambda: model(x, domain="d0")}
+    fns = {"one": on_device(lambda: model(x, domain="d0"), **timing)}
     for k, domains in draws.items():
         for how in ("gathered", "grouped"):
-            fns[f"{how}_{k}"] = lambda d=domains, h=how: run(model, x, d, h)
+            fns[f"{how}_{k}"] = on_device(lambda d=domains, h=how: run(model, x, d, h), **timing)
+    dtype = PRECISIONS[timing["precision"]]
     with torch.inference_mode():
         timed = interleaved(fns, repeats=repeats, baseline="one")
         errors = {}
         for k, domains in draws.items():
-            a, b = run(model, x, domains, "gathered"), run(model, x, domains, "grouped")
+            with torch.autocast(x.device.type, dtype, enabled=dtype is not None):
+                a, b = run(model, x, domains, "gathered").float(), run(model, x, domains, "grouped").float()
             finite = torch.isfinite(b)
             errors[k] = float((a - b).abs()[finite].max() / b[finite].abs().max())
     out = {"one_ms": timed["one"]["ms"]}
@@ -143,14 +160,14 @@ def spread(model: AdapterModel, n: int, px: int, repeats: int) -> dict:
     return out
 
 
-def serve_family(kind: str, px: int, folder: Path, port: int) -> None:
+def serve_family(kind: str, px: int, folder: Path, port: int, device: str, precision: str) -> None:
     """Child process: the whole family behind `create_app` (batches of up to 32, 5 ms wait)."""
     import uvicorn
 
     from adapterkit.serve import create_app
 
-    model, _ = load(kind, px, 1, folder)
-    app = create_app(model, max_batch_size=BATCH, max_wait_ms=5.0, threads=2)
+    model, _ = load(kind, px, 1, folder, device)
+    app = create_app(model, max_batch_size=BATCH, max_wait_ms=5.0, threads=2, mixed_precision=precision)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
@@ -195,7 +212,7 @@ def timed_run(url: str, payloads: list[bytes], window: float, generator: str) ->
 
 
 def http_spread(
-    kind: str, px: int, n: int, folder: Path, repeats: int, window: float, generator: str
+    kind: str, px: int, n: int, folder: Path, repeats: int, window: float, generator: str, on: list[str]
 ) -> dict:
     """32 closed-loop clients over 1, 8, 32 and n domains against the served family; each spread's
     throughput over the one-domain throughput of the same repeat (rotated order, medians), and the
@@ -204,6 +221,7 @@ def http_spread(
     gc.freeze()  # the load generator's own full collections would stall every client (the server freezes its)
     port = free_port()
     cmd = [sys.executable, __file__, "--domains", str(n), "--serve", kind, str(px), str(folder), str(port)]
+    cmd += on  # --device, --mixed-precision
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
     process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
     try:
@@ -235,17 +253,17 @@ def http_spread(
     return out
 
 
-def policy(model: AdapterModel, px: int, repeats: int) -> dict:
+def policy(model: AdapterModel, px: int, repeats: int, timing: dict) -> dict:
     """Where grouped execution beats gathered: batches of 8 and 32 over 2, 4 and 8 domains (each domain
     the same share), both ways against the one-domain batch of the same size; what `auto` picks."""
     out = {}
     for n in (8, 32):
-        x = torch.randn(n, 3, px, px, generator=torch.Generator().manual_seed(n))
+        x = torch.randn(n, 3, px, px, generator=torch.Generator().manual_seed(n)).to(timing["device"])
         for u in (2, 4, 8):
             domains = [f"d{i % u}" for i in range(n)]
-            fns = {"one": lambda x=x: model(x, domain="d0")}
+            fns = {"one": on_device(lambda x=x: model(x, domain="d0"), **timing)}
             for how in ("gathered", "grouped"):
-                fns[how] = lambda x=x, d=domains, h=how: run(model, x, d, h)
+                fns[how] = on_device(lambda x=x, d=domains, h=how: run(model, x, d, h), **timing)
             with torch.inference_mode():
                 timed = interleaved(fns, repeats=repeats, baseline="one")
             model.mixed_execution = "auto"
@@ -273,6 +291,9 @@ def main() -> None:
     parser.add_argument("--http-only", action="store_true", help="skip the in-process batches and policy")
     parser.add_argument("--window", default="r56=5,r50=12", help="measured seconds per HTTP run, per model")
     parser.add_argument("--load", **GENERATOR)
+    parser.add_argument("--device", default="cpu", help="where the model runs (cuda: a GPU)")
+    parser.add_argument("--mixed-precision", choices=list(PRECISIONS), default="no", help="autocast dtype")
+    parser.add_argument("--calls", type=int, default=1, help="forwards per timed call (10 on a GPU)")
     parser.add_argument("--build", nargs=3, help=argparse.SUPPRESS)  # kind px folder (child process)
     parser.add_argument("--serve", nargs=4, help=argparse.SUPPRESS)  # kind px folder port (child process)
     args = parser.parse_args()
@@ -281,9 +302,11 @@ def main() -> None:
         build_family(args.build[0], int(args.build[1]), args.domains, Path(args.build[2]))
         return
     if args.serve:
-        serve_family(args.serve[0], int(args.serve[1]), Path(args.serve[2]), int(args.serve[3]))
+        kind, px, folder, port = args.serve
+        serve_family(kind, int(px), Path(folder), int(port), args.device, args.mixed_precision)
         return
     windows = {k: float(v) for k, v in (item.split("=") for item in args.window.split(","))}
+    timing = {"device": torch.device(args.device), "precision": args.mixed_precision, "calls": args.calls}
     start = time.perf_counter()
     results = {}
     for kind in args.models.split(","):
@@ -302,14 +325,15 @@ def main() -> None:
                 str(folder),
             ]
             subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            model, memory = load(kind, px, args.domains, folder)
+            model, memory = load(kind, px, args.domains, folder, args.device)
             results[kind] = {"px": px, **memory}
             if not args.http_only:
-                results[kind]["batches"] = spread(model, args.domains, px, args.repeats)
-                results[kind]["policy"] = policy(model, px, args.repeats)
+                results[kind]["batches"] = spread(model, args.domains, px, args.repeats, timing)
+                results[kind]["policy"] = policy(model, px, args.repeats, timing)
             del model
             gc.collect()
-            http = http_spread(kind, px, args.domains, folder, args.repeats, windows[kind], args.load)
+            on = ["--device", args.device, "--mixed-precision", args.mixed_precision]
+            http = http_spread(kind, px, args.domains, folder, args.repeats, windows[kind], args.load, on)
             results[kind]["http_32_clients"] = http
             print(json.dumps({kind: results[kind]}, indent=1), flush=True)
     config = {
@@ -318,6 +342,9 @@ def main() -> None:
         "batch": BATCH,
         "threads": 1,
         "window": windows,
+        "device": args.device,
+        "mixed_precision": args.mixed_precision,
+        "calls": args.calls,
     }
     write_report(args.out, "many_domains", config, results, start)
     print(f"wrote {args.out}")

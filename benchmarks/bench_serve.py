@@ -24,6 +24,9 @@ folder mid-window and `DELETE` removes it; its latency under load vs idle, and f
 
 Many domains in one process (issue 15.8) are measured by bench_many_domains.py.
 
+On a GPU (`--device cuda --mixed-precision bf16 --px r50=224`, benchmarks/gpu_session.sh) every server runs
+its forward there under autocast, the bare one included.
+
 Run from the repository root (CIFAR ResNet-56 weights from ../shared/data when present):
     PYTHONPATH=. python benchmarks/bench_serve.py                  # ~15 min on 2 cores
     PYTHONPATH=. python benchmarks/bench_serve.py --models r56 --clients 1,8 --repeats 1   # smoke
@@ -86,8 +89,11 @@ def build(kind: str, family_dir: Path | None):
     return model.eval(), bare.eval()
 
 
-def bare_app(bare, data_config: dict, max_batch_size: int, max_wait_ms: float, threads: int):
-    """A minimal server for the bare backbone: same JSON body, decoding, preprocessing and batching."""
+def bare_app(
+    bare, data_config: dict, max_batch_size: int, max_wait_ms: float, threads: int, precision: str = "no"
+):
+    """A minimal server for the bare backbone: same JSON body, decoding, preprocessing and batching (on
+    the backbone's device, under autocast in `precision`)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
@@ -97,14 +103,16 @@ def bare_app(bare, data_config: dict, max_batch_size: int, max_wait_ms: float, t
 
     from adapterkit.serve import server_timing
     from adapterkit.serve_batching import Batcher, Item
+    from adapterkit.serve_domains import PRECISIONS
     from adapterkit.transforms import Preprocess, resolve_data_config
 
     preprocess = Preprocess(resolve_data_config(bare.pretrained_cfg, data_config))
     pool = ThreadPoolExecutor(threads)
+    device, dtype = next(bare.parameters()).device, PRECISIONS[precision]
 
     def run(items):
-        with torch.inference_mode():
-            return list(bare(torch.stack([i.x for i in items])).float())
+        with torch.inference_mode(), torch.autocast(device.type, dtype, enabled=dtype is not None):
+            return list(bare(torch.stack([i.x for i in items]).to(device)).float().cpu())
 
     batcher = Batcher(run, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, queue_size=256)
 
@@ -131,9 +139,10 @@ def bare_app(bare, data_config: dict, max_batch_size: int, max_wait_ms: float, t
     return Starlette(routes=[Route("/v1/predict", predict, methods=["POST"])])
 
 
-def run_server(kind: str, variant: str, port: int, family_dir: Path, threads: int) -> None:
+def run_server(kind: str, variant: str, port: int, family_dir: Path, threads: int, on: dict) -> None:
     """One server of `variant` on `port` until the parent closes our stdin; `batched` also writes the family
-    folder the hot-add reads (the other servers' models are the same, built from the same seeds)."""
+    folder the hot-add reads (the other servers' models are the same, built from the same seeds); `on`:
+    the device and mixed precision."""
     import torch
 
     from adapterkit.serve import create_app
@@ -141,10 +150,19 @@ def run_server(kind: str, variant: str, port: int, family_dir: Path, threads: in
     torch.set_num_threads(1)
     model, bare = build(kind, family_dir if variant == "batched" else None)
     if variant == "bare":
-        app = bare_app(bare, {"input_size": MODELS[kind][1]}, 32, 5.0, threads)
+        app = bare_app(
+            bare.to(on["device"]), {"input_size": MODELS[kind][1]}, 32, 5.0, threads, on["precision"]
+        )
     else:
         size, wait = (32, 5.0) if variant == "batched" else (1, 0)
-        app = create_app(model, max_batch_size=size, max_wait_ms=wait, admin_token=TOKEN, threads=threads)
+        app = create_app(
+            model.to(on["device"]),
+            max_batch_size=size,
+            max_wait_ms=wait,
+            admin_token=TOKEN,
+            threads=threads,
+            mixed_precision=on["precision"],
+        )
     serve_app(app, port)
 
 
@@ -185,7 +203,9 @@ async def hot_add_under_load(url: str, payloads: list[bytes], family_dir: Path, 
     return {"idle": idle, "under_load": busy, "load": result}
 
 
-def start_servers(kind: str, family_dir: Path, threads: int) -> tuple[list[subprocess.Popen], dict[str, str]]:
+def start_servers(
+    kind: str, family_dir: Path, threads: int, on: list[str]
+) -> tuple[list[subprocess.Popen], dict[str, str]]:
     """One process per server variant of `kind`, each started once the last answers; {variant: url}."""
     env = {
         **os.environ,
@@ -197,7 +217,7 @@ def start_servers(kind: str, family_dir: Path, threads: int) -> tuple[list[subpr
     for variant in VARIANTS:
         port = free_port()
         cmd = [sys.executable, __file__, "--serve", kind, "--variant", variant, "--port", str(port)]
-        cmd += ["--family", str(family_dir), "--threads", str(threads)]
+        cmd += ["--family", str(family_dir), "--threads", str(threads), *on]
         process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
         processes.append(process)
         if process.stdout.readline().strip() != "READY":
@@ -259,7 +279,8 @@ def run_benchmark(args: argparse.Namespace) -> None:
     results: dict = {"cells": [], "hot_add": {}}
     for kind in args.models.split(","):
         with tempfile.TemporaryDirectory(prefix=f"bench-serve-{kind}-") as tmp:
-            processes, urls = start_servers(kind, Path(tmp) / "family", args.threads)
+            on = ["--device", args.device, "--mixed-precision", args.mixed_precision, "--px", args.px]
+            processes, urls = start_servers(kind, Path(tmp) / "family", args.threads, on)
             try:
                 window = float(windows[kind])
                 for domains in map(int, args.domains.split(",")):
@@ -299,10 +320,19 @@ def main() -> None:
     parser.add_argument("--window", default="r56=5,r50=12", help="measured seconds per run, per model")
     parser.add_argument("--threads", type=int, default=2, help="decoding threads of each server")
     parser.add_argument("--load", **GENERATOR)
+    parser.add_argument("--device", default="cpu", help="where the servers run their forwards (cuda: a GPU)")
+    parser.add_argument(
+        "--mixed-precision", choices=["no", "bf16", "fp16"], default="no", help="autocast dtype"
+    )
+    parser.add_argument("--px", default="", help="input px per model, e.g. r50=224 (images 1/0.875 larger)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "serve.json")
     args = parser.parse_args()
+    for item in filter(None, args.px.split(",")):
+        kind, px = item.split("=")
+        MODELS[kind] = (MODELS[kind][0], int(px), round(int(px) / 0.875))
     if args.serve:
-        run_server(args.serve, args.variant, args.port, Path(args.family), args.threads)
+        on = {"device": args.device, "precision": args.mixed_precision}
+        run_server(args.serve, args.variant, args.port, Path(args.family), args.threads, on)
         return
     run_benchmark(args)
 
