@@ -200,8 +200,6 @@ def header_text(header: dict[str, Any], field: str, default: str) -> str:
     return value
 
 
-# One pass over the NDJSON commit body, line kind by line kind; splitting it would thread the same state
-# through several functions.
 def parse_commit(
     storage: Storage, cfg: Any, key: RepoKey, spool: Path
 ) -> tuple[dict[str, Any], list[tuple[str, str, dict | None]]]:
@@ -243,24 +241,7 @@ def parse_commit(
                 info = store_span(f, span, storage.blobs) if span else _store_inline(storage, value, path)
                 ops.append(("add", path, file_entry(info.sha256, info.sha1, info.size, False)))
             elif kind == "lfsFile":
-                path, oid = _path(value, n), value.get("oid")
-                oid = oid if isinstance(oid, str) else ""
-                if value.get("algo", "sha256") != "sha256" or not is_hex(oid, 64, 64):
-                    raise bad_request(f"LFS file {path!r}: expected algo 'sha256' and a 64-hex oid.")
-                lfs = storage.lfs_object(key, oid)
-                if lfs is None:
-                    raise bad_request(
-                        f"LFS object {oid} for {path!r} was not uploaded to this repo; upload it first "
-                        "(through Xet, or the LFS batch API), then commit.",
-                        "LfsObjectMissing",
-                    )
-                if value.get("size") is not None and (
-                    not isinstance(value["size"], int) or value["size"] != lfs["size"]
-                ):
-                    raise bad_request(
-                        f"LFS file {path!r}: size {value['size']} does not match the uploaded object."
-                    )
-                ops.append(("add", path, file_entry(oid, lfs["sha1"], lfs["size"], True)))
+                ops.append(_lfs_file(storage, key, value, n))
             elif kind in ("deletedFile", "deletedFolder"):
                 path = _path(value, n, folder=kind == "deletedFolder")
                 ops.append(("delete" if kind == "deletedFile" else "delete_folder", path, None))
@@ -272,6 +253,24 @@ def parse_commit(
     if parent is not None and not (isinstance(parent, str) and is_hex(parent, 40, 40)):
         raise bad_request(f"parentCommit must be a 40-hex commit id, got {parent!r}.", "InvalidRevision")
     return header, ops
+
+
+def _lfs_file(storage: Storage, key: RepoKey, value: dict[str, Any], n: int) -> tuple[str, str, dict]:
+    """The operation of an `lfsFile` line: an LFS object uploaded to this repo, of the size it claims."""
+    path, oid = _path(value, n), value.get("oid")
+    oid = oid if isinstance(oid, str) else ""
+    if value.get("algo", "sha256") != "sha256" or not is_hex(oid, 64, 64):
+        raise bad_request(f"LFS file {path!r}: expected algo 'sha256' and a 64-hex oid.")
+    lfs = storage.lfs_object(key, oid)
+    if lfs is None:
+        raise bad_request(
+            f"LFS object {oid} for {path!r} was not uploaded to this repo; upload it first "
+            "(through Xet, or the LFS batch API), then commit.",
+            "LfsObjectMissing",
+        )
+    if value.get("size") is not None and (not isinstance(value["size"], int) or value["size"] != lfs["size"]):
+        raise bad_request(f"LFS file {path!r}: size {value['size']} does not match the uploaded object.")
+    return "add", path, file_entry(oid, lfs["sha1"], lfs["size"], True)
 
 
 def _store_inline(storage: Storage, value: dict[str, Any], path: str) -> BlobInfo:

@@ -1,7 +1,8 @@
 """Repositories, commits and refs on disk.
 
-A little over 400 lines: the one owner of a repo's refs and commit log, whose writers share one lock
-(keys, upkeep, refs, commitlog and metadata already live in their own modules).
+The one owner of a repo's refs and commit log, whose writers share one lock (keys, upkeep, refs,
+commitlog and metadata live in their own modules; the reads of refs, commits and file tables in
+`storage_read.py`).
 
 Layout under the root (see `docs/registry.md`)::
 
@@ -38,8 +39,8 @@ from .flock import file_lock
 from .keys import RepoKey, Resolved, commit_id, file_entry, now_iso
 from .metadata import MetadataParser
 from .objects import CACHE_ENTRIES, LRU, TreeEditor, TreeStore, build, is_dir
-from .trees import dir_oid, entry_oid
-from .validation import check_ref_name, is_hex
+from .storage_read import ReadMixin
+from .validation import is_hex
 
 logger = logging.getLogger(__name__)
 __all__ = ["RepoKey", "Resolved", "Storage", "commit_id", "file_entry", "now_iso"]
@@ -47,13 +48,10 @@ __all__ = ["RepoKey", "Resolved", "Storage", "commit_id", "file_entry", "now_iso
 FORMAT_VERSION = 2
 """Root format (`registry.json`); version 1 roots are read and upgraded in place."""
 COMMIT_FORMAT = 2
-Commit = dict[str, Any]
-"""A commit: `id`, `parents`, `tree` (root tree id; a path -> file entry table in format 1), `meta`,
-`title`, `message`, `author`, `date`."""
 
 
-class Storage:
-    """All persistent state of a registry root.
+class Storage(ReadMixin):
+    """All persistent state of a registry root (its reads: `ReadMixin`, storage_read.py).
 
     Args:
         root: Folder holding the registry.
@@ -225,110 +223,7 @@ class Storage:
             meta["private"] = private
             atomic_write_json(self.repo_dir(key) / "repo.json", meta, self.tmp)
 
-    # ----------------------------------------------------------------- refs and commits
-    def refs(self, key: RepoKey) -> dict[str, Any]:
-        """`refs.json`: `branches` (name -> id) and `tags` (name -> {target, message})."""
-        try:
-            return read_json(self.repo_dir(key) / "refs.json")
-        except FileNotFoundError:
-            raise repo_not_found(key.id) from None
-
-    def known_commits(self, key: RepoKey, refs: dict[str, Any] | None = None) -> set[str]:
-        """Ids of all acknowledged commits (do not modify the returned set)."""
-        refs = self.refs(key) if refs is None else refs
-        logged = self.log.ids(self.repo_dir(key) / "commits.log")
-        legacy = refs.get("commits")
-        return logged | set(legacy) if legacy else logged
-
-    def get_commit(self, key: RepoKey, cid: str) -> Commit:
-        """Load an (immutable, hence cached) commit."""
-        cached = self._commits.get((key, cid))
-        if cached is None:
-            cached = read_json(self.repo_dir(key) / "commits" / f"{cid}.json")
-            tree = cached["tree"]
-            self._commits.put((key, cid), cached, len(tree) if isinstance(tree, dict) else 1)
-        return cached
-
-    def trees(self, key: RepoKey) -> TreeStore:
-        """The tree objects of a repo."""
-        return TreeStore(self.repo_dir(key), self.tmp, self._trees)
-
-    def files(self, key: RepoKey, cid: str) -> dict[str, dict]:
-        """The file table (path -> file entry) of a commit (do not modify it)."""
-        tree = self.get_commit(key, cid)["tree"]
-        if isinstance(tree, dict):  # format 1
-            return tree
-        flat = self._flat.get((key, cid))
-        if flat is None:
-            flat = dict(self.trees(key).walk(tree))
-            self._flat.put((key, cid), flat, len(flat))
-        return flat
-
-    def entry(self, key: RepoKey, cid: str, path: str) -> dict[str, Any] | None:
-        """The file entry at `path` in a commit, or None (O(depth), without the whole file table)."""
-        tree = self.get_commit(key, cid)["tree"]
-        if isinstance(tree, dict):
-            return tree.get(path)
-        found = self.trees(key).lookup(tree, path) if path else None
-        return None if found is None or is_dir(found) else found
-
-    def state(self, key: RepoKey, cid: str, path: str, folder: bool) -> str | None:
-        """Oid of a file or folder in a commit (None if absent): what `lastCommit` compares."""
-        tree = self.get_commit(key, cid)["tree"]
-        if isinstance(tree, dict):
-            if not folder:
-                return entry_oid(tree[path]) if path in tree else None
-            return dir_oid(tree, path)
-        found = self.trees(key).lookup(tree, path)
-        if found is None or is_dir(found) != folder:
-            return None
-        return found["tree"] if folder else entry_oid(found)
-
-    def folder_oid(self, key: RepoKey, cid: str, folder: str) -> str:
-        """Oid of a folder: its tree id (a hash of the paths below it for format-1 commits)."""
-        return self.state(key, cid, folder, True) or ""
-
-    def resolve(self, key: RepoKey, revision: str) -> Resolved:
-        """Resolve a branch, tag, `refs/heads/x`, `refs/tags/x`, full sha or unique short sha (7-40 hex).
-
-        Raises:
-            HubError: 400 `InvalidRevision` or 404 `RevisionNotFound`.
-        """
-        check_ref_name(revision)
-        refs = self.refs(key)
-        branches, tags = refs["branches"], refs["tags"]
-        if is_hex(revision, 40, 40) and revision in self.known_commits(key, refs):
-            return Resolved(revision, None)
-        if revision.startswith("refs/heads/"):
-            name = revision[len("refs/heads/") :]
-            if name in branches:
-                return Resolved(branches[name], name)
-            raise revision_not_found(revision)
-        if revision.startswith("refs/tags/"):
-            name = revision[len("refs/tags/") :]
-            if name in tags:
-                return Resolved(tags[name]["target"], None)
-            raise revision_not_found(revision)
-        if revision in branches:
-            return Resolved(branches[revision], revision)
-        if revision in tags:
-            return Resolved(tags[revision]["target"], None)
-        if is_hex(revision, 7, 40):
-            matches = [c for c in self.known_commits(key, refs) if c.startswith(revision)]
-            if len(matches) == 1:
-                return Resolved(matches[0], None)
-            if len(matches) > 1:
-                raise revision_not_found(revision, "This short sha is ambiguous; use more characters.")
-        raise revision_not_found(revision)
-
-    def history(self, key: RepoKey, cid: str) -> Iterator[Commit]:
-        """Commits from `cid` back to the initial commit (first parents)."""
-        current: str | None = cid
-        while current:
-            commit = self.get_commit(key, current)
-            yield commit
-            current = commit["parents"][0] if commit["parents"] else None
-
+    # ----------------------------------------------------------------- LFS objects and commits
     def register_lfs(self, key: RepoKey, info: BlobInfo, xet_hash: str | None = None) -> None:
         """Record that LFS object `info.sha256` was uploaded to this repo and verified; `xet_hash` is the
         Xet file hash of the same bytes when they came through Xet (verified against the SHA-256). Under
@@ -355,11 +250,6 @@ class Storage:
         except (FileNotFoundError, ValueError):
             return None
         return info if self.blobs.exists(sha256, info["size"]) else None
-
-    def commit_meta(self, key: RepoKey, cid: str) -> dict[str, Any]:
-        """Metadata stored with a commit (computed, leniently, for format-1 commits)."""
-        meta = self.get_commit(key, cid).get("meta")
-        return meta if meta is not None else self.meta.derive(lambda p: self.entry(key, cid, p))
 
     def _write_commit(
         self,
@@ -399,7 +289,6 @@ class Storage:
             path = self.repo_dir(key) / "commits.log"
             self.log.rewrite(path, list(dict.fromkeys(legacy + self.log.read_ordered(path))), self.tmp)
 
-    # 62 lines: the commit critical section (check parent, write trees, commit, ref) reads best in one piece.
     def commit(
         self,
         key: RepoKey,
@@ -432,18 +321,7 @@ class Storage:
             if self.get_repo(key) is None:
                 raise repo_not_found(key.id)
             refs = self.refs(key)
-            head = refs["branches"].get(branch)
-            if head is None:
-                raise revision_not_found(
-                    branch, "Commits go to existing branches; create it with create_branch."
-                )
-            if parent_commit is not None and parent_commit != head:
-                raise HubError(
-                    412,
-                    "ParentCommitMismatch",
-                    f"Conflict: parent commit {parent_commit} is not the head of {branch!r} ({head}); "
-                    "another commit landed first. Fetch the new head and retry.",
-                )
+            head = _head(refs, branch, parent_commit)
             store = self.trees(key)
             editor = TreeEditor(store, self._root_tree(key, head), head)
             for op, path, entry in operations:
@@ -462,6 +340,21 @@ class Storage:
             atomic_write_json(self.repo_dir(key) / "refs.json", refs, self.tmp)  # the commit point
             self.log.append(self.repo_dir(key) / "commits.log", cid)
             return cid
+
+
+def _head(refs: dict[str, Any], branch: str, parent_commit: str | None) -> str:
+    """Head of the branch a commit goes to, which must be `parent_commit` when that is given."""
+    head = refs["branches"].get(branch)
+    if head is None:
+        raise revision_not_found(branch, "Commits go to existing branches; create it with create_branch.")
+    if parent_commit is not None and parent_commit != head:
+        raise HubError(
+            412,
+            "ParentCommitMismatch",
+            f"Conflict: parent commit {parent_commit} is not the head of {branch!r} ({head}); "
+            "another commit landed first. Fetch the new head and retry.",
+        )
+    return head
 
 
 def _file_at(store: TreeStore, root: str, path: str) -> dict[str, Any] | None:

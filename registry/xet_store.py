@@ -14,9 +14,9 @@ Layout under the root (`<registry data dir>/xet`)::
 
 Every hash string is validated (64 lowercase hex characters) before it becomes a path. Every file is
 written to `tmp/`, fsynced and renamed into place. A shard's files become visible through one
-journal: it is written (atomically) only after the whole shard verified, then its records are
-applied and it is removed; a journal left by a crash is applied at the next start, so a crash
-leaves all or none of a shard's files registered.
+journal: it is written (atomically) only after the whole shard verified (`xet_verify.py`), then its
+records are applied and it is removed; a journal left by a crash is applied at the next start, so a
+crash leaves all or none of a shard's files registered.
 
 Dedupe answers show chunk hashes keyed with a secret of this store (`dedupe_key.json`, named in the
 answer's footer as the spec's `chunk_hash_hmac_key`): a client learns which xorb holds a chunk it has,
@@ -44,19 +44,11 @@ from .blobs import atomic_write_bytes, atomic_write_json, fsync_dir, read_json
 from .flock import XET_APPLY_LOCK, file_lock
 from .xet_check import check_store, store_stats
 from .xet_dedupe import dedupe_answer, index_chunk, xorb_set_id
-from .xet_format import (
-    XetError,
-    check_hash,
-    file_hash,
-    hash_to_hex,
-    hex_to_hash,
-    is_global_dedupe_chunk,
-    parse_xorb,
-    range_hash,
-)
+from .xet_format import XetError, check_hash, hash_to_hex, hex_to_hash, is_global_dedupe_chunk, parse_xorb
 from .xet_read import XorbMeta, clamp, read_segments, reconstruction_v1, v1_to_v2, xorb_index
 from .xet_repair import clear_tmp, restore_xorb
-from .xet_shard import CHUNK_FLAG_GLOBAL_DEDUPE, Shard, ShardFile, ShardXorb, parse_shard
+from .xet_shard import CHUNK_FLAG_GLOBAL_DEDUPE, Shard, parse_shard
+from .xet_verify import VerifyMixin
 
 __all__ = ["PlainSink", "XetError", "XetFile", "XetStore"]
 
@@ -84,7 +76,7 @@ class XetFile:
     plain: PlainSink | None = field(default=None, compare=False, repr=False)
 
 
-class XetStore:
+class XetStore(VerifyMixin):
     """Verified Xet objects of one registry.
 
     Args:
@@ -271,69 +263,6 @@ class XetStore:
                 raise XetError("XorbMissing", f"Xorb {gone[0]} is not stored; upload it and the shard again.")
             atomic_write_json(path, journal, self.tmp)
             self._apply(path)
-
-    def _check_cas_entry(self, x: ShardXorb) -> None:
-        name = hash_to_hex(x.hash)
-        meta = self._xorb_meta(name)
-        offsets, acc = [], 0
-        for size in meta.sizes:
-            offsets.append(acc)
-            acc += size
-        listed = [(hash_to_hex(c.hash), c.offset, c.size) for c in x.chunks]
-        if listed != list(zip(meta.hashes, offsets, meta.sizes, strict=True)):
-            raise XetError(
-                "ShardInvalid",
-                f"Invalid shard: its CAS entry for xorb {name} does not list the chunks of the stored xorb; "
-                "upload the shard hf_xet built for these xorbs (nothing was registered).",
-            )
-
-    def _check_file(self, f: ShardFile, plain: PlainSink | None) -> dict[str, Any]:
-        name = hash_to_hex(f.file_hash)
-        chunks: list[tuple[bytes, int]] = []
-        segments = []
-        for i, s in enumerate(f.segments):
-            xorb = hash_to_hex(s.xorb)
-            meta = self._xorb_meta(xorb)
-            if s.end > len(meta.hashes) or sum(meta.sizes[s.start : s.end]) != s.size:
-                raise XetError(
-                    "ShardInvalid",
-                    f"Invalid shard: segment {i} of file {name} names chunks [{s.start}, {s.end}) of xorb {xorb} "
-                    f"with {s.size} bytes, which that xorb does not hold (nothing was registered).",
-                )
-            hashes = [hex_to_hash(h) for h in meta.hashes[s.start : s.end]]
-            if f.verification is not None and f.verification[i] != range_hash(hashes):
-                raise XetError(
-                    "FileHashMismatch",
-                    f"The verification entry of segment {i} of file {name} does not match the chunks of xorb "
-                    f"{xorb}; upload the shard hf_xet built (nothing was registered).",
-                )
-            chunks.extend(zip(hashes, meta.sizes[s.start : s.end], strict=True))
-            segments.append([xorb, s.start, s.end, s.size])
-        actual = hash_to_hex(file_hash(chunks))
-        if actual != name:
-            raise XetError(
-                "FileHashMismatch",
-                f"The chunks a shard lists for file {name} hash to {actual}; upload the shard hf_xet built "
-                "for this file (nothing was registered).",
-            )
-        known = self.file(name)
-        sha = known.sha256 if known else self._sha256(segments, plain)
-        claimed = hash_to_hex(f.sha256) if f.sha256 and any(f.sha256) else None
-        if claimed is not None and claimed != sha:
-            raise XetError(
-                "FileHashMismatch",
-                f"The shard says file {name} has SHA-256 {claimed}, its content has {sha}; "
-                "upload the shard hf_xet built (nothing was registered).",
-            )
-        return {"file_hash": name, "sha256": sha, "size": f.size, "segments": segments}
-
-    def _sha256(self, segments: list[list], plain: PlainSink | None) -> str:
-        digest = hashlib.sha256()
-        for piece in self._read_segments(segments, 0, None):
-            digest.update(piece)
-            if plain is not None:
-                plain.write(piece)
-        return digest.hexdigest()
 
     def _writable(self) -> None:
         if self.read_only:
