@@ -10,7 +10,7 @@
     adapterkit serve SOURCE [--domain NAME ...] [--port N]
     adapterkit predict SOURCE IMAGE... [--domain NAME|auto] [--json]
 
-The commands live in `cli_train.py` (train), `cli_eval.py` (eval), `cli_basis.py` (compress, append: the shared basis), `cli_model.py` (export, and what
+The commands live in `cli_train.py` (train; `cli_train_flags.py`: its flags checked against the family), `cli_eval.py` (eval), `cli_basis.py` (compress, append: the shared basis), `cli_model.py` (export, and what
 every command that runs a model shares), `cli_hub.py` (push, pull, list, info: files and the Hub
 only), `cli_serve.py` (serve) and `cli_predict.py` (predict); the `app.command` lines below are the whole command tree. Those
 modules import torch, timm and the Hub client inside the command functions, so `--help`, `--version`, `list` and `info` start without loading

@@ -36,11 +36,27 @@ from .cli_model import (
     torch_threads,
 )
 from .cli_output import print_table, status
+from .cli_train_flags import check_family_flags
 from .config import check_domain_name
 from .train_config import HEAD_LR_SCALE
 
 
 # ---------------------------------------------------------------------- train
+def _adapter_options(
+    topology: Topology | None, placement: str | None, dropout: float | None
+) -> dict[str, Any]:
+    """The adapter flags given: a new family's adapter config, which an existing family's must match."""
+    return {
+        k: v
+        for k, v in (
+            ("topology", topology and topology.value),
+            ("placement", placement),
+            ("dropout", dropout),
+        )
+        if v is not None
+    }
+
+
 def _adapter_config(family: Path, existing: dict[str, Any] | None, options: dict[str, Any]):
     from .config import AdapterConfig
 
@@ -51,40 +67,6 @@ def _adapter_config(family: Path, existing: dict[str, Any] | None, options: dict
     if clash:
         raise CliError(f"{family} was built with other adapter options than {clash}; drop them")
     return config
-
-
-def _existing_flags(
-    family: Path, existing: dict[str, Any], backbone: str | None, pretrained: str | None, random_init: bool
-) -> None:
-    recorded = existing["backbone"]["name"]
-    if backbone is not None and backbone != recorded:
-        raise CliError(
-            f"{family} is built on {recorded!r}, not {backbone!r}; drop --backbone (it is recorded)"
-        )
-    if pretrained is not None or random_init:
-        flag = "--pretrained" if pretrained is not None else "--random-init"
-        raise CliError(
-            f"{family} records its backbone weights; drop {flag} (pass --backbone-weights FILE if the weights "
-            "file it was trained on moved)"
-        )
-
-
-def _domains_to_open(
-    family: Path, existing: dict[str, Any], domain: str, overwrite: bool, resume: bool
-) -> list[str]:
-    """Which domains of an existing family to load before training `domain` (see `train`)."""
-    if overwrite and resume:
-        raise CliError(
-            "--overwrite trains the domain from scratch and --resume continues it: pass one of them"
-        )
-    if domain not in existing["domains"]:
-        return []
-    if not (overwrite or resume):
-        raise CliError(
-            f"{family} already has domain {domain!r}: pass --overwrite to train it again from scratch, "
-            "--resume to continue it (from its checkpoint, with --output-dir), or pick a new name"
-        )
-    return [domain]  # train_domain(overwrite=True) replaces it; resume=True continues it
 
 
 # Long by declaration only: typer reads each option (type, help, default) from this signature; the body
@@ -276,35 +258,14 @@ def train(
     """
     check_domain_name(domain)
     existing = family_config(family)  # flags are checked before torch is imported: wrong ones fail at once
-    if existing is None and not backbone:
-        hint = "pass --backbone NAME (a timm model) to create it"
-        if not family.parent.is_dir():  # `alice/fam`: perhaps a Hub repo id
-            hint += f"; for the Hub family {family}, run `adapterkit pull {family} DIR` and train into DIR"
-        raise CliError(f"{family} is not a family yet: {hint}")
-    if resume and output_dir is None and (existing is None or domain not in existing["domains"]):
-        raise CliError(
-            f"{family} has no domain {domain!r} to resume, and no --output-dir holds its checkpoint: drop "
-            "--resume to train it new, or pass the interrupted run's --output-dir"
-        )
-    if pretrained not in (None, "timm") and not random_init and not Path(pretrained).is_file():
-        raise CliError(f"--pretrained {pretrained}: no such file; pass the backbone's .safetensors weights")
-    if existing is not None:
-        _existing_flags(family, existing, backbone, pretrained, random_init)
-        to_open = _domains_to_open(family, existing, domain, overwrite, resume)
+    to_open = check_family_flags(
+        family, existing, domain, backbone, pretrained, random_init, overwrite, resume, output_dir
+    )
     basis = factored_options(factored, new_columns)
     require_folder(data, "--data")
     if eval_data is not None:
         require_folder(eval_data, "--eval-data")
-    options = {
-        k: v
-        for k, v in (
-            ("topology", topology and topology.value),
-            ("placement", placement),
-            ("dropout", dropout),
-        )
-        if v is not None
-    }
-    adapter_config = _adapter_config(family, existing, options)
+    adapter_config = _adapter_config(family, existing, _adapter_options(topology, placement, dropout))
     config = train_config_from_flags(
         epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer.value,
         schedule=schedule.value, weight_decay=weight_decay, adapter_lr_scale=adapter_lr_scale,
@@ -315,11 +276,7 @@ def train(
         output_dir=str(output_dir) if output_dir else None, checkpoint_every=checkpoint_every,
         log_with=log_with, progress=not no_progress, image_column=image_column, label_column=label_column,
     )  # fmt: skip
-    columns = (image_column, label_column)
-    part, train_set = data_split(data, ("train",), columns)
-    if train_set is None:
-        raise CliError(f"{data} has no training images; give a folder with class subfolders, or train/")
-    eval_set = eval_data or (data_split(data, ("test", "val"), columns)[1] if part else None)
+    train_set, eval_set = _data_sets(data, eval_data, (image_column, label_column))
     with torch_threads(threads) as n:
         if existing is None:
             model = new_model(backbone, adapter_config, pretrained, random_init)
@@ -338,6 +295,16 @@ def train(
             threads=n,
             basis=basis,
         )
+
+
+def _data_sets(data: Path, eval_data: Path | None, columns: tuple[str, str]) -> tuple[Any, Any]:
+    """The training data (`data`, or its train/ split) and the evaluation data (`eval_data`, else the test/
+    or val/ split beside train/, if any)."""
+    part, train_set = data_split(data, ("train",), columns)
+    if train_set is None:
+        raise CliError(f"{data} has no training images; give a folder with class subfolders, or train/")
+    eval_set = eval_data or (data_split(data, ("test", "val"), columns)[1] if part else None)
+    return train_set, eval_set
 
 
 def _fit_and_save(

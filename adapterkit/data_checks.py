@@ -50,6 +50,23 @@ def align_labels(source: Source, labels: Sequence[str] | None, what: str = "data
     return Relabeled(source, [list(labels).index(c) for c in names], list(labels))
 
 
+def training_source(
+    train_data: Any, config: TrainConfig, num_classes: int | None, labels: Sequence[str] | None = None
+) -> tuple[Source, int]:
+    """The training data, its classes matched by name to `labels` (those of the domain training continues;
+    none for a new domain, see `align_labels`), and its number of classes: `num_classes` if given, else
+    its class names', else its largest label + 1."""
+    source = open_data(train_data, config.image_column, config.label_column)
+    source = align_labels(source, labels, "training data")
+    if num_classes is None:
+        num_classes = (
+            len(source.class_names)
+            if source.class_names
+            else int(read_labels(source, "training data").max(initial=-1)) + 1
+        )
+    return source, num_classes
+
+
 def check_data(
     source: Source,
     num_classes: int,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from .layers import DomainLayer, not_foldable_reason
 from .transforms import DATA_CONFIG_KEYS, resolve_data_config
 
 if TYPE_CHECKING:
+    from .config import DomainInfo
     from .model import AdapterModel
 
 SOURCE_KEYS = (
@@ -40,6 +41,18 @@ def export_domain(model: AdapterModel, domain: str) -> nn.Module:
     """
     info = model.domain_info(domain)
     layers = model.layers()
+    _check_foldable(layers, domain)
+    exported = _folded_copy(model, layers, domain)
+    _place_head(model, exported, info.num_classes, domain)
+    cfg = _exported_cfg(model, exported, info, domain)
+    exported.pretrained_cfg = cfg
+    exported.default_cfg = cfg
+    exported.requires_grad_(True)
+    return exported.eval()
+
+
+def _check_foldable(layers: dict[str, DomainLayer], domain: str) -> None:
+    """Refuse, before anything is copied, when a layer's adapter cannot be folded into its weights exactly."""
     refused = []
     for name, layer in layers.items():
         reason = None if layer.rule == "norm" else not_foldable_reason(layer.base_layer)
@@ -52,6 +65,10 @@ def export_domain(model: AdapterModel, domain: str) -> nn.Module:
             + (f" (and {len(refused) - 3} more)" if len(refused) > 3 else "")
             + ". Serve it unfolded with AdapterModel, or attach adapters with an override that skips these layers."
         )
+
+
+def _folded_copy(model: AdapterModel, layers: dict[str, DomainLayer], domain: str) -> nn.Module:
+    """A copy of the backbone with each `DomainLayer` replaced by its base layer with `domain` folded in."""
     # Copy the backbone but not the other domains' tensors (they are only referenced, then dropped),
     # without touching the live model, which may be serving other threads.
     memo: dict[int, object] = {id(model.router): model.router}
@@ -66,9 +83,14 @@ def export_domain(model: AdapterModel, domain: str) -> nn.Module:
             parent_name, _, child = name.rpartition(".")
             parent = exported.get_submodule(parent_name) if parent_name else exported
             setattr(parent, child, layer.fold(domain))
+    return exported
+
+
+def _place_head(model: AdapterModel, exported: nn.Module, num_classes: int, domain: str) -> None:
+    """Give `exported` a classifier of the domain's size holding the domain's head weights."""
     head = model.heads[domain]
     before = {id(m) for m in exported.modules()}
-    exported.reset_classifier(info.num_classes)
+    exported.reset_classifier(num_classes)
     classifiers = exported.get_classifier()
     # distilled models (DeiT, LeViT) average two heads: give both the domain's head
     classifiers = classifiers if isinstance(classifiers, tuple) else (classifiers,)
@@ -83,6 +105,11 @@ def export_domain(model: AdapterModel, domain: str) -> nn.Module:
         with torch.no_grad():
             classifier.weight.copy_(head.weight.view_as(classifier.weight))  # Linear or 1x1 conv head
             classifier.bias.copy_(head.bias)
+
+
+def _exported_cfg(model: AdapterModel, exported: nn.Module, info: DomainInfo, domain: str) -> dict[str, Any]:
+    """The exported model's `pretrained_cfg`: the backbone's, less its source, with the domain's classes,
+    label names and preprocessing."""
     from . import __version__
 
     cfg = dict(getattr(exported, "pretrained_cfg", {}) or {})
@@ -100,10 +127,7 @@ def export_domain(model: AdapterModel, domain: str) -> nn.Module:
         model.pretrained_cfg, info.data_config
     )  # the domain's, over the backbone's
     cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in resolved.items()})
-    exported.pretrained_cfg = cfg
-    exported.default_cfg = cfg
-    exported.requires_grad_(True)
-    return exported.eval()
+    return cfg
 
 
 def save_export(model: AdapterModel, domain: str, output: str | Path) -> nn.Module:

@@ -71,6 +71,16 @@ class DirectRoute(APIRoute):
 
 def add_routes(app: FastAPI, service: Service) -> None:
     """The service's endpoints on `app`."""
+    _add_predict_route(app, service)
+    _add_domain_routes(app, service)
+    _add_operations_routes(app, service)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    add_docs(app)
+    app.add_middleware(CountRequests, service=service)
+
+
+def _add_predict_route(app: FastAPI, service: Service) -> None:
+    """`POST /v1/predict`, a `DirectRoute`: its body is read and validated by the service."""
 
     async def predict(request: Request) -> Response:
         """Classify images, each with its own domain or routed by the server when it names none (JSON
@@ -88,6 +98,10 @@ def add_routes(app: FastAPI, service: Service) -> None:
         tags=["predict"],
         route_class_override=DirectRoute,
     )
+
+
+def _add_domain_routes(app: FastAPI, service: Service) -> None:
+    """List, hot-add (admin) and remove (admin) the served domains."""
 
     @app.get("/v1/domains", response_model=DomainsResponse, tags=["domains"])
     async def list_domains() -> Any:
@@ -123,6 +137,10 @@ def add_routes(app: FastAPI, service: Service) -> None:
         await service.remove(name)
         return {"removed": name, "loaded": service.domains.names}
 
+
+def _add_operations_routes(app: FastAPI, service: Service) -> None:
+    """Liveness, readiness and Prometheus metrics."""
+
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> Any:
         """The process answers (never waits for inference)."""
@@ -141,10 +159,6 @@ def add_routes(app: FastAPI, service: Service) -> None:
     async def metrics() -> Response:
         """Prometheus metrics."""
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
-
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    add_docs(app)
-    app.add_middleware(CountRequests, service=service)
 
 
 def add_docs(app: FastAPI) -> None:

@@ -105,7 +105,7 @@ def hub_source(
     """A Hub repo at one commit. Offline (`local_files_only`, HF_HUB_OFFLINE=1), the cached snapshot is
     used; so it is, with a warning, when the server cannot be reached, unless `cache_fallback=False` (a
     service must serve what its source holds now, or not start)."""
-    from huggingface_hub import HfApi, constants, hf_hub_download
+    from huggingface_hub import constants
     from huggingface_hub.errors import (
         EntryNotFoundError,
         HfHubHTTPError,
@@ -120,36 +120,7 @@ def hub_source(
         if local_files_only:
             sha, files = _cached(repo_id, revision, options)
         else:
-            try:
-                info = HfApi(token=token).model_info(repo_id, revision=revision, files_metadata=False)
-            except Exception as e:
-                if not is_connection_error(e):
-                    raise
-                if not cache_fallback:
-                    raise ConnectionError(
-                        f"{unreachable(e)}; HF_HUB_OFFLINE=1 uses the copy in the local cache"
-                    ) from e
-                options["local_files_only"] = (
-                    True  # unreachable: what the cache holds, as hf_hub_download does
-                )
-                try:
-                    sha, files = _cached(repo_id, revision, options)
-                except EntryNotFoundError:
-                    raise unreachable(e) from e
-                label = f"the cached copy of {label} ({endpoint()} cannot be reached)"
-                logger.warning(
-                    "cannot reach %s: using %s's cached snapshot %s, with only the files downloaded before "
-                    "(%d); start the registry or check HF_ENDPOINT for the whole family%s",
-                    endpoint(),
-                    repo_id,
-                    sha[:12],
-                    len(files),
-                    late_endpoint(),
-                )
-            else:
-                sha, files = info.sha, sorted(s.rfilename for s in info.siblings or [])
-                if CONFIG_FILE in files:  # by branch name once, so the cache knows the branch offline
-                    hf_hub_download(repo_id, CONFIG_FILE, revision=revision, **options)
+            sha, files, label = _ask_hub(repo_id, revision, token, options, cache_fallback, label)
     except RepositoryNotFoundError as e:
         raise FileNotFoundError(
             f"repo {repo_id!r} not found on {endpoint()} (or it is private: pass a token with access)"
@@ -164,6 +135,68 @@ def hub_source(
             raise token_refused(e) from e
         raise
 
+    return Source(label, files, _hub_fetch(repo_id, sha, files, options, force_download), revision=sha)
+
+
+def _ask_hub(
+    repo_id: str,
+    revision: str | None,
+    token: str | bool | None,
+    options: dict[str, Any],
+    cache_fallback: bool,
+    label: str,
+) -> tuple[str, list[str], str]:
+    """The commit `revision` names on the server and its files, and the source's label; when the server
+    cannot be reached, the cached snapshot's (`options` then stays offline for later downloads)."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    try:
+        info = HfApi(token=token).model_info(repo_id, revision=revision, files_metadata=False)
+    except Exception as e:
+        if not is_connection_error(e):
+            raise
+        if not cache_fallback:
+            raise ConnectionError(
+                f"{unreachable(e)}; HF_HUB_OFFLINE=1 uses the copy in the local cache"
+            ) from e
+        return _cache_fallback(repo_id, revision, options, label, e)
+    else:
+        sha, files = info.sha, sorted(s.rfilename for s in info.siblings or [])
+        if CONFIG_FILE in files:  # by branch name once, so the cache knows the branch offline
+            hf_hub_download(repo_id, CONFIG_FILE, revision=revision, **options)
+        return sha, files, label
+
+
+def _cache_fallback(
+    repo_id: str, revision: str | None, options: dict[str, Any], label: str, error: Exception
+) -> tuple[str, list[str], str]:
+    """The cached snapshot, with a warning, when `error` says the server cannot be reached."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    options["local_files_only"] = True  # unreachable: what the cache holds, as hf_hub_download does
+    try:
+        sha, files = _cached(repo_id, revision, options)
+    except EntryNotFoundError:
+        raise unreachable(error) from error
+    label = f"the cached copy of {label} ({endpoint()} cannot be reached)"
+    logger.warning(
+        "cannot reach %s: using %s's cached snapshot %s, with only the files downloaded before "
+        "(%d); start the registry or check HF_ENDPOINT for the whole family%s",
+        endpoint(),
+        repo_id,
+        sha[:12],
+        len(files),
+        late_endpoint(),
+    )
+    return sha, files, label
+
+
+def _hub_fetch(
+    repo_id: str, sha: str, files: list[str], options: dict[str, Any], force_download: bool
+) -> Fetch:
+    """`fetch` for a Hub source: one file of commit `sha`, downloaded (or found in the cache)."""
+    from huggingface_hub import hf_hub_download
+
     def fetch(path: str) -> Path:
         if path not in files:
             hint = "it is not an adapterkit family" if path == CONFIG_FILE else "the family is incomplete"
@@ -177,7 +210,7 @@ def hub_source(
                 raise unreachable(e) from e
             raise
 
-    return Source(label, files, fetch, revision=sha)
+    return fetch
 
 
 def _cached(repo_id: str, revision: str | None, options: dict[str, Any]) -> tuple[str, list[str]]:

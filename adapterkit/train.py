@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .config import check_domain_name
 from .data import DomainDataset, Source, data_name, open_data
-from .data_checks import align_labels, check_data, checked_datasets, read_labels
+from .data_checks import align_labels, check_data, checked_datasets, training_source
 from .loop import Job, checkpoint_folder, evaluate_dataset, fit
 from .model import AdapterModel
 from .signature import MAX_IMAGES
@@ -134,27 +134,12 @@ def train_domain(
         )
     stored: dict[str, Any] = {}
     if continuing:
-        info = model.domain_info(domain)
-        if num_classes not in (None, info.num_classes):
-            raise ValueError(
-                f"domain {domain!r} has {info.num_classes} classes, not num_classes={num_classes}: "
-                "pass overwrite=True to replace it with a fresh domain of that size"
-            )
-        num_classes, stored = info.num_classes, info.data_config or {}
-        if resume is True and not config.output_dir:
-            resume = False  # no checkpoint to look for: continue from the domain's tensors
+        num_classes, stored, resume = _continued_domain(model, domain, num_classes, config, resume)
     else:
         check_domain_name(domain)
         checkpoint_folder(config, domain, resume)  # resume=True without output_dir fails before any change
-    source = open_data(train_data, config.image_column, config.label_column)
-    if continuing:  # the data's classes matched by name to the domain's
-        source = align_labels(source, model.domain_info(domain).labels, "training data")
-    if num_classes is None:
-        num_classes = (
-            len(source.class_names)
-            if source.class_names
-            else int(read_labels(source, "training data").max(initial=-1)) + 1
-        )
+    labels_to_match = model.domain_info(domain).labels if continuing else None
+    source, num_classes = training_source(train_data, config, num_classes, labels_to_match)
     dcfg = resolve_data_config(model.pretrained_cfg, {**stored, **(data_config or {})})
     train_set, eval_set = checked_datasets(source, eval_data, num_classes, dcfg, config, acc.num_processes)
     with model.rollback(domain):  # an error from here on leaves the domain as it was (or absent)
@@ -290,6 +275,22 @@ def make_accelerator(
 
 
 # ---------------------------------------------------------------------- helpers
+def _continued_domain(
+    model: AdapterModel, domain: str, num_classes: int | None, config: TrainConfig, resume: bool | str | Path
+) -> tuple[int, dict[str, Any], bool | str | Path]:
+    """The continued domain's classes and stored data config, and `resume` (False: no checkpoint to look for)."""
+    info = model.domain_info(domain)
+    if num_classes not in (None, info.num_classes):
+        raise ValueError(
+            f"domain {domain!r} has {info.num_classes} classes, not num_classes={num_classes}: "
+            "pass overwrite=True to replace it with a fresh domain of that size"
+        )
+    num_classes, stored = info.num_classes, info.data_config or {}
+    if resume is True and not config.output_dir:
+        resume = False  # no checkpoint to look for: continue from the domain's tensors
+    return num_classes, stored, resume
+
+
 def _fit_signature(
     model: AdapterModel,
     domain: str,

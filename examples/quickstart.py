@@ -121,7 +121,30 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
+    """The six steps above, in order, against a registry that lives in `work`."""
     port = free_port()
+    use_local_registry(port, work)
+
+    import torch
+    from adapterkit_registry import RegistryServer, create_token
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    token = create_token(work / "registry", "demo", "write")
+    with RegistryServer(work / "registry", port=port):
+        print(f"[1] registry serving the Hub API at {os.environ['HF_ENDPOINT']} (state in {work})")
+        publish_backbone(args.data_root, token)
+        model, domains, results, probe = train_domains(args)
+        push_family(model, token)
+        first, second = domains[0][0], domains[1][0]
+        pull_and_hot_add("demo/quickstart", first, second, probe, token)
+        serve_over_http("demo/quickstart", first, second, token)
+        export_plain_model(model, second, probe[second], domains[1][2])
+        print_results(model, results)
+
+
+def use_local_registry(port: int, work: Path) -> None:
+    """Point huggingface_hub (and timm through it) at the embedded registry, caches inside `work`."""
     # huggingface_hub and timm read these when imported: set them first.
     os.environ.update(
         HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(work / "hf"), HF_HUB_DISABLE_TELEMETRY="1"
@@ -129,100 +152,122 @@ def run(args: argparse.Namespace, work: Path) -> None:
     for var in ("HF_HUB_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):  # its own registry, its own token
         os.environ.pop(var, None)
 
+
+def publish_backbone(data_root: Path, token: str) -> None:
+    """[2] A timm backbone on the registry, pushed with timm's own `push_to_hf_hub`."""
     import timm
+
+    import adapterkit.backbones  # noqa: F401  (registers adapterkit's CIFAR ResNets with timm)
+
+    weights = data_root / "resnet_cifar10" / "resnet20.safetensors"
+    backbone = timm.create_model(
+        "cifar_resnet20", pretrained=weights.is_file(), pretrained_cfg_overlay={"file": str(weights)}
+    )
+    timm.models.push_to_hf_hub(backbone, "demo/cifar-resnet20", token=token)
+    origin = "real CIFAR-10 weights" if weights.is_file() else "random weights (no ../shared/data)"
+    print(f"[2] published backbone hf-hub:demo/cifar-resnet20 ({origin}) with timm.push_to_hf_hub")
+
+
+def train_domains(args: argparse.Namespace):
+    """[3] Two domains trained one after another on the published backbone. Returns the model, the
+    domains, each one's metrics, and each one's logits on a fixed random batch (`probe`): after the
+    second domain is trained, the first one's are checked bit for bit."""
     import torch
-    from adapterkit_registry import RegistryServer, create_token
 
     from adapterkit import AdapterModel
-    from adapterkit.train import TrainConfig, evaluate, train_domain
+    from adapterkit.train import TrainConfig, train_domain
 
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    token = create_token(work / "registry", "demo", "write")
-    with RegistryServer(work / "registry", port=port):
-        print(f"[1] registry serving the Hub API at {os.environ['HF_ENDPOINT']} (state in {work})")
-
-        weights = args.data_root / "resnet_cifar10" / "resnet20.safetensors"
-        backbone = timm.create_model(
-            "cifar_resnet20", pretrained=weights.is_file(), pretrained_cfg_overlay={"file": str(weights)}
-        )
-        timm.models.push_to_hf_hub(backbone, "demo/cifar-resnet20", token=token)
-        origin = "real CIFAR-10 weights" if weights.is_file() else "random weights (no ../shared/data)"
-        print(f"[2] published backbone hf-hub:demo/cifar-resnet20 ({origin}) with timm.push_to_hf_hub")
-
-        model = AdapterModel.from_backbone("hf-hub:demo/cifar-resnet20", pretrained=True)
-        source, domains = load_domains(args.data_root, args.images)
-        config = TrainConfig(epochs=args.epochs, batch_size=32, lr=0.1, progress=False)
-        results, probe = {}, {}
-        for i, (name, train, test, flip) in enumerate(domains):
-            cfg = TrainConfig(**{**config.to_dict(), "flip": flip})
-            metrics = train_domain(model, name, train, test, cfg)
-            results[name] = metrics
-            x = torch.stack([torch.randn(3, 32, 32) for _ in range(8)])
-            model.eval()
-            with torch.no_grad():
-                probe[name] = (x, model(x, domain=name))
-            print(
-                f"[3] trained {name} ({source} data, {len(train)} images): accuracy {metrics['accuracy']:.3f}"
-            )
-            if i:
-                first, (x0, y0) = domains[0][0], probe[domains[0][0]]
-                with torch.no_grad():
-                    same = torch.equal(model(x0, domain=first), y0)
-                print(f"    {first} logits after training {name}: bit-identical = {same}")
-                assert same
-        model.push_to_hub("demo/quickstart", token=token)
-        print("[4] pushed family demo/quickstart (adapters only; the backbone is its own repo)")
-
-        first, second = domains[0][0], domains[1][0]
-        served = AdapterModel.from_pretrained("demo/quickstart", domains=[first], token=token).eval()
-        x0, y0 = probe[first]
-        stop, seen = threading.Event(), []
-
-        def serve() -> None:
-            with torch.no_grad():
-                while not stop.is_set():
-                    seen.append(torch.equal(served(x0, domain=first), y0))
-
-        def calls_reach(n: int) -> None:  # (bounded: the served thread makes a call every few ms)
-            deadline = time.monotonic() + 30
-            while len(seen) < n and time.monotonic() < deadline:
-                time.sleep(0.005)
-
-        thread = threading.Thread(target=serve)
-        thread.start()
-        calls_reach(3)  # served calls before the hot-add, during it, and after it
-        served.load_domain("demo/quickstart", second, token=token)
-        calls_reach(len(seen) + 3)
-        stop.set()
-        thread.join()
-        x1, y1 = probe[second]
+    model = AdapterModel.from_backbone("hf-hub:demo/cifar-resnet20", pretrained=True)
+    source, domains = load_domains(args.data_root, args.images)
+    config = TrainConfig(epochs=args.epochs, batch_size=32, lr=0.1, progress=False)
+    results, probe = {}, {}
+    for i, (name, train, test, flip) in enumerate(domains):
+        cfg = TrainConfig(**{**config.to_dict(), "flip": flip})
+        metrics = train_domain(model, name, train, test, cfg)
+        results[name] = metrics
+        x = torch.stack([torch.randn(3, 32, 32) for _ in range(8)])
+        model.eval()
         with torch.no_grad():
-            pulled_ok = torch.equal(served(x1, domain=second), y1)
-        print(
-            f"    pulled {first} into a fresh model, hot-added {second} during {len(seen)} served calls: "
-            f"served outputs unchanged = {all(seen)}, {second} bit-identical = {pulled_ok}"
-        )
-        assert all(seen) and pulled_ok
+            probe[name] = (x, model(x, domain=name))
+        print(f"[3] trained {name} ({source} data, {len(train)} images): accuracy {metrics['accuracy']:.3f}")
+        if i:
+            first, (x0, y0) = domains[0][0], probe[domains[0][0]]
+            with torch.no_grad():
+                same = torch.equal(model(x0, domain=first), y0)
+            print(f"    {first} logits after training {name}: bit-identical = {same}")
+            assert same
+    return model, domains, results, probe
 
-        serve_over_http("demo/quickstart", first, second, token)
 
-        exported = model.export_domain(second)
+def push_family(model, token: str) -> None:
+    """[4] The family on the registry: its adapters and heads, not the backbone."""
+    model.push_to_hub("demo/quickstart", token=token)
+    print("[4] pushed family demo/quickstart (adapters only; the backbone is its own repo)")
+
+
+def pull_and_hot_add(repo_id: str, first: str, second: str, probe: dict, token: str) -> None:
+    """[4] `first` pulled into a fresh model that a thread keeps calling while `second` is hot-added:
+    the served outputs never change, and the added domain answers as it did when it was trained."""
+    import torch
+
+    from adapterkit import AdapterModel
+
+    served = AdapterModel.from_pretrained(repo_id, domains=[first], token=token).eval()
+    x0, y0 = probe[first]
+    stop, seen = threading.Event(), []
+
+    def serve() -> None:
         with torch.no_grad():
-            rel = ((exported(x1) - y1).abs().max() / y1.abs().max()).item()
-        folded_acc = evaluate(exported, domains[1][2], data_config=model.domain_info(second).data_config)
-        print(
-            f"[6] exported {second} as a plain timm model: relative error {rel:.1e}, accuracy {folded_acc:.3f}"
-        )
+            while not stop.is_set():
+                seen.append(torch.equal(served(x0, domain=first), y0))
 
-        print("\n| domain | test accuracy | added parameters | % of backbone | bytes |")
-        print("|---|---|---|---|---|")
-        for name, metrics in results.items():
-            cost = model.domain_cost(name)
-            print(
-                f"| {name} | {metrics['accuracy']:.3f} | {cost['parameters']:,} | "
-                f"{100 * cost['fraction_of_backbone']:.1f} % | {cost['bytes']:,} |"
-            )
+    def calls_reach(n: int) -> None:  # (bounded: the served thread makes a call every few ms)
+        deadline = time.monotonic() + 30
+        while len(seen) < n and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    calls_reach(3)  # served calls before the hot-add, during it, and after it
+    served.load_domain(repo_id, second, token=token)
+    calls_reach(len(seen) + 3)
+    stop.set()
+    thread.join()
+    x1, y1 = probe[second]
+    with torch.no_grad():
+        pulled_ok = torch.equal(served(x1, domain=second), y1)
+    print(
+        f"    pulled {first} into a fresh model, hot-added {second} during {len(seen)} served calls: "
+        f"served outputs unchanged = {all(seen)}, {second} bit-identical = {pulled_ok}"
+    )
+    assert all(seen) and pulled_ok
+
+
+def export_plain_model(model, domain: str, probe: tuple, test) -> None:
+    """[6] `domain` as a plain timm model, adapters folded in: same logits on the probe batch (up to
+    rounding), and its accuracy on the domain's test set."""
+    import torch
+
+    from adapterkit.train import evaluate
+
+    x1, y1 = probe
+    exported = model.export_domain(domain)
+    with torch.no_grad():
+        rel = ((exported(x1) - y1).abs().max() / y1.abs().max()).item()
+    folded_acc = evaluate(exported, test, data_config=model.domain_info(domain).data_config)
+    print(f"[6] exported {domain} as a plain timm model: relative error {rel:.1e}, accuracy {folded_acc:.3f}")
+
+
+def print_results(model, results: dict) -> None:
+    """The results table: each domain's test accuracy and what it added to the backbone."""
+    print("\n| domain | test accuracy | added parameters | % of backbone | bytes |")
+    print("|---|---|---|---|---|")
+    for name, metrics in results.items():
+        cost = model.domain_cost(name)
+        print(
+            f"| {name} | {metrics['accuracy']:.3f} | {cost['parameters']:,} | "
+            f"{100 * cost['fraction_of_backbone']:.1f} % | {cost['bytes']:,} |"
+        )
 
 
 def wait_for(condition, seconds: float = 60.0) -> None:
