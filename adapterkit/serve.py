@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
-from .serve_batching import Batcher, Item, QueueFull
+from .serve_batching import Batcher, Item, QueueFull, server_timing
 from .serve_domains import Domains, unknown_domain
 from .serve_errors import (
     BodyLimit,
@@ -275,22 +275,6 @@ class Service:
         self.preprocessors.forget(name)
         self.metrics.removals.inc()
         logger.info("removed domain %s", name)
-
-
-def server_timing(began: float, items: list[Item]) -> str:
-    """A predict answer's `Server-Timing` header (W3C Server Timing; milliseconds): `read` (the body
-    received, parsed, the images decoded and preprocessed), `queue` (until the last of its images' batches
-    began), `forward` (that batch's forward) and `total` (the request in the server, answer built). Clients
-    and load tests can tell time in the server from time on the network and in their own event loop."""
-    now = time.monotonic()
-    last = max(items, key=lambda item: item.started)
-    parts = {
-        "read": last.enqueued - began,
-        "queue": last.started - last.enqueued,
-        "forward": last.ran,
-        "total": now - began,
-    }
-    return ", ".join(f"{name};dur={1e3 * seconds:.2f}" for name, seconds in parts.items())
 
 
 def _log_refusal(request: Request, why: str) -> None:

@@ -225,3 +225,19 @@ class Batcher:
                 self._running, self._free = 0, time.monotonic()
             if self.on_batch is not None:
                 self.on_batch(batch, took)
+
+
+def server_timing(began: float, items: list[Item]) -> str:
+    """A predict answer's `Server-Timing` header (W3C Server Timing; milliseconds): `read` (the body
+    received, parsed, the images decoded and preprocessed), `queue` (until the last of its images' batches
+    began), `forward` (that batch's forward) and `total` (the request in the server, answer built). Clients
+    and load tests can tell time in the server from time on the network and in their own event loop."""
+    now = time.monotonic()
+    last = max(items, key=lambda item: item.started)
+    parts = {
+        "read": last.enqueued - began,
+        "queue": last.started - last.enqueued,
+        "forward": last.ran,
+        "total": now - began,
+    }
+    return ", ".join(f"{name};dur={1e3 * seconds:.2f}" for name, seconds in parts.items())

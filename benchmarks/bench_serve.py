@@ -101,8 +101,7 @@ def bare_app(
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from adapterkit.serve import server_timing
-    from adapterkit.serve_batching import Batcher, Item
+    from adapterkit.serve_batching import Batcher, Item, server_timing
     from adapterkit.serve_domains import PRECISIONS
     from adapterkit.transforms import Preprocess, resolve_data_config
 
