@@ -43,7 +43,10 @@ TorchThreads = Annotated[
 ]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps")]
 MixedPrecision = Annotated[
-    Precision, typer.Option(help="autocast dtype of the forward (bf16 or fp16: for a GPU)")
+    Precision,
+    typer.Option(
+        help="autocast dtype of the forward: bf16 (GPUs; CPUs with AVX-512 BF16 or AMX), fp16 (GPUs)"
+    ),
 ]
 MaxPixels = Annotated[int, typer.Option(min=1, help="largest image decoded, in pixels (decompression bombs)")]
 MAX_PIXELS = 40_000_000  # serve_images.DEFAULT_MAX_PIXELS, without importing torch here
