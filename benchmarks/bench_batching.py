@@ -54,7 +54,8 @@ def one_run(args: argparse.Namespace, base: str | None) -> dict:
     port = free_port()
     cmd = [sys.executable, __file__, "--model", args.model, "--serve", str(port)]
     cmd += ["--base", base] if base else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    path = os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
         if child.stdout.readline().strip() != "READY":

@@ -54,8 +54,8 @@ def train_variants(name: str, size: int, device: torch.device, rank: int):
     """Per variant: (model, forward, trainable parameters); all from the same calibrated weights."""
     out = {}
     for variant in ("adapterkit", "full", "peft"):
-        model, forward, params, _ = build(name, variant, size, rank)
-        out[variant] = (model.to(device).train(), forward, params)
+        v = build(name, variant, size, rank)
+        out[variant] = (v.model.to(device).train(), v.forward, v.params)
     return out
 
 
@@ -127,7 +127,8 @@ def peak_memory(name, size, variant, rank, x, y, fmt, device) -> float | None:
     gc.collect()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated(device)
-    model, forward, params, _ = build(name, variant, size, rank)
+    v = build(name, variant, size, rank)
+    model, forward, params = v.model, v.forward, v.params
     model.to(device).train().to(memory_format=fmt)
     step = make_step(model, forward, params, x, y, optimizer=True)
     step()

@@ -222,7 +222,8 @@ def http_spread(
     port = free_port()
     cmd = [sys.executable, __file__, "--domains", str(n), "--serve", kind, str(px), str(folder), str(port)]
     cmd += on  # --device, --mixed-precision
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    path = os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")])  # (wheels: GPU)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
     try:
         if process.stdout.readline().strip() != "READY":

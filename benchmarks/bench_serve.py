@@ -210,7 +210,7 @@ def start_servers(
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "PYTHONFAULTHANDLER": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT.parent)]),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT.parent), os.environ.get("PYTHONPATH", "")]),
     }
     processes, urls = [], {}
     for variant in VARIANTS:
