@@ -131,14 +131,13 @@ def interleaved(
     return out
 
 
-PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --mixed-precision
-
-
 def on_device(
     fn: Callable[[], object], device: torch.device, precision: str, calls: int
 ) -> Callable[[], None]:
     """`fn` run `calls` times under autocast in `precision` (`no`: none), then waited for on a GPU, as one
     timed call of `interleaved` (a GPU runs a call's kernels after it returns)."""
+    from adapterkit.serve_domains import PRECISIONS
+
     dtype = PRECISIONS[precision]
 
     def run() -> None:

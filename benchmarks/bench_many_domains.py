@@ -45,13 +45,14 @@ from pathlib import Path
 
 import httpx
 import torch
-from _common import PRECISIONS, calibrated_backbone, interleaved, on_device, perturb, write_report
+from _common import calibrated_backbone, interleaved, on_device, perturb, write_report
 from _load import GENERATOR, free_port, run_load
 from bench_serve import bodies
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapterkit import AdapterModel
 from adapterkit.layers.gathered import Mixed
+from adapterkit.serve_domains import PRECISIONS
 
 HERE = Path(__file__).resolve().parent
 R56_WEIGHTS = HERE.parent.parent / "shared" / "data" / "resnet_cifar10" / "resnet56.safetensors"

@@ -8,7 +8,13 @@
 #   bash benchmarks/gpu_wheels.sh && bash benchmarks/gpu_rehearsal.sh   # ~6 min the first time, 3 after
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY312="${PY312:-$(command -v python3.12 || echo /root/.pyenv/versions/3.12.1/bin/python)}"
+for candidate in "${PY312:-}" python3.12 /root/.pyenv/versions/3.12*/bin/python3.12; do  # the image's Python
+    if [ -n "$candidate" ] && "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+        PY312=$candidate
+        break
+    fi
+done
+[ -n "${PY312:-}" ] || { echo "no Python 3.12 found (the image's): set PY312=/path/to/python3.12" >&2; exit 1; }
 VENV="${REHEARSAL_VENV:-/tmp/adapterkit-gpu-rehearsal}"
 if [ ! -x "$VENV/bin/python3" ]; then
     "$PY312" -m venv "$VENV"
