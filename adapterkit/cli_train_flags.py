@@ -35,11 +35,10 @@ def check_family_flags(
         )
     if pretrained not in (None, "timm") and not random_init and not Path(pretrained).is_file():
         raise CliError(f"--pretrained {pretrained}: no such file; pass the backbone's .safetensors weights")
-    to_open = None
-    if existing is not None:
-        _existing_flags(family, existing, backbone, pretrained, random_init)
-        to_open = _domains_to_open(family, existing, domain, overwrite, resume)
-    return to_open
+    if existing is None:
+        return None
+    _existing_flags(family, existing, backbone, pretrained, random_init)
+    return _domains_to_open(family, existing, domain, overwrite, resume)
 
 
 def _existing_flags(

@@ -331,8 +331,8 @@ def create_app(
             for one-domain batches; raise it above 4 when those rotate over more domains (a batch that
             mixes domains runs gathered and needs none). None keeps the model's.
         mixed_precision: `no` (float32), or the forward's autocast dtype: `bf16` (GPUs, and CPUs with
-            AVX-512 BF16 or AMX: 1.2-1.7x the images/s on one, docs/serve.md) or `fp16` (GPUs). The domains' tensors are
-            not cast, and images that name no domain are routed in float32.
+            AVX-512 BF16 or AMX: 1.2-1.7x the images/s on one, docs/serve.md) or `fp16` (GPUs). The
+            domains' tensors are not cast, and images that name no domain are routed in float32.
         freeze_gc: at startup, `freeze_startup_objects()` (the model, torch, the web stack), so that
             full garbage collections no longer stall requests for 0.2-0.4 s; objects made later
             (hot-added domains included) are collected as usual.

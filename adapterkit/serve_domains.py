@@ -10,7 +10,6 @@ With `mixed_precision` the forward runs under autocast (bf16 or fp16); the domai
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from collections.abc import Sequence
@@ -28,6 +27,19 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # as TrainConfig.mixed_precision
+
+
+def autocast_dtype(mixed_precision: str) -> torch.dtype | None:
+    """The autocast dtype `mixed_precision` names (None for `no`); a ValueError for another name."""
+    if mixed_precision not in PRECISIONS:
+        raise ValueError(f"mixed_precision={mixed_precision!r} must be one of: {', '.join(PRECISIONS)}")
+    return PRECISIONS[mixed_precision]
+
+
+def autocast(mixed_precision: str, device_type: str) -> torch.autocast:
+    """`torch.autocast` on `device_type` in the dtype `mixed_precision` names (disabled for `no`)."""
+    dtype = autocast_dtype(mixed_precision)
+    return torch.autocast(device_type, dtype, enabled=dtype is not None)
 
 
 def unknown_domain(name: str, loaded: Sequence[str]) -> ServeError:
@@ -58,12 +70,10 @@ class Domains:
         revision: str | None = None,
         mixed_precision: str = "no",
     ) -> None:
-        if mixed_precision not in PRECISIONS:
-            raise ValueError(f"mixed_precision={mixed_precision!r} must be one of: {', '.join(PRECISIONS)}")
+        autocast_dtype(mixed_precision)  # (checked before anything runs)
         self.model = model
         self.device = next(model.parameters()).device
-        dtype = PRECISIONS[mixed_precision]
-        self.autocast = functools.partial(torch.autocast, self.device.type, dtype, enabled=dtype is not None)
+        self.mixed_precision = mixed_precision
         self.forward_lock = threading.Lock()  # a forward or a removal, never both
         self.admin_lock = threading.Lock()  # one hot-add or removal at a time
         self._origin: dict[str, dict[str, Any]] = {
@@ -120,7 +130,7 @@ class Domains:
             for idx in by_shape.values():
                 domains = [items[i].domain for i in idx]
                 x = torch.stack([items[i].x for i in idx]).to(self.device)
-                with torch.inference_mode(), self.autocast():
+                with torch.inference_mode(), autocast(self.mixed_precision, self.device.type):
                     logits = self.model(x, domain=domains).float().cpu()
                 widths = {d: self.model.domain_info(d).num_classes for d in set(domains)}
                 for row, i in enumerate(idx):

@@ -54,13 +54,11 @@ def serve_options(
 ) -> dict[str, Any]:
     """The `Deployment.options(...)` of a replica serving `create_app(**app_options)`: replicas (or
     autoscaling), `max_ongoing_requests` and `max_queued_requests`, each the caller's when given."""
-    from .serve_domains import PRECISIONS
+    from .serve_domains import autocast_dtype
 
     batch = app_default("max_batch_size", app_options)
     queue = app_default("queue_size", app_options)
-    precision = app_options.get("mixed_precision", "no")  # (checked here, not in each replica)
-    if precision not in PRECISIONS:
-        raise ValueError(f"mixed_precision={precision!r} must be one of: {', '.join(PRECISIONS)}")
+    autocast_dtype(app_options.get("mixed_precision", "no"))  # (checked here, not in each replica)
     if max_ongoing_requests is None:
         max_ongoing_requests = queue + batch + PROBE_MARGIN
     ongoing = _count("max_ongoing_requests", max_ongoing_requests, "leave it out for the default")

@@ -136,12 +136,10 @@ def on_device(
 ) -> Callable[[], None]:
     """`fn` run `calls` times under autocast in `precision` (`no`: none), then waited for on a GPU, as one
     timed call of `interleaved` (a GPU runs a call's kernels after it returns)."""
-    from adapterkit.serve_domains import PRECISIONS
-
-    dtype = PRECISIONS[precision]
+    from adapterkit.serve_domains import autocast
 
     def run() -> None:
-        with torch.autocast(device.type, dtype, enabled=dtype is not None):
+        with autocast(precision, device.type):
             for _ in range(calls):
                 fn()
         if device.type == "cuda":

@@ -39,20 +39,19 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import torch
 from _common import calibrated_backbone, interleaved, on_device, perturb, write_report
-from _load import GENERATOR, free_port, run_load
+from _load import GENERATOR, free_port, run_load, serve_app
 from bench_serve import bodies
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapterkit import AdapterModel
 from adapterkit.layers.gathered import Mixed
-from adapterkit.serve_domains import PRECISIONS
+from adapterkit.serve_domains import PRECISIONS, autocast
 
 HERE = Path(__file__).resolve().parent
 R56_WEIGHTS = HERE.parent.parent / "shared" / "data" / "resnet_cifar10" / "resnet56.safetensors"
@@ -136,12 +135,11 @@ def spread(model: AdapterModel, n: int, px: int, repeats: int, timing: dict) -> 
     for k, domains in draws.items():
         for how in ("gathered", "grouped"):
             fns[f"{how}_{k}"] = on_device(lambda d=domains, h=how: run(model, x, d, h), **timing)
-    dtype = PRECISIONS[timing["precision"]]
     with torch.inference_mode():
         timed = interleaved(fns, repeats=repeats, baseline="one")
         errors = {}
         for k, domains in draws.items():
-            with torch.autocast(x.device.type, dtype, enabled=dtype is not None):
+            with autocast(timing["precision"], x.device.type):
                 a, b = run(model, x, domains, "gathered").float(), run(model, x, domains, "grouped").float()
             finite = torch.isfinite(b)
             errors[k] = float((a - b).abs()[finite].max() / b[finite].abs().max())
@@ -163,19 +161,11 @@ def spread(model: AdapterModel, n: int, px: int, repeats: int, timing: dict) -> 
 
 def serve_family(kind: str, px: int, folder: Path, port: int, device: str, precision: str) -> None:
     """Child process: the whole family behind `create_app` (batches of up to 32, 5 ms wait)."""
-    import uvicorn
-
     from adapterkit.serve import create_app
 
     model, _ = load(kind, px, 1, folder, device)
     app = create_app(model, max_batch_size=BATCH, max_wait_ms=5.0, threads=2, mixed_precision=precision)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    print("READY", flush=True)
-    sys.stdin.read()  # until the parent closes our stdin
-    server.should_exit = True
+    serve_app(app, port)
 
 
 def payloads(kind: str, k: int, n: int = 64) -> list[bytes]:

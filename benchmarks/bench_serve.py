@@ -102,15 +102,15 @@ def bare_app(
     from starlette.routing import Route
 
     from adapterkit.serve_batching import Batcher, Item, server_timing
-    from adapterkit.serve_domains import PRECISIONS
+    from adapterkit.serve_domains import autocast
     from adapterkit.transforms import Preprocess, resolve_data_config
 
     preprocess = Preprocess(resolve_data_config(bare.pretrained_cfg, data_config))
     pool = ThreadPoolExecutor(threads)
-    device, dtype = next(bare.parameters()).device, PRECISIONS[precision]
+    device = next(bare.parameters()).device
 
     def run(items):
-        with torch.inference_mode(), torch.autocast(device.type, dtype, enabled=dtype is not None):
+        with torch.inference_mode(), autocast(precision, device.type):
             return list(bare(torch.stack([i.x for i in items]).to(device)).float().cpu())
 
     batcher = Batcher(run, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, queue_size=256)
